@@ -1,0 +1,5 @@
+"""Sub-commands of the `recsys` CLI, in the order `recsys --help` lists them."""
+
+from training.commands import demo, evaluate
+
+COMMANDS = [demo, evaluate]

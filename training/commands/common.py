@@ -1,0 +1,34 @@
+"""Helpers shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from training.data.sources import SOURCES
+
+
+class UsageError(Exception):
+    """A bad flag combination found after parsing; reported as a one-line error (exit 2)."""
+
+
+def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthetic") -> None:
+    parser.add_argument(
+        "--data",
+        default=default,
+        required=default is None,
+        metavar="SPEC",
+        help=f"data source: {SOURCES} (default: {default})",
+    )
+
+
+@contextmanager
+def timed(label: str, timings: dict[str, float]) -> Iterator[None]:
+    """Record the wall time of a block under `label` and report it on stderr."""
+    start = time.perf_counter()
+    yield
+    timings[label] = round(time.perf_counter() - start, 3)
+    print(f"[{label}] {timings[label]:.2f}s", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""The canonical in-memory data set every job works from.
+
+Interactions are kept as flat NumPy arrays sorted by (user, timestamp) with a *stable* sort,
+so ties keep their input order (DESIGN §2). Item index 0 is padding; items are 1..N.
+Users are 0..U-1 (no padding row is needed on the user side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line when there is one)."""
+
+
+@dataclass
+class FeatureTable:
+    """Features aligned to an index (users 0..U-1, or items 0..N with row 0 = padding).
+
+    categorical: name -> int64 codes (n,), 0 = unknown / padding, 1.. = vocab[code - 1]
+    multi:       name -> int64 codes (n, K), right-padded with 0
+    numeric:     name -> float32 (n,)
+    vocab:       name -> list of string values for categorical and multi columns
+    """
+
+    categorical: dict[str, np.ndarray] = field(default_factory=dict)
+    multi: dict[str, np.ndarray] = field(default_factory=dict)
+    numeric: dict[str, np.ndarray] = field(default_factory=dict)
+    vocab: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        for col in (*self.categorical.values(), *self.multi.values(), *self.numeric.values()):
+            return int(col.shape[0])
+        return 0
+
+    def names(self) -> list[str]:
+        return [*self.categorical, *self.multi, *self.numeric]
+
+    def digest(self, h: "hashlib._Hash") -> None:
+        for kind in (self.categorical, self.multi, self.numeric):
+            for name in sorted(kind):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(kind[name]).tobytes())
+
+
+def encode_categorical(values: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Codes 1.. in order of first appearance; '' (missing) maps to 0."""
+    vocab: dict[str, int] = {}
+    codes = np.zeros(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        if v == "":
+            continue
+        codes[i] = vocab.setdefault(v, len(vocab) + 1)
+    return codes, list(vocab)
+
+
+@dataclass
+class Dataset:
+    """Interaction log plus id maps and optional feature tables."""
+
+    name: str
+    user_ids: np.ndarray  # (U,) external ids as str
+    item_ids: np.ndarray  # (N + 1,) external ids as str, [0] = "<pad>"
+    users: np.ndarray  # (E,) int64 in 0..U-1, sorted
+    items: np.ndarray  # (E,) int64 in 1..N
+    timestamps: np.ndarray  # (E,) int64
+    ratings: np.ndarray | None = None  # (E,) float32
+    user_features: FeatureTable | None = None
+    item_features: FeatureTable | None = None
+    offsets: np.ndarray = field(init=False)  # (U + 1,) CSR offsets into the sorted log
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.users.size == 0:
+            raise DataError(f"{self.name}: the data set has no interactions")
+        counts = np.bincount(self.users, minlength=self.num_users)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.fingerprint = self._fingerprint()
+
+    @property
+    def num_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def num_items(self) -> int:
+        """N, the number of real items (padding excluded)."""
+        return int(self.item_ids.shape[0]) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return int(self.items.shape[0])
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for arr in (self.users, self.items, self.timestamps):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        if self.ratings is not None:
+            h.update(np.ascontiguousarray(self.ratings).tobytes())
+        h.update("\x1f".join(self.user_ids.tolist()).encode())
+        h.update("\x1f".join(self.item_ids.tolist()).encode())
+        for table in (self.user_features, self.item_features):
+            if table is not None:
+                table.digest(h)
+        return h.hexdigest()[:16]
+
+    def describe(self) -> str:
+        lengths = np.diff(self.offsets)
+        return (
+            f"{self.name}: {self.num_users} users, {self.num_items} items, "
+            f"{self.num_interactions} interactions, "
+            f"sequence length median {int(np.median(lengths))} / max {int(lengths.max())}, "
+            f"fingerprint {self.fingerprint}"
+        )
+
+
+def build_dataset(
+    name: str,
+    user_col: list[str] | np.ndarray,
+    item_col: list[str] | np.ndarray,
+    time_col: np.ndarray,
+    rating_col: np.ndarray | None = None,
+    *,
+    user_table: tuple[list[str], FeatureTable] | None = None,
+    item_table: tuple[list[str], FeatureTable] | None = None,
+) -> Dataset:
+    """Map external ids to internal indices and sort each user's log stably by time.
+
+    `user_table` / `item_table` are (external ids, features in that order); entities that
+    appear in the log but not in the table get unknown (0) features.  Users are numbered in
+    order of first appearance in the log, items likewise, so the mapping does not depend on
+    how a table happens to be ordered. Items only the item table lists (no interactions yet)
+    are appended after them: they are part of the catalog.
+    """
+    user_arr = np.asarray(user_col, dtype=object)
+    item_arr = np.asarray(item_col, dtype=object)
+    if user_arr.size == 0:
+        raise DataError(f"{name}: the data set has no interactions")
+    u_keys, u_first, u_inv = np.unique(user_arr.astype(str), return_index=True, return_inverse=True)
+    i_keys, i_first, i_inv = np.unique(item_arr.astype(str), return_index=True, return_inverse=True)
+    # renumber by first appearance
+    u_order = np.argsort(u_first, kind="stable")
+    u_rank = np.empty_like(u_order)
+    u_rank[u_order] = np.arange(u_order.size)
+    i_order = np.argsort(i_first, kind="stable")
+    i_rank = np.empty_like(i_order)
+    i_rank[i_order] = np.arange(i_order.size)
+    users = u_rank[u_inv].astype(np.int64)
+    items = (i_rank[i_inv] + 1).astype(np.int64)
+    user_ids = u_keys[u_order].astype(str)
+    item_ids = np.concatenate([["<pad>"], i_keys[i_order].astype(str)])
+    if item_table is not None:
+        # catalog items nobody interacted with yet are still recommendable: append them
+        known = set(item_ids.tolist())
+        extra = [e for e in item_table[0] if e not in known]
+        item_ids = np.concatenate([item_ids, np.asarray(extra, dtype=str)]) if extra else item_ids
+
+    ts = np.asarray(time_col, dtype=np.int64)
+    # stable sort by time, then stable by user: ties keep input order (DESIGN §2)
+    by_time = np.argsort(ts, kind="stable")
+    order = by_time[np.argsort(users[by_time], kind="stable")]
+    ratings = None if rating_col is None else np.asarray(rating_col, dtype=np.float32)[order]
+
+    return Dataset(
+        name=name,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        users=users[order],
+        items=items[order],
+        timestamps=ts[order],
+        ratings=ratings,
+        user_features=_align(user_table, user_ids, pad=False),
+        item_features=_align(item_table, item_ids, pad=True),
+    )
+
+
+def _align(
+    table: tuple[list[str], FeatureTable] | None, ids: np.ndarray, *, pad: bool
+) -> FeatureTable | None:
+    """Reorder a feature table to the internal index; unknown rows get zeros."""
+    if table is None:
+        return None
+    ext_ids, feats = table
+    pos = {e: i for i, e in enumerate(ext_ids)}
+    src = np.array([pos.get(e, -1) for e in ids.tolist()], dtype=np.int64)
+    if pad:
+        src[0] = -1
+    found = src >= 0
+
+    def take(col: np.ndarray) -> np.ndarray:
+        out = np.zeros((ids.shape[0], *col.shape[1:]), dtype=col.dtype)
+        out[found] = col[src[found]]
+        return out
+
+    return FeatureTable(
+        categorical={k: take(v) for k, v in feats.categorical.items()},
+        multi={k: take(v) for k, v in feats.multi.items()},
+        numeric={k: take(v) for k, v in feats.numeric.items()},
+        vocab=dict(feats.vocab),
+    )

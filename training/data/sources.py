@@ -1,0 +1,250 @@
+"""Data sources selected by `--data SPEC` (DESIGN §2).
+
+- `synthetic[:key=value,...]`  the embedded, deterministic generator
+- `movielens:<dir>`            ml-100k (u.data, u.item, u.user) or ml-1m (*.dat)
+- `seqtxt:<file>`              one user per line: `user item item ...` in time order
+- `csv:<file>`                 `user_id,item_id,timestamp[,rating]`, optional header
+
+Every parse error is a DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from training.data.dataset import DataError, Dataset, FeatureTable, build_dataset, encode_categorical
+from training.data.synthetic import generate, parse_synthetic_spec
+
+SOURCES = "synthetic[:key=value,...], movielens:<dir>, seqtxt:<file>, csv:<file>"
+
+# ml-1m's age codes; ml-100k's raw ages are bucketed onto the same scale
+ML_AGE_BUCKETS = [(1, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+")]
+
+
+def load(spec: str) -> Dataset:
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic":
+        return generate(parse_synthetic_spec(arg))
+    if kind in ("movielens", "seqtxt", "csv") and not arg:
+        raise DataError(f"data source '{kind}' needs a path: {kind}:<path>")
+    if kind == "movielens":
+        return load_movielens(Path(arg))
+    if kind == "seqtxt":
+        return load_seqtxt(Path(arg))
+    if kind == "csv":
+        return load_csv(Path(arg))
+    raise DataError(f"unknown data source '{spec}' (expected {SOURCES})")
+
+
+def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding=encoding, errors="strict", newline="") as fh:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield lineno, line
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not {encoding} text ({exc.reason})") from None
+
+
+def _int(value: str, path: Path, lineno: int, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: {what} must be an integer, got '{value}'") from None
+
+
+def _float(value: str, path: Path, lineno: int, what: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: {what} must be a number, got '{value}'") from None
+    if not np.isfinite(out):
+        raise DataError(f"{path}:{lineno}: {what} must be finite, got '{value}'")
+    return out
+
+
+def _ratings_log(path: Path, sep: str, encoding: str = "utf-8") -> tuple[list[str], list[str], list[int], list[float]]:
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    ratings: list[float] = []
+    for lineno, line in _lines(path, encoding):
+        parts = line.split(sep)
+        if len(parts) != 4:
+            raise DataError(f"{path}:{lineno}: expected 4 fields separated by {sep!r}, got {len(parts)}")
+        users.append(parts[0].strip())
+        items.append(parts[1].strip())
+        ratings.append(_float(parts[2], path, lineno, "rating"))
+        times.append(_int(parts[3], path, lineno, "timestamp"))
+    if not users:
+        raise DataError(f"{path}: no interactions")
+    return users, items, times, ratings
+
+
+def _age_bucket(age: int) -> str:
+    label = ML_AGE_BUCKETS[0][1]
+    for lower, name in ML_AGE_BUCKETS:
+        if age >= lower:
+            label = name
+    return label
+
+
+def load_movielens(root: Path) -> Dataset:
+    if (root / "u.data").is_file():
+        return _load_ml100k(root)
+    if (root / "ratings.dat").is_file():
+        return _load_ml1m(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    raise DataError(f"{root}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found")
+
+
+def _load_ml100k(root: Path) -> Dataset:
+    users, items, times, ratings = _ratings_log(root / "u.data", "\t")
+    user_table = _ml_user_table(root / "u.user", "|", ml1m=False)
+    genres = [line.split("|")[0] for _, line in _lines(root / "u.genre", "latin-1")] if (root / "u.genre").is_file() else []
+    item_ids: list[str] = []
+    item_genres: list[list[str]] = []
+    years: list[float] = []
+    if (root / "u.item").is_file():
+        path = root / "u.item"
+        for lineno, line in _lines(path, "latin-1"):
+            parts = line.split("|")
+            if len(parts) < 6:
+                raise DataError(f"{path}:{lineno}: expected at least 6 fields separated by '|', got {len(parts)}")
+            flags = parts[5:]
+            names = genres if len(genres) == len(flags) else [f"genre{j}" for j in range(len(flags))]
+            item_ids.append(parts[0])
+            item_genres.append([g for g, f in zip(names, flags) if f.strip() == "1"])
+            years.append(_year(parts[2]))
+    item_table = _ml_item_table(item_ids, item_genres, years) if item_ids else None
+    return build_dataset(
+        "ml-100k", users, items, np.array(times), np.array(ratings), user_table=user_table, item_table=item_table
+    )
+
+
+def _load_ml1m(root: Path) -> Dataset:
+    users, items, times, ratings = _ratings_log(root / "ratings.dat", "::", "latin-1")
+    user_table = _ml_user_table(root / "users.dat", "::", ml1m=True)
+    item_ids: list[str] = []
+    item_genres: list[list[str]] = []
+    years: list[float] = []
+    path = root / "movies.dat"
+    if path.is_file():
+        for lineno, line in _lines(path, "latin-1"):
+            parts = line.split("::")
+            if len(parts) != 3:
+                raise DataError(f"{path}:{lineno}: expected 3 fields separated by '::', got {len(parts)}")
+            item_ids.append(parts[0])
+            item_genres.append([g for g in parts[2].split("|") if g])
+            title = parts[1].rstrip()
+            years.append(float(title[-5:-1]) if title.endswith(")") and title[-5:-1].isdigit() else np.nan)
+    item_table = _ml_item_table(item_ids, item_genres, years) if item_ids else None
+    return build_dataset(
+        "ml-1m", users, items, np.array(times), np.array(ratings), user_table=user_table, item_table=item_table
+    )
+
+
+def _year(date: str) -> float:
+    tail = date.strip()[-4:]
+    return float(tail) if tail.isdigit() else np.nan
+
+
+def _ml_user_table(path: Path, sep: str, *, ml1m: bool) -> tuple[list[str], FeatureTable] | None:
+    if not path.is_file():
+        return None
+    ids: list[str] = []
+    ages: list[str] = []
+    genders: list[str] = []
+    occupations: list[str] = []
+    for lineno, line in _lines(path, "latin-1"):
+        parts = line.split(sep)
+        if len(parts) != 5:
+            raise DataError(f"{path}:{lineno}: expected 5 fields separated by {sep!r}, got {len(parts)}")
+        if ml1m:  # UserID::Gender::Age::Occupation::Zip
+            uid, gender, age, occ = parts[0], parts[1], parts[2], parts[3]
+        else:  # id|age|gender|occupation|zip
+            uid, age, gender, occ = parts[0], parts[1], parts[2], parts[3]
+        ids.append(uid)
+        ages.append(_age_bucket(_int(age, path, lineno, "age")))
+        genders.append(gender)
+        occupations.append(occ)
+    table = FeatureTable()
+    for name, values in (("age", ages), ("gender", genders), ("occupation", occupations)):
+        table.categorical[name], table.vocab[name] = encode_categorical(values)
+    return ids, table
+
+
+def _ml_item_table(ids: list[str], genres: list[list[str]], years: list[float]) -> tuple[list[str], FeatureTable]:
+    vocab: dict[str, int] = {}
+    width = max(1, max(len(g) for g in genres))
+    codes = np.zeros((len(ids), width), dtype=np.int64)
+    for row, names in enumerate(genres):
+        for col, g in enumerate(names):
+            codes[row, col] = vocab.setdefault(g, len(vocab) + 1)
+    year = np.array(years, dtype=np.float32)
+    year = np.where(np.isnan(year), np.nanmedian(year) if np.isfinite(year).any() else 0.0, year)
+    table = FeatureTable(multi={"genres": codes}, numeric={"year": year.astype(np.float32)}, vocab={"genres": list(vocab)})
+    return ids, table
+
+
+def load_seqtxt(path: Path) -> Dataset:
+    users: list[str] = []
+    items: list[str] = []
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if len(parts) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'user item [item ...]', got {len(parts)} field(s)")
+        users.extend([parts[0]] * (len(parts) - 1))
+        items.extend(parts[1:])
+    if not users:
+        raise DataError(f"{path}: no interactions")
+    # the file order is the time order
+    return build_dataset(path.name, users, items, np.arange(len(users), dtype=np.int64))
+
+
+def load_csv(path: Path) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    ratings: list[float] = []
+    width = 0
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            for row in reader:
+                lineno = reader.line_num
+                if not row or not any(c.strip() for c in row):
+                    continue
+                if lineno == 1 and row[0].strip().lower() in ("user_id", "user", "userid"):
+                    continue  # header
+                if len(row) not in (3, 4):
+                    raise DataError(f"{path}:{lineno}: expected user_id,item_id,timestamp[,rating], got {len(row)} fields")
+                if width and len(row) != width:
+                    raise DataError(f"{path}:{lineno}: {len(row)} fields where earlier lines have {width}")
+                width = len(row)
+                if not row[0].strip() or not row[1].strip():
+                    raise DataError(f"{path}:{lineno}: empty user_id or item_id")
+                users.append(row[0].strip())
+                items.append(row[1].strip())
+                times.append(_int(row[2].strip(), path, lineno, "timestamp"))
+                if width == 4:
+                    ratings.append(_float(row[3], path, lineno, "rating"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not utf-8 text ({exc.reason})") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    if not users:
+        raise DataError(f"{path}: no interactions")
+    return build_dataset(
+        path.name, users, items, np.array(times), np.array(ratings) if ratings else None
+    )

@@ -1,0 +1,170 @@
+"""Evaluation metrics (DESIGN §3). All vectorised NumPy.
+
+Ranking convention: a target's rank is the number of items scored strictly higher, plus the
+number scored equally with a smaller item index (a stable descending sort by score). Rank 0
+is the top. HR@K = [rank < K]; NDCG@K = 1 / log2(rank + 2) when rank < K; MRR = 1 / (rank + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.data.splits import LeaveOneOut, Split
+
+KS: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+"""(B, L) left-padded int64 histories -> (B, N + 1) scores; column 0 is padding."""
+
+
+def mask_seen(scores: np.ndarray, histories: np.ndarray) -> None:
+    """In place: -inf for padding (column 0) and for every item in each row's history."""
+    rows = np.repeat(np.arange(scores.shape[0]), histories.shape[1])
+    scores[rows, histories.ravel()] = -np.inf
+    scores[:, 0] = -np.inf
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B, N + 1) scores, (B,) target indices -> (B,) int64 zero-based ranks."""
+    rows = np.arange(scores.shape[0])
+    s_t = scores[rows, targets][:, None]
+    ranks = np.count_nonzero(scores > s_t, axis=1).astype(np.int64)
+    # ties with a smaller index count as ahead; only rows where the target shares its score
+    tied = np.flatnonzero(np.count_nonzero(scores == s_t, axis=1) > 1)
+    if tied.size:
+        cols = np.arange(scores.shape[1])[None, :]
+        before = (scores[tied] == s_t[tied]) & (cols < targets[tied, None])
+        ranks[tied] += np.count_nonzero(before, axis=1)
+    return ranks
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
+    """HR@K, NDCG@K for each K and MRR from zero-based target ranks."""
+    ranks = np.asarray(ranks)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"HR@{k}"] = float(hit.mean())
+        out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+    out["MRR"] = float((1.0 / (ranks + 1.0)).mean())
+    return out
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, N + 1) -> (B, k) item indices, best first, ties broken by the smaller index.
+
+    A full stable sort: exact at the k-th boundary, which argpartition is not. For offline
+    use; evaluate_retrieval uses torch.topk where tie order does not matter.
+    """
+    return np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
+
+
+def evaluate_retrieval(
+    scorer: Scorer,
+    split: LeaveOneOut,
+    which: Split = "test",
+    ks: Iterable[int] = KS,
+    remove_seen: bool = True,
+    batch_size: int = 1024,
+    progress: bool = True,
+    users: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Full-ranking evaluation over the whole catalog for every evaluated user.
+
+    Returns HR@K, NDCG@K, MRR and Coverage@K (share of the catalog that appears in at least
+    one user's top K). `users` optionally restricts to positions in split.eval_users.
+    """
+    ks = tuple(ks)
+    kmax = max(ks)
+    sel = np.arange(split.eval_users.size) if users is None else np.asarray(users)
+    targets = split.targets(which)[sel]
+    ranks = np.empty(sel.size, dtype=np.int64)
+    shown: dict[int, np.ndarray] = {k: np.zeros(split.num_items + 1, dtype=bool) for k in ks}
+    chunks = range(0, sel.size, batch_size)
+    for start in tqdm(chunks, desc=f"evaluate {which}", unit="batch", disable=not progress, leave=False):
+        idx = sel[start : start + batch_size]
+        hist = split.histories(which, idx)
+        scores = np.array(scorer(hist), dtype=np.float32, copy=True)
+        if remove_seen:
+            mask_seen(scores, hist)
+        else:
+            scores[:, 0] = -np.inf
+        ranks[start : start + idx.size] = target_ranks(scores, targets[start : start + idx.size])
+        # torch.topk is ~10x faster than argpartition here; tie order is irrelevant for coverage
+        best = torch.topk(torch.from_numpy(scores), min(kmax, scores.shape[1]), dim=1).indices.numpy()
+        for k in ks:
+            shown[k][best[:, :k].ravel()] = True
+    out = ranking_metrics(ranks, ks)
+    for k in ks:
+        out[f"Coverage@{k}"] = float(shown[k][1:].sum() / split.num_items)
+    return out
+
+
+# --- pointwise classification (pre-ranking, CTR objective) ---
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve, ties counted as one half (Mann-Whitney U)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs at least one positive and one negative label")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, dtype=np.float64)
+    # average rank (1-based) within each group of tied scores
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+# --- list metrics (re-ranking) ---
+
+
+def list_metrics(
+    scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (5, 10), mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """NDCG@K, MAP@K and P@K of lists ordered by `scores` (descending, ties by position).
+
+    scores, labels: (B, L); labels are relevance >= 0; mask (B, L) True for real entries.
+    Lists without any relevant entry carry no ranking signal and are left out of the means
+    (their count is reported as `lists`).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+        labels = np.where(mask, labels, 0.0)
+    keep = labels.sum(axis=1) > 0
+    scores, labels = scores[keep], labels[keep]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(labels, order, axis=1)  # labels in displayed order
+    ideal = -np.sort(-labels, axis=1)
+    L = labels.shape[1]
+    discount = 1.0 / np.log2(np.arange(L) + 2.0)
+    rel = ranked > 0
+    out: dict[str, float] = {"lists": float(keep.sum())}
+    for k in ks:
+        kk = min(k, L)
+        dcg = ((2.0 ** ranked[:, :kk] - 1.0) * discount[:kk]).sum(axis=1)
+        idcg = ((2.0 ** ideal[:, :kk] - 1.0) * discount[:kk]).sum(axis=1)
+        out[f"NDCG@{k}"] = float((dcg / idcg).mean()) if keep.any() else 0.0
+        hits = np.cumsum(rel[:, :kk], axis=1)
+        prec_at = hits / np.arange(1, kk + 1)
+        n_rel = np.minimum(rel.sum(axis=1), k)
+        out[f"MAP@{k}"] = float(((prec_at * rel[:, :kk]).sum(axis=1) / n_rel).mean()) if keep.any() else 0.0
+        out[f"P@{k}"] = float((rel[:, :kk].sum(axis=1) / k).mean()) if keep.any() else 0.0
+    return out

@@ -1,0 +1,38 @@
+"""Plain-text tables and the JSON result files every command writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_COLUMNS = ("HR@1", "HR@10", "HR@50", "NDCG@10", "NDCG@50", "MRR", "Coverage@10")
+
+
+def table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+    """Rows keyed by model name; columns missing from a row print as '-'."""
+    name_w = max([len("model"), *(len(r) for r in rows)])
+    widths = [max(len(c), 7) for c in columns]
+    head = "  ".join(["model".ljust(name_w), *(c.rjust(w) for c, w in zip(columns, widths))])
+    lines = [head, "-" * len(head)]
+    for name, metrics in rows.items():
+        cells = []
+        for c, w in zip(columns, widths):
+            v = metrics.get(c)
+            cells.append(("-" if v is None else f"{v:.4f}").rjust(w))
+        lines.append("  ".join([name.ljust(name_w), *cells]))
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def result(model: str, data: str, metrics: Mapping[str, float], **extra: Any) -> dict[str, Any]:
+    """The shared result shape: {"model", "data", "metrics", ...extra}."""
+    return {"model": model, "data": data, "metrics": dict(metrics), **extra}
