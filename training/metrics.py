@@ -63,22 +63,22 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
 
 
-def evaluate_retrieval(
+def retrieval_ranks(
     scorer: Scorer,
     split: LeaveOneOut,
     which: Split = "test",
-    ks: Iterable[int] = KS,
+    coverage_ks: Iterable[int] = KS,
     remove_seen: bool = True,
     batch_size: int = 1024,
     progress: bool = True,
     users: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Full-ranking evaluation over the whole catalog for every evaluated user.
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Zero-based rank of every evaluated user's held-out item under full ranking, and
+    Coverage@K (share of the catalog in at least one user's top K).
 
-    Returns HR@K, NDCG@K, MRR and Coverage@K (share of the catalog that appears in at least
-    one user's top K). `users` optionally restricts to positions in split.eval_users.
+    `users` optionally restricts to positions in split.eval_users.
     """
-    ks = tuple(ks)
+    ks = tuple(coverage_ks)
     kmax = max(ks)
     sel = np.arange(split.eval_users.size) if users is None else np.asarray(users)
     targets = split.targets(which)[sel]
@@ -98,10 +98,24 @@ def evaluate_retrieval(
         best = torch.topk(torch.from_numpy(scores), min(kmax, scores.shape[1]), dim=1).indices.numpy()
         for k in ks:
             shown[k][best[:, :k].ravel()] = True
-    out = ranking_metrics(ranks, ks)
-    for k in ks:
-        out[f"Coverage@{k}"] = float(shown[k][1:].sum() / split.num_items)
-    return out
+    coverage = {f"Coverage@{k}": float(shown[k][1:].sum() / split.num_items) for k in ks}
+    return ranks, coverage
+
+
+def evaluate_retrieval(
+    scorer: Scorer,
+    split: LeaveOneOut,
+    which: Split = "test",
+    ks: Iterable[int] = KS,
+    remove_seen: bool = True,
+    batch_size: int = 1024,
+    progress: bool = True,
+    users: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Full-ranking evaluation: HR@K, NDCG@K, MRR and Coverage@K (see retrieval_ranks)."""
+    ks = tuple(ks)
+    ranks, coverage = retrieval_ranks(scorer, split, which, ks, remove_seen, batch_size, progress, users)
+    return {**ranking_metrics(ranks, ks), **coverage}
 
 
 # --- pointwise classification (pre-ranking, CTR objective) ---

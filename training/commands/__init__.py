@@ -1,5 +1,5 @@
 """Sub-commands of the `recsys` CLI, in the order `recsys --help` lists them."""
 
-from training.commands import demo, evaluate
+from training.commands import demo, diagnose, evaluate, train
 
-COMMANDS = [demo, evaluate]
+COMMANDS = [demo, train, evaluate, diagnose]

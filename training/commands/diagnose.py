@@ -1,0 +1,41 @@
+"""`recsys diagnose`: how sequential is the data, and how does the model use it."""
+
+from __future__ import annotations
+
+import argparse
+
+from training.commands.common import UsageError, add_data_arg, timed
+from training.data.sources import load
+from training.data.splits import LeaveOneOut
+from training.diagnostics import diagnose
+from training.report import table, write_json
+from training.retrieval import load_checkpoint
+
+COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "NDCG@50")
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("diagnose", help="last-item, history-shuffle and maxlen diagnostics of a retriever")
+    add_data_arg(p, default=None)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="retrieval checkpoint folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the history shuffle")
+    p.add_argument("--json", metavar="FILE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    timings: dict[str, float] = {}
+    model, payload = load_checkpoint(args.checkpoint)
+    with timed("load", timings):
+        ds = load(args.data)
+    if ds.fingerprint != payload["fingerprint"]:
+        raise UsageError(
+            f"{args.checkpoint} was trained on data with fingerprint {payload['fingerprint']} "
+            f"({payload['data']}), not {ds.fingerprint} ({args.data})"
+        )
+    with timed("diagnose", timings):
+        rows = diagnose(model, LeaveOneOut(ds), seed=args.seed)
+    print(table(rows, COLUMNS))
+    if args.json:
+        write_json(args.json, {"data": args.data, "checkpoint": str(args.checkpoint), "rows": rows})
+    return 0

@@ -1,0 +1,19 @@
+"""`recsys train <stage>`: one sub-command per model stage.
+
+Each stage module exposes `register(sub)` and adds its own parser under `recsys train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# stage modules under training/commands/, in the order `recsys train --help` lists them
+STAGES = ["train_retrieval"]
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("train", help="train a model stage (retrieval, prerank, rerank)")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name in STAGES:
+        importlib.import_module(f"training.commands.{name}").register(stages)

@@ -1,0 +1,284 @@
+"""Training, evaluation and checkpoints for the multi-launcher SASRec retriever.
+
+Loss (reference: multi-launcher-retrieval.md), at every position with a next item y:
+    s_l(i) = <u_l, e_i>,  s*(i) = max_l s_l(i),  l* = argmax_l s_l(y)
+    loss = -log( exp(s_{l*}(y)) / (sum_l exp(s_l(y)) + sum_{i != y} exp(s*(i))) )
+i.e. cross-entropy over [s_1(y) .. s_M(y), s*(i) for i != y] with target l*. With M = 1 this
+is the plain SASRec cross-entropy at every position. Negatives are the full catalog, or K
+uniformly sampled items shared by the batch (--num-negatives K) for large catalogs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from training.data.dataset import Dataset
+from training.data.splits import LeaveOneOut, Split, pad_left
+from training.metrics import KS, Scorer, evaluate_retrieval
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class RetrievalTrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_negatives: int = 0  # 0 = full softmax over the catalog
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    seed: int = 0
+    max_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    seconds: float
+    sequences_per_s: float
+    launcher_entropy: float
+    valid_ndcg10: float
+
+
+@dataclass
+class TrainResult:
+    model: MultiLauncherSASRec
+    best_epoch: int
+    history: list[EpochStats] = field(default_factory=list)
+
+
+def max_fusion_loss(
+    user: torch.Tensor, items: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-fusion cross-entropy.
+
+    user (P, M, D) launcher vectors, items (N + 1, D) embeddings with row 0 = padding,
+    target (P,) item ids, negatives (K,) sampled item ids or None for the full catalog.
+    Returns (mean loss, (P,) index of the launcher that matched the target best).
+    """
+    if user.shape[1] == 1 and negatives is None:
+        # M = 1: the same loss as plain full-softmax cross-entropy, computed more cheaply
+        logits = user[:, 0] @ items.T  # (P, N + 1)
+        logits = logits.index_fill(1, torch.tensor([0], device=logits.device), float("-inf"))
+        return F.cross_entropy(logits, target), torch.zeros_like(target)
+    pos = torch.einsum("pmd,pd->pm", user, items[target])  # (P, M)
+    best = pos.detach().argmax(dim=1)
+    if negatives is None:
+        neg = torch.einsum("pmd,nd->pmn", user, items).amax(dim=1)  # (P, N + 1)
+        neg = neg.index_fill(1, torch.tensor([0], device=neg.device), float("-inf"))
+        neg = neg.scatter(1, target[:, None], float("-inf"))  # i != y
+    else:
+        neg = torch.einsum("pmd,kd->pmk", user, items[negatives]).amax(dim=1)  # (P, K)
+        neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, best), best
+
+
+def model_scorer(model: MultiLauncherSASRec, batch_size: int = 512) -> Scorer:
+    """Scorer over the whole catalog: max over launchers of <u_l, e_i> (B, N + 1)."""
+
+    @torch.no_grad()
+    def score(histories: np.ndarray) -> np.ndarray:
+        model.eval()
+        seq = torch.from_numpy(histories[:, -model.config.maxlen :])
+        items = model.item_embedding.weight  # (N + 1, D)
+        out = []
+        for start in range(0, seq.shape[0], batch_size):
+            u = model.encode_user(seq[start : start + batch_size])  # (b, M, D)
+            out.append(torch.einsum("bmd,nd->bmn", u, items).amax(dim=1))
+        return torch.cat(out).numpy()
+
+    return score
+
+
+def _training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U', L) inputs and next-item targets from each user's training sequence (last window)."""
+    seqs = split.train_sequences(maxlen + 1)  # (U, maxlen + 1), left-padded
+    keep = (seqs[:, -2:] != 0).all(axis=1)  # at least one (input, target) pair
+    seqs = seqs[keep]
+    inputs, targets = seqs[:, :-1], seqs[:, 1:].copy()
+    targets[inputs == 0] = 0  # no target where the input is padding
+    return inputs, targets
+
+
+def train_retrieval(
+    split: LeaveOneOut,
+    model_cfg: SASRecConfig,
+    train_cfg: RetrievalTrainConfig,
+    progress: bool = True,
+) -> TrainResult:
+    torch.manual_seed(train_cfg.seed)
+    rng = np.random.default_rng(train_cfg.seed)
+    model = MultiLauncherSASRec(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    inputs, targets = _training_pairs(split, model_cfg.maxlen)
+    n_items = model_cfg.num_items
+    M = max(model_cfg.num_launchers, 1)
+    history: list[EpochStats] = []
+    best_ndcg, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    started = time.perf_counter()
+    for epoch in range(1, train_cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = rng.permutation(inputs.shape[0])
+        losses, assign = [], np.zeros(M, dtype=np.int64)
+        batches = range(0, order.size, train_cfg.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+        for start in bar:
+            idx = order[start : start + train_cfg.batch_size]
+            x = torch.from_numpy(inputs[idx])
+            y = torch.from_numpy(targets[idx])
+            user = model(x)  # (B, L, M, D)
+            valid = y != 0
+            negatives = None
+            if train_cfg.num_negatives:
+                negatives = torch.from_numpy(rng.integers(1, n_items + 1, size=train_cfg.num_negatives))
+            loss, best = max_fusion_loss(user[valid], model.item_embedding.weight, y[valid], negatives)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            assign += np.bincount(best.numpy(), minlength=M)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        seconds = time.perf_counter() - t0
+        freq = assign / max(assign.sum(), 1)
+        entropy = max(0.0, float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
+        valid_m = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)
+        stats = EpochStats(
+            epoch=epoch,
+            loss=float(np.mean(losses)),
+            seconds=round(seconds, 3),
+            sequences_per_s=round(inputs.shape[0] / seconds, 1),
+            launcher_entropy=round(entropy, 4),
+            valid_ndcg10=round(valid_m["NDCG@10"], 5),
+        )
+        history.append(stats)
+        log.info(
+            "epoch %d loss %.4f valid NDCG@10 %.4f entropy %.3f (%.1fs, %.0f seq/s)",
+            epoch, stats.loss, stats.valid_ndcg10, entropy, seconds, stats.sequences_per_s,
+        )
+        if stats.valid_ndcg10 > best_ndcg:
+            best_ndcg, best_epoch, best_state = stats.valid_ndcg10, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= train_cfg.patience:
+            log.info("early stop: no better validation NDCG@10 for %d epochs", train_cfg.patience)
+            break
+        if train_cfg.max_minutes and time.perf_counter() - started > 60 * train_cfg.max_minutes:
+            log.info("stopping: --max-minutes %.1f reached", train_cfg.max_minutes)
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model=model, best_epoch=best_epoch, history=history)
+
+
+def evaluate_model(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
+    """Test metrics, plus the launcher-assignment entropy of the test targets."""
+    metrics = evaluate_retrieval(model_scorer(model), split, which, KS, progress=False)
+    metrics["LauncherEntropy"] = launcher_entropy(model, split, which)
+    return metrics
+
+
+@torch.no_grad()
+def launcher_entropy(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> float:
+    """Entropy (nats) of which launcher scores each held-out target highest (0 for M <= 1)."""
+    if model.config.num_launchers <= 1:
+        return 0.0
+    model.eval()
+    seq = torch.from_numpy(split.histories(which, maxlen=model.config.maxlen))
+    tgt = torch.from_numpy(split.targets(which))
+    u = model.encode_user(seq)  # (B, M, D)
+    best = torch.einsum("bmd,bd->bm", u, model.item_embedding(tgt)).argmax(dim=1).numpy()
+    freq = np.bincount(best, minlength=model.config.num_launchers) / best.size
+    return float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
+
+
+# --- checkpoints ---
+
+
+def save_checkpoint(
+    out_dir: str | Path, model: MultiLauncherSASRec, dataset: Dataset, data_spec: str, extra: dict[str, Any]
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "kind": "retrieval",
+        "model_config": model.config.to_dict(),
+        "state_dict": model.state_dict(),
+        "data": data_spec,
+        "fingerprint": dataset.fingerprint,
+        "item_ids": dataset.item_ids.tolist(),
+        **extra,
+    }
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out / CHECKPOINT)
+    return out / CHECKPOINT
+
+
+def load_checkpoint(path: str | Path) -> tuple[MultiLauncherSASRec, dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no retrieval checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("kind") != "retrieval":
+        raise ValueError(f"{path}: not a retrieval checkpoint (kind={payload.get('kind')!r})")
+    model = MultiLauncherSASRec(SASRecConfig(**payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload
+
+
+def load_retrieval_scorer(path: str | Path) -> Scorer:
+    """Scorer over the catalog from a checkpoint folder (the metrics.Scorer contract)."""
+    model, _ = load_checkpoint(path)
+    return model_scorer(model)
+
+
+def encode_histories(model: MultiLauncherSASRec, histories: list[np.ndarray]) -> np.ndarray:
+    """Ragged item-id histories -> (B, M, D) float32 user vectors (eager reference)."""
+    lengths = np.array([len(h) for h in histories])
+    flat = np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    seq = pad_left(flat.astype(np.int64), ends - lengths, ends, model.config.maxlen)
+    with torch.no_grad():
+        return model.encode_user(torch.from_numpy(seq)).numpy()
+
+
+def describe(result: TrainResult) -> dict[str, Any]:
+    """JSON-friendly summary of a training run."""
+    h = result.history
+    secs = [e.seconds for e in h]
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(h),
+        "seconds_per_epoch": round(float(np.mean(secs)), 3) if secs else math.nan,
+        "sequences_per_s": round(float(np.mean([e.sequences_per_s for e in h])), 1) if h else math.nan,
+        "train_entropy_last": h[-1].launcher_entropy if h else math.nan,
+        "history": [asdict(e) for e in h],
+    }
