@@ -4,11 +4,13 @@ SASRec blocks (pre-LN attention + point-wise FFN, causal, learnable positions) o
 sequence, with M learnable launcher tokens appended. Launchers attend to the whole sequence and
 to each other; each launcher's output is one user vector, so one model gives M recall routes.
 
-Training uses every position at once: the token layout is
-    [item_0 .. item_{L-1}] [launchers of position 0] ... [launchers of position L-1]
-where the launchers of position t see items 0..t and their M siblings, and items see only
-earlier items (so item states are exactly SASRec's). Inference appends the launchers of the
-last position only. num_launchers = 0 is plain SASRec: the user vector is the last item state.
+Training uses every position at once: each position t gets its own group of M launchers that
+sees items 0..t and its M - 1 siblings, while items see only earlier items (so item states are
+exactly SASRec's and nothing attends to a launcher but its siblings). Attention is computed in
+that block structure, item->item (L x L) plus launcher->item (T*M x L) plus launcher->sibling
+(T x M x M), rather than as one (L + T*M)^2 masked matrix: the same numbers at a fraction of
+the cost. Inference uses the launcher group of the last position only.
+num_launchers = 0 is plain SASRec: the user vector is the last item state.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class SASRecConfig:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head attention with an additive (B, S, S) or (S, S) mask; export-friendly."""
+    """Multi-head attention for items (causal) and for launcher groups; export-friendly."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -67,14 +69,44 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., H, d)"""
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def _kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., D) -> keys and values (..., H, d); kv's output is laid out as [k heads | v heads]."""
+        kv = self.kv(x).unflatten(-1, (2, self.num_heads, -1))  # (..., 2, H, d)
+        return kv.select(-3, 0), kv.select(-3, 1)
+
     def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, S, D = context.shape
-        H, d = self.num_heads, D // self.num_heads
-        q = self.q(query).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
-        k, v = self.kv(context).view(B, S, 2, H, d).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, d)
-        att = q @ k.transpose(-1, -2) / math.sqrt(d) + mask.unsqueeze(1)  # (B, H, S, S)
+        """Items: query = LN(x), context = x, (B, L, D); mask (B, L, L) additive."""
+        q = self._split(self.q(query)).transpose(1, 2)  # (B, H, L, d)
+        k, v = self._kv(context)  # (B, L, H, d) x 2
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, d)
+        att = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask.unsqueeze(1)  # (B, H, L, L)
         att = self.dropout(att.softmax(dim=-1))
-        return self.out((att @ v).transpose(1, 2).reshape(B, S, D))
+        return self.out((att @ v).transpose(1, 2).flatten(-2))
+
+    def launchers(
+        self, query: torch.Tensor, launchers: torch.Tensor, items: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Launcher groups attend to items and to their siblings.
+
+        query = LN(launchers), launchers (B, T, M, D); items (B, L, D) (the block's item input);
+        mask (B, T, L) additive over items. Returns (B, T, M, D).
+        """
+        q = self._split(self.q(query))  # (B, T, M, H, d)
+        k_i, v_i = self._kv(items)  # (B, L, H, d)
+        k_s, v_s = self._kv(launchers)  # (B, T, M, H, d)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        s_items = torch.einsum("btmhd,blhd->btmhl", q, k_i) * scale + mask[:, :, None, None, :]
+        s_sib = torch.einsum("btmhd,btnhd->btmhn", q, k_s) * scale  # (B, T, M, H, M)
+        att = self.dropout(torch.cat([s_items, s_sib], dim=-1).softmax(dim=-1))
+        L = items.shape[1]
+        out = torch.einsum("btmhl,blhd->btmhd", att[..., :L], v_i) + torch.einsum(
+            "btmhn,btnhd->btmhd", att[..., L:], v_s
+        )
+        return self.out(out.flatten(-2))
 
 
 class PointWiseFeedForward(nn.Module):
@@ -98,9 +130,20 @@ class SASRecBlock(nn.Module):
         self.ffn_ln = nn.LayerNorm(dim, eps=1e-8)
         self.ffn = PointWiseFeedForward(dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.attn_ln(x), x, mask) + x
-        return self.ffn(self.ffn_ln(x))
+    def forward(
+        self,
+        items: torch.Tensor,
+        item_mask: torch.Tensor,
+        launchers: torch.Tensor | None = None,
+        launcher_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """items (B, L, D), launchers (B, T, M, D) -> the same shapes."""
+        if launchers is not None:
+            assert launcher_mask is not None
+            launchers = self.attn.launchers(self.attn_ln(launchers), launchers, items, launcher_mask) + launchers
+            launchers = self.ffn(self.ffn_ln(launchers))
+        items = self.attn(self.attn_ln(items), items, item_mask) + items
+        return self.ffn(self.ffn_ln(items)), launchers
 
 
 class MultiLauncherSASRec(nn.Module):
@@ -144,51 +187,48 @@ class MultiLauncherSASRec(nn.Module):
         return x * (item_seq != 0).unsqueeze(-1).to(x.dtype)
 
     def _launcher_tokens(self, anchor: torch.Tensor) -> torch.Tensor:
-        """(B, T) anchor items -> (B, T * M, D) launcher tokens (launcher + anchor if copy_last)."""
+        """(B, T) anchor items -> (B, T, M, D) launcher tokens (launcher + anchor if copy_last)."""
         assert self.launchers is not None
         B, T = anchor.shape
         M, D = self.config.num_launchers, self.config.dim
         tok = self.launchers.view(1, 1, M, D).expand(B, T, M, D)
         if self.config.launcher_init == "copy_last":
             tok = tok + self.item_embedding(anchor).unsqueeze(2)  # (B, T, M, D)
-        return (tok * math.sqrt(D)).reshape(B, T * M, D)
+        return tok * math.sqrt(D)
 
-    def _mask(self, item_seq: torch.Tensor, launcher_slots: torch.Tensor | None) -> torch.Tensor:
-        """Additive mask (B, S, S) for S = L + T*M tokens.
+    @staticmethod
+    def _masks(item_seq: torch.Tensor, slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Additive masks: items (B, L, L) causal over real items, launchers (B, T, L).
 
-        launcher_slots (T,): the item position each launcher group is attached to.
+        slots (T,): the item position each launcher group is attached to. A position may always
+        attend to itself, so padding rows never end up with every key masked.
         """
-        B, L = item_seq.shape
-        dev = item_seq.device
-        M = self.config.num_launchers
-        idx = torch.arange(L, device=dev)
-        allowed_items = idx[None, :] <= idx[:, None]  # (L, L) causal
+        L = item_seq.shape[1]
+        idx = torch.arange(L, device=item_seq.device)
         key_ok = (item_seq != 0).unsqueeze(1)  # (B, 1, L)
-        if launcher_slots is None:
-            allowed = allowed_items.unsqueeze(0) & key_ok  # (B, L, L)
-        else:
-            slot = launcher_slots.repeat_interleave(M)  # (T*M,) item position of each launcher
-            n_l = slot.shape[0]
-            l_to_items = idx[None, :] <= slot[:, None]  # (T*M, L)
-            l_to_l = slot[:, None] == slot[None, :]  # (T*M, T*M) siblings only
-            top = torch.cat([allowed_items, torch.zeros(L, n_l, dtype=torch.bool, device=dev)], dim=1)
-            bottom = torch.cat([l_to_items, l_to_l], dim=1)
-            key_ok = torch.cat([key_ok, torch.ones(B, 1, n_l, dtype=torch.bool, device=dev)], dim=2)
-            allowed = torch.cat([top, bottom], dim=0).unsqueeze(0) & key_ok  # (B, S, S)
-        S = allowed.shape[-1]
-        allowed = allowed | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)  # no empty rows
-        return torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, _NEG)
+        allowed = (idx[None, :] <= idx[:, None]).unsqueeze(0) & key_ok  # (B, L, L)
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=item_seq.device)
+        item_mask = torch.zeros(allowed.shape, device=item_seq.device).masked_fill(~allowed, _NEG)
+        if slots is None:
+            return item_mask, None
+        l_allowed = (idx[None, :] <= slots[:, None]).unsqueeze(0) & key_ok  # (B, T, L)
+        launcher_mask = torch.zeros(l_allowed.shape, device=item_seq.device).masked_fill(~l_allowed, _NEG)
+        return item_mask, launcher_mask
 
-    def _encode(self, item_seq: torch.Tensor, launcher_slots: torch.Tensor | None) -> torch.Tensor:
+    def _encode(
+        self, item_seq: torch.Tensor, slots: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) -> item states (B, L, D) and launcher states (B, T, M, D) for the given slots."""
         x = self._item_tokens(item_seq)
         item_seq = item_seq[:, -x.shape[1] :]
-        if launcher_slots is not None:
-            x = torch.cat([x, self._launcher_tokens(item_seq[:, launcher_slots])], dim=1)
-        mask = self._mask(item_seq, launcher_slots)
+        item_mask, launcher_mask = self._masks(item_seq, slots)
         x = self.emb_dropout(x)
+        lt = None
+        if slots is not None and self.config.num_launchers:
+            lt = self.emb_dropout(self._launcher_tokens(item_seq[:, slots]))
         for block in self.blocks:
-            x = block(x, mask)
-        return self.last_ln(x)  # (B, S, D)
+            x, lt = block(x, item_mask, lt, launcher_mask)
+        return self.last_ln(x), None if lt is None else self.last_ln(lt)
 
     # --- public contract ---
 
@@ -197,21 +237,23 @@ class MultiLauncherSASRec(nn.Module):
 
         M' = num_launchers, or 1 (the item state itself) for plain SASRec.
         """
-        B, L = item_seq.shape
-        L = min(L, self.config.maxlen)
-        M = self.config.num_launchers
-        if M == 0:
-            return self._encode(item_seq, None).unsqueeze(2)  # (B, L, 1, D)
-        h = self._encode(item_seq, torch.arange(L, device=item_seq.device))
-        return h[:, L:].reshape(B, L, M, self.config.dim)
+        L = min(item_seq.shape[1], self.config.maxlen)
+        if self.config.num_launchers == 0:
+            return self._encode(item_seq, None)[0].unsqueeze(2)  # (B, L, 1, D)
+        _, lt = self._encode(item_seq, torch.arange(L, device=item_seq.device))
+        assert lt is not None
+        return lt
 
     def encode_user(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Serving view: (B, L) left-padded history -> (B, M', D) user vectors."""
         L = min(item_seq.shape[1], self.config.maxlen)
         if self.config.num_launchers == 0:
-            return self._encode(item_seq, None)[:, -1:]  # (B, 1, D)
-        h = self._encode(item_seq, torch.tensor([L - 1], device=item_seq.device))
-        return h[:, L:]  # (B, M, D)
+            return self._encode(item_seq, None)[0][:, -1:]  # (B, 1, D)
+        # slot = the last position; built from L so the export stays dynamic in L
+        slot = torch.arange(L, device=item_seq.device)[-1:]
+        _, lt = self._encode(item_seq, slot)
+        assert lt is not None
+        return lt[:, 0]  # (B, M, D)
 
     def item_embeddings(self) -> torch.Tensor:
         """(N, D) embeddings of items 1..N (tied with the input embedding)."""

@@ -20,9 +20,19 @@ def table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = DEFA
         cells = []
         for c, w in zip(columns, widths):
             v = metrics.get(c)
-            cells.append(("-" if v is None else f"{v:.4f}").rjust(w))
+            cells.append(_fmt(v).rjust(w))
         lines.append("  ".join([name.ljust(name_w), *cells]))
     return "\n".join(lines)
+
+
+def _fmt(v: float | int | None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if v != 0 and abs(v) < 1e-3:
+        return f"{v:.1e}"
+    return f"{v:.4f}"
 
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
