@@ -1,0 +1,371 @@
+"""FAISS retrieval index: build, per-launcher search with max-fusion, ANN recall, persistence.
+
+Item embeddings are a float32 matrix ``items`` of shape (N, D); row ``r`` is internal item id
+``r + 1`` (id 0 is padding and is never in the index). Scores are inner products. A user is
+represented by M launcher vectors (M, D); :func:`search_fused` runs one FAISS search over all
+B * M launcher vectors of a batch and fuses the per-launcher hits with a max (DESIGN.md §6.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+from numpy.typing import ArrayLike
+
+logger = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "hnsw", "ivf"]
+KINDS: tuple[IndexKind, ...] = ("flat", "hnsw", "ivf")
+FLAT_MAX_ITEMS = 200_000
+# Serving threads. The request path searches one user (M = 4 queries) at a time on a 2-core
+# box that also runs the HTTP worker and ONNX Runtime. Measured (benchmarks/faiss_search.py,
+# cores shared with other work): two threads added 7-10 ms to most medians (the second OpenMP
+# thread waits for a core that other work holds; IVF 1M nprobe 64: 4.0 -> 11.0 ms) and helped
+# in 3 of 14 rows, by 2 ms at most. Offline builds should raise this with set_faiss_threads().
+SEARCH_THREADS = 1
+# k-means training points per IVF list: faiss warns below 39, and gains little above ~64.
+TRAIN_POINTS_PER_LIST = 64
+# Queries x items scored per chunk in ann_recall's exact search (float32: 64 MiB).
+_EXACT_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Index type and parameters; stored in the artifact manifest via :meth:`to_dict`.
+
+    ``kind`` is "flat" (exact), "hnsw" (HNSW-Flat) or "ivf" (IVF-Flat). ``nlist=None``
+    means ``auto_nlist(N)`` at build time.
+    """
+
+    kind: IndexKind = "flat"
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 256
+    nlist: int | None = None
+    nprobe: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"IndexSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"IndexSpec.{name} must be an integer >= 1, got {value!r}")
+        if self.nlist is not None and (not _is_int(self.nlist) or self.nlist < 1):
+            raise ValueError(f"IndexSpec.nlist must be None or an integer >= 1, got {self.nlist!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"IndexSpec.seed must be an integer >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class FusedResult:
+    """Per-user fused top-k. Row b holds ``counts[b]`` hits, then padding.
+
+    K = min(k, number of indexed items); rows are padded when an ANN index or ``exclude``
+    leaves fewer than K hits.
+    items: (B, K) int64 internal item ids, 0 = padding.
+    scores: (B, K) float32 fused scores, -inf = padding.
+    launchers: (B, K) int64 launcher (0..M-1) that gave each score, -1 = padding.
+    counts: (B,) int64 number of valid hits per user.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    launchers: np.ndarray
+    counts: np.ndarray
+
+    def user(self, b: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Valid (items, scores, launchers) of user ``b``, each of shape (counts[b],)."""
+        n = int(self.counts[b])
+        return self.items[b, :n], self.scores[b, :n], self.launchers[b, :n]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def auto_nlist(num_items: int) -> int:
+    """IVF list count 2 * sqrt(N), capped so each list gets 39 training points.
+
+    Half faiss's usual 4 * sqrt(N): at 1M items recall follows the fraction of items scanned
+    (nlist 1024 / 2048 / 4000 with nprobe 32 / 64 / 128: recall@100 0.937 / 0.945 / 0.949),
+    and k-means with 2048 lists trains ~3x faster than with 4000 on 2 cores. With the default
+    nprobe = 64 this scans ~3% of a 1M catalogue.
+    """
+    return max(1, min(int(2 * math.sqrt(num_items)), num_items // 39))
+
+
+def choose_kind(num_items: int) -> IndexKind:
+    """Index kind for a catalogue of ``num_items`` items: exact up to 200k, IVF-Flat beyond.
+
+    IVF-Flat rather than HNSW, measured on 2 cores with clustered D = 64 embeddings whose norms
+    vary (benchmarks/faiss_search.py, 100k items): HNSW (M 32, efConstruction 80, efSearch
+    256) gets recall@100 0.909 at 2.0 ms CPU per request, 18 s build, 50 MB; IVF-Flat
+    (spherical k-means, nprobe 64) gets 0.996 at 1.1 ms, 1.7 s build, 25 MB. Inner product
+    is not a metric, so HNSW's graph favours large-norm items and its recall plateaus; at 1M
+    items its build did not finish in 500 s on the shared 2 cores (IVF: 33 s). IVF's
+    recall / latency trade-off is one knob, nprobe, which can be changed after loading.
+    """
+    if not _is_int(num_items) or num_items < 0:
+        raise ValueError(f"num_items must be an integer >= 0, got {num_items!r}")
+    return "flat" if num_items <= FLAT_MAX_ITEMS else "ivf"
+
+
+def set_faiss_threads(num_threads: int) -> None:
+    """Set FAISS's OpenMP thread count for the whole process."""
+    if not _is_int(num_threads) or num_threads < 1:
+        raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+    faiss.omp_set_num_threads(int(num_threads))
+
+
+def _as_float32(name: str, x: ArrayLike, shape_text: str, ndims: tuple[int, ...]) -> np.ndarray:
+    """Validate a finite real floating array with one of ``ndims`` dimensions; return float32."""
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim not in ndims:
+        raise ValueError(f"{name} must have shape {shape_text}, got shape {arr.shape}")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"{name} must have dimension D >= 1, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return arr
+
+
+def _check_items(items: ArrayLike) -> np.ndarray:
+    """(N, D) float32, N >= 1."""
+    x = _as_float32("items", items, "(N, D)", (2,))
+    if x.shape[0] == 0:
+        raise ValueError("items must have at least one row, got shape (0, D)")
+    return x
+
+
+def build_index(items: ArrayLike, spec: IndexSpec | None = None) -> faiss.Index:
+    """Inner-product index over the rows of ``items`` (N, D); faiss label r = item id r + 1.
+
+    ``spec=None`` picks ``IndexSpec(kind=choose_kind(N))``. IVF is trained on a seeded sample
+    of ``TRAIN_POINTS_PER_LIST * nlist`` rows (spherical k-means, faiss's default for IP).
+    """
+    x = _check_items(items)
+    n, d = x.shape
+    if spec is None:
+        spec = IndexSpec(kind=choose_kind(n))
+    index: faiss.Index
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        index.hnsw.efSearch = spec.ef_search
+    else:
+        nlist = spec.nlist if spec.nlist is not None else auto_nlist(n)
+        if nlist > n:
+            raise ValueError(f"IndexSpec.nlist={nlist} exceeds the number of items N={n}")
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        n_train = min(n, TRAIN_POINTS_PER_LIST * nlist)
+        rng = np.random.default_rng(spec.seed)
+        sample = x[np.sort(rng.choice(n, size=n_train, replace=False))]  # (n_train, D)
+        index.cp.seed = spec.seed
+        index.train(sample)
+        index.nprobe = min(spec.nprobe, nlist)
+    index.add(x)
+    logger.info("built %s index: %d items, D=%d, params=%s", spec.kind, n, d, index_params(index))
+    return index
+
+
+def index_params(index: faiss.Index) -> dict[str, Any]:
+    """Kind and search parameters read back from ``index`` (for the manifest and logs)."""
+    params: dict[str, Any] = {"ntotal": int(index.ntotal), "dim": int(index.d)}
+    if isinstance(index, faiss.IndexHNSW):
+        params.update(kind="hnsw", hnsw_m=int(index.hnsw.nb_neighbors(1)),
+                      ef_construction=int(index.hnsw.efConstruction),
+                      ef_search=int(index.hnsw.efSearch))
+    elif isinstance(index, faiss.IndexIVF):
+        params.update(kind="ivf", nlist=int(index.nlist), nprobe=int(index.nprobe))
+    elif isinstance(index, faiss.IndexFlat):
+        params.update(kind="flat")
+    else:
+        params.update(kind=type(index).__name__)
+    return params
+
+
+def _check_queries(queries: ArrayLike, dim: int) -> tuple[np.ndarray, bool]:
+    """(M, D) or (B, M, D) -> ((B, M, D) float32, whether the input was a single user)."""
+    q = _as_float32("queries", queries, "(M, D) or (B, M, D)", (2, 3))
+    single = q.ndim == 2
+    if single:
+        q = q[None]  # (1, M, D)
+    if q.shape[1] == 0:
+        raise ValueError(f"queries must hold at least one launcher (M >= 1), got shape {q.shape}")
+    if q.shape[2] != dim:
+        raise ValueError(f"queries have dimension D={q.shape[2]} but the index has D={dim}")
+    return q, single
+
+
+def _exclude_keys(exclude: ArrayLike | Sequence[ArrayLike] | None, batch: int, ntotal: int,
+                  single: bool) -> tuple[np.ndarray, int]:
+    """Sorted unique keys ``user * ntotal + row`` to drop, and the most dropped for one user."""
+    if exclude is None:
+        return np.empty(0, np.int64), 0
+    per_user = (not single and isinstance(exclude, (list, tuple, np.ndarray))
+                and len(exclude) > 0 and np.ndim(exclude[0]) == 1)
+    if per_user:
+        if len(exclude) != batch:
+            raise ValueError(f"exclude has {len(exclude)} per-user lists but the batch has "
+                             f"B={batch} users")
+        parts = [np.asarray(e) for e in exclude]
+        if any(p.ndim != 1 for p in parts):
+            raise ValueError("exclude must hold one 1-D list of item ids per user")
+        parts = [p if p.size else p.astype(np.int64) for p in parts]
+        users = np.repeat(np.arange(batch, dtype=np.int64), [p.size for p in parts])
+        ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    else:
+        ids = np.asarray(exclude)
+        if ids.ndim != 1:
+            raise ValueError(f"exclude must be a 1-D list of item ids (or, for a batch, one list "
+                             f"per user), got shape {ids.shape}")
+        users = np.repeat(np.arange(batch, dtype=np.int64), ids.size)
+        ids = np.tile(ids, batch)
+    if ids.size == 0:
+        return np.empty(0, np.int64), 0
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"exclude must hold integer item ids, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.min() < 0 or ids.max() > ntotal:
+        bad = int(ids[(ids < 0) | (ids > ntotal)][0])
+        raise ValueError(f"exclude holds item id {bad} outside 0..{ntotal}")
+    keep = ids > 0  # 0 is padding (zero-padded histories are accepted)
+    keys = np.unique(users[keep] * ntotal + (ids[keep] - 1))
+    most = int(np.bincount(keys // ntotal, minlength=batch).max()) if keys.size else 0
+    return keys, most
+
+
+def search_fused(index: faiss.Index, queries: ArrayLike, k: int,
+                 exclude: ArrayLike | Sequence[ArrayLike] | None = None) -> FusedResult:
+    """Top-k items per user under max-fusion of the user's M launchers.
+
+    queries: (M, D) for one user or (B, M, D) for a batch; one faiss search over the B * M
+    vectors. fused score(i) = max over launchers l that returned i of <q_l, item_i>; each
+    item keeps the launcher giving the max (smallest id on ties). Sorted by score descending,
+    ties by smaller item id. exclude: internal item ids to drop, either one 1-D list for every
+    user or, for a batch, a list of B per-user lists; each launcher then fetches k + (the
+    largest per-user exclude count) so that, with exact search, the result is still the exact
+    top-k among the allowed items. k > N returns all N items. Returns a :class:`FusedResult`
+    (B = 1 for (M, D) input).
+    """
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = int(k)
+    q, single = _check_queries(queries, int(index.d))
+    b, m, d = q.shape
+    ntotal = int(index.ntotal)
+    excluded, most = _exclude_keys(exclude, b, ntotal, single)
+    k = min(k, ntotal)  # k > N: every item, and no (B, huge k) allocation
+    out_items = np.zeros((b, k), np.int64)
+    out_scores = np.full((b, k), -np.inf, np.float32)
+    out_launchers = np.full((b, k), -1, np.int64)
+    kk = min(k + most, ntotal)  # fetched per launcher
+    if b == 0 or kk == 0:
+        return FusedResult(out_items, out_scores, out_launchers, np.zeros(b, np.int64))
+
+    dist, lab = index.search(q.reshape(b * m, d), kk)  # (B*M, kk) each
+    rows = lab.ravel()
+    scores = dist.ravel()
+    flat = np.arange(rows.size, dtype=np.int64)
+    users = flat // (m * kk)
+    launchers = (flat // kk) % m
+    valid = rows >= 0  # faiss returns -1 when a launcher has fewer than kk hits
+    keys = users * ntotal + rows
+    if excluded.size:
+        valid &= ~np.isin(keys, excluded, assume_unique=False)
+    keys, scores, users, launchers = keys[valid], scores[valid], users[valid], launchers[valid]
+
+    # Max-fusion: group by (user, item), best score first, then smallest launcher.
+    order = np.lexsort((launchers, -scores, keys))
+    keys, scores, users, launchers = keys[order], scores[order], users[order], launchers[order]
+    first = np.ones(keys.size, bool)
+    first[1:] = keys[1:] != keys[:-1]
+    keys, scores, users, launchers = keys[first], scores[first], users[first], launchers[first]
+
+    # Per-user ranking: score descending, then item id ascending (keys grow with row).
+    order = np.lexsort((keys, -scores, users))
+    keys, scores, users, launchers = keys[order], scores[order], users[order], launchers[order]
+    per_user = np.bincount(users, minlength=b)
+    starts = np.cumsum(per_user) - per_user
+    rank = np.arange(keys.size) - starts[users]
+    top = rank < k
+    users, rank = users[top], rank[top]
+    out_items[users, rank] = keys[top] - users * ntotal + 1
+    out_scores[users, rank] = scores[top]
+    out_launchers[users, rank] = launchers[top]
+    return FusedResult(out_items, out_scores, out_launchers, np.minimum(per_user, k))
+
+
+def ann_recall(index: faiss.Index, items: ArrayLike, queries: ArrayLike, k: int = 100,
+               sample: int = 1000, seed: int = 0) -> float:
+    """Recall@k of ``index`` against exact inner-product search over ``items`` (N, D).
+
+    queries: (Q, D) or (B, M, D) (flattened to single vectors); a seeded sample of ``sample``
+    of them is scored. A returned item counts as a hit when its exact score reaches the exact
+    k-th best score, so items tied with the k-th (duplicate embeddings) are not misses.
+    k is capped at N.
+    """
+    x = _check_items(items)
+    n, d = x.shape
+    if int(index.ntotal) != n or int(index.d) != d:
+        raise ValueError(f"index holds {index.ntotal} vectors of D={index.d} but items have "
+                         f"shape {x.shape}")
+    q = _as_float32("queries", queries, "(Q, D) or (B, M, D)", (2, 3)).reshape(-1, d)
+    if q.shape[0] == 0:
+        raise ValueError("queries must hold at least one vector")
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not _is_int(sample) or sample < 1:
+        raise ValueError(f"sample must be an integer >= 1, got {sample!r}")
+    rng = np.random.default_rng(seed)
+    q = q[np.sort(rng.choice(q.shape[0], size=min(sample, q.shape[0]), replace=False))]
+    k = min(int(k), n)
+    _, lab = index.search(q, k)  # (S, k)
+    found = lab >= 0
+    hits = 0
+    chunk = max(1, _EXACT_CHUNK // n)
+    for start in range(0, q.shape[0], chunk):
+        exact = q[start:start + chunk] @ x.T  # (c, N)
+        kth = np.partition(exact, n - k, axis=1)[:, n - k]  # (c,) exact k-th best score
+        rows = lab[start:start + chunk]
+        got = np.take_along_axis(exact, np.where(rows >= 0, rows, 0), axis=1)  # (c, k)
+        hits += int(((got >= kth[:, None]) & found[start:start + chunk]).sum())
+    return hits / (q.shape[0] * k)
+
+
+def save_index(index: faiss.Index, path: str | Path) -> None:
+    """Write ``index`` (with its search parameters, e.g. nprobe / efSearch) to ``path``."""
+    faiss.write_index(index, str(path))
+
+
+def load_index(path: str | Path, num_threads: int | None = SEARCH_THREADS) -> faiss.Index:
+    """Read an inner-product index from ``path``; set FAISS threads unless num_threads is None."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"index file not found: {p}")
+    index = faiss.read_index(str(p))
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"index at {p} uses metric {index.metric_type}, expected inner product")
+    if num_threads is not None:
+        set_faiss_threads(num_threads)
+    logger.info("loaded index from %s: %s", p, index_params(index))
+    return index
