@@ -1,16 +1,20 @@
-"""ONNX export of the retrieval encoder, with a parity check against eager PyTorch."""
+"""ONNX export of the retrieval encoder (checked against eager PyTorch) and the item index."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from models.sasrec import EncodeUser, MultiLauncherSASRec
+
+if TYPE_CHECKING:
+    from service.index import IndexSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ def export_retrieval(model: MultiLauncherSASRec, out_dir: str | Path) -> tuple[P
     onnx_path = out / RETRIEVAL_ONNX
     batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("seq", min=1, max=maxlen)
+    # the exporter logs a warning per missing optional torchvision op and prints progress
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -76,3 +82,22 @@ def retrieval_parity(
         np.testing.assert_allclose(got, want, atol=PARITY_ATOL, rtol=PARITY_RTOL)
         worst = max(worst, float(np.abs(got - want).max()))
     return worst
+
+
+INDEX_FAISS = "index.faiss"
+
+
+def build_item_index(
+    items: np.ndarray, user_vectors: np.ndarray, out_dir: str | Path, spec: "IndexSpec | None" = None, k: int = 100
+) -> dict[str, object]:
+    """Write index.faiss over `items` (N, D) and measure its recall@k against exact search
+    with real launcher vectors `user_vectors` (B, M, D) as queries. Returns the manifest entry."""
+    from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
+
+    spec = spec or IndexSpec(kind=choose_kind(items.shape[0]))
+    index = build_index(items, spec)
+    queries = user_vectors.reshape(-1, user_vectors.shape[-1])
+    recall = ann_recall(index, items, queries, k=min(k, items.shape[0]))
+    path = Path(out_dir) / INDEX_FAISS
+    save_index(index, path)
+    return {**index_params(index), f"recall@{min(k, items.shape[0])}": recall, "file": INDEX_FAISS}

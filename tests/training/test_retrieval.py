@@ -13,7 +13,8 @@ from models.sasrec import SASRecConfig
 from training.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.export import export_retrieval, retrieval_parity
+from service.index import load_index, search_fused
+from training.export import build_item_index, export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
 from training.retrieval import (
     RetrievalTrainConfig,
@@ -101,6 +102,14 @@ def test_checkpoint_and_onnx_round_trip(small_run, tmp_path: Path) -> None:
     assert retrieval_parity(model, onnx_path) < 1e-4
     items = np.load(items_path)
     assert items.shape == (split.num_items, 32) and items.dtype == np.float32
+    users = model.encode_user(torch.from_numpy(split.histories("test", maxlen=20)[:50])).detach().numpy()
+    info = build_item_index(items, users, tmp_path)
+    assert info["kind"] == "flat" and info["recall@100"] == 1.0 and info["ntotal"] == split.num_items
+    # the index and the eager model agree on each user's best item (max over launchers)
+    index = load_index(tmp_path / "index.faiss")
+    fused = search_fused(index, users, k=1)
+    want = np.einsum("bmd,nd->bmn", users, items).max(axis=1).argmax(axis=1) + 1
+    np.testing.assert_array_equal(fused.items[:, 0], want)
 
 
 def test_bad_checkpoint_paths(tmp_path: Path) -> None:
