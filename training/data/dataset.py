@@ -138,12 +138,10 @@ def build_dataset(
     how a table happens to be ordered. Items only the item table lists (no interactions yet)
     are appended after them: they are part of the catalog.
     """
-    user_arr = np.asarray(user_col, dtype=object)
-    item_arr = np.asarray(item_col, dtype=object)
-    if user_arr.size == 0:
+    if len(user_col) == 0:
         raise DataError(f"{name}: the data set has no interactions")
-    u_keys, u_first, u_inv = np.unique(user_arr.astype(str), return_index=True, return_inverse=True)
-    i_keys, i_first, i_inv = np.unique(item_arr.astype(str), return_index=True, return_inverse=True)
+    u_keys, u_first, u_inv = _factorize(user_col)
+    i_keys, i_first, i_inv = _factorize(item_col)
     # renumber by first appearance
     u_order = np.argsort(u_first, kind="stable")
     u_rank = np.empty_like(u_order)
@@ -178,6 +176,19 @@ def build_dataset(
         user_features=_align(user_table, user_ids, pad=False),
         item_features=_align(item_table, item_ids, pad=True),
     )
+
+
+def _factorize(values: list[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique keys (as str), first index and inverse of a column of external ids.
+
+    Integer columns (the synthetic generator's) are factorised as integers, which is far
+    faster than sorting millions of strings; their external ids are the decimal strings.
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        keys, first, inv = np.unique(arr, return_index=True, return_inverse=True)
+        return keys.astype(str), first, inv
+    return np.unique(arr.astype(str), return_index=True, return_inverse=True)
 
 
 def _align(

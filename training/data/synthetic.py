@@ -164,8 +164,6 @@ def generate(cfg: SyntheticConfig) -> Dataset:
 
     # log order: interleave users by time, as a real log would be
     log_order = np.argsort(timestamps, kind="stable")
-    u_ext = np.char.add("u", u_flat[log_order].astype(str))
-    i_ext = np.char.add("i", i_flat[log_order].astype(str))
 
     user_table = FeatureTable(
         categorical={"age": age + 1, "gender": gender + 1, "occupation": occupation + 1},
@@ -183,10 +181,10 @@ def generate(cfg: SyntheticConfig) -> Dataset:
     )
     return build_dataset(
         f"synthetic(seed={cfg.seed},users={U},items={N})",
-        u_ext,
-        i_ext,
+        u_flat[log_order],  # integer ids: external ids are their decimal strings
+        i_flat[log_order],
         timestamps[log_order],
         ratings[log_order],
-        user_table=([f"u{j}" for j in range(U)], user_table),
-        item_table=([f"i{j}" for j in range(N)], item_table),
+        user_table=([str(j) for j in range(U)], user_table),
+        item_table=([str(j) for j in range(N)], item_table),
     )
