@@ -1,0 +1,157 @@
+"""`recsys train prerank`: train a pre-ranker (two-tower, IntTower, DCN-v2) and export it.
+
+--objective ctr        explicit ratings (label = rating > 3, rating 3 dropped), per-user
+                       temporal split; test AUC / LogLoss.
+--objective next-item  implicit next item vs retrieval candidates plus random items; the
+                       retrieval top-C re-ordered, list metrics on leave-one-out test.
+Writes DIR/prerank.pt + prerank_features.json and, for the towers, the serving artifacts
+DIR/prerank_user.onnx + prerank_items.npy + prerank_manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from training.commands.common import UsageError, add_data_arg, timed
+from training.data.sources import load
+from training.metrics import Scorer
+from training.report import result, table, write_json
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from training.prerank import MODELS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("prerank", help="train a pre-ranker (two-tower, IntTower, DCN-v2) and export it")
+    add_data_arg(p)
+    p.add_argument("--model", choices=sorted(MODELS), default="inttower")
+    p.add_argument("--objective", choices=("ctr", "next-item"), default="ctr")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
+    p.add_argument("--json", metavar="FILE", help="also write the test metrics as JSON")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--hidden", default=None, metavar="H1,H2,...", help="hidden layer sizes")
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--heads", type=int, default=None, help="IntTower heads per layer")
+    p.add_argument("--head-dim", type=int, default=None, help="IntTower head size")
+    p.add_argument("--no-lightse", action="store_true", help="IntTower without LightSE")
+    p.add_argument("--cir-weight", type=float, default=None, help="IntTower CIR weight (default 0.1; 0 = off)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="CIR temperature")
+    p.add_argument("--history-len", type=int, default=50)
+    p.add_argument("--candidates", type=int, default=d.candidates, help="next-item: retrieval top-C")
+    p.add_argument("--random-negatives", type=int, default=d.random_negatives)
+    p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
+    p.add_argument("--retrieval", metavar="DIR", help="next-item: SASRec checkpoint (default: last-item)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=run)
+
+
+def _hidden(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--hidden must be comma-separated integers, got '{text}'") from None
+    return sizes
+
+
+def retrieval_scorer(path: str) -> Scorer:
+    """The SASRec scorer from training.retrieval, imported only when asked for."""
+    try:
+        from training.retrieval import load_retrieval_scorer
+    except ImportError as exc:
+        raise UsageError(f"--retrieval needs training.retrieval.load_retrieval_scorer, not available yet ({exc})") from None
+    return load_retrieval_scorer(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from training import prerank as pr
+    from training.baselines import LastItem
+    from training.data.splits import CTRSplit, LeaveOneOut
+
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    cir = args.cir_weight if args.cir_weight is not None else (0.1 if args.model == "inttower" else 0.0)
+    hparams = {"embed_dim": args.embed_dim, "hidden": _hidden(args.hidden), "dropout": args.dropout,
+               "heads": args.heads, "head_dim": args.head_dim, "lightse": False if args.no_lightse else None}
+    try:
+        cfg = pr.TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            patience=args.patience, cir_weight=cir, temperature=args.temperature, candidates=args.candidates,
+            random_negatives=args.random_negatives, hard_negatives=args.hard_negatives, seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.history_len < 1:
+        raise UsageError(f"--history-len must be >= 1, got {args.history_len}")
+
+    timings: dict[str, float] = {}
+    torch.manual_seed(args.seed)
+    with timed("load", timings):
+        ds = load(args.data)
+    print(ds.describe())
+    extra: dict = {}
+    with timed("features", timings):
+        if args.objective == "ctr":
+            data = pr.build_ctr_data(ds, CTRSplit(ds), args.history_len)
+        else:
+            loo = LeaveOneOut(ds)
+            if args.retrieval:
+                scorer = retrieval_scorer(args.retrieval)
+                scorers = {"valid": scorer, "test": scorer}
+                extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval}
+            else:
+                scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
+                extra["retrieval"] = {"model": "last-item"}
+            data = pr.build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
+                                           args.max_train_examples, args.seed)
+    try:
+        model = pr.build_model(args.model, data.spec, **hparams)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    with timed("train", timings):
+        if args.objective == "ctr":
+            fit = pr.train_ctr(model, data, cfg, progress)
+        else:
+            fit = pr.train_next_item(model, data, cfg, progress)
+    with timed("evaluate", timings):
+        if args.objective == "ctr":
+            metrics = pr.evaluate_ctr(model, data.test)
+            columns: tuple[str, ...] = ("AUC", "LogLoss")
+            rows = {args.model: metrics}
+        else:
+            metrics = pr.evaluate_next_item(model, data, "test")
+            base = pr.list_quality(data.test.retrieval_scores, data.test)
+            extra["retrieval"]["metrics"] = base
+            columns = ("NDCG@10", "MAP@10", "P@10", "NDCG@10_all", f"Recall@{args.candidates}")
+            rows = {f"retrieval order ({extra['retrieval']['model']})": base, args.model: metrics}
+    out = Path(args.out)
+    with timed("save", timings):
+        pr.save_checkpoint(model, args.model, data.spec, out, objective=args.objective,
+                           train=pr.train_config_dict(cfg), fingerprint=ds.fingerprint)
+        if pr.has_heads(model):
+            extra["artifacts"] = pr.export_prerank(model, data.spec, data.catalog, out)
+    print(table(rows, columns))
+    if args.json:
+        write_json(args.json, result(
+            args.model, args.data, metrics, objective=args.objective, split="test", fingerprint=ds.fingerprint,
+            config=model.cfg.to_dict(), train=pr.train_config_dict(cfg), fit=fit, seconds=timings, **extra,
+        ))
+    return 0
+
