@@ -8,46 +8,22 @@ evaluation only, as the upper reference IntTower is compared with, never served.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.layers import MLP, FieldEmbedding, Fields, FieldsConfig
+from models.layers import MLP, FieldEmbedding, FieldModelConfig, Fields
 
 
 @dataclass(frozen=True)
-class DCNv2Config:
-    user_fields: FieldsConfig
-    item_fields: FieldsConfig
-    embed_dim: int = 16
+class DCNv2Config(FieldModelConfig):
     cross_layers: int = 3
-    hidden: tuple[int, ...] = (256, 128, 64)
-    dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        super().__post_init__()
         if self.cross_layers < 0:
             raise ValueError(f"cross_layers must be >= 0, got {self.cross_layers}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DCNv2Config":
-        return cls(
-            **{
-                **d,
-                "user_fields": FieldsConfig.from_dict(d["user_fields"]),
-                "item_fields": FieldsConfig.from_dict(d["item_fields"]),
-                "hidden": tuple(d["hidden"]),
-            }
-        )
 
 
 class CrossLayer(nn.Module):

@@ -12,50 +12,26 @@ regulariser over M_u^L, M_v^L) is a loss and lives in training/prerank.py.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.layers import MLP, FieldEmbedding, Fields, FieldsConfig, LightSE, late_interaction_score
+from models.layers import MLP, FieldEmbedding, FieldModelConfig, Fields, LightSE, late_interaction_score
 
 
 @dataclass(frozen=True)
-class IntTowerConfig:
-    user_fields: FieldsConfig
-    item_fields: FieldsConfig
-    embed_dim: int = 16
-    hidden: tuple[int, ...] = (256, 128, 64)
+class IntTowerConfig(FieldModelConfig):
     heads: int = 8
     head_dim: int = 16
-    dropout: float = 0.2
     lightse: bool = True
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        super().__post_init__()
         if self.heads < 1:
             raise ValueError(f"heads must be >= 1, got {self.heads}")
         if self.head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "IntTowerConfig":
-        return cls(
-            **{
-                **d,
-                "user_fields": FieldsConfig.from_dict(d["user_fields"]),
-                "item_fields": FieldsConfig.from_dict(d["item_fields"]),
-                "hidden": tuple(d["hidden"]),
-            }
-        )
 
 
 class IntTower(nn.Module):

@@ -10,8 +10,8 @@ named inputs):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -60,6 +60,42 @@ class FieldsConfig:
             multi_vocab=tuple(d["multi_vocab"]),
             multi_width=tuple(d["multi_width"]),
             num_dense=int(d["num_dense"]),
+        )
+
+
+C = TypeVar("C", bound="FieldModelConfig")
+
+
+@dataclass(frozen=True)
+class FieldModelConfig:
+    """What every field-based pre-ranker shares: the two field sets, embedding size, MLP."""
+
+    user_fields: FieldsConfig
+    item_fields: FieldsConfig
+    embed_dim: int = 16
+    hidden: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        return cls(
+            **{
+                **d,
+                "user_fields": FieldsConfig.from_dict(d["user_fields"]),
+                "item_fields": FieldsConfig.from_dict(d["item_fields"]),
+                "hidden": tuple(d["hidden"]),
+            }
         )
 
 

@@ -6,46 +6,22 @@ LightSE, no per-layer heads, one dot product at the end.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.layers import MLP, FieldEmbedding, Fields, FieldsConfig
+from models.layers import MLP, FieldEmbedding, FieldModelConfig, Fields, FieldsConfig
 
 
 @dataclass(frozen=True)
-class TwoTowerConfig:
-    user_fields: FieldsConfig
-    item_fields: FieldsConfig
-    embed_dim: int = 16
-    hidden: tuple[int, ...] = (256, 128, 64)
+class TwoTowerConfig(FieldModelConfig):
     out_dim: int = 64
-    dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        super().__post_init__()
         if self.out_dim < 1:
             raise ValueError(f"out_dim must be >= 1, got {self.out_dim}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TwoTowerConfig":
-        return cls(
-            **{
-                **d,
-                "user_fields": FieldsConfig.from_dict(d["user_fields"]),
-                "item_fields": FieldsConfig.from_dict(d["item_fields"]),
-                "hidden": tuple(d["hidden"]),
-            }
-        )
 
 
 class Tower(nn.Module):
