@@ -2,7 +2,8 @@
 
     python benchmarks/retrieval_sweep.py --data movielens:../shared/data/ml-100k --out runs/sweep
 
-Trains each variant (or reuses runs/sweep/<variant>/result.json with --resume), evaluates on
+Trains each variant from scratch, or warm-starts the M >= 2 variants from a trained
+checkpoint with --init-from (training.retrieval.warm_start), or reuses runs/sweep/<variant>/result.json with --resume), evaluates on
 the leave-one-out test split with full ranking and seen items removed, prints a table, and
 plots NDCG@K against K = 1..100 per variant (PNG).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,15 @@ from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.metrics import KS, ranking_metrics, retrieval_ranks
 from training.report import table, write_json
-from training.retrieval import RetrievalTrainConfig, describe, launcher_entropy, model_scorer, save_checkpoint, train_retrieval
+from training.retrieval import (
+    RetrievalTrainConfig,
+    describe,
+    launcher_entropy,
+    load_checkpoint,
+    model_scorer,
+    save_checkpoint,
+    train_retrieval,
+)
 
 COLUMNS = ("HR@1", "HR@10", "HR@50", "HR@100", "NDCG@10", "NDCG@50", "NDCG@100", "Coverage@10", "LauncherEntropy")
 VARIANTS = ["sasrec"] + [f"M{m}-{init}" for m in (1, 2, 4, 8) for init in ("copy_last", "independent")]
@@ -54,9 +64,11 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="training time cap per variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", default=None, help="warm-start multi-launcher variants from this checkpoint")
     ap.add_argument("--resume", action="store_true", help="reuse result.json of variants already run")
     ap.add_argument("--png", default=None, help="plot file (default: OUT/ndcg_at_k.png)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     ds = load(args.data)
@@ -83,13 +95,15 @@ def main() -> int:
                 epochs=args.epochs, patience=args.patience, seed=args.seed, max_minutes=args.max_minutes
             )
             t0 = time.perf_counter()
-            res = train_retrieval(split, cfg, tcfg, progress=False)
+            source = load_checkpoint(args.init_from)[0] if args.init_from and M >= 2 else None
+            res = train_retrieval(split, cfg, tcfg, progress=False, init_from=source)
             wall = time.perf_counter() - t0
             ranks, cov = retrieval_ranks(model_scorer(res.model), split, "test", KS, progress=False)
             metrics = {**ranking_metrics(ranks), **cov, "LauncherEntropy": launcher_entropy(res.model, split)}
             payload = {
                 "variant": name, "data": args.data, "metrics": metrics, "ndcg_curve": ndcg_curve(ranks),
                 "training": {**describe(res), "wall_seconds": round(wall, 1)}, "model_config": cfg.to_dict(),
+                "init_from": args.init_from if source is not None else None,
             }
             save_checkpoint(folder, res.model, ds, args.data, {"metrics": metrics})
             write_json(cached, payload)

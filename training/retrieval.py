@@ -126,15 +126,39 @@ def _training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.nda
     return inputs, targets
 
 
+def warm_start(model: MultiLauncherSASRec, source: MultiLauncherSASRec, noise: float = 0.01) -> None:
+    """Copy a trained model's item embeddings, positions and blocks into `model`.
+
+    Launchers: with copy_last, launcher j starts as the source's launcher j mod M_src plus
+    small noise (so the M routes start near the trained single route and can drift apart);
+    with independent init, or a launcher-less source, they keep their fresh Xavier values.
+    """
+    a, b = model.config, source.config
+    for name in ("num_items", "maxlen", "dim", "num_blocks", "num_heads"):
+        if getattr(a, name) != getattr(b, name):
+            raise ValueError(f"cannot warm-start: {name} is {getattr(a, name)} here, {getattr(b, name)} in the source")
+    state = {k: v for k, v in source.state_dict().items() if k != "launchers"}
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"launchers"}, missing
+    if model.launchers is not None and source.launchers is not None and a.launcher_init == "copy_last":
+        with torch.no_grad():
+            src = source.launchers[torch.arange(a.num_launchers) % source.launchers.shape[0]]
+            model.launchers.copy_(src + noise * src.std() * torch.randn_like(src))
+
+
 def train_retrieval(
     split: LeaveOneOut,
     model_cfg: SASRecConfig,
     train_cfg: RetrievalTrainConfig,
     progress: bool = True,
+    init_from: MultiLauncherSASRec | None = None,
 ) -> TrainResult:
+    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start)."""
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)
     model = MultiLauncherSASRec(model_cfg)
+    if init_from is not None:
+        warm_start(model, init_from)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     inputs, targets = _training_pairs(split, model_cfg.maxlen)
     n_items = model_cfg.num_items

@@ -140,3 +140,24 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "num_launchers must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_warm_start_copies_weights_and_spreads_launchers(small_run) -> None:
+    from training.retrieval import warm_start
+
+    split, res = small_run
+    src = res.model  # M = 2, copy_last
+    cfg = SASRecConfig(**{**src.config.to_dict(), "num_launchers": 4})
+    torch.manual_seed(1)
+    from models.sasrec import MultiLauncherSASRec
+
+    model = MultiLauncherSASRec(cfg)
+    warm_start(model, src)
+    assert torch.equal(model.item_embedding.weight, src.item_embedding.weight)
+    assert torch.equal(model.blocks[0].attn.q.weight, src.blocks[0].attn.q.weight)
+    # launcher j starts near source launcher j mod 2, and no two are identical
+    assert torch.allclose(model.launchers[2], src.launchers[0], atol=0.05)
+    assert not torch.equal(model.launchers[0], model.launchers[2])
+    bad = MultiLauncherSASRec(SASRecConfig(**{**src.config.to_dict(), "dim": 16}))
+    with pytest.raises(ValueError, match="dim is 16 here, 32 in the source"):
+        warm_start(bad, src)

@@ -12,7 +12,14 @@ from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.report import result, table, write_json
-from training.retrieval import RetrievalTrainConfig, describe, evaluate_model, save_checkpoint, train_retrieval
+from training.retrieval import (
+    RetrievalTrainConfig,
+    describe,
+    evaluate_model,
+    load_checkpoint,
+    save_checkpoint,
+    train_retrieval,
+)
 
 COLUMNS = ("HR@1", "HR@10", "HR@50", "HR@100", "NDCG@10", "NDCG@50", "NDCG@100", "Coverage@10", "LauncherEntropy")
 
@@ -36,6 +43,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--num-negatives", type=int, default=0, help="sampled softmax with K negatives (0 = full)")
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,14 +71,24 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    source = None
+    if args.init_from:
+        source, payload = load_checkpoint(args.init_from)
+        if payload["fingerprint"] != ds.fingerprint:
+            raise UsageError(f"{args.init_from} was trained on other data ({payload['data']})")
     with timed("train", timings):
-        res = train_retrieval(split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty())
+        try:
+            res = train_retrieval(
+                split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty(), init_from=source
+            )
+        except ValueError as exc:  # warm-start shape mismatch
+            raise UsageError(str(exc)) from None
     with timed("evaluate", timings):
         metrics = evaluate_model(res.model, split, "test")
     name = "sasrec" if args.launchers == 0 else f"ml-sasrec(M={args.launchers},{args.launcher_init})"
     print(table({name: metrics}, COLUMNS))
     summary = describe(res)
-    extra = {"train_config": train_cfg.__dict__, "training": summary, "seconds": timings}
+    extra = {"train_config": train_cfg.__dict__, "training": summary, "seconds": timings, "init_from": args.init_from}
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
     if args.json:
         write_json(
