@@ -239,8 +239,10 @@ def build_next_item_data(
     train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
 
     def lists(which: Split) -> CandidateLists:
+        # candidates from the whole history, so every seen item is removed, not only the last
+        # history_len ones (the scorers truncate to their own maxlen themselves)
+        cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
         h = loo.histories(which, maxlen=history_len)
-        cands, scores = top_candidates(scorers[which], h, candidates)
         return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h)), cands, scores, loo.targets(which))
 
     return NextItemData(
