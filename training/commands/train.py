@@ -9,7 +9,7 @@ import argparse
 import importlib
 
 # stage modules under training/commands/, in the order `recsys train --help` lists them
-STAGES = ["train_retrieval", "train_prerank"]
+STAGES = ["train_retrieval", "train_prerank", "train_rerank"]
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -1,0 +1,438 @@
+"""Re-ranking impressions built from the real pipeline (issue #5) and the end-to-end evaluation.
+
+An impression is what the re-ranker would have been shown: for a user at time step t (the
+history is the user's first t interactions), retrieval scores the catalog, the history's items
+are removed, the top C go to the pre-ranker, and its top N (in pre-rank order) form the list.
+An entry is clicked (label 1) when the user interacts with that item within the next T steps,
+i.e. at positions t .. t + T - 1 of the sequence.
+
+Where the lists come from (LeaveOneOut; only each user's TRAINING part is ever read, so no
+validation or test interaction is a history item or a click):
+    n = training length of the user, positions 0 .. n - 1
+    eval steps   s in [n - T - E + 1, n - T]    the last E steps whose whole click window
+                                                [s, s + T) fits inside the training part
+    train steps  t in [1, s_first - T]          sampled, at most `lists_per_user`, seeded;
+                                                t + T <= s_first: a training list's clicks end
+                                                before the first evaluation step
+Evaluation lists are split by user (seeded, `valid_frac`) into validation lists (early
+stopping, tuning) and test lists (reported). Why the last steps and not random steps: the
+re-ranker is trained on the past and judged on the future, as deployed, and the gap of T steps
+keeps every training click out of every evaluation window, so no click event is both trained
+on and tested. Why split the evaluation users: the validation and test windows of one user
+overlap, so a user's lists go to one side only.
+Caveat (stated, not fixable here without retraining the upstream stages on a subset): the
+retrieval and pre-rank checkpoints were trained on all training rows, so every list (train,
+valid or test) is in-sample for them; their scores are sharper on these lists than on the
+leave-one-out test. The end-to-end evaluation below is the out-of-sample check.
+
+Per candidate (what models/prm.py reads; all fixed, no label enters a feature):
+    item_feats (F)  [retrieval item embedding (D) ; pre-rank item heads mean-pooled (d) ;
+                     log1p training count], each column z-scored over the catalog
+    pv (L * H)      the IntTower interactions: for every user layer l and user head h,
+                    max over item heads g of <m_u^{l,h}, m_v^{g}>; z-scored per column with
+                    training-list statistics. Their sum is the pre-rank score.
+    init_score      the pre-rank score, z-scored within each list (real entries)
+
+End-to-end (`end_to_end`): each leave-one-out test user (history = training part + validation
+item), retrieval top-C with the whole history removed -> pre-rank order of the C -> the
+re-ranker reorders the top N; items after the top N keep the pre-rank order. HR@K / NDCG@K of
+the test item over that final order (an item outside the C counts as a miss).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.prm import PointwiseMLP, PointwiseMLPConfig, PRM, PRMConfig, RerankConfig, RerankModel
+from models.sasrec import MultiLauncherSASRec
+from training import prerank as pr
+from training import retrieval as rt
+from training.data.dataset import DataError, Dataset
+from training.data.splits import LeaveOneOut, pad_left
+from training.features import item_columns, user_columns
+from training.metrics import mask_seen, ranking_metrics
+from training.rerank import ListData, RerankTrainConfig, TrainResult, score_lists, train_listwise
+
+MAX_LIST_LEN = 100
+E2E_KS = (1, 5, 10, 20)
+
+
+@dataclass(frozen=True)
+class ImpressionConfig:
+    list_len: int = 30  # N: the pre-ranker's top N form the list (<= MAX_LIST_LEN)
+    candidates: int = 200  # C: retrieval top C scored by the pre-ranker
+    horizon: int = 5  # T: clicked = interacted with within the next T steps
+    lists_per_user: int = 10  # training lists sampled per user
+    eval_steps: int = 3  # E: last steps per user kept for validation / test lists
+    valid_frac: float = 0.5  # share of users whose evaluation lists are validation lists
+    seed: int = 0  # step sampling and the valid / test user split
+    batch_size: int = 256  # histories per candidate-generation batch
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.list_len <= MAX_LIST_LEN:
+            raise ValueError(f"list_len must be in [1, {MAX_LIST_LEN}], got {self.list_len}")
+        if self.candidates < self.list_len:
+            raise ValueError(f"candidates ({self.candidates}) must be >= list_len ({self.list_len})")
+        for name in ("horizon", "lists_per_user", "eval_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.valid_frac < 1.0:
+            raise ValueError(f"valid_frac must be in (0, 1), got {self.valid_frac}")
+
+
+# --- the upstream stages ---
+
+
+@dataclass(eq=False)
+class Pipeline:
+    """Trained retrieval and pre-rank stages over one data set, ready for batched scoring."""
+
+    dataset: Dataset
+    retrieval: MultiLauncherSASRec
+    prerank: nn.Module  # a tower with user_heads / item_heads (IntTower, TwoTower)
+    spec: Any  # training.features.FeatureSpec of the pre-ranker
+    user_log_count: np.ndarray  # (U,) float32 log1p training count (the pre-ranker's feature)
+    item_heads: torch.Tensor  # (N + 1, G, d) pre-rank item heads of the catalog
+    item_feats: np.ndarray  # (N + 1, F) float32 z-scored item features; row 0 = zeros
+
+    @classmethod
+    def load(cls, ds: Dataset, loo: LeaveOneOut, retrieval_dir: str | Path, prerank_dir: str | Path) -> Pipeline:
+        """Load both checkpoints (FileNotFoundError / DataError / ValueError on a bad one)."""
+        retrieval, payload = rt.load_checkpoint(retrieval_dir)
+        if retrieval.config.num_items != ds.num_items:
+            raise DataError(f"{retrieval_dir}: retrieval checkpoint has {retrieval.config.num_items} items, "
+                            f"the data set {ds.num_items}")
+        if payload.get("fingerprint") not in (None, ds.fingerprint):
+            raise DataError(f"{retrieval_dir}: retrieval checkpoint was trained on another data set "
+                            f"(fingerprint {payload['fingerprint']}, data {ds.fingerprint})")
+        model, spec, ckpt = pr.load_checkpoint(prerank_dir)
+        if not pr.has_heads(model):
+            raise ValueError(f"{prerank_dir}: pre-ranker {ckpt.get('model')!r} has no item heads (need inttower or two-tower)")
+        if ckpt.get("objective") not in (None, "next-item"):
+            raise ValueError(f"{prerank_dir}: pre-ranker was trained on objective {ckpt['objective']!r}, need next-item")
+        if ckpt.get("fingerprint") not in (None, ds.fingerprint):
+            raise DataError(f"{prerank_dir}: pre-rank checkpoint was trained on another data set")
+        train_rows = np.flatnonzero(loo.train_mask)
+        user_cnt = np.log1p(np.bincount(ds.users[train_rows], minlength=ds.num_users)).astype(np.float32)
+        item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
+        raw = item_columns(ds, np.arange(ds.num_items + 1))
+        raw["item_log_count"] = item_cnt
+        model.eval()
+        with torch.no_grad():
+            heads = model.item_heads(pr.to_fields(spec.item.encode(raw)))  # (N + 1, G, d)
+            emb = retrieval.item_embedding.weight.detach()  # (N + 1, D)
+        feats = np.concatenate([emb.numpy(), heads.mean(dim=1).numpy(), item_cnt[:, None]], axis=1)
+        mu, sd = feats[1:].mean(axis=0), feats[1:].std(axis=0)
+        feats = (feats - mu) / np.where(sd > 1e-8, sd, 1.0)  # z-score over the catalog (no labels involved)
+        feats[0] = 0.0
+        return cls(ds, retrieval, model, spec, user_cnt, heads, feats.astype(np.float32))
+
+
+@dataclass
+class Ranked:
+    """Pre-rank ordered candidates of B (user, step) pairs.
+
+    items (B, C) int64 in pre-rank order (0 = no candidate), scores (B, C) float32 pre-rank
+    scores (-inf where no candidate), pv (B, N, L * H) float32 raw head interactions of the top N.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    pv: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.items > 0
+
+
+def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: ImpressionConfig,
+                    progress: Callable[[str], None] | None = None) -> Ranked:
+    """Retrieval top-C then pre-rank order, for histories ds.items[offsets[u] : ends].
+
+    users (B,) user indices, ends (B,) exclusive end rows of each history (the row of the first
+    item that is NOT history). The whole history is removed from the candidates (not only the
+    retrieval window of maxlen items). Batched: one retrieval pass and one einsum per batch.
+    """
+    ds = pipe.dataset
+    users, ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    starts = ds.offsets[users]
+    if (ends <= starts).any() or (ends > ds.offsets[users + 1]).any():
+        raise ValueError("every history needs at least one item and must end inside its user's log")
+    B, C, N = users.size, min(cfg.candidates, ds.num_items), cfg.list_len
+    scorer = rt.model_scorer(pipe.retrieval)
+    items = np.zeros((B, C), dtype=np.int64)
+    scores = np.full((B, C), -np.inf, dtype=np.float32)
+    pv_parts: list[np.ndarray] = []
+    pipe.prerank.eval()
+    for b0 in range(0, B, cfg.batch_size):
+        sl = slice(b0, b0 + cfg.batch_size)
+        hist = pad_left(ds.items, starts[sl], ends[sl], None)  # (b, Lmax) whole history; the scorer keeps maxlen
+        s = np.array(scorer(hist), dtype=np.float32, copy=True)  # (b, N + 1)
+        mask_seen(s, hist)
+        top = torch.topk(torch.from_numpy(s), C, dim=1)
+        cand = torch.where(torch.isfinite(top.values), top.indices, torch.zeros_like(top.indices))  # (b, C)
+        # the pre-ranker's history field: left-padded, latest last (its LAST_ITEM is column -1)
+        raw = user_columns(ds, users[sl], pad_left(ds.items, starts[sl], ends[sl], pipe.spec.history_len))
+        raw["user_log_count"] = pipe.user_log_count[users[sl]]
+        with torch.no_grad():
+            uh = pipe.prerank.user_heads(pr.to_fields(pipe.spec.user.encode(raw)))  # (b, L, H, d)
+            sims = torch.einsum("blhd,bcgd->bclhg", uh, pipe.item_heads[cand]).amax(dim=-1)  # (b, C, L, H)
+            ps = sims.sum(dim=(-1, -2)).masked_fill(cand == 0, -math.inf)  # (b, C) = IntTower score
+            order = torch.sort(ps, dim=1, descending=True, stable=True).indices  # (b, C)
+            items[sl] = torch.gather(cand, 1, order).numpy()
+            scores[sl] = torch.gather(ps, 1, order).numpy()
+            top_n = order[:, :N]
+            pv = torch.gather(sims.flatten(2), 1, top_n[..., None].expand(-1, -1, sims.shape[2] * sims.shape[3]))
+            pv_parts.append(pv.numpy())  # (b, N, L * H)
+        if progress and (b0 // cfg.batch_size) % 10 == 0:
+            progress(f"candidates {min(b0 + cfg.batch_size, B)}/{B}")
+    return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32))
+
+
+# --- step sampling and labels ---
+
+
+@dataclass
+class Steps:
+    """(user, step) pairs: the history is the user's first `step` interactions."""
+
+    users: np.ndarray  # (B,) int64
+    steps: np.ndarray  # (B,) int64, >= 1
+
+    def ends(self, ds: Dataset) -> np.ndarray:
+        return ds.offsets[self.users] + self.steps
+
+    def __len__(self) -> int:
+        return int(self.users.size)
+
+
+def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
+    """Training / validation / test steps inside each user's training part (see the module doc)."""
+    n = loo.train_lengths()  # (U,)
+    T, E = cfg.horizon, cfg.eval_steps
+    rng = np.random.default_rng(cfg.seed)
+    last_eval = n - T  # s + T <= n
+    first_eval = np.maximum(last_eval - E + 1, 1)
+    has_eval = last_eval >= 1
+    U = n.size
+    valid_user = rng.random(U) < cfg.valid_frac
+    tu, ts, vu, vs, su, ss = [], [], [], [], [], []
+    for u in range(U):
+        if has_eval[u]:
+            steps = np.arange(first_eval[u], last_eval[u] + 1)
+            (vu if valid_user[u] else su).append(np.full(steps.size, u))
+            (vs if valid_user[u] else ss).append(steps)
+            hi = first_eval[u] - T  # t + T <= first eval step
+        else:
+            hi = n[u] - T  # no evaluation list: any step whose window fits the training part
+        if hi >= 1:
+            steps = np.sort(rng.choice(np.arange(1, hi + 1), min(cfg.lists_per_user, hi), replace=False))
+            tu.append(np.full(steps.size, u))
+            ts.append(steps)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    out = {"train": Steps(cat(tu), cat(ts)), "valid": Steps(cat(vu), cat(vs)), "test": Steps(cat(su), cat(ss))}
+    for name, st in out.items():
+        if len(st) == 0:
+            raise DataError(f"{loo.dataset.name}: no {name} impression list (training sequences too short for "
+                            f"horizon {T} and {E} evaluation steps)")
+    return out
+
+
+def click_labels(ds: Dataset, loo: LeaveOneOut, steps: Steps, items: np.ndarray, horizon: int) -> np.ndarray:
+    """(B, L) float32: 1 where items[b, j] is one of the user's next `horizon` TRAINING items.
+
+    The window is rows ends .. ends + horizon - 1, cut at the end of the user's training part,
+    so a validation or test interaction can never be a click.
+    """
+    ends = steps.ends(ds)  # (B,)
+    train_end = ds.offsets[steps.users] + loo.train_lengths()[steps.users]  # (B,) exclusive
+    rows = ends[:, None] + np.arange(horizon)[None, :]  # (B, T)
+    inside = rows < train_end[:, None]
+    assert loo.train_mask[rows[inside]].all()
+    window = np.where(inside, ds.items[np.minimum(rows, ds.items.size - 1)], 0)  # (B, T), 0 = none
+    hit = (items[:, :, None] == window[:, None, :]).any(axis=2) & (items > 0)  # (B, L)
+    return hit.astype(np.float32)
+
+
+# --- list data ---
+
+
+@dataclass(frozen=True)
+class PVStats:
+    """Per-column mean / std of the raw PV over the training lists' real entries (saved with the model)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, pv: np.ndarray, mask: np.ndarray) -> PVStats:
+        x = pv[mask]  # (R, P)
+        sd = x.std(axis=0)
+        return cls(tuple(float(v) for v in x.mean(axis=0)), tuple(float(v) if v > 1e-8 else 1.0 for v in sd))
+
+
+def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats, list_len: int) -> ListData:
+    """ListData of the top `list_len` of `ranked` (pre-rank order); labels (B, list_len)."""
+    items = ranked.items[:, :list_len]
+    mask = items > 0
+    pv = (ranked.pv[:, :list_len] - np.asarray(stats.mean, np.float32)) / np.asarray(stats.std, np.float32)
+    s = np.where(mask, ranked.scores[:, :list_len], 0.0).astype(np.float64)
+    cnt = np.maximum(mask.sum(axis=1, keepdims=True), 1)
+    mu = s.sum(axis=1, keepdims=True) / cnt
+    sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
+    init = np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)  # z-score within the list
+    return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask)
+
+
+@dataclass
+class Impressions:
+    """Train / valid / test lists, the steps they come from and the PV statistics."""
+
+    train: ListData
+    valid: ListData
+    test: ListData
+    steps: dict[str, Steps]
+    items: dict[str, np.ndarray]  # split -> (B, N) item indices of the lists
+    pv_stats: PVStats
+    config: ImpressionConfig
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"config": asdict(self.config)}
+        for name in ("train", "valid", "test"):
+            d: ListData = getattr(self, name)
+            pos = d.labels.sum(axis=1)
+            out[name] = {"lists": len(d), "with_click": int((pos > 0).sum()),
+                         "clicks_per_list": float(pos.mean()), "users": int(np.unique(self.steps[name].users).size)}
+        return out
+
+
+def build_impressions(pipe: Pipeline, loo: LeaveOneOut, cfg: ImpressionConfig,
+                      progress: Callable[[str], None] | None = None) -> Impressions:
+    """Sample steps, generate candidates with the real stages, label clicks, assemble ListData."""
+    ds = pipe.dataset
+    steps = sample_steps(loo, cfg)
+    ranked, labels = {}, {}
+    for name, st in steps.items():
+        ranked[name] = rank_candidates(pipe, st.users, st.ends(ds), cfg, progress)
+        labels[name] = click_labels(ds, loo, st, ranked[name].items[:, : cfg.list_len], cfg.horizon)
+    top = ranked["train"].items[:, : cfg.list_len] > 0
+    stats = PVStats.fit(ranked["train"].pv[:, : cfg.list_len], top)
+    parts = {n: list_data(pipe, ranked[n], labels[n], stats, cfg.list_len) for n in steps}
+    return Impressions(parts["train"], parts["valid"], parts["test"], steps,
+                       {n: ranked[n].items[:, : cfg.list_len] for n in steps}, stats, cfg)
+
+
+# --- the three re-rankers ---
+
+RERANKERS = ("prm", "prm_base", "mlp")
+
+
+@dataclass(frozen=True)
+class RerankerHParams:
+    d_model: int = 64
+    heads: int = 2
+    layers: int = 2
+    ffn_dim: int = 128
+    dropout: float = 0.1
+    mlp_hidden: tuple[int, ...] = (128, 64)
+
+
+def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: RerankerHParams) -> RerankConfig:
+    """PRM (with PV), PRM-BASE (pv_dim 0) or the pointwise MLP (with PV)."""
+    if name == "mlp":
+        return PointwiseMLPConfig(item_dim=item_dim, pv_dim=pv_dim, hidden=hp.mlp_hidden, dropout=hp.dropout,
+                                  max_len=max_len)
+    if name not in ("prm", "prm_base"):
+        raise ValueError(f"unknown re-ranker {name!r} (expected one of {RERANKERS})")
+    return PRMConfig(item_dim=item_dim, pv_dim=pv_dim if name == "prm" else 0, d_model=hp.d_model, heads=hp.heads,
+                     layers=hp.layers, ffn_dim=hp.ffn_dim, dropout=hp.dropout, max_len=max_len)
+
+
+def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
+                 progress: bool = False) -> TrainResult:
+    """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
+    on validation NDCG@10."""
+    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp)
+    torch.manual_seed(train_cfg.seed)
+    model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
+    # lists without a click add nothing to the listwise loss or to the list metrics (both skip
+    # them): leaving them out changes no number and saves most of the compute
+    return train_listwise(model, with_clicks(imp.train), train_cfg, valid=with_clicks(imp.valid), progress=progress)
+
+
+def with_clicks(data: ListData) -> ListData:
+    """The lists with at least one click on a real entry."""
+    return data.take(np.flatnonzero((data.labels * data.mask).sum(axis=1) > 0))
+
+
+def save_reranker(path: str | Path, name: str, model: RerankModel, stats: PVStats, imp_cfg: ImpressionConfig,
+                  **extra: Any) -> Path:
+    """One checkpoint per model: kind, name, config type + dict, weights, PV statistics, list config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "rerank", "name": name, "config_type": type(model.config).__name__,
+                "config": model.config.to_dict(), "state_dict": model.state_dict(), "pv_stats": asdict(stats),
+                "impressions": asdict(imp_cfg), **extra}, path)
+    return path
+
+
+def load_reranker(path: str | Path) -> tuple[RerankModel, dict[str, Any]]:
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if ckpt.get("kind") != "rerank":
+        raise ValueError(f"{path}: not a re-rank checkpoint (kind={ckpt.get('kind')!r})")
+    c = dict(ckpt["config"])
+    if ckpt["config_type"] == "PointwiseMLPConfig":
+        c["hidden"] = tuple(c["hidden"])
+        model: RerankModel = PointwiseMLP(PointwiseMLPConfig(**c))
+    else:
+        model = PRM(PRMConfig(**c))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+# --- end to end ---
+
+
+def end_to_end(pipe: Pipeline, loo: LeaveOneOut, models: dict[str, RerankModel], stats: PVStats,
+               cfg: ImpressionConfig, ks: tuple[int, ...] = E2E_KS,
+               progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """HR@K / NDCG@K of the leave-one-out test item: "prerank" (retrieval -> pre-rank order of
+    the top C) and "rerank_<name>" per model (its top N reordered, the rest in pre-rank order).
+
+    Retrieval alone is `training.metrics.evaluate_retrieval` (full ranking); the caller adds it.
+    """
+    users = loo.eval_users
+    ranked = rank_candidates(pipe, users, loo.history_end("test"), cfg, progress)
+    targets = loo.targets("test")
+    N = cfg.list_len
+    lists = list_data(pipe, ranked, np.zeros((users.size, N), np.float32), stats, N)
+    miss = np.iinfo(np.int64).max // 4
+
+    def ranks_of(order_items: np.ndarray) -> np.ndarray:
+        hit = order_items == targets[:, None]
+        return np.where(hit.any(axis=1), hit.argmax(axis=1), miss)
+
+    out = {"prerank": ranking_metrics(ranks_of(ranked.items), ks)}
+    for name, model in models.items():
+        s = score_lists(model, lists)  # (B, N)
+        order = np.argsort(-np.where(lists.mask, s, -np.inf), axis=1, kind="stable")
+        final = np.concatenate([np.take_along_axis(ranked.items[:, :N], order, axis=1), ranked.items[:, N:]], axis=1)
+        out[f"rerank_{name}"] = ranking_metrics(ranks_of(final), ks)
+    for m in out.values():
+        m["users"] = float(users.size)
+        m[f"Recall@{ranked.items.shape[1]}"] = float((ranked.items == targets[:, None]).any(axis=1).mean())
+        m[f"Recall@{N}"] = float((ranked.items[:, :N] == targets[:, None]).any(axis=1).mean())
+    return out
+
