@@ -34,11 +34,11 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     s_t = scores[rows, targets][:, None]
     ranks = np.count_nonzero(scores > s_t, axis=1).astype(np.int64)
     # ties with a smaller index count as ahead; only rows where the target shares its score
-    tied = np.flatnonzero(np.count_nonzero(scores == s_t, axis=1) > 1)
+    eq = scores == s_t  # (B, N + 1) bool
+    tied = np.flatnonzero(np.count_nonzero(eq, axis=1) > 1)
     if tied.size:
         cols = np.arange(scores.shape[1])[None, :]
-        before = (scores[tied] == s_t[tied]) & (cols < targets[tied, None])
-        ranks[tied] += np.count_nonzero(before, axis=1)
+        ranks[tied] += np.count_nonzero(eq[tied] & (cols < targets[tied, None]), axis=1)
     return ranks
 
 
