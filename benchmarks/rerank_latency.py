@@ -25,6 +25,7 @@ import torch
 
 from models.prm import PRM, PointwiseMLP, PointwiseMLPConfig, PRMConfig, RerankModel
 from training.export_rerank import INPUT_NAMES, export_rerank, random_lists, rerank_parity
+from training.report import save_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,9 +98,7 @@ def main() -> int:
     text = setting + "\n\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("$ python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "\n" + text)
+        save_benchmark(args.out, text)
     return 0
 
 

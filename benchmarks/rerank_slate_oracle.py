@@ -31,6 +31,7 @@ import torch
 
 from models.prm import PRM, PointwiseMLP, PointwiseMLPConfig, PRMConfig, RerankModel
 from training.rerank import RerankTrainConfig, evaluate_lists, score_lists, slate_oracle, train_listwise, unchanged_scores
+from training.report import save_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("slate_acc", "NDCG@5", "NDCG@10")
@@ -115,9 +116,7 @@ def main() -> int:
     text = setting + "\n\n" + "\n".join(lines) + f"\n\ntotal {time.perf_counter() - started:.0f} s\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("$ python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "\n" + text)
+        save_benchmark(args.out, text)
     return 0
 
 

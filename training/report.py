@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,3 +47,11 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
 def result(model: str, data: str, metrics: Mapping[str, float], **extra: Any) -> dict[str, Any]:
     """The shared result shape: {"model", "data", "metrics", ...extra}."""
     return {"model": model, "data": data, "metrics": dict(metrics), **extra}
+
+
+def save_benchmark(out: str | Path, text: str) -> None:
+    """Write a benchmark's printed text, preceded by the command line that produced it."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    path.write_text(f"$ python {command}\n{text}")
