@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import faiss
 import numpy as np
@@ -191,7 +191,8 @@ def index_params(index: faiss.Index) -> dict[str, Any]:
     """Kind and search parameters read back from ``index`` (for the manifest and logs)."""
     params: dict[str, Any] = {"ntotal": int(index.ntotal), "dim": int(index.d)}
     if isinstance(index, faiss.IndexHNSW):
-        params.update(kind="hnsw", hnsw_m=int(index.hnsw.nb_neighbors(1)),
+        # nb_neighbors exists at run time; faiss's SWIG type stubs do not declare it
+        params.update(kind="hnsw", hnsw_m=int(index.hnsw.nb_neighbors(1)),  # type: ignore[attr-defined]
                       ef_construction=int(index.hnsw.efConstruction),
                       ef_search=int(index.hnsw.efSearch))
     elif isinstance(index, faiss.IndexIVF):
@@ -224,10 +225,11 @@ def _exclude_keys(exclude: ArrayLike | Sequence[ArrayLike] | None, batch: int, n
     per_user = (not single and isinstance(exclude, (list, tuple, np.ndarray))
                 and len(exclude) > 0 and np.ndim(exclude[0]) == 1)
     if per_user:
-        if len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} per-user lists but the batch has "
+        lists = cast(Sequence[ArrayLike], exclude)
+        if len(lists) != batch:
+            raise ValueError(f"exclude has {len(lists)} per-user lists but the batch has "
                              f"B={batch} users")
-        parts = [np.asarray(e) for e in exclude]
+        parts = [np.asarray(e) for e in lists]
         if any(p.ndim != 1 for p in parts):
             raise ValueError("exclude must hold one 1-D list of item ids per user")
         parts = [p if p.size else p.astype(np.int64) for p in parts]
