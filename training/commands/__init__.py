@@ -1,5 +1,5 @@
 """Sub-commands of the `recsys` CLI, in the order `recsys --help` lists them."""
 
-from training.commands import demo, diagnose, evaluate, train
+from training.commands import demo, diagnose, evaluate, export, train
 
-COMMANDS = [demo, train, evaluate, diagnose]
+COMMANDS = [demo, train, evaluate, diagnose, export]

@@ -1,0 +1,266 @@
+"""Load and validate one published artifact version (DESIGN.md §5) for serving. No torch.
+
+artifacts/CURRENT names the live version; artifacts/<version>/manifest.json says what every
+file is. Nothing here parses a file name: paths come from the manifest's "files" entry.
+Every problem is an :class:`ArtifactError` naming the folder, the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from service.index import load_index, search_fused
+from service.prerank import score_candidates
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+SUPPORTED_FORMATS = (1,)
+REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims", "files", "retrieval", "index",
+                 "prerank")
+REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
+                  "prerank_features")
+RERANK_FILES = ("rerank_onnx", "rerank_items")
+_ORT = ort.capi.onnxruntime_pybind11_state
+# what ONNX Runtime raises for an unreadable model or a bad feed (none derives from RuntimeError)
+ORT_ERRORS: tuple[type[Exception], ...] = (_ORT.Fail, _ORT.InvalidProtobuf, _ORT.NoSuchFile, _ORT.InvalidArgument,
+                                           _ORT.InvalidGraph, _ORT.RuntimeException, _ORT.NotImplemented)
+_SMOKE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
+
+
+class ArtifactError(Exception):
+    """A version folder that cannot be served; the message names the file and the problem."""
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """Everything the online pipeline needs from one version, loaded and checked.
+
+    item_ids: (N + 1,) external ids, [0] = padding; id_to_index maps them back (padding left out).
+    popularity: (N + 1,) int64 training-part counts. item_features: catalog arrays by name
+    (`cat:<name>` (N + 1,), `multi:<name>` (N + 1, K), `num:<name>` (N + 1,)) and vocab:
+    name -> values (code c >= 1 is vocab[c - 1]). items: (N, D) float32, row r = item r + 1.
+    prerank_items: (N + 1, G, d). rerank_items: (N + 1, F) or None without a re-ranker.
+    """
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    item_ids: np.ndarray
+    id_to_index: dict[str, int]
+    popularity: np.ndarray
+    item_features: dict[str, np.ndarray]
+    vocab: dict[str, list[str]]
+    retrieval: ort.InferenceSession
+    items: np.ndarray
+    index: faiss.Index
+    prerank_user: ort.InferenceSession
+    prerank_items: np.ndarray
+    prerank_features: dict[str, Any]
+    rerank: ort.InferenceSession | None = None
+    rerank_items: np.ndarray | None = None
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_ids.shape[0]) - 1
+
+    @property
+    def maxlen(self) -> int:
+        return int(self.manifest["dims"]["maxlen"])
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """CPU ONNX Runtime session with `threads` intra-op threads (the service shares 2 cores)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def current_version(artifacts_root: str | Path) -> str:
+    """The name in artifacts_root/CURRENT."""
+    path = Path(artifacts_root) / CURRENT
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no CURRENT file (nothing published yet?)")
+    name = path.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        raise ArtifactError(f"{path}: invalid version name {name!r}")
+    return name
+
+
+def load_current(artifacts_root: str | Path) -> LoadedVersion:
+    """Load the version that artifacts_root/CURRENT names."""
+    root = Path(artifacts_root)
+    return load_version(root / current_version(root))
+
+
+def load_version(path: str | Path) -> LoadedVersion:
+    """Load and validate the version folder `path`; raises ArtifactError on any inconsistency."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such version folder")
+    manifest = _read_manifest(folder)
+    files = manifest["files"]
+    n = manifest["item_count"]
+    if not isinstance(n, int) or n < 1:
+        raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
+    has_rerank = manifest.get("rerank") is not None
+    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ())
+    for key in needed:
+        if key not in files:
+            raise ArtifactError(f"{folder / MANIFEST}: files.{key} is missing")
+        if not (folder / files[key]).is_file():
+            raise ArtifactError(f"{folder}: {files[key]} (files.{key}) is missing")
+
+    dims = manifest["dims"]
+    items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")))
+    try:
+        index = load_index(folder / files["index"])
+    except (RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
+    if int(index.ntotal) != n or int(index.d) != items.shape[1]:
+        raise ArtifactError(f"{folder}: {files['index']} holds {index.ntotal} vectors of D={index.d}, "
+                            f"expected item_count={n} of D={items.shape[1]}")
+    catalog = _load_catalog(folder / files["catalog"], n)
+    item_ids = catalog.pop("item_ids")
+    popularity = catalog.pop("popularity")
+    vocab = {k.split(":", 1)[1]: v.tolist() for k, v in catalog.items() if k.startswith("vocab:")}
+    features = {k: v for k, v in catalog.items() if not k.startswith("vocab:")}
+
+    prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *dims.get("prerank_item_heads", (None, None))))
+    rerank = rerank_items = None
+    if has_rerank:
+        rerank = _session(folder, files["rerank_onnx"])
+        rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")))
+    try:
+        prerank_features = json.loads((folder / files["prerank_features"]).read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{folder}: {files['prerank_features']} is not valid JSON: {exc}") from None
+    loaded = LoadedVersion(
+        version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
+        id_to_index={str(x): i for i, x in enumerate(item_ids.tolist()) if i > 0},
+        popularity=popularity, item_features=features, vocab=vocab,
+        retrieval=_session(folder, files["retrieval_onnx"]), items=items, index=index,
+        prerank_user=_session(folder, files["prerank_user_onnx"]), prerank_items=prerank_items,
+        prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items,
+    )
+    logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n,
+                manifest["index"].get("kind"))
+    return loaded
+
+
+def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
+    """Run every stage once on a short made-up history; raise ArtifactError on a shape problem.
+
+    Returns the output shape of each stage (for logs and the publish report).
+    """
+    n, dims = v.num_items, v.manifest["dims"]
+    hist = (np.arange(min(3, n), dtype=np.int64) + 1)[None, :]  # (1, L)
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        users = v.retrieval.run(None, {"item_seq": hist})[0]  # (1, M, D)
+        _expect("retrieval.onnx user_vectors", users.shape, (1, dims["num_launchers"], dims["retrieval_dim"]))
+        hits = search_fused(v.index, users, min(k, n))
+        shapes["retrieval"] = tuple(users.shape)
+        cand = hits.user(0)[0]
+        feeds = {}
+        for inp in v.prerank_user.get_inputs():
+            width = inp.shape[1]
+            dtype = np.int64 if "int64" in inp.type else np.float32
+            feeds[inp.name] = np.zeros((1, width if isinstance(width, int) else 1), dtype=dtype)
+        heads = v.prerank_user.run(None, feeds)[0]  # (1, L, H, d)
+        _expect("prerank_user.onnx user_heads", heads.shape[:1] + heads.shape[-1:], (1, v.prerank_items.shape[-1]))
+        scores = score_candidates(heads[0], v.prerank_items, cand)  # (C,)
+        shapes["prerank"] = tuple(heads.shape)
+        if v.rerank is not None and v.rerank_items is not None:
+            pv_width = int(v.rerank.get_inputs()[1].shape[2])
+            L = min(cand.size, int(v.manifest["rerank"]["config"]["max_len"]))
+            cand, scores = cand[:L], scores[:L]
+            out = v.rerank.run(None, {
+                "item_feats": v.rerank_items[cand][None].astype(np.float32),
+                "pv": np.zeros((1, L, pv_width), np.float32),
+                "init_score": scores[None].astype(np.float32),
+                "mask": np.ones((1, L), bool),
+            })[0]
+            _expect("rerank.onnx scores", out.shape, (1, L))
+            if not np.isfinite(out).all():
+                raise ArtifactError(f"{v.path}: rerank.onnx returned non-finite scores")
+            shapes["rerank"] = tuple(out.shape)
+    except ArtifactError:
+        raise
+    except _SMOKE_ERRORS as exc:
+        raise ArtifactError(f"{v.path}: smoke run failed: {exc}") from None
+    return shapes
+
+
+# --- helpers ---
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    if manifest["format"] not in SUPPORTED_FORMATS:
+        raise ArtifactError(f"{path}: format {manifest['format']!r} is not one of {SUPPORTED_FORMATS}")
+    if folder.name not in (manifest["version"], f".tmp-{manifest['version']}"):  # .tmp-: checked before publish
+        raise ArtifactError(f"{path}: version {manifest['version']!r} does not match the folder {folder.name!r}")
+    return manifest
+
+
+def _load_catalog(path: Path, n: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: does not load: {exc}") from None
+    for key in ("item_ids", "popularity"):
+        if key not in arrays:
+            raise ArtifactError(f"{path}: no {key} array")
+    for key, arr in arrays.items():
+        if not key.startswith("vocab:") and arr.shape[:1] != (n + 1,):
+            raise ArtifactError(f"{path}: {key} has {arr.shape[0] if arr.ndim else 0} rows, "
+                                f"expected item_count + 1 = {n + 1}")
+    return arrays
+
+
+def _load_npy(folder: Path, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    try:
+        arr = np.load(folder / name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder}: {name} does not load: {exc}") from None
+    if arr.dtype != np.float32:
+        raise ArtifactError(f"{folder}: {name} has dtype {arr.dtype}, expected float32")
+    if arr.ndim != len(shape) or any(w is not None and a != w for a, w in zip(arr.shape, shape)):
+        want = "(" + ", ".join("?" if w is None else str(w) for w in shape) + ")"
+        raise ArtifactError(f"{folder}: {name} has shape {arr.shape}, expected {want} from the manifest")
+    return arr
+
+
+def _session(folder: Path, name: str) -> ort.InferenceSession:
+    try:
+        return session(folder / name)
+    except ORT_ERRORS as exc:
+        raise ArtifactError(f"{folder}: {name} does not load in ONNX Runtime: {exc}") from None
+
+
+def _expect(what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(want):
+        raise ArtifactError(f"{what} has shape {tuple(got)}, expected {tuple(want)}")

@@ -1,0 +1,113 @@
+"""`recsys export`: publish trained checkpoints as one artifact version and make it CURRENT.
+
+Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, index.faiss,
+prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
+through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/artifacts.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.commands.common import UsageError, add_data_arg, timed
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from training.artifacts import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_RECALL
+
+    p = sub.add_parser("export", help="publish checkpoints as an artifact version (ONNX, index, catalog)")
+    add_data_arg(p, default=None)
+    p.add_argument("--retrieval", required=True, metavar="DIR", help="retrieval checkpoint folder")
+    p.add_argument("--prerank", required=True, metavar="DIR", help="pre-rank checkpoint + export folder")
+    p.add_argument("--rerank", metavar="DIR", help="re-rank folder (prm.pt, rerank.onnx, rerank_items.npy)")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
+    p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
+    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
+                   help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
+    p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
+                   help="largest drop in retrieval NDCG@10 allowed against the live version on the same data "
+                        f"(default {DEFAULT_MAX_REGRESSION})")
+    p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
+    p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
+                   help="index kind (default auto: exact up to 200k items, IVF-Flat beyond)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.artifacts import PublishError, publish, read_current
+
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if not 0.0 <= args.min_recall <= 1.0:
+        raise UsageError(f"--min-recall must be in [0, 1], got {args.min_recall}")
+    if args.max_regression < 0:
+        raise UsageError(f"--max-regression must be >= 0, got {args.max_regression}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: not a folder")
+    index_spec = _index_spec(args)
+    torch.set_num_threads(args.threads)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = read_current(args.out)
+    timings: dict[str, float] = {}
+    try:
+        with timed("export", timings):
+            res = publish(args.data, args.retrieval, args.prerank, args.rerank, args.out, args.version,
+                          args.min_recall, None if args.no_regression_check else args.max_regression, index_spec)
+    except PublishError as exc:
+        print(f"recsys export: check failed, CURRENT unchanged ({previous}): {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad --version name (DataError is handled by the CLI)
+        raise UsageError(str(exc)) from None
+    print(f"wrote {res.path}")
+    for name in sorted(p.name for p in res.path.iterdir()):
+        print(f"  {name:24s} {(res.path / name).stat().st_size:>12,d} bytes")
+    print(summary(res.manifest))
+    print(f"CURRENT: {previous} -> {res.manifest['version']}")
+    return 0
+
+
+def _index_spec(args: argparse.Namespace) -> Any:
+    from service.index import IndexSpec
+
+    if args.index == "auto":
+        if args.nlist is not None or args.nprobe is not None:
+            raise UsageError("--nlist / --nprobe need --index ivf")
+        return None
+    params = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+    try:
+        return IndexSpec(kind=args.index, **params)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def summary(m: dict[str, Any]) -> str:
+    """A few lines on what a manifest holds."""
+    d, idx, ret = m["data"], m["index"], m["retrieval"]
+    lines = [
+        f"version {m['version']} created {m['created_at']}",
+        f"data {d['name']} fingerprint {d['fingerprint']}: {m['item_count']} items, {d['num_users']} users",
+        f"retrieval: M={m['dims']['num_launchers']} D={m['dims']['retrieval_dim']} maxlen={m['dims']['maxlen']}, "
+        f"onnx parity {ret['parity_max_abs_diff']:.1e}"
+        + (f", NDCG@10 {ret['metrics']['NDCG@10']:.4f}" if "NDCG@10" in ret["metrics"] else ""),
+        f"index: {idx['kind']} over {idx['ntotal']} items, {idx['recall_k']} {idx['recall']:.4f} "
+        f"(min {idx['min_recall']})",
+        f"prerank: {m['prerank']['model']} ({m['prerank']['objective']}), item heads "
+        f"{tuple(m['dims']['prerank_item_heads'])}, onnx parity {m['prerank']['parity_max_abs_diff']:.1e}",
+    ]
+    reg = m.get("checks", {}).get("regression", {})
+    lines.append(f"regression check ({reg.get('metric')} vs live {reg.get('live_version')}): {reg.get('result')}")
+    rr = m.get("rerank")
+    lines.append("rerank: none" if rr is None else
+                 f"rerank: {rr['model']} list_len {rr['serving'].get('list_len')}, "
+                 f"onnx parity {rr['parity_max_abs_diff']:.1e}")
+    return "\n".join(lines)
