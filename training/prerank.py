@@ -302,6 +302,29 @@ def evaluate_ctr(model: nn.Module, rows: PairRows) -> dict[str, float]:
     return {"AUC": auc(rows.labels, p), "LogLoss": logloss(rows.labels, p)}
 
 
+class BestWeights:
+    """Early stopping on a validation score: keeps a copy of the best weights and says when
+    more than `patience` epochs in a row failed to improve on it."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = -np.inf
+        self._state: dict[str, torch.Tensor] | None = None
+        self._bad = 0
+
+    def update(self, score: float, model: nn.Module) -> bool:
+        """Record an epoch's score; True when training should stop."""
+        if score > self.best:
+            self.best, self._state, self._bad = score, copy.deepcopy(model.state_dict()), 0
+            return False
+        self._bad += 1
+        return self._bad > self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self._state is not None:
+            model.load_state_dict(self._state)
+
+
 def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Adam on BCE (+ cir_weight * CIR over the batch's positive pairs); early stopping on
     validation AUC, best weights restored. Returns the training history."""
@@ -310,7 +333,7 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
     train = data.train
-    best, best_state, bad, history = -np.inf, None, 0, []
+    stopper, history = BestWeights(cfg.patience), []
     for epoch in range(cfg.epochs):
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -339,15 +362,10 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / len(train):.4f} valid AUC {metrics['AUC']:.4f} "
                      f"LogLoss {metrics['LogLoss']:.4f}")
-        if metrics["AUC"] > best:
-            best, best_state, bad = metrics["AUC"], copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad > cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"history": history, "best_valid_AUC": best}
+        if stopper.update(metrics["AUC"], model):
+            break
+    stopper.restore(model)
+    return {"history": history, "best_valid_AUC": stopper.best}
 
 
 # --- next-item objective ---
@@ -411,7 +429,7 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     n_items = data.catalog.sparse.shape[0] - 1
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
-    best, best_state, bad, history = -np.inf, None, 0, []
+    stopper, history = BestWeights(cfg.patience), []
     for epoch in range(cfg.epochs):
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -446,15 +464,10 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                         "seconds": round(time.perf_counter() - t0, 2)})
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / E:.4f} valid NDCG@10 {metrics['NDCG@10']:.4f}")
-        if metrics["NDCG@10"] > best:
-            best, best_state, bad = metrics["NDCG@10"], copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad > cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"history": history, "best_valid_NDCG@10": best}
+        if stopper.update(metrics["NDCG@10"], model):
+            break
+    stopper.restore(model)
+    return {"history": history, "best_valid_NDCG@10": stopper.best}
 
 
 # --- checkpoints and export ---
