@@ -1,0 +1,51 @@
+"""Request dependencies: the loaded pipeline, the history store, settings and the API key check.
+
+Everything lives on `app.state` (set by the lifespan in service/main.py); tests override these
+functions with `app.dependency_overrides`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from service.core.config import Settings
+from service.pipeline import Recommender
+from service.stores import HistoryStore
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_recommender(request: Request) -> Recommender:
+    rec: Recommender | None = getattr(request.app.state, "recommender", None)
+    if rec is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
+    return rec
+
+
+def get_store(request: Request) -> HistoryStore:
+    store: HistoryStore | None = getattr(request.app.state, "store", None)
+    if store is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "history store is not ready yet")
+    return store
+
+
+def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
+                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+    """401 unless X-API-Key matches RECSYS_API_KEY (no check when no key is configured)."""
+    if settings.api_key is None:
+        return
+    if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), settings.api_key.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key header",
+                            headers={"WWW-Authenticate": "ApiKey"})
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+ApiKeyDep = Annotated[None, Depends(require_api_key)]

@@ -1,0 +1,37 @@
+"""GET /v1/items/{item_id} and GET /v1/version: what the loaded version knows."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from service.api.deps import RecommenderDep
+from service.schemas import ItemOut, VersionOut
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+@router.get("/items/{item_id}", response_model=ItemOut)
+def get_item(item_id: str, rec: RecommenderDep) -> ItemOut:
+    v = rec.v
+    idx = v.id_to_index.get(item_id)
+    if idx is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"item_id {item_id!r} is not in version {v.version}")
+    features: dict[str, str | list[str] | float] = {}
+    for key, col in v.item_features.items():
+        kind, name = key.split(":", 1)
+        vocab = v.vocab.get(name, [])
+        if kind == "cat":
+            code = int(col[idx])
+            features[name] = vocab[code - 1] if 1 <= code <= len(vocab) else ""
+        elif kind == "multi":
+            features[name] = [vocab[c - 1] for c in col[idx].tolist() if 1 <= c <= len(vocab)]
+        elif kind == "num":
+            features[name] = float(col[idx])
+    return ItemOut(item_id=item_id, index=idx, popularity=int(v.popularity[idx]), features=features)
+
+
+@router.get("/version", response_model=VersionOut)
+def get_version(rec: RecommenderDep) -> VersionOut:
+    m = rec.v.manifest
+    return VersionOut(model_version=rec.v.version, created_at=str(m["created_at"]), item_count=rec.v.num_items,
+                      data=dict(m["data"]), rerank=rec.v.rerank is not None)

@@ -1,0 +1,27 @@
+"""GET /healthz (the process answers) and GET /readyz (artifacts loaded: 503 until then)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response, status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request, response: Response) -> dict[str, Any]:
+    """Ready once a version is loaded; a store that does not answer is reported, not fatal
+    (recommend falls back without it)."""
+    rec = getattr(request.app.state, "recommender", None)
+    store = getattr(request.app.state, "store", None)
+    if rec is None:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {"status": "loading"}
+    return {"status": "ready", "model_version": rec.model_version,
+            "store": "ok" if store is not None and store.ping() else "unavailable"}

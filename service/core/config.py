@@ -1,0 +1,39 @@
+"""Service settings from RECSYS_* environment variables (DESIGN.md §6), validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All service configuration; a bad value fails `Settings()` with the field named."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+
+    artifacts: Path = Field(default=Path("artifacts"), description="artifact root holding CURRENT")
+    redis_url: str | None = Field(default=None, description="Redis URL; unset = in-process store")
+    api_key: str | None = Field(default=None, description="required in X-API-Key for writes when set")
+    retrieval_k: int = Field(default=200, ge=1, le=100_000, description="candidates taken from the index")
+    prerank_n: int = Field(default=30, ge=1, le=10_000, description="pre-rank survivors sent to the re-ranker")
+    max_history: int = Field(default=200, ge=1, le=100_000, description="history items kept per user")
+
+    @field_validator("redis_url", "api_key")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _prerank_within_retrieval(self) -> Settings:
+        if self.prerank_n > self.retrieval_k:
+            raise ValueError(f"prerank_n ({self.prerank_n}) must be <= retrieval_k ({self.retrieval_k})")
+        return self

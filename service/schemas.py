@@ -1,0 +1,83 @@
+"""HTTP request / response bodies of the v1 API (DESIGN.md §7), pydantic v2."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.stores import MAX_ID_LEN
+
+MAX_HISTORY_IN_REQUEST = 1000
+MAX_K = 1000
+MAX_EVENTS = 1000
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
+
+
+class RecommendRequest(BaseModel):
+    """`history` (oldest first) wins over the stored history of `user_id`; neither -> popularity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id | None = None
+    history: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
+    k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
+    exclude: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
+    explain: bool = False
+
+
+class RecommendedItemOut(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+    launcher: int | None
+    stages: dict[str, float] | None = None
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItemOut]
+    model_version: str
+    served_by: str
+    timings_ms: dict[str, float]
+    unknown_items: int = 0
+
+
+class EventIn(BaseModel):
+    """One interaction; `timestamp` is Unix seconds (defaults to the time received)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_id: Id
+    timestamp: float | None = Field(default=None, allow_inf_nan=False)
+    type: Id | None = None
+
+
+EventsList = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)]
+# POST /v1/events takes one event or a list of them
+EventsBody = EventIn | EventsList
+
+
+class EventsAccepted(BaseModel):
+    accepted: int
+
+
+class HistoryOut(BaseModel):
+    user_id: str
+    items: list[str]
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    index: int
+    popularity: int
+    features: dict[str, str | list[str] | float]
+
+
+class VersionOut(BaseModel):
+    model_version: str
+    created_at: str
+    item_count: int
+    data: dict[str, object]
+    rerank: bool

@@ -1,0 +1,313 @@
+"""HTTP API (service/main.py + service/api/) with TestClient over a tiny published version.
+
+The version is published once per module from random-init checkpoints on a small synthetic
+set (tests/training/test_artifacts.py builds them); the tests check the API contract (items
+from the catalog, filters, fallbacks, validation, auth), not model quality.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.api.deps import get_store
+from service.artifacts import load_current
+from service.core.config import Settings
+from service.main import create_app
+from service.pipeline import Recommender
+from service.stores import RedisStore
+from tests.service.conftest import RedisServer
+
+TINY = "synthetic:users=200,items=80,seed=0"
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from tests.training.test_artifacts import make_checkpoints
+    from training.artifacts import publish_version
+
+    torch.set_num_threads(1)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ret, pre, rer = make_checkpoints(TINY, tmp_path_factory.mktemp("ckpt"))
+    root = tmp_path_factory.mktemp("artifacts")
+    publish_version(TINY, ret, pre, rer, root, version="v1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def catalog(artifacts_root: Path) -> list[str]:
+    return [str(x) for x in load_current(artifacts_root).item_ids[1:].tolist()]
+
+
+def _app(root: Path, **kw: object) -> FastAPI:
+    return create_app(Settings(artifacts=root, **kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def client(artifacts_root: Path) -> Iterator[TestClient]:
+    with TestClient(_app(artifacts_root)) as c:
+        yield c
+
+
+def _user() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}"
+
+
+def _recommend(c: TestClient, **body: object) -> dict:
+    r = c.post("/v1/recommend", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_recommend_by_history_filters_and_launchers(client: TestClient, catalog: list[str]) -> None:
+    history, exclude = catalog[:5], catalog[10:20]
+    out = _recommend(client, history=history, k=10, exclude=exclude, explain=True)
+    ids = [it["item_id"] for it in out["items"]]
+    assert len(ids) == 10 == len(set(ids))
+    assert set(ids) <= set(catalog) and not set(ids) & (set(history) | set(exclude))
+    assert [it["rank"] for it in out["items"]] == list(range(1, 11))
+    assert all(it["launcher"] in (0, 1) for it in out["items"])  # the tiny SASRec has M = 2 launchers
+    assert out["served_by"] == "rerank" and out["model_version"] == "v1"
+    assert {"retrieval", "prerank", "rerank", "total"} <= out["timings_ms"].keys()
+    top = out["items"][0]
+    assert top["stages"].keys() == {"retrieval", "prerank", "rerank"} and top["score"] == top["stages"]["rerank"]
+    # without explain no stage scores; unknown history ids are skipped and counted
+    plain = _recommend(client, history=["no-such-item", *history], k=10, exclude=exclude)
+    assert [it["item_id"] for it in plain["items"]] == ids and plain["unknown_items"] == 1
+    assert plain["items"][0]["stages"] is None
+
+
+def test_k_larger_than_prerank_n_still_returns_k(client: TestClient, catalog: list[str]) -> None:
+    out = _recommend(client, history=catalog[:3], k=50)  # re-ranked top 30, then pre-rank order
+    ids = [it["item_id"] for it in out["items"]]
+    assert len(ids) == 50 == len(set(ids)) and not set(ids) & set(catalog[:3])
+    big = _recommend(client, history=catalog[:3], k=1000)  # more than the catalog: all unseen items
+    assert len(big["items"]) == len(catalog) - 3
+
+
+def test_no_history_serves_popularity(client: TestClient, artifacts_root: Path, catalog: list[str]) -> None:
+    v = load_current(artifacts_root)
+    want = [str(v.item_ids[i]) for i in sorted(range(1, v.num_items + 1), key=lambda i: (-v.popularity[i], i))]
+    out = _recommend(client, k=5)
+    assert out["served_by"] == "popularity"
+    assert [it["item_id"] for it in out["items"]] == want[:5]
+    assert [it["score"] for it in out["items"]] == [float(v.popularity[v.id_to_index[i]]) for i in want[:5]]
+    assert all(it["launcher"] is None for it in out["items"])
+    # only unknown ids, or a user with no stored history: popularity too, minus exclude
+    assert _recommend(client, history=["nope"], k=5)["served_by"] == "popularity"
+    out = _recommend(client, user_id=_user(), k=5, exclude=want[:2])
+    assert [it["item_id"] for it in out["items"]] == want[2:7]
+
+
+def _events_then_recommend(c: TestClient, catalog: list[str], headers: dict[str, str] | None = None) -> None:
+    user = _user()
+    first = _recommend(c, user_id=user, history=catalog[:4], k=5)
+    target = first["items"][0]["item_id"]
+    events = [{"user_id": user, "item_id": item, "timestamp": 100 + t} for t, item in enumerate(catalog[:4])]
+    r = c.post("/v1/events", json=events, headers=headers)
+    assert r.status_code == 202 and r.json() == {"accepted": 4}
+    r = c.post("/v1/events", json={"user_id": user, "item_id": target, "timestamp": 200}, headers=headers)
+    assert r.status_code == 202 and r.json() == {"accepted": 1}
+    assert c.get(f"/v1/users/{user}/history").json() == {"user_id": user, "items": [*catalog[:4], target]}
+    out = _recommend(c, user_id=user, k=5)
+    assert not out["served_by"].startswith("popularity")
+    ids = [it["item_id"] for it in out["items"]]
+    assert target not in ids and not set(ids) & set(catalog[:4])  # the appended item now counts as seen
+
+
+def test_events_change_the_history_used(client: TestClient, catalog: list[str]) -> None:
+    _events_then_recommend(client, catalog)
+
+
+def test_events_then_recommend_with_redis(artifacts_root: Path, redis_url: str, catalog: list[str]) -> None:
+    app = _app(artifacts_root, redis_url=redis_url)
+    store = RedisStore(redis_url, key_prefix=f"test-api-{uuid.uuid4().hex[:8]}:")
+    app.dependency_overrides[get_store] = lambda: store
+    try:
+        with TestClient(app) as c:
+            _events_then_recommend(c, catalog)
+            assert c.get("/readyz").json()["store"] == "ok"
+    finally:
+        store.close()
+
+
+def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: RedisServer,
+                                          catalog: list[str]) -> None:
+    with TestClient(_app(artifacts_root, redis_url=redis_server.url)) as c:
+        user = _user()
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[0]}).status_code == 202
+        assert _recommend(c, user_id=user, k=5)["served_by"] == "rerank"
+        redis_server.stop()
+        out = _recommend(c, user_id=user, k=5)  # stored history unreachable: popularity, flagged
+        assert out["served_by"] == "popularity;store_unavailable" and len(out["items"]) == 5
+        out = _recommend(c, user_id=user, history=catalog[:3], k=5)  # request history needs no store
+        assert out["served_by"] == "rerank"
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}).status_code == 503
+        assert c.get(f"/v1/users/{user}/history").status_code == 503
+        assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable"}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"k": 0}, ["body", "k"]),
+    ({"k": 1001}, ["body", "k"]),
+    ({"k": "ten"}, ["body", "k"]),
+    ({"history": "a,b"}, ["body", "history"]),
+    ({"history": [1, 2]}, ["body", "history", 0]),
+    ({"history": ["x"] * 1001}, ["body", "history"]),
+    ({"exclude": [""]}, ["body", "exclude", 0]),
+    ({"user_id": 7}, ["body", "user_id"]),
+    ({"explain": "maybe"}, ["body", "explain"]),
+    ({"kk": 3}, ["body", "kk"]),
+    (None, ["body"]),
+])
+def test_recommend_422_names_the_field(client: TestClient, body: object, field: list[object]) -> None:
+    r = client.post("/v1/recommend", json=body) if body is not None else client.post("/v1/recommend")
+    assert r.status_code == 422
+    assert field in [e["loc"] for e in r.json()["detail"]]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"user_id": "u"}, ["body", "item_id"]),
+    ([{"user_id": "u", "item_id": "1"}, {"user_id": "u", "item_id": ""}], ["body", 1, "item_id"]),
+    ({"user_id": "u", "item_id": "1", "timestamp": "soon"}, ["body", "timestamp"]),
+    ([], ["body"]),
+    ("event", ["body"]),
+    (None, ["body"]),
+])
+def test_events_422_names_the_field_and_writes_nothing(client: TestClient, body: object,
+                                                       field: list[object]) -> None:
+    r = client.post("/v1/events", json=body) if body is not None else client.post("/v1/events")
+    assert r.status_code == 422
+    assert field in [e["loc"] for e in r.json()["detail"]]
+    assert client.get("/v1/users/u/history").json()["items"] == []  # the valid first event was not kept
+
+
+def test_store_rejected_id_is_422_with_the_field(client: TestClient) -> None:
+    r = client.post("/v1/events", json=[{"user_id": "u", "item_id": "1"}, {"user_id": "u", "item_id": "a\x01"}])
+    assert r.status_code == 422 and r.json()["detail"].startswith("events[1].item_id")
+    assert client.get("/v1/users/u/history").json()["items"] == []
+
+
+def test_writes_need_the_api_key_when_set(artifacts_root: Path, catalog: list[str]) -> None:
+    event = {"user_id": "u", "item_id": catalog[0]}
+    with TestClient(_app(artifacts_root, api_key=API_KEY)) as c:
+        assert c.post("/v1/events", json=event).status_code == 401
+        assert c.post("/v1/events", json=event, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/v1/events", json=[], headers={"X-API-Key": "wrong"}).status_code == 401  # auth first
+        assert c.get("/v1/users/u/history").json()["items"] == []
+        assert c.post("/v1/events", json=event, headers={"X-API-Key": API_KEY}).status_code == 202
+        assert c.post("/v1/recommend", json={"k": 2}).status_code == 200  # reads stay open
+
+
+def test_items_version_and_health(client: TestClient, artifacts_root: Path, catalog: list[str]) -> None:
+    v = load_current(artifacts_root)
+    item = client.get(f"/v1/items/{catalog[3]}").json()
+    assert item["item_id"] == catalog[3] and item["index"] == 4 and item["popularity"] == int(v.popularity[4])
+    r = client.get("/v1/items/no-such-item")
+    assert r.status_code == 404 and "no-such-item" in r.json()["detail"]
+    version = client.get("/v1/version").json()
+    assert version["model_version"] == "v1" and version["item_count"] == len(catalog) and version["rerank"]
+    assert version["data"]["spec"] == TINY
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_is_503_until_loaded(artifacts_root: Path) -> None:
+    app = _app(artifacts_root)
+    c = TestClient(app)  # lifespan not run: nothing loaded
+    assert c.get("/healthz").status_code == 200
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    assert c.post("/v1/recommend", json={"history": ["1"]}).status_code == 503
+    with c:
+        assert c.get("/readyz").status_code == 200
+    assert c.get("/readyz").status_code == 503  # shut down again
+
+
+def test_module_app_loads_nothing_at_import() -> None:
+    from service.main import app
+
+    assert app.state.recommender is None and app.state.store is None
+
+
+def test_bad_settings_fail_with_the_field_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("RECSYS_RETRIEVAL_K", "0")
+    with pytest.raises(ValidationError, match="retrieval_k"):
+        Settings()
+    monkeypatch.setenv("RECSYS_RETRIEVAL_K", "20")
+    monkeypatch.setenv("RECSYS_PRERANK_N", "30")
+    with pytest.raises(ValidationError, match=r"prerank_n \(30\) must be <= retrieval_k \(20\)"):
+        Settings()
+    monkeypatch.setenv("RECSYS_PRERANK_N", "10")
+    monkeypatch.setenv("RECSYS_REDIS_URL", "localhost:6379")
+    with pytest.raises(ValidationError, match="redis_url"):
+        Settings()
+
+
+def test_stage_failure_falls_back_to_previous_order(artifacts_root: Path, catalog: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recommender(load_current(artifacts_root), retrieval_k=50, prerank_n=10)
+    history = catalog[:4]
+
+    def boom(*args: object) -> None:
+        raise ValueError("stage down")
+
+    pre = rec.recommend(history, k=10)
+    monkeypatch.setattr(rec, "_rerank", boom)
+    out = rec.recommend(history, k=10)
+    assert out.served_by == "prerank;rerank_failed"
+    assert {i.item_id for i in out.items} == {i.item_id for i in pre.items}  # same top 10, pre-rank order
+    assert [i.score for i in out.items] == sorted((i.score for i in out.items), reverse=True)
+    monkeypatch.setattr(rec, "_prerank", boom)
+    out = rec.recommend(history, k=10)
+    assert out.served_by == "retrieval;prerank_failed" and len(out.items) == 10
+    assert [i.stages["retrieval"] for i in out.items] == [i.score for i in out.items]
+    monkeypatch.setattr(rec, "_retrieve", boom)
+    out = rec.recommend(history, k=10)
+    assert out.served_by == "popularity;retrieval_failed" and not {i.item_id for i in out.items} & set(history)
+
+
+def test_online_user_features_match_the_training_encoder(artifacts_root: Path, catalog: list[str]) -> None:
+    """service.pipeline.UserFeatures mirrors training.features with NumPy: same codes and z-scores."""
+    import numpy as np
+
+    from training.features import FeatureSpec
+
+    v = load_current(artifacts_root)
+    rec = Recommender(v)
+    spec = FeatureSpec.from_dict(v.prerank_features)
+    for hist in (np.array([3], np.int64), np.arange(1, 71, dtype=np.int64)):  # shorter and longer than history_len
+        width = spec.history_len
+        padded = np.zeros((1, width), np.int64)
+        recent = hist[-width:]
+        padded[0, width - recent.size:] = recent
+        raw: dict[str, np.ndarray] = {name: np.zeros(1, np.int64) for name in spec.user.sparse}
+        raw.update({name: np.zeros((1, w), np.int64) for name, (_, w) in spec.user.multi.items()})
+        raw.update({name: np.array([st.mean]) for name, st in spec.user.dense.items()})
+        raw.update(last_item=hist[-1:], history=padded, user_log_count=np.array([np.log1p(hist.size)]))
+        want = spec.user.encode(raw)
+        got = rec.user_features.feeds(hist)
+        np.testing.assert_array_equal(got["user_sparse"], want.sparse)
+        np.testing.assert_array_equal(got["user_multi"], want.multi)
+        np.testing.assert_allclose(got["user_dense"], want.dense, atol=1e-6)
+    # the re-ranker's PV columns sum to the pre-rank score (its definition)
+    cand = np.arange(1, 21)
+    order, scores, pv = rec._prerank(np.array([1, 2, 3]), cand)
+    np.testing.assert_allclose(pv.sum(axis=1), scores, rtol=1e-5, atol=1e-5)
+    assert scores[order].tolist() == sorted(scores.tolist(), reverse=True)
+
+
+def test_everything_seen_or_excluded_gives_an_empty_list(client: TestClient, catalog: list[str]) -> None:
+    out = _recommend(client, history=catalog[:40], exclude=catalog[40:], k=10)
+    assert out["items"] == [] and out["served_by"] == "retrieval"
