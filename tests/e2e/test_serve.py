@@ -1,0 +1,76 @@
+"""End to end: `recsys serve` as a real process over published artifacts, with a real Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
+    port = _free_port()
+    env = {**os.environ, "RECSYS_API_KEY": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root),
+         "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                pytest.fail(f"recsys serve exited with {proc.returncode}: {out[-2000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("recsys serve did not become ready in 60 s")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_served_process_events_change_next_recommendation(server: str, catalog: list[str]) -> None:  # noqa: F811
+    user = f"e2e-{time.time_ns()}"
+    first = httpx.post(f"{server}/v1/recommend", json={"user_id": user, "history": catalog[:3], "k": 5}).json()
+    assert len(first["items"]) == 5
+    top = first["items"][0]["item_id"]
+    r = httpx.post(f"{server}/v1/events", json=[{"user_id": user, "item_id": i} for i in [*catalog[:3], top]])
+    assert r.status_code in (200, 202), r.text
+    hist = httpx.get(f"{server}/v1/users/{user}/history").json()
+    assert top in str(hist)
+    second = httpx.post(f"{server}/v1/recommend", json={"user_id": user, "k": 5}).json()
+    # the item the user just interacted with is now seen, so it is not recommended again
+    assert top not in [it["item_id"] for it in second["items"]]
+    assert second["model_version"] == "v1"
+
+
+def test_serve_bad_artifacts_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(tmp_path / "none"), "--port", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "recsys serve: error:" in proc.stderr

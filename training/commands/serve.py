@@ -1,0 +1,46 @@
+"""`recsys serve`: run the HTTP service (uvicorn) over the CURRENT artifact version.
+
+Flags override the matching RECSYS_* environment variables; the app itself imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from training.commands.common import UsageError
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("serve", help="serve /v1/recommend over the published artifacts")
+    p.add_argument("--artifacts", metavar="DIR", help="artifact root holding CURRENT (RECSYS_ARTIFACTS)")
+    p.add_argument("--redis-url", metavar="URL", help="Redis for per-user state (RECSYS_REDIS_URL); default in-process")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.artifacts import ArtifactError, load_current
+    from service.core.config import Settings
+
+    if args.artifacts:
+        os.environ["RECSYS_ARTIFACTS"] = args.artifacts
+    if args.redis_url:
+        os.environ["RECSYS_REDIS_URL"] = args.redis_url
+    try:
+        settings = Settings()
+        load_current(settings.artifacts)  # fail here with one line rather than inside the lifespan
+    except ValidationError as exc:
+        raise UsageError(f"bad RECSYS_* setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    except ArtifactError as exc:
+        raise UsageError(str(exc)) from None
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    uvicorn.run("service.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return 0
