@@ -1,9 +1,9 @@
-"""`recsys demo`: the main job on the embedded synthetic data.
+"""`recsys demo`: the whole job on the embedded synthetic data.
 
-Today: load the synthetic data set, evaluate the baselines, train a small multi-launcher
-SASRec for a bounded time, export it to ONNX (checked against eager PyTorch), build the FAISS
-index (recall measured against exact search), print the table and one user's fused top 10.
-Pre-ranking, re-ranking and serving join as those stages land.
+synthetic data -> baselines table -> multi-launcher SASRec (bounded time) -> IntTower next-item
+pre-ranker -> PRM re-ranker -> `recsys export` (ONNX, FAISS index, checks, CURRENT) ->
+`recsys serve` on :8000 with a sample request printed. Each step is the same CLI command a user
+would run; `--no-serve` stops after publishing.
 """
 
 from __future__ import annotations
@@ -17,27 +17,29 @@ from training.baselines import BASELINES
 from training.commands.common import add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-import numpy as np
-import onnxruntime as ort
-
-from service.index import load_index, search_fused
-from training.export import build_item_index, export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
 from training.report import table
 from training.retrieval import RetrievalTrainConfig, evaluate_model, save_checkpoint, train_retrieval
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("demo", help="run the whole job on the embedded synthetic data")
+    p = sub.add_parser("demo", help="train, export and serve the whole pipeline on synthetic data")
     add_data_arg(p, default="synthetic")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the checkpoint and ONNX go")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the checkpoints go")
+    p.add_argument("--artifacts", default="artifacts", metavar="DIR", help="where versions are published")
     p.add_argument("--launchers", type=int, default=2)
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    p.add_argument("--minutes", type=float, default=2.0, help="retrieval training time budget")
+    p.add_argument("--epochs", type=int, default=3, help="pre-rank and re-rank epochs")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from training.cli import main as cli
+
     timings: dict[str, float] = {}
+    out = Path(args.out)
     with timed("load", timings):
         ds = load(args.data)
     print(ds.describe())
@@ -51,24 +53,34 @@ def run(args: argparse.Namespace) -> int:
     with timed("train retrieval", timings):
         res = train_retrieval(split, cfg, tcfg, progress=sys.stderr.isatty())
     rows[f"ml-sasrec(M={args.launchers})"] = evaluate_model(res.model, split)
-    out = Path(args.out)
-    with timed("export", timings):
-        save_checkpoint(out, res.model, ds, args.data, {})
-        onnx_path, items_path = export_retrieval(res.model, out)
-        diff = retrieval_parity(res.model, onnx_path)
-    with timed("index", timings):
-        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        hist = split.histories("test", maxlen=cfg.maxlen)
-        users = sess.run(None, {"item_seq": hist[:512]})[0]  # (B, M, D)
-        index_info = build_item_index(np.load(items_path), users, out)
+    save_checkpoint(out / "retrieval", res.model, ds, args.data, {})
     print(table(rows))
-    print(f"\nexported {onnx_path} and {items_path} (ONNX vs eager max |diff| {diff:.1e})")
-    print(f"index: {index_info}")
-    # one user through the retrieval stage as the service will run it: ONNX -> FAISS -> max-fusion
-    index = load_index(out / str(index_info["file"]))
-    fused = search_fused(index, users[0], k=10, exclude=hist[0])
-    items, scores, launchers = fused.user(0)
-    print(f"user {ds.user_ids[split.eval_users[0]]}: top-10 items", ", ".join(
-        f"{ds.item_ids[i]} (launcher {l}, {s:.2f})" for i, s, l in zip(items, scores, launchers)
-    ))
-    return 0
+
+    steps = [
+        ["train", "prerank", "--data", args.data, "--model", "inttower", "--objective", "next-item",
+         "--retrieval", str(out / "retrieval"), "--out", str(out / "prerank"), "--epochs", str(args.epochs)],
+        ["train", "rerank", "--data", args.data, "--retrieval", str(out / "retrieval"),
+         "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), "--epochs", str(args.epochs)],
+        ["export", "--data", args.data, "--retrieval", str(out / "retrieval"), "--prerank", str(out / "prerank"),
+         "--rerank", str(out / "rerank"), "--out", args.artifacts],
+    ]
+    for step in steps:
+        print(f"\n$ recsys {' '.join(step)}", flush=True)
+        code = cli(step)
+        if code:
+            return code
+    if args.no_serve:
+        return 0
+    user = ds.user_ids[split.eval_users[0]]
+    recent = ", ".join(f'"{ds.item_ids[i]}"' for i in ds.sequence(int(split.eval_users[0]))[-3:])
+    print(
+        f"\nserving on http://127.0.0.1:{args.port} (Ctrl-C to stop). Try:\n"
+        f"  curl -s -X POST localhost:{args.port}/v1/events -H 'content-type: application/json' "
+        f"-d '{{\"user_id\": \"{user}\", \"item_id\": \"{ds.item_ids[1]}\"}}'\n"
+        f"  curl -s -X POST localhost:{args.port}/v1/recommend -H 'content-type: application/json' "
+        f"-d '{{\"user_id\": \"{user}\", \"k\": 5, \"explain\": true}}'\n"
+        f"  curl -s -X POST localhost:{args.port}/v1/recommend -H 'content-type: application/json' "
+        f"-d '{{\"history\": [{recent}], \"k\": 5}}'\n",
+        flush=True,
+    )
+    return cli(["serve", "--artifacts", args.artifacts, "--port", str(args.port)])
