@@ -20,7 +20,7 @@ import numpy as np
 
 from service.artifacts import ORT_ERRORS, LoadedVersion
 from service.index import search_fused
-from service.prerank import score_candidates
+from service.prerank import head_interactions
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,9 @@ class Recommender:
     def _prerank(self, history: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pre-rank order of cand, scores (C,) and the raw PV (C, L * H) of every candidate."""
         heads = self.v.prerank_user.run(None, self.user_features.feeds(history))[0][0]  # (L, H, d)
-        scores = score_candidates(heads, self.v.prerank_items, cand)  # (C,)
-        order = np.argsort(-scores, kind="stable")
-        users = heads.reshape(-1, heads.shape[-1])  # (L * H, d)
-        # PV: per (layer, user head) max over item heads; its row sum is the score above
-        pv = np.einsum("cgd,pd->cpg", self.v.prerank_items[cand], users).max(axis=2)  # (C, L * H)
-        return order, scores, pv.astype(np.float32)
+        pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
+        scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
+        return np.argsort(-scores, kind="stable"), scores, pv
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""

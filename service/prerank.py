@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def score_candidates(user_heads: np.ndarray, item_heads: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """IntTower score of one user's candidates.
+def head_interactions(user_heads: np.ndarray, item_heads: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Per (layer, user head) best match over item heads, for one user's candidates.
 
     user_heads (L, H, d) float32, item_heads (N + 1, G, d) float32, candidates (C,) int item
-    indices -> (C,) float32: sum over layers l and user heads h of max over item heads g of
-    <user_heads[l, h], item_heads[c, g]>.
+    indices -> (C, L * H) float32: max over item heads g of <user_heads[l, h], item_heads[c, g]>.
+    This is the re-ranker's personalised vector; its row sum is the IntTower score.
     """
     if user_heads.ndim != 3 or item_heads.ndim != 3:
         raise ValueError(
@@ -36,7 +36,13 @@ def score_candidates(user_heads: np.ndarray, item_heads: np.ndarray, candidates:
     best = items[:, 0] @ users  # (C, L * H)
     for g in range(1, items.shape[1]):
         np.maximum(best, items[:, g] @ users, out=best)
-    return best.sum(axis=1, dtype=np.float32)
+    return best.astype(np.float32, copy=False)
+
+
+def score_candidates(user_heads: np.ndarray, item_heads: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """IntTower score of one user's candidates: (C,) float32, the sum over layers l and user
+    heads h of max over item heads g of <user_heads[l, h], item_heads[c, g]>."""
+    return head_interactions(user_heads, item_heads, candidates).sum(axis=1, dtype=np.float32)
 
 
 def top_n(scores: np.ndarray, candidates: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -88,3 +88,16 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     model = pr.build_model("inttower", data.spec, hidden=(8,), heads=2, head_dim=4).eval()
     pr.export_prerank(model, data.spec, data.catalog, tmp_path)
     assert not any(m.training for m in model.modules())  # dropout off: exported == served
+
+
+def test_head_interactions_are_the_per_head_maxima_summed_by_the_score() -> None:
+    from service.prerank import head_interactions
+
+    rng = np.random.default_rng(0)
+    user = rng.normal(size=(3, 4, 5)).astype(np.float32)  # (L, H, d)
+    items = rng.normal(size=(7, 2, 5)).astype(np.float32)  # (N + 1, G, d)
+    cand = np.array([2, 6, 1])
+    pv = head_interactions(user, items, cand)
+    want = np.einsum("cgd,lhd->clhg", items[cand], user).max(axis=3).reshape(3, -1)
+    np.testing.assert_allclose(pv, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score_candidates(user, items, cand), pv.sum(axis=1), rtol=1e-6)
