@@ -144,8 +144,12 @@ class Recommender:
         return [RecommendedItem(str(self.v.item_ids[i]), float(self.v.popularity[i]), None,
                                 {"popularity": float(self.v.popularity[i])}) for i in order]
 
-    def recommend(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None) -> RecommendResult:
-        """Top-k external ids for a history (oldest first); seen and `exclude` items never returned."""
+    def recommend(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None,
+                  explain: bool = True) -> RecommendResult:
+        """Top-k external ids for a history (oldest first); seen and `exclude` items never returned.
+
+        explain=False skips collecting each item's per-stage scores (`stages` stays empty).
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         timer = _Timer()
@@ -174,13 +178,13 @@ class Recommender:
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
-            return self._result(self._items(cand[:k], scores[:k], launcher_of, {"retrieval": (cand, scores)}),
+            return self._result(self._items(cand[:k], scores[:k], launcher_of, {"retrieval": (cand, scores)}, explain),
                                 "retrieval;prerank_failed", timer, unknown)
         timer.lap("prerank")
         ranked, ranked_scores = cand[order], pre_scores[order]
         stage_scores = {"retrieval": (cand, scores), "prerank": (cand, pre_scores)}
         if self.v.rerank is None or self._rerank_len == 0:
-            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores),
+            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores, explain),
                                 "prerank", timer, unknown)
 
         n = min(self.prerank_n, self._rerank_len, ranked.size)
@@ -189,13 +193,13 @@ class Recommender:
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
-            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores),
+            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores, explain),
                                 "prerank;rerank_failed", timer, unknown)
         timer.lap("rerank")
         final = np.concatenate([ranked[:n][re_order], ranked[n:]])[:k]
         final_scores = np.concatenate([re_scores[re_order], ranked_scores[n:]])[:k]
         stage_scores["rerank"] = (ranked[:n], re_scores)
-        return self._result(self._items(final, final_scores, launcher_of, stage_scores), "rerank", timer, unknown)
+        return self._result(self._items(final, final_scores, launcher_of, stage_scores, explain), "rerank", timer, unknown)
 
     # --- stages ---
 
@@ -232,8 +236,10 @@ class Recommender:
     # --- output ---
 
     def _items(self, items: np.ndarray, scores: np.ndarray, launcher_of: dict[int, int],
-               stage_scores: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[RecommendedItem]:
-        lookup = {name: dict(zip(ids.tolist(), s.tolist())) for name, (ids, s) in stage_scores.items()}
+               stage_scores: dict[str, tuple[np.ndarray, np.ndarray]], explain: bool) -> list[RecommendedItem]:
+        # per-stage score lookups only when asked for: they touch every candidate, not just the top k
+        lookup = {name: dict(zip(ids.tolist(), s.tolist()))
+                  for name, (ids, s) in stage_scores.items()} if explain else {}
         out = []
         for i, s in zip(items.tolist(), scores.tolist()):
             stages = {name: float(m[i]) for name, m in lookup.items() if i in m}

@@ -35,7 +35,7 @@ def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep) -> R
             flags.append(STORE_FLAG)
     store_ms = round((time.perf_counter() - start) * 1000.0, 3)
 
-    result = rec.recommend(history, body.k, body.exclude)
+    result = rec.recommend(history, body.k, body.exclude, explain=body.explain)
     items = [
         RecommendedItemOut(item_id=it.item_id, score=it.score, rank=r, launcher=it.launcher,
                            stages=it.stages if body.explain else None)
