@@ -31,6 +31,7 @@ STAGE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError
 PAD, OOV = 0, 1
 HISTORY, LAST_ITEM = "history", "last_item"
 USER_LOG_COUNT = "user_log_count"
+FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,33 @@ class RecommendResult:
     unknown_items: int = 0
 
 
+class FilterError(ValueError):
+    """A request filter the loaded version cannot apply; `field` is the filter's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"filters.{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class _Timer:
+    """Per-stage wall times in ms; `lap(name)` closes the stage that began at the last lap."""
+
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self._start = self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.ms[name] = round((now - self._t) * 1000.0, 3)
         self._t = now
+
+    def restart(self) -> None:
+        """Start the next stage now (after stages timed elsewhere, e.g. search / fuse)."""
+        self._t = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self._start) * 1000.0
 
 
 def _encode(table: np.ndarray, raw: np.ndarray, *, zero_is_padding: bool) -> np.ndarray:
@@ -109,7 +128,8 @@ class UserFeatures:
 
 
 class Recommender:
-    """DESIGN §6 over one LoadedVersion; thread-safe (no mutable state after construction)."""
+    """DESIGN §6 over one LoadedVersion; thread-safe (the only mutable state is the filter-mask
+    cache, whose dict operations are atomic under the GIL; a race costs a recomputation)."""
 
     def __init__(self, version: LoadedVersion, retrieval_k: int = 200, prerank_n: int = 30) -> None:
         if retrieval_k < 1 or prerank_n < 1:
@@ -119,6 +139,7 @@ class Recommender:
         self.prerank_n = prerank_n
         self.user_features = UserFeatures(version.prerank_features)
         self._popular = (np.argsort(-version.popularity[1:], kind="stable") + 1).astype(np.int64)  # (N,)
+        self._filter_cache: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
         self._pv_mean: np.ndarray | None = None
         self._pv_std: np.ndarray | None = None
         self._rerank_len = 0
@@ -139,53 +160,72 @@ class Recommender:
         known = np.asarray([i for i in idx if i > 0], np.int64)
         return known, len(idx) - known.size
 
-    def popularity(self, k: int, banned: np.ndarray) -> list[RecommendedItem]:
-        order = self._popular[~np.isin(self._popular, banned)][:k]
+    def popularity(self, k: int, banned: np.ndarray, allowed: np.ndarray | None = None) -> list[RecommendedItem]:
+        """The k most popular items outside `banned` (and inside `allowed`, an (N + 1,) mask)."""
+        pool = self._popular if allowed is None else self._popular[allowed[self._popular]]
+        order = pool[~np.isin(pool, banned)][:k]
         return [RecommendedItem(str(self.v.item_ids[i]), float(self.v.popularity[i]), None,
                                 {"popularity": float(self.v.popularity[i])}) for i in order]
 
     def recommend(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None,
-                  explain: bool = True) -> RecommendResult:
+                  explain: bool = True, filters: dict[str, list[str]] | None = None,
+                  timeout_ms: float | None = None) -> RecommendResult:
         """Top-k external ids for a history (oldest first); seen and `exclude` items never returned.
 
+        filters: item feature name -> accepted values (an item passes when, for every name, its
+        value, or one of its values for a multi-valued feature, is accepted); unknown names or
+        values raise FilterError. Candidates are filtered after retrieval; when fewer than k
+        pass, the list is topped up with the most popular passing items (`;filter_backfill`).
+        timeout_ms: a stage not yet started when the request has used this much time is skipped
+        and the previous stage's order is served (`;timeout`); a running stage is not cut short.
         explain=False skips collecting each item's per-stage scores (`stages` stays empty).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         timer = _Timer()
+        allowed = self.filter_mask(filters) if filters else None
         history, unknown = self.to_indices(history_item_ids)
         excluded, _ = self.to_indices(exclude or [])
         banned = np.unique(np.concatenate([history, excluded]))
         if history.size == 0:
-            items = self.popularity(k, banned)
+            items = self.popularity(k, banned, allowed)
             timer.lap("popularity")
             return self._result(items, "popularity", timer, unknown)
 
         try:
-            cand, scores, launchers = self._retrieve(history, k, banned)
+            cand, scores, launchers = self._retrieve(history, k, banned, timer)
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
-            items = self.popularity(k, banned)
+            items = self.popularity(k, banned, allowed)
             timer.lap("popularity")
             return self._result(items, "popularity;retrieval_failed", timer, unknown)
-        timer.lap("retrieval")
-        if cand.size == 0:  # everything seen or excluded
-            return self._result([], "retrieval", timer, unknown)
+        if allowed is not None:
+            passing = allowed[cand]
+            cand, scores, launchers = cand[passing], scores[passing], launchers[passing]
+        if cand.size == 0:  # everything seen, excluded or filtered out
+            return self._result(self._backfill([], k, banned, allowed), "retrieval", timer, unknown, allowed)
         launcher_of = dict(zip(cand.tolist(), launchers.tolist()))
+        stage_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {"retrieval": (cand, scores)}
 
+        def served(items: np.ndarray, item_scores: np.ndarray, path: str) -> RecommendResult:
+            out = self._items(items[:k], item_scores[:k], launcher_of, stage_scores, explain)
+            return self._result(self._backfill(out, k, banned, allowed), path, timer, unknown, allowed)
+
+        if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
+            return served(cand, scores, "retrieval;timeout")
         try:
             order, pre_scores, pv = self._prerank(history, cand)
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
-            return self._result(self._items(cand[:k], scores[:k], launcher_of, {"retrieval": (cand, scores)}, explain),
-                                "retrieval;prerank_failed", timer, unknown)
+            return served(cand, scores, "retrieval;prerank_failed")
         timer.lap("prerank")
         ranked, ranked_scores = cand[order], pre_scores[order]
-        stage_scores = {"retrieval": (cand, scores), "prerank": (cand, pre_scores)}
+        stage_scores["prerank"] = (cand, pre_scores)
         if self.v.rerank is None or self._rerank_len == 0:
-            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores, explain),
-                                "prerank", timer, unknown)
+            return served(ranked, ranked_scores, "prerank")
+        if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
+            return served(ranked, ranked_scores, "prerank;timeout")
 
         n = min(self.prerank_n, self._rerank_len, ranked.size)
         try:
@@ -193,20 +233,64 @@ class Recommender:
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
-            return self._result(self._items(ranked[:k], ranked_scores[:k], launcher_of, stage_scores, explain),
-                                "prerank;rerank_failed", timer, unknown)
+            return served(ranked, ranked_scores, "prerank;rerank_failed")
         timer.lap("rerank")
-        final = np.concatenate([ranked[:n][re_order], ranked[n:]])[:k]
-        final_scores = np.concatenate([re_scores[re_order], ranked_scores[n:]])[:k]
+        final = np.concatenate([ranked[:n][re_order], ranked[n:]])
+        final_scores = np.concatenate([re_scores[re_order], ranked_scores[n:]])
         stage_scores["rerank"] = (ranked[:n], re_scores)
-        return self._result(self._items(final, final_scores, launcher_of, stage_scores, explain), "rerank", timer, unknown)
+        return served(final, final_scores, "rerank")
+
+    # --- filters ---
+
+    def filter_mask(self, filters: dict[str, list[str]]) -> np.ndarray:
+        """(N + 1,) bool: items whose features pass every filter; [0] (padding) is False.
+
+        Masks are cached per (name, values), so a repeated filter costs one lookup."""
+        mask = np.ones(self.v.num_items + 1, bool)
+        mask[0] = False
+        for name, values in sorted(filters.items()):
+            key = (name, tuple(sorted(set(values))))
+            part = self._filter_cache.get(key)
+            if part is None:
+                part = self._feature_mask(name, key[1])
+                if len(self._filter_cache) >= FILTER_CACHE_SIZE:
+                    self._filter_cache.pop(next(iter(self._filter_cache)))
+                self._filter_cache[key] = part
+            mask &= part
+        return mask
+
+    def _feature_mask(self, name: str, values: tuple[str, ...]) -> np.ndarray:
+        kinds = {key.split(":", 1)[1]: key for key in self.v.item_features if not key.startswith("num:")}
+        if name not in kinds:
+            raise FilterError(name, f"unknown item feature; filterable: {sorted(kinds)}")
+        if not values:
+            raise FilterError(name, "needs at least one value")
+        vocab = {v: c for c, v in enumerate(self.v.vocab.get(name, []), start=1)}
+        missing = [v for v in values if v not in vocab]
+        if missing:
+            raise FilterError(name, f"unknown value(s) {missing[:5]}; {len(vocab)} known values")
+        codes = np.asarray([vocab[v] for v in values], np.int64)
+        col = self.v.item_features[kinds[name]]
+        hit = np.isin(col, codes)
+        return hit.any(axis=1) if hit.ndim == 2 else hit
+
+    def _backfill(self, items: list[RecommendedItem], k: int, banned: np.ndarray,
+                  allowed: np.ndarray | None) -> list[RecommendedItem]:
+        """Top up a filtered list that came out shorter than k with popular passing items."""
+        if allowed is None or len(items) >= k:
+            return items
+        taken = np.asarray([self.v.id_to_index[it.item_id] for it in items], np.int64)
+        return items + self.popularity(k - len(items), np.concatenate([banned, taken]), allowed)
 
     # --- stages ---
 
-    def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray,
+                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         seq = history[-self.v.maxlen:][None]  # (1, L)
         users = self.v.retrieval.run(None, {"item_seq": seq})[0]  # (1, M, D)
-        hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned)
+        timer.lap("encode")
+        hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
+        timer.restart()
         cand, scores, launchers = hits.user(0)
         return cand, scores, launchers
 
@@ -246,6 +330,9 @@ class Recommender:
             out.append(RecommendedItem(str(self.v.item_ids[i]), float(s), int(launcher_of[i]), stages))
         return out
 
-    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int) -> RecommendResult:
-        timer.ms["total"] = round(sum(timer.ms.values()), 3)
+    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int,
+                allowed: np.ndarray | None = None) -> RecommendResult:
+        if allowed is not None and items and items[-1].launcher is None and "popularity" not in served_by:
+            served_by += ";filter_backfill"
+        timer.ms["total"] = round(timer.elapsed_ms(), 3)
         return RecommendResult(items, self.v.version, served_by, timer.ms, unknown)
