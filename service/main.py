@@ -1,7 +1,8 @@
 """FastAPI app factory; the lifespan loads the CURRENT artifact version and the history store.
 
 Importing this module loads nothing: `app = create_app()` only builds the routes; settings are
-read and artifacts loaded when the server starts (lifespan).
+read and artifacts loaded when the server starts (lifespan), and a VersionWatcher then swaps in
+new versions as they are published (service/reloader.py).
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 
-from service.api.routes import catalog, events, health, recommend
+from service.api.routes import admin, catalog, events, health, recommend
 from service.artifacts import load_current
 from service.core.config import Settings
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline import Recommender
+from service.reloader import VersionWatcher
 from service.stores import make_store
 
 logger = logging.getLogger(__name__)
@@ -27,13 +32,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     version = load_current(settings.artifacts)  # ArtifactError names the file: the server does not start
     store = make_store(settings.redis_url, settings.max_history)
+    make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     app.state.store = store
-    app.state.recommender = Recommender(version, settings.retrieval_k, settings.prerank_n)
+    app.state.recommender = make_recommender(version)
+    app.state.metrics.set_version(version.version)
+    watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
+                             settings.reload_poll_s, settings.redis_url)
+    app.state.watcher = watcher
+    watcher.start()
     logger.info("serving version %s (retrieval_k=%d, prerank_n=%d)", version.version, settings.retrieval_k,
                 settings.prerank_n)
     try:
         yield
     finally:
+        await watcher.stop()
+        app.state.watcher = None
         app.state.recommender = None
         app.state.store = None
         store.close()
@@ -43,10 +56,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API; `settings=None` reads RECSYS_* at start-up."""
     app = FastAPI(title="recsys", version="1", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = Metrics()
     app.state.recommender = None
     app.state.store = None
-    for module in (health, recommend, events, catalog):
+    app.state.watcher = None
+    for module in (health, recommend, events, catalog, admin):
         app.include_router(module.router)
+    default_limit = Settings.model_fields["max_body_bytes"].default
+
+    def body_limit() -> int:  # settings may only be known once the lifespan has run
+        s: Settings | None = app.state.settings
+        return default_limit if s is None else s.max_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
     return app
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from service.stores import MAX_ID_LEN
 
 MAX_HISTORY_IN_REQUEST = 1000
 MAX_K = 1000
 MAX_EVENTS = 1000
+MAX_BATCH = 100
+MAX_FILTERS = 16
+MAX_FILTER_VALUES = 100
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
+# one value or a list; a single string is taken as a one-element list (so a 422 has one clean loc)
+FilterValues = Annotated[list[Id], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                         Field(min_length=1, max_length=MAX_FILTER_VALUES)]
 
 
 class RecommendRequest(BaseModel):
@@ -24,7 +30,13 @@ class RecommendRequest(BaseModel):
     history: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
     exclude: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
+    filters: dict[Id, FilterValues] | None = Field(
+        default=None, max_length=MAX_FILTERS,
+        description="item feature -> accepted value(s), e.g. {\"genre\": [\"Comedy\", \"Drama\"]}")
     explain: bool = False
+
+    def filter_values(self) -> dict[str, list[str]] | None:
+        return self.filters or None
 
 
 class RecommendedItemOut(BaseModel):
@@ -41,6 +53,22 @@ class RecommendResponse(BaseModel):
     served_by: str
     timings_ms: dict[str, float]
     unknown_items: int = 0
+
+
+class RecommendBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class RecommendBatchResponse(BaseModel):
+    results: list[RecommendResponse]
+
+
+class ReloadOut(BaseModel):
+    previous: str
+    model_version: str
+    changed: bool
 
 
 class EventIn(BaseModel):

@@ -12,7 +12,9 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.core.config import Settings
+from service.metrics import Metrics
 from service.pipeline import Recommender
+from service.reloader import VersionWatcher
 from service.stores import HistoryStore
 
 
@@ -35,6 +37,18 @@ def get_store(request: Request) -> HistoryStore:
     return store
 
 
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_watcher(request: Request) -> VersionWatcher:
+    watcher: VersionWatcher | None = getattr(request.app.state, "watcher", None)
+    if watcher is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
+    return watcher
+
+
 def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
                     x_api_key: Annotated[str | None, Header()] = None) -> None:
     """401 unless X-API-Key matches RECSYS_API_KEY (no check when no key is configured)."""
@@ -49,3 +63,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]

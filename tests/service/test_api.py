@@ -7,7 +7,12 @@ from the catalog, filters, fallbacks, validation, auth), not model quality.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +83,7 @@ def test_recommend_by_history_filters_and_launchers(client: TestClient, catalog:
     assert [it["rank"] for it in out["items"]] == list(range(1, 11))
     assert all(it["launcher"] in (0, 1) for it in out["items"])  # the tiny SASRec has M = 2 launchers
     assert out["served_by"] == "rerank" and out["model_version"] == "v1"
-    assert {"retrieval", "prerank", "rerank", "total"} <= out["timings_ms"].keys()
+    assert {"store", "encode", "search", "fuse", "prerank", "rerank", "total"} <= out["timings_ms"].keys()
     top = out["items"][0]
     assert top["stages"].keys() == {"retrieval", "prerank", "rerank"} and top["score"] == top["stages"]["rerank"]
     # without explain no stage scores; unknown history ids are skipped and counted
@@ -147,6 +152,15 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         user = _user()
         assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[0]}).status_code == 202
         assert _recommend(c, user_id=user, k=5)["served_by"] == "rerank"
+        pid = redis_server.proc.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)  # hung: accepts TCP, never answers; the data stays
+        try:
+            out = _recommend(c, user_id=user, k=5)
+            assert out["served_by"] == "popularity;store_unavailable" and len(out["items"]) == 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        back = _recommend(c, user_id=user, k=5)  # Redis answers again: the stored history is used again
+        assert back["served_by"] == "rerank" and catalog[0] not in [it["item_id"] for it in back["items"]]
         redis_server.stop()
         out = _recommend(c, user_id=user, k=5)  # stored history unreachable: popularity, flagged
         assert out["served_by"] == "popularity;store_unavailable" and len(out["items"]) == 5
@@ -155,6 +169,11 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}).status_code == 503
         assert c.get(f"/v1/users/{user}/history").status_code == 503
         assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable"}
+        redis_server.start()  # same port, empty (no persistence in tests): new events are used again
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[2]}).status_code == 202
+        out = _recommend(c, user_id=user, k=5)
+        assert out["served_by"] == "rerank" and catalog[2] not in [it["item_id"] for it in out["items"]]
+        assert c.get("/readyz").json()["store"] == "ok"
 
 
 @pytest.mark.parametrize(("body", "field"), [
@@ -168,6 +187,11 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
     ({"user_id": 7}, ["body", "user_id"]),
     ({"explain": "maybe"}, ["body", "explain"]),
     ({"kk": 3}, ["body", "kk"]),
+    ({"filters": {"genre": []}}, ["body", "filters", "genre"]),
+    ({"filters": {"genre": 3}}, ["body", "filters", "genre"]),
+    ({"filters": ["genre"]}, ["body", "filters"]),
+    ({"filters": {"no_such_feature": "x"}}, ["body", "filters", "no_such_feature"]),
+    ({"filters": {"category": "no-such-value"}}, ["body", "filters", "category"]),
     (None, ["body"]),
 ])
 def test_recommend_422_names_the_field(client: TestClient, body: object, field: list[object]) -> None:
@@ -311,3 +335,153 @@ def test_online_user_features_match_the_training_encoder(artifacts_root: Path, c
 def test_everything_seen_or_excluded_gives_an_empty_list(client: TestClient, catalog: list[str]) -> None:
     out = _recommend(client, history=catalog[:40], exclude=catalog[40:], k=10)
     assert out["items"] == [] and out["served_by"] == "retrieval"
+
+
+def test_filters_keep_only_matching_items_and_backfill(client: TestClient, artifacts_root: Path,
+                                                      catalog: list[str]) -> None:
+    v = load_current(artifacts_root)
+    cat = v.item_features["cat:category"]
+    vocab = v.vocab["category"]
+    wanted = vocab[int(cat[1]) - 1]  # the first item's category
+    out = _recommend(client, history=catalog[:3], k=10, filters={"category": wanted}, explain=True)
+    ids = [it["item_id"] for it in out["items"]]
+    passing = {str(v.item_ids[i]) for i in range(1, v.num_items + 1) if vocab[int(cat[i]) - 1] == wanted}
+    assert ids and set(ids) <= passing - set(catalog[:3])
+    assert len(ids) == min(10, len(passing - set(catalog[:3])))  # topped up with popular passing items if short
+    assert out["served_by"].startswith("rerank")
+    # multi-valued feature: an item passes when any of its tags is asked for; filters combine with AND
+    tags = v.item_features["multi:tags"]
+    tag = v.vocab["tags"][int(tags[1][tags[1] > 0][0]) - 1]
+    both = _recommend(client, history=catalog[:3], k=5, filters={"tags": [tag], "category": [wanted]})
+    for it in both["items"]:
+        i = v.id_to_index[it["item_id"]]
+        assert vocab[int(cat[i]) - 1] == wanted and tag in [v.vocab["tags"][c - 1] for c in tags[i] if c > 0]
+    pop = _recommend(client, k=5, filters={"category": wanted})  # no history: popularity, filtered too
+    assert pop["served_by"] == "popularity" and {it["item_id"] for it in pop["items"]} <= passing
+
+
+def test_batch_serves_each_request_and_names_the_bad_one(client: TestClient, catalog: list[str]) -> None:
+    user = _user()
+    assert client.post("/v1/events", json={"user_id": user, "item_id": catalog[7]}).status_code == 202
+    body = {"requests": [{"history": catalog[:4], "k": 3}, {"user_id": user, "k": 4}, {"k": 2}]}
+    r = client.post("/v1/recommend/batch", json=body)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [len(x["items"]) for x in res] == [3, 4, 2]
+    assert [x["served_by"] for x in res] == ["rerank", "rerank", "popularity"]
+    single = _recommend(client, history=catalog[:4], k=3)
+    assert [it["item_id"] for it in res[0]["items"]] == [it["item_id"] for it in single["items"]]
+    assert catalog[7] not in [it["item_id"] for it in res[1]["items"]]  # the stored history was used
+    bad = {"requests": [{"k": 2}, {"k": 2, "filters": {"nope": "x"}}]}
+    r = client.post("/v1/recommend/batch", json=bad)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests", 1, "filters", "nope"]
+    r = client.post("/v1/recommend/batch", json={"requests": [{"k": 1}] * 101})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests"]
+    r = client.post("/v1/recommend/batch", json={"requests": [{"k": 0}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests", 0, "k"]
+
+
+def test_oversized_body_is_413_by_length_or_while_streaming(client: TestClient) -> None:
+    big = b'{"history": [' + b'"x",' * 400_000 + b'"x"]}'  # ~1.6 MB > the 1 MiB default
+    r = client.post("/v1/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body"]
+    r = client.post("/v1/recommend", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                    headers={"content-type": "application/json"})  # chunked: no Content-Length
+    assert r.status_code == 413
+    assert client.post("/v1/recommend", json={"k": 1}).status_code == 200  # the worker is fine
+
+
+def test_timeout_serves_the_previous_stage(artifacts_root: Path, catalog: list[str]) -> None:
+    with TestClient(_app(artifacts_root, timeout_ms=0.001)) as c:
+        out = _recommend(c, history=catalog[:3], k=5)
+    assert out["served_by"] == "retrieval;timeout" and len(out["items"]) == 5
+    assert "prerank" not in out["timings_ms"]
+
+
+def test_metrics_count_requests_stages_and_fallbacks(client: TestClient, catalog: list[str]) -> None:
+    _recommend(client, history=catalog[:3], k=5)
+    _recommend(client, k=5)
+    client.post("/v1/recommend", json={"k": 0})
+    _recommend(client, history=["unknown-1", "unknown-2", catalog[0]], k=2)
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'recsys_http_request_duration_seconds_count{method="POST",route="/v1/recommend",status="200"} 3.0' in text
+    assert 'recsys_http_errors_total{route="/v1/recommend",status="422"} 1.0' in text
+    assert 'recsys_fallbacks_total{reason="no_history"} 1.0' in text
+    assert 'recsys_stage_duration_seconds_count{stage="rerank"} 2.0' in text
+    assert 'recsys_unknown_history_items_total 2.0' in text
+    assert 'recsys_model_version_info{version="v1"} 1.0' in text
+
+
+# --- hot swap ---
+
+
+def _second_version(root: Path, src: str, name: str) -> None:
+    """Copy version `src` as `name` (same models, new name) without touching CURRENT."""
+    shutil.copytree(root / src, root / name)
+    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest["version"] = name
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture()
+def swap_root(artifacts_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    shutil.copytree(artifacts_root / "v1", root / "v1")
+    (root / "CURRENT").write_text("v1\n")
+    _second_version(root, "v1", "v2")
+    return root
+
+
+def _wait_version(c: TestClient, want: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if c.get("/v1/version").json()["model_version"] == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"still serving {c.get('/v1/version').json()['model_version']}, expected {want}")
+
+
+def test_polling_picks_up_a_new_current(swap_root: Path, catalog: list[str]) -> None:
+    from training.artifacts import set_current
+
+    with TestClient(_app(swap_root, reload_poll_s=0.1)) as c:
+        assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v1"
+        set_current(swap_root, "v2")
+        _wait_version(c, "v2")
+        assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v2"
+        assert 'recsys_reloads_total{result="ok"} 1.0' in c.get("/metrics").text
+
+
+def test_pubsub_notice_swaps_without_polling(swap_root: Path, redis_url: str) -> None:
+    from service.notify import notify_version
+    from training.artifacts import set_current
+
+    with TestClient(_app(swap_root, reload_poll_s=0, redis_url=redis_url)) as c:
+        deadline = time.monotonic() + 5
+        while notify_version(redis_url, "v1") == 0:  # wait until the watcher has subscribed
+            assert time.monotonic() < deadline, "the service never subscribed"
+            time.sleep(0.05)
+        set_current(swap_root, "v2")
+        assert notify_version(redis_url, "v2") >= 1
+        _wait_version(c, "v2")
+
+
+def test_a_broken_version_is_never_served(swap_root: Path, catalog: list[str]) -> None:
+    _second_version(swap_root, "v1", "v3")
+    (swap_root / "v3" / "index.faiss").write_bytes(b"truncated")
+    with TestClient(_app(swap_root, reload_poll_s=0.05, api_key=API_KEY)) as c:
+        (swap_root / "CURRENT").write_text("v3\n")
+        time.sleep(0.5)  # several polls
+        assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v1"
+        assert c.post("/v1/admin/reload").status_code == 401
+        r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
+        assert r.status_code == 409 and "v3" in r.json()["detail"] and "index.faiss" in r.json()["detail"]
+        assert 'recsys_reloads_total{result="failed"} 2.0' in c.get("/metrics").text  # one poll + the admin call
+        (swap_root / "CURRENT").write_text("v2\n")
+        r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
+        assert r.status_code == 200 and r.json() == {"previous": "v1", "model_version": "v2", "changed": True}
+        r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
+        assert r.json() == {"previous": "v2", "model_version": "v2", "changed": False}

@@ -1,10 +1,13 @@
-"""GET /healthz (the process answers) and GET /readyz (artifacts loaded: 503 until then)."""
+"""GET /healthz (the process answers), GET /readyz (artifacts loaded: 503 until then) and
+GET /metrics (Prometheus exposition)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
+
+from service.api.deps import MetricsDep
 
 router = APIRouter(tags=["health"])
 
@@ -25,3 +28,9 @@ def readyz(request: Request, response: Response) -> dict[str, Any]:
         return {"status": "loading"}
     return {"status": "ready", "model_version": rec.model_version,
             "store": "ok" if store is not None and store.ping() else "unavailable"}
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(m: MetricsDep) -> Response:
+    body, content_type = m.render()
+    return Response(body, media_type=content_type)

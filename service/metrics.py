@@ -1,0 +1,72 @@
+"""Prometheus metrics of the service (GET /metrics): request and per-stage latency, fallbacks,
+errors, unknown history items and version reloads.
+
+Each app owns its registry (tests build many apps in one process). With several uvicorn workers
+set PROMETHEUS_MULTIPROC_DIR to an empty folder: every worker then writes its values there and
+/metrics sums them (prometheus_client's multiprocess mode); without it, one worker per pod is
+the deployment this is written for (deploy/k8s scales pods, not workers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+# seconds; dense below 50 ms, where the service lives
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
+                   0.5, 1.0, 2.5)
+STAGES = ("store", "popularity", "encode", "search", "fuse", "prerank", "rerank", "total")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Metrics:
+    """The service's instruments, registered in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram("recsys_http_request_duration_seconds",
+                                         "HTTP request latency by route template, method and status",
+                                         ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("recsys_stage_duration_seconds", "Recommend pipeline time per stage",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.served_by = Counter("recsys_recommendations_total",
+                                 "Recommendations by the last stage that ordered them", ["stage"], registry=r)
+        self.fallbacks = Counter("recsys_fallbacks_total",
+                                 "Recommendations served by a fallback path, by reason", ["reason"], registry=r)
+        self.errors = Counter("recsys_http_errors_total", "Responses with status >= 400 by route and status",
+                              ["route", "status"], registry=r)
+        self.unknown_items = Counter("recsys_unknown_history_items_total",
+                                     "History item ids not in the served catalog (skipped)", registry=r)
+        self.reloads = Counter("recsys_reloads_total", "Artifact version reloads by result", ["result"], registry=r)
+        self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
+                             registry=r, multiprocess_mode="liveall")
+
+    def observe_recommendation(self, served_by: str, timings_ms: Mapping[str, float], unknown_items: int) -> None:
+        """served_by is 'stage[;reason...]' as the pipeline reports it."""
+        stage, *reasons = served_by.split(";")
+        self.served_by.labels(stage).inc()
+        for reason in reasons:
+            self.fallbacks.labels(reason).inc()
+        if stage == "popularity" and not reasons:
+            self.fallbacks.labels("no_history").inc()
+        for name, ms in timings_ms.items():
+            if name in STAGES:
+                self.stage_seconds.labels(name).observe(ms / 1000.0)
+        if unknown_items:
+            self.unknown_items.inc(unknown_items)
+
+    def set_version(self, version: str) -> None:
+        self.version.clear()
+        self.version.labels(version).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        """(exposition text, content type) for GET /metrics."""
+        if os.environ.get(MULTIPROC_ENV):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,101 @@
+"""ASGI middleware: request-body size limit (413) and per-request Prometheus timing.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware: no extra task or body copy per request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes()`: by Content-Length up front, else while it streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+        if length is not None:
+            if not length.isdigit():
+                await self._reject(send, 400, "Content-Length is not an integer")
+            elif int(length) > limit:
+                await self._reject(send, 413, f"request body of {int(length)} bytes exceeds {limit}")
+            else:  # the server reads no more than the declared length
+                await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        # streamed (chunked) body: read it here up to the limit, then replay it to the app (the
+        # framework turns any exception raised while it reads the body into a 400)
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                await self._reject(send, 413, f"request body exceeds {limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replay_receive, send)
+
+    @staticmethod
+    async def _reject(send: Send, status: int, msg: str) -> None:
+        body = json.dumps({"detail": [{"loc": ["body"], "msg": msg, "type": "body_too_large"}]}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Observe every HTTP request's latency under its route template (not the raw path, which
+    would make one time series per user id) and count responses >= 400."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # an exception escaping the app is answered 500 by the server
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_seconds.labels(template, scope["method"], str(status)).observe(
+                time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(template, str(status)).inc()

@@ -1,0 +1,136 @@
+"""Hot swap of the served artifact version (DESIGN.md §5, §8).
+
+A `VersionWatcher` reloads when artifacts/CURRENT names another version: told over Redis
+pub/sub (service.notify.VERSION_CHANNEL) when Redis is configured, and by polling CURRENT every
+`reload_poll_s` in any case (a lost message or a Redis outage only delays the swap). The new
+version is loaded, smoke-run and wrapped in a new Recommender off the event loop; only then is
+`app.state.recommender` replaced, one reference assignment, so a request in flight finishes on
+the version it started with and no request sees a half-loaded one. A version that fails to load
+is logged, counted and not retried until CURRENT changes again or an admin reload asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from service.artifacts import ArtifactError, current_version, load_version, smoke_run
+from service.metrics import Metrics
+from service.notify import VERSION_CHANNEL
+from service.pipeline import Recommender
+
+logger = logging.getLogger(__name__)
+
+PUBSUB_RETRY_S = 2.0  # wait before re-subscribing after Redis went away
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    previous: str
+    current: str
+    changed: bool
+
+
+class ReloadError(Exception):
+    """The version CURRENT names could not be loaded; the old one is still served."""
+
+
+class VersionWatcher:
+    """Owns the swap of `state.recommender`; one reload at a time."""
+
+    def __init__(self, state: Any, root: Path, make_recommender: Callable[[Any], Recommender], metrics: Metrics,
+                 poll_s: float, redis_url: str | None) -> None:
+        self.state = state
+        self.root = root
+        self.make_recommender = make_recommender
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.redis_url = redis_url
+        self._lock = asyncio.Lock()
+        self._failed: str | None = None  # a version that did not load; skipped by polling
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def served(self) -> str:
+        rec: Recommender = self.state.recommender
+        return rec.model_version
+
+    def start(self) -> None:
+        if self.poll_s > 0:
+            self._tasks.append(asyncio.create_task(self._poll(), name="recsys-poll-current"))
+        if self.redis_url:
+            self._tasks.append(asyncio.create_task(self._subscribe(self.redis_url), name="recsys-version-pubsub"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def reload(self, force: bool = False) -> ReloadResult:
+        """Load the version CURRENT names and swap it in; a no-op when it is already served.
+
+        force=True retries a version that failed before. Raises ReloadError (old version kept).
+        """
+        async with self._lock:
+            previous = self.served
+            try:
+                name = current_version(self.root)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                raise ReloadError(str(exc)) from None
+            if name == previous or (name == self._failed and not force):
+                return ReloadResult(previous, previous, False)
+            try:
+                rec = await asyncio.to_thread(self._load, name)
+            except ArtifactError as exc:
+                self._failed = name
+                self.metrics.reloads.labels("failed").inc()
+                logger.error("version %s does not load, still serving %s: %s", name, previous, exc)
+                raise ReloadError(f"version {name} does not load, still serving {previous}: {exc}") from None
+            self.state.recommender = rec  # the swap: one reference assignment
+            self._failed = None
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.set_version(name)
+            logger.info("now serving version %s (was %s)", name, previous)
+            return ReloadResult(previous, name, True)
+
+    def _load(self, name: str) -> Recommender:
+        version = load_version(self.root / name)
+        smoke_run(version)
+        return self.make_recommender(version)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            with contextlib.suppress(ReloadError):
+                await self.reload()
+
+    async def _subscribe(self, url: str) -> None:
+        """Reload on every message on VERSION_CHANNEL; reconnect after Redis trouble."""
+        while True:
+            client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(VERSION_CHANNEL)
+                    logger.info("listening for new versions on %s", VERSION_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            logger.info("version notice: %r", message.get("data"))
+                            with contextlib.suppress(ReloadError):
+                                await self.reload()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("version pub/sub unavailable (%s); polling CURRENT meanwhile", exc)
+            finally:
+                await client.aclose()
+            await asyncio.sleep(PUBSUB_RETRY_S)
