@@ -2,12 +2,24 @@
 
 artifacts_root/<version>/ holds manifest.json, catalog.npz, retrieval.onnx, items.npy,
 index.faiss, prerank_user.onnx, prerank_items.npy, prerank_features.json and, with a
-re-ranker, rerank.onnx + rerank_items.npy. The version is written to
-artifacts_root/.tmp-<version>, checked (ONNX parity against eager PyTorch, index recall
-against exact search, upstream consistency, offline metrics against the live version, then a
-full load + smoke run through service.artifacts), fsynced and renamed into place; only then is artifacts_root/CURRENT
-replaced (temp file + os.replace). Any failure removes the temp folder and leaves CURRENT
-as it was. Old versions are never touched.
+re-ranker, rerank.onnx + rerank_items.npy. `recsys export` and `recsys reindex` share every step:
+
+    load_sources     the data set and the checkpoints, each checked against the data set
+    check_upstream   the pre-rank item heads and re-rank item features exported by training
+                     are the ones these checkpoints give (the re-ranker fits its upstream)
+    ItemSide         the catalog a version serves and its per-item arrays: for export the data
+                     set's items and the files training exported (dataset_items); reindex
+                     builds a grown catalog (training/reindex.py)
+    publish_items    writes artifacts_root/.tmp-<version>: catalog, retrieval.onnx + ONNX
+                     parity against eager PyTorch, items.npy, index.faiss + recall against
+                     exact search, pre-rank / re-rank files + parity; then the caller's
+                     offline-metric gate against the live version, a full load + smoke run
+                     through service.artifacts, fsync and a rename into place
+    set_current      CURRENT replaced atomically (temp file + os.replace), only after all that
+
+Any failure removes the temp folder and leaves CURRENT as it was. publish_items never touches
+other versions (pruning is reindex's, training/reindex.py). Each step's wall time is printed on
+stderr as `[step] 1.23s` and recorded in the `timings` dict the caller passes.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,14 +42,17 @@ import onnxruntime as ort
 import torch
 
 from models.layers import Fields
+from models.sasrec import MultiLauncherSASRec
 from service.artifacts import ORT_ERRORS
-from service.index import IndexSpec
+from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.export import PARITY_ATOL, PARITY_RTOL, build_item_index, export_retrieval, retrieval_parity
+from training.commands.common import timed
+from training.export import INDEX_FAISS, PARITY_ATOL, PARITY_RTOL, export_retrieval, retrieval_parity
+from training.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +88,56 @@ class PublishError(RuntimeError):
 class PublishResult:
     path: Path
     manifest: dict[str, Any]
+
+
+@dataclass(eq=False)
+class Sources:
+    """One data set and the checkpoints trained on it, loaded and checked (load_sources)."""
+
+    data_spec: str
+    ds: Dataset
+    loo: LeaveOneOut
+    ret_dir: Path
+    pre_dir: Path
+    re_dir: Path | None
+    retrieval: MultiLauncherSASRec
+    payload: dict[str, Any]  # the retrieval checkpoint's payload (metrics, fingerprint, ...)
+    prerank: Any  # a pre-rank tower (IntTower, TwoTower, DCN-v2)
+    spec: FeatureSpec
+    pre_ckpt: dict[str, Any]
+    rerank: Any = None  # RerankModel or None
+    rerank_ckpt: dict[str, Any] | None = None
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint files (their bytes go into the default version name)."""
+        paths = [self.ret_dir / rt.CHECKPOINT, self.pre_dir / pr.CHECKPOINT]
+        return paths + ([self.re_dir / RERANK_CHECKPOINT] if self.re_dir is not None else [])
+
+
+@dataclass(eq=False)
+class ItemSide:
+    """What a version serves per item; row i of every array is internal item i (0 = padding).
+
+    catalog: the catalog.npz arrays (`_catalog_arrays` says which); retrieval: the encoder whose
+    embedding table has exactly N + 1 rows; prerank_items (N + 1, G, d) float32;
+    rerank_items (N + 1, F) float32 or None; info: the manifest's "catalog" entry.
+    """
+
+    catalog: dict[str, np.ndarray]
+    retrieval: MultiLauncherSASRec
+    prerank_items: np.ndarray
+    rerank_items: np.ndarray | None
+    info: dict[str, Any]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.catalog["item_ids"].shape[0]) - 1
+
+
+Regression = Callable[[Path, dict[str, Any]], dict[str, Any]]
+"""(temp version folder, its manifest) -> the manifest's checks.regression entry; raises
+PublishError when the new version is worse than the live one beyond the tolerance."""
 
 
 def default_version(fingerprint: str, sources: list[Path]) -> str:
@@ -125,12 +191,31 @@ def publish(
     min_recall: float = DEFAULT_MIN_RECALL,
     max_regression: float | None = DEFAULT_MAX_REGRESSION,
     index_spec: IndexSpec | None = None,
+    timings: dict[str, float] | None = None,
 ) -> PublishResult:
-    """publish_version that also returns the manifest written."""
+    """publish_version that also returns the manifest written (and fills `timings`)."""
+    check_gates(min_recall, max_regression)
+    root = Path(artifacts_root)
+    src = load_sources(data_spec, retrieval_dir, prerank_dir, rerank_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    check_upstream(src)
+    version = version or default_version(src.ds.fingerprint, src.checkpoints)
+    return publish_items(src, dataset_items(src), root, version, min_recall, index_spec,
+                         lambda tmp, manifest: _check_regression(root, manifest, max_regression), timings)
+
+
+def check_gates(min_recall: float, max_regression: float | None) -> None:
+    """ValueError for a gate threshold out of range."""
     if not 0.0 <= min_recall <= 1.0:
         raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
     if max_regression is not None and max_regression < 0:
         raise ValueError(f"max_regression must be >= 0 or None (no gate), got {max_regression}")
+
+
+def load_sources(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | Path,
+                 rerank_dir: str | Path | None) -> Sources:
+    """Load the data set and the checkpoints; FileNotFoundError for a missing file, DataError
+    for a checkpoint of another data set, PublishError for an unreadable checkpoint."""
     ret_dir, pre_dir = Path(retrieval_dir), Path(prerank_dir)
     re_dir = Path(rerank_dir) if rerank_dir is not None else None
     _require(ret_dir / rt.CHECKPOINT, "retrieval")
@@ -139,10 +224,8 @@ def publish(
     if re_dir is not None:
         for name in (RERANK_CHECKPOINT, *RERANK_FILES):
             _require(re_dir / name, "re-rank")
-    root = Path(artifacts_root)
 
     ds = load(data_spec)
-    loo = LeaveOneOut(ds)
     retrieval, payload = _load_checkpoint(rt.load_checkpoint, ret_dir / rt.CHECKPOINT, ret_dir)
     _check_data("retrieval", ret_dir, payload.get("fingerprint"), ds)
     if retrieval.config.num_items != ds.num_items:
@@ -150,18 +233,41 @@ def publish(
                         f"the data set {ds.num_items}")
     prerank, spec, pre_ckpt = _load_checkpoint(pr.load_checkpoint, pre_dir / pr.CHECKPOINT, pre_dir)
     _check_data("pre-rank", pre_dir, pre_ckpt.get("fingerprint"), ds)
-    rerank_ckpt: dict[str, Any] | None = None
+    src = Sources(data_spec, ds, LeaveOneOut(ds), ret_dir, pre_dir, re_dir, retrieval, payload, prerank, spec,
+                  pre_ckpt)
     if re_dir is not None:
         from training.impressions import load_reranker
 
         path = re_dir / RERANK_CHECKPOINT
-        rerank_model, rerank_ckpt = _load_checkpoint(load_reranker, path, path)
-        _check_data("re-rank", re_dir, rerank_ckpt.get("fingerprint"), ds)
+        src.rerank, src.rerank_ckpt = _load_checkpoint(load_reranker, path, path)
+        _check_data("re-rank", re_dir, src.rerank_ckpt.get("fingerprint"), ds)
+    return src
 
-    sources = [ret_dir / rt.CHECKPOINT, pre_dir / pr.CHECKPOINT] + ([re_dir / RERANK_CHECKPOINT] if re_dir else [])
-    version = version or default_version(ds.fingerprint, sources)
+
+def dataset_items(src: Sources) -> ItemSide:
+    """The item side `recsys export` publishes: the data set's items, the retrieval checkpoint
+    as trained and the item arrays the pre-rank / re-rank training commands exported."""
+    return ItemSide(
+        catalog=_catalog_arrays(src.ds, src.loo),
+        retrieval=src.retrieval,
+        prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
+        rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
+        info={"popularity": "training-part interaction counts"},
+    )
+
+
+def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, version: str, min_recall: float,
+                  index_spec: IndexSpec | None, regression: Regression,
+                  timings: dict[str, float] | None = None) -> PublishResult:
+    """Write, check and rename artifacts_root/<version>, then make it CURRENT (see the module doc).
+
+    Raises ValueError for a bad version name and PublishError when a check fails; on any
+    error the temp folder is removed and CURRENT is unchanged.
+    """
+    timings = {} if timings is None else timings
     if not _VERSION_RE.match(version) or version == CURRENT:
         raise ValueError(f"version must match {_VERSION_RE.pattern} and not be {CURRENT!r}, got {version!r}")
+    root = Path(artifacts_root)
     final = root / version
     if final.exists():
         raise PublishError(f"version {version} already exists at {final}")
@@ -171,22 +277,21 @@ def publish(
         shutil.rmtree(tmp)  # left over by a killed publish of the same version
     tmp.mkdir()
     try:
-        manifest = _build(tmp, version, data_spec, ds, loo, retrieval, payload, ret_dir, prerank, spec, pre_ckpt,
-                          pre_dir, re_dir, rerank_ckpt, min_recall, index_spec)
-        if re_dir is not None:
-            _check_rerank(tmp, rerank_model, manifest)
-        _check_upstream(tmp, ds, loo, ret_dir, pre_dir, pre_ckpt, re_dir)
-        manifest["checks"] = {"min_recall": min_recall,
-                              "regression": _check_regression(root, manifest, max_regression)}
-        _write_json(tmp / MANIFEST, manifest)
-        _smoke(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        manifest = _build(tmp, version, src, items, min_recall, index_spec, timings)
+        with timed("gate", timings):
+            if src.rerank is not None:
+                _check_rerank(tmp, src.rerank, manifest)
+            manifest["checks"] = {"min_recall": min_recall, "regression": regression(tmp, manifest)}
+            _write_json(tmp / MANIFEST, manifest)
+            _smoke(tmp)
+        with timed("write", timings):
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            set_current(root, version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    set_current(root, version)
     log.info("published %s as CURRENT", final)
     return PublishResult(final, manifest)
 
@@ -208,75 +313,84 @@ def set_current(artifacts_root: str | Path, version: str) -> None:
 # --- building ---
 
 
-def _build(out: Path, version: str, data_spec: str, ds: Dataset, loo: LeaveOneOut, retrieval: Any,
-           payload: dict[str, Any], ret_dir: Path, prerank: Any, spec: Any, pre_ckpt: dict[str, Any],
-           pre_dir: Path, re_dir: Path | None, rerank_ckpt: dict[str, Any] | None,
-           min_recall: float, index_spec: IndexSpec | None) -> dict[str, Any]:
-    popularity = _write_catalog(out / CATALOG, ds, loo)
-
-    onnx_path, items_path = export_retrieval(retrieval, out)
-    try:
-        parity = retrieval_parity(retrieval, onnx_path)
-    except _CHECK_ERRORS as exc:
-        raise PublishError(f"retrieval.onnx differs from eager PyTorch beyond atol={PARITY_ATOL}: {exc}") from None
-    items = np.load(items_path)  # (N, D)
+def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: float,
+           index_spec: IndexSpec | None, timings: dict[str, float]) -> dict[str, Any]:
+    ds, loo, n = src.ds, src.loo, items.num_items
+    retrieval = items.retrieval
+    if retrieval.config.num_items != n:
+        raise PublishError(f"the retrieval table has {retrieval.config.num_items} items, the catalog {n}")
+    with open(out / CATALOG, "wb") as f:
+        np.savez(f, **items.catalog)  # type: ignore[arg-type]  # no object arrays: loads with allow_pickle=False
+    with timed("onnx", timings):
+        onnx_path, items_path = export_retrieval(retrieval, out)
+        try:
+            parity = retrieval_parity(retrieval, onnx_path)
+        except _CHECK_ERRORS as exc:
+            raise PublishError(f"retrieval.onnx differs from eager PyTorch beyond atol={PARITY_ATOL}: {exc}") from None
+    vectors = np.load(items_path)  # (N, D)
     users = np.arange(min(RECALL_QUERY_USERS, loo.eval_users.size))
     with torch.no_grad():
         queries = retrieval.encode_user(torch.from_numpy(
             loo.histories("test", users, maxlen=retrieval.config.maxlen))).numpy()  # (B, M, D)
-    index_entry = build_item_index(items, queries, out, spec=index_spec, k=RECALL_K)
-    recall_key = next(k for k in index_entry if k.startswith("recall@"))
-    recall = float(index_entry[recall_key])  # type: ignore[arg-type]
+    with timed("index", timings):
+        spec = index_spec or IndexSpec(kind=choose_kind(n))
+        index = build_index(vectors, spec)
+        save_index(index, out / INDEX_FAISS)
+    with timed("recall", timings):
+        k = min(RECALL_K, n)
+        recall = ann_recall(index, vectors, queries, k=k)
     if recall < min_recall:
-        raise PublishError(f"index {recall_key} = {recall:.4f} is below --min-recall {min_recall}")
+        raise PublishError(f"index recall@{k} = {recall:.4f} is below --min-recall {min_recall}")
 
-    for name in PRERANK_FILES:
-        shutil.copy2(pre_dir / name, out / name)
-    pre_parity = _prerank_parity(prerank, spec, out / pr.USER_ONNX)
-    pre_manifest = json.loads((pre_dir / pr.MANIFEST).read_text())
-    heads = np.load(out / pr.ITEMS_NPY, mmap_mode="r")
-    if heads.ndim != 3 or heads.shape[0] != ds.num_items + 1:
-        raise PublishError(f"{pre_dir / pr.ITEMS_NPY}: shape {heads.shape}, expected ({ds.num_items + 1}, G, d)")
+    with timed("prerank", timings):
+        for name in (pr.USER_ONNX, pr.MANIFEST, pr.FEATURES):
+            shutil.copy2(src.pre_dir / name, out / name)
+        heads = items.prerank_items
+        if heads.ndim != 3 or heads.shape[0] != n + 1:
+            raise PublishError(f"pre-rank item heads have shape {heads.shape}, expected ({n + 1}, G, d)")
+        np.save(out / pr.ITEMS_NPY, heads.astype(np.float32, copy=False))
+        pre_parity = _prerank_parity(src.prerank, src.spec, out / pr.USER_ONNX)
+    pre_manifest = json.loads((src.pre_dir / pr.MANIFEST).read_text())
 
     cfg = retrieval.config
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {"spec": data_spec, "name": ds.name, "fingerprint": ds.fingerprint, "num_users": ds.num_users,
+        "data": {"spec": src.data_spec, "name": ds.name, "fingerprint": ds.fingerprint, "num_users": ds.num_users,
                  "num_items": ds.num_items, "num_interactions": ds.num_interactions},
-        "item_count": ds.num_items,
+        "item_count": n,
         "dims": {"retrieval_dim": cfg.dim, "num_launchers": cfg.num_launchers, "maxlen": cfg.maxlen,
                  "prerank_item_heads": list(heads.shape[1:]),
                  "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
         "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
-                  "index": index_entry["file"], "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
+                  "index": INDEX_FAISS, "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
                   "prerank_features": pr.FEATURES},
-        "catalog": {"popularity": "training-part interaction counts", "max_popularity": int(popularity.max())},
-        "retrieval": {"source": str(ret_dir), "model": "MultiLauncherSASRec", "config": cfg.to_dict(),
-                      "metrics": payload.get("metrics", {}), "parity_max_abs_diff": parity,
+        "catalog": {**items.info, "max_popularity": int(items.catalog["popularity"].max())},
+        "retrieval": {"source": str(src.ret_dir), "model": "MultiLauncherSASRec", "config": cfg.to_dict(),
+                      "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
                       "outputs": {"user_vectors": ["B", cfg.num_launchers, cfg.dim, "float32"]}},
-        "index": {**index_entry, "min_recall": min_recall, "recall_k": recall_key, "recall": recall,
-                  "queries": int(queries.shape[0] * queries.shape[1])},
-        "prerank": {"source": str(pre_dir), "model": pre_ckpt.get("model"), "config": prerank.cfg.to_dict(),
-                    "objective": pre_ckpt.get("objective"), "train": pre_ckpt.get("train"),
-                    "metrics": pre_ckpt.get("metrics", {}), "parity_max_abs_diff": pre_parity,
-                    "serving": pre_manifest},
+        "index": {**index_params(index), f"recall@{k}": recall, "file": INDEX_FAISS, "min_recall": min_recall,
+                  "recall_k": f"recall@{k}", "recall": recall, "queries": int(queries.shape[0] * queries.shape[1])},
+        "prerank": {"source": str(src.pre_dir), "model": src.pre_ckpt.get("model"),
+                    "config": src.prerank.cfg.to_dict(), "objective": src.pre_ckpt.get("objective"),
+                    "train": src.pre_ckpt.get("train"), "metrics": src.pre_ckpt.get("metrics", {}),
+                    "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
         "rerank": None,
     }
-    if re_dir is not None:
-        assert rerank_ckpt is not None
-        for name in RERANK_FILES[:2]:
-            shutil.copy2(re_dir / name, out / name)
+    if src.re_dir is not None:
+        assert src.rerank_ckpt is not None and items.rerank_items is not None
+        shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])
+        np.save(out / RERANK_FILES[1], items.rerank_items.astype(np.float32, copy=False))
         manifest["files"].update(rerank_onnx=RERANK_FILES[0], rerank_items=RERANK_FILES[1])
-        manifest["rerank"] = {"source": str(re_dir), "model": rerank_ckpt.get("name"),
-                              "train": rerank_ckpt.get("train"), "metrics": rerank_ckpt.get("metrics", {}),
-                              "serving": json.loads((re_dir / RERANK_FILES[2]).read_text())}
+        manifest["rerank"] = {"source": str(src.re_dir), "model": src.rerank_ckpt.get("name"),
+                              "train": src.rerank_ckpt.get("train"), "metrics": src.rerank_ckpt.get("metrics", {}),
+                              "serving": json.loads((src.re_dir / RERANK_FILES[2]).read_text())}
     return manifest
 
 
-def _write_catalog(path: Path, ds: Dataset, loo: LeaveOneOut) -> np.ndarray:
+def _catalog_arrays(ds: Dataset, loo: LeaveOneOut) -> dict[str, np.ndarray]:
     """catalog.npz: item_ids (N + 1,) str, popularity (N + 1,) int64 (training part), and per item
     feature `cat:<name>` (N + 1,) / `multi:<name>` (N + 1, K) int64 codes with `vocab:<name>`
     (code c >= 1 is vocab[c - 1]; 0 = unknown / padding), `num:<name>` (N + 1,) float32."""
@@ -293,9 +407,7 @@ def _write_catalog(path: Path, ds: Dataset, loo: LeaveOneOut) -> np.ndarray:
             arrays[f"num:{name}"] = col.astype(np.float32)
         for name, vocab in table.vocab.items():
             arrays[f"vocab:{name}"] = np.array(vocab, dtype=str)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]  # no object arrays: loads with allow_pickle=False
-    return popularity
+    return arrays
 
 
 # --- checks ---
@@ -346,29 +458,30 @@ def _check_rerank(out: Path, model: Any, manifest: dict[str, Any]) -> None:
     manifest["dims"]["rerank_item_dim"] = model.config.item_dim
 
 
-def _check_upstream(out: Path, ds: Dataset, loo: LeaveOneOut, ret_dir: Path, pre_dir: Path,
-                    pre_ckpt: dict[str, Any], re_dir: Path | None) -> None:
-    """The exported item heads (and re-rank item features) come from these very checkpoints.
+def check_upstream(src: Sources) -> Any:
+    """The pre-rank item heads (and re-rank item features) that training exported come from these
+    checkpoints. Returns the training.impressions.Pipeline that recomputed them.
 
-    Recomputed as training.impressions.Pipeline does; only for the next-item pre-ranker, whose
-    catalog features need no labels (a CTR pre-ranker cannot feed the re-ranker anyway).
+    Recomputed as Pipeline does; only for the next-item pre-ranker, whose catalog features need
+    no labels (a CTR pre-ranker cannot feed the re-ranker anyway): None for a CTR pre-ranker.
     """
-    if pre_ckpt.get("objective") not in (None, "next-item"):
-        if re_dir is not None:
-            raise PublishError(f"{pre_dir}: the re-ranker needs a next-item pre-ranker, "
-                               f"this one was trained on {pre_ckpt['objective']!r}")
-        return
+    if src.pre_ckpt.get("objective") not in (None, "next-item"):
+        if src.re_dir is not None:
+            raise PublishError(f"{src.pre_dir}: the re-ranker needs a next-item pre-ranker, "
+                               f"this one was trained on {src.pre_ckpt['objective']!r}")
+        return None
     from training.impressions import Pipeline
 
-    pipe = Pipeline.load(ds, loo, ret_dir, pre_dir)
-    heads = np.load(out / pr.ITEMS_NPY)
-    if not np.allclose(heads[1:], pipe.item_heads.numpy()[1:], atol=UPSTREAM_ATOL):
-        raise PublishError(f"{pre_dir / pr.ITEMS_NPY} was not exported from {pre_dir / pr.CHECKPOINT}")
-    if re_dir is not None:
-        feats = np.load(out / RERANK_FILES[1])
-        if not np.allclose(feats, pipe.item_feats, atol=UPSTREAM_ATOL):
-            raise PublishError(f"{re_dir}: the re-ranker was trained on other retrieval / pre-rank checkpoints "
-                               f"(its rerank_items.npy differs from the features of {ret_dir} + {pre_dir})")
+    pipe = Pipeline.load(src.ds, src.loo, src.ret_dir, src.pre_dir)
+    heads, want = np.load(src.pre_dir / pr.ITEMS_NPY), pipe.item_heads.numpy()
+    if heads.shape != want.shape or not np.allclose(heads[1:], want[1:], atol=UPSTREAM_ATOL):
+        raise PublishError(f"{src.pre_dir / pr.ITEMS_NPY} was not exported from {src.pre_dir / pr.CHECKPOINT}")
+    if src.re_dir is not None:
+        feats = np.load(src.re_dir / RERANK_FILES[1])
+        if feats.shape != pipe.item_feats.shape or not np.allclose(feats, pipe.item_feats, atol=UPSTREAM_ATOL):
+            raise PublishError(f"{src.re_dir}: the re-ranker was trained on other retrieval / pre-rank checkpoints "
+                               f"(its rerank_items.npy differs from the features of {src.ret_dir} + {src.pre_dir})")
+    return pipe
 
 
 def _check_regression(root: Path, manifest: dict[str, Any], max_regression: float | None) -> dict[str, Any]:
