@@ -7,9 +7,7 @@ import argparse
 from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.diagnostics import diagnose
 from training.report import table, write_json
-from training.retrieval import load_checkpoint
 
 COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "NDCG@50")
 
@@ -24,6 +22,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch is imported here, not at module level, so `recsys serve` runs in an image without it
+    from training.diagnostics import diagnose
+    from training.retrieval import load_checkpoint
+
     timings: dict[str, float] = {}
     model, payload = load_checkpoint(args.checkpoint)
     with timed("load", timings):

@@ -8,7 +8,6 @@ from training.baselines import BASELINES
 from training.commands.common import add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.metrics import KS, evaluate_retrieval
 from training.report import result, table, write_json
 
 
@@ -23,6 +22,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch is imported here, not at module level, so `recsys serve` runs in an image without it
+    from training.metrics import KS, evaluate_retrieval
+
     timings: dict[str, float] = {}
     with timed("load", timings):
         ds = load(args.data)
