@@ -31,7 +31,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or Settings()  # ValidationError here names the bad RECSYS_* value
     app.state.settings = settings
     version = load_current(settings.artifacts)  # ArtifactError names the file: the server does not start
-    store = make_store(settings.redis_url, settings.max_history)
+    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     app.state.store = store
     app.state.recommender = make_recommender(version)

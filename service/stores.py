@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import unicodedata
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -231,13 +232,18 @@ class RedisStore:
         max_history: int = DEFAULT_MAX_HISTORY,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
         key_prefix: str = "recsys:",
+        cooldown_s: float = 0.0,
     ) -> None:
         if not url:
             raise ValueError("url: must not be empty")
         if not socket_timeout > 0:
             raise ValueError(f"socket_timeout: must be > 0, got {socket_timeout!r}")
+        if not cooldown_s >= 0:
+            raise ValueError(f"cooldown_s: must be >= 0, got {cooldown_s!r}")
         self.max_history = _check_max_history(max_history)
         self.key_prefix = key_prefix
+        self.cooldown_s = cooldown_s
+        self._skip_until = 0.0  # monotonic time before which calls fail fast (after an outage)
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -252,14 +258,20 @@ class RedisStore:
     def _feat_key(self, user_id: str) -> str:
         return f"{self.key_prefix}feat:{user_id}"
 
-    @staticmethod
     @contextmanager
-    def _errors(op: str) -> Iterator[None]:
-        """Map redis-py errors to StoreUnavailable (unreachable) or StoreError (the rest)."""
+    def _errors(self, op: str) -> Iterator[None]:
+        """Map redis-py errors to StoreUnavailable (unreachable) or StoreError (the rest).
+
+        After an unreachable / timed-out call, calls fail fast for cooldown_s without touching
+        the network: a hung server would otherwise cost every request the full socket timeout.
+        """
+        if self.cooldown_s and time.monotonic() < self._skip_until:
+            raise StoreUnavailable(f"redis unavailable during {op}: skipped for {self.cooldown_s}s after a failure")
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.debug("redis %s failed: %r", op, exc)
+            self._skip_until = time.monotonic() + self.cooldown_s
             raise StoreUnavailable(f"redis unavailable during {op}: {exc}") from exc
         except redis.RedisError as exc:
             raise StoreError(f"redis error during {op}: {exc}") from exc
@@ -315,8 +327,11 @@ class RedisStore:
         return cast(dict[str, str], feats)
 
     def ping(self) -> bool:
+        """Whether Redis answers now (always tried; a success ends a cooldown)."""
         try:
-            return bool(self._client.ping())
+            ok = bool(self._client.ping())
+            self._skip_until = 0.0
+            return ok
         except redis.RedisError as exc:
             logger.debug("redis ping failed: %r", exc)
             return False
@@ -325,10 +340,11 @@ class RedisStore:
         self._client.close()
 
 
-def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY) -> HistoryStore:
+def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY,
+               cooldown_s: float = 0.0) -> HistoryStore:
     """A :class:`RedisStore` for a non-empty URL, else an :class:`InMemoryStore`."""
     if redis_url:
         logger.info("history store: redis (max_history=%d)", max_history)
-        return RedisStore(redis_url, max_history=max_history)
+        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s)
     logger.info("history store: in-memory (max_history=%d)", max_history)
     return InMemoryStore(max_history=max_history)

@@ -1,7 +1,8 @@
 """Request dependencies: the loaded pipeline, the history store, settings and the API key check.
 
 Everything lives on `app.state` (set by the lifespan in service/main.py); tests override these
-functions with `app.dependency_overrides`.
+functions with `app.dependency_overrides`. They are `async def` so that FastAPI calls them on
+the event loop: a plain `def` dependency is run in the thread pool, one hop per dependency.
 """
 
 from __future__ import annotations
@@ -18,38 +19,38 @@ from service.reloader import VersionWatcher
 from service.stores import HistoryStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_recommender(request: Request) -> Recommender:
+async def get_recommender(request: Request) -> Recommender:
     rec: Recommender | None = getattr(request.app.state, "recommender", None)
     if rec is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
     return rec
 
 
-def get_store(request: Request) -> HistoryStore:
+async def get_store(request: Request) -> HistoryStore:
     store: HistoryStore | None = getattr(request.app.state, "store", None)
     if store is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "history store is not ready yet")
     return store
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_watcher(request: Request) -> VersionWatcher:
+async def get_watcher(request: Request) -> VersionWatcher:
     watcher: VersionWatcher | None = getattr(request.app.state, "watcher", None)
     if watcher is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
     return watcher
 
 
-def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
+async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
                     x_api_key: Annotated[str | None, Header()] = None) -> None:
     """401 unless X-API-Key matches RECSYS_API_KEY (no check when no key is configured)."""
     if settings.api_key is None:

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     retrieval_k: int = Field(default=200, ge=1, le=100_000, description="candidates taken from the index")
     prerank_n: int = Field(default=30, ge=1, le=10_000, description="pre-rank survivors sent to the re-ranker")
     max_history: int = Field(default=200, ge=1, le=100_000, description="history items kept per user")
+    store_cooldown_s: float = Field(default=1.0, ge=0, le=60,
+                                    description="after a Redis failure, serve without it for this long")
     timeout_ms: float = Field(default=100.0, gt=0, le=60_000,
                               description="request budget: a stage not started within it is skipped (previous order)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")

@@ -314,3 +314,29 @@ def test_redis_hung_server_times_out_fast(redis_server: RedisServer) -> None:
         assert store.get_history("u") == ["a"]
     finally:
         store.close()
+
+
+def test_redis_cooldown_fails_fast_after_an_outage_until_ping(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, max_history=10, socket_timeout=0.2, cooldown_s=30.0)
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        store.append_events([ev("u", "a")])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable, match="during get_history"):
+                store.get_history("u")  # pays the socket timeout once
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="skipped for 30.0s after a failure"):
+                store.get_history("u")
+            assert time.monotonic() - t0 < 0.05  # no network wait while cooling down
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with pytest.raises(StoreUnavailable, match="skipped"):
+            store.append_events([ev("u", "b")])  # still cooling down: nothing written
+        assert store.ping() is True  # a successful ping ends the cooldown
+        assert store.get_history("u") == ["a"]
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="cooldown_s"):
+        RedisStore(redis_server.url, cooldown_s=-1)

@@ -17,7 +17,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--redis-url", metavar="URL", help="Redis for per-user state (RECSYS_REDIS_URL); default in-process")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (> 1 needs Redis: the in-process store is per process)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -42,5 +43,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and settings.redis_url is None:
+        # each worker process would keep its own in-process history: events sent to one
+        # worker would be invisible to requests served by another
+        raise UsageError("--workers > 1 needs --redis-url (RECSYS_REDIS_URL): the in-process store is per process")
     uvicorn.run("service.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0

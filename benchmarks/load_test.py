@@ -1,0 +1,354 @@
+"""Load benchmark of `POST /v1/recommend` over loopback at fixed request rates.
+
+    python benchmarks/load_test.py --artifacts DIR [--rates 50,100,200] [--duration 10] [--workers 2]
+                                   [--users 1000] [--out benchmarks/results/load_NAME.txt]
+
+1. Starts `recsys serve` over DIR (in-process store, or --redis-url) on a free loopback port.
+2. Seeds the stored histories of --users real users of the version's data set (last 50 items
+   each, through POST /v1/events), so requests go by `user_id` as a client would send them.
+3. Floor: in this process, the version's stages run back to back on the same histories
+   (encode, search, fuse, pre-rank, re-rank; one thread, as a worker runs them) — the compute a
+   request cannot avoid. End-to-end at low load: sequential requests (one in flight) from the
+   client; the ratio p50(end-to-end) / p50(floor) is the overhead of HTTP + JSON + the store.
+4. Open loop at each rate for --duration seconds: requests leave on a fixed schedule whatever
+   the replies, and latency is measured from the scheduled send time (so a server that falls
+   behind shows its queueing delay instead of slowing the client down). Then, past the given
+   rates, the rate climbs (x1.25) until p99 > --p99-limit-ms or errors appear; the table reports
+   the highest rate that met it.
+
+The client is asyncio over raw keep-alive HTTP/1.1 connections (a new one when all are busy),
+~30 us of CPU per request, and shares the machine's cores with the server: on the 2-core box
+that is part of the measurement. Writes a table and a PNG (latency percentiles vs rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_CONNECTIONS = 512
+
+
+@dataclass
+class RateResult:
+    rate: float
+    sent: int
+    achieved: float
+    p50: float
+    p95: float
+    p99: float
+    errors: int
+    served_by: Counter[str] = field(default_factory=Counter)
+
+
+# --- HTTP over raw asyncio streams ---
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length)
+        return status, body
+
+
+class Client:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[Conn] = []
+        self.open = 0
+
+    async def send(self, raw: bytes) -> tuple[int, bytes]:
+        if self.idle:
+            conn = self.idle.pop()
+        else:
+            if self.open >= MAX_CONNECTIONS:
+                raise RuntimeError("connection limit reached")
+            self.open += 1
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            conn = Conn(reader, writer)
+        try:
+            out = await conn.request(raw)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.open -= 1
+            conn.writer.close()
+            raise
+        self.idle.append(conn)
+        return out
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.writer.close()
+
+
+def post(path: str, body: dict[str, object], host: str) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+# --- phases ---
+
+
+async def seed(client: Client, histories: dict[str, list[str]], host: str) -> None:
+    for user, items in histories.items():
+        events = [{"user_id": user, "item_id": it, "timestamp": t} for t, it in enumerate(items)]
+        status, body = await client.send(post("/v1/events", events, host))  # type: ignore[arg-type]
+        if status != 202:
+            raise RuntimeError(f"seeding failed: {status} {body[:200]!r}")
+
+
+async def sequential(client: Client, bodies: list[bytes], n: int) -> np.ndarray:
+    lat = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        status, _ = await client.send(bodies[i % len(bodies)])
+        lat[i] = (time.perf_counter() - t0) * 1e3
+        if status != 200:
+            raise RuntimeError(f"status {status}")
+    return lat
+
+
+async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: float) -> RateResult:
+    n = int(rate * duration)
+    lat = np.full(n, np.nan)
+    errors = 0
+    served: Counter[str] = Counter()
+    start = time.perf_counter() + 0.05
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int, due: float) -> None:
+        nonlocal errors
+        try:
+            status, body = await client.send(bodies[i % len(bodies)])
+            done = time.perf_counter()
+            if status != 200:
+                errors += 1
+                return
+            lat[i] = (done - due) * 1e3
+            served[json.loads(body)["served_by"]] += 1
+        except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+
+    tasks = []
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(i, due)))
+    sent_span = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    ok = lat[~np.isnan(lat)]
+    pct = np.percentile(ok, [50, 95, 99]) if ok.size else np.array([np.inf] * 3)
+    return RateResult(rate, n, n / max(sent_span, 1e-9), *map(float, pct), errors, served)
+
+
+# --- the in-process floor ---
+
+
+def floor(artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, np.ndarray]:
+    """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store."""
+    from service.artifacts import load_current
+    from service.index import search_fused
+    from service.pipeline import Recommender
+
+    rec = Recommender(load_current(artifacts))
+    v = rec.v
+    times: dict[str, list[float]] = {s: [] for s in ("encode", "search", "fuse", "prerank", "rerank", "sum")}
+    for r in range(reps):
+        hist, _ = rec.to_indices(histories[r % len(histories)])
+        t0 = time.perf_counter()
+        users = v.retrieval.run(None, {"item_seq": hist[-v.maxlen:][None]})[0]
+        t1 = time.perf_counter()
+        stage: dict[str, float] = {}
+        hits = search_fused(v.index, users[0], rec.retrieval_k, exclude=np.unique(hist), timings_ms=stage)
+        cand, _, _ = hits.user(0)
+        t2 = time.perf_counter()
+        order, scores, pv = rec._prerank(hist, cand)
+        t3 = time.perf_counter()
+        n = min(rec.prerank_n, rec._rerank_len, cand.size)
+        if v.rerank is not None and n:
+            rec._rerank(cand[order[:n]], scores[order[:n]], pv[order[:n]])
+        t4 = time.perf_counter()
+        times["encode"].append((t1 - t0) * 1e3)
+        times["search"].append(stage["search"])
+        times["fuse"].append(stage["fuse"])
+        times["prerank"].append((t3 - t2) * 1e3)
+        times["rerank"].append((t4 - t3) * 1e3)
+        times["sum"].append((t4 - t0) * 1e3)
+    return {k: np.asarray(v[reps // 10:]) for k, v in times.items()}  # first 10% is warm-up
+
+
+# --- server ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None) -> subprocess.Popen[bytes]:
+    recsys = Path(sys.executable).with_name("recsys")
+    cmd = [str(recsys), "serve", "--artifacts", str(artifacts), "--port", str(port), "--workers", str(workers),
+           "--log-level", "warning"]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    env = {**os.environ, "RECSYS_RELOAD_POLL_S": "0"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if b" 200 " in s.recv(1024):
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"recsys serve exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError("server not ready after 120 s")
+
+
+def histories_of(artifacts: Path, users: int, maxlen: int = 50) -> dict[str, list[str]]:
+    """Last `maxlen` items of the first `users` users of the version's data set (test histories)."""
+    from training.data.sources import load
+    from training.data.splits import LeaveOneOut
+
+    name = (artifacts / "CURRENT").read_text().strip()
+    spec = json.loads((artifacts / name / "manifest.json").read_text())["data"]["spec"]
+    ds = load(spec)
+    loo = LeaveOneOut(ds)
+    out = {}
+    for u in loo.eval_users[:users].tolist():
+        seq = ds.sequence(int(u))[:-1][-maxlen:]  # up to the validation item (the test item is unseen)
+        out[f"bench-{ds.user_ids[u]}"] = [str(ds.item_ids[i]) for i in seq]
+    return out
+
+
+def fmt(r: RateResult) -> str:
+    mix = ", ".join(f"{k} {v}" for k, v in r.served_by.most_common())
+    return (f"{r.rate:8.0f} {r.achieved:9.1f} {r.p50:8.2f} {r.p95:8.2f} {r.p99:8.2f} {r.errors:7d}   {mix}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", required=True, type=Path)
+    ap.add_argument("--name", help="label for the table (default: the data set name)")
+    ap.add_argument("--rates", default="50,100,200")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    ap.add_argument("--p99-limit-ms", type=float, default=100.0)
+    ap.add_argument("--max-rate", type=float, default=3000.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--floor-reps", type=int, default=2000)
+    ap.add_argument("--redis", action="store_true", help="start a redis-server on a free loopback port and use it")
+    ap.add_argument("--redis-url", help="use this Redis instead")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--png", type=Path)
+    args = ap.parse_args()
+
+    hist = histories_of(args.artifacts, args.users)
+    manifest = json.loads((args.artifacts / (args.artifacts / "CURRENT").read_text().strip() / "manifest.json")
+                          .read_text())
+    name = args.name or manifest["data"]["name"]
+    store = "redis" if args.redis or args.redis_url else "in-process"
+    lines = [f"catalog: {name}, {manifest['item_count']} items, index {manifest['index']['kind']}, "
+             f"M={manifest['dims']['num_launchers']}, version {manifest['version']}",
+             f"server: recsys serve --workers {args.workers} ({store} store), "
+             f"client: same machine ({os.cpu_count()} cores), {len(hist)} users with stored histories"]
+
+    fl = floor(args.artifacts, list(hist.values()), args.floor_reps)
+    lines.append("\nin-process compute floor per request (ms, one thread, no HTTP/store):")
+    lines.append(f"{'stage':8s} {'p50':>7s} {'p99':>7s}")
+    for k, v in fl.items():
+        lines.append(f"{k:8s} {np.median(v):7.3f} {np.percentile(v, 99):7.3f}")
+    print("\n".join(lines), flush=True)
+
+    redis_proc = None
+    if args.redis and not args.redis_url:
+        rport = free_port()
+        redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        args.redis_url = f"redis://127.0.0.1:{rport}/0"
+        time.sleep(0.5)
+    port = free_port()
+    server = start_server(args.artifacts, port, args.workers, args.redis_url)
+    host = f"127.0.0.1:{port}"
+    results: list[RateResult] = []
+    try:
+        client = Client("127.0.0.1", port)
+
+        async def run() -> np.ndarray:
+            await seed(client, hist, host)
+            bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]
+            await sequential(client, bodies, 200)  # warm-up
+            seq = await sequential(client, bodies, 1000)
+            rates = [float(r) for r in args.rates.split(",")]
+            for rate in rates:
+                results.append(await open_loop(client, bodies, rate, args.duration))
+                print(fmt(results[-1]), flush=True)
+            rate = rates[-1]
+            while results[-1].p99 <= args.p99_limit_ms and results[-1].errors == 0 and rate < args.max_rate:
+                rate = round(rate * 1.25)
+                await asyncio.sleep(1.0)  # let the queue drain
+                results.append(await open_loop(client, bodies, rate, args.duration))
+                print(fmt(results[-1]), flush=True)
+            return seq
+
+        seq = asyncio.run(run())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        if redis_proc is not None:
+            redis_proc.terminate()
+
+    e2e, fl50 = float(np.median(seq)), float(np.median(fl["sum"]))
+    lines.append(f"\nlow load, one request in flight (1000 requests): end-to-end p50 {e2e:.3f} ms, p99 "
+                 f"{np.percentile(seq, 99):.3f} ms; floor p50 {fl50:.3f} ms; end-to-end / floor = {e2e / fl50:.2f}")
+    lines.append(f"\nopen loop, {args.duration:.0f} s per rate (latency from the scheduled send time, ms):")
+    lines.append(f"{'rate':>8s} {'achieved':>9s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'errors':>7s}   served_by")
+    lines += [fmt(r) for r in results]
+    good = [r.rate for r in results if r.p99 <= args.p99_limit_ms and r.errors == 0]
+    lines.append(f"highest rate with p99 <= {args.p99_limit_ms:.0f} ms and no errors: "
+                 f"{max(good) if good else 'none'} rps"
+                 + (" (the --max-rate cap)" if good and max(good) >= args.max_rate else ""))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from training.report import save_benchmark
+
+        save_benchmark(args.out, text)
+        (args.out.with_suffix(".json")).write_text(json.dumps(
+            {"name": name, "items": manifest["item_count"], "e2e_p50": e2e, "floor_p50": fl50,
+             "floor": {k: float(np.median(v)) for k, v in fl.items()},
+             "rates": [{k: getattr(r, k) for k in ("rate", "achieved", "p50", "p95", "p99", "errors")}
+                       for r in results]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
