@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from training import distributed
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
 from training.metrics import KS, Scorer, evaluate_retrieval
@@ -153,12 +156,24 @@ def train_retrieval(
     progress: bool = True,
     init_from: MultiLauncherSASRec | None = None,
 ) -> TrainResult:
-    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start)."""
-    torch.manual_seed(train_cfg.seed)
-    rng = np.random.default_rng(train_cfg.seed)
+    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start).
+
+    Inside a torchrun process group (training.distributed) the model is wrapped in DDP and each
+    global batch of `batch_size` sequences is split across the ranks. Each rank's loss is its
+    share of the global batch's mean, times the world size, so DDP's gradient average equals the
+    one-process gradient. Rank 0 validates and broadcasts the score and the time-limit decision,
+    so every rank stops at the same epoch; every rank returns the same best weights.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+    rng = np.random.default_rng(train_cfg.seed)  # the same batches and negatives on every rank
     model = MultiLauncherSASRec(model_cfg)
     if init_from is not None:
         warm_start(model, init_from)
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model)
+        torch.manual_seed(train_cfg.seed + rank)  # different dropout masks per rank
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     inputs, targets = _training_pairs(split, model_cfg.maxlen)
     n_items = model_cfg.num_items
@@ -170,36 +185,48 @@ def train_retrieval(
         model.train()
         t0 = time.perf_counter()
         order = rng.permutation(inputs.shape[0])
-        losses, assign = [], np.zeros(M, dtype=np.int64)
+        loss_sum, assign = 0.0, np.zeros(M, dtype=np.int64)
         batches = range(0, order.size, train_cfg.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
-        for start in bar:
-            idx = order[start : start + train_cfg.batch_size]
+        shards = distributed.rank_batches(order, train_cfg.batch_size, rank, world)
+        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress or rank > 0, leave=False)
+        for start, idx in zip(bar, shards):
+            global_valid = int((targets[order[start : start + train_cfg.batch_size]] != 0).sum())
             x = torch.from_numpy(inputs[idx])
             y = torch.from_numpy(targets[idx])
-            user = model(x)  # (B, L, M, D)
+            user = net(x)  # (B, L, M, D)
             valid = y != 0
             negatives = None
             if train_cfg.num_negatives:
                 negatives = torch.from_numpy(rng.integers(1, n_items + 1, size=train_cfg.num_negatives))
-            loss, best = max_fusion_loss(user[valid], model.item_embedding.weight, y[valid], negatives)
+            if valid.any():
+                loss, best = max_fusion_loss(user[valid], model.item_embedding.weight, y[valid], negatives)
+                loss = loss * (int(valid.sum()) / global_valid)  # this rank's share of the batch mean
+                assign += np.bincount(best.numpy(), minlength=M)
+            else:  # an empty shard still joins DDP's gradient all-reduce, with zero gradients
+                loss = user.sum() * 0.0
             opt.zero_grad()
-            loss.backward()
+            (loss * world).backward()
             opt.step()
-            losses.append(loss.item())
-            assign += np.bincount(best.numpy(), minlength=M)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            loss_sum += loss.item()
+            bar.set_postfix(loss=f"{loss.item() * world:.3f}")
         seconds = time.perf_counter() - t0
+        totals = distributed.all_reduce_sum(np.concatenate([[loss_sum], assign]))
+        loss_sum, assign = float(totals[0]), totals[1:]
         freq = assign / max(assign.sum(), 1)
         entropy = max(0.0, float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
-        valid_m = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)
+        valid_ndcg, out_of_time = -1.0, 0.0
+        if rank == 0:
+            valid_ndcg = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)["NDCG@10"]
+            max_s = 60 * train_cfg.max_minutes if train_cfg.max_minutes else math.inf
+            out_of_time = float(time.perf_counter() - started > max_s)
+        valid_ndcg, out_of_time = distributed.broadcast_from_rank0([valid_ndcg, out_of_time])
         stats = EpochStats(
             epoch=epoch,
-            loss=float(np.mean(losses)),
+            loss=loss_sum / len(batches),
             seconds=round(seconds, 3),
             sequences_per_s=round(inputs.shape[0] / seconds, 1),
             launcher_entropy=round(entropy, 4),
-            valid_ndcg10=round(valid_m["NDCG@10"], 5),
+            valid_ndcg10=round(valid_ndcg, 5),
         )
         history.append(stats)
         log.info(
@@ -211,7 +238,7 @@ def train_retrieval(
         elif epoch - best_epoch >= train_cfg.patience:
             log.info("early stop: no better validation NDCG@10 for %d epochs", train_cfg.patience)
             break
-        if train_cfg.max_minutes and time.perf_counter() - started > 60 * train_cfg.max_minutes:
+        if out_of_time:
             log.info("stopping: --max-minutes %.1f reached", train_cfg.max_minutes)
             break
     model.load_state_dict(best_state)

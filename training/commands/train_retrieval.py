@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
+from contextlib import nullcontext
 
 from models.sasrec import SASRecConfig
+from training import distributed
 from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -25,7 +25,13 @@ COLUMNS = ("HR@1", "HR@10", "HR@50", "HR@100", "NDCG@10", "NDCG@50", "NDCG@100",
 
 
 def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = stages.add_parser("retrieval", help="multi-launcher SASRec (launchers 0 = plain SASRec)")
+    p = stages.add_parser(
+        "retrieval",
+        help="multi-launcher SASRec (launchers 0 = plain SASRec)",
+        description="Train the multi-launcher SASRec retriever. Data-parallel under torchrun, e.g. "
+        "torchrun --nproc_per_node=2 --no-python recsys train retrieval ... (gloo, DDP; rank 0 "
+        "validates, prints and writes the checkpoint).",
+    )
     add_data_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", metavar="FILE", help="write test metrics as JSON")
@@ -37,7 +43,10 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--batch-size", type=int, default=128,
+        help="global batch; under torchrun each of the W ranks trains on batch/W of it (default: 128)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--num-negatives", type=int, default=0, help="sampled softmax with K negatives (0 = full)")
@@ -45,18 +54,26 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads per process (default: all cores; under torchrun cores / ranks)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with distributed.process_group(args.threads):  # a no-op unless launched by torchrun
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    rank0 = distributed.is_rank0()
     timings: dict[str, float] = {}
-    with timed("load", timings):
+    with timed("load", timings) if rank0 else nullcontext():
         ds = load(args.data)
-    print(ds.describe())
+    if rank0:
+        print(ds.describe())
     split = LeaveOneOut(ds)
     try:
         model_cfg = SASRecConfig(
@@ -76,19 +93,24 @@ def run(args: argparse.Namespace) -> int:
         source, payload = load_checkpoint(args.init_from)
         if payload["fingerprint"] != ds.fingerprint:
             raise UsageError(f"{args.init_from} was trained on other data ({payload['data']})")
-    with timed("train", timings):
+    with timed("train", timings) if rank0 else nullcontext():
         try:
             res = train_retrieval(
                 split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty(), init_from=source
             )
         except ValueError as exc:  # warm-start shape mismatch
             raise UsageError(str(exc)) from None
+    if not rank0:  # every rank holds the same trained weights; rank 0 reports and saves them
+        return 0
     with timed("evaluate", timings):
         metrics = evaluate_model(res.model, split, "test")
     name = "sasrec" if args.launchers == 0 else f"ml-sasrec(M={args.launchers},{args.launcher_init})"
     print(table({name: metrics}, COLUMNS))
     summary = describe(res)
-    extra = {"train_config": train_cfg.__dict__, "training": summary, "seconds": timings, "init_from": args.init_from}
+    extra = {
+        "train_config": train_cfg.__dict__, "training": summary, "seconds": timings, "init_from": args.init_from,
+        "world_size": distributed.world_size(),
+    }
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
     if args.json:
         write_json(
