@@ -1,0 +1,126 @@
+"""End to end: a live `recsys serve` (2 workers, real Redis) swaps versions under load.
+
+A new version is published next to the live one (a copy under a new name: what matters here is
+the swap, not the models), CURRENT is flipped and the change announced on Redis pub/sub, while
+client threads keep sending requests: every request must succeed, and every worker must move
+to the new version. A version folder that does not load is then made CURRENT: the service must
+keep answering with the old version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.notify import notify_version
+from tests.e2e.test_serve import _free_port
+from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
+from training.artifacts import set_current
+
+
+def _copy_version(root: Path, src: Path, name: str) -> None:
+    shutil.copytree(src, root / name)
+    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest["version"] = name
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture()
+def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:  # noqa: F811
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    _copy_version(root, artifacts_root / "v1", "v1")
+    set_current(root, "v1")
+    port = _free_port()
+    env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}  # pub/sub must do the work
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
+         "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"recsys serve exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "not ready in 90 s"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        # both workers subscribed (each counts as one receiver)
+        while notify_version(redis_url, "v1") < 2:
+            assert time.monotonic() < deadline, "workers never subscribed to the version channel"
+            time.sleep(0.1)
+        yield base, root
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=15)
+
+
+def test_swap_under_load_drops_nothing(live: tuple[str, Path], redis_url: str, catalog: list[str]) -> None:  # noqa: F811
+    base, root = live
+    stop = threading.Event()
+    seen: list[tuple[float, str]] = []
+    failures: Counter[str] = Counter()
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=base, timeout=10) as c:
+            i = seed
+            while not stop.is_set():
+                i += 1
+                try:
+                    r = c.post("/v1/recommend", json={"history": catalog[i % 40:i % 40 + 5], "k": 5})
+                except httpx.HTTPError as exc:
+                    failures[type(exc).__name__] += 1
+                    continue
+                if r.status_code != 200:
+                    failures[str(r.status_code)] += 1
+                else:
+                    seen.append((time.monotonic(), r.json()["model_version"]))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for name in ("v2", "v3"):
+            _copy_version(root, root / "v1", name)
+            set_current(root, name)
+            flipped = time.monotonic()
+            assert notify_version(redis_url, name) == 2
+            deadline = flipped + 20
+            while True:  # every worker answers with the new version: the last old answer is before this
+                time.sleep(0.3)
+                recent = [v for t, v in seen[-20:] if t > flipped]
+                if len(recent) >= 10 and set(recent) == {name}:
+                    break
+                assert time.monotonic() < deadline, f"not all workers moved to {name}: {Counter(recent)}"
+        # a broken version becomes CURRENT: it is refused and v3 keeps serving
+        _copy_version(root, root / "v1", "v4")
+        (root / "v4" / "items.npy").write_bytes(b"\x93NUMPY broken")
+        set_current(root, "v4")
+        notify_version(redis_url, "v4")
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    assert not failures, f"failed requests during the swaps: {dict(failures)}"
+    versions = Counter(v for _, v in seen)
+    assert versions["v1"] and versions["v2"] and versions["v3"] and "v4" not in versions
+    assert seen[-1][1] == "v3"
+    assert httpx.get(f"{base}/v1/version").json()["model_version"] == "v3"
