@@ -1,0 +1,154 @@
+"""Hot swap under load: time from the CURRENT flip to answers from the new version, and the
+requests that failed meanwhile.
+
+    python benchmarks/hot_swap.py --artifacts DIR [--rate 100] [--swaps 3] [--workers 2] [--redis]
+
+Starts `recsys serve` over a scratch copy of DIR's live version, sends requests at a fixed
+rate (open loop, as benchmarks/load_test.py), and --swaps times publishes a new version (a
+copy of the live one under a new name, written before the clock starts, as `recsys reindex`
+writes its folder before it flips), flips CURRENT and, with Redis, announces it on pub/sub.
+Reports per swap: ms from the flip to the first answer from the new version, ms to the last
+answer from the old one, and failed requests (non-200 or connection errors) over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import Client, free_port, histories_of, post, seed, start_server  # noqa: E402
+
+
+def copy_version(root: Path, src: Path, name: str) -> None:
+    shutil.copytree(src, root / name)
+    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest["version"] = name
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", required=True, type=Path)
+    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--swaps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--redis", action="store_true", help="start a redis-server (needed for --workers > 1)")
+    ap.add_argument("--poll-s", type=float, default=5.0, help="RECSYS_RELOAD_POLL_S of the server")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    from service.notify import notify_version
+    from training.artifacts import set_current
+
+    live = (args.artifacts / "CURRENT").read_text().strip()
+    scratch = Path(tempfile.mkdtemp(prefix="recsys-swap-"))
+    copy_version(scratch, args.artifacts / live, "swap0")
+    set_current(scratch, "swap0")
+    redis_proc, redis_url = None, None
+    if args.redis:
+        rport = free_port()
+        redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+        time.sleep(0.5)
+    os.environ["RECSYS_RELOAD_POLL_S"] = str(args.poll_s)
+    hist = histories_of(args.artifacts, 300)
+    port = free_port()
+    server = start_server(scratch, port, args.workers, redis_url)
+    host = f"127.0.0.1:{port}"
+    answers: list[tuple[float, str]] = []
+    errors = 0
+    rows = []
+
+    async def run() -> None:
+        nonlocal errors
+        client = Client("127.0.0.1", port)
+        await seed(client, hist, host)
+        bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]
+        stop = asyncio.Event()
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            try:
+                status, body = await client.send(bodies[i % len(bodies)])
+            except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+                return
+            if status != 200:
+                errors += 1
+                return
+            answers.append((time.perf_counter(), json.loads(body)["model_version"]))
+
+        async def load() -> None:
+            start, i, tasks = time.perf_counter(), 0, []
+            while not stop.is_set():
+                delay = start + i / args.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+                i += 1
+            await asyncio.gather(*tasks)
+
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(2.0)
+        for s in range(1, args.swaps + 1):
+            name = f"swap{s}"
+            await asyncio.to_thread(copy_version, scratch, scratch / "swap0", name)
+            await asyncio.sleep(1.0)
+            flipped = time.perf_counter()
+            set_current(scratch, name)
+            if redis_url:
+                notify_version(redis_url, name)
+            while True:
+                await asyncio.sleep(0.05)
+                after = [(t, v) for t, v in answers if t > flipped]
+                new = [t for t, v in after if v == name]
+                if len(new) >= 50 and all(v == name for _, v in after[-50:]):
+                    break
+                if time.perf_counter() - flipped > 60:
+                    raise RuntimeError(f"{name} not served 60 s after the flip")
+            old = [t for t, v in answers if t > flipped and v != name]
+            rows.append((name, (new[0] - flipped) * 1e3, ((max(old) if old else flipped) - flipped) * 1e3))
+            await asyncio.sleep(1.0)
+        stop.set()
+        await loader
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        if redis_proc is not None:
+            redis_proc.terminate()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    manifest = json.loads((args.artifacts / live / "manifest.json").read_text())
+    lines = [f"catalog {manifest['data']['name']} ({manifest['item_count']} items), {args.workers} worker(s), "
+             f"{'Redis pub/sub + ' if redis_url else ''}polling every {args.poll_s} s, {args.rate:.0f} rps open loop",
+             f"{'swap':8s} {'first new answer ms':>20s} {'last old answer ms':>19s}"]
+    lines += [f"{n:8s} {a:20.0f} {b:19.0f}" for n, a, b in rows]
+    lines.append(f"requests answered: {len(answers)}, failed: {errors}; "
+                 f"median first-new {np.median([r[1] for r in rows]):.0f} ms")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from training.report import save_benchmark
+
+        save_benchmark(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
