@@ -272,8 +272,8 @@ class Recommender:
             raise FilterError(name, f"unknown value(s) {missing[:5]}; {len(vocab)} known values")
         codes = np.asarray([vocab[v] for v in values], np.int64)
         col = self.v.item_features[kinds[name]]
-        hit = np.isin(col, codes)
-        return hit.any(axis=1) if hit.ndim == 2 else hit
+        hit = np.isin(col, codes)  # (N + 1,) or (N + 1, K) for a multi-valued feature
+        return np.asarray(hit.any(axis=1) if hit.ndim == 2 else hit, bool)
 
     def _backfill(self, items: list[RecommendedItem], k: int, banned: np.ndarray,
                   allowed: np.ndarray | None) -> list[RecommendedItem]:
