@@ -119,7 +119,7 @@ class Sources:
 class ItemSide:
     """What a version serves per item; row i of every array is internal item i (0 = padding).
 
-    catalog: the catalog.npz arrays (`_catalog_arrays` says which); retrieval: the encoder whose
+    catalog: the catalog.npz arrays (`catalog_arrays` says which); retrieval: the encoder whose
     embedding table has exactly N + 1 rows; prerank_items (N + 1, G, d) float32;
     rerank_items (N + 1, F) float32 or None; info: the manifest's "catalog" entry.
     """
@@ -248,7 +248,7 @@ def dataset_items(src: Sources) -> ItemSide:
     """The item side `recsys export` publishes: the data set's items, the retrieval checkpoint
     as trained and the item arrays the pre-rank / re-rank training commands exported."""
     return ItemSide(
-        catalog=_catalog_arrays(src.ds, src.loo),
+        catalog=catalog_arrays(src.ds, src.loo),
         retrieval=src.retrieval,
         prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
         rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
@@ -390,7 +390,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
     return manifest
 
 
-def _catalog_arrays(ds: Dataset, loo: LeaveOneOut) -> dict[str, np.ndarray]:
+def catalog_arrays(ds: Dataset, loo: LeaveOneOut) -> dict[str, np.ndarray]:
     """catalog.npz: item_ids (N + 1,) str, popularity (N + 1,) int64 (training part), and per item
     feature `cat:<name>` (N + 1,) / `multi:<name>` (N + 1, K) int64 codes with `vocab:<name>`
     (code c >= 1 is vocab[c - 1]; 0 = unknown / padding), `num:<name>` (N + 1,) float32."""

@@ -1,0 +1,89 @@
+"""`recsys reindex`: publish a new version for the current catalog (new items included) and flip CURRENT.
+
+Recomputes item embeddings (cold start for items without a trained row), pre-rank item heads
+and re-rank item features from the live version's checkpoints, re-exports retrieval.onnx,
+builds the index, runs the gate and keeps the newest --keep versions; see training/reindex.py.
+Step lines (`[step] 1.23s`) go to stderr, the summary to stdout. Exit 0 published, 1 a check
+failed (CURRENT unchanged, the reason on stderr), 2 a usage or data error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from training.commands.common import UsageError, timed
+from training.data.sources import SOURCES
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from training.artifacts import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_RECALL
+    from training.reindex import DEFAULT_KEEP
+
+    p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
+    p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
+    p.add_argument("--data", metavar="SPEC", help=f"data source: {SOURCES} (default: the live version's)")
+    p.add_argument("--catalog", metavar="FILE", type=Path,
+                   help='JSON Lines of {"item_id": ..., "features": {...}} (new or changed items)')
+    p.add_argument("--redis-url", default=os.environ.get("RECSYS_REDIS_URL") or None, metavar="URL",
+                   help="pending updates and version announcements (default: $RECSYS_REDIS_URL; "
+                        "without it the pending updates are ARTIFACTS/catalog_pending.jsonl)")
+    for stage in ("retrieval", "prerank", "rerank"):
+        p.add_argument(f"--{stage}", type=Path, metavar="DIR", help=f"{stage} folder (default: the live version's)")
+    p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
+                   help="index kind (default auto: exact up to 200k items, IVF-Flat beyond)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
+    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
+                   help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
+    p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
+                   help="largest drop in catalog NDCG@10 allowed against the live version "
+                        f"(default {DEFAULT_MAX_REGRESSION})")
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP,
+                   help=f"versions kept (default {DEFAULT_KEEP}; CURRENT and the previous one always)")
+    p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
+    p.set_defaults(func=run)
+    p.description = (__doc__ or "").split("\n\n")[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.artifacts import PublishError, read_current
+    from training.commands.export import _index_spec, summary
+    from training.reindex import ReindexConfig, reindex
+
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = ReindexConfig(
+            artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, redis_url=args.redis_url,
+            retrieval=args.retrieval, prerank=args.prerank, rerank=args.rerank, index_spec=_index_spec(args),
+            min_recall=args.min_recall, max_regression=args.max_regression, keep=args.keep, version=args.version)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    previous = read_current(cfg.artifacts)
+    timings: dict[str, float] = {}
+    try:
+        with timed("reindex", timings):
+            res = reindex(cfg, timings)
+    except PublishError as exc:
+        print(f"recsys reindex: check failed, CURRENT unchanged ({previous}): {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad --version name or a missing source (DataError is handled by the CLI)
+        raise UsageError(str(exc)) from None
+    m = res.published.manifest
+    c = m["catalog"]
+    print(f"wrote {res.published.path}")
+    print(summary(m))
+    print(f"catalog: {m['item_count']} items ({c['trained_items']} trained, {c['cold_start']['items']} cold start), "
+          f"{c['added']} added, {c['changed']} changed, base {c['base']}")
+    reg = m["checks"]["regression"]
+    if "new" in reg:
+        print(f"gate: {reg['metric']} {reg['new']:.4f} vs live {reg['live']:.4f} (max drop {reg['max_regression']})")
+    print(f"CURRENT: {res.previous} -> {m['version']}")
+    print(f"pruned: {', '.join(res.pruned) or 'none'}; pending updates cleared: {res.cleared}; "
+          f"announced: {'no Redis' if res.notified is None else f'{res.notified} subscriber(s)'}")
+    print("timings: " + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
+    return 0
