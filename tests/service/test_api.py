@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -497,3 +499,20 @@ def test_a_broken_version_is_never_served(swap_root: Path, catalog: list[str]) -
         assert r.status_code == 200 and r.json() == {"previous": "v1", "model_version": "v2", "changed": True}
         r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
         assert r.json() == {"previous": "v2", "model_version": "v2", "changed": False}
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(["user_id", "history", "k", "exclude", "filters", "explain", "x"]),
+                            _json, max_size=5))
+def test_arbitrary_json_gets_200_or_422_never_5xx(client: TestClient, body: dict[str, object]) -> None:
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code in (200, 422), (body, r.status_code, r.text)
+    r = client.post("/v1/recommend/batch", json={"requests": [body]})
+    assert r.status_code in (200, 422), (body, r.status_code, r.text)
+    r = client.post("/v1/events", json=body)
+    assert r.status_code in (202, 422), (body, r.status_code, r.text)
