@@ -157,11 +157,13 @@ async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: 
             done = time.perf_counter()
             if status != 200:
                 errors += 1
+                served[f"HTTP {status}"] += 1
                 return
             lat[i] = (done - due) * 1e3
             served[json.loads(body)["served_by"]] += 1
-        except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError) as exc:
             errors += 1
+            served[f"error {type(exc).__name__}"] += 1
 
     tasks = []
     for i in range(n):
