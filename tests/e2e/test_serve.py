@@ -74,3 +74,12 @@ def test_serve_bad_artifacts_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "recsys serve: error:" in proc.stderr
+
+
+def test_serve_several_workers_need_redis(artifacts_root: Path) -> None:  # noqa: F811
+    env = {k: v for k, v in os.environ.items() if k != "RECSYS_REDIS_URL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root), "--workers", "2"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert proc.returncode == 2 and "--workers > 1 needs --redis-url" in proc.stderr
