@@ -184,10 +184,13 @@ async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: 
 
 def floor(artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, np.ndarray]:
     """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store."""
+    from threadpoolctl import threadpool_limits
+
     from service.artifacts import load_current
     from service.index import search_fused
     from service.pipeline import Recommender
 
+    threadpool_limits(1)  # as a worker runs (RECSYS_COMPUTE_THREADS=1)
     rec = Recommender(load_current(artifacts))
     v = rec.v
     times: dict[str, list[float]] = {s: [] for s in ("encode", "search", "fuse", "prerank", "rerank", "sum")}

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from threadpoolctl import threadpool_limits
 
 from service.api.routes import admin, catalog, events, health, recommend
 from service.artifacts import load_current
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or Settings()  # ValidationError here names the bad RECSYS_* value
     app.state.settings = settings
+    # one request runs at a time per worker: its NumPy / FAISS math stays on one core, so that
+    # workers and replicas sharing a machine do not oversubscribe it with spinning BLAS threads
+    threadpool_limits(settings.compute_threads)
     version = load_current(settings.artifacts)  # ArtifactError names the file: the server does not start
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     max_history: int = Field(default=200, ge=1, le=100_000, description="history items kept per user")
     store_cooldown_s: float = Field(default=1.0, ge=0, le=60,
                                     description="after a Redis failure, serve without it for this long")
+    compute_threads: int = Field(default=1, ge=1, le=256,
+                                 description="BLAS / OpenMP threads per worker process (ONNX Runtime sessions use 1)")
     timeout_ms: float = Field(default=100.0, gt=0, le=60_000,
                               description="request budget: a stage not started within it is skipped (previous order)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")
