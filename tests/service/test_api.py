@@ -501,7 +501,7 @@ def test_a_broken_version_is_never_served(swap_root: Path, catalog: list[str]) -
         assert r.json() == {"previous": "v2", "model_version": "v2", "changed": False}
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
                      lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
                      max_leaves=12)
 
