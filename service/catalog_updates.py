@@ -9,12 +9,13 @@ keep one live entry per item.
 One interface, :class:`CatalogUpdates`, two implementations:
 
 - :class:`RedisCatalogUpdates` (``RECSYS_REDIS_URL`` set): one hash ``recsys:catalog:pending``,
-  field = item_id, value = JSON ``{item_id, features, received_at, id}``; HSET replaces an
-  item's earlier update.
+  field = item_id, value = JSON ``{item_id, features, received_at, seq, id}``; HSET replaces
+  an item's earlier update.
 - :class:`FileCatalogUpdates` (no Redis): JSON Lines ``<artifacts>/catalog_pending.jsonl``,
   one update per line, appended (one ``write`` per batch) under an exclusive ``flock`` on a
   side file ``catalog_pending.jsonl.lock``; the latest line of an item wins. For one host, or a
-  shared volume whose ``flock`` works; use Redis across machines.
+  shared volume whose ``flock`` works, and the thousands of updates between re-indexes (each
+  ``put`` re-reads the file to count); use Redis across machines or for more.
 
 Consuming: ``snapshot()`` reads every pending entry with its entry ``id`` (a fresh UUID per
 update). After a successful publish, ``recsys reindex`` calls ``clear(snapshot)``, which removes
@@ -46,7 +47,7 @@ from typing import Literal, Protocol, cast, runtime_checkable
 
 import redis
 
-from service.stores import StoreError, StoreUnavailable, validate_id
+from service.stores import MAX_ID_LEN, StoreError, StoreUnavailable, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class RedisCatalogUpdates:
         if not items:
             return self.count()
         now = time.time()
-        mapping = {u.item_id: json.dumps(_entry(u, now)) for u in items}
+        mapping = {u.item_id: json.dumps(_entry(u, now, seq)) for seq, u in enumerate(items)}
         pipe = self._client.pipeline(transaction=True)
         pipe.hset(self.key, mapping=mapping)  # type: ignore[arg-type]  # dict[str, str] is what it takes
         pipe.hlen(self.key)
@@ -192,7 +193,7 @@ class RedisCatalogUpdates:
     def snapshot(self) -> PendingSnapshot:
         with _redis_errors("snapshot"):
             raw = cast(dict[str, str], self._client.hgetall(self.key))
-        entries = sorted((json.loads(v) for v in raw.values()), key=lambda e: (e["received_at"], e["item_id"]))
+        entries = sorted((json.loads(v) for v in raw.values()), key=lambda e: (e["received_at"], e["seq"]))
         return _snapshot(entries)
 
     def clear(self, snapshot: PendingSnapshot) -> int:
@@ -234,7 +235,7 @@ class FileCatalogUpdates:
 
     def put(self, items: Sequence[ItemUpdate]) -> int:
         now = time.time()
-        data = "".join(json.dumps(_entry(u, now)) + "\n" for u in items).encode()
+        data = "".join(json.dumps(_entry(u, now, seq)) + "\n" for seq, u in enumerate(items)).encode()
         with self._locked():
             if data:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -284,6 +285,8 @@ def make_catalog_updates(redis_url: str | None, artifacts_root: str | Path) -> C
 
 
 def _valid_id(value: object, loc: tuple[str, ...]) -> str:
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and value.isprintable():
+        return value  # fast path (a re-index reads millions): printable strings hold no Cc / Cs character
     try:
         return validate_id(value, loc[-1] if loc else "value")
     except ValueError as exc:
@@ -318,8 +321,9 @@ _WANT: dict[FeatureKind | None, str] = {"categorical": "a string (categorical)",
                                         "numeric": "a number (numeric)", None: "a string, list or number"}
 
 
-def _entry(u: ItemUpdate, now: float) -> dict[str, object]:
-    return {**u.to_json(), "received_at": now, "id": uuid.uuid4().hex}
+def _entry(u: ItemUpdate, now: float, seq: int) -> dict[str, object]:
+    """The stored form: the update, when it arrived (seq = its position in the request) and an entry id."""
+    return {**u.to_json(), "received_at": now, "seq": seq, "id": uuid.uuid4().hex}
 
 
 def _snapshot(entries: list[dict[str, object]]) -> PendingSnapshot:

@@ -100,6 +100,11 @@ def test_put_counts_items_and_the_latest_update_wins(updates: CatalogUpdates) ->
     assert updates.count() == 2
 
 
+def test_snapshot_keeps_the_order_of_a_batch(updates: CatalogUpdates) -> None:
+    updates.put([item("z"), item("a"), item("m")])  # one request: same arrival time
+    assert [u.item_id for u in updates.snapshot().items] == ["z", "a", "m"]
+
+
 def test_clear_removes_exactly_what_was_consumed(updates: CatalogUpdates) -> None:
     updates.put([item("a", category="x"), item("b", category="x")])
     snap = updates.snapshot()
