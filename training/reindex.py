@@ -111,7 +111,7 @@ COLD_START_RULE = (
     "the mean of all trained embeddings. Numeric features are not used."
 )
 HEADS_BATCH = 65536
-_SCORE_CHUNK = 1 << 24  # scores per chunk in the gate's exact ranking (float32: 64 MiB)
+_SCORE_CHUNK = 1 << 25  # scores per chunk in the gate's exact ranking (float32: 128 MiB)
 _COLD_CHUNK = 1 << 17  # items per cold-start chunk
 _SAMPLE = 20  # ids listed in the manifest per kind of change
 
@@ -196,10 +196,12 @@ class ItemCatalog:
             col[rows] = codes
         for name, col in self.multi.items():
             lists = [f.get(name) or [] for f in feats]
-            width = max([col.shape[1], *map(len, lists)])
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            width = max(col.shape[1], int(lengths.max(initial=0)))
             mat = np.zeros((len(lists), width), dtype=np.int64)
-            for j, values in enumerate(lists):
-                mat[j, : len(values)] = self._codes(name, values)
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # flat position of each list's first value
+            flat = self._codes(name, [v for values in lists for v in values])  # type: ignore[union-attr]
+            mat[np.repeat(np.arange(len(lists)), lengths), np.arange(flat.size) - starts] = flat
             col = _grow(col, n)
             self.multi[name] = col = np.pad(col, ((0, 0), (0, width - col.shape[1])))
             col[rows] = mat
@@ -365,12 +367,13 @@ def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
     seen, targets = loo.histories("test", users), loo.targets("test")[users]
     B, M, D = q.shape
     N = items.shape[0]
+    items_t = np.ascontiguousarray(items.T)  # (D, N): 1.5x faster GEMM than the transposed view
     chunk = max(1, _SCORE_CHUNK // (N * M))
     ranks = np.empty(B, dtype=np.int64)
     for s in range(0, B, chunk):
         c = min(chunk, B - s)
         scores = np.empty((c, N + 1), dtype=np.float32)
-        scores[:, 1:] = (q[s : s + c].reshape(c * M, D) @ items.T).reshape(c, M, N).max(axis=1)
+        np.max((q[s : s + c].reshape(c * M, D) @ items_t).reshape(c, M, N), axis=1, out=scores[:, 1:])
         mask_seen(scores, seen[s : s + c])
         ranks[s : s + c] = target_ranks(scores, targets[s : s + c])
     return ranking_metrics(ranks, (10,))

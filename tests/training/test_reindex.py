@@ -300,3 +300,17 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
     (tmp_path / CURRENT).write_text("v3\n")
     with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
         ri.ReindexConfig(artifacts=tmp_path, keep=0)
+
+
+def test_an_ivf_chosen_by_size_gets_the_nprobe_that_reaches_min_recall() -> None:
+    from service.index import IndexSpec, build_index
+    from training.artifacts import _measure_recall
+
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((2000, 8)).astype(np.float32)
+    queries = rng.standard_normal((50, 2, 8)).astype(np.float32)
+    index = build_index(items, IndexSpec(kind="ivf", nlist=16, nprobe=1))
+    low, tuned = _measure_recall(index, items, queries, 100, 0.95, tune=False)  # given by the user: kept
+    assert low < 0.95 and tuned is None and index.nprobe == 1
+    recall, tuned = _measure_recall(index, items, queries, 100, 0.95, tune=True)
+    assert recall >= 0.95 and tuned == {"from": 1, "to": int(index.nprobe)} and index.nprobe in (2, 4, 8, 16)
