@@ -438,7 +438,7 @@ class ReindexResult:
     previous: str | None
     pruned: list[str]
     cleared: int
-    notified: int | None  # subscribers reached; None without Redis or when the publish failed
+    notified: int | None  # subscribers reached; None without Redis or when the announcement failed
     timings: dict[str, float]
 
 
@@ -458,19 +458,15 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
             if pipe is None:
                 raise PublishError(f"{src.pre_dir}: reindex needs a next-item pre-ranker to compute item heads, "
                                    f"this one was trained on {src.pre_ckpt.get('objective')!r}")
-        with timed("catalog", timings):
-            catalog, base = _base_catalog(src, root, live)
-            updates = make_catalog_updates(cfg.redis_url, root)
-            try:
+        updates = make_catalog_updates(cfg.redis_url, root)
+        try:
+            with timed("catalog", timings):
+                catalog, base = _base_catalog(src, root, live)
                 file_items = read_catalog_file(cfg.catalog, catalog.schema()) if cfg.catalog else []
                 snapshot, pending, rejected = _pending(_snapshot(updates), catalog.schema())
                 added, changed = catalog.apply([*file_items, *pending])
-            except BaseException:
-                updates.close()
-                raise
-        log.info("catalog: %d items (%d added, %d changed, %d pending updates, %d rejected)",
-                 catalog.num_items, len(added), len(changed), len(pending), len(rejected))
-        try:
+            log.info("catalog: %d items (%d added, %d changed, %d pending updates, %d rejected)",
+                     catalog.num_items, len(added), len(changed), len(pending), len(rejected))
             with timed("embeddings", timings):
                 items = _item_side(src, pipe, catalog)
             items.info.update(base=base, catalog_file=str(cfg.catalog) if cfg.catalog else None,
