@@ -405,8 +405,9 @@ def _measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray
 
     Why tune: IVF recall depends on the catalog. When cold-start items (small norms, a few dense
     clusters) outnumber the trained ones, the coarse lists follow the cold items and a query's
-    best trained items spread over many lists: at 1M items (1k trained) the default nprobe 64
-    of 2000 lists reaches recall@100 0.61, nprobe 256 0.92 (benchmarks/reindex_time.py).
+    best trained items can spread over many lists: 1k trained + 999k cold items from a 1-epoch
+    SASRec gave recall@100 0.61 at the default nprobe 64 of 2000 lists, 0.92 at 256 (the 3-epoch
+    model of benchmarks/results/reindex_time.txt keeps 0.9999 at 64).
     """
     ivf = tune and isinstance(index, faiss.IndexIVF)
     start = int(index.nprobe) if ivf else 0
