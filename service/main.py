@@ -15,8 +15,9 @@ from functools import partial
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
-from service.api.routes import admin, catalog, events, health, recommend
+from service.api.routes import admin, catalog, events, health, items, recommend
 from service.artifacts import load_current
+from service.catalog_updates import make_catalog_updates
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -38,6 +39,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     app.state.store = store
+    updates = make_catalog_updates(settings.redis_url, settings.artifacts)  # PUT /v1/items, for the next re-index
+    app.state.catalog_updates = updates
     app.state.recommender = make_recommender(version)
     app.state.metrics.set_version(version.version)
     watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
@@ -54,6 +57,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.catalog_updates = None
+        updates.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.recommender = None
     app.state.store = None
     app.state.watcher = None
-    for module in (health, recommend, events, catalog, admin):
+    app.state.catalog_updates = None
+    for module in (health, recommend, events, catalog, items, admin):
         app.include_router(module.router)
     default_limit = Settings.model_fields["max_body_bytes"].default
 

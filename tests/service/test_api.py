@@ -516,3 +516,15 @@ def test_arbitrary_json_gets_200_or_422_never_5xx(client: TestClient, body: dict
     assert r.status_code in (200, 422), (body, r.status_code, r.text)
     r = client.post("/v1/events", json=body)
     assert r.status_code in (202, 422), (body, r.status_code, r.text)
+
+
+def test_put_items_through_the_real_app_waits_for_reindex(swap_root: Path) -> None:
+    item = {"item_id": "new-item-1", "features": {"category": "cat1", "tags": ["tag2"], "price": 3.5}}
+    with TestClient(_app(swap_root, api_key=API_KEY)) as c:
+        assert c.put("/v1/items", json=item).status_code == 401
+        r = c.put("/v1/items", json=item, headers={"X-API-Key": API_KEY})
+        assert r.status_code == 202 and r.json() == {"accepted": 1, "pending": 1}
+        r = c.put("/v1/items", json={"item_id": "x", "features": {"colour": "red"}}, headers={"X-API-Key": API_KEY})
+        assert r.status_code == 422 and "colour" in str(r.json()["detail"])
+        assert c.get("/v1/items/new-item-1").status_code == 404  # served only after the next re-index
+    assert "new-item-1" in (swap_root / "catalog_pending.jsonl").read_text()  # no Redis: the artifacts folder

@@ -227,8 +227,8 @@ def test_search_fused_rejects_bad_input(queries: np.ndarray, k: int, exclude: ob
 
 
 def test_choose_kind_threshold() -> None:
-    assert choose_kind(1) == "flat" and choose_kind(200_000) == "flat"
-    assert choose_kind(200_001) == "ivf"
+    assert choose_kind(1) == "flat" and choose_kind(50_000) == "flat"
+    assert choose_kind(50_001) == "ivf"
     with pytest.raises(ValueError, match="num_items must be an integer >= 0, got -3"):
         choose_kind(-3)
 

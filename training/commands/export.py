@@ -33,7 +33,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         f"(default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
     p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="index kind (default auto: exact up to 200k items, IVF-Flat beyond)")
+                   help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

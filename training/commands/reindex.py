@@ -34,7 +34,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     for stage in ("retrieval", "prerank", "rerank"):
         p.add_argument(f"--{stage}", type=Path, metavar="DIR", help=f"{stage} folder (default: the live version's)")
     p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="index kind (default auto: exact up to 200k items, IVF-Flat beyond)")
+                   help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
     p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
