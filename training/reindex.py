@@ -271,6 +271,8 @@ def cold_start_embeddings(table: np.ndarray, catalog: ItemCatalog, n_trained: in
     global mean. table (n_trained + 1, D): the trained embeddings, row 0 padding."""
     trained = table[1 : n_trained + 1].astype(np.float64)  # (T, D)
     D = trained.shape[1]
+    if rows.size == 0:  # nothing new in the catalog: a plain rebuild
+        return np.empty((0, D), dtype=np.float32), 0
     # per feature: codes of `rows` (R, K), their distinct-value mask (R, K), value means (V, D), known (V,)
     centroids: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for col in (*catalog.categorical.values(), *catalog.multi.values()):

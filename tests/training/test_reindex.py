@@ -314,3 +314,15 @@ def test_an_ivf_chosen_by_size_gets_the_nprobe_that_reaches_min_recall() -> None
     assert low < 0.95 and tuned is None and index.nprobe == 1
     recall, tuned = _measure_recall(index, items, queries, 100, 0.95, tune=True)
     assert recall >= 0.95 and tuned == {"from": 1, "to": int(index.nprobe)} and index.nprobe in (2, 4, 8, 16)
+
+
+def test_reindex_with_no_catalog_changes_rebuilds(live: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "artifacts"
+    shutil.copytree(live, root)
+    before = load_current(root)
+    code, out, err = run_cli(["reindex", "--artifacts", str(root), "--version", "v-plain"], capsys)
+    assert code == 0, err
+    after = load_current(root)
+    assert after.version == "v-plain" and after.num_items == before.num_items
+    assert np.array_equal(after.items, before.items)  # no cold rows: the trained table as it was
