@@ -31,7 +31,7 @@ def main() -> int:
             ax.plot(rates, [r[key] for r in run["rates"]], style, label=key, markersize=4)
         ax.axhline(args.p99_limit_ms, color="grey", linestyle="--", linewidth=1, label=f"{args.p99_limit_ms:.0f} ms")
         ax.set_yscale("log")
-        ax.set_title(f"{run['name']} ({run['items']:,} items)")
+        ax.set_title(f"{run['name'].split('(')[0]}: {run['items']:,} items")
         ax.set_xlabel("offered rate (requests/s)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("latency from scheduled send (ms)")
