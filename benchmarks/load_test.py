@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,26 +74,42 @@ class Conn:
 
 
 class Client:
+    """Keep-alive connections used round robin (so every server worker gets traffic), a new one
+    when all are busy. A request on a reused connection that the server had already closed
+    (idle keep-alive timeout) is retried once on a new connection, as HTTP clients do; the
+    retries are counted and reported."""
+
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[Conn] = []
+        self.idle: deque[Conn] = deque()
         self.open = 0
+        self.stale_retries = 0
+
+    async def connect(self) -> Conn:
+        if self.open >= MAX_CONNECTIONS:
+            raise RuntimeError("connection limit reached")
+        self.open += 1
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return Conn(reader, writer)
+
+    async def warm(self, n: int) -> None:
+        self.idle.extend([await self.connect() for _ in range(n)])
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
-        if self.idle:
-            conn = self.idle.pop()
-        else:
-            if self.open >= MAX_CONNECTIONS:
-                raise RuntimeError("connection limit reached")
-            self.open += 1
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            conn = Conn(reader, writer)
+        reused = bool(self.idle)
+        conn = self.idle.popleft() if reused else await self.connect()
         try:
             out = await conn.request(raw)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             self.open -= 1
             conn.writer.close()
-            raise
+            stale = reused and (isinstance(exc, ConnectionError) or
+                                (isinstance(exc, asyncio.IncompleteReadError) and not exc.partial))
+            if not stale:
+                raise
+            self.stale_retries += 1
+            conn = await self.connect()
+            out = await conn.request(raw)
         self.idle.append(conn)
         return out
 
@@ -321,6 +337,7 @@ def main() -> int:
 
         async def run() -> np.ndarray:
             await seed(client, hist, host)
+            await client.warm(32)
             bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]
             sequential(port, bodies, 200)  # warm-up
             seq = sequential(port, bodies, 1000)
@@ -349,6 +366,8 @@ def main() -> int:
     lines.append(f"\nopen loop, {args.duration:.0f} s per rate (latency from the scheduled send time, ms):")
     lines.append(f"{'rate':>8s} {'achieved':>9s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'errors':>7s}   served_by")
     lines += [fmt(r) for r in results]
+    lines.append(f"(requests retried once on a new connection after the server closed an idle one: "
+                 f"{client.stale_retries})")
     good = [r.rate for r in results if r.p99 <= args.p99_limit_ms and r.errors == 0]
     lines.append(f"highest rate with p99 <= {args.p99_limit_ms:.0f} ms and no errors: "
                  f"{max(good) if good else 'none'} rps"
