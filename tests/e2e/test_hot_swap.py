@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from service.notify import notify_version
-from tests.e2e.test_serve import _free_port
+from tests.e2e.test_serve import _free_port, wait_ready
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 from training.artifacts import set_current
 
@@ -51,16 +51,8 @@ def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"recsys serve exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "not ready in 90 s"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(proc, base, 90)
+        deadline = time.monotonic() + 30
         # both workers subscribed (each counts as one receiver)
         while notify_version(redis_url, "v1") < 2:
             assert time.monotonic() < deadline, "workers never subscribed to the version channel"

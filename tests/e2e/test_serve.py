@@ -22,6 +22,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> None:
+    """Until GET /readyz answers 200; fails with the server's output if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            pytest.fail(f"recsys serve exited with {proc.returncode}: {out[-2000:]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"recsys serve did not become ready in {timeout_s} s")
+
+
 @pytest.fixture()
 def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
     port = _free_port()
@@ -33,19 +49,7 @@ def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"recsys serve exited with {proc.returncode}: {out[-2000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("recsys serve did not become ready in 60 s")
+        wait_ready(proc, base, 60)
         yield base
     finally:
         proc.terminate()
