@@ -124,7 +124,7 @@ def load_version(path: str | Path) -> LoadedVersion:
     dims = manifest["dims"]
     items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")))
     try:
-        index = load_index(folder / files["index"])
+        index = load_index(folder / files["index"], num_threads=None)  # threads: RECSYS_COMPUTE_THREADS (main.py)
     except (RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
     if int(index.ntotal) != n or int(index.d) != items.shape[1]:

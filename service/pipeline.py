@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, LoadedVersion
-from service.index import SEARCH_THREADS, search_fused
+from service.index import search_fused
 from service.prerank import head_interactions
 
 logger = logging.getLogger(__name__)
@@ -164,6 +163,7 @@ class Recommender:
     def popularity(self, k: int, banned: np.ndarray, allowed: np.ndarray | None = None) -> list[RecommendedItem]:
         """The k most popular items outside `banned` (and inside `allowed`, an (N + 1,) mask)."""
         pool = self._popular if allowed is None else self._popular[allowed[self._popular]]
+        pool = pool[: k + banned.size]  # at most banned.size of these are dropped: no O(N) isin
         order = pool[~np.isin(pool, banned)][:k]
         return [RecommendedItem(str(self.v.item_ids[i]), float(self.v.popularity[i]), None,
                                 {"popularity": float(self.v.popularity[i])}) for i in order]
@@ -203,43 +203,50 @@ class Recommender:
         if allowed is not None:
             passing = allowed[cand]
             cand, scores, launchers = cand[passing], scores[passing], launchers[passing]
+        # Each stage orders positions into cand (C,); per-stage scores stay aligned with cand.
+        stage_scores: dict[str, np.ndarray] = {"retrieval": scores}
+
+        def served(pos: np.ndarray, pos_scores: np.ndarray, path: str) -> RecommendResult:
+            top = pos[:k]
+            explained = {name: st[top] for name, st in stage_scores.items()} if explain else {}
+            items = self._items(cand[top], pos_scores[:k], launchers[top], explained)
+            if allowed is not None and len(items) < k:  # filtered list came out short: top it up
+                items += self.popularity(k - len(items), np.concatenate([banned, cand[top]]), allowed)
+                path += ";filter_backfill"
+            return self._result(items, path, timer, unknown)
+
+        everything = np.arange(cand.size)
         if cand.size == 0:  # everything seen, excluded or filtered out
-            return self._result(self._backfill([], k, banned, allowed), "retrieval", timer, unknown, allowed)
-        launcher_of = dict(zip(cand.tolist(), launchers.tolist()))
-        stage_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {"retrieval": (cand, scores)}
-
-        def served(items: np.ndarray, item_scores: np.ndarray, path: str) -> RecommendResult:
-            out = self._items(items[:k], item_scores[:k], launcher_of, stage_scores, explain)
-            return self._result(self._backfill(out, k, banned, allowed), path, timer, unknown, allowed)
-
+            return served(everything, scores, "retrieval")
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
-            return served(cand, scores, "retrieval;timeout")
+            return served(everything, scores, "retrieval;timeout")
         try:
             order, pre_scores, pv = self._prerank(history, cand)
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
-            return served(cand, scores, "retrieval;prerank_failed")
+            return served(everything, scores, "retrieval;prerank_failed")
         timer.lap("prerank")
-        ranked, ranked_scores = cand[order], pre_scores[order]
-        stage_scores["prerank"] = (cand, pre_scores)
+        stage_scores["prerank"] = pre_scores
         if self.v.rerank is None or self._rerank_len == 0:
-            return served(ranked, ranked_scores, "prerank")
+            return served(order, pre_scores[order], "prerank")
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
-            return served(ranked, ranked_scores, "prerank;timeout")
+            return served(order, pre_scores[order], "prerank;timeout")
 
-        n = min(self.prerank_n, self._rerank_len, ranked.size)
+        n = min(self.prerank_n, self._rerank_len, order.size)
+        head = order[:n]
         try:
-            re_order, re_scores = self._rerank(ranked[:n], ranked_scores[:n], pv[order[:n]])
+            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head])
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
-            return served(ranked, ranked_scores, "prerank;rerank_failed")
+            return served(order, pre_scores[order], "prerank;rerank_failed")
         timer.lap("rerank")
-        final = np.concatenate([ranked[:n][re_order], ranked[n:]])
-        final_scores = np.concatenate([re_scores[re_order], ranked_scores[n:]])
-        stage_scores["rerank"] = (ranked[:n], re_scores)
-        return served(final, final_scores, "rerank")
+        rerank_scores = np.full(cand.size, np.nan, np.float32)  # only the top n are re-ranked
+        rerank_scores[head] = re_scores
+        stage_scores["rerank"] = rerank_scores
+        final = np.concatenate([head[re_order], order[n:]])
+        return served(final, np.concatenate([re_scores[re_order], pre_scores[order[n:]]]), "rerank")
 
     # --- filters ---
 
@@ -275,14 +282,6 @@ class Recommender:
         hit = np.isin(col, codes)  # (N + 1,) or (N + 1, K) for a multi-valued feature
         return np.asarray(hit.any(axis=1) if hit.ndim == 2 else hit, bool)
 
-    def _backfill(self, items: list[RecommendedItem], k: int, banned: np.ndarray,
-                  allowed: np.ndarray | None) -> list[RecommendedItem]:
-        """Top up a filtered list that came out shorter than k with popular passing items."""
-        if allowed is None or len(items) >= k:
-            return items
-        taken = np.asarray([self.v.id_to_index[it.item_id] for it in items], np.int64)
-        return items + self.popularity(k - len(items), np.concatenate([banned, taken]), allowed)
-
     # --- stages ---
 
     def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray,
@@ -290,10 +289,6 @@ class Recommender:
         seq = history[-self.v.maxlen:][None]  # (1, L)
         users = self.v.retrieval.run(None, {"item_seq": seq})[0]  # (1, M, D)
         timer.lap("encode")
-        # OpenMP thread counts are per calling thread, and requests run on a pool of worker
-        # threads: without this each new thread searches with every core, and on 2 cores the
-        # idle-spinning OpenMP team made a 0.1 ms flat search take 2-18 ms (measured).
-        faiss.omp_set_num_threads(SEARCH_THREADS)
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
@@ -324,20 +319,15 @@ class Recommender:
 
     # --- output ---
 
-    def _items(self, items: np.ndarray, scores: np.ndarray, launcher_of: dict[int, int],
-               stage_scores: dict[str, tuple[np.ndarray, np.ndarray]], explain: bool) -> list[RecommendedItem]:
-        # per-stage score lookups only when asked for: they touch every candidate, not just the top k
-        lookup = {name: dict(zip(ids.tolist(), s.tolist()))
-                  for name, (ids, s) in stage_scores.items()} if explain else {}
-        out = []
-        for i, s in zip(items.tolist(), scores.tolist()):
-            stages = {name: float(m[i]) for name, m in lookup.items() if i in m}
-            out.append(RecommendedItem(str(self.v.item_ids[i]), float(s), int(launcher_of[i]), stages))
-        return out
+    def _items(self, items: np.ndarray, scores: np.ndarray, launchers: np.ndarray,
+               stages: dict[str, np.ndarray]) -> list[RecommendedItem]:
+        """items, scores, launchers (k,) and, with explain, each stage's scores of these items
+        (k,) (NaN where a stage did not score an item) -> result items."""
+        per_item = [{name: float(st[j]) for name, st in stages.items() if not np.isnan(st[j])}
+                    for j in range(items.size)] if stages else [{} for _ in range(items.size)]
+        return [RecommendedItem(str(self.v.item_ids[i]), float(s), int(m), st)
+                for i, s, m, st in zip(items.tolist(), scores.tolist(), launchers.tolist(), per_item)]
 
-    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int,
-                allowed: np.ndarray | None = None) -> RecommendResult:
-        if allowed is not None and items and items[-1].launcher is None and "popularity" not in served_by:
-            served_by += ";filter_backfill"
+    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int) -> RecommendResult:
         timer.ms["total"] = round(timer.elapsed_ms(), 3)
         return RecommendResult(items, self.v.version, served_by, timer.ms, unknown)

@@ -35,9 +35,6 @@ class RecommendRequest(BaseModel):
         description="item feature -> accepted value(s), e.g. {\"genre\": [\"Comedy\", \"Drama\"]}")
     explain: bool = False
 
-    def filter_values(self) -> dict[str, list[str]] | None:
-        return self.filters or None
-
 
 class RecommendedItemOut(BaseModel):
     item_id: str

@@ -32,7 +32,7 @@ STORE_FLAG = "store_unavailable"
 
 @router.post("/recommend", response_model=RecommendResponse)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-              metrics: MetricsDep) -> RecommendResponse:
+                    metrics: MetricsDep) -> RecommendResponse:
     """Top-k for the request history, else the stored history of user_id, else popularity."""
     start = time.perf_counter()
     flags: list[str] = []
@@ -52,8 +52,8 @@ async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep
 
 
 @router.post("/recommend/batch", response_model=RecommendBatchResponse)
-async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-                    metrics: MetricsDep) -> RecommendBatchResponse:
+async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
+                          settings: SettingsDep, metrics: MetricsDep) -> RecommendBatchResponse:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters included) before any is served; the first bad one gives
     a 422 naming `body.requests.<i>.<field>`."""
@@ -83,10 +83,9 @@ def _stored_histories(store: HistoryStore, user_ids: list[str]) -> tuple[dict[st
 
 
 def _check_filters(rec: Recommender, body: RecommendRequest, loc: tuple[str | int, ...]) -> None:
-    filters = body.filter_values()
-    if filters:
+    if body.filters:
         try:
-            rec.filter_mask(filters)
+            rec.filter_mask(body.filters)
         except FilterError as exc:
             raise _filter_422(exc, loc) from None
 
@@ -99,7 +98,7 @@ def _filter_422(exc: FilterError, loc: tuple[str | int, ...]) -> RequestValidati
 def _serve(rec: Recommender, body: RecommendRequest, history: list[str], flags: list[str], store_ms: float,
            timeout_ms: float, metrics: MetricsDep, loc: tuple[str | int, ...]) -> RecommendResponse:
     try:
-        result = rec.recommend(history, body.k, body.exclude, explain=body.explain, filters=body.filter_values(),
+        result = rec.recommend(history, body.k, body.exclude, explain=body.explain, filters=body.filters,
                                timeout_ms=max(timeout_ms - store_ms, 0.0))
     except FilterError as exc:
         raise _filter_422(exc, loc) from None
