@@ -9,9 +9,7 @@ keep answering with the old version.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,22 +23,15 @@ import pytest
 
 from service.notify import notify_version
 from tests.e2e.test_serve import _free_port, wait_ready
-from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
+from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 from training.artifacts import set_current
-
-
-def _copy_version(root: Path, src: Path, name: str) -> None:
-    shutil.copytree(src, root / name)
-    manifest = json.loads((root / name / "manifest.json").read_text())
-    manifest["version"] = name
-    (root / name / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture()
 def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:  # noqa: F811
     root = tmp_path / "artifacts"
     root.mkdir()
-    _copy_version(root, artifacts_root / "v1", "v1")
+    copy_version(root, artifacts_root / "v1", "v1")
     set_current(root, "v1")
     port = _free_port()
     env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}  # pub/sub must do the work
@@ -90,7 +81,7 @@ def test_swap_under_load_drops_nothing(live: tuple[str, Path], redis_url: str, c
     try:
         time.sleep(1.0)
         for name in ("v2", "v3"):
-            _copy_version(root, root / "v1", name)
+            copy_version(root, root / "v1", name)
             set_current(root, name)
             flipped = time.monotonic()
             assert notify_version(redis_url, name) == 2
@@ -102,7 +93,7 @@ def test_swap_under_load_drops_nothing(live: tuple[str, Path], redis_url: str, c
                     break
                 assert time.monotonic() < deadline, f"not all workers moved to {name}: {Counter(recent)}"
         # a broken version becomes CURRENT: it is refused and v3 keeps serving
-        _copy_version(root, root / "v1", "v4")
+        copy_version(root, root / "v1", "v4")
         (root / "v4" / "items.npy").write_bytes(b"\x93NUMPY broken")
         set_current(root, "v4")
         notify_version(redis_url, "v4")

@@ -431,9 +431,9 @@ def test_metrics_count_requests_stages_and_fallbacks(client: TestClient, catalog
 # --- hot swap ---
 
 
-def _second_version(root: Path, src: str, name: str) -> None:
-    """Copy version `src` as `name` (same models, new name) without touching CURRENT."""
-    shutil.copytree(root / src, root / name)
+def copy_version(root: Path, src: Path, name: str) -> None:
+    """Copy the version folder `src` to root/`name` (same models, new name) without touching CURRENT."""
+    shutil.copytree(src, root / name)
     manifest = json.loads((root / name / "manifest.json").read_text())
     manifest["version"] = name
     (root / name / "manifest.json").write_text(json.dumps(manifest))
@@ -445,7 +445,7 @@ def swap_root(artifacts_root: Path, tmp_path: Path) -> Path:
     root.mkdir()
     shutil.copytree(artifacts_root / "v1", root / "v1")
     (root / "CURRENT").write_text("v1\n")
-    _second_version(root, "v1", "v2")
+    copy_version(root, root / "v1", "v2")
     return root
 
 
@@ -484,7 +484,7 @@ def test_pubsub_notice_swaps_without_polling(swap_root: Path, redis_url: str) ->
 
 
 def test_a_broken_version_is_never_served(swap_root: Path, catalog: list[str]) -> None:
-    _second_version(swap_root, "v1", "v3")
+    copy_version(swap_root, swap_root / "v1", "v3")
     (swap_root / "v3" / "index.faiss").write_bytes(b"truncated")
     with TestClient(_app(swap_root, reload_poll_s=0.05, api_key=API_KEY)) as c:
         (swap_root / "CURRENT").write_text("v3\n")
