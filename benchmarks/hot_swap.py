@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import Client, free_port, histories_of, post, seed, start_server  # noqa: E402
+from load_test import Client, free_port, histories_of, post, seed, start_redis, start_server  # noqa: E402
 
 
 def copy_version(root: Path, src: Path, name: str) -> None:
@@ -56,24 +55,16 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="recsys-swap-"))
     copy_version(scratch, args.artifacts / live, "swap0")
     set_current(scratch, "swap0")
-    redis_proc, redis_url = None, None
-    if args.redis:
-        rport = free_port()
-        redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        redis_url = f"redis://127.0.0.1:{rport}/0"
-        time.sleep(0.5)
-    os.environ["RECSYS_RELOAD_POLL_S"] = str(args.poll_s)
+    redis_proc, redis_url = start_redis() if args.redis else (None, None)
     hist = histories_of(args.artifacts, 300)
     port = free_port()
-    server = start_server(scratch, port, args.workers, redis_url)
+    server = start_server(scratch, port, args.workers, redis_url, poll_s=args.poll_s)
     host = f"127.0.0.1:{port}"
     answers: list[tuple[float, str]] = []
     errors = 0
     rows = []
 
     async def run() -> None:
-        nonlocal errors
         client = Client("127.0.0.1", port)
         await seed(client, hist, host)
         bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]

@@ -243,13 +243,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None) -> subprocess.Popen[bytes]:
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A throwaway redis-server on a free loopback port, once it answers PING."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError("redis-server did not answer PING in 10 s")
+
+
+def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None,
+                 poll_s: float = 0.0) -> subprocess.Popen[bytes]:
+    """`recsys serve` on `port`, once /readyz answers; poll_s is RECSYS_RELOAD_POLL_S (0 = never)."""
     recsys = Path(sys.executable).with_name("recsys")
     cmd = [str(recsys), "serve", "--artifacts", str(artifacts), "--port", str(port), "--workers", str(workers),
            "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    env = {**os.environ, "RECSYS_RELOAD_POLL_S": "0"}
+    env = {**os.environ, "RECSYS_RELOAD_POLL_S": str(poll_s)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -323,11 +343,7 @@ def main() -> int:
 
     redis_proc = None
     if args.redis and not args.redis_url:
-        rport = free_port()
-        redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        args.redis_url = f"redis://127.0.0.1:{rport}/0"
-        time.sleep(0.5)
+        redis_proc, args.redis_url = start_redis()
     port = free_port()
     server = start_server(args.artifacts, port, args.workers, args.redis_url)
     host = f"127.0.0.1:{port}"
