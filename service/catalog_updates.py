@@ -47,7 +47,7 @@ from typing import Literal, Protocol, cast, runtime_checkable
 
 import redis
 
-from service.stores import MAX_ID_LEN, StoreError, StoreUnavailable, validate_id
+from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -285,12 +285,10 @@ def make_catalog_updates(redis_url: str | None, artifacts_root: str | Path) -> C
 
 
 def _valid_id(value: object, loc: tuple[str, ...]) -> str:
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and value.isprintable():
-        return value  # fast path (a re-index reads millions): printable strings hold no Cc / Cs character
-    try:
-        return validate_id(value, loc[-1] if loc else "value")
-    except ValueError as exc:
-        raise ItemError(loc, str(exc).split(": ", 1)[-1]) from None
+    problem = id_problem(value)
+    if problem is not None:
+        raise ItemError(loc, problem)
+    return value  # type: ignore[return-value]  # id_problem checked it is a str
 
 
 def _value(value: object, kind: FeatureKind | None, loc: tuple[str, ...]) -> FeatureValue:
@@ -304,8 +302,6 @@ def _value(value: object, kind: FeatureKind | None, loc: tuple[str, ...]) -> Fea
         if len(value) > MAX_VALUES:
             raise ItemError(loc, f"more than {MAX_VALUES} values ({len(value)})")
         for i, v in enumerate(value):
-            if not isinstance(v, str):
-                raise ItemError((*loc, str(i)), f"must be a string, got {type(v).__name__}")
             _valid_id(v, (*loc, str(i)))
         return list(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):

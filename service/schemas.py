@@ -80,8 +80,6 @@ class EventIn(BaseModel):
 
 
 EventsList = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)]
-# POST /v1/events takes one event or a list of them
-EventsBody = EventIn | EventsList
 
 
 class EventsAccepted(BaseModel):

@@ -69,17 +69,27 @@ class Event:
     type: str = "view"
 
 
+def id_problem(value: object) -> str | None:
+    """Why ``value`` is not a usable id, or None when it is."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and value.isprintable():
+        return None  # fast path (a re-index checks millions): printable strings hold no Cc / Cs character
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_ID_LEN:
+        return f"longer than {MAX_ID_LEN} characters ({len(value)})"
+    if any(unicodedata.category(c) in _BAD_CATEGORIES for c in value):
+        return "contains a control or surrogate character"
+    return None
+
+
 def validate_id(value: object, field: str) -> str:
     """Return ``value`` if it is a usable id, else raise ``ValueError`` naming ``field``."""
-    if not isinstance(value, str):
-        raise ValueError(f"{field}: must be a string, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{field}: must not be empty")
-    if len(value) > MAX_ID_LEN:
-        raise ValueError(f"{field}: longer than {MAX_ID_LEN} characters ({len(value)})")
-    if any(unicodedata.category(c) in _BAD_CATEGORIES for c in value):
-        raise ValueError(f"{field}: contains a control or surrogate character")
-    return value
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValueError(f"{field}: {problem}")
+    return value  # type: ignore[return-value]  # id_problem checked it is a str
 
 
 def validate_events(events: Sequence[Event]) -> dict[str, list[str]]:

@@ -8,10 +8,13 @@ the event loop: a plain `def` dependency is run in the thread pool, one hop per 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from service.catalog_updates import CatalogUpdates, Schema, schema_from_catalog
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.pipeline import Recommender
@@ -50,8 +53,21 @@ async def get_watcher(request: Request) -> VersionWatcher:
     return watcher
 
 
+async def get_catalog_updates(request: Request) -> CatalogUpdates:
+    updates: CatalogUpdates | None = getattr(request.app.state, "catalog_updates", None)
+    if updates is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "catalog updates are not configured")
+    return updates
+
+
+async def get_item_schema(request: Request) -> Schema | None:
+    """Feature names and kinds of the loaded version's catalog; None when nothing is loaded."""
+    rec: Recommender | None = getattr(request.app.state, "recommender", None)
+    return None if rec is None else schema_from_catalog(rec.v.item_features)
+
+
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
-                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+                          x_api_key: Annotated[str | None, Header()] = None) -> None:
     """401 unless X-API-Key matches RECSYS_API_KEY (no check when no key is configured)."""
     if settings.api_key is None:
         return
@@ -66,3 +82,24 @@ StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
+CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
+ItemSchemaDep = Annotated[Schema | None, Depends(get_item_schema)]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def one_or_many(body: Any, model: type[M], many: TypeAdapter[list[M]]) -> list[M]:
+    """A body that is one `model` or a list of them (validated by `many`, which holds the length
+    limits): validated as a list when it is one, else as one, so a 422's loc is the real field
+    (body.1.item_id), not one entry per union member."""
+    try:
+        return many.validate_python(body) if isinstance(body, list) else [model.model_validate(body)]
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+
+
+def one_or_many_body(model: type[BaseModel], max_items: int) -> dict[str, Any]:
+    """openapi_extra for a route whose JSON body is one `model` or a list of at most max_items."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [ref, {"type": "array", "items": ref, "maxItems": max_items}]}}}}}

@@ -7,11 +7,10 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
-from service.api.deps import ApiKeyDep, StoreDep
-from service.schemas import EventIn, EventsAccepted, EventsList, HistoryOut
+from service.api.deps import ApiKeyDep, StoreDep, one_or_many, one_or_many_body
+from service.schemas import MAX_EVENTS, EventIn, EventsAccepted, EventsList, HistoryOut
 from service.stores import Event, StoreError
 
 logger = logging.getLogger(__name__)
@@ -22,12 +21,10 @@ _EVENTS = TypeAdapter(EventsList)
 
 
 @router.post("/events", response_model=EventsAccepted, status_code=status.HTTP_202_ACCEPTED,
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                 "anyOf": [{"$ref": "#/components/schemas/EventIn"},
-                           {"type": "array", "items": {"$ref": "#/components/schemas/EventIn"}}]}}}}})
+             openapi_extra=one_or_many_body(EventIn, MAX_EVENTS))
 def post_events(body: Annotated[Any, Body()], store: StoreDep, _auth: ApiKeyDep) -> EventsAccepted:
     """One event or a list: validate every event, then append all in timestamp order (stable), or none."""
-    batch = _parse(body)
+    batch = one_or_many(body, EventIn, _EVENTS)
     now = time.time()
     events = [_event(e, now) for e in batch]
     events.sort(key=lambda e: e.timestamp)  # stable: equal timestamps keep the order sent
@@ -39,17 +36,6 @@ def post_events(body: Annotated[Any, Body()], store: StoreDep, _auth: ApiKeyDep)
         logger.warning("could not append %d events: %s", len(events), exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "history store unavailable; retry later") from None
     return EventsAccepted(accepted=accepted)
-
-
-def _parse(body: Any) -> list[EventIn]:
-    """Validate as a list when it is one, else as one event, so a 422's loc is the real field
-    (body.1.item_id), not one entry per union member."""
-    try:
-        if isinstance(body, list):
-            return _EVENTS.validate_python(body)
-        return [EventIn.model_validate(body)]
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
 
 
 @router.get("/users/{user_id}/history", response_model=HistoryOut)

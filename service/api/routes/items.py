@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Body, HTTPException, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from service.api.deps import ApiKeyDep
-from service.catalog_updates import CatalogUpdates, ItemError, ItemUpdate, Schema, schema_from_catalog, validate_item
-from service.stores import MAX_ID_LEN, StoreError
+from service.api.deps import ApiKeyDep, CatalogUpdatesDep, ItemSchemaDep, one_or_many, one_or_many_body
+from service.catalog_updates import ItemError, ItemUpdate, validate_item
+from service.schemas import Id
+from service.stores import StoreError
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["items"])
@@ -35,7 +36,7 @@ class ItemIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    item_id: Id
     features: dict[str, Any] = Field(
         default_factory=dict, description='e.g. {"genre": ["a", "b"], "category": "x", "price": 1.5}')
 
@@ -48,52 +49,23 @@ class ItemsAccepted(BaseModel):
 _ITEMS = TypeAdapter(Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)])
 
 
-def get_catalog_updates(request: Request) -> CatalogUpdates:
-    updates: CatalogUpdates | None = getattr(request.app.state, "catalog_updates", None)
-    if updates is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "catalog updates are not configured")
-    return updates
-
-
-def get_item_schema(request: Request) -> Schema | None:
-    """Feature names and kinds of the loaded version's catalog; None when nothing is loaded."""
-    rec = getattr(request.app.state, "recommender", None)
-    return None if rec is None else schema_from_catalog(rec.v.item_features)
-
-
-CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
-ItemSchemaDep = Annotated[Schema | None, Depends(get_item_schema)]
-
-
 @router.put("/items", response_model=ItemsAccepted, status_code=status.HTTP_202_ACCEPTED,
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "anyOf": [{"$ref": "#/components/schemas/ItemIn"},
-                          {"type": "array", "items": {"$ref": "#/components/schemas/ItemIn"},
-                           "maxItems": MAX_ITEMS_PER_REQUEST}]}}}}})
+            openapi_extra=one_or_many_body(ItemIn, MAX_ITEMS_PER_REQUEST))
 def put_items(body: Annotated[Any, Body()], updates: CatalogUpdatesDep, schema: ItemSchemaDep,
               _auth: ApiKeyDep) -> ItemsAccepted:
     many = isinstance(body, list)
-    parsed = _parse(body, many)
     items: list[ItemUpdate] = []
-    for i, item in enumerate(parsed):
+    for i, item in enumerate(one_or_many(body, ItemIn, _ITEMS)):
+        raw = item.model_dump()
         try:
-            items.append(validate_item(item.model_dump(), schema))
+            items.append(validate_item(raw, schema))
         except ItemError as exc:
             loc = ("body", i, *exc.loc) if many else ("body", *exc.loc)
             raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": exc.reason,
-                                           "input": item.model_dump()}]) from None
+                                           "input": raw}]) from None
     try:
         pending = updates.put(items)
     except StoreError as exc:
         logger.warning("could not record %d catalog updates: %s", len(items), exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "catalog updates unavailable; retry later") from None
     return ItemsAccepted(accepted=len(items), pending=pending)
-
-
-def _parse(body: Any, many: bool) -> list[ItemIn]:
-    """Validate as a list when it is one, else as one item, so a 422's loc is the real field
-    (body.1.item_id), not one entry per union member."""
-    try:
-        return _ITEMS.validate_python(body) if many else [ItemIn.model_validate(body)]
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
