@@ -46,7 +46,7 @@ import torch
 from models.layers import Fields
 from models.sasrec import MultiLauncherSASRec
 from service.artifacts import ORT_ERRORS
-from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
+from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index, set_faiss_threads
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
@@ -289,7 +289,7 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
                 _check_rerank(tmp, src.rerank, manifest)
             manifest["checks"] = {"min_recall": min_recall, "regression": regression(tmp, manifest)}
             _write_json(tmp / MANIFEST, manifest)
-            _smoke(tmp)
+            smoke(tmp)
         with timed("write", timings):
             _fsync_tree(tmp)
             os.rename(tmp, final)
@@ -338,6 +338,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
     with torch.no_grad():
         queries = retrieval.encode_user(torch.from_numpy(
             loo.histories("test", users, maxlen=retrieval.config.maxlen))).numpy()  # (B, M, D)
+    set_faiss_threads(max(1, torch.get_num_threads()))  # an offline build: the cores this command may use
     with timed("index", timings):
         spec = index_spec or IndexSpec(kind=choose_kind(n))
         index = build_index(vectors, spec)
@@ -540,14 +541,14 @@ def _check_regression(root: Path, manifest: dict[str, Any], max_regression: floa
     return {**entry, "result": "passed", "live": before, "new": after}
 
 
-def _smoke(path: Path) -> None:
-    """Load the folder as the service will and run every stage once."""
+def smoke(path: Path, failure: str = "the new version does not load") -> None:
+    """Load the folder as the service will and run every stage once; PublishError(failure: why)."""
     from service.artifacts import ArtifactError, load_version, smoke_run
 
     try:
         smoke_run(load_version(path))
     except ArtifactError as exc:
-        raise PublishError(f"the new version does not load: {exc}") from None
+        raise PublishError(f"{failure}: {exc}") from None
 
 
 # --- files ---

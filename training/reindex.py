@@ -48,7 +48,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +59,7 @@ import torch
 from tqdm import tqdm
 
 from models.sasrec import MultiLauncherSASRec
-from service.artifacts import ORT_ERRORS, ArtifactError, load_version, session, smoke_run
+from service.artifacts import ORT_ERRORS, session
 from service.catalog_updates import (
     CatalogUpdates,
     FeatureKind,
@@ -70,7 +70,7 @@ from service.catalog_updates import (
     schema_from_catalog,
     validate_item,
 )
-from service.index import IndexSpec, set_faiss_threads
+from service.index import IndexSpec
 from service.stores import StoreError
 from training import prerank as pr
 from training.artifacts import (
@@ -92,6 +92,7 @@ from training.artifacts import (
     publish_items,
     read_current,
     set_current,
+    smoke,
 )
 from training.commands.common import timed
 from training.data.dataset import DataError
@@ -150,7 +151,7 @@ class ItemCatalog:
         return len(self.item_ids) - 1
 
     def schema(self) -> dict[str, FeatureKind]:
-        return schema_from_catalog(self.arrays())
+        return schema_from_catalog(self.features())
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {"item_ids": np.array(self.item_ids, dtype=str), "popularity": self.popularity}
@@ -464,8 +465,9 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
         try:
             with timed("catalog", timings):
                 catalog, base = _base_catalog(src, root, live)
-                file_items = read_catalog_file(cfg.catalog, catalog.schema()) if cfg.catalog else []
-                snapshot, pending, rejected = _pending(_snapshot(updates), catalog.schema())
+                schema = catalog.schema()
+                file_items = read_catalog_file(cfg.catalog, schema) if cfg.catalog else []
+                snapshot, pending, rejected = _pending(_snapshot(updates), schema)
                 added, changed = catalog.apply([*file_items, *pending])
             log.info("catalog: %d items (%d added, %d changed, %d pending updates, %d rejected)",
                      catalog.num_items, len(added), len(changed), len(pending), len(rejected))
@@ -477,7 +479,6 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                               added=len(added), changed=len(changed),
                               added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
             version = cfg.version or default_version(src.ds.fingerprint + catalog.digest(), src.checkpoints)
-            set_faiss_threads(max(1, torch.get_num_threads()))  # an offline build: all the cores it may use
             published = publish_items(src, items, root, version, cfg.min_recall, cfg.index_spec,
                                       catalog_gate(root, live, src.loo, cfg.max_regression), timings)
             with timed("prune", timings):
@@ -658,8 +659,7 @@ class RollbackResult:
     notified: int | None
 
 
-def rollback(artifacts_root: str | Path, to: str | None = None, redis_url: str | None = None,
-             check: Callable[[Path], object] = lambda p: smoke_run(load_version(p))) -> RollbackResult:
+def rollback(artifacts_root: str | Path, to: str | None = None, redis_url: str | None = None) -> RollbackResult:
     """Point CURRENT at `to` (default: the version before the live one) once it loads and
     passes a smoke run; PublishError (CURRENT unchanged) when it cannot be served."""
     root = Path(artifacts_root)
@@ -674,10 +674,7 @@ def rollback(artifacts_root: str | Path, to: str | None = None, redis_url: str |
             raise PublishError(f"{target} is already CURRENT")
         if target.startswith(".") or "/" in target or target == CURRENT:
             raise PublishError(f"{target!r} is not a version name")
-        try:
-            check(root / target)
-        except ArtifactError as exc:
-            raise PublishError(f"version {target} cannot be served: {exc}") from None
+        smoke(root / target, f"version {target} cannot be served")
         set_current(root, target)
     log.info("rolled back CURRENT from %s to %s", current, target)
     return RollbackResult(current, target, announce(redis_url, target))

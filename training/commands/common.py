@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +24,12 @@ def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthet
         metavar="SPEC",
         help=f"data source: {SOURCES} (default: {default})",
     )
+
+
+def quiet_onnx_exporter() -> None:
+    """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings."""
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextmanager

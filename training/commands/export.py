@@ -8,16 +8,15 @@ through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/artifacts.py
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from training.commands.common import UsageError, add_data_arg, timed
+from training.commands.common import UsageError, add_data_arg, quiet_onnx_exporter, timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.artifacts import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_RECALL
+    from training.artifacts import DEFAULT_MAX_REGRESSION
 
     p = sub.add_parser("export", help="publish checkpoints as an artifact version (ONNX, index, catalog)")
     add_data_arg(p, default=None)
@@ -26,16 +25,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--rerank", metavar="DIR", help="re-rank folder (prm.pt, rerank.onnx, rerank_items.npy)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
     p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
-    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
-                   help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
                    help="largest drop in retrieval NDCG@10 allowed against the live version on the same data "
                         f"(default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
-    p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
+    add_index_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
 
@@ -55,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: not a folder")
     index_spec = _index_spec(args)
     torch.set_num_threads(args.threads)
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_onnx_exporter()
     previous = read_current(args.out)
     timings: dict[str, float] = {}
     try:
@@ -74,6 +67,18 @@ def run(args: argparse.Namespace) -> int:
     print(summary(res.manifest))
     print(f"CURRENT: {previous} -> {res.manifest['version']}")
     return 0
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    """--index / --nlist / --nprobe / --min-recall, shared by export and reindex (see _index_spec)."""
+    from training.artifacts import DEFAULT_MIN_RECALL
+
+    p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
+                   help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
+    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
+                   help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
 
 
 def _index_spec(args: argparse.Namespace) -> Any:

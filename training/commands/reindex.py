@@ -10,17 +10,17 @@ failed (CURRENT unchanged, the reason on stderr), 2 a usage or data error.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-from training.commands.common import UsageError, timed
+from training.commands.common import UsageError, quiet_onnx_exporter, timed
 from training.data.sources import SOURCES
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.artifacts import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_RECALL
+    from training.artifacts import DEFAULT_MAX_REGRESSION
+    from training.commands.export import add_index_args
     from training.reindex import DEFAULT_KEEP
 
     p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
@@ -33,12 +33,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "without it the pending updates are ARTIFACTS/catalog_pending.jsonl)")
     for stage in ("retrieval", "prerank", "rerank"):
         p.add_argument(f"--{stage}", type=Path, metavar="DIR", help=f"{stage} folder (default: the live version's)")
-    p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 2 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
-    p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
-                   help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
+    add_index_args(p)
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
                    help="largest drop in catalog NDCG@10 allowed against the live version "
                         f"(default {DEFAULT_MAX_REGRESSION})")
@@ -54,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from training.commands.export import _index_spec, summary
     from training.reindex import ReindexConfig, reindex
 
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_onnx_exporter()
     try:
         cfg = ReindexConfig(
             artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, redis_url=args.redis_url,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.commands.common import UsageError, add_data_arg, timed
+from training.commands.common import UsageError, add_data_arg, quiet_onnx_exporter, timed
 from training.report import table, write_json
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
@@ -157,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         }
         (out / "rerank_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if not args.no_export:
-            for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
-                logging.getLogger(noisy).setLevel(logging.WARNING)
+            quiet_onnx_exporter()
             path = export_rerank(models["prm"], out)
             artifacts = {"onnx": str(path), "parity_max_abs_diff": rerank_parity(models["prm"], path),
                          "real_lists_max_abs_diff": _real_list_parity(models["prm"], path, imp.test)}
