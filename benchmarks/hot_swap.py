@@ -48,10 +48,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    from service.artifacts import current_version
     from service.notify import notify_version
     from training.artifacts import set_current
 
-    live = (args.artifacts / "CURRENT").read_text().strip()
+    live = current_version(args.artifacts)
     scratch = Path(tempfile.mkdtemp(prefix="recsys-swap-"))
     copy_version(scratch, args.artifacts / live, "swap0")
     set_current(scratch, "swap0")

@@ -291,7 +291,9 @@ def histories_of(artifacts: Path, users: int, maxlen: int = 50) -> dict[str, lis
     from training.data.sources import load
     from training.data.splits import LeaveOneOut
 
-    name = (artifacts / "CURRENT").read_text().strip()
+    from service.artifacts import current_version
+
+    name = current_version(artifacts)
     spec = json.loads((artifacts / name / "manifest.json").read_text())["data"]["spec"]
     ds = load(spec)
     loo = LeaveOneOut(ds)
@@ -325,8 +327,9 @@ def main() -> int:
     args = ap.parse_args()
 
     hist = histories_of(args.artifacts, args.users)
-    manifest = json.loads((args.artifacts / (args.artifacts / "CURRENT").read_text().strip() / "manifest.json")
-                          .read_text())
+    from service.artifacts import current_version
+
+    manifest = json.loads((args.artifacts / current_version(args.artifacts) / "manifest.json").read_text())
     name = args.name or manifest["data"]["name"]
     store = "redis" if args.redis or args.redis_url else "in-process"
     lines = [f"catalog: {name}, {manifest['item_count']} items, index {manifest['index']['kind']}, "

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from service.notify import notify_version
-from tests.e2e.test_serve import _free_port, wait_ready
+from tests.e2e.test_serve import wait_ready
+from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 from training.artifacts import set_current
 
@@ -33,7 +34,7 @@ def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple
     root.mkdir()
     copy_version(root, artifacts_root / "v1", "v1")
     set_current(root, "v1")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}  # pub/sub must do the work
     proc = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,

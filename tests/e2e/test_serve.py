@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> None:
@@ -40,7 +34,7 @@ def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> No
 
 @pytest.fixture()
 def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RECSYS_API_KEY": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root),
