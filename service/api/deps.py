@@ -27,17 +27,21 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+def _loaded(request: Request, name: str, missing: str) -> Any:
+    """app.state.<name>, or 503 `missing` while the lifespan has not set it."""
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, missing)
+    return value
+
+
 async def get_recommender(request: Request) -> Recommender:
-    rec: Recommender | None = getattr(request.app.state, "recommender", None)
-    if rec is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
+    rec: Recommender = _loaded(request, "recommender", "artifacts are not loaded yet")
     return rec
 
 
 async def get_store(request: Request) -> HistoryStore:
-    store: HistoryStore | None = getattr(request.app.state, "store", None)
-    if store is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "history store is not ready yet")
+    store: HistoryStore = _loaded(request, "store", "history store is not ready yet")
     return store
 
 
@@ -47,16 +51,12 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 async def get_watcher(request: Request) -> VersionWatcher:
-    watcher: VersionWatcher | None = getattr(request.app.state, "watcher", None)
-    if watcher is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "artifacts are not loaded yet")
+    watcher: VersionWatcher = _loaded(request, "watcher", "artifacts are not loaded yet")
     return watcher
 
 
 async def get_catalog_updates(request: Request) -> CatalogUpdates:
-    updates: CatalogUpdates | None = getattr(request.app.state, "catalog_updates", None)
-    if updates is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "catalog updates are not configured")
+    updates: CatalogUpdates = _loaded(request, "catalog_updates", "catalog updates are not configured")
     return updates
 
 
