@@ -32,6 +32,7 @@ PAD, OOV = 0, 1
 HISTORY, LAST_ITEM = "history", "last_item"
 USER_LOG_COUNT = "user_log_count"
 FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
+STAGES = ("retrieval", "prerank", "rerank")  # the served cuts, in order; a version serves a prefix
 
 
 @dataclass(frozen=True)
@@ -127,16 +128,33 @@ class UserFeatures:
         return {"user_sparse": sparse, "user_dense": dense, "user_multi": multi}
 
 
+def served_stages(version: LoadedVersion) -> tuple[str, ...]:
+    """The stages a version serves: its manifest's `serving.stages` (set by the publish gate),
+    else every stage it has files for."""
+    serving = version.manifest.get("serving") or {}
+    if "stages" in serving:
+        return tuple(serving["stages"])
+    return STAGES if version.rerank is not None else STAGES[:2]
+
+
 class Recommender:
     """DESIGN §6 over one LoadedVersion; thread-safe (the only mutable state is the filter-mask
     cache, whose dict operations are atomic under the GIL; a race costs a recomputation)."""
 
-    def __init__(self, version: LoadedVersion, retrieval_k: int = 200, prerank_n: int = 30) -> None:
+    def __init__(self, version: LoadedVersion, retrieval_k: int = 200, prerank_n: int = 30,
+                 stages: tuple[str, ...] | None = None) -> None:
+        """stages: the cuts to serve, a prefix of STAGES (("retrieval",) stops after retrieval);
+        None = what the version's manifest `serving.stages` says, else every stage it has."""
         if retrieval_k < 1 or prerank_n < 1:
             raise ValueError(f"retrieval_k and prerank_n must be >= 1, got {retrieval_k} and {prerank_n}")
         self.v = version
         self.retrieval_k = retrieval_k
         self.prerank_n = prerank_n
+        self.stages = served_stages(version) if stages is None else tuple(stages)
+        if self.stages != STAGES[: len(self.stages)] or not self.stages:
+            raise ValueError(f"stages must be a non-empty prefix of {STAGES}, got {self.stages}")
+        if "rerank" in self.stages and version.rerank is None:
+            raise ValueError(f"version {version.version} has no re-ranker to serve")
         self.user_features = UserFeatures(version.prerank_features)
         self._popular = (np.argsort(-version.popularity[1:], kind="stable") + 1).astype(np.int64)  # (N,)
         self._filter_cache: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
@@ -218,6 +236,8 @@ class Recommender:
         everything = np.arange(cand.size)
         if cand.size == 0:  # everything seen, excluded or filtered out
             return served(everything, scores, "retrieval")
+        if "prerank" not in self.stages:
+            return served(everything, scores, "retrieval")
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
             return served(everything, scores, "retrieval;timeout")
         try:
@@ -228,7 +248,7 @@ class Recommender:
             return served(everything, scores, "retrieval;prerank_failed")
         timer.lap("prerank")
         stage_scores["prerank"] = pre_scores
-        if self.v.rerank is None or self._rerank_len == 0:
+        if "rerank" not in self.stages or self._rerank_len == 0:
             return served(order, pre_scores[order], "prerank")
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
             return served(order, pre_scores[order], "prerank;timeout")
