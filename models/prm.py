@@ -1,15 +1,19 @@
 """PRM re-ranker (Personalized Re-ranking for Recommendation; reference: prm-reranker-notes.txt).
 
 Every candidate of a list is one token:
-    x_i = [item features ; personalised vector PV_i ; pre-rank score]      (F_item + P + 1)
+    x_i = [item features ; personalised vector PV_i ; earlier stages' scores]   (F_item + P + S)
     h_i = W x_i + pos(rank_i)        rank_i = initial (pre-ranker) rank, 0 = top
     H   = TransformerEncoder(h) with a key padding mask
     s_i = w^T H_i                    the list softmax over s gives the click distribution
 `PRM` with `pv_dim = 0` is PRM-BASE (no personalised vector). `PointwiseMLP` reads the same
 inputs but scores each candidate alone: no attention, no position.
 
+The scores are the pre-rank score (S = 1) or [pre-rank score, fused retrieval score]
+(S = 2, `num_scores`), each z-scored within the list, so the model sees what both earlier stages
+thought and can reproduce either order.
+
 All models share one call signature, so one training loop and one export path serve them:
-    forward(item_feats (B, L, F_item), pv (B, L, P), init_score (B, L), mask (B, L) bool)
+    forward(item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) or (B, L, S), mask (B, L) bool)
         -> logits (B, L)
 `mask` is True for real candidates. Padding positions get the logit `PAD_LOGIT` (finite, so a
 softmax over a list stays defined), and never influence real positions. The initial rank of a
@@ -41,9 +45,10 @@ class PRMConfig:
     dropout: float = 0.1
     max_len: int = 100  # longest list; size of the initial-rank embedding
     use_position: bool = True
+    num_scores: int = 1  # S: 1 = pre-rank score, 2 = + fused retrieval score
 
     def __post_init__(self) -> None:
-        _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len)
+        _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len, self.num_scores)
         if self.d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
         if self.heads < 1 or self.d_model % self.heads:
@@ -55,7 +60,7 @@ class PRMConfig:
 
     @property
     def input_dim(self) -> int:
-        return self.item_dim + self.pv_dim + 1
+        return self.item_dim + self.pv_dim + self.num_scores
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,21 +73,24 @@ class PointwiseMLPConfig:
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
     max_len: int = 100  # not used by the model; bounds the exported list length
+    num_scores: int = 1
 
     def __post_init__(self) -> None:
-        _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len)
+        _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len, self.num_scores)
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden}")
 
     @property
     def input_dim(self) -> int:
-        return self.item_dim + self.pv_dim + 1
+        return self.item_dim + self.pv_dim + self.num_scores
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _check_dims(item_dim: int, pv_dim: int, dropout: float, max_len: int) -> None:
+def _check_dims(item_dim: int, pv_dim: int, dropout: float, max_len: int, num_scores: int) -> None:
+    if num_scores < 1:
+        raise ValueError(f"num_scores must be >= 1, got {num_scores}")
     if item_dim < 1:
         raise ValueError(f"item_dim must be >= 1, got {item_dim}")
     if pv_dim < 0:
@@ -94,8 +102,10 @@ def _check_dims(item_dim: int, pv_dim: int, dropout: float, max_len: int) -> Non
 
 
 def _tokens(pv_dim: int, item_feats: torch.Tensor, pv: torch.Tensor, init_score: torch.Tensor) -> torch.Tensor:
-    """[item ; pv ; score] (B, L, F_item + P + 1); pv left out when pv_dim = 0."""
-    parts = [item_feats, pv, init_score.unsqueeze(-1)] if pv_dim else [item_feats, init_score.unsqueeze(-1)]
+    """[item ; pv ; scores] (B, L, F_item + P + S); pv left out when pv_dim = 0; init_score (B, L)
+    is one score, (B, L, S) several."""
+    scores = init_score.unsqueeze(-1) if init_score.dim() == 2 else init_score  # (B, L, S)
+    parts = [item_feats, pv, scores] if pv_dim else [item_feats, scores]
     return torch.cat(parts, dim=-1)
 
 
@@ -135,7 +145,7 @@ class PRM(nn.Module):
     def forward(
         self, item_feats: torch.Tensor, pv: torch.Tensor, init_score: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """item_feats (B, L, F_item), pv (B, L, P), init_score (B, L), mask (B, L) bool -> (B, L)."""
+        """item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) / (B, L, S), mask (B, L) bool -> (B, L)."""
         if item_feats.shape[1] > self.config.max_len:
             raise ValueError(f"list length {item_feats.shape[1]} exceeds max_len {self.config.max_len}")
         h = self.input(_tokens(self.config.pv_dim, item_feats, pv, init_score))  # (B, L, D)
@@ -166,7 +176,7 @@ class PointwiseMLP(nn.Module):
     def forward(
         self, item_feats: torch.Tensor, pv: torch.Tensor, init_score: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """item_feats (B, L, F_item), pv (B, L, P), init_score (B, L), mask (B, L) bool -> (B, L)."""
+        """item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) / (B, L, S), mask (B, L) bool -> (B, L)."""
         x = _tokens(self.config.pv_dim, item_feats, pv, init_score)  # (B, L, F_item + P + 1)
         return self.net(x).squeeze(-1).masked_fill(~mask, PAD_LOGIT)  # (B, L)
 

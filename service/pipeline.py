@@ -31,6 +31,7 @@ STAGE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError
 PAD, OOV = 0, 1
 HISTORY, LAST_ITEM = "history", "last_item"
 USER_LOG_COUNT = "user_log_count"
+RETRIEVAL_USER = "retrieval_user"  # dense "retrieval_user:<j>": the retriever's user vectors, flattened
 FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
 STAGES = ("retrieval", "prerank", "rerank")  # the served cuts, in order; a version serves a prefix
 
@@ -91,12 +92,20 @@ def _encode(table: np.ndarray, raw: np.ndarray, *, zero_is_padding: bool) -> np.
     return out.astype(np.int64)
 
 
+def _list_zscore(scores: np.ndarray) -> np.ndarray:
+    """(n,) scores z-scored within the list (float64), as training.impressions does."""
+    s = scores.astype(np.float64)
+    sd = s.std()
+    return (s - s.mean()) / (sd if sd > 1e-8 else 1.0)
+
+
 class UserFeatures:
     """Pre-rank user-tower inputs for an online history, as training.features encodes them.
 
     Online we know only the history: user_id and user attributes are unknown (raw 0 -> OOV),
     `history` is the last history_len items left-padded, `last_item` the latest, and
-    `user_log_count` is log1p of the history length (training used the user's training count).
+    `user_log_count` is log1p of the history length (training used the user's training count),
+    `retrieval_user:<j>` the j-th number of the retriever's user vectors (M, D) of this request.
     Other dense fields sit at their training mean (z = 0).
     """
 
@@ -106,9 +115,21 @@ class UserFeatures:
         self.sparse = [(name, np.asarray(t, np.int64)) for name, t in user["sparse"].items()]
         self.multi = [(name, np.asarray(m["table"], np.int64), int(m["width"])) for name, m in user["multi"].items()]
         self.dense = [(name, float(ms[0]), float(ms[1])) for name, ms in user["dense"].items()]
+        # retrieval_user columns: positions in user_dense, vector index j and their statistics
+        ret = [(col, int(name.split(":", 1)[1]), mean, std) for col, (name, mean, std) in enumerate(self.dense)
+               if name.startswith(RETRIEVAL_USER + ":")]
+        self._ret_cols = np.asarray([r[0] for r in ret], np.int64)
+        self._ret_index = np.asarray([r[1] for r in ret], np.int64)
+        self._ret_mean = np.asarray([r[2] for r in ret], np.float32)
+        self._ret_std = np.asarray([r[3] for r in ret], np.float32)
 
-    def feeds(self, history: np.ndarray) -> dict[str, np.ndarray]:
-        """history (L,) internal item ids, oldest first -> {user_sparse (1, S), user_dense (1, Dn), user_multi (1, K)}."""
+    @property
+    def reads_user_vectors(self) -> bool:
+        return self._ret_cols.size > 0
+
+    def feeds(self, history: np.ndarray, user_vectors: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """history (L,) internal item ids, oldest first, and the retriever's user vectors (M, D) ->
+        {user_sparse (1, S), user_dense (1, Dn), user_multi (1, K)}."""
         sparse = np.zeros((1, len(self.sparse)), np.int64)
         for j, (name, table) in enumerate(self.sparse):
             raw = np.array([history[-1] if name == LAST_ITEM and history.size else 0], np.int64)
@@ -125,6 +146,12 @@ class UserFeatures:
         for j, (name, mean, std) in enumerate(self.dense):
             if name == USER_LOG_COUNT:
                 dense[0, j] = (np.log1p(history.size) - mean) / std
+        if self._ret_cols.size:
+            if user_vectors is None or user_vectors.size <= int(self._ret_index.max()):
+                raise ValueError(f"the pre-ranker reads {self._ret_cols.size} retrieval_user numbers, got user "
+                                 f"vectors of shape {None if user_vectors is None else user_vectors.shape}")
+            flat = user_vectors.reshape(-1)
+            dense[0, self._ret_cols] = (flat[self._ret_index] - self._ret_mean) / self._ret_std
         return {"user_sparse": sparse, "user_dense": dense, "user_multi": multi}
 
 
@@ -161,12 +188,18 @@ class Recommender:
         self._pv_mean: np.ndarray | None = None
         self._pv_std: np.ndarray | None = None
         self._rerank_len = 0
+        self._rerank_scores = 1  # 1: pre-rank score; 2: + fused retrieval score
         rerank = version.manifest.get("rerank")
         if version.rerank is not None and rerank:
             serving = rerank.get("serving", {})
             self._pv_mean = np.asarray(serving["pv_mean"], np.float32)
             self._pv_std = np.asarray(serving["pv_std"], np.float32)
             self._rerank_len = int(rerank["config"]["max_len"])
+            self._rerank_scores = int(rerank["config"].get("num_scores", 1))
+        # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
+        prior = (version.manifest.get("prerank", {}).get("serving") or {}).get("retrieval_prior")
+        self._prior_weight = float(prior["weight"]) if prior else 0.0
+        self._prior_bias = np.asarray(prior["launcher_bias"] if prior else [0.0], np.float32)
 
     @property
     def model_version(self) -> str:
@@ -212,7 +245,7 @@ class Recommender:
             return self._result(items, "popularity", timer, unknown)
 
         try:
-            cand, scores, launchers = self._retrieve(history, k, banned, timer)
+            cand, scores, launchers, user_vectors = self._retrieve(history, k, banned, timer)
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
             items = self.popularity(k, banned, allowed)
@@ -241,7 +274,7 @@ class Recommender:
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
             return served(everything, scores, "retrieval;timeout")
         try:
-            order, pre_scores, pv = self._prerank(history, cand)
+            order, pre_scores, pv = self._prerank(history, cand, scores, launchers, user_vectors)
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
@@ -256,7 +289,7 @@ class Recommender:
         n = min(self.prerank_n, self._rerank_len, order.size)
         head = order[:n]
         try:
-            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head])
+            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head])
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
@@ -305,32 +338,42 @@ class Recommender:
     # --- stages ---
 
     def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray,
-                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Candidates (C,), fused scores (C,), launchers (C,) and the user vectors (M, D)."""
         seq = history[-self.v.maxlen:][None]  # (1, L)
         users = self.v.retrieval.run(None, {"item_seq": seq})[0]  # (1, M, D)
         timer.lap("encode")
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
-        return cand, scores, launchers
+        return cand, scores, launchers, users[0]
 
-    def _prerank(self, history: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _prerank(self, history: np.ndarray, cand: np.ndarray, ret_scores: np.ndarray, launchers: np.ndarray,
+                 user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pre-rank order of cand, scores (C,) and the raw PV (C, L * H) of every candidate."""
-        heads = self.v.prerank_user.run(None, self.user_features.feeds(history))[0][0]  # (L, H, d)
+        feeds = self.user_features.feeds(history, user_vectors)
+        heads = self.v.prerank_user.run(None, feeds)[0][0]  # (L, H, d)
         pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
         scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
+        if self._prior_weight:
+            # the retrieval prior (models/cascade.py); launcher ids beyond the trained ones get bias 0
+            bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
+            scores += (self._prior_weight * ret_scores + bias).astype(np.float32)
         return np.argsort(-scores, kind="stable"), scores, pv
 
-    def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
+                ret_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""
         assert self._pv_mean is not None and self._pv_std is not None and self.v.rerank_items is not None
-        s = scores.astype(np.float64)
-        sd = s.std()
-        init = (s - s.mean()) / (sd if sd > 1e-8 else 1.0)  # z-scored within the list, as in training
+        init = _list_zscore(scores)  # (n,) z-scored within the list, as in training
+        if self._rerank_scores == 2:
+            init = np.stack([init, _list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
+        else:
+            init = init[None]  # (1, n)
         out = self.v.rerank.run(None, {  # type: ignore[union-attr]
             "item_feats": self.v.rerank_items[items][None].astype(np.float32),  # (1, n, F)
             "pv": ((pv - self._pv_mean) / self._pv_std)[None].astype(np.float32),  # (1, n, L * H)
-            "init_score": init[None].astype(np.float32),  # (1, n)
+            "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),
         })[0][0]  # (n,)
         if out.shape != items.shape or not np.isfinite(out).all():

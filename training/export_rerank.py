@@ -3,7 +3,7 @@
 rerank.onnx, dynamic batch B >= 1 and list length 1 <= L <= config.max_len:
     item_feats  float32 (B, L, F_item)
     pv          float32 (B, L, P)   P = config.pv_dim, or 1 when pv_dim = 0 (see below)
-    init_score  float32 (B, L)
+    init_score  float32 (B, L), or (B, L, S) when config.num_scores = S > 1
     mask        bool    (B, L)      True = real candidate
  -> scores      float32 (B, L)      logits; padding entries hold models.prm.PAD_LOGIT
 The list softmax of `scores` is the predicted click distribution; the service only sorts.
@@ -40,6 +40,12 @@ PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
 
 
+def score_shape(model: RerankModel, B: int, L: int) -> tuple[int, ...]:
+    """Shape of the `init_score` input: (B, L) for one score, (B, L, S) for several."""
+    S = model.config.num_scores
+    return (B, L) if S == 1 else (B, L, S)
+
+
 def pv_width(model: RerankModel) -> int:
     """Width of the exported `pv` input: pv_dim, or 1 for a model without PV."""
     return max(model.config.pv_dim, 1)
@@ -74,7 +80,7 @@ def export_rerank(model: RerankModel, out_dir: str | Path) -> Path:
     example = (
         torch.randn(2, L, cfg.item_dim),
         torch.zeros(2, L, pv_width(model)),
-        torch.randn(2, L),
+        torch.randn(*score_shape(model, 2, L)),
         torch.ones(2, L, dtype=torch.bool),
     )
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -106,7 +112,7 @@ def random_lists(model: RerankModel, B: int, L: int, rng: np.random.Generator) -
     return {
         "item_feats": rng.standard_normal((B, L, cfg.item_dim)).astype(np.float32),
         "pv": rng.standard_normal((B, L, pv_width(model))).astype(np.float32),
-        "init_score": rng.standard_normal((B, L)).astype(np.float32),
+        "init_score": rng.standard_normal(score_shape(model, B, L)).astype(np.float32),
         "mask": mask,
     }
 

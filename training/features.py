@@ -29,6 +29,9 @@ PAD = 0
 OOV = 1
 HISTORY = "history"  # the user's most recent items before the scored row
 LAST_ITEM = "last_item"  # the most recent of them, alone: mean pooling would dilute it
+# the retriever's view (cascade inputs, training/ranking_data.py): dense columns
+# "retrieval_user:<j>" = the M user vectors flattened (M * D), "retrieval_item:<j>" = the item embedding (D)
+RETRIEVAL_USER, RETRIEVAL_ITEM = "retrieval_user", "retrieval_item"
 Objective = Literal["ctr", "next-item"]
 
 
@@ -89,20 +92,34 @@ class FeatureDecl:
             raise ValueError(f"history_len must be >= 1, got {self.history_len}")
 
 
-def declare_features(ds: Dataset, objective: Objective, history_len: int = 50) -> FeatureDecl:
-    """The default spec for a data set: every column it has, plus history and aggregates."""
+def declare_features(ds: Dataset, objective: Objective, history_len: int = 50,
+                     retrieval_dims: tuple[int, int] | None = None) -> FeatureDecl:
+    """The default spec for a data set: every column it has, plus history and aggregates, plus
+    the retriever's vectors when retrieval_dims = (M, D) is given (RETRIEVAL_USER / RETRIEVAL_ITEM)."""
     uf, itf = ds.user_features, ds.item_features
     user_agg = ("user_mean_label", "user_log_count") if objective == "ctr" else ("user_log_count",)
     item_agg = ("item_mean_label", "item_log_count") if objective == "ctr" else ("item_log_count",)
+    user_ret: tuple[str, ...] = ()
+    item_ret: tuple[str, ...] = ()
+    if retrieval_dims is not None:
+        m, d = retrieval_dims
+        user_ret = tuple(f"{RETRIEVAL_USER}:{j}" for j in range(m * d))
+        item_ret = tuple(f"{RETRIEVAL_ITEM}:{j}" for j in range(d))
     return FeatureDecl(
         user_sparse=("user_id", LAST_ITEM, *(uf.categorical if uf else ())),
         user_multi=(HISTORY, *(uf.multi if uf else ())),
-        user_dense=(*(uf.numeric if uf else ()), *user_agg),
+        user_dense=(*(uf.numeric if uf else ()), *user_agg, *user_ret),
         item_sparse=("item_id", *(itf.categorical if itf else ())),
         item_multi=tuple(itf.multi if itf else ()),
-        item_dense=(*(itf.numeric if itf else ()), *item_agg),
+        item_dense=(*(itf.numeric if itf else ()), *item_agg, *item_ret),
         history_len=history_len,
     )
+
+
+def retrieval_columns(prefix: str, vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """(B, ...) vectors -> raw dense columns "<prefix>:<j>", j over the flattened trailing dims."""
+    flat = np.asarray(vectors, dtype=np.float32).reshape(vectors.shape[0], -1)
+    return {f"{prefix}:{j}": flat[:, j] for j in range(flat.shape[1])}
 
 
 @dataclass(eq=False)

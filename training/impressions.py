@@ -20,10 +20,12 @@ re-ranker is trained on the past and judged on the future, as deployed, and the 
 keeps every training click out of every evaluation window, so no click event is both trained
 on and tested. Why split the evaluation users: the validation and test windows of one user
 overlap, so a user's lists go to one side only.
-Caveat (stated, not fixable here without retraining the upstream stages on a subset): the
-retrieval and pre-rank checkpoints were trained on all training rows, so every list (train,
-valid or test) is in-sample for them; their scores are sharper on these lists than on the
-leave-one-out test. The end-to-end evaluation below is the out-of-sample check.
+With a ranking fold (training/ranking_data.py: the upstream retriever trained with
+`--holdout H`) the lists are out of sample instead: every step comes from the user's re-rank
+window [n - H + P, n), the retriever never trained on those positions and the pre-ranker only on
+earlier ones; the window's users are split train / valid / test (`valid_frac` / 2 each for the
+two evaluation sides). Without one (H = 0) the steps are sampled as above from the whole
+training part, in-sample for both upstream stages.
 
 Per candidate (what models/prm.py reads; all fixed, no label enters a feature):
     item_feats (F)  [retrieval item embedding (D) ; pre-rank item heads mean-pooled (d) ;
@@ -31,7 +33,9 @@ Per candidate (what models/prm.py reads; all fixed, no label enters a feature):
     pv (L * H)      the IntTower interactions: for every user layer l and user head h,
                     max over item heads g of <m_u^{l,h}, m_v^{g}>; z-scored per column with
                     training-list statistics. Their sum is the pre-rank score.
-    init_score      the pre-rank score, z-scored within each list (real entries)
+    init_score      the pre-rank score, z-scored within each list (real entries); with
+                    `retrieval_score` also the fused retrieval score, z-scored the same way
+                    (the re-ranker's num_scores = 2)
 
 End-to-end (`end_to_end`): each leave-one-out test user (history = training part + validation
 item), retrieval top-C with the whole history removed -> pre-rank order of the C -> the
@@ -51,14 +55,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.cascade import RetrievalPrior
 from models.prm import PointwiseMLP, PointwiseMLPConfig, PRM, PRMConfig, RerankConfig, RerankModel
 from models.sasrec import MultiLauncherSASRec
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, pad_left
-from training.features import item_columns, user_columns
-from training.metrics import mask_seen, ranking_metrics
+from training.features import RETRIEVAL_ITEM, RETRIEVAL_USER, item_columns, retrieval_columns, user_columns
+from training.metrics import ranking_metrics
+from training.ranking_data import rerank_window
 from training.rerank import ListData, RerankTrainConfig, TrainResult, score_lists, train_listwise
 
 MAX_LIST_LEN = 100
@@ -75,6 +81,8 @@ class ImpressionConfig:
     valid_frac: float = 0.5  # share of users whose evaluation lists are validation lists
     seed: int = 0  # step sampling and the valid / test user split
     batch_size: int = 256  # histories per candidate-generation batch
+    retrieval_score: bool = True  # the fused retrieval score as a second score input
+    holdout: int = 0  # the upstream retriever's ranking fold (0 = in-sample steps)
 
     def __post_init__(self) -> None:
         if not 1 <= self.list_len <= MAX_LIST_LEN:
@@ -86,6 +94,8 @@ class ImpressionConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.valid_frac < 1.0:
             raise ValueError(f"valid_frac must be in (0, 1), got {self.valid_frac}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
 
 
 # --- the upstream stages ---
@@ -102,6 +112,12 @@ class Pipeline:
     user_log_count: np.ndarray  # (U,) float32 log1p training count (the pre-ranker's feature)
     item_heads: torch.Tensor  # (N + 1, G, d) pre-rank item heads of the catalog
     item_feats: np.ndarray  # (N + 1, F) float32 z-scored item features; row 0 = zeros
+    prior: RetrievalPrior | None = None  # the pre-ranker's pair term (cascade inputs)
+
+    @property
+    def cascade(self) -> bool:
+        """The pre-ranker reads the retriever's vectors (RETRIEVAL_USER / RETRIEVAL_ITEM fields)."""
+        return any(name.startswith(RETRIEVAL_USER + ":") for name in self.spec.user.dense)
 
     @classmethod
     def load(cls, ds: Dataset, loo: LeaveOneOut, retrieval_dir: str | Path, prerank_dir: str | Path) -> Pipeline:
@@ -123,17 +139,33 @@ class Pipeline:
         train_rows = np.flatnonzero(loo.train_mask)
         user_cnt = np.log1p(np.bincount(ds.users[train_rows], minlength=ds.num_users)).astype(np.float32)
         item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
-        raw = item_columns(ds, np.arange(ds.num_items + 1))
-        raw["item_log_count"] = item_cnt
         model.eval()
-        with torch.no_grad():
-            heads = model.item_heads(pr.to_fields(spec.item.encode(raw)))  # (N + 1, G, d)
-            emb = retrieval.item_embedding.weight.detach()  # (N + 1, D)
-        feats = np.concatenate([emb.numpy(), heads.mean(dim=1).numpy(), item_cnt[:, None]], axis=1)
-        mu, sd = feats[1:].mean(axis=0), feats[1:].std(axis=0)
-        feats = (feats - mu) / np.where(sd > 1e-8, sd, 1.0)  # z-score over the catalog (no labels involved)
-        feats[0] = 0.0
-        return cls(ds, retrieval, model, spec, user_cnt, heads, feats.astype(np.float32))
+        heads = prerank_item_heads(model, spec, ds, retrieval.item_embedding.weight.detach().numpy(), item_cnt)
+        feats = rerank_item_features(retrieval.item_embedding.weight.detach().numpy(), heads.numpy(), item_cnt)
+        return cls(ds, retrieval, model, spec, user_cnt, heads, feats, pr.load_prior(ckpt))
+
+
+def prerank_item_heads(model: nn.Module, spec: Any, ds: Dataset, table: np.ndarray, item_cnt: np.ndarray,
+                       items: np.ndarray | None = None) -> torch.Tensor:
+    """(N + 1, G, d) pre-rank item heads of the catalog (or of `items`) from raw item columns, the
+    retriever's item table (N + 1, D) feeding the RETRIEVAL_ITEM fields when the spec has them."""
+    rows = np.arange(ds.num_items + 1) if items is None else np.asarray(items)
+    raw = item_columns(ds, rows)
+    raw["item_log_count"] = item_cnt[rows]
+    if any(name.startswith(RETRIEVAL_ITEM + ":") for name in spec.item.dense):
+        raw.update(retrieval_columns(RETRIEVAL_ITEM, table[rows]))
+    with torch.no_grad():
+        return model.item_heads(pr.to_fields(spec.item.encode(raw)))
+
+
+def rerank_item_features(table: np.ndarray, heads: np.ndarray, item_cnt: np.ndarray) -> np.ndarray:
+    """(N + 1, F) float32 re-rank item features: [retrieval embedding ; mean pre-rank item head ;
+    log1p count], each column z-scored over the catalog (no labels involved); row 0 = zeros."""
+    feats = np.concatenate([table, heads.mean(axis=1), item_cnt[:, None]], axis=1)
+    mu, sd = feats[1:].mean(axis=0), feats[1:].std(axis=0)
+    feats = (feats - mu) / np.where(sd > 1e-8, sd, 1.0)
+    feats[0] = 0.0
+    return feats.astype(np.float32)
 
 
 @dataclass
@@ -141,12 +173,14 @@ class Ranked:
     """Pre-rank ordered candidates of B (user, step) pairs.
 
     items (B, C) int64 in pre-rank order (0 = no candidate), scores (B, C) float32 pre-rank
-    scores (-inf where no candidate), pv (B, N, L * H) float32 raw head interactions of the top N.
+    scores (-inf where no candidate), pv (B, N, L * H) float32 raw head interactions of the top N,
+    ret_scores (B, C) float32 the fused retrieval scores in the same order.
     """
 
     items: np.ndarray
     scores: np.ndarray
     pv: np.ndarray
+    ret_scores: np.ndarray
 
     @property
     def mask(self) -> np.ndarray:
@@ -167,34 +201,40 @@ def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: Im
     if (ends <= starts).any() or (ends > ds.offsets[users + 1]).any():
         raise ValueError("every history needs at least one item and must end inside its user's log")
     B, C, N = users.size, min(cfg.candidates, ds.num_items), cfg.list_len
-    scorer = rt.model_scorer(pipe.retrieval)
     items = np.zeros((B, C), dtype=np.int64)
     scores = np.full((B, C), -np.inf, dtype=np.float32)
+    ret_scores = np.full((B, C), -np.inf, dtype=np.float32)
     pv_parts: list[np.ndarray] = []
     pipe.prerank.eval()
     for b0 in range(0, B, cfg.batch_size):
         sl = slice(b0, b0 + cfg.batch_size)
-        hist = pad_left(ds.items, starts[sl], ends[sl], None)  # (b, Lmax) whole history; the scorer keeps maxlen
-        s = np.array(scorer(hist), dtype=np.float32, copy=True)  # (b, N + 1)
-        mask_seen(s, hist)
-        top = torch.topk(torch.from_numpy(s), C, dim=1)
-        cand = torch.where(torch.isfinite(top.values), top.indices, torch.zeros_like(top.indices))  # (b, C)
+        hist = pad_left(ds.items, starts[sl], ends[sl], None)  # (b, Lmax) whole history; the encoder keeps maxlen
+        top = rt.fused_top(pipe.retrieval, hist, C)
+        cand = torch.from_numpy(top.items)  # (b, C)
         # the pre-ranker's history field: left-padded, latest last (its LAST_ITEM is column -1)
         raw = user_columns(ds, users[sl], pad_left(ds.items, starts[sl], ends[sl], pipe.spec.history_len))
         raw["user_log_count"] = pipe.user_log_count[users[sl]]
+        if pipe.cascade:
+            raw.update(retrieval_columns(RETRIEVAL_USER, top.users))
         with torch.no_grad():
             uh = pipe.prerank.user_heads(pr.to_fields(pipe.spec.user.encode(raw)))  # (b, L, H, d)
             sims = torch.einsum("blhd,bcgd->bclhg", uh, pipe.item_heads[cand]).amax(dim=-1)  # (b, C, L, H)
-            ps = sims.sum(dim=(-1, -2)).masked_fill(cand == 0, -math.inf)  # (b, C) = IntTower score
+            ps = sims.sum(dim=(-1, -2))  # (b, C) = IntTower score
+            r = torch.from_numpy(top.scores)
+            if pipe.prior is not None:
+                ps = ps + pipe.prior(torch.where(torch.isfinite(r), r, torch.zeros_like(r)),
+                                     torch.from_numpy(top.launchers))
+            ps = ps.masked_fill(cand == 0, -math.inf)
             order = torch.sort(ps, dim=1, descending=True, stable=True).indices  # (b, C)
             items[sl] = torch.gather(cand, 1, order).numpy()
             scores[sl] = torch.gather(ps, 1, order).numpy()
+            ret_scores[sl] = torch.gather(r, 1, order).numpy()
             top_n = order[:, :N]
             pv = torch.gather(sims.flatten(2), 1, top_n[..., None].expand(-1, -1, sims.shape[2] * sims.shape[3]))
             pv_parts.append(pv.numpy())  # (b, N, L * H)
         if progress and (b0 // cfg.batch_size) % 10 == 0:
             progress(f"candidates {min(b0 + cfg.batch_size, B)}/{B}")
-    return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32))
+    return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32), ret_scores)
 
 
 # --- step sampling and labels ---
@@ -216,6 +256,8 @@ class Steps:
 
 def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
     """Training / validation / test steps inside each user's training part (see the module doc)."""
+    if cfg.holdout > 0:
+        return _fold_steps(loo, cfg)
     n = loo.train_lengths()  # (U,)
     T, E = cfg.horizon, cfg.eval_steps
     rng = np.random.default_rng(cfg.seed)
@@ -246,6 +288,26 @@ def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
         if len(st) == 0:
             raise DataError(f"{loo.dataset.name}: no {name} impression list (training sequences too short for "
                             f"horizon {T} and {E} evaluation steps)")
+    return out
+
+
+def _fold_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
+    """Every step of each user's re-rank window (training/ranking_data.py); users split at random
+    into train / valid / test (valid_frac / 2 each for the evaluation sides)."""
+    first, end = rerank_window(loo, cfg.holdout)
+    side = np.random.default_rng(cfg.seed).random(first.size)  # (U,)
+    groups = {"train": side >= cfg.valid_frac, "valid": side < cfg.valid_frac / 2,
+              "test": (side >= cfg.valid_frac / 2) & (side < cfg.valid_frac)}
+    out = {}
+    for name, keep in groups.items():
+        users = np.flatnonzero(keep & (end > first))
+        counts = (end - first)[users]
+        u = np.repeat(users, counts)
+        t = np.repeat(first[users], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        out[name] = Steps(u.astype(np.int64), t.astype(np.int64))
+        if len(out[name]) == 0:
+            raise DataError(f"{loo.dataset.name}: no {name} impression list in the re-rank window of holdout "
+                            f"{cfg.holdout}")
     return out
 
 
@@ -282,8 +344,10 @@ class PVStats:
         return cls(tuple(float(v) for v in x.mean(axis=0)), tuple(float(v) if v > 1e-8 else 1.0 for v in sd))
 
 
-def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats, list_len: int) -> ListData:
-    """ListData of the top `list_len` of `ranked` (pre-rank order); labels (B, list_len)."""
+def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats, list_len: int,
+              retrieval_score: bool = False) -> ListData:
+    """ListData of the top `list_len` of `ranked` (pre-rank order); labels (B, list_len); with
+    `retrieval_score` the fused retrieval scores as the second score input."""
     items = ranked.items[:, :list_len]
     mask = items > 0
     pv = (ranked.pv[:, :list_len] - np.asarray(stats.mean, np.float32)) / np.asarray(stats.std, np.float32)
@@ -292,7 +356,17 @@ def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats
     mu = s.sum(axis=1, keepdims=True) / cnt
     sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
     init = np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)  # z-score within the list
-    return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask)
+    ret = _list_zscore(ranked.ret_scores[:, :list_len], mask) if retrieval_score else None
+    return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask, ret)
+
+
+def _list_zscore(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B, L) scores z-scored over each list's real entries; 0 elsewhere."""
+    s = np.where(mask, scores, 0.0).astype(np.float64)
+    cnt = np.maximum(mask.sum(axis=1, keepdims=True), 1)
+    mu = s.sum(axis=1, keepdims=True) / cnt
+    sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
+    return np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)
 
 
 @dataclass
@@ -328,7 +402,7 @@ def build_impressions(pipe: Pipeline, loo: LeaveOneOut, cfg: ImpressionConfig,
         labels[name] = click_labels(ds, loo, st, ranked[name].items[:, : cfg.list_len], cfg.horizon)
     top = ranked["train"].items[:, : cfg.list_len] > 0
     stats = PVStats.fit(ranked["train"].pv[:, : cfg.list_len], top)
-    parts = {n: list_data(pipe, ranked[n], labels[n], stats, cfg.list_len) for n in steps}
+    parts = {n: list_data(pipe, ranked[n], labels[n], stats, cfg.list_len, cfg.retrieval_score) for n in steps}
     return Impressions(parts["train"], parts["valid"], parts["test"], steps,
                        {n: ranked[n].items[:, : cfg.list_len] for n in steps}, stats, cfg)
 
@@ -348,22 +422,24 @@ class RerankerHParams:
     mlp_hidden: tuple[int, ...] = (128, 64)
 
 
-def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: RerankerHParams) -> RerankConfig:
+def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: RerankerHParams,
+                    num_scores: int = 1) -> RerankConfig:
     """PRM (with PV), PRM-BASE (pv_dim 0) or the pointwise MLP (with PV)."""
     if name == "mlp":
         return PointwiseMLPConfig(item_dim=item_dim, pv_dim=pv_dim, hidden=hp.mlp_hidden, dropout=hp.dropout,
-                                  max_len=max_len)
+                                  max_len=max_len, num_scores=num_scores)
     if name not in ("prm", "prm_base"):
         raise ValueError(f"unknown re-ranker {name!r} (expected one of {RERANKERS})")
     return PRMConfig(item_dim=item_dim, pv_dim=pv_dim if name == "prm" else 0, d_model=hp.d_model, heads=hp.heads,
-                     layers=hp.layers, ffn_dim=hp.ffn_dim, dropout=hp.dropout, max_len=max_len)
+                     layers=hp.layers, ffn_dim=hp.ffn_dim, dropout=hp.dropout, max_len=max_len,
+                     num_scores=num_scores)
 
 
 def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
                  progress: bool = False) -> TrainResult:
     """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
     on validation NDCG@10."""
-    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp)
+    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores)
     torch.manual_seed(train_cfg.seed)
     model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
     # lists without a click add nothing to the listwise loss or to the list metrics (both skip
@@ -417,7 +493,7 @@ def end_to_end(pipe: Pipeline, loo: LeaveOneOut, models: dict[str, RerankModel],
     ranked = rank_candidates(pipe, users, loo.history_end("test"), cfg, progress)
     targets = loo.targets("test")
     N = cfg.list_len
-    lists = list_data(pipe, ranked, np.zeros((users.size, N), np.float32), stats, N)
+    lists = list_data(pipe, ranked, np.zeros((users.size, N), np.float32), stats, N, cfg.retrieval_score)
     miss = np.iinfo(np.int64).max // 4
 
     def ranks_of(order_items: np.ndarray) -> np.ndarray:

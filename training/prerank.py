@@ -26,13 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.cascade import RetrievalPrior, RetrievalPriorConfig
 from models.dcnv2 import DCNv2, DCNv2Config
 from models.inttower import IntTower, IntTowerConfig
 from models.layers import Fields
+from models.sasrec import MultiLauncherSASRec
 from models.two_tower import TwoTower, TwoTowerConfig
 from training.data.dataset import DataError, Dataset
-from training.data.splits import CTRSplit, LeaveOneOut, Split
+from training.data.splits import CTRSplit, LeaveOneOut, Split, pad_left
 from training.features import (
+    RETRIEVAL_ITEM,
+    RETRIEVAL_USER,
     EncodedFields,
     FeatureSpec,
     declare_features,
@@ -40,8 +44,11 @@ from training.features import (
     item_columns,
     label_aggregates,
     recent_histories,
+    retrieval_columns,
     user_columns,
 )
+from training.ranking_data import prerank_rows
+from training.retrieval import fused_top
 from training.metrics import Scorer, auc, list_metrics, logloss, mask_seen
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -173,17 +180,54 @@ class CandidateLists:
     candidates: np.ndarray  # (B, C) item indices in retrieval order
     retrieval_scores: np.ndarray  # (B, C)
     targets: np.ndarray  # (B,)
+    launchers: np.ndarray | None = None  # (B, C) int64 launcher of each fused score (cascade inputs)
+
+
+@dataclass(eq=False)
+class Retrievers:
+    """Where the pre-ranker's lists and cascade inputs come from (training/ranking_data.py).
+
+    served: the retriever the version serves (validation / test lists, export); upstream: the one
+    that made the training lists, trained with `holdout` (the same model and 0 for in-sample
+    lists); window: held-out positions the training examples come from (default: holdout; 0 =
+    every training position); features: the retrieval score, launcher and vectors as inputs.
+    """
+
+    served: MultiLauncherSASRec
+    upstream: MultiLauncherSASRec
+    holdout: int = 0
+    window: int | None = None
+    features: bool = True
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(M, D) of the user vectors: M = launchers, or 1 for plain SASRec."""
+        cfg = self.served.config
+        return max(cfg.num_launchers, 1), cfg.dim
 
 
 @dataclass
 class NextItemData:
     spec: FeatureSpec
-    catalog: EncodedFields  # (N + 1,) item rows; row 0 = padding
+    catalog: EncodedFields  # (N + 1,) item rows as served; row 0 = padding
     train_user: EncodedFields  # (E,) one row per training example
     train_targets: np.ndarray  # (E,)
     train_candidates: np.ndarray  # (E, C) int32 retrieval candidates of each example's history
     valid: CandidateLists
     test: CandidateLists
+    # cascade inputs (None without them): the upstream retriever's user vectors of each example
+    # (E, M, D), its item table (N + 1, D) and the catalog rows encoded with it (training only)
+    train_users: np.ndarray | None = None
+    train_table: np.ndarray | None = None
+    train_catalog: EncodedFields | None = None
+
+    @property
+    def cascade(self) -> bool:
+        return self.train_users is not None
+
+    @property
+    def num_launchers(self) -> int:
+        return 1 if self.train_users is None else int(self.train_users.shape[1])
 
 
 def top_candidates(scorer: Scorer, histories: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -202,58 +246,120 @@ def top_candidates(scorer: Scorer, histories: np.ndarray, k: int, batch_size: in
 def build_next_item_data(
     ds: Dataset,
     loo: LeaveOneOut,
-    scorers: dict[Split, Scorer],
+    scorers: dict[Split, Scorer] | None = None,
     history_len: int = 50,
     candidates: int = 200,
     max_train_examples: int | None = None,
     seed: int = 0,
+    retrievers: Retrievers | None = None,
 ) -> NextItemData:
-    """Training examples from the training part; evaluation lists from `scorers[split]`.
+    """Training examples from the training part; evaluation lists from the retriever.
 
-    `scorers["valid"]` must only know the training part (it also supplies the training
-    examples' hard negatives); `scorers["test"]` may know the validation items too.
+    With `retrievers` (a SASRec): training lists from the upstream retriever over the ranking
+    window (training/ranking_data.py), validation / test lists from the served one, and with
+    `retrievers.features` the cascade inputs. Without: `scorers[split]` (e.g. last-item) make
+    the lists; `scorers["valid"]` must only know the training part (it also supplies the
+    training examples' hard negatives), `scorers["test"]` may know the validation items too.
     """
-    decl = declare_features(ds, "next-item", history_len)
-    train_rows = np.flatnonzero(loo.train_mask)
-    pos = train_rows - ds.offsets[ds.users[train_rows]]
-    rows = train_rows[pos >= 1]  # at least one item of history
+    if retrievers is None and scorers is None:
+        raise ValueError("build_next_item_data needs scorers or retrievers")
+    cascade = retrievers is not None and retrievers.features
+    decl = declare_features(ds, "next-item", history_len, retrievers.dims if cascade else None)
+    window = 0 if retrievers is None else (retrievers.holdout if retrievers.window is None else retrievers.window)
+    rows = prerank_rows(loo, window)
     if max_train_examples is not None and rows.size > max_train_examples:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_train_examples, replace=False))
     if rows.size == 0:
         raise DataError(f"{ds.name}: no training example with a history for the next-item objective")
+    train_rows = np.flatnonzero(loo.full_train_mask())
     user_cnt = np.log1p(np.bincount(ds.users[train_rows], minlength=ds.num_users)).astype(np.float32)
     item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
 
-    def users_raw(users: np.ndarray, hist: np.ndarray) -> dict:
+    def users_raw(users: np.ndarray, hist: np.ndarray, vectors: np.ndarray | None) -> dict:
         u = user_columns(ds, users, hist)
         u["user_log_count"] = user_cnt[users]
+        if cascade:
+            assert vectors is not None
+            u.update(retrieval_columns(RETRIEVAL_USER, vectors))
         return u
 
-    all_items = np.arange(ds.num_items + 1)
-    i_all = item_columns(ds, all_items)
-    i_all["item_log_count"] = item_cnt
+    def items_raw(table: np.ndarray | None) -> dict:
+        i = item_columns(ds, np.arange(ds.num_items + 1))
+        i["item_log_count"] = item_cnt
+        if cascade:
+            assert table is not None
+            i.update(retrieval_columns(RETRIEVAL_ITEM, table))
+        return i
+
     hist = recent_histories(ds, rows, history_len)
-    u_train = users_raw(ds.users[rows], hist)
     targets = ds.items[rows]
-    spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_all.items()})
-    train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
+    users_vec: np.ndarray | None = None
+    if retrievers is not None:
+        top = _fused_rows(retrievers.upstream, ds, rows, candidates)
+        train_cands, users_vec = top.items, top.users
+    else:
+        assert scorers is not None
+        train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
+    up_table = _table(retrievers.upstream) if cascade else None
+    served_table = _table(retrievers.served) if cascade else None
+    u_train = users_raw(ds.users[rows], hist, users_vec)
+    i_up = items_raw(up_table)
+    spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_up.items()})
 
     def lists(which: Split) -> CandidateLists:
         # candidates from the whole history, so every seen item is removed, not only the last
         # history_len ones (the scorers truncate to their own maxlen themselves)
-        cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
         h = loo.histories(which, maxlen=history_len)
-        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h)), cands, scores, loo.targets(which))
+        if retrievers is None:
+            assert scorers is not None
+            cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
+            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None)), cands, scores,
+                                  loo.targets(which))
+        top = fused_top(retrievers.served, loo.histories(which), candidates)
+        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users)), top.items, top.scores,
+                              loo.targets(which), top.launchers)
 
     return NextItemData(
         spec=spec,
-        catalog=spec.item.encode(i_all),
+        catalog=spec.item.encode(items_raw(served_table)),
         train_user=spec.user.encode(u_train),
         train_targets=targets,
         train_candidates=train_cands.astype(np.int32),
         valid=lists("valid"),
         test=lists("test"),
+        train_users=users_vec if cascade else None,
+        train_table=up_table,
+        train_catalog=spec.item.encode(i_up) if cascade else None,
     )
+
+
+def _table(model: MultiLauncherSASRec) -> np.ndarray:
+    """(N + 1, D) float32 item embeddings of a retriever."""
+    return model.item_embedding.weight.detach().numpy().astype(np.float32)
+
+
+def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> Any:
+    """fused_top for the histories ds.items[user start : row] of each row, built in chunks
+    (whole histories, so every seen item is removed; the encoder keeps its maxlen)."""
+    from training.retrieval import FusedTop
+
+    parts = []
+    for start in range(0, rows.size, chunk):
+        r = rows[start : start + chunk]
+        parts.append(fused_top(model, pad_left(ds.items, ds.offsets[ds.users[r]], r, None), k))
+    return FusedTop(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "launchers", "users")))
+
+
+def retrieval_prior(data: NextItemData) -> RetrievalPrior | None:
+    """A fresh prior for cascade data (None without cascade inputs)."""
+    return RetrievalPrior(RetrievalPriorConfig(data.num_launchers)) if data.cascade else None
+
+
+def fused_pair(users: np.ndarray, table: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """users (b, M, D), table (N + 1, D), items (b, K) -> fused scores (b, K) and launchers (b, K)."""
+    per = torch.einsum("bmd,bkd->bkm", torch.from_numpy(users), torch.from_numpy(table[items]))  # (b, K, M)
+    score, launcher = per.max(dim=-1)
+    return score, launcher
 
 
 # --- models ---
@@ -372,11 +478,13 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
 
 
 def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, catalog: EncodedFields,
-                batch_size: int = 256) -> np.ndarray:
+                batch_size: int = 256, prior: RetrievalPrior | None = None,
+                lists: CandidateLists | None = None) -> np.ndarray:
     """(B,) users x (B, C) candidate items -> (B, C) scores (eval mode, no grad).
 
     Towers compute the catalog's item heads once (as serving does); DCN-v2 scores every
-    (user, candidate) row in full.
+    (user, candidate) row in full. With a prior, its pair term from the lists' fused retrieval
+    scores and launchers is added (as serving does).
     """
     model.eval()
     B, C = candidates.shape
@@ -394,6 +502,12 @@ def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, c
                 rep = np.repeat(idx, C)
                 flat = candidates[idx].ravel().astype(np.int64)
                 out[idx] = model(to_fields(user, rep), to_fields(catalog, flat)).view(-1, C).numpy()
+        if prior is not None:
+            if lists is None or lists.launchers is None:
+                raise ValueError("a retrieval prior needs lists with fused retrieval scores and launchers")
+            prior.eval()
+            r = torch.from_numpy(np.where(np.isfinite(lists.retrieval_scores), lists.retrieval_scores, 0.0))
+            out += prior(r.float(), torch.from_numpy(lists.launchers.astype(np.int64))).numpy()
     return out
 
 
@@ -413,20 +527,26 @@ def list_quality(scores: np.ndarray, lists: CandidateLists, ks: tuple[int, ...] 
     return m
 
 
-def evaluate_next_item(model: nn.Module, data: NextItemData, which: Split = "test") -> dict[str, float]:
+def evaluate_next_item(model: nn.Module, data: NextItemData, which: Split = "test",
+                       prior: RetrievalPrior | None = None) -> dict[str, float]:
     lists = data.valid if which == "valid" else data.test
-    return list_quality(score_lists(model, lists.user, lists.candidates, data.catalog), lists)
+    return list_quality(score_lists(model, lists.user, lists.candidates, data.catalog, prior=prior, lists=lists), lists)
 
 
 def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None, prior: RetrievalPrior | None = None) -> dict:
     """Sampled softmax over [positive, hard negatives from the retrieval candidates, random
-    items] (+ cir_weight * in-batch CIR); early stopping on validation NDCG@10."""
+    items] (+ cir_weight * in-batch CIR); early stopping on validation NDCG@10. With a prior
+    (cascade data) every logit gets its pair term from the upstream retriever's fused score."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if prior is not None and not data.cascade:
+        raise ValueError("a retrieval prior needs data built with cascade inputs")
+    both = nn.ModuleDict({"tower": model, **({"prior": prior} if prior is not None else {})})
+    opt = torch.optim.Adam(both.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
     n_items = data.catalog.sparse.shape[0] - 1
+    catalog = data.train_catalog if data.train_catalog is not None else data.catalog
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
     stopper, history = BestWeights(cfg.patience), []
@@ -442,14 +562,18 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
             items = np.concatenate([data.train_targets[idx, None], hard, rand], axis=1).astype(np.int64)  # (b, M)
             collide = torch.from_numpy(items[:, 1:] == items[:, :1])  # a negative that is the positive
             u = to_fields(data.train_user, idx)
+            both.train()
             if has_heads(model):
                 uniq, inv = np.unique(items, return_inverse=True)
                 uh = model.user_heads(u)  # (b, L, H, d)
-                ih = model.item_heads(to_fields(data.catalog, uniq))[torch.from_numpy(inv.reshape(items.shape))]
+                ih = model.item_heads(to_fields(catalog, uniq))[torch.from_numpy(inv.reshape(items.shape))]
                 logits = model.score(uh[:, None], ih)  # (b, M)
             else:
                 logits = model(to_fields(data.train_user, np.repeat(idx, items.shape[1])),
-                               to_fields(data.catalog, items.ravel())).view(b, -1)
+                               to_fields(catalog, items.ravel())).view(b, -1)
+            if prior is not None:
+                assert data.train_users is not None and data.train_table is not None
+                logits = logits + prior(*fused_pair(data.train_users[idx], data.train_table, items))
             logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, float("-inf"))], dim=1)
             loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
             if use_cir:
@@ -459,26 +583,30 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
             loss.backward()
             opt.step()
             total += loss.detach().item() * b
-        metrics = evaluate_next_item(model, data, "valid")
+        metrics = evaluate_next_item(model, data, "valid", prior)
         history.append({"epoch": epoch + 1, "loss": total / E, "valid_NDCG@10": metrics["NDCG@10"],
-                        "seconds": round(time.perf_counter() - t0, 2)})
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        **({"prior": prior.serving()} if prior is not None else {})})
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / E:.4f} valid NDCG@10 {metrics['NDCG@10']:.4f}")
-        if stopper.update(metrics["NDCG@10"], model):
+        if stopper.update(metrics["NDCG@10"], both):
             break
-    stopper.restore(model)
+    stopper.restore(both)
+    both.eval()
     return {"history": history, "best_valid_NDCG@10": stopper.best}
 
 
 # --- checkpoints and export ---
 
 
-def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path, **extra: Any) -> Path:
-    """`prerank.pt` (model name, config, weights, extra) + `prerank_features.json` (the spec)."""
+def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path,
+                    prior: RetrievalPrior | None = None, **extra: Any) -> Path:
+    """`prerank.pt` (model name, config, weights, the retrieval prior, extra) + `prerank_features.json`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": name, "config": model.cfg.to_dict(), "state_dict": model.state_dict(), **extra},
-               out / CHECKPOINT)
+    saved_prior = None if prior is None else {"config": prior.cfg.to_dict(), "state_dict": prior.state_dict()}
+    torch.save({"model": name, "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                "prior": saved_prior, **extra}, out / CHECKPOINT)
     spec.save(out / FEATURES)
     return out / CHECKPOINT
 
@@ -495,6 +623,17 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, FeatureSpec, dict]:
     return model, FeatureSpec.load(out / FEATURES), ckpt
 
 
+def load_prior(ckpt: dict) -> RetrievalPrior | None:
+    """The retrieval prior a pre-rank checkpoint holds (None for one trained without cascade inputs)."""
+    saved = ckpt.get("prior")
+    if not saved:
+        return None
+    prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
+    prior.load_state_dict(saved["state_dict"])
+    prior.eval()
+    return prior
+
+
 class UserPart(nn.Module):
     """The exported user side: (user_sparse, user_dense, user_multi) -> user_heads (B, L, H, d)."""
 
@@ -506,7 +645,8 @@ class UserPart(nn.Module):
         return self.model.user_heads(Fields(sparse, dense, multi))
 
 
-def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, out_dir: str | Path) -> dict[str, str]:
+def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, out_dir: str | Path,
+                   prior: RetrievalPrior | None = None) -> dict[str, str]:
     """Write prerank_user.onnx, prerank_items.npy and prerank_manifest.json.
 
     prerank_user.onnx: user_sparse int64 (B, S), user_dense float32 (B, Dn), user_multi int64
@@ -546,7 +686,9 @@ def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, 
         "outputs": {"user_heads": ["B", *uh.shape[1:], "float32"]},
         "items": {"file": ITEMS_NPY, "shape": list(items.shape), "dtype": "float32", "padding_row": 0},
         "features": FEATURES,
-        "score": "sum over layers and user heads of the max over item heads of the dot product",
+        "score": "sum over layers and user heads of the max over item heads of the dot product"
+                 + (" + weight * fused retrieval score + launcher_bias[launcher]" if prior is not None else ""),
+        "retrieval_prior": None if prior is None else prior.serving(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"user_onnx": str(out / USER_ONNX), "items": str(out / ITEMS_NPY), "manifest": str(out / MANIFEST)}

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 class ListData:
     """B candidate lists of length L (padded), in the pre-ranker's order.
 
-    item_feats (B, L, F) float32, pv (B, L, P) float32 (P may be 0), init_score (B, L) float32,
-    labels (B, L) float32 relevance >= 0 (clicks), mask (B, L) bool True = real candidate.
+    item_feats (B, L, F) float32, pv (B, L, P) float32 (P may be 0), init_score (B, L) float32
+    the pre-rank score, labels (B, L) float32 relevance >= 0 (clicks), mask (B, L) bool True =
+    real candidate, ret_score (B, L) float32 or None: the fused retrieval score, a second score
+    input for a re-ranker with num_scores = 2 (both z-scored within the list).
     """
 
     item_feats: np.ndarray
@@ -43,6 +45,7 @@ class ListData:
     init_score: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
+    ret_score: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_feats = np.asarray(self.item_feats, dtype=np.float32)
@@ -55,7 +58,9 @@ class ListData:
         B, L = self.item_feats.shape[:2]
         if self.pv.ndim != 3 or self.pv.shape[:2] != (B, L):
             raise ValueError(f"pv must be ({B}, {L}, P), got shape {self.pv.shape}")
-        for name in ("init_score", "labels", "mask"):
+        if self.ret_score is not None:
+            self.ret_score = np.asarray(self.ret_score, dtype=np.float32)
+        for name in ("init_score", "labels", "mask") + (("ret_score",) if self.ret_score is not None else ()):
             if getattr(self, name).shape != (B, L):
                 raise ValueError(f"{name} must be ({B}, {L}), got shape {getattr(self, name).shape}")
         if (self.labels < 0).any():
@@ -76,13 +81,22 @@ class ListData:
     def pv_dim(self) -> int:
         return int(self.pv.shape[2])
 
+    @property
+    def num_scores(self) -> int:
+        return 1 if self.ret_score is None else 2
+
+    def scores(self) -> np.ndarray:
+        """The model's `init_score` input: (B, L), or (B, L, 2) [pre-rank, retrieval] with ret_score."""
+        return self.init_score if self.ret_score is None else np.stack([self.init_score, self.ret_score], axis=-1)
+
     def take(self, idx: np.ndarray | slice) -> ListData:
-        return ListData(self.item_feats[idx], self.pv[idx], self.init_score[idx], self.labels[idx], self.mask[idx])
+        return ListData(self.item_feats[idx], self.pv[idx], self.init_score[idx], self.labels[idx], self.mask[idx],
+                        None if self.ret_score is None else self.ret_score[idx])
 
     def tensors(self, idx: np.ndarray | slice = slice(None)) -> tuple[torch.Tensor, ...]:
         """The model inputs (item_feats, pv, init_score, mask) of the selected lists."""
         return tuple(torch.from_numpy(np.ascontiguousarray(a[idx])) for a in
-                     (self.item_feats, self.pv, self.init_score, self.mask))
+                     (self.item_feats, self.pv, self.scores(), self.mask))
 
 
 # --- loss ---

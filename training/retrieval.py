@@ -29,7 +29,7 @@ from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from training import distributed
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
-from training.metrics import KS, Scorer, evaluate_retrieval
+from training.metrics import KS, Scorer, evaluate_retrieval, mask_seen
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,42 @@ def model_scorer(model: MultiLauncherSASRec, batch_size: int = 512) -> Scorer:
         return torch.cat(out).numpy()
 
     return score
+
+
+@dataclass
+class FusedTop:
+    """A retriever's view of B histories, as the service sees it (one FAISS search, max-fusion).
+
+    items (B, C) int64 best first (0 = none left), scores (B, C) float32 fused scores (-inf for
+    none), launchers (B, C) int64 the launcher that gave each score, users (B, M, D) float32.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    launchers: np.ndarray
+    users: np.ndarray
+
+
+@torch.no_grad()
+def fused_top(model: MultiLauncherSASRec, histories: np.ndarray, k: int, batch_size: int = 512) -> FusedTop:
+    """Top-k of max_l <u_l, e_i> over the catalog with each row's history removed (the whole
+    left-padded history (B, L), not only the encoder's last maxlen items)."""
+    model.eval()
+    table = model.item_embedding.weight  # (N + 1, D)
+    k = min(k, table.shape[0] - 1)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for start in range(0, histories.shape[0], batch_size):
+        hist = histories[start : start + batch_size]
+        users = model.encode_user(torch.from_numpy(hist[:, -model.config.maxlen :]))  # (b, M, D)
+        per = torch.einsum("bmd,nd->bmn", users, table)  # (b, M, N + 1)
+        fused, launcher = per.max(dim=1)  # (b, N + 1)
+        s = fused.numpy().copy()
+        mask_seen(s, hist)
+        top = torch.topk(torch.from_numpy(s), k, dim=1)
+        items = torch.where(torch.isfinite(top.values), top.indices, torch.zeros_like(top.indices))
+        parts.append((items.numpy(), top.values.numpy(), torch.gather(launcher, 1, top.indices).numpy(),
+                      users.numpy()))
+    return FusedTop(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
 
 
 def _training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.ndarray]:

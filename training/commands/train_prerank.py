@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
-from training.metrics import Scorer
 from training.report import result, table, write_json
 
 
@@ -50,7 +50,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--candidates", type=int, default=d.candidates, help="next-item: retrieval top-C")
     p.add_argument("--random-negatives", type=int, default=d.random_negatives)
     p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
-    p.add_argument("--retrieval", metavar="DIR", help="next-item: SASRec checkpoint (default: last-item)")
+    p.add_argument("--retrieval", metavar="DIR", help="next-item: the served SASRec checkpoint (default: last-item)")
+    p.add_argument("--upstream", metavar="DIR",
+                   help="next-item: the retriever that makes the training lists, trained with --holdout H "
+                        "(out-of-sample lists, training/ranking_data.py; default: --retrieval, in-sample)")
+    p.add_argument("--window", type=int, default=None, metavar="H",
+                   help="next-item: learn on each user's last H training positions (default: the upstream's "
+                        "holdout; 0 = every position)")
+    p.add_argument("--no-retrieval-features", action="store_true",
+                   help="next-item: without the cascade inputs (fused retrieval score, launcher, retriever vectors)")
     p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
@@ -66,13 +74,28 @@ def _hidden(text: str | None) -> tuple[int, ...] | None:
     return sizes
 
 
-def retrieval_scorer(path: str) -> Scorer:
-    """The SASRec scorer from training.retrieval, imported only when asked for."""
-    try:
-        from training.retrieval import load_retrieval_scorer
-    except ImportError as exc:
-        raise UsageError(f"--retrieval needs training.retrieval.load_retrieval_scorer, not available yet ({exc})") from None
-    return load_retrieval_scorer(path)
+def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
+    """training.prerank.Retrievers from --retrieval / --upstream, both checked against the data."""
+    from training.prerank import Retrievers
+    from training.retrieval import load_checkpoint
+
+    loaded = []
+    for flag, path in (("--retrieval", args.retrieval), ("--upstream", args.upstream or args.retrieval)):
+        try:
+            model, payload = load_checkpoint(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+        if payload.get("fingerprint") != fingerprint:
+            raise UsageError(f"{flag} {path} was trained on other data ({payload.get('data')})")
+        loaded.append((model, payload))
+    (served, served_payload), (upstream, up_payload) = loaded
+    if args.upstream is None and served_payload.get("holdout"):
+        raise UsageError(f"--retrieval {args.retrieval} was trained with --holdout {served_payload['holdout']}: "
+                         "serve the retriever continued on all the data and pass this one as --upstream")
+    if args.window is not None and args.window < 0:
+        raise UsageError(f"--window must be >= 0, got {args.window}")
+    return Retrievers(served, upstream, holdout=int(up_payload.get("holdout") or 0), window=args.window,
+                      features=not args.no_retrieval_features)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,14 +132,20 @@ def run(args: argparse.Namespace) -> int:
         else:
             loo = LeaveOneOut(ds)
             if args.retrieval:
-                scorer = retrieval_scorer(args.retrieval)
-                scorers = {"valid": scorer, "test": scorer}
-                extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval}
+                rets = retrievers(args, ds.fingerprint)
+                extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval,
+                                      "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
+                                      "window": rets.holdout if args.window is None else args.window,
+                                      "cascade_inputs": rets.features}
+                data = pr.build_next_item_data(ds, loo, None, args.history_len, args.candidates,
+                                               args.max_train_examples, args.seed, retrievers=rets)
             else:
+                if args.upstream or args.window is not None:
+                    raise UsageError("--upstream and --window need --retrieval")
                 scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
                 extra["retrieval"] = {"model": "last-item"}
-            data = pr.build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
-                                           args.max_train_examples, args.seed)
+                data = pr.build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
+                                               args.max_train_examples, args.seed)
     try:
         model = pr.build_model(args.model, data.spec, **hparams)
     except ValueError as exc:
@@ -125,28 +154,33 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
+    prior = None if args.objective == "ctr" else pr.retrieval_prior(data)
+    if prior is not None and not pr.has_heads(model):
+        raise UsageError(f"--model {args.model} cannot take the cascade inputs (no precomputable item side); "
+                         "add --no-retrieval-features")
     with timed("train", timings):
         if args.objective == "ctr":
             fit = pr.train_ctr(model, data, cfg, progress)
         else:
-            fit = pr.train_next_item(model, data, cfg, progress)
+            fit = pr.train_next_item(model, data, cfg, progress, prior)
     with timed("evaluate", timings):
         if args.objective == "ctr":
             metrics = pr.evaluate_ctr(model, data.test)
             columns: tuple[str, ...] = ("AUC", "LogLoss")
             rows = {args.model: metrics}
         else:
-            metrics = pr.evaluate_next_item(model, data, "test")
+            metrics = pr.evaluate_next_item(model, data, "test", prior)
             base = pr.list_quality(data.test.retrieval_scores, data.test)
             extra["retrieval"]["metrics"] = base
             columns = ("NDCG@10", "MAP@10", "P@10", "NDCG@10_all", f"Recall@{args.candidates}")
             rows = {f"retrieval order ({extra['retrieval']['model']})": base, args.model: metrics}
     out = Path(args.out)
     with timed("save", timings):
-        pr.save_checkpoint(model, args.model, data.spec, out, objective=args.objective,
-                           train=pr.train_config_dict(cfg), fingerprint=ds.fingerprint)
+        pr.save_checkpoint(model, args.model, data.spec, out, prior, objective=args.objective,
+                           train=pr.train_config_dict(cfg), fingerprint=ds.fingerprint,
+                           retrieval=extra.get("retrieval"))
         if pr.has_heads(model):
-            extra["artifacts"] = pr.export_prerank(model, data.spec, data.catalog, out)
+            extra["artifacts"] = pr.export_prerank(model, data.spec, data.catalog, out, prior)
     print(table(rows, columns))
     if args.json:
         write_json(args.json, result(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_data_arg(p)
     p.add_argument("--retrieval", required=True, metavar="DIR", help="retrieval (SASRec) checkpoint folder")
     p.add_argument("--prerank", required=True, metavar="DIR", help="next-item pre-rank checkpoint folder")
+    p.add_argument("--upstream", metavar="DIR",
+                   help="the retriever trained with --holdout H that makes the training lists (out of sample, "
+                        "training/ranking_data.py); default: --retrieval (in-sample lists)")
+    p.add_argument("--no-retrieval-score", action="store_true",
+                   help="the re-ranker sees only the pre-rank score, not also the fused retrieval score")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--list-len", type=int, default=d.list_len, help=f"pre-rank top N per list (<= 100; default {d.list_len})")
@@ -70,7 +75,8 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     try:
         imp = ImpressionConfig(list_len=args.list_len, candidates=args.candidates, horizon=args.horizon,
-                               lists_per_user=args.lists_per_user, eval_steps=args.eval_steps, seed=args.data_seed)
+                               lists_per_user=args.lists_per_user, eval_steps=args.eval_steps, seed=args.data_seed,
+                               retrieval_score=not args.no_retrieval_score)
         hp = RerankerHParams(d_model=args.d_model, heads=args.heads, layers=args.layers,
                              ffn_dim=2 * args.d_model, dropout=args.dropout)
         train = RerankTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from training.prerank import CHECKPOINT as PRERANK_CKPT
     from training.rerank import evaluate_lists, score_lists, unchanged_scores
     from training.retrieval import CHECKPOINT as RETRIEVAL_CKPT
-    from training.retrieval import model_scorer
+    from training.retrieval import load_checkpoint, model_scorer
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -107,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     imp_cfg, hp, train_cfg = _configs(args)
     _check_dir("--retrieval", args.retrieval, RETRIEVAL_CKPT)
     _check_dir("--prerank", args.prerank, PRERANK_CKPT)
+    if args.upstream:
+        _check_dir("--upstream", args.upstream, RETRIEVAL_CKPT)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
@@ -117,11 +125,16 @@ def run(args: argparse.Namespace) -> int:
         loo = LeaveOneOut(ds)
         try:
             pipe = im.Pipeline.load(ds, loo, args.retrieval, args.prerank)
+            upstream = im.Pipeline.load(ds, loo, args.upstream, args.prerank) if args.upstream else pipe
         except ValueError as exc:  # DataError is a ValueError too: both are the user's input
             raise UsageError(str(exc)) from None
+        holdout = int(load_checkpoint(args.upstream)[1].get("holdout") or 0) if args.upstream else 0
+        imp_cfg = replace(imp_cfg, holdout=holdout)
     print(ds.describe())
     with timed("impressions", timings):
-        imp = im.build_impressions(pipe, loo, imp_cfg, progress)
+        # the training lists come from the upstream retriever (out of sample with a holdout); the
+        # exported item features and the end-to-end check use the served one
+        imp = im.build_impressions(upstream, loo, imp_cfg, progress)
     desc = imp.describe()
     print("impressions: " + ", ".join(f"{n} {desc[n]['lists']} lists ({desc[n]['with_click']} with a click)"
                                       for n in ("train", "valid", "test")))
@@ -151,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
                           "log1p count], z-scored over the catalog; row 0 = padding",
             "pv": "(pre-rank per (layer, user head) max over item heads of the dot product - pv_mean) / pv_std",
             "pv_mean": list(imp.pv_stats.mean), "pv_std": list(imp.pv_stats.std),
-            "init_score": "pre-rank score z-scored within the list (real entries)",
+            "init_score": "pre-rank score z-scored within the list (real entries)"
+                          + ("; (1, n, 2) with the fused retrieval score z-scored the same way as [..., 1]"
+                             if imp_cfg.retrieval_score else ""),
+            "num_scores": 2 if imp_cfg.retrieval_score else 1, "upstream": args.upstream or args.retrieval,
+            "holdout": imp_cfg.holdout,
             "list_len": imp_cfg.list_len, "config": models["prm"].config.to_dict(),
         }
         (out / "rerank_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -189,7 +206,7 @@ def _real_list_parity(model: Any, path: Path, data: Any, n: int = 256) -> float:
 
     part = data.take(slice(0, n))
     pv = part.pv if model.config.pv_dim else np.zeros((*part.mask.shape, pv_width(model)), np.float32)
-    feeds = {"item_feats": part.item_feats, "pv": pv, "init_score": part.init_score, "mask": part.mask}
+    feeds = {"item_feats": part.item_feats, "pv": pv, "init_score": part.scores(), "mask": part.mask}
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], feeds)[0]
     with torch.no_grad():
         want = model(*part.tensors()).numpy()

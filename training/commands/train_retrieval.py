@@ -53,6 +53,12 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint")
+    p.add_argument(
+        "--holdout", type=int, default=0, metavar="H",
+        help="ranking fold: leave each user's last H training items out, so the pre-ranker and re-ranker "
+        "can learn on lists this model did not train on (training/ranking_data.py); the served retriever "
+        "is then this one continued on all the data with --init-from (default: 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=None,
@@ -74,8 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         ds = load(args.data)
     if rank0:
         print(ds.describe())
-    split = LeaveOneOut(ds)
     try:
+        split = LeaveOneOut(ds, holdout=args.holdout)
         model_cfg = SASRecConfig(
             num_items=ds.num_items, maxlen=args.maxlen, dim=args.dim, num_blocks=args.blocks,
             num_heads=args.heads, dropout=args.dropout, num_launchers=args.launchers,
@@ -109,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = describe(res)
     extra = {
         "train_config": train_cfg.__dict__, "training": summary, "seconds": timings, "init_from": args.init_from,
-        "world_size": distributed.world_size(),
+        "world_size": distributed.world_size(), "holdout": args.holdout,
     }
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
     if args.json:

@@ -21,28 +21,45 @@ Split = Literal["valid", "test"]
 
 @dataclass
 class LeaveOneOut:
+    """`holdout` H > 0 is the ranking fold (training/ranking_data.py): each user's last H
+    training items are left out of the training part too (a user keeps at least one), so a
+    model fitted on this split never saw them; validation and test targets are unchanged."""
+
     dataset: Dataset
+    holdout: int = 0
     eval_users: np.ndarray = field(init=False)  # (U_eval,) users with >= 3 interactions
     train_mask: np.ndarray = field(init=False)  # (E,) True for rows in the training part
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
         lengths = np.diff(ds.offsets)
         self.eval_users = np.flatnonzero(lengths >= 3)
         if self.eval_users.size == 0:
             raise DataError(f"{ds.name}: no user has the 3 interactions leave-one-out needs")
         pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]  # position within user
-        cut = np.where(lengths >= 3, lengths - 2, lengths)  # training length per user
-        self.train_mask = pos < cut[ds.users]
+        self.train_mask = pos < self.train_lengths()[ds.users]
 
     @property
     def num_items(self) -> int:
         return self.dataset.num_items
 
-    def train_lengths(self) -> np.ndarray:
-        """(U,) length of each user's training sequence."""
+    def full_train_lengths(self) -> np.ndarray:
+        """(U,) length of each user's leave-one-out training part (the holdout not removed)."""
         lengths = np.diff(self.dataset.offsets)
         return np.where(lengths >= 3, lengths - 2, lengths)
+
+    def full_train_mask(self) -> np.ndarray:
+        """(E,) rows of the leave-one-out training part, the holdout included."""
+        ds = self.dataset
+        pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
+        return pos < self.full_train_lengths()[ds.users]
+
+    def train_lengths(self) -> np.ndarray:
+        """(U,) length of each user's training sequence (without the last `holdout` items)."""
+        full = self.full_train_lengths()
+        return np.minimum(full, np.maximum(full - self.holdout, 1))
 
     def history_end(self, split: Split) -> np.ndarray:
         """(U_eval,) end offset (exclusive) of the history for each evaluated user."""
