@@ -30,6 +30,9 @@ REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims"
 REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
                   "prerank_features")
 RERANK_FILES = ("rerank_onnx", "rerank_items")
+# the served cuts in order; a version serves a non-empty prefix (manifest `serving.stages`, set
+# by the publish gate). service.pipeline.STAGES is the same tuple (pipeline imports this module).
+STAGES = ("retrieval", "prerank", "rerank")
 _ORT = ort.capi.onnxruntime_pybind11_state
 # what ONNX Runtime raises for an unreadable model or a bad feed (none derives from RuntimeError)
 ORT_ERRORS: tuple[type[Exception], ...] = (_ORT.Fail, _ORT.InvalidProtobuf, _ORT.NoSuchFile, _ORT.InvalidArgument,
@@ -114,6 +117,7 @@ def load_version(path: str | Path) -> LoadedVersion:
     if not isinstance(n, int) or n < 1:
         raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
     has_rerank = manifest.get("rerank") is not None
+    _check_serving(folder / MANIFEST, manifest.get("serving"), has_rerank)
     needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ())
     for key in needed:
         if key not in files:
@@ -188,7 +192,10 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             out = v.rerank.run(None, {
                 "item_feats": v.rerank_items[cand][None].astype(np.float32),
                 "pv": np.zeros((1, L, pv_width), np.float32),
-                "init_score": scores[None].astype(np.float32),
+                # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
+                "init_score": np.repeat(scores[None, :, None], int(v.manifest["rerank"]["config"].get("num_scores", 1)),
+                                        axis=2).reshape((1, L, -1) if v.manifest["rerank"]["config"].get("num_scores", 1)
+                                                        > 1 else (1, L)).astype(np.float32),
                 "mask": np.ones((1, L), bool),
             })[0]
             _expect("rerank.onnx scores", out.shape, (1, L))
@@ -223,6 +230,22 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if folder.name not in (manifest["version"], f".tmp-{manifest['version']}"):  # .tmp-: checked before publish
         raise ArtifactError(f"{path}: version {manifest['version']!r} does not match the folder {folder.name!r}")
     return manifest
+
+
+def _check_serving(path: Path, serving: Any, has_rerank: bool) -> None:
+    """`serving` (optional): an object whose `stages`, when present, is a non-empty prefix of
+    STAGES, with "rerank" only in a version that has the re-rank files."""
+    if serving is None:
+        return
+    if not isinstance(serving, dict):
+        raise ArtifactError(f"{path}: serving must be an object, got {type(serving).__name__}")
+    if "stages" not in serving:
+        return
+    stages = serving["stages"]
+    if not isinstance(stages, list) or not stages or tuple(stages) != STAGES[: len(stages)]:
+        raise ArtifactError(f"{path}: serving.stages must be a non-empty prefix of {list(STAGES)}, got {stages!r}")
+    if "rerank" in stages and not has_rerank:
+        raise ArtifactError(f"{path}: serving.stages names rerank but the version has no re-ranker")
 
 
 def _load_catalog(path: Path, n: int) -> dict[str, np.ndarray]:

@@ -104,3 +104,11 @@ class VersionOut(BaseModel):
     item_count: int
     data: dict[str, object]
     rerank: bool
+    stages: list[str] = Field(description="the stages this process serves, in order (a prefix of retrieval, "
+                                          "prerank, rerank)")
+    serving: dict[str, object] | None = Field(
+        default=None, description="the publish gate's record: split, users, tolerance, stages, switched_off, "
+                                  "reason; None for a version published before the gate")
+    cuts: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per served cut (retrieval, prerank, rerank): HR/NDCG@10/20/50, "
+                                          "Coverage@10, users, p50_ms on the gate's validation users")

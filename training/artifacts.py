@@ -13,9 +13,12 @@ re-ranker, rerank.onnx + rerank_items.npy. `recsys export` and `recsys reindex` 
     publish_items    writes artifacts_root/.tmp-<version>: catalog, retrieval.onnx + ONNX
                      parity against eager PyTorch, items.npy, index.faiss + recall against
                      exact search (an IVF chosen by size gets the nprobe that reaches the
-                     threshold), pre-rank / re-rank files + parity; then the caller's
-                     offline-metric gate against the live version, a full load + smoke run
-                     through service.artifacts, fsync and a rename into place
+                     threshold), pre-rank / re-rank files + parity; then the stage gate
+                     (serving_gate: the version loaded as the service loads it, validation
+                     users replayed through every served cut, a stage that hurts switched
+                     off in manifest `serving`), the caller's offline-metric gate against the
+                     live version (served NDCG@10), a full load + smoke run through
+                     service.artifacts, fsync and a rename into place
     set_current      CURRENT replaced atomically (temp file + os.replace), only after all that
 
 Any failure removes the temp folder and leaves CURRENT as it was. publish_items never touches
@@ -32,6 +35,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +59,7 @@ from training.data.splits import LeaveOneOut
 from training.commands.common import timed
 from training.export import INDEX_FAISS, PARITY_ATOL, PARITY_RTOL, export_retrieval, retrieval_parity
 from training.features import FeatureSpec
+from training.served_eval import ServingGate
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +69,10 @@ CURRENT = "CURRENT"
 FORMAT = 1
 DEFAULT_MIN_RECALL = 0.9
 RECALL_K = 100
-# Offline-metric gate against the live version (DESIGN §5): the new retrieval NDCG@10 may be
-# at most this much (absolute) below the live one, compared only on the same data fingerprint.
-# 0.01 is about 2 standard errors of NDCG@10 on ml-100k's 943 test users (SE ~0.006).
+# Offline-metric gate against the live version (DESIGN §5): the new served NDCG@10 (the last
+# served cut of the manifest's `serving` block; retrieval's when the live version has no such
+# block) may be at most this much (absolute) below the live one, compared only on the same data
+# fingerprint. 0.01 is about 2 standard errors of NDCG@10 on ml-100k's 943 users (SE ~0.006).
 DEFAULT_MAX_REGRESSION = 0.01
 REGRESSION_METRIC = "NDCG@10"
 # launcher vectors of at most this many real test histories are the recall queries
@@ -169,14 +175,16 @@ def publish_version(
     min_recall: float = DEFAULT_MIN_RECALL,
     max_regression: float | None = DEFAULT_MAX_REGRESSION,
     index_spec: IndexSpec | None = None,
+    gate: ServingGate = ServingGate(),
 ) -> Path:
     """Build, check and publish a version; return artifacts_root/<version> (now CURRENT).
 
     Checks: ONNX parity of the three graphs against their checkpoints, index recall@100 (k
     capped at N) >= min_recall, the exported pre-rank item heads and re-rank item features
-    recomputed from these checkpoints, retrieval NDCG@10 at most max_regression below the live
-    version's (same data only; None turns the gate off), and a load + smoke run through
-    service.artifacts. index_spec=None picks the kind from the catalog size (service.index)
+    recomputed from these checkpoints, the stage gate on validation users (`gate`: a stage
+    worse than the previous served cut beyond its tolerance is switched off, or refused with
+    require_all_stages), served NDCG@10 at most max_regression below the live version's (same
+    data only; None turns that check off), and a load + smoke run through service.artifacts. index_spec=None picks the kind from the catalog size (service.index)
     and, for IVF, the smallest doubling of nprobe that reaches min_recall.
 
     Raises FileNotFoundError for a missing checkpoint folder, DataError when a checkpoint was
@@ -184,7 +192,7 @@ def publish_version(
     check fails. On any error the temp folder is removed and CURRENT is unchanged.
     """
     return publish(data_spec, retrieval_dir, prerank_dir, rerank_dir, artifacts_root, version, min_recall,
-                   max_regression, index_spec).path
+                   max_regression, index_spec, gate=gate).path
 
 
 def publish(
@@ -198,6 +206,7 @@ def publish(
     max_regression: float | None = DEFAULT_MAX_REGRESSION,
     index_spec: IndexSpec | None = None,
     timings: dict[str, float] | None = None,
+    gate: ServingGate = ServingGate(),
 ) -> PublishResult:
     """publish_version that also returns the manifest written (and fills `timings`)."""
     check_gates(min_recall, max_regression)
@@ -207,7 +216,7 @@ def publish(
     check_upstream(src)
     version = version or default_version(src.ds.fingerprint, src.checkpoints)
     return publish_items(src, dataset_items(src), root, version, min_recall, index_spec,
-                         lambda tmp, manifest: _check_regression(root, manifest, max_regression), timings)
+                         lambda tmp, manifest: _check_regression(root, manifest, max_regression), timings, gate)
 
 
 def check_gates(min_recall: float, max_regression: float | None) -> None:
@@ -264,7 +273,7 @@ def dataset_items(src: Sources) -> ItemSide:
 
 def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, version: str, min_recall: float,
                   index_spec: IndexSpec | None, regression: Regression,
-                  timings: dict[str, float] | None = None) -> PublishResult:
+                  timings: dict[str, float] | None = None, gate: ServingGate = ServingGate()) -> PublishResult:
     """Write, check and rename artifacts_root/<version>, then make it CURRENT (see the module doc).
 
     Raises ValueError for a bad version name and PublishError when a check fails; on any
@@ -287,6 +296,9 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
         with timed("gate", timings):
             if src.rerank is not None:
                 _check_rerank(tmp, src.rerank, manifest)
+            _write_json(tmp / MANIFEST, manifest)  # the service loads the folder from its manifest
+            with timed("served", timings):
+                manifest["serving"] = serving_gate(tmp, src, gate)
             manifest["checks"] = {"min_recall": min_recall, "regression": regression(tmp, manifest)}
             _write_json(tmp / MANIFEST, manifest)
             smoke(tmp)
@@ -519,8 +531,50 @@ def check_upstream(src: Sources) -> Any:
     return pipe
 
 
+def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> dict[str, Any]:
+    """The manifest's `serving` block: load the temp version as the service does, replay up to
+    gate.users validation users through every served cut (training/served_eval.py) and switch
+    off a stage whose cut is worse than the previous served cut beyond gate.tolerance.
+
+    A switched-off stage is printed on stderr; with gate.require_all_stages it is a PublishError.
+    """
+    from service.artifacts import ArtifactError, load_version
+    from training import served_eval as se
+
+    try:
+        version = load_version(tmp)
+    except ArtifactError as exc:
+        raise PublishError(f"the new version does not load: {exc}") from None
+    users = se.select_users(src.loo, gate.users, gate.seed)
+    ev = se.evaluate_served(version, src.ds, src.loo, "valid", users, progress=sys.stderr.isatty())
+    choice = se.choose_stages(ev, gate.tolerance)
+    print(f"served cuts, {ev.users} validation users (* = served):\n"
+          f"{se.cut_table(ev.cuts, served=choice.stages)}", file=sys.stderr)
+    if choice.switched_off:
+        off = ", ".join(choice.switched_off)
+        if gate.require_all_stages:
+            raise PublishError(f"--require-all-stages: the stage gate switched off {off}: {choice.reason}")
+        banner = "!" * 78
+        print(f"{banner}\nSTAGE GATE: {off} SWITCHED OFF for version {version.version}; it serves "
+              f"{' -> '.join(choice.stages)}.\n{choice.reason}\n{banner}", file=sys.stderr)
+        log.warning("stage gate: %s switched off for %s (%s)", off, version.version, choice.reason)
+    return se.serving_block(ev, choice, gate.tolerance, gate.seed)
+
+
+def served_comparison(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(what is compared, live value, new value) of the served NDCG@10 (each version's last served
+    cut) when both manifests record one on the same split; None otherwise."""
+    from training.served_eval import served_metric
+
+    before, after = served_metric(old), served_metric(new)
+    if before is None or after is None or old["serving"].get("split") != new["serving"].get("split"):
+        return None
+    return f"served {REGRESSION_METRIC} ({'+'.join(new['serving']['stages'])})", before, after
+
+
 def _check_regression(root: Path, manifest: dict[str, Any], max_regression: float | None) -> dict[str, Any]:
-    """Compare retrieval NDCG@10 with the live version's; raise PublishError beyond the tolerance."""
+    """Compare the served NDCG@10 with the live version's (retrieval's when the live version has
+    no serving block); raise PublishError beyond the tolerance."""
     live = read_current(root)
     entry: dict[str, Any] = {"metric": REGRESSION_METRIC, "max_regression": max_regression, "live_version": live}
     if max_regression is None or live is None:
@@ -531,12 +585,14 @@ def _check_regression(root: Path, manifest: dict[str, Any], max_regression: floa
         return {**entry, "result": f"skipped: live manifest unreadable ({exc})"}
     if old.get("data", {}).get("fingerprint") != manifest["data"]["fingerprint"]:
         return {**entry, "result": "skipped: the live version was built on other data"}
-    before = old.get("retrieval", {}).get("metrics", {}).get(REGRESSION_METRIC)
-    after = manifest["retrieval"]["metrics"].get(REGRESSION_METRIC)
+    what, before, after = served_comparison(old, manifest) or (
+        f"retrieval {REGRESSION_METRIC}", old.get("retrieval", {}).get("metrics", {}).get(REGRESSION_METRIC),
+        manifest["retrieval"]["metrics"].get(REGRESSION_METRIC))
+    entry["compared"] = what
     if before is None or after is None:
         return {**entry, "result": f"skipped: {REGRESSION_METRIC} not recorded"}
     if after < before - max_regression:
-        raise PublishError(f"retrieval {REGRESSION_METRIC} {after:.4f} is worse than the live version {live} "
+        raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
                            f"({before:.4f}) by more than {max_regression}")
     return {**entry, "result": "passed", "live": before, "new": after}
 

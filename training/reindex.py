@@ -25,10 +25,14 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 training.impressions.Pipeline builds them, z-scored with the statistics of the
                 data set's catalog the re-ranker was trained with.
  5. publish     training/artifacts.publish_items: ONNX parity, index (kind by size unless
-                given) + recall against exact search, then the gate: NDCG@10 of the new catalog
-                against the live version's, both measured here on the same leave-one-out test
-                users (full ranking over each version's items with its own retrieval.onnx, seen
-                items removed), at most max_regression lower; load + smoke run; rename; flip.
+                given) + recall against exact search, the stage gate on the served path (as
+                for export: validation users through every served cut, a stage that hurts
+                switched off in manifest `serving`), then the gate against the live version:
+                the served NDCG@10 (each version's last served cut, validation users) at most
+                max_regression lower. A live version without a serving block is compared on
+                NDCG@10 of the new catalog against its own, both measured here on the same
+                leave-one-out test users (full ranking over each version's items with its own
+                retrieval.onnx, seen items removed). Load + smoke run; rename; flip.
  6. after       prune to the newest `keep` versions (never CURRENT nor the one it replaced),
                 clear exactly the pending updates consumed, announce the version on Redis
                 (a failure there is a warning: replicas also poll CURRENT).
@@ -91,6 +95,7 @@ from training.artifacts import (
     load_sources,
     publish_items,
     read_current,
+    served_comparison,
     set_current,
     smoke,
 )
@@ -98,6 +103,7 @@ from training.commands.common import timed
 from training.data.dataset import DataError
 from training.data.splits import LeaveOneOut
 from training.metrics import mask_seen, ranking_metrics, target_ranks
+from training.served_eval import ServingGate
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +389,9 @@ def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
 
 
 def catalog_gate(root: Path, live: str | None, loo: LeaveOneOut, max_regression: float | None) -> Regression:
-    """The offline-metric gate of a re-index: catalog NDCG@10, new vs live, same test users."""
+    """The offline-metric gate of a re-index against the live version: the served NDCG@10 of both
+    (manifest `serving`, set by the stage gate before this runs), else catalog NDCG@10 of both,
+    measured here on the same test users. The new catalog's metrics are recorded either way."""
 
     def gate(tmp: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"metric": f"catalog {GATE_METRIC}", "max_regression": max_regression,
@@ -397,14 +405,21 @@ def catalog_gate(root: Path, live: str | None, loo: LeaveOneOut, max_regression:
             old_manifest = json.loads((root / live / MANIFEST).read_text())
             if old_manifest["data"]["fingerprint"] != manifest["data"]["fingerprint"]:
                 return {**entry, "result": "skipped: the live version was built on other data"}
-            old = catalog_metrics(root / live, loo, users)
+            served = served_comparison(old_manifest, manifest)
+            if served is None:
+                old = catalog_metrics(root / live, loo, users)
         except (OSError, KeyError, ValueError, *ORT_ERRORS) as exc:
             return {**entry, "result": f"skipped: the live version does not load ({exc})"}
-        before, after = old[GATE_METRIC], new[GATE_METRIC]
+        if served is not None:
+            what, before, after = served
+            n, split = manifest["serving"]["users"], manifest["serving"]["split"]
+        else:
+            what, before, after, n, split = entry["metric"], old[GATE_METRIC], new[GATE_METRIC], users.size, "test"
+        entry["metric"] = what
         if after < before - max_regression:
-            raise PublishError(f"catalog {GATE_METRIC} {after:.4f} is worse than the live version {live} "
-                               f"({before:.4f}) by more than {max_regression} ({users.size} test users)")
-        return {**entry, "result": "passed", "live": before, "new": after, "users": int(users.size)}
+            raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
+                               f"({before:.4f}) by more than {max_regression} ({n} {split} users)")
+        return {**entry, "result": "passed", "live": before, "new": after, "users": int(n)}
 
     return gate
 
@@ -428,6 +443,7 @@ class ReindexConfig:
     max_regression: float | None = DEFAULT_MAX_REGRESSION
     keep: int = DEFAULT_KEEP
     version: str | None = None
+    gate: ServingGate = ServingGate()
 
     def __post_init__(self) -> None:
         check_gates(self.min_recall, self.max_regression)
@@ -480,7 +496,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                               added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
             version = cfg.version or default_version(src.ds.fingerprint + catalog.digest(), src.checkpoints)
             published = publish_items(src, items, root, version, cfg.min_recall, cfg.index_spec,
-                                      catalog_gate(root, live, src.loo, cfg.max_regression), timings)
+                                      catalog_gate(root, live, src.loo, cfg.max_regression), timings, cfg.gate)
             with timed("prune", timings):
                 pruned = prune_versions(root, cfg.keep, protect={version, live} - {None})  # type: ignore[arg-type]
             cleared = _clear(updates, snapshot)

@@ -206,6 +206,18 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
     worse = tmp_path / "ret"
     model, payload = rt.load_checkpoint(ret)
     rt.save_checkpoint(worse, model, load(TINY), TINY, {"metrics": {"NDCG@10": 0.03}})  # live: 0.05
+    # the live version records what it serves (manifest serving): the served NDCG@10 is compared
+    live_path = root / "v1" / "manifest.json"
+    live = json.loads(live_path.read_text())
+    assert live["serving"]["stages"] == ["retrieval", "prerank", "rerank"]
+    live["serving"]["cuts"]["rerank"]["NDCG@10"] = 0.9
+    live_path.write_text(json.dumps(live))
+    with pytest.raises(PublishError, match=r"served NDCG@10 \(retrieval\+prerank\) 0\.\d{4} is worse than the live "
+                                           r"version v1 \(0\.9000\) by more than 0\.01"):
+        publish_version(TINY, ret, pre, None, root, version="v2")
+    # a live version without a serving block (published before the stage gate): retrieval NDCG@10
+    del live["serving"]
+    live_path.write_text(json.dumps(live))
     with pytest.raises(PublishError, match=r"retrieval NDCG@10 0\.0300 is worse than the live version v1 "
                                            r"\(0\.0500\) by more than 0\.01"):
         publish_version(TINY, worse, pre, None, root, version="v2")
@@ -213,7 +225,7 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
     publish_version(TINY, worse, pre, None, root, version="v2", max_regression=0.05)
     m = load_current(root).manifest
     assert m["checks"]["regression"] == {"metric": "NDCG@10", "max_regression": 0.05, "live_version": "v1",
-                                         "result": "passed", "live": 0.05, "new": 0.03}
+                                         "compared": "retrieval NDCG@10", "result": "passed", "live": 0.05, "new": 0.03}
     v1 = load_version(root / "v1").manifest["checks"]["regression"]
     assert v1["result"] == "skipped: no live version"
 
@@ -239,6 +251,10 @@ def test_rerank_from_other_upstream_models_is_rejected(ckpts: tuple[Path, Path, 
         ("folder_name", "version 'v1' does not match the folder 'v9'"),
         ("index_rows", "index.faiss holds 79 vectors of D=16, expected item_count=80 of D=16"),
         ("bad_json", "manifest.json: not valid JSON"),
+        ("serving_order", "manifest.json: serving.stages must be a non-empty prefix of ['retrieval', 'prerank', "
+                          "'rerank'], got ['retrieval', 'rerank']"),
+        ("serving_empty", "serving.stages must be a non-empty prefix"),
+        ("serving_rerank", "manifest.json: serving.stages names rerank but the version has no re-ranker"),
     ],
 )
 def test_load_version_rejects_a_broken_folder(damage: str, message: str, published: Path, tmp_path: Path) -> None:
@@ -256,6 +272,12 @@ def test_load_version_rejects_a_broken_folder(damage: str, message: str, publish
         np.save(folder / "items.npy", np.load(folder / "items.npy")[:79])
     elif damage == "missing_key":
         del m["index"]
+    elif damage == "serving_order":
+        m["serving"]["stages"] = ["retrieval", "rerank"]
+    elif damage == "serving_empty":
+        m["serving"]["stages"] = []
+    elif damage == "serving_rerank":
+        m["rerank"] = None
     elif damage == "index_rows":
         index = faiss.IndexFlatIP(16)
         index.add(np.load(folder / "items.npy")[:79])

@@ -1,8 +1,9 @@
 """`recsys demo`: the whole job on the embedded synthetic data.
 
 synthetic data -> baselines table -> multi-launcher SASRec (bounded time) -> IntTower next-item
-pre-ranker -> PRM re-ranker -> `recsys export` (ONNX, FAISS index, checks, CURRENT) ->
-`recsys serve` on :8000 with a sample request printed. Each step is the same CLI command a user
+pre-ranker -> PRM re-ranker -> `recsys export` (ONNX, FAISS index, checks, the stage gate,
+CURRENT) -> `recsys evaluate --artifacts` (the served-cut table of the published version on the
+leave-one-out test users) -> `recsys serve` on :8000 with a sample request printed. Each step is the same CLI command a user
 would run; `--no-serve` stops after publishing.
 """
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
          "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), "--epochs", str(args.epochs)],
         ["export", "--data", args.data, "--retrieval", str(out / "retrieval"), "--prerank", str(out / "prerank"),
          "--rerank", str(out / "rerank"), "--out", args.artifacts],
+        ["evaluate", "--artifacts", args.artifacts, "--data", args.data],
     ]
     for step in steps:
         print(f"\n$ recsys {' '.join(step)}", flush=True)

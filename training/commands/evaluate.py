@@ -1,30 +1,54 @@
-"""`recsys evaluate`: full-ranking leave-one-out evaluation of a baseline."""
+"""`recsys evaluate`: full-ranking leave-one-out evaluation of a baseline (`--model`), or of what a
+published version serves (`--artifacts`).
+
+--artifacts DIR replays leave-one-out users through the service's own pipeline
+(training/served_eval.py) once per served cut: retrieval alone, + pre-rank, + re-rank. One row
+per cut on stdout (* = the cuts the version serves by default); --json FILE writes
+{"version", "data", "split", "cuts": {"retrieval": {...}, "prerank": {...}, "rerank": {...}}}.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from training.baselines import BASELINES
-from training.commands.common import add_data_arg, timed
-from training.data.sources import load
+from training.commands.common import UsageError, timed
+from training.data.sources import SOURCES, load
 from training.data.splits import LeaveOneOut
 from training.report import result, table, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("evaluate", help="evaluate a baseline with leave-one-out full ranking")
-    add_data_arg(p)
-    p.add_argument("--model", choices=sorted(BASELINES), default="popularity")
+    p = sub.add_parser("evaluate", help="evaluate a baseline, or a published version through its served path")
+    p.add_argument("--data", metavar="SPEC",
+                   help=f"data source: {SOURCES} (default: synthetic for a baseline; the version's own data "
+                        "with --artifacts)")
+    p.add_argument("--model", choices=sorted(BASELINES), default=None, help="baseline (default popularity)")
+    p.add_argument("--artifacts", metavar="DIR",
+                   help="evaluate a published version through the served pipeline instead of a baseline")
+    p.add_argument("--version", help="with --artifacts: the version (default: CURRENT)")
+    p.add_argument("--users", type=int, metavar="N",
+                   help="with --artifacts: a seeded sample of N leave-one-out users (default all)")
+    p.add_argument("--seed", type=int, default=0, help="with --users: the sample's seed")
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--keep-seen", action="store_true", help="do not remove already-seen items")
+    p.add_argument("--keep-seen", action="store_true", help="do not remove already-seen items (baselines)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.artifacts is not None:
+        return run_served(args)
+    for flag in ("version", "users"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} needs --artifacts")
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
     from training.metrics import KS, evaluate_retrieval
 
+    args.data = args.data or "synthetic"
+    model = args.model or "popularity"
     timings: dict[str, float] = {}
     with timed("load", timings):
         ds = load(args.data)
@@ -32,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     with timed("split", timings):
         split = LeaveOneOut(ds)
     with timed("evaluate", timings):
-        scorer = BASELINES[args.model](split, args.split)
+        scorer = BASELINES[model](split, args.split)
         metrics = evaluate_retrieval(scorer, split, args.split, KS, remove_seen=not args.keep_seen)
-    print(table({args.model: metrics}))
+    print(table({model: metrics}))
     if args.json:
         write_json(
             args.json,
             result(
-                args.model,
+                model,
                 args.data,
                 metrics,
                 split=args.split,
@@ -48,4 +72,46 @@ def run(args: argparse.Namespace) -> int:
                 seconds=timings,
             ),
         )
+    return 0
+
+
+def run_served(args: argparse.Namespace) -> int:
+    """--artifacts: the served-cut table of one published version."""
+    from service.artifacts import ArtifactError, current_version, load_version
+    from service.pipeline import served_stages
+    from training import served_eval as se
+
+    if args.model is not None or args.keep_seen:
+        raise UsageError("--model / --keep-seen evaluate a baseline; drop them with --artifacts")
+    if args.users is not None and args.users < 1:
+        raise UsageError(f"--users must be >= 1, got {args.users}")
+    root = Path(args.artifacts)
+    if not root.is_dir():
+        raise UsageError(f"--artifacts {root}: no such folder")
+    try:
+        name = args.version or current_version(root)
+        if not (root / name).is_dir():
+            raise UsageError(f"--version {name}: no such version in {root}")
+        timings: dict[str, float] = {}
+        with timed("load", timings):
+            version = load_version(root / name)
+    except ArtifactError as exc:
+        raise UsageError(str(exc)) from None
+    spec = args.data or str(version.manifest["data"].get("spec"))
+    ds = load(spec)
+    se.check_data(version, ds)  # DataError (exit 2) for another data set
+    print(ds.describe())
+    loo = LeaveOneOut(ds)
+    users = se.select_users(loo, args.users, args.seed)
+    with timed("evaluate", timings):
+        ev = se.evaluate_served(version, ds, loo, args.split, users, progress=sys.stderr.isatty())
+    stages = served_stages(version)
+    print(f"version {version.version}: {ev.users} {args.split} users, served by default: {' -> '.join(stages)} (*)")
+    print(se.cut_table(ev.cuts, served=stages))
+    if args.json:
+        write_json(args.json, {"version": version.version, "data": spec, "split": args.split,
+                               "fingerprint": ds.fingerprint, "users": ev.users, "seed": args.seed,
+                               "served_stages": list(stages),
+                               "settings": {"retrieval_k": se.RETRIEVAL_K, "prerank_n": se.PRERANK_N},
+                               "cuts": ev.cuts, "seconds": timings})
     return 0

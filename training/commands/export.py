@@ -3,6 +3,8 @@
 Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, index.faiss,
 prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
 through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/artifacts.py.
+Before that, the stage gate replays validation users through every served cut and switches
+off (or, with --require-all-stages, refuses) a stage that makes the served list worse.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--out", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
     p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
-                   help="largest drop in retrieval NDCG@10 allowed against the live version on the same data "
+                   help="largest drop in served NDCG@10 (retrieval's for a live version without a serving "
+                        "record) allowed against the live version on the same data "
                         f"(default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
     add_index_args(p)
+    add_stage_gate_args(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
 
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: not a folder")
     index_spec = _index_spec(args)
+    gate = serving_gate(args)
     torch.set_num_threads(args.threads)
     quiet_onnx_exporter()
     previous = read_current(args.out)
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with timed("export", timings):
             res = publish(args.data, args.retrieval, args.prerank, args.rerank, args.out, args.version,
-                          args.min_recall, None if args.no_regression_check else args.max_regression, index_spec)
+                          args.min_recall, None if args.no_regression_check else args.max_regression, index_spec,
+                          gate=gate)
     except PublishError as exc:
         print(f"recsys export: check failed, CURRENT unchanged ({previous}): {exc}", file=sys.stderr)
         return 1
@@ -79,6 +85,33 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query")
     p.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
                    help=f"least index recall@100 against exact search (default {DEFAULT_MIN_RECALL})")
+
+
+def add_stage_gate_args(p: argparse.ArgumentParser) -> None:
+    """--stage-tolerance / --require-all-stages / --gate-users, shared by export and reindex."""
+    from training.served_eval import DEFAULT_STAGE_TOLERANCE, GATE_USERS
+
+    p.add_argument("--stage-tolerance", type=float, default=DEFAULT_STAGE_TOLERANCE, metavar="T",
+                   help="a stage whose served cut's NDCG@10 (validation users) is more than T below the previous "
+                        f"cut's is switched off for this version (default {DEFAULT_STAGE_TOLERANCE}; inf = never)")
+    p.add_argument("--require-all-stages", action="store_true",
+                   help="refuse to publish (exit 1, CURRENT unchanged) instead of switching a stage off")
+    p.add_argument("--gate-users", type=int, default=GATE_USERS, metavar="N",
+                   help=f"validation users the stage gate replays (seeded sample; default {GATE_USERS})")
+
+
+def serving_gate(args: argparse.Namespace) -> Any:
+    """The ServingGate the flags of add_stage_gate_args ask for (UsageError on a bad value)."""
+    import math
+
+    from training.served_eval import ServingGate
+
+    tol = args.stage_tolerance
+    try:
+        return ServingGate(tolerance=None if math.isinf(tol) and tol > 0 else tol,
+                           require_all_stages=args.require_all_stages, users=args.gate_users)
+    except ValueError as exc:
+        raise UsageError(f"--stage-tolerance / --gate-users: {exc}") from None
 
 
 def _index_spec(args: argparse.Namespace) -> Any:
@@ -109,8 +142,16 @@ def summary(m: dict[str, Any]) -> str:
         f"prerank: {m['prerank']['model']} ({m['prerank']['objective']}), item heads "
         f"{tuple(m['dims']['prerank_item_heads'])}, onnx parity {m['prerank']['parity_max_abs_diff']:.1e}",
     ]
+    serving = m.get("serving")
+    if serving:
+        cuts = ", ".join(f"{name} {c['NDCG@10']:.4f}" for name, c in serving["cuts"].items())
+        lines.append(f"served cuts NDCG@10 ({serving['users']} {serving['split']} users): {cuts}")
+        off = serving["switched_off"]
+        lines.append(f"serving: {' -> '.join(serving['stages'])}"
+                     + (f" (SWITCHED OFF: {', '.join(off)}: {serving['reason']})" if off else ""))
     reg = m.get("checks", {}).get("regression", {})
-    lines.append(f"regression check ({reg.get('metric')} vs live {reg.get('live_version')}): {reg.get('result')}")
+    lines.append(f"regression check ({reg.get('compared', reg.get('metric'))} vs live {reg.get('live_version')}): "
+                 f"{reg.get('result')}")
     rr = m.get("rerank")
     lines.append("rerank: none" if rr is None else
                  f"rerank: {rr['model']} list_len {rr['serving'].get('list_len')}, "

@@ -20,7 +20,7 @@ from training.data.sources import SOURCES
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from training.artifacts import DEFAULT_MAX_REGRESSION
-    from training.commands.export import add_index_args
+    from training.commands.export import add_index_args, add_stage_gate_args
     from training.reindex import DEFAULT_KEEP
 
     p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
@@ -34,8 +34,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     for stage in ("retrieval", "prerank", "rerank"):
         p.add_argument(f"--{stage}", type=Path, metavar="DIR", help=f"{stage} folder (default: the live version's)")
     add_index_args(p)
+    add_stage_gate_args(p)
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
-                   help="largest drop in catalog NDCG@10 allowed against the live version "
+                   help="largest drop in served NDCG@10 (catalog NDCG@10 for a live version without a serving "
+                        "record) allowed against the live version "
                         f"(default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP,
                    help=f"versions kept (default {DEFAULT_KEEP}; CURRENT and the previous one always)")
@@ -46,7 +48,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     from training.artifacts import PublishError, read_current
-    from training.commands.export import _index_spec, summary
+    from training.commands.export import _index_spec, serving_gate, summary
     from training.reindex import ReindexConfig, reindex
 
     quiet_onnx_exporter()
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = ReindexConfig(
             artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, redis_url=args.redis_url,
             retrieval=args.retrieval, prerank=args.prerank, rerank=args.rerank, index_spec=_index_spec(args),
-            min_recall=args.min_recall, max_regression=args.max_regression, keep=args.keep, version=args.version)
+            min_recall=args.min_recall, max_regression=args.max_regression, keep=args.keep, version=args.version,
+            gate=serving_gate(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     previous = read_current(cfg.artifacts)

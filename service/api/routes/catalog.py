@@ -33,5 +33,8 @@ def get_item(item_id: str, rec: RecommenderDep) -> ItemOut:
 @router.get("/version", response_model=VersionOut)
 def get_version(rec: RecommenderDep) -> VersionOut:
     m = rec.v.manifest
+    serving = m.get("serving")
     return VersionOut(model_version=rec.v.version, created_at=str(m["created_at"]), item_count=rec.v.num_items,
-                      data=dict(m["data"]), rerank=rec.v.rerank is not None)
+                      data=dict(m["data"]), rerank=rec.v.rerank is not None, stages=list(rec.stages),
+                      serving={k: v for k, v in serving.items() if k != "cuts"} if serving else None,
+                      cuts=dict(serving.get("cuts", {})) if serving else {})
