@@ -105,8 +105,13 @@ def declare_features(ds: Dataset, objective: Objective, history_len: int = 50,
         m, d = retrieval_dims
         user_ret = tuple(f"{RETRIEVAL_USER}:{j}" for j in range(m * d))
         item_ret = tuple(f"{RETRIEVAL_ITEM}:{j}" for j in range(d))
+    if objective == "next-item":
+        # the served pre-ranker: its user side holds only what a request carries (the history,
+        # its length, the retriever's vectors); user_id and profile fields are unknown online,
+        # and a model trained with them meets out-of-vocabulary codes at every request
+        uf = None
     return FeatureDecl(
-        user_sparse=("user_id", LAST_ITEM, *(uf.categorical if uf else ())),
+        user_sparse=(*(("user_id",) if objective == "ctr" else ()), LAST_ITEM, *(uf.categorical if uf else ())),
         user_multi=(HISTORY, *(uf.multi if uf else ())),
         user_dense=(*(uf.numeric if uf else ()), *user_agg, *user_ret),
         item_sparse=("item_id", *(itf.categorical if itf else ())),

@@ -109,7 +109,7 @@ class Pipeline:
     retrieval: MultiLauncherSASRec
     prerank: nn.Module  # a tower with user_heads / item_heads (IntTower, TwoTower)
     spec: Any  # training.features.FeatureSpec of the pre-ranker
-    user_log_count: np.ndarray  # (U,) float32 log1p training count (the pre-ranker's feature)
+    user_log_count: np.ndarray  # (U,) float32 log1p training count (rank_candidates uses the history's length)
     item_heads: torch.Tensor  # (N + 1, G, d) pre-rank item heads of the catalog
     item_feats: np.ndarray  # (N + 1, F) float32 z-scored item features; row 0 = zeros
     prior: RetrievalPrior | None = None  # the pre-ranker's pair term (cascade inputs)
@@ -213,7 +213,7 @@ def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: Im
         cand = torch.from_numpy(top.items)  # (b, C)
         # the pre-ranker's history field: left-padded, latest last (its LAST_ITEM is column -1)
         raw = user_columns(ds, users[sl], pad_left(ds.items, starts[sl], ends[sl], pipe.spec.history_len))
-        raw["user_log_count"] = pipe.user_log_count[users[sl]]
+        raw["user_log_count"] = np.log1p(ends[sl] - starts[sl]).astype(np.float32)  # as the service: history length
         if pipe.cascade:
             raw.update(retrieval_columns(RETRIEVAL_USER, top.users))
         with torch.no_grad():

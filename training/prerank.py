@@ -272,12 +272,13 @@ def build_next_item_data(
     if rows.size == 0:
         raise DataError(f"{ds.name}: no training example with a history for the next-item objective")
     train_rows = np.flatnonzero(loo.full_train_mask())
-    user_cnt = np.log1p(np.bincount(ds.users[train_rows], minlength=ds.num_users)).astype(np.float32)
     item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
 
-    def users_raw(users: np.ndarray, hist: np.ndarray, vectors: np.ndarray | None) -> dict:
+    def users_raw(users: np.ndarray, hist: np.ndarray, vectors: np.ndarray | None, ends: np.ndarray) -> dict:
         u = user_columns(ds, users, hist)
-        u["user_log_count"] = user_cnt[users]
+        # log1p of the history's length: what a request's history gives the service (a user's
+        # total training count would differ from it at every training step)
+        u["user_log_count"] = np.log1p(ends - ds.offsets[users]).astype(np.float32)
         if cascade:
             assert vectors is not None
             u.update(retrieval_columns(RETRIEVAL_USER, vectors))
@@ -302,7 +303,7 @@ def build_next_item_data(
         train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
     up_table = _table(retrievers.upstream) if cascade else None
     served_table = _table(retrievers.served) if cascade else None
-    u_train = users_raw(ds.users[rows], hist, users_vec)
+    u_train = users_raw(ds.users[rows], hist, users_vec, rows)
     i_up = items_raw(up_table)
     spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_up.items()})
 
@@ -313,11 +314,11 @@ def build_next_item_data(
         if retrievers is None:
             assert scorers is not None
             cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
-            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None)), cands, scores,
-                                  loo.targets(which))
+            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None, loo.history_end(which))),
+                                  cands, scores, loo.targets(which))
         top = fused_top(retrievers.served, loo.histories(which), candidates)
-        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users)), top.items, top.scores,
-                              loo.targets(which), top.launchers)
+        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users, loo.history_end(which))),
+                              top.items, top.scores, loo.targets(which), top.launchers)
 
     return NextItemData(
         spec=spec,

@@ -102,6 +102,7 @@ from training.artifacts import (
 from training.commands.common import timed
 from training.data.dataset import DataError
 from training.data.splits import LeaveOneOut
+from training.features import RETRIEVAL_ITEM, retrieval_columns
 from training.metrics import mask_seen, ranking_metrics, target_ranks
 from training.served_eval import ServingGate
 
@@ -323,11 +324,14 @@ def extend_retrieval(model: MultiLauncherSASRec, table: np.ndarray) -> MultiLaun
     return grown.eval()
 
 
-def item_heads(src: Sources, catalog: ItemCatalog) -> np.ndarray:
-    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank)."""
+def item_heads(src: Sources, catalog: ItemCatalog, table: np.ndarray) -> np.ndarray:
+    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank);
+    table (N + 1, D): the grown retrieval table, for a pre-ranker that reads it (RETRIEVAL_ITEM)."""
     item_spec = src.spec.item
     raw: dict[str, np.ndarray] = {"item_id": np.arange(catalog.num_items + 1),
                                   "item_log_count": np.log1p(catalog.popularity).astype(np.float32)}
+    if any(name.startswith(RETRIEVAL_ITEM + ":") for name in item_spec.dense):
+        raw.update(retrieval_columns(RETRIEVAL_ITEM, table))
     raw.update(catalog.categorical)
     raw.update(catalog.numeric)
     for name, col in catalog.multi.items():
@@ -573,7 +577,7 @@ def _item_side(src: Sources, pipe: Any, catalog: ItemCatalog) -> ItemSide:
     table[: n_trained + 1] = trained
     cold = np.arange(n_trained + 1, catalog.num_items + 1)
     table[cold], n_global = cold_start_embeddings(trained, catalog, n_trained, cold)
-    heads = item_heads(src, catalog)
+    heads = item_heads(src, catalog, table)
     return ItemSide(
         catalog=catalog.arrays(),
         retrieval=extend_retrieval(src.retrieval, table),

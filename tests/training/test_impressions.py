@@ -122,7 +122,7 @@ def test_rank_candidates_matches_the_stage_scorers(tiny) -> None:
     assert [set(r) for r in ranked.items] == [set(r) for r in want]  # same retrieval top-C
     # pre-rank scores equal pr.score_lists on the same user rows
     user = pipe.spec.user.encode({**user_columns(ds, users, recent_histories(ds, ends, pipe.spec.history_len)),
-                                  "user_log_count": pipe.user_log_count[users]})
+                                  "user_log_count": np.log1p(ends - ds.offsets[users])})
     raw = item_columns(ds, np.arange(ds.num_items + 1))
     raw["item_log_count"] = np.log1p(np.bincount(ds.items[loo.train_mask], minlength=ds.num_items + 1)).astype(np.float32)
     ref = pr.score_lists(pipe.prerank, user, ranked.items, pipe.spec.item.encode(raw))
