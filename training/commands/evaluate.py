@@ -15,6 +15,7 @@ from pathlib import Path
 
 from training.baselines import BASELINES
 from training.commands.common import UsageError, timed
+from training.data.dataset import DataError
 from training.data.sources import SOURCES, load
 from training.data.splits import LeaveOneOut
 from training.report import result, table, write_json
@@ -75,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_data(folder: Path) -> dict:
+    """The manifest's `data` entry, or {} when unreadable (load_version then says why)."""
+    import json
+
+    try:
+        data = json.loads((folder / "manifest.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def run_served(args: argparse.Namespace) -> int:
     """--artifacts: the served-cut table of one published version."""
     from service.artifacts import ArtifactError, current_version, load_version
@@ -92,13 +104,17 @@ def run_served(args: argparse.Namespace) -> int:
         name = args.version or current_version(root)
         if not (root / name).is_dir():
             raise UsageError(f"--version {name}: no such version in {root}")
+        data = _manifest_data(root / name)
+        spec = args.data or str(data.get("spec"))
+        ds = load(spec)
+        if data.get("fingerprint") not in (None, ds.fingerprint):  # before loading the version: one line
+            raise DataError(f"version {name} was built on data with fingerprint {data['fingerprint']} "
+                            f"({data.get('spec')}), {ds.name} has {ds.fingerprint}")
         timings: dict[str, float] = {}
         with timed("load", timings):
             version = load_version(root / name)
     except ArtifactError as exc:
         raise UsageError(str(exc)) from None
-    spec = args.data or str(version.manifest["data"].get("spec"))
-    ds = load(spec)
     se.check_data(version, ds)  # DataError (exit 2) for another data set
     print(ds.describe())
     loo = LeaveOneOut(ds)
