@@ -199,6 +199,7 @@ class Recommender:
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
         prior = (version.manifest.get("prerank", {}).get("serving") or {}).get("retrieval_prior")
         self._prior_weight = float(prior["weight"]) if prior else 0.0
+        self._tower_weight = np.float32(prior.get("tower_weight", 1.0) if prior else 1.0)
         self._prior_bias = np.asarray(prior["launcher_bias"] if prior else [0.0], np.float32)
 
     @property
@@ -356,9 +357,9 @@ class Recommender:
         pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
         scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
         if self._prior_weight:
-            # the retrieval prior (models/cascade.py); launcher ids beyond the trained ones get bias 0
+            # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
-            scores += (self._prior_weight * ret_scores + bias).astype(np.float32)
+            scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
         return np.argsort(-scores, kind="stable"), scores, pv
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,

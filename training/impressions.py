@@ -222,8 +222,8 @@ def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: Im
             ps = sims.sum(dim=(-1, -2))  # (b, C) = IntTower score
             r = torch.from_numpy(top.scores)
             if pipe.prior is not None:
-                ps = ps + pipe.prior(torch.where(torch.isfinite(r), r, torch.zeros_like(r)),
-                                     torch.from_numpy(top.launchers))
+                ps = pipe.prior(ps, torch.where(torch.isfinite(r), r, torch.zeros_like(r)),
+                                torch.from_numpy(top.launchers))
             ps = ps.masked_fill(cand == 0, -math.inf)
             order = torch.sort(ps, dim=1, descending=True, stable=True).indices  # (b, C)
             items[sl] = torch.gather(cand, 1, order).numpy()

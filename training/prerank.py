@@ -508,7 +508,7 @@ def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, c
                 raise ValueError("a retrieval prior needs lists with fused retrieval scores and launchers")
             prior.eval()
             r = torch.from_numpy(np.where(np.isfinite(lists.retrieval_scores), lists.retrieval_scores, 0.0))
-            out += prior(r.float(), torch.from_numpy(lists.launchers.astype(np.int64))).numpy()
+            out = prior(torch.from_numpy(out), r.float(), torch.from_numpy(lists.launchers.astype(np.int64))).numpy()
     return out
 
 
@@ -551,6 +551,10 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
     stopper, history = BestWeights(cfg.patience), []
+    if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
+        start = evaluate_next_item(model, data, "valid", prior)
+        stopper.update(start["NDCG@10"], both)
+        history.append({"epoch": 0, "valid_NDCG@10": start["NDCG@10"], "prior": prior.serving()})
     for epoch in range(cfg.epochs):
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -574,7 +578,7 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                                to_fields(catalog, items.ravel())).view(b, -1)
             if prior is not None:
                 assert data.train_users is not None and data.train_table is not None
-                logits = logits + prior(*fused_pair(data.train_users[idx], data.train_table, items))
+                logits = prior(logits, *fused_pair(data.train_users[idx], data.train_table, items))
             logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, float("-inf"))], dim=1)
             loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
             if use_cir:
@@ -687,7 +691,8 @@ def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, 
         "outputs": {"user_heads": ["B", *uh.shape[1:], "float32"]},
         "items": {"file": ITEMS_NPY, "shape": list(items.shape), "dtype": "float32", "padding_row": 0},
         "features": FEATURES,
-        "score": "sum over layers and user heads of the max over item heads of the dot product"
+        "score": ("tower_weight * " if prior is not None else "")
+                 + "(sum over layers and user heads of the max over item heads of the dot product)"
                  + (" + weight * fused retrieval score + launcher_bias[launcher]" if prior is not None else ""),
         "retrieval_prior": None if prior is None else prior.serving(),
     }

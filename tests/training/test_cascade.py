@@ -70,9 +70,14 @@ def test_retrieval_prior_starts_at_the_retrieval_order() -> None:
     prior = RetrievalPrior(RetrievalPriorConfig(num_launchers=3))
     r = torch.tensor([[0.3, 2.0, -1.0, 0.9]])
     launcher = torch.tensor([[0, 2, 1, 1]])
-    s = torch.zeros_like(r) + prior(r, launcher)  # a tower that says nothing yet
+    tower = torch.tensor([[5.0, -3.0, 9.0, 0.0]])  # whatever the untrained tower says
+    s = prior(tower, r, launcher)
     assert torch.equal(torch.argsort(s, descending=True), torch.argsort(r, descending=True))
-    assert prior.serving() == {"weight": 1.0, "launcher_bias": [0.0, 0.0, 0.0]}
+    assert prior.serving() == {"tower_weight": 0.0, "weight": 1.0, "launcher_bias": [0.0, 0.0, 0.0]}
+    with torch.no_grad():
+        prior.tower_weight.fill_(0.5)
+        prior.launcher_bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    torch.testing.assert_close(prior(tower, r, launcher), 0.5 * tower + r + torch.tensor([[0.0, -1.0, 1.0, 1.0]]))
     with pytest.raises(ValueError, match="num_launchers must be >= 1, got 0"):
         RetrievalPriorConfig(num_launchers=0)
 

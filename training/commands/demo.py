@@ -28,6 +28,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--launchers", type=int, default=2)
     p.add_argument("--minutes", type=float, default=2.0, help="retrieval training time budget")
     p.add_argument("--epochs", type=int, default=3, help="pre-rank and re-rank epochs")
+    p.add_argument("--holdout", type=int, default=6,
+                   help="ranking fold: each user's last H training items the rankers learn on (default: 6)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
     p.set_defaults(func=run)
@@ -51,18 +53,26 @@ def run(args: argparse.Namespace) -> int:
         for name, cls in BASELINES.items():
             rows[name] = evaluate_retrieval(cls(split, "test"), split, "test", progress=False)
     cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers)
-    tcfg = RetrievalTrainConfig(epochs=100, lr=2e-3, patience=5, max_minutes=args.minutes)
-    with timed("train retrieval", timings):
-        res = train_retrieval(split, cfg, tcfg, progress=sys.stderr.isatty())
+    # the ranking fold (training/ranking_data.py): an upstream retriever without each user's last
+    # --holdout training items makes the rankers' lists; the served one is it continued on everything
+    fold = RetrievalTrainConfig(epochs=100, lr=2e-3, patience=5, max_minutes=0.6 * args.minutes)
+    with timed("train retrieval (ranking fold)", timings):
+        up = train_retrieval(LeaveOneOut(ds, holdout=args.holdout), cfg, fold, progress=sys.stderr.isatty())
+    save_checkpoint(out / "upstream", up.model, ds, args.data, {"holdout": args.holdout})
+    tcfg = RetrievalTrainConfig(epochs=100, lr=2e-3, patience=5, max_minutes=0.4 * args.minutes)
+    with timed("train retrieval (continued on all the data)", timings):
+        res = train_retrieval(split, cfg, tcfg, progress=sys.stderr.isatty(), init_from=up.model)
     rows[f"ml-sasrec(M={args.launchers})"] = evaluate_model(res.model, split)
-    save_checkpoint(out / "retrieval", res.model, ds, args.data, {})
+    save_checkpoint(out / "retrieval", res.model, ds, args.data, {"init_from": str(out / "upstream")})
     print(table(rows))
 
     steps = [
         ["train", "prerank", "--data", args.data, "--model", "inttower", "--objective", "next-item",
-         "--retrieval", str(out / "retrieval"), "--out", str(out / "prerank"), "--epochs", str(args.epochs)],
+         "--retrieval", str(out / "retrieval"), "--upstream", str(out / "upstream"), "--out", str(out / "prerank"),
+         "--epochs", str(args.epochs)],
         ["train", "rerank", "--data", args.data, "--retrieval", str(out / "retrieval"),
-         "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), "--epochs", str(args.epochs)],
+         "--upstream", str(out / "upstream"), "--prerank", str(out / "prerank"), "--out", str(out / "rerank"),
+         "--epochs", str(args.epochs)],
         ["export", "--data", args.data, "--retrieval", str(out / "retrieval"), "--prerank", str(out / "prerank"),
          "--rerank", str(out / "rerank"), "--out", args.artifacts],
         ["evaluate", "--artifacts", args.artifacts, "--data", args.data],

@@ -44,6 +44,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--upstream", metavar="DIR",
                    help="the retriever trained with --holdout H that makes the training lists (out of sample, "
                         "training/ranking_data.py); default: --retrieval (in-sample lists)")
+    p.add_argument("--window", type=int, default=None, metavar="H",
+                   help="learn on the re-rank window of a ranking fold of H (default: the upstream's holdout; "
+                        "0 = steps sampled from the whole training part)")
     p.add_argument("--no-retrieval-score", action="store_true",
                    help="the re-ranker sees only the pre-rank score, not also the fused retrieval score")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
@@ -129,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:  # DataError is a ValueError too: both are the user's input
             raise UsageError(str(exc)) from None
         holdout = int(load_checkpoint(args.upstream)[1].get("holdout") or 0) if args.upstream else 0
-        imp_cfg = replace(imp_cfg, holdout=holdout)
+        if args.window is not None and args.window < 0:
+            raise UsageError(f"--window must be >= 0, got {args.window}")
+        imp_cfg = replace(imp_cfg, holdout=holdout if args.window is None else args.window)
     print(ds.describe())
     with timed("impressions", timings):
         # the training lists come from the upstream retriever (out of sample with a holdout); the
