@@ -199,7 +199,8 @@ async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: 
 
 
 def floor(artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, np.ndarray]:
-    """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store."""
+    """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store
+    (the stages as Recommender.recommend runs them, without its filters and result objects)."""
     from threadpoolctl import threadpool_limits
 
     from service.artifacts import load_current
@@ -217,13 +218,13 @@ def floor(artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, n
         t1 = time.perf_counter()
         stage: dict[str, float] = {}
         hits = search_fused(v.index, users[0], rec.retrieval_k, exclude=np.unique(hist), timings_ms=stage)
-        cand, _, _ = hits.user(0)
+        cand, ret_scores, launchers = hits.user(0)
         t2 = time.perf_counter()
-        order, scores, pv = rec._prerank(hist, cand)
+        order, scores, pv = rec._prerank(hist, cand, ret_scores, launchers, users[0])
         t3 = time.perf_counter()
         n = min(rec.prerank_n, rec._rerank_len, cand.size)
         if v.rerank is not None and n:
-            rec._rerank(cand[order[:n]], scores[order[:n]], pv[order[:n]])
+            rec._rerank(cand[order[:n]], scores[order[:n]], pv[order[:n]], ret_scores[order[:n]])
         t4 = time.perf_counter()
         times["encode"].append((t1 - t0) * 1e3)
         times["search"].append(stage["search"])
