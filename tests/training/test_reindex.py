@@ -108,6 +108,11 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
     assert c["base"] == "live version v1" and c["pending_applied"] == 1 and c["trained_items"] == 80
     assert c["cold_start"]["items"] == 4 and c["cold_start"]["global_mean"] == 2  # n2 (nothing known), n4 (no features)
     assert m["checks"]["regression"]["result"] == "passed" and m["index"]["recall"] == 1.0
+    # the stage gate ran on the re-indexed catalog, and the live check compared the served NDCG@10
+    s = m["serving"]
+    assert s["split"] == "valid" and s["users"] == 199 and s["stages"] == ["retrieval", "prerank", "rerank"][: len(s["stages"])]
+    assert m["checks"]["regression"]["metric"] == f"served NDCG@10 ({'+'.join(s['stages'])})"
+    assert m["checks"]["regression"]["new"] == s["cuts"][s["stages"][-1]]["NDCG@10"]
     # the consumed pending update is gone
     assert FileCatalogUpdates(root / "catalog_pending.jsonl").count() == 0
 
@@ -201,7 +206,8 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
         return publish(*args, **kwargs)
 
     monkeypatch.setattr(ri, "publish_items", publish_while_updates_arrive)
-    res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2"))
+    # random-init models: a cold item can cost the served NDCG@10 more than 0.01; not the point here
+    res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None))
     assert res.cleared == 1 and res.published.manifest["catalog"]["added_ids"] == ["early"]
     left = {u.item_id: u.features for u in pending.snapshot().items}
     assert left == {"early": {"category": "cat5"}, "late": {}}  # the newer ones wait for the next run
@@ -231,7 +237,20 @@ def test_failed_regression_gate_leaves_current(live: Path, tmp_path: Path, capsy
     code, _, err = run_cli(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--max-regression", "0",
                             "--version", "v2"], capsys)
     assert code == 1
-    assert "check failed, CURRENT unchanged (v1): catalog NDCG@10 0." in err and "is worse than the live version v1" in err
+    # v1 records what it serves, so the served NDCG@10 of each is compared (validation users)
+    live = json.loads((root / "v1" / "manifest.json").read_text())["serving"]
+    assert "check failed, CURRENT unchanged (v1): served NDCG@10 (" in err
+    assert (f"is worse than the live version v1 ({live['cuts'][live['stages'][-1]]['NDCG@10']:.4f}) by more than 0.0 "
+            f"(199 valid users)") in err
+    assert read_current(root) == "v1" and listing(root) == ["v1"]
+    # a live version published before the stage gate (no serving block): catalog NDCG@10, test users
+    m = json.loads((root / "v1" / "manifest.json").read_text())
+    del m["serving"]
+    (root / "v1" / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--max-regression", "0",
+                            "--version", "v2"], capsys)
+    assert code == 1
+    assert "check failed, CURRENT unchanged (v1): catalog NDCG@10 0." in err and "(199 test users)" in err
     assert read_current(root) == "v1" and listing(root) == ["v1"]
 
 
