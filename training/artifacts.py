@@ -276,8 +276,9 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
                   timings: dict[str, float] | None = None, gate: ServingGate = ServingGate()) -> PublishResult:
     """Write, check and rename artifacts_root/<version>, then make it CURRENT (see the module doc).
 
-    Raises ValueError for a bad version name and PublishError when a check fails; on any
-    error the temp folder is removed and CURRENT is unchanged.
+    gate: the stage gate on the served path (serving_gate), which writes manifest `serving`
+    before `regression` runs. Raises ValueError for a bad version name and PublishError when a
+    check fails; on any error the temp folder is removed and CURRENT is unchanged.
     """
     timings = {} if timings is None else timings
     if not _VERSION_RE.match(version) or version == CURRENT:

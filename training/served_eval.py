@@ -35,6 +35,7 @@ from service.pipeline import STAGES, Recommender
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split
 from training.metrics import ranking_metrics
+from training.report import table
 
 KS = (10, 20, 50)
 TOP = max(KS)  # results asked for per request
@@ -218,9 +219,7 @@ def served_metric(manifest: dict[str, Any]) -> float | None:
 
 def cut_table(cuts: dict[str, dict[str, float]], columns: Iterable[str] = COLUMNS,
               served: Sequence[str] | None = None) -> str:
-    """One row per cut; `served` marks the cuts the version serves by default."""
-    from training.report import table
-
+    """One row per cut; `*` marks the last stage of `served` (what is served by default)."""
     labels = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
     rows = {}
     for name, m in cuts.items():
