@@ -13,8 +13,11 @@ test users through service.pipeline.Recommender: ONNX Runtime + FAISS + NumPy):
             recsys export ; recsys evaluate --artifacts
   insample  the fold run's served retriever is its own upstream (--window H: the same
             positions, so only "did the upstream train on the targets" changes)
+  insample-all  the same, over every training position (--window 0: 20x the lists of H = 10
+            on ml-100k, all in-sample)
 
-Steps whose outputs exist are skipped, so a variant reuses the retrievers of an earlier run.
+Steps whose outputs exist are skipped, so a variant reuses the retrievers of an earlier run and
+a seed already evaluated is read back (seeds can run as separate processes, then be tabled).
 Prints one table (mean and std over seeds per cut) and writes it, with this command line, to
 --results.
 """
@@ -55,16 +58,19 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict:
         recsys(["train", "retrieval", *base, *ret, "--holdout", str(a.holdout), "--out", str(up)], root / "upstream.log")
     if not (served / "checkpoint.pt").exists():
         recsys(["train", "retrieval", *base, *ret, "--init-from", str(up), "--out", str(served)], root / "retrieval.log")
-    v = root / a.variant
+    v = root / (a.variant + (f"-{a.tag}" if a.tag else ""))
     v.mkdir(exist_ok=True)
-    source = ["--upstream", str(up)] if a.variant == "fold" else ["--window", str(a.holdout)]
+    if (v / "served.json").exists():  # finished earlier (e.g. seeds run as separate processes)
+        return json.loads((v / "served.json").read_text())
+    window = {"fold": None, "insample": a.holdout, "insample-all": 0}[a.variant]
+    source = ["--upstream", str(up)] if window is None else ["--window", str(window)]
     recsys(["train", "prerank", *base, "--objective", "next-item", "--retrieval", str(served), *source,
-            "--out", str(v / "prerank")], v / "prerank.log")
+            "--out", str(v / "prerank"), *shlex.split(a.prerank_args)], v / "prerank.log")
     recsys(["train", "rerank", *base, "--retrieval", str(served), *source, "--prerank", str(v / "prerank"),
-            "--out", str(v / "rerank")], v / "rerank.log")
+            "--out", str(v / "rerank"), *shlex.split(a.rerank_args)], v / "rerank.log")
     art = v / "artifacts"
     recsys(["export", "--data", a.data, "--threads", str(a.threads), "--retrieval", str(served), "--prerank",
-            str(v / "prerank"), "--rerank", str(v / "rerank"), "--out", str(art), "--version", f"s{seed}-{a.variant}",
+            str(v / "prerank"), "--rerank", str(v / "rerank"), "--out", str(art), "--version", f"s{seed}-{v.name}",
             "--no-regression-check"], v / "export.log")
     recsys(["evaluate", "--artifacts", str(art), "--data", a.data, "--json", str(v / "served.json")], v / "evaluate.log")
     return json.loads((v / "served.json").read_text())
@@ -76,9 +82,12 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="work folder (one sub-folder per seed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--holdout", type=int, default=10)
-    ap.add_argument("--variant", choices=("fold", "insample"), default="fold")
+    ap.add_argument("--variant", choices=("fold", "insample", "insample-all"), default="fold")
     ap.add_argument("--launchers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prerank-args", default="", help="extra flags for recsys train prerank, e.g. '--epochs 5'")
+    ap.add_argument("--rerank-args", default="", help="extra flags for recsys train rerank, e.g. '--horizon 1'")
+    ap.add_argument("--tag", default="", help="suffix of the variant's folder (to keep runs with other flags apart)")
     ap.add_argument("--results", help="also write the table (with this command line) to FILE")
     a = ap.parse_args()
 
@@ -87,7 +96,7 @@ def main() -> int:
         print(f"seed {seed}", file=sys.stderr, flush=True)
         runs[seed] = run_seed(a, seed)
     lines = [f"# python {' '.join(shlex.quote(x) for x in sys.argv)}",
-             f"# served cuts (recsys evaluate --artifacts, leave-one-out test), variant {a.variant}, "
+             f"# served cuts (recsys evaluate --artifacts, leave-one-out test), variant {a.variant} {a.tag}, "
              f"holdout {a.holdout}, seeds {a.seeds}; mean ± std over seeds",
              f"{'cut':<10} " + " ".join(f"{c:>17}" for c in COLUMNS)]
     for cut in CUTS:

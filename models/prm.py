@@ -12,6 +12,12 @@ The scores are the pre-rank score (S = 1) or [pre-rank score, fused retrieval sc
 (S = 2, `num_scores`), each z-scored within the list, so the model sees what both earlier stages
 thought and can reproduce either order.
 
+With `residual` the model starts from the order it is given: its logits are
+    s_i = skip * score_i[0] + net(x)_i
+with the last layer of `net` zero-initialised and skip = 1, so the untrained re-ranker returns
+the pre-rank order exactly (z-scored scores are monotone in it) and training moves away from it
+only where that helps; early stopping scores that start too (training/rerank.py).
+
 All models share one call signature, so one training loop and one export path serve them:
     forward(item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) or (B, L, S), mask (B, L) bool)
         -> logits (B, L)
@@ -46,6 +52,7 @@ class PRMConfig:
     max_len: int = 100  # longest list; size of the initial-rank embedding
     use_position: bool = True
     num_scores: int = 1  # S: 1 = pre-rank score, 2 = + fused retrieval score
+    residual: bool = False  # start from the given order (see the module doc)
 
     def __post_init__(self) -> None:
         _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len, self.num_scores)
@@ -74,6 +81,7 @@ class PointwiseMLPConfig:
     dropout: float = 0.1
     max_len: int = 100  # not used by the model; bounds the exported list length
     num_scores: int = 1
+    residual: bool = False
 
     def __post_init__(self) -> None:
         _check_dims(self.item_dim, self.pv_dim, self.dropout, self.max_len, self.num_scores)
@@ -109,6 +117,11 @@ def _tokens(pv_dim: int, item_feats: torch.Tensor, pv: torch.Tensor, init_score:
     return torch.cat(parts, dim=-1)
 
 
+def _first_score(init_score: torch.Tensor) -> torch.Tensor:
+    """(B, L) the pre-rank score out of init_score (B, L) or (B, L, S)."""
+    return init_score if init_score.dim() == 2 else init_score[..., 0]
+
+
 def _xavier(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -136,6 +149,9 @@ class PRM(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.output = nn.Linear(D, 1)
         _xavier(self)
+        self.skip = nn.Parameter(torch.ones(())) if config.residual else None
+        if config.residual:
+            nn.init.zeros_(self.output.weight)
         # nn.MultiheadAttention keeps its packed q/k/v projection as a Parameter, not a Linear
         for m in self.encoder.modules():
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
@@ -155,7 +171,10 @@ class PRM(nn.Module):
         # a list with no real entry would mask every key (NaN softmax): let it attend to all
         ignore = ~mask & mask.any(dim=1, keepdim=True)  # (B, L) True = key hidden
         h = self.encoder(self.dropout(h), src_key_padding_mask=ignore)  # (B, L, D)
-        return self.output(h).squeeze(-1).masked_fill(~mask, PAD_LOGIT)  # (B, L)
+        logits = self.output(h).squeeze(-1)  # (B, L)
+        if self.skip is not None:
+            logits = logits + self.skip * _first_score(init_score)
+        return logits.masked_fill(~mask, PAD_LOGIT)  # (B, L)
 
 
 class PointwiseMLP(nn.Module):
@@ -172,13 +191,19 @@ class PointwiseMLP(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
         _xavier(self)
+        self.skip = nn.Parameter(torch.ones(())) if config.residual else None
+        if config.residual:
+            nn.init.zeros_(layers[-1].weight)
 
     def forward(
         self, item_feats: torch.Tensor, pv: torch.Tensor, init_score: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) / (B, L, S), mask (B, L) bool -> (B, L)."""
-        x = _tokens(self.config.pv_dim, item_feats, pv, init_score)  # (B, L, F_item + P + 1)
-        return self.net(x).squeeze(-1).masked_fill(~mask, PAD_LOGIT)  # (B, L)
+        x = _tokens(self.config.pv_dim, item_feats, pv, init_score)  # (B, L, F_item + P + S)
+        logits = self.net(x).squeeze(-1)  # (B, L)
+        if self.skip is not None:
+            logits = logits + self.skip * _first_score(init_score)
+        return logits.masked_fill(~mask, PAD_LOGIT)  # (B, L)
 
 
 RerankModel = PRM | PointwiseMLP

@@ -420,26 +420,28 @@ class RerankerHParams:
     ffn_dim: int = 128
     dropout: float = 0.1
     mlp_hidden: tuple[int, ...] = (128, 64)
+    residual: bool = True  # start from the pre-rank order (models/prm.py)
 
 
 def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: RerankerHParams,
-                    num_scores: int = 1) -> RerankConfig:
+                    num_scores: int = 1, residual: bool = False) -> RerankConfig:
     """PRM (with PV), PRM-BASE (pv_dim 0) or the pointwise MLP (with PV)."""
     if name == "mlp":
         return PointwiseMLPConfig(item_dim=item_dim, pv_dim=pv_dim, hidden=hp.mlp_hidden, dropout=hp.dropout,
-                                  max_len=max_len, num_scores=num_scores)
+                                  max_len=max_len, num_scores=num_scores, residual=residual)
     if name not in ("prm", "prm_base"):
         raise ValueError(f"unknown re-ranker {name!r} (expected one of {RERANKERS})")
     return PRMConfig(item_dim=item_dim, pv_dim=pv_dim if name == "prm" else 0, d_model=hp.d_model, heads=hp.heads,
                      layers=hp.layers, ffn_dim=hp.ffn_dim, dropout=hp.dropout, max_len=max_len,
-                     num_scores=num_scores)
+                     num_scores=num_scores, residual=residual)
 
 
 def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
                  progress: bool = False) -> TrainResult:
     """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
     on validation NDCG@10."""
-    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores)
+    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores,
+                          residual=hp.residual)
     torch.manual_seed(train_cfg.seed)
     model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
     # lists without a click add nothing to the listwise loss or to the list metrics (both skip

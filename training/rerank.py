@@ -191,7 +191,7 @@ def train_listwise(
     """AdamW on `listwise_loss` over shuffled minibatches of lists.
 
     With `valid`: early stopping on validation NDCG@10 (patience epochs), best weights
-    restored. Without: all epochs, last weights. Shuffling and dropout are seeded by
+    restored; a residual model's untrained weights (the given order) count as epoch 0. Without: all epochs, last weights. Shuffling and dropout are seeded by
     cfg.seed; the initial weights are the caller's (seed before building the model).
     """
     _check_compatible(model, data)
@@ -203,6 +203,10 @@ def train_listwise(
     labels = torch.from_numpy(data.labels)
     history: list[EpochStats] = []
     best, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    if valid is not None and getattr(model.config, "residual", False):
+        # a residual model starts at the order it is given: training has to beat that to be kept
+        best = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))["NDCG@10"]
+        log.info("epoch 0 (the given order) valid NDCG@10 %.4f", best)
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()

@@ -84,10 +84,28 @@ def test_retrieval_prior_starts_at_the_retrieval_order() -> None:
 
 def test_prm_with_two_scores_exports_with_parity(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = PRM(PRMConfig(item_dim=5, pv_dim=3, d_model=8, heads=2, layers=1, ffn_dim=16, max_len=12, num_scores=2))
+    model = PRM(PRMConfig(item_dim=5, pv_dim=3, d_model=8, heads=2, layers=1, ffn_dim=16, max_len=12, num_scores=2,
+                          residual=True))
     assert model.config.input_dim == 5 + 3 + 2
     path = export_rerank(model, tmp_path)
     assert rerank_parity(model, path) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["prm", "mlp"])
+def test_residual_rerankers_start_at_the_pre_rank_order(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = im.reranker_config(name, 4, 2, 10, im.RerankerHParams(d_model=8, heads=2), num_scores=2, residual=True)
+    model = PRM(cfg) if name == "prm" else im.PointwiseMLP(cfg)
+    model.eval()
+    B, L = 3, 10
+    pre = torch.randn(B, L)
+    scores = torch.stack([pre, torch.randn(B, L)], dim=-1)  # [pre-rank, retrieval]
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[2, 7:] = False
+    with torch.no_grad():
+        out = model(torch.randn(B, L, 4), torch.randn(B, L, 2), scores, mask)
+    torch.testing.assert_close(out[mask], pre[mask])  # the untrained re-ranker IS the pre-rank order
+    assert (out[~mask] == -1e9).all()
 
 
 @pytest.fixture(scope="module")

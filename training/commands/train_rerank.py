@@ -47,6 +47,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--window", type=int, default=None, metavar="H",
                    help="learn on the re-rank window of a ranking fold of H (default: the upstream's holdout; "
                         "0 = steps sampled from the whole training part)")
+    p.add_argument("--no-residual", action="store_true",
+                   help="re-rankers start from random scores instead of the pre-rank order (models/prm.py)")
     p.add_argument("--no-retrieval-score", action="store_true",
                    help="the re-ranker sees only the pre-rank score, not also the fused retrieval score")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
@@ -81,7 +83,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                                lists_per_user=args.lists_per_user, eval_steps=args.eval_steps, seed=args.data_seed,
                                retrieval_score=not args.no_retrieval_score)
         hp = RerankerHParams(d_model=args.d_model, heads=args.heads, layers=args.layers,
-                             ffn_dim=2 * args.d_model, dropout=args.dropout)
+                             ffn_dim=2 * args.d_model, dropout=args.dropout, residual=not args.no_residual)
         train = RerankTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, patience=args.patience, seed=args.seed)
         # the model configs validate d_model / heads / dropout
