@@ -140,7 +140,7 @@ def test_second_publish_keeps_the_first(published: Path, ckpts: tuple[Path, Path
     ret, pre, _ = ckpts
     root = tmp_path / "artifacts"
     shutil.copytree(published, root)
-    path = publish_version(TINY, ret, pre, None, root)  # default version name, no re-ranker
+    path = publish_version(TINY, ret, pre, None, root, max_regression=None)  # default name, no re-ranker; random models: no gate
     assert path.parent == root and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", path.name), path.name
     assert read_current(root) == path.name
     assert load_version(root / "v1").version == "v1"
