@@ -31,7 +31,7 @@ REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_o
                   "prerank_features")
 RERANK_FILES = ("rerank_onnx", "rerank_items")
 # the served cuts in order; a version serves a non-empty prefix (manifest `serving.stages`, set
-# by the publish gate). service.pipeline.STAGES is the same tuple (pipeline imports this module).
+# by the publish gate). service.pipeline uses this one tuple.
 STAGES = ("retrieval", "prerank", "rerank")
 _ORT = ort.capi.onnxruntime_pybind11_state
 # what ONNX Runtime raises for an unreadable model or a bad feed (none derives from RuntimeError)

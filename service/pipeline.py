@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.artifacts import ORT_ERRORS, LoadedVersion
+from service.artifacts import ORT_ERRORS, STAGES, LoadedVersion
 from service.index import search_fused
 from service.prerank import head_interactions
 
@@ -33,7 +33,6 @@ HISTORY, LAST_ITEM = "history", "last_item"
 USER_LOG_COUNT = "user_log_count"
 RETRIEVAL_USER = "retrieval_user"  # dense "retrieval_user:<j>": the retriever's user vectors, flattened
 FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
-STAGES = ("retrieval", "prerank", "rerank")  # the served cuts, in order; a version serves a prefix
 
 
 @dataclass(frozen=True)

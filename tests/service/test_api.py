@@ -347,7 +347,10 @@ def test_online_user_features_match_the_training_encoder(artifacts_root: Path, c
         np.testing.assert_allclose(got["user_dense"], want.dense, atol=1e-6)
     # the re-ranker's PV columns sum to the pre-rank score (its definition)
     cand = np.arange(1, 21)
-    order, scores, pv = rec._prerank(np.array([1, 2, 3]), cand)
+    hist = np.array([1, 2, 3])
+    users = v.retrieval.run(None, {"item_seq": hist[None]})[0][0]  # (M, D)
+    ret_scores = (v.items[cand - 1] @ users.T).max(axis=1)  # fused retrieval score of each candidate
+    order, scores, pv = rec._prerank(hist, cand, ret_scores, np.zeros(cand.size, np.int64), users)
     np.testing.assert_allclose(pv.sum(axis=1), scores, rtol=1e-5, atol=1e-5)
     assert scores[order].tolist() == sorted(scores.tolist(), reverse=True)
 
