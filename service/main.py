@@ -16,13 +16,14 @@ from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
 from service.api.routes import admin, catalog, events, health, items, recommend
-from service.artifacts import load_current
+from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
+from service.smoke import load_checked
 from service.stores import make_store
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # thread, which is why this must run here and the handlers must be async (run on this
     # thread): from pool threads a 0.1 ms flat search took 2-18 ms (measured).
     threadpool_limits(settings.compute_threads)
-    version = load_current(settings.artifacts)  # ArtifactError names the file: the server does not start
-    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
+    # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
+    recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
+    version = recommender.v
+    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
     app.state.store = store
     updates = make_catalog_updates(settings.redis_url, settings.artifacts)  # PUT /v1/items, for the next re-index
     app.state.catalog_updates = updates
-    app.state.recommender = make_recommender(version)
+    app.state.recommender = recommender
     app.state.metrics.set_version(version.version)
     watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
                              settings.reload_poll_s, settings.redis_url)
