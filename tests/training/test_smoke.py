@@ -68,3 +68,35 @@ def test_serve_fails_with_one_line_and_exit_2_on_an_unservable_version(root: Pat
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("recsys serve: error:")]
     assert len(errors) == 1 and "prerank_features.json" in errors[0] and "Traceback" not in proc.stderr
+
+
+class _Payload:
+    """Unpickling this runs code: what weights_only=False would do for a planted checkpoint."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, ("touch pwned-by-checkpoint",)
+
+
+@pytest.mark.parametrize("loader", ["training.retrieval", "training.prerank", "training.impressions"])
+def test_checkpoints_load_with_weights_only(tmp_path: Path, loader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import torch
+
+    from training import prerank as pr
+    from training import retrieval as rt
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = {"training.retrieval": folder / rt.CHECKPOINT, "training.prerank": folder / pr.CHECKPOINT,
+            "training.impressions": folder / "prm.pt"}[loader]
+    torch.save({"kind": "retrieval", "model": "inttower", "evil": _Payload()}, path)
+    load = {"training.retrieval": "load_checkpoint", "training.prerank": "load_checkpoint",
+            "training.impressions": "load_reranker"}[loader]
+    arg = path if loader == "training.impressions" else folder
+    with pytest.raises(Exception, match="Weights only load failed"):
+        getattr(importlib.import_module(loader), load)(arg)
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
