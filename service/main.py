@@ -15,6 +15,7 @@ from functools import partial
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
+from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
 from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
@@ -23,6 +24,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
+from service.schemas import EventIn
 from service.smoke import load_checked
 from service.stores import make_store
 
@@ -43,7 +45,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
     recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
     version = recommender.v
-    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
+    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
+                       settings.history_ttl_s)
+    if settings.api_key is None:
+        if settings.allow_anonymous_writes:
+            logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
+                           "this port can write events, catalog updates and reload versions !!!")
+        else:
+            logger.warning("no RECSYS_API_KEY: write and admin routes answer 403 (set RECSYS_API_KEY, or "
+                           "RECSYS_ALLOW_ANONYMOUS_WRITES=1 for a closed network)")
     app.state.store = store
     updates = make_catalog_updates(settings.redis_url, settings.artifacts)  # PUT /v1/items, for the next re-index
     app.state.catalog_updates = updates
@@ -78,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog_updates = None
     for module in (health, recommend, events, catalog, items, admin):
         app.include_router(module.router)
+    openapi.install(app, [EventIn, items.ItemIn],
+                    lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default
 
     def body_limit() -> int:  # settings may only be known once the lifespan has run

@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 import uuid
+from urllib.parse import quote
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -59,6 +60,10 @@ def catalog(artifacts_root: Path) -> list[str]:
 
 
 def _app(root: Path, **kw: object) -> FastAPI:
+    """The app over `root`; without an api_key, writes are opened explicitly (they are closed by
+    default: test_writes_are_closed_without_a_key)."""
+    if "api_key" not in kw:
+        kw.setdefault("allow_anonymous_writes", True)
     return create_app(Settings(artifacts=root, **kw))  # type: ignore[arg-type]
 
 
@@ -124,9 +129,9 @@ def _events_then_recommend(c: TestClient, catalog: list[str], headers: dict[str,
     target = first["items"][0]["item_id"]
     events = [{"user_id": user, "item_id": item, "timestamp": 100 + t} for t, item in enumerate(catalog[:4])]
     r = c.post("/v1/events", json=events, headers=headers)
-    assert r.status_code == 202 and r.json() == {"accepted": 4}
+    assert r.status_code == 202 and r.json() == {"accepted": 4, "duplicates": 0}
     r = c.post("/v1/events", json={"user_id": user, "item_id": target, "timestamp": 200}, headers=headers)
-    assert r.status_code == 202 and r.json() == {"accepted": 1}
+    assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 0}
     assert c.get(f"/v1/users/{user}/history").json() == {"user_id": user, "items": [*catalog[:4], target]}
     out = _recommend(c, user_id=user, k=5)
     assert not out["served_by"].startswith("popularity")
@@ -230,10 +235,39 @@ def test_events_422_names_the_field_and_writes_nothing(client: TestClient, body:
     assert client.get("/v1/users/u/history").json()["items"] == []  # the valid first event was not kept
 
 
-def test_store_rejected_id_is_422_with_the_field(client: TestClient) -> None:
+def test_control_characters_in_ids_are_422_with_the_field(client: TestClient) -> None:
+    """Id refuses what the store refuses (issue 15, finding 7): the same list-shaped 422 as any
+    validation error (it was a string `detail` from the store before)."""
     r = client.post("/v1/events", json=[{"user_id": "u", "item_id": "1"}, {"user_id": "u", "item_id": "a\x01"}])
-    assert r.status_code == 422 and r.json()["detail"].startswith("events[1].item_id")
+    assert r.status_code == 422 and [e["loc"] for e in r.json()["detail"]] == [["body", 1, "item_id"]]
     assert client.get("/v1/users/u/history").json()["items"] == []
+    for bad in ("\x00", "a\x1fb", "\x7f", "x\x85"):
+        r = client.post("/v1/recommend", json={"user_id": bad, "k": 1})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "user_id"], bad
+        r = client.get(f"/v1/users/{quote(bad)}/history")
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "user_id"], bad
+    assert client.post("/v1/events", json={"user_id": "ü-ß 1", "item_id": "1"}).status_code == 202  # printable
+
+
+def test_every_422_has_the_same_shape(client: TestClient) -> None:
+    shapes = []
+    for r in (client.post("/v1/recommend", json={"k": 0}),  # pydantic
+              client.post("/v1/recommend", json={"filters": {"nope": "x"}}),  # checked after parsing
+              client.post("/v1/recommend/batch", json={"requests": [{"k": 1000}, {"k": 1000}, {"k": 1000}]}),
+              client.post("/v1/events", json=[{"user_id": "u"}]),  # one-or-many body
+              client.put("/v1/items", json={"item_id": "x", "features": {"colour": "red"}})):
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert isinstance(detail, list) and detail
+        shapes.append([sorted(k for k in e if k in ("loc", "msg", "type")) for e in detail])
+    assert all(s == [["loc", "msg", "type"]] * len(s) for s in shapes)
+
+
+def test_strict_json_types_match_the_schema(client: TestClient) -> None:
+    assert client.post("/v1/recommend", json={"k": 3.0}).status_code == 200  # JSON Schema: 3.0 is an integer
+    assert client.post("/v1/recommend", json={"k": 3.5}).status_code == 422
+    assert client.post("/v1/recommend", json={"explain": 0}).status_code == 422  # was accepted as False
+    assert client.post("/v1/events", json={"user_id": "u", "item_id": "1", "timestamp": "5"}).status_code == 422
 
 
 def test_writes_need_the_api_key_when_set(artifacts_root: Path, catalog: list[str]) -> None:

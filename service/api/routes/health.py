@@ -20,7 +20,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "no artifact version loaded yet: {\"status\": \"loading\"}"}})
 def readyz(request: Request, response: Response) -> dict[str, Any]:
     """Ready once a version is loaded; a store that does not answer is reported, not fatal
     (recommend falls back without it)."""
