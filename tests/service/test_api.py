@@ -281,6 +281,46 @@ def test_writes_need_the_api_key_when_set(artifacts_root: Path, catalog: list[st
         assert c.post("/v1/recommend", json={"k": 2}).status_code == 200  # reads stay open
 
 
+def test_writes_are_closed_without_a_key(artifacts_root: Path, catalog: list[str],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15, finding 3: with no RECSYS_API_KEY, events, PUT /v1/items and admin reload were
+    open to anyone, with no warning. Now they answer 403 unless anonymous writes are asked for,
+    which is warned about loudly at start-up."""
+    event = {"user_id": "u-closed", "item_id": catalog[0]}
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        with TestClient(create_app(Settings(artifacts=artifacts_root))) as c:
+            for r in (c.post("/v1/events", json=event), c.post("/v1/admin/reload"),
+                      c.put("/v1/items", json={"item_id": "x", "features": {}})):
+                assert r.status_code == 403 and "RECSYS_API_KEY" in r.json()["detail"]
+            assert c.get("/v1/users/u-closed/history").json()["items"] == []
+            assert c.post("/v1/recommend", json={"k": 2}).status_code == 200  # reads still served
+    assert any("write and admin routes answer 403" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        with TestClient(create_app(Settings(artifacts=artifacts_root, allow_anonymous_writes=True))) as c:
+            assert c.post("/v1/events", json=event).status_code == 202
+    assert any("ANYONE" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_read_key_protects_per_user_reads(artifacts_root: Path, catalog: list[str]) -> None:
+    read = {"X-API-Key": "reader"}
+    with TestClient(_app(artifacts_root, api_key=API_KEY, read_key="reader")) as c:
+        user = _user()
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[0]},
+                      headers={"X-API-Key": API_KEY}).status_code == 202
+        assert c.get(f"/v1/users/{user}/history").status_code == 401
+        assert c.get(f"/v1/users/{user}/history", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get(f"/v1/users/{user}/history", headers=read).json()["items"] == [catalog[0]]
+        assert c.get(f"/v1/users/{user}/history", headers={"X-API-Key": API_KEY}).status_code == 200  # the write key too
+        assert c.post("/v1/recommend", json={"user_id": user, "k": 2}).status_code == 401
+        assert c.post("/v1/recommend/batch", json={"requests": [{"k": 1}, {"user_id": user}]}).status_code == 401
+        assert c.post("/v1/recommend", json={"user_id": user, "k": 2}, headers=read).status_code == 200
+        # no stored history read: open (anonymous / session use)
+        assert c.post("/v1/recommend", json={"history": catalog[:2], "k": 2}).status_code == 200
+        assert c.post("/v1/recommend", json={"user_id": user, "history": catalog[:2], "k": 2}).status_code == 200
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}, headers=read).status_code == 401
+
+
 def test_items_version_and_health(client: TestClient, artifacts_root: Path, catalog: list[str]) -> None:
     v = load_current(artifacts_root)
     item = client.get(f"/v1/items/{catalog[3]}").json()
