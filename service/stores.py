@@ -214,6 +214,10 @@ class InMemoryStore:
     def __len__(self) -> int:
         return len(self._hist)
 
+    def stats(self) -> tuple[int | None, int | None]:
+        """(users evicted so far, users held)."""
+        return self.evictions, len(self._hist)
+
     def _tail(self, user_id: str, limit: int | None) -> list[str]:
         entry = self._hist.get(user_id)
         if entry is None or limit == 0:
@@ -411,6 +415,17 @@ class RedisStore:
         with self._errors("get_user_features"):
             feats = self._client.hgetall(self._feat_key(user_id))
         return cast(dict[str, str], feats)
+
+    def stats(self) -> tuple[int | None, int | None]:
+        """(keys Redis evicted under maxmemory since it started, None): (None, None) when Redis
+        does not answer (never raises)."""
+        try:
+            with self._errors("stats"):
+                info = cast(dict[str, object], self._client.info("stats"))
+        except StoreError:
+            return None, None
+        evicted = info.get("evicted_keys")
+        return (int(evicted) if isinstance(evicted, int | str) else None), None
 
     def ping(self) -> bool:
         """Whether Redis answers now (always tried; a success ends a cooldown)."""

@@ -195,6 +195,33 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         assert c.get("/readyz").json()["store"] == "ok"
 
 
+def test_event_outcomes_503_not_written_504_unknown_and_retry_deduplicated(
+        artifacts_root: Path, redis_server: RedisServer, catalog: list[str]) -> None:
+    """Issue 15, finding 6: with Redis frozen, an event answered 503 was stored anyway, so a
+    client retry duplicated it. Now: 504 "unknown outcome" and the retry with the same event_id
+    is recognised; 503 only when nothing was written."""
+    with TestClient(_app(artifacts_root, redis_url=redis_server.url)) as c:
+        user = _user()
+        event = {"user_id": user, "item_id": catalog[0], "event_id": "click-1"}
+        assert c.post("/v1/events", json={"user_id": _user(), "item_id": catalog[0]}).status_code == 202  # warm
+        pid = redis_server.proc.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = c.post("/v1/events", json=event)
+            assert r.status_code == 504 and "unknown outcome" in r.json()["detail"]
+            assert "same event_id" in r.json()["detail"]
+            r = c.post("/v1/events", json=event)  # the store is cooling down: not even tried
+            assert r.status_code == 503 and "nothing was written" in r.json()["detail"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        r = _eventually(lambda: c.post("/v1/events", json=event), lambda r: r.status_code != 503)
+        assert r.status_code == 202 and r.json() == {"accepted": 0, "duplicates": 1}  # it had been stored
+        assert c.get(f"/v1/users/{user}/history").json()["items"] == [catalog[0]]
+        r = c.post("/v1/events", json=[event, {**event, "event_id": "click-2", "item_id": catalog[1]}])
+        assert r.json() == {"accepted": 1, "duplicates": 1}
+        assert c.get(f"/v1/users/{user}/history").json()["items"] == catalog[:2]
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"k": 0}, ["body", "k"]),
     ({"k": 1001}, ["body", "k"]),
