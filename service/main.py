@@ -19,6 +19,7 @@ from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
 from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
+from service.compute import ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -35,12 +36,12 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or Settings()  # ValidationError here names the bad RECSYS_* value
     app.state.settings = settings
-    # One request runs at a time per worker, on this (the event loop's) thread: its NumPy BLAS
-    # and FAISS OpenMP math stay on compute_threads cores, so workers and replicas sharing a
-    # machine do not oversubscribe it with spinning threads. OpenMP counts are per calling
-    # thread, which is why this must run here and the handlers must be async (run on this
-    # thread): from pool threads a 0.1 ms flat search took 2-18 ms (measured).
+    # One recommendation runs at a time per worker, on its compute thread (service/compute.py),
+    # whose NumPy BLAS and FAISS OpenMP math stay on compute_threads cores, so workers and
+    # replicas sharing a machine do not oversubscribe it; the event loop stays free for
+    # /healthz. The loop thread gets the same limits for anything else it computes.
     threadpool_limits(settings.compute_threads)
+    compute = ComputeThread(settings.compute_threads, settings.compute_queue)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
     recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             logger.warning("no RECSYS_API_KEY: write and admin routes answer 403 (set RECSYS_API_KEY, or "
                            "RECSYS_ALLOW_ANONYMOUS_WRITES=1 for a closed network)")
     app.state.store = store
+    app.state.compute = compute
     updates = make_catalog_updates(settings.redis_url, settings.artifacts)  # PUT /v1/items, for the next re-index
     app.state.catalog_updates = updates
     app.state.recommender = recommender
@@ -73,6 +75,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.compute = None
+        compute.close()
         app.state.catalog_updates = None
         updates.close()
 
@@ -84,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.recommender = None
     app.state.store = None
+    app.state.compute = None
     app.state.watcher = None
     app.state.catalog_updates = None
     for module in (health, recommend, events, catalog, items, admin):

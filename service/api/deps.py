@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from service.catalog_updates import CatalogUpdates, Schema, schema_from_catalog
+from service.compute import ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.pipeline import Recommender
@@ -43,6 +44,11 @@ async def get_recommender(request: Request) -> Recommender:
 async def get_store(request: Request) -> HistoryStore:
     store: HistoryStore = _loaded(request, "store", "history store is not ready yet")
     return store
+
+
+async def get_compute(request: Request) -> ComputeThread:
+    compute: ComputeThread = _loaded(request, "compute", "artifacts are not loaded yet")
+    return compute
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -102,6 +108,7 @@ RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
 ReadKeyDep = Annotated[None, Depends(require_read_key)]
+ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
 ApiKeyHeader = Annotated[str | None, Header()]  # name the parameter x_api_key
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]

@@ -43,7 +43,8 @@ BAD_BODY: dict[int | str, dict[str, Any]] = {
     422: _doc("a field is invalid; `loc` names it", ValidationErrorOut),
 }
 INVALID: dict[int | str, dict[str, Any]] = {422: _doc("a field is invalid; `loc` names it", ValidationErrorOut)}
-NOT_LOADED: dict[int | str, dict[str, Any]] = {503: _doc("no artifact version loaded yet, or the store is down")}
+NOT_LOADED: dict[int | str, dict[str, Any]] = {
+    503: _doc("no artifact version loaded yet, the store is down, or the worker is busy (RECSYS_COMPUTE_QUEUE)")}
 AUTH: dict[int | str, dict[str, Any]] = {
     401: _doc("missing or wrong X-API-Key"),
     403: _doc("writes are disabled: no RECSYS_API_KEY and RECSYS_ALLOW_ANONYMOUS_WRITES is not set"),

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                     description="after a Redis failure, serve without it for this long")
     compute_threads: int = Field(default=1, ge=1, le=256,
                                  description="BLAS / OpenMP threads per worker process (ONNX Runtime sessions use 1)")
+    compute_queue: int = Field(default=64, ge=1, le=100_000,
+                               description="recommend requests waiting for the compute thread beyond which a 503 "
+                                           "answers at once")
     timeout_ms: float = Field(default=100.0, gt=0, le=60_000,
                               description="request budget: a stage not started within it is skipped (previous order)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")

@@ -513,6 +513,64 @@ def test_timeout_serves_the_previous_stage(artifacts_root: Path, catalog: list[s
     assert "prerank" not in out["timings_ms"]
 
 
+# --- issue 15, finding 5: bounded batches, one budget per HTTP request, liveness off the compute path ---
+
+
+def test_batch_caps_on_sum_of_k_and_history_name_the_limit(artifacts_root: Path, catalog: list[str]) -> None:
+    with TestClient(_app(artifacts_root, batch_max_total_k=100, batch_max_total_history=50)) as c:
+        r = c.post("/v1/recommend/batch", json={"requests": [{"k": 60}, {"k": 41}]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests"]
+        assert "sum of k over the batch is 101, above the limit 100 (RECSYS_BATCH_MAX_TOTAL_K)" in r.json()["detail"][0]["msg"]
+        r = c.post("/v1/recommend/batch", json={"requests": [{"history": catalog[:30], "exclude": catalog[30:51]}]})
+        assert r.status_code == 422 and "51 history + exclude ids, above the limit 50" in r.json()["detail"][0]["msg"]
+        assert c.post("/v1/recommend/batch", json={"requests": [{"k": 60}, {"k": 40}]}).status_code == 200
+
+
+def _slow(c: TestClient, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pipeline call of the served Recommender first sleeps `seconds` (a slow model)."""
+    rec = c.app.state.recommender  # type: ignore[attr-defined]
+    original = rec.recommend
+
+    def slow(*args: object, **kw: object) -> object:
+        time.sleep(seconds)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(rec, "recommend", slow)
+
+
+def test_the_budget_covers_the_whole_batch(artifacts_root: Path, catalog: list[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(_app(artifacts_root, timeout_ms=100)) as c:
+        _slow(c, 0.03, monkeypatch)
+        t0 = time.monotonic()
+        r = c.post("/v1/recommend/batch", json={"requests": [{"history": catalog[:3], "k": 5}] * 20})
+        took = time.monotonic() - t0
+    assert r.status_code == 200
+    served = [x["served_by"] for x in r.json()["results"]]
+    # 100 ms buys a few 30 ms requests; the rest get popularity at once (was: 20 x 30 ms)
+    assert 1 <= sum(not s.startswith("popularity") for s in served) <= 5
+    assert served[-1] == "popularity;timeout" and all(len(x["items"]) == 5 for x in r.json()["results"])
+    assert took < 0.45, took
+
+
+def test_healthz_answers_while_a_long_request_computes(artifacts_root: Path, catalog: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    with TestClient(_app(artifacts_root, timeout_ms=60_000)) as c:
+        _slow(c, 0.1, monkeypatch)
+        batch = threading.Thread(target=c.post, args=("/v1/recommend/batch",),
+                                 kwargs={"json": {"requests": [{"history": catalog[:3]}] * 10}})
+        batch.start()
+        time.sleep(0.2)  # the batch (~1 s of compute) is running
+        t0 = time.monotonic()
+        assert c.get("/healthz").json() == {"status": "ok"}
+        waited = time.monotonic() - t0
+        assert batch.is_alive()  # healthz did not wait for the batch (it waited ~0.8 s before)
+        batch.join()
+    assert waited < 0.3, waited
+
+
 def test_metrics_count_requests_stages_and_fallbacks(client: TestClient, catalog: list[str]) -> None:
     _recommend(client, history=catalog[:3], k=5)
     _recommend(client, k=5)

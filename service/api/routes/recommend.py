@@ -3,11 +3,11 @@
 Store trouble never gives a 5xx: the request is served without the stored history and
 `served_by` says so (`;store_unavailable`).
 
-The handlers are `async def` and compute inline on the event loop: the work is CPU-bound
-under the GIL, so a thread-pool hop only added cost (profiled: waking the loop from the worker
-thread took a quarter of the server's samples). A worker handles one recommendation at a time;
-throughput comes from more workers / pods. The store call blocks the loop for one Redis round
-trip; a hung Redis costs one socket timeout, then the store fails fast for its cooldown.
+The handlers validate on the event loop and hand the work (store read + pipeline) to the
+worker's one compute thread (service/compute.py), so the loop stays free to answer /healthz
+while a long request computes; beyond RECSYS_COMPUTE_QUEUE waiting requests, a 503 at once. A
+worker handles one recommendation at a time; throughput comes from more workers / pods. A hung
+Redis costs one socket timeout on the compute thread, then the store fails fast for its cooldown.
 
 Budgets: RECSYS_TIMEOUT_MS is per HTTP request, a batch included: each request of a batch gets
 what is left of it, and once it is spent the rest are served from popularity (`;timeout`). A
@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, status
 
-from service.api.deps import ApiKeyHeader, MetricsDep, RecommenderDep, SettingsDep, StoreDep, check_read_key
+from service.api.deps import (ApiKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
+                              check_read_key)
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.pipeline import FilterError, Recommender, RecommendResult
 from service.schemas import (RecommendBatchRequest, RecommendBatchResponse, RecommendedItemOut, RecommendRequest,
                              RecommendResponse)
+from service.compute import ComputeBusy, ComputeThread
+from service.core.config import Settings
+from service.metrics import Metrics
 from service.stores import HistoryStore, StoreError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["recommend"])
@@ -39,29 +47,16 @@ RESPONSES = {**BAD_BODY, **READ_AUTH, **NOT_LOADED}
 
 @router.post("/recommend", response_model=RecommendResponse, responses=RESPONSES)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-                    metrics: MetricsDep, x_api_key: ApiKeyHeader = None) -> RecommendResponse:
+                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ApiKeyHeader = None) -> RecommendResponse:
     """Top-k for the request history, else the stored history of user_id, else popularity."""
-    start = time.perf_counter()
-    flags: list[str] = []
-    history: list[str] = []
-    if body.history is not None:
-        history = body.history
-    elif body.user_id is not None:
+    if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
-        try:
-            history = store.get_history(body.user_id)
-        except ValueError as exc:  # an id pydantic lets through but the store refuses
-            raise unprocessable(("body", "user_id"), str(exc)) from None
-        except StoreError as exc:
-            logger.warning("history of %r unavailable, serving without it: %s", body.user_id, exc)
-            flags.append(STORE_FLAG)
-    store_ms = (time.perf_counter() - start) * 1000.0
-    return _serve(rec, body, history, flags, store_ms, settings.timeout_ms, metrics, ("body",))
+    return await _on_compute(compute, _recommend, body, rec, store, settings, metrics)
 
 
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
 async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
-                          settings: SettingsDep, metrics: MetricsDep,
+                          settings: SettingsDep, metrics: MetricsDep, compute: ComputeDep,
                           x_api_key: ApiKeyHeader = None) -> RecommendBatchResponse:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters and batch limits included) before any is served; the
@@ -76,13 +71,46 @@ async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, stor
     if total_ids > settings.batch_max_total_history:
         raise unprocessable(("body", "requests"), f"the batch holds {total_ids} history + exclude ids, above the limit "
                             f"{settings.batch_max_total_history} (RECSYS_BATCH_MAX_TOTAL_HISTORY)")
+    if any(r.history is None and r.user_id for r in body.requests):
+        check_read_key(settings, x_api_key)
+    return await _on_compute(compute, _recommend_batch, body, rec, store, settings, metrics, start)
+
+
+async def _on_compute(compute: ComputeThread, fn: Callable[..., T], *args: object) -> T:
+    try:
+        return await compute.run(fn, *args)
+    except ComputeBusy as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"busy, retry later: {exc}") from None
+
+
+def _recommend(body: RecommendRequest, rec: Recommender, store: HistoryStore, settings: Settings,
+               metrics: Metrics) -> RecommendResponse:
+    """On the compute thread."""
+    start = time.perf_counter()
+    flags: list[str] = []
+    history: list[str] = []
+    if body.history is not None:
+        history = body.history
+    elif body.user_id is not None:
+        try:
+            history = store.get_history(body.user_id)
+        except ValueError as exc:  # an id pydantic lets through but the store refuses
+            raise unprocessable(("body", "user_id"), str(exc)) from None
+        except StoreError as exc:
+            logger.warning("history of %r unavailable, serving without it: %s", body.user_id, exc)
+            flags.append(STORE_FLAG)
+    store_ms = (time.perf_counter() - start) * 1000.0
+    return _serve(rec, body, history, flags, store_ms, settings.timeout_ms, metrics, ("body",))
+
+
+def _recommend_batch(body: RecommendBatchRequest, rec: Recommender, store: HistoryStore, settings: Settings,
+                     metrics: Metrics, start: float) -> RecommendBatchResponse:
+    """On the compute thread; `start` is when the HTTP request arrived (its budget began)."""
     for i, r in enumerate(body.requests):
         _check_filters(rec, r, ("body", "requests", i))
-    stored = [r.user_id for r in body.requests if r.history is None and r.user_id]
-    if stored:
-        check_read_key(settings, x_api_key)
-    histories, flags = _stored_histories(store, stored)
-    store_ms = (time.perf_counter() - start) * 1000.0
+    t0 = time.perf_counter()
+    histories, flags = _stored_histories(store, [r.user_id for r in body.requests if r.history is None and r.user_id])
+    store_ms = (time.perf_counter() - t0) * 1000.0
     results = []
     for i, r in enumerate(body.requests):
         history = r.history if r.history is not None else histories.get(r.user_id or "", [])
@@ -124,7 +152,7 @@ def _popularity_only(rec: Recommender, body: RecommendRequest, history: list[str
 
 
 def _serve(rec: Recommender, body: RecommendRequest, history: list[str], flags: list[str], store_ms: float,
-           timeout_ms: float, metrics: MetricsDep, loc: tuple[str | int, ...],
+           timeout_ms: float, metrics: Metrics, loc: tuple[str | int, ...],
            budget_ms: float | None = None) -> RecommendResponse:
     """budget_ms: what is left of the HTTP request's budget (a batch); None = timeout_ms - store_ms."""
     left = max(timeout_ms - store_ms, 0.0) if budget_ms is None else budget_ms
