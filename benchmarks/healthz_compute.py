@@ -36,11 +36,38 @@ def get_ms(port: int, path: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def hop_us(n: int = 5000) -> tuple[float, float]:
+    """Median / p99 microseconds of one empty job through service.compute.ComputeThread (the
+    added cost per request, without the HTTP noise)."""
+    import asyncio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from service.compute import ComputeThread
+
+    async def go() -> np.ndarray:
+        pool, out = ComputeThread(1, 8), np.empty(n)
+        for i in range(n):
+            t0 = time.perf_counter()
+            await pool.run(int)
+            out[i] = (time.perf_counter() - t0) * 1e6
+        pool.close()
+        return out
+
+    us = asyncio.run(go())
+    return float(np.median(us)), float(np.percentile(us, 99))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--artifacts", required=True, type=Path)
+    ap.add_argument("--artifacts", type=Path)
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--hop-only", action="store_true", help="only the in-process cost of the thread hop")
     args = ap.parse_args()
+    if args.hop_only:
+        med, p99 = hop_us()
+        print(f"# python benchmarks/healthz_compute.py --hop-only\ncompute-thread hop: median {med:.0f} us, "
+              f"p99 {p99:.0f} us per request")
+        return 0
     os.environ.update(RECSYS_TIMEOUT_MS="60000", RECSYS_BATCH_MAX_TOTAL_K="1000000",
                       RECSYS_BATCH_MAX_TOTAL_HISTORY="10000000")
     port = free_port()
