@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,7 @@ def load_version(path: str | Path) -> LoadedVersion:
         raise ArtifactError(f"{folder}: {reading[0]} does not load: {type(exc).__name__}: {exc}") from exc
 
 
-def _load(folder: Path, file: Any) -> LoadedVersion:
+def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
     manifest = _read_manifest(folder)
