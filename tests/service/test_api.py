@@ -550,7 +550,7 @@ def test_the_budget_covers_the_whole_batch(artifacts_root: Path, catalog: list[s
     # 100 ms buys a few 30 ms requests; the rest get popularity at once (was: 20 x 30 ms)
     assert 1 <= sum(not s.startswith("popularity") for s in served) <= 5
     assert served[-1] == "popularity;timeout" and all(len(x["items"]) == 5 for x in r.json()["results"])
-    assert took < 0.45, took
+    assert took < 0.5, took  # 20 x 30 ms = 0.6 s at least before
 
 
 def test_healthz_answers_while_a_long_request_computes(artifacts_root: Path, catalog: list[str],
