@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -40,7 +40,7 @@ def _filters_schema(vocab: dict[str, list[str]], filterable: list[str]) -> dict[
     return {"type": "object", "properties": props, "additionalProperties": False, "maxProperties": MAX_FILTERS}
 
 
-def _features_schema(kinds: dict[str, str]) -> dict[str, Any]:
+def _features_schema(kinds: Mapping[str, str]) -> dict[str, Any]:
     from service.catalog_updates import MAX_VALUES
 
     by_kind = {"categorical": dict(ID_SCHEMA), "multi": {"type": "array", "items": ID_SCHEMA, "maxItems": MAX_VALUES},
