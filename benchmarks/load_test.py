@@ -270,7 +270,8 @@ def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None
            "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    env = {**os.environ, "RECSYS_RELOAD_POLL_S": str(poll_s)}
+    # loopback only: writes (the seeded events) opened without a key (closed by default)
+    env = {**os.environ, "RECSYS_RELOAD_POLL_S": str(poll_s), "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -1,14 +1,19 @@
 """Load and validate one published artifact version (DESIGN.md §5) for serving. No torch.
 
 artifacts/CURRENT names the live version; artifacts/<version>/manifest.json says what every
-file is. Nothing here parses a file name: paths come from the manifest's "files" entry.
-Every problem is an :class:`ArtifactError` naming the folder, the file and what is wrong.
+file is. Nothing here parses a file name: paths come from the manifest's "files" entry, and each
+must be a plain file name inside the version folder (no path separators, no dot files, no symlink
+out of it). Every problem of any kind (a bad value, a truncated zip, undecodable bytes, ...) is
+an :class:`ArtifactError` naming the folder, the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,8 @@ _ORT = ort.capi.onnxruntime_pybind11_state
 ORT_ERRORS: tuple[type[Exception], ...] = (_ORT.Fail, _ORT.InvalidProtobuf, _ORT.NoSuchFile, _ORT.InvalidArgument,
                                            _ORT.InvalidGraph, _ORT.RuntimeException, _ORT.NotImplemented)
 _SMOKE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
+# what a version (and so CURRENT) may be called; training/artifacts.py publishes only such names
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ArtifactError(Exception):
@@ -94,9 +101,12 @@ def current_version(artifacts_root: str | Path) -> str:
     path = Path(artifacts_root) / CURRENT
     if not path.is_file():
         raise ArtifactError(f"{path}: no CURRENT file (nothing published yet?)")
-    name = path.read_text().strip()
-    if not name or "/" in name or name.startswith("."):
-        raise ArtifactError(f"{path}: invalid version name {name!r}")
+    try:
+        name = path.read_bytes()[:256].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not VERSION_RE.match(name) or name == CURRENT:
+        raise ArtifactError(f"{path}: invalid version name {name!r} (must match {VERSION_RE.pattern})")
     return name
 
 
@@ -107,14 +117,35 @@ def load_current(artifacts_root: str | Path) -> LoadedVersion:
 
 
 def load_version(path: str | Path) -> LoadedVersion:
-    """Load and validate the version folder `path`; raises ArtifactError on any inconsistency."""
+    """Load and validate the version folder `path`; raises ArtifactError on any problem.
+
+    Whatever goes wrong while a file is read or checked (an ArtifactError from the checks, or any
+    other exception from json / NumPy / zipfile / FAISS / ONNX Runtime on a corrupt file) comes
+    out as one ArtifactError naming the folder and the file.
+    """
     folder = Path(path)
+    reading = [MANIFEST]  # the file being read, for the message of an unexpected error
+
+    @contextmanager
+    def file(name: str) -> Iterator[None]:
+        reading[0] = name
+        yield
+
+    try:
+        return _load(folder, file)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001  any failure of any kind is a version we cannot serve
+        raise ArtifactError(f"{folder}: {reading[0]} does not load: {type(exc).__name__}: {exc}") from exc
+
+
+def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
     manifest = _read_manifest(folder)
     files = manifest["files"]
     n = manifest["item_count"]
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
     has_rerank = manifest.get("rerank") is not None
     _check_serving(folder / MANIFEST, manifest.get("serving"), has_rerank)
@@ -122,39 +153,54 @@ def load_version(path: str | Path) -> LoadedVersion:
     for key in needed:
         if key not in files:
             raise ArtifactError(f"{folder / MANIFEST}: files.{key} is missing")
+        _confined(folder, key, files[key])
         if not (folder / files[key]).is_file():
             raise ArtifactError(f"{folder}: {files[key]} (files.{key}) is missing")
 
     dims = manifest["dims"]
-    items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")))
-    try:
-        index = load_index(folder / files["index"], num_threads=None)  # threads: RECSYS_COMPUTE_THREADS (main.py)
-    except (RuntimeError, ValueError) as exc:
-        raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
-    if int(index.ntotal) != n or int(index.d) != items.shape[1]:
-        raise ArtifactError(f"{folder}: {files['index']} holds {index.ntotal} vectors of D={index.d}, "
-                            f"expected item_count={n} of D={items.shape[1]}")
-    catalog = _load_catalog(folder / files["catalog"], n)
-    item_ids = catalog.pop("item_ids")
-    popularity = catalog.pop("popularity")
-    vocab = {k.split(":", 1)[1]: v.tolist() for k, v in catalog.items() if k.startswith("vocab:")}
-    features = {k: v for k, v in catalog.items() if not k.startswith("vocab:")}
+    with file(files["items"]):
+        items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")))
+    with file(files["index"]):
+        try:
+            index = load_index(folder / files["index"], num_threads=None)  # threads: RECSYS_COMPUTE_THREADS (main.py)
+        except (RuntimeError, ValueError) as exc:
+            raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
+        if int(index.ntotal) != n or int(index.d) != items.shape[1]:
+            raise ArtifactError(f"{folder}: {files['index']} holds {index.ntotal} vectors of D={index.d}, "
+                                f"expected item_count={n} of D={items.shape[1]}")
+    with file(files["catalog"]):
+        catalog = _load_catalog(folder / files["catalog"], n)
+        item_ids = catalog.pop("item_ids")
+        popularity = catalog.pop("popularity")
+        vocab = {k.split(":", 1)[1]: v.tolist() for k, v in catalog.items() if k.startswith("vocab:")}
+        features = {k: v for k, v in catalog.items() if not k.startswith("vocab:")}
 
-    prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *dims.get("prerank_item_heads", (None, None))))
+    with file(files["prerank_items"]):
+        heads = dims.get("prerank_item_heads", (None, None))
+        if not isinstance(heads, list | tuple) or len(heads) != 2:
+            raise ArtifactError(f"{folder / MANIFEST}: dims.prerank_item_heads must be [G, d], got {heads!r}")
+        prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *heads))
     rerank = rerank_items = None
     if has_rerank:
-        rerank = _session(folder, files["rerank_onnx"])
-        rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")))
-    try:
-        prerank_features = json.loads((folder / files["prerank_features"]).read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{folder}: {files['prerank_features']} is not valid JSON: {exc}") from None
+        with file(files["rerank_onnx"]):
+            rerank = _session(folder, files["rerank_onnx"])
+        with file(files["rerank_items"]):
+            rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")))
+    with file(files["prerank_features"]):
+        prerank_features = _read_json(folder / files["prerank_features"])
+        missing = [k for k in ("user", "history_len") if not isinstance(prerank_features, dict) or k not in prerank_features]
+        if missing:
+            raise ArtifactError(f"{folder}: {files['prerank_features']} is not a feature spec (missing {missing})")
+    with file(files["retrieval_onnx"]):
+        retrieval = _session(folder, files["retrieval_onnx"])
+    with file(files["prerank_user_onnx"]):
+        prerank_user = _session(folder, files["prerank_user_onnx"])
     loaded = LoadedVersion(
         version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
         id_to_index={str(x): i for i, x in enumerate(item_ids.tolist()) if i > 0},
         popularity=popularity, item_features=features, vocab=vocab,
-        retrieval=_session(folder, files["retrieval_onnx"]), items=items, index=index,
-        prerank_user=_session(folder, files["prerank_user_onnx"]), prerank_items=prerank_items,
+        retrieval=retrieval, items=items, index=index,
+        prerank_user=prerank_user, prerank_items=prerank_items,
         prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items,
     )
     logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n,
@@ -189,13 +235,13 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             pv_width = int(v.rerank.get_inputs()[1].shape[2])
             L = min(cand.size, int(v.manifest["rerank"]["config"]["max_len"]))
             cand, scores = cand[:L], scores[:L]
+            n_scores = int(v.manifest["rerank"]["config"].get("num_scores", 1))
+            # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
+            init = np.repeat(scores[None, :, None], n_scores, axis=2) if n_scores > 1 else scores[None]
             out = v.rerank.run(None, {
                 "item_feats": v.rerank_items[cand][None].astype(np.float32),
                 "pv": np.zeros((1, L, pv_width), np.float32),
-                # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
-                "init_score": np.repeat(scores[None, :, None], int(v.manifest["rerank"]["config"].get("num_scores", 1)),
-                                        axis=2).reshape((1, L, -1) if v.manifest["rerank"]["config"].get("num_scores", 1)
-                                                        > 1 else (1, L)).astype(np.float32),
+                "init_score": init.astype(np.float32),
                 "mask": np.ones((1, L), bool),
             })[0]
             _expect("rerank.onnx scores", out.shape, (1, L))
@@ -216,10 +262,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder}: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+    manifest = _read_json(path)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -227,6 +270,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: missing keys {missing}")
     if manifest["format"] not in SUPPORTED_FORMATS:
         raise ArtifactError(f"{path}: format {manifest['format']!r} is not one of {SUPPORTED_FORMATS}")
+    for key, kind in (("version", str), ("dims", dict), ("files", dict), ("index", dict), ("data", dict)):
+        if not isinstance(manifest[key], kind):
+            raise ArtifactError(f"{path}: {key} must be a JSON {'string' if kind is str else 'object'}, "
+                                f"got {manifest[key]!r:.80}")
     if folder.name not in (manifest["version"], f".tmp-{manifest['version']}"):  # .tmp-: checked before publish
         raise ArtifactError(f"{path}: version {manifest['version']!r} does not match the folder {folder.name!r}")
     return manifest
@@ -246,6 +293,24 @@ def _check_serving(path: Path, serving: Any, has_rerank: bool) -> None:
         raise ArtifactError(f"{path}: serving.stages must be a non-empty prefix of {list(STAGES)}, got {stages!r}")
     if "rerank" in stages and not has_rerank:
         raise ArtifactError(f"{path}: serving.stages names rerank but the version has no re-ranker")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _confined(folder: Path, key: str, name: object) -> None:
+    """files.<key> must name a plain file inside `folder`: no separator, no dot file, no symlink out."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
+            or "\x00" in name):
+        raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} is not a file name inside the version folder")
+    if (folder / name).resolve().parent != folder.resolve():
+        raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
 
 
 def _load_catalog(path: Path, n: int) -> dict[str, np.ndarray]:

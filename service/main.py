@@ -15,14 +15,18 @@ from functools import partial
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
+from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
-from service.artifacts import load_current
+from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
+from service.compute import ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
+from service.schemas import EventIn
+from service.smoke import load_checked
 from service.stores import make_store
 
 logger = logging.getLogger(__name__)
@@ -32,19 +36,30 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or Settings()  # ValidationError here names the bad RECSYS_* value
     app.state.settings = settings
-    # One request runs at a time per worker, on this (the event loop's) thread: its NumPy BLAS
-    # and FAISS OpenMP math stay on compute_threads cores, so workers and replicas sharing a
-    # machine do not oversubscribe it with spinning threads. OpenMP counts are per calling
-    # thread, which is why this must run here and the handlers must be async (run on this
-    # thread): from pool threads a 0.1 ms flat search took 2-18 ms (measured).
+    # One recommendation runs at a time per worker, on its compute thread (service/compute.py),
+    # whose NumPy BLAS and FAISS OpenMP math stay on compute_threads cores, so workers and
+    # replicas sharing a machine do not oversubscribe it; the event loop stays free for
+    # /healthz. The loop thread gets the same limits for anything else it computes.
     threadpool_limits(settings.compute_threads)
-    version = load_current(settings.artifacts)  # ArtifactError names the file: the server does not start
-    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s)
+    compute = ComputeThread(settings.compute_threads, settings.compute_queue)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
+    # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
+    recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
+    version = recommender.v
+    store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
+                       settings.history_ttl_s)
+    if settings.api_key is None:
+        if settings.allow_anonymous_writes:
+            logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
+                           "this port can write events, catalog updates and reload versions !!!")
+        else:
+            logger.warning("no RECSYS_API_KEY: write and admin routes answer 403 (set RECSYS_API_KEY, or "
+                           "RECSYS_ALLOW_ANONYMOUS_WRITES=1 for a closed network)")
     app.state.store = store
+    app.state.compute = compute
     updates = make_catalog_updates(settings.redis_url, settings.artifacts)  # PUT /v1/items, for the next re-index
     app.state.catalog_updates = updates
-    app.state.recommender = make_recommender(version)
+    app.state.recommender = recommender
     app.state.metrics.set_version(version.version)
     watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
                              settings.reload_poll_s, settings.redis_url)
@@ -60,6 +75,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.compute = None
+        compute.close()
         app.state.catalog_updates = None
         updates.close()
 
@@ -71,10 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.recommender = None
     app.state.store = None
+    app.state.compute = None
     app.state.watcher = None
     app.state.catalog_updates = None
     for module in (health, recommend, events, catalog, items, admin):
         app.include_router(module.router)
+    openapi.install(app, [EventIn, items.ItemIn],
+                    lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default
 
     def body_limit() -> int:  # settings may only be known once the lifespan has run

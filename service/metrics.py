@@ -42,6 +42,12 @@ class Metrics:
         self.unknown_items = Counter("recsys_unknown_history_items_total",
                                      "History item ids not in the served catalog (skipped)", registry=r)
         self.reloads = Counter("recsys_reloads_total", "Artifact version reloads by result", ["result"], registry=r)
+        self.store_evictions = Counter("recsys_store_evictions_total",
+                                       "Users evicted from the history store: LRU beyond RECSYS_MAX_USERS "
+                                       "(in-process) or Redis maxmemory evictions (evicted_keys)", registry=r)
+        self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
+                                 multiprocess_mode="liveall")
+        self._evictions_seen = 0
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
                              registry=r, multiprocess_mode="liveall")
 
@@ -58,6 +64,18 @@ class Metrics:
                 self.stage_seconds.labels(name).observe(ms / 1000.0)
         if unknown_items:
             self.unknown_items.inc(unknown_items)
+
+    def observe_store(self, evictions: int | None, users: int | None) -> None:
+        """Bring the store counters up to date (called when /metrics is read): `evictions` is
+        the store's running total, None when it cannot say."""
+        if evictions is not None and evictions >= self._evictions_seen:
+            self.store_evictions.inc(evictions - self._evictions_seen)
+            self._evictions_seen = evictions
+        elif evictions is not None:  # the backend restarted: its count began again
+            self.store_evictions.inc(evictions)
+            self._evictions_seen = evictions
+        if users is not None:
+            self.store_users.set(users)
 
     def set_version(self, version: str) -> None:
         self.version.clear()

@@ -6,7 +6,10 @@ pub/sub (service.notify.VERSION_CHANNEL) when Redis is configured, and by pollin
 version is loaded, smoke-run and wrapped in a new Recommender off the event loop; only then is
 `app.state.recommender` replaced, one reference assignment, so a request in flight finishes on
 the version it started with and no request sees a half-loaded one. A version that fails to load
-is logged, counted and not retried until CURRENT changes again or an admin reload asks for it.
+is logged once, counted once and not retried until CURRENT changes again or an admin reload
+asks for it. The polling and pub/sub loops survive any exception (a bug included): it is logged
+once per distinct failure and the loop goes on, so a corrupt version never stops a later good
+one from being picked up.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from service.artifacts import ArtifactError, current_version, load_version, smoke_run
+from service.artifacts import ArtifactError, current_version
 from service.metrics import Metrics
 from service.notify import VERSION_CHANNEL
 from service.pipeline import Recommender
+from service.smoke import load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class VersionWatcher:
         self.redis_url = redis_url
         self._lock = asyncio.Lock()
         self._failed: str | None = None  # a version that did not load; skipped by polling
+        self._last_error: str | None = None  # the failure last logged (each distinct one is logged once)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -87,37 +92,57 @@ class VersionWatcher:
             try:
                 name = current_version(self.root)
             except ArtifactError as exc:
-                self.metrics.reloads.labels("failed").inc()
+                self._failure(str(exc), count=True)
                 raise ReloadError(str(exc)) from None
             if name == previous or (name == self._failed and not force):
                 return ReloadResult(previous, previous, False)
             try:
                 rec = await asyncio.to_thread(self._load, name)
-            except ArtifactError as exc:
+            except ArtifactError as exc:  # load_checked turns every failure into one
                 self._failed = name
-                self.metrics.reloads.labels("failed").inc()
-                logger.error("version %s does not load, still serving %s: %s", name, previous, exc)
-                raise ReloadError(f"version {name} does not load, still serving {previous}: {exc}") from None
+                msg = f"version {name} does not load, still serving {previous}: {exc}"
+                self._failure(msg, count=True, force=force)
+                raise ReloadError(msg) from None
             self.state.recommender = rec  # the swap: one reference assignment
             self._failed = None
+            self._last_error = None
             self.metrics.reloads.labels("ok").inc()
             self.metrics.set_version(name)
             logger.info("now serving version %s (was %s)", name, previous)
             return ReloadResult(previous, name, True)
 
+    def _failure(self, msg: str, count: bool, force: bool = False) -> None:
+        """Log a failure once (a repeat of the last one is not logged again) and count it."""
+        if msg != self._last_error or force:
+            logger.error("%s", msg)
+            if count:
+                self.metrics.reloads.labels("failed").inc()
+        self._last_error = msg
+
     def _load(self, name: str) -> Recommender:
-        version = load_version(self.root / name)
-        smoke_run(version)
-        return self.make_recommender(version)
+        return load_checked(self.root / name, self.make_recommender)
+
+    async def _reload_quietly(self) -> None:
+        """reload() for the loops: never raises (ReloadError is already logged and counted; any
+        other exception is a bug, logged once per distinct message, and the loop goes on)."""
+        try:
+            await self.reload()
+        except ReloadError:
+            pass
+        except Exception as exc:  # noqa: BLE001  the loop must outlive any bug
+            msg = f"reload failed unexpectedly: {type(exc).__name__}: {exc}"
+            if msg != self._last_error:
+                logger.exception("%s", msg)
+                self.metrics.reloads.labels("failed").inc()
+            self._last_error = msg
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            with contextlib.suppress(ReloadError):
-                await self.reload()
+            await self._reload_quietly()
 
     async def _subscribe(self, url: str) -> None:
-        """Reload on every message on VERSION_CHANNEL; reconnect after Redis trouble."""
+        """Reload on every message on VERSION_CHANNEL; reconnect after Redis trouble or any error."""
         while True:
             client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
             try:
@@ -127,10 +152,12 @@ class VersionWatcher:
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             logger.info("version notice: %r", message.get("data"))
-                            with contextlib.suppress(ReloadError):
-                                await self.reload()
+                            await self._reload_quietly()
             except (redis.RedisError, OSError) as exc:
                 logger.warning("version pub/sub unavailable (%s); polling CURRENT meanwhile", exc)
+            except Exception:  # noqa: BLE001  a bug must not end the subscription for good
+                logger.exception("version pub/sub failed; re-subscribing in %.0f s", PUBSUB_RETRY_S)
             finally:
-                await client.aclose()
+                with contextlib.suppress(Exception):
+                    await client.aclose()
             await asyncio.sleep(PUBSUB_RETRY_S)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.stores import MAX_ID_LEN
 
@@ -15,10 +15,20 @@ MAX_BATCH = 100
 MAX_FILTERS = 16
 MAX_FILTER_VALUES = 100
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
+# no control characters (C0, DEL, C1): the stores refuse them, so the contract does too
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN, pattern=ID_PATTERN)]
+ID_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN, "pattern": ID_PATTERN}
+FILTER_VALUES_SCHEMA: dict[str, Any] = {"anyOf": [
+    ID_SCHEMA, {"type": "array", "items": ID_SCHEMA, "minItems": 1, "maxItems": MAX_FILTER_VALUES}]}
 # one value or a list; a single string is taken as a one-element list (so a 422 has one clean loc)
 FilterValues = Annotated[list[Id], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
-                         Field(min_length=1, max_length=MAX_FILTER_VALUES)]
+                         Field(min_length=1, max_length=MAX_FILTER_VALUES), WithJsonSchema(FILTER_VALUES_SCHEMA)]
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 5.0 as an integer: accept it as 5 (strict int validation follows)."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 class RecommendRequest(BaseModel):
@@ -28,12 +38,12 @@ class RecommendRequest(BaseModel):
 
     user_id: Id | None = None
     history: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
-    k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
+    k: Annotated[int, BeforeValidator(_integral)] = Field(default=10, ge=1, le=MAX_K, strict=True)
     exclude: list[Id] | None = Field(default=None, max_length=MAX_HISTORY_IN_REQUEST)
     filters: dict[Id, FilterValues] | None = Field(
         default=None, max_length=MAX_FILTERS,
         description="item feature -> accepted value(s), e.g. {\"genre\": [\"Comedy\", \"Drama\"]}")
-    explain: bool = False
+    explain: bool = Field(default=False, strict=True)
 
 
 class RecommendedItemOut(BaseModel):
@@ -75,15 +85,18 @@ class EventIn(BaseModel):
 
     user_id: Id
     item_id: Id
-    timestamp: float | None = Field(default=None, allow_inf_nan=False)
+    timestamp: float | None = Field(default=None, allow_inf_nan=False, strict=True)
     type: Id | None = None
+    event_id: Id | None = Field(default=None, description="client-chosen id: an event whose id is among the "
+                                "user's last max_history event ids is a retry and is not stored again")
 
 
 EventsList = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)]
 
 
 class EventsAccepted(BaseModel):
-    accepted: int
+    accepted: int = Field(description="events appended to the history")
+    duplicates: int = Field(default=0, description="events not appended: their event_id was already stored")
 
 
 class HistoryOut(BaseModel):

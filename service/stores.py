@@ -7,8 +7,21 @@ One interface, :class:`HistoryStore`, two implementations:
 
 Layout (Redis keys carry ``key_prefix``, default ``recsys:``):
 
-- ``hist:<user>`` — list of external item ids, oldest first, capped at ``max_history``.
+- ``hist:<user>`` — list of external item ids, oldest first, capped at ``max_history``; expires
+  ``history_ttl_s`` after the user's last event (refreshed on every write; 0 = never).
+- ``evid:<user>`` — list of the client ``event_id``s of the user's last ``max_history`` events
+  that carried one (same TTL): an event whose id is there is a retry and is not appended again.
 - ``feat:<user>`` — hash of user features, str -> str.
+
+Bounded state: the in-process store keeps at most ``max_users`` users (least recently used
+evicted, counted in ``evictions``); Redis bounds itself with ``maxmemory`` + ``volatile-lru``
+(deploy/), which evicts only keys with a TTL, i.e. histories, never pending catalog updates.
+
+Write outcomes: :class:`StoreUnavailable` from ``append_events`` means nothing was written (no
+connection could be made, or the store is cooling down after an outage);
+:class:`StoreOutcomeUnknown` means the request may have reached Redis (a timeout, a connection
+lost after sending): the events may or may not be stored, and a retry with the same
+``event_id``s is safe.
 
 Every id is validated before the backend is touched, so bad input raises ``ValueError`` naming
 the field and never writes part of a batch. A backend that cannot be reached raises
@@ -27,7 +40,7 @@ import math
 import threading
 import time
 import unicodedata
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +56,8 @@ logger = logging.getLogger(__name__)
 MAX_ID_LEN = 256
 MAX_FEATURE_VALUE_LEN = 4096
 DEFAULT_MAX_HISTORY = 200
+DEFAULT_MAX_USERS = 100_000
+DEFAULT_HISTORY_TTL_S = 30 * 24 * 3600
 # Fail fast: the request path's whole budget is tens of ms, and a dead Redis must turn into a
 # fallback answer, not a hung worker.
 DEFAULT_SOCKET_TIMEOUT_S = 0.2
@@ -56,7 +71,13 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """The backend cannot be reached (connection refused, timeout); the cause is chained."""
+    """The backend cannot be reached (connection refused, timeout); the cause is chained.
+    From a write: nothing was written."""
+
+
+class StoreOutcomeUnknown(StoreError):
+    """A write was sent (or may have been) but its answer never came: it may have been applied.
+    Retrying with the same event ids is safe (they are deduplicated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +88,7 @@ class Event:
     item_id: str
     timestamp: float
     type: str = "view"
+    event_id: str | None = None  # client-chosen; a repeat within the user's history window is dropped
 
 
 def id_problem(value: object) -> str | None:
@@ -92,19 +114,21 @@ def validate_id(value: object, field: str) -> str:
     return value  # type: ignore[return-value]  # id_problem checked it is a str
 
 
-def validate_events(events: Sequence[Event]) -> dict[str, list[str]]:
-    """Validate every event (raising before any write) and group item ids by user, in order."""
-    by_user: dict[str, list[str]] = {}
+def validate_events(events: Sequence[Event]) -> dict[str, list[tuple[str, str | None]]]:
+    """Validate every event (raising before any write) and group (item id, event id) by user, in order."""
+    by_user: dict[str, list[tuple[str, str | None]]] = {}
     for i, ev in enumerate(events):
         if not isinstance(ev, Event):
             raise ValueError(f"events[{i}]: must be an Event, got {type(ev).__name__}")
         validate_id(ev.user_id, f"events[{i}].user_id")
         validate_id(ev.item_id, f"events[{i}].item_id")
         validate_id(ev.type, f"events[{i}].type")
+        if ev.event_id is not None:
+            validate_id(ev.event_id, f"events[{i}].event_id")
         ts = ev.timestamp
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
             raise ValueError(f"events[{i}].timestamp: must be a finite number, got {ts!r}")
-        by_user.setdefault(ev.user_id, []).append(ev.item_id)
+        by_user.setdefault(ev.user_id, []).append((ev.item_id, ev.event_id))
     return by_user
 
 
@@ -149,7 +173,9 @@ class HistoryStore(Protocol):
         ...
 
     def append_events(self, events: Sequence[Event]) -> int:
-        """Append in the order given; each user's events land together or not at all.
+        """Append in the order given; each user's events land together or not at all. An event
+        whose ``event_id`` the user's last ``max_history`` ids hold (or an earlier event of the
+        same call) is a retry: not appended.
 
         Returns the number of events appended (before capping to ``max_history``).
         """
@@ -171,19 +197,33 @@ class HistoryStore(Protocol):
 
 
 class InMemoryStore:
-    """In-process store: a lock and one bounded deque per user."""
+    """In-process store: a lock and, per user, a bounded deque of items (and one of event ids),
+    for at most ``max_users`` users: the least recently used user is evicted beyond that."""
 
-    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY) -> None:
+    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS) -> None:
         self.max_history = _check_max_history(max_history)
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            raise ValueError(f"max_users: must be a positive integer, got {max_users!r}")
+        self.max_users = max_users
+        self.evictions = 0  # users dropped to stay within max_users
         self._lock = threading.Lock()
-        self._hist: dict[str, deque[str]] = {}
+        # user -> (items, event ids); order = recency of use, oldest first
+        self._hist: OrderedDict[str, tuple[deque[str], deque[str]]] = OrderedDict()
         self._feat: dict[str, dict[str, str]] = {}
 
+    def __len__(self) -> int:
+        return len(self._hist)
+
+    def stats(self) -> tuple[int | None, int | None]:
+        """(users evicted so far, users held)."""
+        return self.evictions, len(self._hist)
+
     def _tail(self, user_id: str, limit: int | None) -> list[str]:
-        items = self._hist.get(user_id)
-        if not items or limit == 0:
+        entry = self._hist.get(user_id)
+        if entry is None or limit == 0:
             return []
-        out = list(items)
+        self._hist.move_to_end(user_id)
+        out = list(entry[0])
         return out if limit is None else out[-limit:]
 
     def get_history(self, user_id: str, limit: int | None = None) -> list[str]:
@@ -199,13 +239,26 @@ class InMemoryStore:
 
     def append_events(self, events: Sequence[Event]) -> int:
         by_user = validate_events(events)
+        added = 0
         with self._lock:
-            for user_id, items in by_user.items():
-                hist = self._hist.get(user_id)
-                if hist is None:
-                    hist = self._hist[user_id] = deque(maxlen=self.max_history)
-                hist.extend(items)
-        return len(events)
+            for user_id, pairs in by_user.items():
+                entry = self._hist.get(user_id)
+                if entry is None:
+                    entry = self._hist[user_id] = (deque(maxlen=self.max_history), deque(maxlen=self.max_history))
+                self._hist.move_to_end(user_id)
+                items, ids = entry
+                for item, event_id in pairs:
+                    if event_id is not None:
+                        if event_id in ids:
+                            continue
+                        ids.append(event_id)
+                    items.append(item)
+                    added += 1
+            while len(self._hist) > self.max_users:
+                old, _ = self._hist.popitem(last=False)
+                self._feat.pop(old, None)
+                self.evictions += 1
+        return added
 
     def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
         validate_id(user_id, "user_id")
@@ -228,12 +281,13 @@ class InMemoryStore:
 class RedisStore:
     """Redis-backed store shared by all replicas.
 
-    Appends run as one MULTI/EXEC transaction per call (RPUSH then LTRIM per user), so a
-    batch lands whole or not at all. (Redis has no rollback: that holds because input is
-    validated first and a lost connection before EXEC discards the queue; after a timeout
-    the outcome is unknown, which StoreUnavailable reports.) The client retries once, immediately, on a connection
-    error only (a pooled connection left stale by a Redis restart), never on a timeout: a
-    timed-out write may have been applied, and retrying it could duplicate history.
+    Appends run as one Lua script per call (_APPEND_LUA: dedupe by event id, RPUSH, LTRIM,
+    EXPIRE per user), so a batch lands whole or not at all (input is validated first; Redis
+    has no rollback if the script itself fails, which StoreOutcomeUnknown reports). After a
+    timeout the outcome is unknown (StoreOutcomeUnknown). The client retries once, immediately,
+    on a connection error only (a pooled connection left stale by a Redis restart), never on a
+    timeout: a timed-out write may have been applied; events with an event_id are safe to
+    retry either way.
     """
 
     def __init__(
@@ -243,6 +297,7 @@ class RedisStore:
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
         key_prefix: str = "recsys:",
         cooldown_s: float = 0.0,
+        history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
     ) -> None:
         if not url:
             raise ValueError("url: must not be empty")
@@ -250,9 +305,12 @@ class RedisStore:
             raise ValueError(f"socket_timeout: must be > 0, got {socket_timeout!r}")
         if not cooldown_s >= 0:
             raise ValueError(f"cooldown_s: must be >= 0, got {cooldown_s!r}")
+        if isinstance(history_ttl_s, bool) or not isinstance(history_ttl_s, int) or history_ttl_s < 0:
+            raise ValueError(f"history_ttl_s: must be a non-negative integer (0 = no expiry), got {history_ttl_s!r}")
         self.max_history = _check_max_history(max_history)
         self.key_prefix = key_prefix
         self.cooldown_s = cooldown_s
+        self.history_ttl_s = history_ttl_s
         self._skip_until = 0.0  # monotonic time before which calls fail fast (after an outage)
         self._client = redis.Redis.from_url(
             url,
@@ -261,12 +319,32 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             decode_responses=True,
         )
+        self._append = self._client.register_script(_APPEND_LUA)
 
     def _hist_key(self, user_id: str) -> str:
         return f"{self.key_prefix}hist:{user_id}"
 
     def _feat_key(self, user_id: str) -> str:
         return f"{self.key_prefix}feat:{user_id}"
+
+    def _ids_key(self, user_id: str) -> str:
+        return f"{self.key_prefix}evid:{user_id}"
+
+    @contextmanager
+    def _write_errors(self, op: str) -> Iterator[None]:
+        """_errors for a write, telling "not written" (StoreUnavailable: no connection could be
+        made, or cooling down) from "may have been written" (StoreOutcomeUnknown: the command may
+        have reached Redis: a timeout, a connection lost while waiting, an error inside the script)."""
+        try:
+            with self._errors(op):
+                yield
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if cause is None or (isinstance(cause, redis.ConnectionError) and "connecting to" in str(cause)):
+                raise
+            raise StoreOutcomeUnknown(f"outcome of {op} unknown: {cause}") from cause
+        except StoreError as exc:
+            raise StoreOutcomeUnknown(f"outcome of {op} unknown: {exc}") from exc.__cause__
 
     @contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -311,14 +389,16 @@ class RedisStore:
         by_user = validate_events(events)
         if not by_user:
             return 0
-        pipe = self._client.pipeline(transaction=True)
-        for user_id, items in by_user.items():
-            key = self._hist_key(user_id)
-            pipe.rpush(key, *items)
-            pipe.ltrim(key, -self.max_history, -1)
-        with self._errors("append_events"):
-            pipe.execute()
-        return len(events)
+        keys: list[str] = []
+        args: list[EncodableT] = [self.max_history, self.history_ttl_s]
+        for user_id, pairs in by_user.items():
+            keys += [self._hist_key(user_id), self._ids_key(user_id)]
+            args.append(len(pairs))
+            for item, event_id in pairs:
+                args += [item, event_id or ""]
+        with self._write_errors("append_events"):
+            added = self._append(keys=keys, args=args)
+        return int(cast(int, added))
 
     def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
         validate_id(user_id, "user_id")
@@ -336,6 +416,17 @@ class RedisStore:
             feats = self._client.hgetall(self._feat_key(user_id))
         return cast(dict[str, str], feats)
 
+    def stats(self) -> tuple[int | None, int | None]:
+        """(keys Redis evicted under maxmemory since it started, None): (None, None) when Redis
+        does not answer (never raises)."""
+        try:
+            with self._errors("stats"):
+                info = cast(dict[str, object], self._client.info("stats"))
+        except StoreError:
+            return None, None
+        evicted = info.get("evicted_keys")
+        return (int(evicted) if isinstance(evicted, int | str) else None), None
+
     def ping(self) -> bool:
         """Whether Redis answers now (always tried; a success ends a cooldown)."""
         try:
@@ -350,11 +441,37 @@ class RedisStore:
         self._client.close()
 
 
-def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY,
-               cooldown_s: float = 0.0) -> HistoryStore:
+# One script per append: every user's events land together (a script runs atomically), event ids
+# already in the user's window are skipped, both lists are capped and their TTL refreshed.
+# KEYS: hist, evid per user. ARGV: max_history, ttl_s (0 = none), then per user: n, n x (item, event_id or "").
+_APPEND_LUA = """
+local maxh, ttl, a, added = tonumber(ARGV[1]), tonumber(ARGV[2]), 3, 0
+for u = 1, #KEYS, 2 do
+  local hist, ids = KEYS[u], KEYS[u + 1]
+  local n = tonumber(ARGV[a]); a = a + 1
+  for i = 1, n do
+    local item, eid = ARGV[a], ARGV[a + 1]; a = a + 2
+    if eid == '' or not redis.call('LPOS', ids, eid) then
+      redis.call('RPUSH', hist, item); added = added + 1
+      if eid ~= '' then redis.call('RPUSH', ids, eid) end
+    end
+  end
+  redis.call('LTRIM', hist, -maxh, -1)
+  redis.call('LTRIM', ids, -maxh, -1)
+  if ttl > 0 then
+    redis.call('EXPIRE', hist, ttl)
+    redis.call('EXPIRE', ids, ttl)
+  end
+end
+return added
+"""
+
+
+def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY, cooldown_s: float = 0.0,
+               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S) -> HistoryStore:
     """A :class:`RedisStore` for a non-empty URL, else an :class:`InMemoryStore`."""
     if redis_url:
-        logger.info("history store: redis (max_history=%d)", max_history)
-        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s)
-    logger.info("history store: in-memory (max_history=%d)", max_history)
-    return InMemoryStore(max_history=max_history)
+        logger.info("history store: redis (max_history=%d, history_ttl_s=%d)", max_history, history_ttl_s)
+        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s, history_ttl_s=history_ttl_s)
+    logger.info("history store: in-memory (max_history=%d, max_users=%d)", max_history, max_users)
+    return InMemoryStore(max_history=max_history, max_users=max_users)

@@ -160,9 +160,18 @@ def default_version(fingerprint: str, sources: list[Path]) -> str:
 
 
 def read_current(artifacts_root: str | Path) -> str | None:
-    """Name of the live version, or None when artifacts_root/CURRENT does not exist."""
+    """Name of the live version, or None when artifacts_root/CURRENT does not exist; PublishError
+    when CURRENT holds something that is not a version name (e.g. a path out of the root)."""
     path = Path(artifacts_root) / CURRENT
-    return path.read_text().strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        name = path.read_bytes()[:256].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = "<not UTF-8>"
+    if not _VERSION_RE.match(name) or name == CURRENT:
+        raise PublishError(f"{path}: invalid version name {name!r} (must match {_VERSION_RE.pattern})")
+    return name
 
 
 def publish_version(
@@ -599,11 +608,13 @@ def _check_regression(root: Path, manifest: dict[str, Any], max_regression: floa
 
 
 def smoke(path: Path, failure: str = "the new version does not load") -> None:
-    """Load the folder as the service will and run every stage once; PublishError(failure: why)."""
-    from service.artifacts import ArtifactError, load_version, smoke_run
+    """Load the folder as the service will, build its Recommender and run one request per stage
+    (service/smoke.py, the check the service's hot swap runs); PublishError(failure: why)."""
+    from service.artifacts import ArtifactError
+    from service.smoke import load_checked
 
     try:
-        smoke_run(load_version(path))
+        load_checked(path)
     except ArtifactError as exc:
         raise PublishError(f"{failure}: {exc}") from None
 

@@ -75,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, UsageError, FileNotFoundError) as exc:
         print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # training.artifacts.PublishError (e.g. an invalid CURRENT met before a command's own
+        # handling) without importing that module (and torch) here: `recsys serve` must not
+        artifacts = sys.modules.get("training.artifacts")
+        if artifacts is None or not isinstance(exc, artifacts.PublishError):
+            raise
+        print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         if exc.name not in TRAIN_EXTRA:
             raise

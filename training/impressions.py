@@ -466,7 +466,7 @@ def save_reranker(path: str | Path, name: str, model: RerankModel, stats: PVStat
 
 
 def load_reranker(path: str | Path) -> tuple[RerankModel, dict[str, Any]]:
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     if ckpt.get("kind") != "rerank":
         raise ValueError(f"{path}: not a re-rank checkpoint (kind={ckpt.get('kind')!r})")
     c = dict(ckpt["config"])

@@ -620,7 +620,7 @@ def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, FeatureSpec, dict]:
     out = Path(out_dir)
     if not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{out / CHECKPOINT}: no pre-ranking checkpoint")
-    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
     cls, cfg_cls = MODELS[ckpt["model"]]
     model = cls(cfg_cls.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])

@@ -543,7 +543,10 @@ def _base_catalog(src: Sources, root: Path, live: str | None) -> tuple[ItemCatal
         return dataset, "data set"
     try:
         files = json.loads((root / live / MANIFEST).read_text())["files"]
-        with np.load(root / live / files.get("catalog", CATALOG), allow_pickle=False) as z:
+        name = files.get("catalog", CATALOG)
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"files.catalog = {name!r} is not a file name inside the version folder")
+        with np.load(root / live / name, allow_pickle=False) as z:
             current = ItemCatalog.from_arrays({k: z[k] for k in z.files})
     except (OSError, KeyError, ValueError) as exc:
         log.warning("live version %s: catalog unreadable (%s); starting from the data set", live, exc)

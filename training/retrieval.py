@@ -332,7 +332,7 @@ def load_checkpoint(path: str | Path) -> tuple[MultiLauncherSASRec, dict[str, An
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no retrieval checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("kind") != "retrieval":
         raise ValueError(f"{path}: not a retrieval checkpoint (kind={payload.get('kind')!r})")
     model = MultiLauncherSASRec(SASRecConfig(**payload["model_config"]))

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from service.catalog_updates import CatalogUpdates, Schema, schema_from_catalog
+from service.compute import ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.pipeline import Recommender
@@ -45,6 +46,11 @@ async def get_store(request: Request) -> HistoryStore:
     return store
 
 
+async def get_compute(request: Request) -> ComputeThread:
+    compute: ComputeThread = _loaded(request, "compute", "artifacts are not loaded yet")
+    return compute
+
+
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
@@ -66,20 +72,44 @@ async def get_item_schema(request: Request) -> Schema | None:
     return None if rec is None else schema_from_catalog(rec.v.item_features)
 
 
+def _key_matches(given: str | None, *keys: str | None) -> bool:
+    return given is not None and any(k is not None and secrets.compare_digest(given.encode(), k.encode()) for k in keys)
+
+
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
                           x_api_key: Annotated[str | None, Header()] = None) -> None:
-    """401 unless X-API-Key matches RECSYS_API_KEY (no check when no key is configured)."""
+    """Writes and admin: 401 unless X-API-Key matches RECSYS_API_KEY; without a key configured,
+    403 (writes disabled) unless RECSYS_ALLOW_ANONYMOUS_WRITES is set."""
     if settings.api_key is None:
-        return
-    if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), settings.api_key.encode()):
+        if settings.allow_anonymous_writes:
+            return
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "writes are disabled: the service has no RECSYS_API_KEY "
+                                                       "(or set RECSYS_ALLOW_ANONYMOUS_WRITES=1)")
+    if not _key_matches(x_api_key, settings.api_key):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key header",
                             headers={"WWW-Authenticate": "ApiKey"})
+
+
+def check_read_key(settings: Settings, x_api_key: str | None) -> None:
+    """Per-user reads: 401 unless X-API-Key matches RECSYS_READ_KEY or RECSYS_API_KEY (no check
+    when no read key is configured)."""
+    if settings.read_key is not None and not _key_matches(x_api_key, settings.read_key, settings.api_key):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "per-user reads need X-API-Key (RECSYS_READ_KEY)",
+                            headers={"WWW-Authenticate": "ApiKey"})
+
+
+async def require_read_key(settings: Annotated[Settings, Depends(get_settings)],
+                           x_api_key: Annotated[str | None, Header()] = None) -> None:
+    check_read_key(settings, x_api_key)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
+ReadKeyDep = Annotated[None, Depends(require_read_key)]
+ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
+ApiKeyHeader = Annotated[str | None, Header()]  # name the parameter x_api_key
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
 CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
@@ -102,4 +132,4 @@ def one_or_many_body(model: type[BaseModel], max_items: int) -> dict[str, Any]:
     """openapi_extra for a route whose JSON body is one `model` or a list of at most max_items."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "anyOf": [ref, {"type": "array", "items": ref, "maxItems": max_items}]}}}}}
+        "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": max_items}]}}}}}

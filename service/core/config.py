@@ -15,7 +15,19 @@ class Settings(BaseSettings):
 
     artifacts: Path = Field(default=Path("artifacts"), description="artifact root holding CURRENT")
     redis_url: str | None = Field(default=None, description="Redis URL; unset = in-process store")
-    api_key: str | None = Field(default=None, description="required in X-API-Key for writes when set")
+    api_key: str | None = Field(default=None, description="X-API-Key for writes and admin; unset = writes disabled "
+                                                          "(403) unless allow_anonymous_writes")
+    allow_anonymous_writes: bool = Field(default=False, description="without api_key, serve writes and admin to "
+                                                                    "anyone (a loud warning at start-up)")
+    read_key: str | None = Field(default=None, description="when set, per-user reads (a user's history, recommend "
+                                                           "by user_id) need X-API-Key = read_key or api_key")
+    max_users: int = Field(default=100_000, ge=1, le=100_000_000,
+                           description="users kept by the in-process store (least recently used evicted)")
+    history_ttl_s: int = Field(default=30 * 24 * 3600, ge=0, le=10 * 365 * 24 * 3600,
+                               description="Redis history keys expire this long after the user's last event (0 = never)")
+    batch_max_total_k: int = Field(default=2000, ge=1, le=1_000_000, description="most sum of k over one batch")
+    batch_max_total_history: int = Field(default=20_000, ge=1, le=10_000_000,
+                                         description="most history + exclude ids over one batch")
     retrieval_k: int = Field(default=200, ge=1, le=100_000, description="candidates taken from the index")
     prerank_n: int = Field(default=30, ge=1, le=10_000, description="pre-rank survivors sent to the re-ranker")
     max_history: int = Field(default=200, ge=1, le=100_000, description="history items kept per user")
@@ -23,13 +35,16 @@ class Settings(BaseSettings):
                                     description="after a Redis failure, serve without it for this long")
     compute_threads: int = Field(default=1, ge=1, le=256,
                                  description="BLAS / OpenMP threads per worker process (ONNX Runtime sessions use 1)")
+    compute_queue: int = Field(default=64, ge=1, le=100_000,
+                               description="recommend requests waiting for the compute thread beyond which a 503 "
+                                           "answers at once")
     timeout_ms: float = Field(default=100.0, gt=0, le=60_000,
                               description="request budget: a stage not started within it is skipped (previous order)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")
     reload_poll_s: float = Field(default=5.0, ge=0, le=3600,
                                  description="how often CURRENT is checked for a new version (0 = never)")
 
-    @field_validator("redis_url", "api_key")
+    @field_validator("redis_url", "api_key", "read_key")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

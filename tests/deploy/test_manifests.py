@@ -252,6 +252,7 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     redis = svc["redis"]
     assert redis["image"].startswith("redis:7")
     assert "--appendonly yes" in " ".join(_as_argv(redis["command"]))
+    assert "--maxmemory 512mb --maxmemory-policy volatile-lru" in " ".join(_as_argv(redis["command"]))
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
     assert any(v.split(":")[1] == "/data" for v in redis["volumes"])
 
@@ -259,7 +260,12 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     assert api["build"]["target"] == "serve"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
-    assert "8000:8000" in api["ports"]
+    # closed by default (issue 15, finding 3): loopback unless RECSYS_BIND says otherwise, the key
+    # from an env file kept out of git
+    assert api["ports"] == ["${RECSYS_BIND:-127.0.0.1}:8000:8000"]
+    assert api["env_file"] == [{"path": "./recsys.env", "required": True}]
+    assert "recsys.env" in (ROOT / ".gitignore").read_text().split()
+    assert "RECSYS_API_KEY" not in api.get("environment", {})
     argv = _as_argv(api["command"])
     assert argv[argv.index("--port") + 1] == "8000" and argv[argv.index("--host") + 1] == "0.0.0.0"
 
@@ -372,6 +378,24 @@ def test_redis_is_append_only_on_a_volume() -> None:
     assert c["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert any(m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/data" for m in c["volumeMounts"])
+
+
+def _bytes(size: str) -> int:
+    units = {"mb": 1 << 20, "gb": 1 << 30, "Mi": 1 << 20, "Gi": 1 << 30}
+    unit = next(u for u in units if size.endswith(u))
+    return int(size[: -len(unit)]) * units[unit]
+
+
+def test_redis_is_bounded_below_its_memory_limit() -> None:
+    """Issue 15, finding 4: maxmemory under the container limit (room for AOF replay and
+    rewrite), evicting only keys with a TTL (histories)."""
+    (c,) = _pod_spec(_k8s("StatefulSet", "redis"))["containers"]
+    argv = c["command"]
+    maxmemory = _bytes(argv[argv.index("--maxmemory") + 1])
+    assert argv[argv.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert maxmemory <= 0.75 * _bytes(c["resources"]["limits"]["memory"])
+    config = _k8s("ConfigMap", "recsys-config")["data"]
+    assert int(config["RECSYS_HISTORY_TTL_S"]) > 0  # histories carry a TTL, so volatile-lru can evict them
 
 
 def test_reindex_cronjob() -> None:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 import uuid
+from urllib.parse import quote
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -59,6 +60,10 @@ def catalog(artifacts_root: Path) -> list[str]:
 
 
 def _app(root: Path, **kw: object) -> FastAPI:
+    """The app over `root`; without an api_key, writes are opened explicitly (they are closed by
+    default: test_writes_are_closed_without_a_key)."""
+    if "api_key" not in kw:
+        kw.setdefault("allow_anonymous_writes", True)
     return create_app(Settings(artifacts=root, **kw))  # type: ignore[arg-type]
 
 
@@ -124,9 +129,9 @@ def _events_then_recommend(c: TestClient, catalog: list[str], headers: dict[str,
     target = first["items"][0]["item_id"]
     events = [{"user_id": user, "item_id": item, "timestamp": 100 + t} for t, item in enumerate(catalog[:4])]
     r = c.post("/v1/events", json=events, headers=headers)
-    assert r.status_code == 202 and r.json() == {"accepted": 4}
+    assert r.status_code == 202 and r.json() == {"accepted": 4, "duplicates": 0}
     r = c.post("/v1/events", json={"user_id": user, "item_id": target, "timestamp": 200}, headers=headers)
-    assert r.status_code == 202 and r.json() == {"accepted": 1}
+    assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 0}
     assert c.get(f"/v1/users/{user}/history").json() == {"user_id": user, "items": [*catalog[:4], target]}
     out = _recommend(c, user_id=user, k=5)
     assert not out["served_by"].startswith("popularity")
@@ -190,6 +195,33 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         assert c.get("/readyz").json()["store"] == "ok"
 
 
+def test_event_outcomes_503_not_written_504_unknown_and_retry_deduplicated(
+        artifacts_root: Path, redis_server: RedisServer, catalog: list[str]) -> None:
+    """Issue 15, finding 6: with Redis frozen, an event answered 503 was stored anyway, so a
+    client retry duplicated it. Now: 504 "unknown outcome" and the retry with the same event_id
+    is recognised; 503 only when nothing was written."""
+    with TestClient(_app(artifacts_root, redis_url=redis_server.url)) as c:
+        user = _user()
+        event = {"user_id": user, "item_id": catalog[0], "event_id": "click-1"}
+        assert c.post("/v1/events", json={"user_id": _user(), "item_id": catalog[0]}).status_code == 202  # warm
+        pid = redis_server.proc.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = c.post("/v1/events", json=event)
+            assert r.status_code == 504 and "unknown outcome" in r.json()["detail"]
+            assert "same event_id" in r.json()["detail"]
+            r = c.post("/v1/events", json=event)  # the store is cooling down: not even tried
+            assert r.status_code == 503 and "nothing was written" in r.json()["detail"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        r = _eventually(lambda: c.post("/v1/events", json=event), lambda r: r.status_code != 503)
+        assert r.status_code == 202 and r.json() == {"accepted": 0, "duplicates": 1}  # it had been stored
+        assert c.get(f"/v1/users/{user}/history").json()["items"] == [catalog[0]]
+        r = c.post("/v1/events", json=[event, {**event, "event_id": "click-2", "item_id": catalog[1]}])
+        assert r.json() == {"accepted": 1, "duplicates": 1}
+        assert c.get(f"/v1/users/{user}/history").json()["items"] == catalog[:2]
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"k": 0}, ["body", "k"]),
     ({"k": 1001}, ["body", "k"]),
@@ -230,10 +262,39 @@ def test_events_422_names_the_field_and_writes_nothing(client: TestClient, body:
     assert client.get("/v1/users/u/history").json()["items"] == []  # the valid first event was not kept
 
 
-def test_store_rejected_id_is_422_with_the_field(client: TestClient) -> None:
+def test_control_characters_in_ids_are_422_with_the_field(client: TestClient) -> None:
+    """Id refuses what the store refuses (issue 15, finding 7): the same list-shaped 422 as any
+    validation error (it was a string `detail` from the store before)."""
     r = client.post("/v1/events", json=[{"user_id": "u", "item_id": "1"}, {"user_id": "u", "item_id": "a\x01"}])
-    assert r.status_code == 422 and r.json()["detail"].startswith("events[1].item_id")
+    assert r.status_code == 422 and [e["loc"] for e in r.json()["detail"]] == [["body", 1, "item_id"]]
     assert client.get("/v1/users/u/history").json()["items"] == []
+    for bad in ("\x00", "a\x1fb", "\x7f", "x\x85"):
+        r = client.post("/v1/recommend", json={"user_id": bad, "k": 1})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "user_id"], bad
+        r = client.get(f"/v1/users/{quote(bad)}/history")
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "user_id"], bad
+    assert client.post("/v1/events", json={"user_id": "ü-ß 1", "item_id": "1"}).status_code == 202  # printable
+
+
+def test_every_422_has_the_same_shape(client: TestClient) -> None:
+    shapes = []
+    for r in (client.post("/v1/recommend", json={"k": 0}),  # pydantic
+              client.post("/v1/recommend", json={"filters": {"nope": "x"}}),  # checked after parsing
+              client.post("/v1/recommend/batch", json={"requests": [{"k": 1000}, {"k": 1000}, {"k": 1000}]}),
+              client.post("/v1/events", json=[{"user_id": "u"}]),  # one-or-many body
+              client.put("/v1/items", json={"item_id": "x", "features": {"colour": "red"}})):
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert isinstance(detail, list) and detail
+        shapes.append([sorted(k for k in e if k in ("loc", "msg", "type")) for e in detail])
+    assert all(s == [["loc", "msg", "type"]] * len(s) for s in shapes)
+
+
+def test_strict_json_types_match_the_schema(client: TestClient) -> None:
+    assert client.post("/v1/recommend", json={"k": 3.0}).status_code == 200  # JSON Schema: 3.0 is an integer
+    assert client.post("/v1/recommend", json={"k": 3.5}).status_code == 422
+    assert client.post("/v1/recommend", json={"explain": 0}).status_code == 422  # was accepted as False
+    assert client.post("/v1/events", json={"user_id": "u", "item_id": "1", "timestamp": "5"}).status_code == 422
 
 
 def test_writes_need_the_api_key_when_set(artifacts_root: Path, catalog: list[str]) -> None:
@@ -245,6 +306,46 @@ def test_writes_need_the_api_key_when_set(artifacts_root: Path, catalog: list[st
         assert c.get("/v1/users/u/history").json()["items"] == []
         assert c.post("/v1/events", json=event, headers={"X-API-Key": API_KEY}).status_code == 202
         assert c.post("/v1/recommend", json={"k": 2}).status_code == 200  # reads stay open
+
+
+def test_writes_are_closed_without_a_key(artifacts_root: Path, catalog: list[str],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15, finding 3: with no RECSYS_API_KEY, events, PUT /v1/items and admin reload were
+    open to anyone, with no warning. Now they answer 403 unless anonymous writes are asked for,
+    which is warned about loudly at start-up."""
+    event = {"user_id": "u-closed", "item_id": catalog[0]}
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        with TestClient(create_app(Settings(artifacts=artifacts_root))) as c:
+            for r in (c.post("/v1/events", json=event), c.post("/v1/admin/reload"),
+                      c.put("/v1/items", json={"item_id": "x", "features": {}})):
+                assert r.status_code == 403 and "RECSYS_API_KEY" in r.json()["detail"]
+            assert c.get("/v1/users/u-closed/history").json()["items"] == []
+            assert c.post("/v1/recommend", json={"k": 2}).status_code == 200  # reads still served
+    assert any("write and admin routes answer 403" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        with TestClient(create_app(Settings(artifacts=artifacts_root, allow_anonymous_writes=True))) as c:
+            assert c.post("/v1/events", json=event).status_code == 202
+    assert any("ANYONE" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_read_key_protects_per_user_reads(artifacts_root: Path, catalog: list[str]) -> None:
+    read = {"X-API-Key": "reader"}
+    with TestClient(_app(artifacts_root, api_key=API_KEY, read_key="reader")) as c:
+        user = _user()
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[0]},
+                      headers={"X-API-Key": API_KEY}).status_code == 202
+        assert c.get(f"/v1/users/{user}/history").status_code == 401
+        assert c.get(f"/v1/users/{user}/history", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get(f"/v1/users/{user}/history", headers=read).json()["items"] == [catalog[0]]
+        assert c.get(f"/v1/users/{user}/history", headers={"X-API-Key": API_KEY}).status_code == 200  # the write key too
+        assert c.post("/v1/recommend", json={"user_id": user, "k": 2}).status_code == 401
+        assert c.post("/v1/recommend/batch", json={"requests": [{"k": 1}, {"user_id": user}]}).status_code == 401
+        assert c.post("/v1/recommend", json={"user_id": user, "k": 2}, headers=read).status_code == 200
+        # no stored history read: open (anonymous / session use)
+        assert c.post("/v1/recommend", json={"history": catalog[:2], "k": 2}).status_code == 200
+        assert c.post("/v1/recommend", json={"user_id": user, "history": catalog[:2], "k": 2}).status_code == 200
+        assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}, headers=read).status_code == 401
 
 
 def test_items_version_and_health(client: TestClient, artifacts_root: Path, catalog: list[str]) -> None:
@@ -419,6 +520,64 @@ def test_timeout_serves_the_previous_stage(artifacts_root: Path, catalog: list[s
         out = _recommend(c, history=catalog[:3], k=5)
     assert out["served_by"] == "retrieval;timeout" and len(out["items"]) == 5
     assert "prerank" not in out["timings_ms"]
+
+
+# --- issue 15, finding 5: bounded batches, one budget per HTTP request, liveness off the compute path ---
+
+
+def test_batch_caps_on_sum_of_k_and_history_name_the_limit(artifacts_root: Path, catalog: list[str]) -> None:
+    with TestClient(_app(artifacts_root, batch_max_total_k=100, batch_max_total_history=50)) as c:
+        r = c.post("/v1/recommend/batch", json={"requests": [{"k": 60}, {"k": 41}]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests"]
+        assert "sum of k over the batch is 101, above the limit 100 (RECSYS_BATCH_MAX_TOTAL_K)" in r.json()["detail"][0]["msg"]
+        r = c.post("/v1/recommend/batch", json={"requests": [{"history": catalog[:30], "exclude": catalog[30:51]}]})
+        assert r.status_code == 422 and "51 history + exclude ids, above the limit 50" in r.json()["detail"][0]["msg"]
+        assert c.post("/v1/recommend/batch", json={"requests": [{"k": 60}, {"k": 40}]}).status_code == 200
+
+
+def _slow(c: TestClient, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pipeline call of the served Recommender first sleeps `seconds` (a slow model)."""
+    rec = c.app.state.recommender  # type: ignore[attr-defined]
+    original = rec.recommend
+
+    def slow(*args: object, **kw: object) -> object:
+        time.sleep(seconds)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(rec, "recommend", slow)
+
+
+def test_the_budget_covers_the_whole_batch(artifacts_root: Path, catalog: list[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(_app(artifacts_root, timeout_ms=100)) as c:
+        _slow(c, 0.03, monkeypatch)
+        t0 = time.monotonic()
+        r = c.post("/v1/recommend/batch", json={"requests": [{"history": catalog[:3], "k": 5}] * 20})
+        took = time.monotonic() - t0
+    assert r.status_code == 200
+    served = [x["served_by"] for x in r.json()["results"]]
+    # 100 ms buys a few 30 ms requests; the rest get popularity at once (was: 20 x 30 ms)
+    assert 1 <= sum(not s.startswith("popularity") for s in served) <= 5
+    assert served[-1] == "popularity;timeout" and all(len(x["items"]) == 5 for x in r.json()["results"])
+    assert took < 0.5, took  # 20 x 30 ms = 0.6 s at least before
+
+
+def test_healthz_answers_while_a_long_request_computes(artifacts_root: Path, catalog: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    with TestClient(_app(artifacts_root, timeout_ms=60_000)) as c:
+        _slow(c, 0.1, monkeypatch)
+        batch = threading.Thread(target=c.post, args=("/v1/recommend/batch",),
+                                 kwargs={"json": {"requests": [{"history": catalog[:3]}] * 10}})
+        batch.start()
+        time.sleep(0.2)  # the batch (~1 s of compute) is running
+        t0 = time.monotonic()
+        assert c.get("/healthz").json() == {"status": "ok"}
+        waited = time.monotonic() - t0
+        assert batch.is_alive()  # healthz did not wait for the batch (it waited ~0.8 s before)
+        batch.join()
+    assert waited < 0.3, waited
 
 
 def test_metrics_count_requests_stages_and_fallbacks(client: TestClient, catalog: list[str]) -> None:

@@ -140,7 +140,7 @@ def make_client(tmp_path: Path, api_key: str | None = None, schema_keys: list[st
     app = FastAPI()
     app.include_router(items_route.router)
     backend = FileCatalogUpdates(tmp_path / "catalog_pending.jsonl")
-    app.state.settings = Settings(api_key=api_key, artifacts=tmp_path)
+    app.state.settings = Settings(api_key=api_key, artifacts=tmp_path, allow_anonymous_writes=api_key is None)
     app.state.catalog_updates = backend if configured else None
     app.state.recommender = None if schema_keys is None else SimpleNamespace(
         v=SimpleNamespace(item_features={k: None for k in schema_keys}))

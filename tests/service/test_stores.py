@@ -340,3 +340,101 @@ def test_redis_cooldown_fails_fast_after_an_outage_until_ping(redis_server: Redi
         store.close()
     with pytest.raises(ValueError, match="cooldown_s"):
         RedisStore(redis_server.url, cooldown_s=-1)
+
+
+# --- issue 15: idempotent events (finding 6) and bounded state (finding 4) ---
+
+
+def evid(user: str, item: str, event_id: str | None) -> Event:
+    return Event(user_id=user, item_id=item, timestamp=0.0, event_id=event_id)
+
+
+def test_event_ids_are_deduplicated_within_the_history_window(make: MakeStore) -> None:
+    store = make(max_history=3)
+    assert store.append_events([evid("u", "a", "e1"), evid("u", "b", "e2")]) == 2
+    assert store.append_events([evid("u", "a", "e1"), evid("u", "b", "e2")]) == 0  # a retry: nothing appended
+    assert store.append_events([evid("u", "c", "e3"), evid("u", "c", "e3"), evid("u", "x", None)]) == 2
+    assert store.get_history("u") == ["b", "c", "x"]  # capped at 3; events without an id always count
+    assert store.append_events([evid("v", "a", "e1")]) == 1  # ids are per user
+    # the window holds the last max_history ids: e1 has left it (e2, e3 and e4 are newer)
+    store.append_events([evid("u", "d", "e4")])
+    assert store.append_events([evid("u", "a", "e1")]) == 1
+    assert store.get_history("u") == ["x", "d", "a"]
+    with pytest.raises(ValueError, match=r"events\[0\]\.event_id"):
+        store.append_events([evid("u", "a", "bad\x00")])
+
+
+def test_in_memory_store_is_an_lru_of_at_most_max_users() -> None:
+    store = InMemoryStore(max_history=5, max_users=3)
+    for u in ("a", "b", "c"):
+        store.append_events([ev(u, "i")])
+    store.get_history("a")  # a is now the most recently used
+    store.append_events([ev("d", "i")])  # evicts b, the least recently used
+    assert len(store) == 3 and store.evictions == 1
+    assert store.get_history("b") == [] and store.get_history("a") == ["i"] and store.get_history("d") == ["i"]
+    with pytest.raises(ValueError, match="max_users"):
+        InMemoryStore(max_users=0)
+
+
+def test_redis_history_keys_get_a_ttl_refreshed_on_write(redis_url: str) -> None:
+    prefix = f"ttl-{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, key_prefix=prefix, history_ttl_s=1000)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store.append_events([evid("u", "a", "e1")])
+        assert 990 < raw.ttl(f"{prefix}hist:u") <= 1000 and 990 < raw.ttl(f"{prefix}evid:u") <= 1000
+        raw.expire(f"{prefix}hist:u", 10)
+        store.append_events([evid("u", "b", None)])
+        assert raw.ttl(f"{prefix}hist:u") > 990  # refreshed by the write
+        forever = RedisStore(redis_url, key_prefix=prefix + "x:", history_ttl_s=0)
+        forever.append_events([ev("u", "a")])
+        assert raw.ttl(f"{prefix}x:hist:u") == -1  # 0 = no expiry
+        forever.close()
+        with pytest.raises(ValueError, match="history_ttl_s"):
+            RedisStore(redis_url, history_ttl_s=-1)
+    finally:
+        for key in raw.scan_iter(f"{prefix}*"):
+            raw.delete(key)
+        raw.close()
+        store.close()
+
+
+def test_a_frozen_redis_write_is_an_unknown_outcome_and_a_retry_is_safe(redis_server: RedisServer) -> None:
+    """Issue 15, finding 6: with Redis frozen (SIGSTOP) a write times out, yet Redis applies it
+    when it resumes. That is StoreOutcomeUnknown, not StoreUnavailable; a retry with the same
+    event id then does not duplicate the history."""
+    from service.stores import StoreOutcomeUnknown
+
+    store = RedisStore(redis_server.url, max_history=10, socket_timeout=0.2)
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        store.append_events([evid("u", "a", "e1")])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreOutcomeUnknown, match="outcome of append_events unknown"):
+                store.append_events([evid("u", "b", "e2")])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert store.append_events([evid("u", "b", "e2")]) == 0  # it had been applied: the retry is dropped
+        assert store.get_history("u") == ["a", "b"]
+        redis_server.stop()
+        with pytest.raises(StoreUnavailable) as info:  # connection refused: known not written
+            store.append_events([evid("u", "c", "e3")])
+        assert not isinstance(info.value, StoreOutcomeUnknown)
+    finally:
+        store.close()
+
+
+def test_eviction_metrics_follow_the_store(redis_url: str) -> None:
+    from service.metrics import Metrics
+
+    m = Metrics()
+    store = InMemoryStore(max_history=2, max_users=2)
+    store.append_events([ev(u, "i") for u in ("a", "b", "c", "d")])
+    m.observe_store(*store.stats())
+    m.observe_store(*store.stats())  # read twice: counted once
+    text = m.render()[0].decode()
+    assert "recsys_store_evictions_total 2.0" in text and "recsys_store_users 2.0" in text
+    evicted, users = RedisStore(redis_url).stats()
+    assert isinstance(evicted, int) and evicted >= 0 and users is None

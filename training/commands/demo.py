@@ -10,6 +10,7 @@ would run; `--no-serve` stops after publishing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -96,4 +97,6 @@ def run(args: argparse.Namespace) -> int:
         f"-d '{{\"history\": [{recent}], \"k\": 5}}'\n",
         flush=True,
     )
+    if not os.environ.get("RECSYS_API_KEY"):  # writes are closed without a key; the demo serves on loopback only
+        os.environ.setdefault("RECSYS_ALLOW_ANONYMOUS_WRITES", "1")
     return cli(["serve", "--artifacts", args.artifacts, "--port", str(args.port)])

@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.artifacts import ArtifactError, load_current
+    from service.artifacts import ArtifactError, current_version
     from service.core.config import Settings
+    from service.smoke import load_checked
 
     if args.artifacts:
         os.environ["RECSYS_ARTIFACTS"] = args.artifacts
@@ -36,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ["RECSYS_REDIS_URL"] = args.redis_url
     try:
         settings = Settings()
-        load_current(settings.artifacts)  # fail here with one line rather than inside the lifespan
+        # the service's own load + smoke check, to fail here with one line (exit 2) rather than
+        # with a traceback inside the lifespan of every worker
+        load_checked(settings.artifacts / current_version(settings.artifacts))
     except ValidationError as exc:
         raise UsageError(f"bad RECSYS_* setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
     except ArtifactError as exc:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
 
 from service.api.deps import RecommenderDep
-from service.schemas import ItemOut, VersionOut
+from service.api.errors import INVALID, NOT_FOUND, NOT_LOADED
+from service.schemas import ID_PATTERN, ItemOut, VersionOut
+from service.stores import MAX_ID_LEN
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
 
-@router.get("/items/{item_id}", response_model=ItemOut)
-def get_item(item_id: str, rec: RecommenderDep) -> ItemOut:
+@router.get("/items/{item_id}", response_model=ItemOut, responses={**INVALID, **NOT_FOUND, **NOT_LOADED})
+def get_item(item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN, pattern=ID_PATTERN)],
+             rec: RecommenderDep) -> ItemOut:
     v = rec.v
     idx = v.id_to_index.get(item_id)
     if idx is None:
@@ -30,7 +35,7 @@ def get_item(item_id: str, rec: RecommenderDep) -> ItemOut:
     return ItemOut(item_id=item_id, index=idx, popularity=int(v.popularity[idx]), features=features)
 
 
-@router.get("/version", response_model=VersionOut)
+@router.get("/version", response_model=VersionOut, responses=NOT_LOADED)
 def get_version(rec: RecommenderDep) -> VersionOut:
     m = rec.v.manifest
     serving = m.get("serving")

@@ -20,7 +20,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "no artifact version loaded yet: {\"status\": \"loading\"}"}})
 def readyz(request: Request, response: Response) -> dict[str, Any]:
     """Ready once a version is loaded; a store that does not answer is reported, not fatal
     (recommend falls back without it)."""
@@ -34,6 +34,10 @@ def readyz(request: Request, response: Response) -> dict[str, Any]:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(m: MetricsDep) -> Response:
+def metrics(request: Request, m: MetricsDep) -> Response:
+    """Prometheus text; a plain def (thread pool): with Redis it asks INFO for evicted_keys."""
+    stats = getattr(getattr(request.app.state, "store", None), "stats", None)
+    if stats is not None:
+        m.observe_store(*stats())
     body, content_type = m.render()
     return Response(body, media_type=content_type)

@@ -18,11 +18,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from service.api.deps import ApiKeyDep, CatalogUpdatesDep, ItemSchemaDep, one_or_many, one_or_many_body
-from service.catalog_updates import ItemError, ItemUpdate, validate_item
-from service.schemas import Id
+from service.api.errors import AUTH, BAD_BODY, NOT_LOADED
+from service.catalog_updates import MAX_FEATURES, MAX_VALUES, ItemError, ItemUpdate, validate_item
+from service.schemas import ID_SCHEMA, Id
 from service.stores import StoreError
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,12 @@ class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: Id
-    features: dict[str, Any] = Field(
-        default_factory=dict, description='e.g. {"genre": ["a", "b"], "category": "x", "price": 1.5}')
+    features: Annotated[dict[str, Any], WithJsonSchema({
+        "type": "object", "maxProperties": MAX_FEATURES, "propertyNames": ID_SCHEMA,
+        "additionalProperties": {"anyOf": [ID_SCHEMA, {"type": "array", "items": ID_SCHEMA, "maxItems": MAX_VALUES},
+                                           {"type": "number"}]}})] = Field(
+        default_factory=dict, description='e.g. {"genre": ["a", "b"], "category": "x", "price": 1.5}; once a '
+                                          'version is served, only its feature names and kinds')
 
 
 class ItemsAccepted(BaseModel):
@@ -50,7 +55,7 @@ _ITEMS = TypeAdapter(Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_
 
 
 @router.put("/items", response_model=ItemsAccepted, status_code=status.HTTP_202_ACCEPTED,
-            openapi_extra=one_or_many_body(ItemIn, MAX_ITEMS_PER_REQUEST))
+            openapi_extra=one_or_many_body(ItemIn, MAX_ITEMS_PER_REQUEST), responses={**BAD_BODY, **AUTH, **NOT_LOADED})
 def put_items(body: Annotated[Any, Body()], updates: CatalogUpdatesDep, schema: ItemSchemaDep,
               _auth: ApiKeyDep) -> ItemsAccepted:
     many = isinstance(body, list)
