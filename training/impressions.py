@@ -61,7 +61,7 @@ from models.sasrec import MultiLauncherSASRec
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
-from training.data.splits import LeaveOneOut, pad_left
+from training.data.splits import LeaveOneOut, Split, pad_left
 from training.features import RETRIEVAL_ITEM, RETRIEVAL_USER, item_columns, retrieval_columns, user_columns
 from training.metrics import ranking_metrics
 from training.ranking_data import rerank_window
@@ -436,17 +436,29 @@ def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: Rer
                      num_scores=num_scores, residual=residual)
 
 
+def leave_one_out_lists(pipe: Pipeline, loo: LeaveOneOut, split: Split, stats: PVStats, cfg: ImpressionConfig,
+                        progress: Callable[[str], None] | None = None) -> ListData:
+    """The lists the service would re-rank for each leave-one-out user (history before the
+    `split` target; retrieval top-C -> pre-rank top N), labelled with that target: early stopping
+    on these measures what is served (the next item), not the impressions' click horizon."""
+    users = loo.eval_users
+    ranked = rank_candidates(pipe, users, loo.history_end(split), cfg, progress)
+    labels = (ranked.items[:, : cfg.list_len] == loo.targets(split)[:, None]).astype(np.float32)
+    return list_data(pipe, ranked, labels, stats, cfg.list_len, cfg.retrieval_score)
+
+
 def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
-                 progress: bool = False) -> TrainResult:
+                 progress: bool = False, valid: ListData | None = None) -> TrainResult:
     """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
-    on validation NDCG@10."""
+    on validation NDCG@10 of `valid` (default: the validation impressions)."""
     cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores,
                           residual=hp.residual)
     torch.manual_seed(train_cfg.seed)
     model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
     # lists without a click add nothing to the listwise loss or to the list metrics (both skip
     # them): leaving them out changes no number and saves most of the compute
-    return train_listwise(model, with_clicks(imp.train), train_cfg, valid=with_clicks(imp.valid), progress=progress)
+    return train_listwise(model, with_clicks(imp.train), train_cfg,
+                          valid=with_clicks(imp.valid if valid is None else valid), progress=progress)
 
 
 def with_clicks(data: ListData) -> ListData:

@@ -634,7 +634,9 @@ def load_prior(ckpt: dict) -> RetrievalPrior | None:
     if not saved:
         return None
     prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
-    prior.load_state_dict(saved["state_dict"])
+    state = dict(saved["state_dict"])
+    state.setdefault("tower_weight", torch.ones(()))  # priors saved before the gate added the tower at weight 1
+    prior.load_state_dict(state)
     prior.eval()
     return prior
 

@@ -3,7 +3,8 @@
 The lists come from the trained retrieval (--retrieval) and next-item pre-rank (--prerank)
 checkpoints (training/impressions.py: pre-rank top-N of the retrieval top-C, clicks = items
 met within the next T training steps). Each re-ranker is trained listwise with early stopping
-on the validation lists; test-list NDCG / MAP / P before and after re-ranking, and the
+on the lists the service would re-rank for the leave-one-out validation users (their next item
+is the label); reported: test-list NDCG / MAP / P before and after re-ranking, and the
 end-to-end HR / NDCG of the leave-one-out test item (retrieval alone, retrieval -> pre-rank,
 retrieval -> pre-rank -> re-rank).
 
@@ -146,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     print("impressions: " + ", ".join(f"{n} {desc[n]['lists']} lists ({desc[n]['with_click']} with a click)"
                                       for n in ("train", "valid", "test")))
 
+    # early stopping on what is served: the lists the service re-ranks for the leave-one-out
+    # validation users (served retriever + this pre-ranker), labelled with their next item
+    with timed("validation lists", timings):
+        stop_on = im.leave_one_out_lists(pipe, loo, "valid", imp.pv_stats, imp_cfg)
     results: dict[str, dict[str, float]] = {"before": evaluate_lists(unchanged_scores(imp.test), imp.test)}
     valid: dict[str, dict[str, float]] = {"before": evaluate_lists(unchanged_scores(imp.valid), imp.valid)}
     fits: dict[str, Any] = {}
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for name in im.RERANKERS:
         with timed(f"train {name}", timings):
-            fit = im.fit_reranker(name, imp, hp, train_cfg)
+            fit = im.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
         models[name] = fit.model
         results[name] = evaluate_lists(score_lists(fit.model, imp.test), imp.test)
         valid[name] = evaluate_lists(score_lists(fit.model, imp.valid), imp.valid)
