@@ -94,7 +94,7 @@ def _as_argv(command: str | list[str]) -> list[str]:
 def _command_lines() -> Iterator[tuple[str, list[str]]]:
     """(where, argv) for every command the deployment runs (not the health checks)."""
     for name, svc in _compose()["services"].items():
-        if "command" in svc and not svc.get("image", "").startswith("prom/"):
+        if "command" in svc and name != "prometheus":  # prometheus' own flags
             yield f"docker-compose.yml:{name}", _as_argv(svc["command"])
     for stage, lines in _dockerfile_stages().items():
         for line in lines:
@@ -241,6 +241,19 @@ def test_dockerfile_serve_and_train_targets() -> None:
     assert pin in " ".join(stages["train"]) and "[train]" in " ".join(stages["train"])
 
 
+def test_dockerfile_pulls_only_its_base_images_and_keeps_no_secret() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax=", text, re.MULTILINE)  # BuildKit would pull a frontend image
+    assert "ARG BASE_IMAGE=python:3.11-slim\n" in text and "FROM ${BASE_IMAGE} AS base" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in text  # the public default
+    lines = [line for stage in _dockerfile_stages().values() for line in stage]
+    pip_runs = [line for line in lines if line.startswith("RUN") and re.search(r"\bpip (install|wheel)\b", line)]
+    assert len(pip_runs) == 3
+    for line in pip_runs:  # the CA bundle only as a per-RUN secret mount, never COPY'd or ENV'd
+        assert "--mount=type=secret,id=ca" in line and "PIP_CERT=/run/secrets/ca" in line
+    assert not [line for line in lines if line.startswith(("ENV", "ARG", "COPY", "ADD")) and re.search(r"CERT|\.crt|\.pem", line)]
+
+
 # ---------------------------------------------------------------- docker compose
 
 
@@ -250,7 +263,7 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     assert {"redis", "api", "train", "reindex"} <= set(svc)
 
     redis = svc["redis"]
-    assert redis["image"].startswith("redis:7")
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7}"  # public default, overridable without Docker Hub
     assert "--appendonly yes" in " ".join(_as_argv(redis["command"]))
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
     assert any(v.split(":")[1] == "/data" for v in redis["volumes"])
@@ -259,7 +272,7 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     assert api["build"]["target"] == "serve"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
-    assert "8000:8000" in api["ports"]
+    assert api["ports"] == ["${RECSYS_PORT:-8000}:8000"]
     argv = _as_argv(api["command"])
     assert argv[argv.index("--port") + 1] == "8000" and argv[argv.index("--host") + 1] == "0.0.0.0"
 
