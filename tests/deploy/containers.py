@@ -112,11 +112,11 @@ def find_compose(docker: str) -> list[str]:
 
 def daemon_answers(docker: str) -> str | None:
     """None when the daemon answers, else its one-line complaint."""
-    proc = _run([docker, "info", "--format", "{{.ServerVersion}}"], check=False, timeout=30)
+    proc = _run([docker, "version", "--format", "{{.Server.Version}}"], check=False, timeout=30)
     if proc.returncode == 0 and proc.stdout.strip():
         return None
-    lines = (proc.stderr or proc.stdout).strip().splitlines()
-    return lines[-1] if lines else f"docker info exit {proc.returncode}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("template:")]
+    return lines[-1].strip() if lines else f"docker version exit {proc.returncode}"
 
 
 # ---------------------------------------------------------------- images
