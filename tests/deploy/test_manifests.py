@@ -430,6 +430,15 @@ def test_every_container_env_reference_is_defined() -> None:
 # ---------------------------------------------------------------- Prometheus
 
 
+def _scrape_jobs() -> dict[str, dict[str, Any]]:
+    """Scrape jobs of the Compose Prometheus (deploy/prometheus.yml) and for a cluster's one."""
+    jobs = {}
+    for name in ("prometheus.yml", "prometheus-k8s.yml"):
+        for job in yaml.safe_load((ROOT / "deploy" / name).read_text())["scrape_configs"]:
+            jobs[job["job_name"]] = job | {"file": name}
+    return jobs
+
+
 def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
     from fastapi.testclient import TestClient
 
@@ -439,8 +448,7 @@ def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
     paths = {c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]}
     for text in (" ".join(_compose()["services"]["api"]["healthcheck"]["test"]), (ROOT / "Dockerfile").read_text()):
         paths |= set(re.findall(r"http://127\.0\.0\.1:8000(/\w+)", text))
-    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    paths |= {j["metrics_path"] for j in prometheus["scrape_configs"]}
+    paths |= {j["metrics_path"] for j in _scrape_jobs().values()}
     assert paths == {"/readyz", "/healthz", "/metrics"}
     client = TestClient(create_app())  # no lifespan: nothing loaded, as a pod before its first version
     assert client.get("/healthz").status_code == 200
@@ -450,11 +458,15 @@ def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
 
 
 def test_prometheus_scrapes_the_api_metrics_route() -> None:
-    jobs = {j["job_name"]: j for j in yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]}
+    jobs = _scrape_jobs()
     assert all(j["metrics_path"] == "/metrics" for j in jobs.values())
 
-    static = [t for j in jobs.values() for s in j.get("static_configs", []) for t in s["targets"]]
+    compose = [j for j in jobs.values() if j["file"] == "prometheus.yml"]
+    assert compose and all("static_configs" in j for j in compose)  # nothing to discover outside a cluster
+    static = [t for j in compose for s in j["static_configs"] for t in s["targets"]]
     assert "api:8000" in static and "api" in _compose()["services"]
+    mounts = _compose()["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
 
     (k8s,) = [j for j in jobs.values() if "kubernetes_sd_configs" in j]
     assert k8s["kubernetes_sd_configs"][0]["role"] == "pod"
