@@ -31,8 +31,17 @@ RUN groupadd --system --gid 10001 recsys \
  && chown -R recsys:recsys /data
 WORKDIR /home/recsys
 
+# The dependencies of pyproject.toml as requirement files: the dependency layers below are
+# rebuilt only when pyproject.toml changes, not on every source edit.
+FROM base AS requirements
+COPY pyproject.toml /src/
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+open('/src/serve.txt', 'w').write('\n'.join(p['dependencies'])); \
+open('/src/train.txt', 'w').write('\n'.join(p['optional-dependencies']['train']))"
+
 # The package as a wheel, so neither image carries the source tree or build tools.
-# Every pip RUN mounts the optional `ca` secret (present only during that RUN) as PIP_CERT.
+# Every pip RUN that reaches an index mounts the optional `ca` secret (present only during
+# that RUN) as PIP_CERT.
 FROM base AS wheel
 COPY pyproject.toml README.md /src/
 COPY service /src/service
@@ -44,9 +53,11 @@ RUN --mount=type=secret,id=ca \
 
 # Serving: the base dependencies of pyproject.toml only (no `train` extra, so no torch).
 FROM base AS serve
-RUN --mount=type=secret,id=ca --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+RUN --mount=type=secret,id=ca --mount=type=bind,from=requirements,source=/src,target=/req \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install /wheels/recsys-*.whl \
+ && pip install -r /req/serve.txt
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-deps /wheels/recsys-*.whl \
  && ! python -c "import torch" 2>/dev/null
 USER recsys
 VOLUME ["/data"]
@@ -61,11 +72,13 @@ CMD ["recsys", "serve", "--host", "0.0.0.0", "--port", "8000", "--artifacts", "/
 # in the extra is already met by `2.13.0+cpu`.
 FROM base AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN --mount=type=secret,id=ca --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+RUN --mount=type=secret,id=ca --mount=type=bind,from=requirements,source=/src,target=/req \
     --mount=type=bind,from=local-wheels,target=/local-wheels \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install --find-links /local-wheels --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
- && pip install "$(echo /wheels/recsys-*.whl)[train]"
+ && pip install -r /req/serve.txt -r /req/train.txt
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-deps /wheels/recsys-*.whl
 USER recsys
 VOLUME ["/data"]
 CMD ["recsys", "demo", "--no-serve", "--out", "/data/runs", "--artifacts", "/data/artifacts"]

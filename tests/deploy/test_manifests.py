@@ -238,7 +238,9 @@ def test_dockerfile_serve_and_train_targets() -> None:
     assert "EXPOSE 8000" in serve and "/readyz" in serve
     pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
                ["optional-dependencies"]["train"] if d.startswith("torch"))
-    assert pin in " ".join(stages["train"]) and "[train]" in " ".join(stages["train"])
+    train = " ".join(stages["train"])
+    assert pin in train and "-r /req/train.txt" in train and "train.txt" not in serve
+    assert "['optional-dependencies']['train']" in " ".join(stages["requirements"])
 
 
 def test_dockerfile_pulls_only_its_base_images_and_keeps_no_secret() -> None:
@@ -248,8 +250,9 @@ def test_dockerfile_pulls_only_its_base_images_and_keeps_no_secret() -> None:
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in text  # the public default
     lines = [line for stage in _dockerfile_stages().values() for line in stage]
     pip_runs = [line for line in lines if line.startswith("RUN") and re.search(r"\bpip (install|wheel)\b", line)]
-    assert len(pip_runs) == 3
-    for line in pip_runs:  # the CA bundle only as a per-RUN secret mount, never COPY'd or ENV'd
+    local = [line for line in pip_runs if re.search(r"pip install --no-deps /wheels/recsys-\*\.whl\b", line)]
+    assert len(pip_runs) == 5 and len(local) == 2  # the package wheel itself needs no index
+    for line in set(pip_runs) - set(local):  # the CA bundle only as a per-RUN secret mount, never COPY'd or ENV'd
         assert "--mount=type=secret,id=ca" in line and "PIP_CERT=/run/secrets/ca" in line
     assert not [line for line in lines if line.startswith(("ENV", "ARG", "COPY", "ADD")) and re.search(r"CERT|\.crt|\.pem", line)]
 
