@@ -1,5 +1,6 @@
 """Docker for the container tests: which client and Compose to run, whether a daemon answers,
-and local stand-ins for the public base images on machines that cannot pull from Docker Hub.
+and local stand-ins for the public base images on machines that cannot pull from Docker Hub
+(the public images are used when they are here or can be pulled).
 
 Stand-ins (built once, kept as a cache by tag; the tag carries a hash of the recipe):
 - ``recsys-local/python:3.11-bookworm-<hash>``: a Debian bookworm ``minbase`` root file system
@@ -8,11 +9,13 @@ Stand-ins (built once, kept as a cache by tag; the tag carries a hash of the rec
 - ``recsys-local/redis:7-bookworm-<hash>``: that base plus Debian's redis-server, for ``redis:7``
   (Compose's REDIS_IMAGE); like the official image it runs as ``redis`` in /data with protected
   mode off (the port is reachable only on the Compose network).
+- ``recsys-local/prometheus:bookworm-<hash>``: that base plus Debian's prometheus, for
+  ``prom/prometheus`` (PROMETHEUS_IMAGE); only for running the README by hand, no test uses it.
 - ``recsys-local/wheels:<wheel name hash>``: the CPU torch wheel found through this machine's pip
   configuration (``find-links``), for the Dockerfile's WHEELS_IMAGE.
 
-``python -m tests.deploy.containers`` builds what is missing and prints the overrides as shell
-assignments, for running the README's Compose section by hand on such a machine.
+``python -m tests.deploy.containers`` builds what is missing and prints the overrides as one
+``export`` line, for running the README's Compose section by hand on such a machine.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PUBLIC_BASE, PUBLIC_REDIS = "python:3.11-slim", "redis:7"
+PUBLIC_BASE, PUBLIC_REDIS, PUBLIC_PROMETHEUS = "python:3.11-slim", "redis:7", "prom/prometheus:v2.53.0"
 TORCH_PIN = "torch==2.13.0"
 PYPI = "https://pypi.org/simple"
 DEBIAN_MIRROR = os.environ.get("RECSYS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -50,6 +53,18 @@ USER redis
 EXPOSE 6379
 ENTRYPOINT ["/usr/local/bin/redis-entrypoint"]
 CMD ["redis-server"]
+"""
+# As the official image: prometheus is the entry point, it runs as nobody in /prometheus.
+PROMETHEUS_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update && apt-get install -y --no-install-recommends prometheus \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && mkdir -p /prometheus && chown nobody:nogroup /prometheus
+WORKDIR /prometheus
+USER nobody
+EXPOSE 9090
+ENTRYPOINT ["/usr/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
 """
 
 
@@ -130,6 +145,13 @@ def image_size_mb(docker: str, ref: str) -> float:
     return int(_run([docker, "image", "inspect", "--format", "{{.Size}}", ref]).stdout) / 1e6
 
 
+def public_image(docker: str, ref: str) -> str | None:
+    """`ref` when it is here or can be pulled (without Docker Hub the pull fails at once)."""
+    if image_exists(docker, ref) or _run([docker, "pull", ref], check=False, timeout=600).returncode == 0:
+        return ref
+    return None
+
+
 def debian_python_base(docker: str) -> str:
     tag = f"recsys-local/python:3.11-bookworm-{_tag_hash(BASE_RECIPE, *BASE_CHANGES)}"
     if image_exists(docker, tag):
@@ -161,8 +183,15 @@ def debian_python_base(docker: str) -> str:
 
 
 def debian_redis(docker: str, base: str) -> str:
-    dockerfile = REDIS_DOCKERFILE.format(base=base)
-    tag = f"recsys-local/redis:7-bookworm-{_tag_hash(dockerfile)}"
+    return _debian_image(docker, "recsys-local/redis:7-bookworm", REDIS_DOCKERFILE.format(base=base))
+
+
+def debian_prometheus(docker: str, base: str) -> str:
+    return _debian_image(docker, "recsys-local/prometheus:bookworm", PROMETHEUS_DOCKERFILE.format(base=base))
+
+
+def _debian_image(docker: str, name: str, dockerfile: str) -> str:
+    tag = f"{name}-{_tag_hash(dockerfile)}"
     if not image_exists(docker, tag):
         env = {**os.environ, "DOCKER_BUILDKIT": "1"}
         _run([docker, "build", "-t", tag, "-"], env=env, input=dockerfile.encode(), timeout=900)
@@ -231,12 +260,11 @@ class BuildInputs:
 
 
 def build_inputs(docker: str) -> BuildInputs:
-    """The public images when they are here (or named by BASE_IMAGE / REDIS_IMAGE), else stand-ins;
+    """BASE_IMAGE / REDIS_IMAGE when set, else the public images (here or pulled), else stand-ins;
     the pip CA bundle as the `ca` secret; the local CPU torch wheel when pip's config has one."""
-    base = os.environ.get("BASE_IMAGE") or (PUBLIC_BASE if image_exists(docker, PUBLIC_BASE) else None)
-    base = base or debian_python_base(docker)
-    redis = os.environ.get("REDIS_IMAGE") or (PUBLIC_REDIS if image_exists(docker, PUBLIC_REDIS) else None)
-    redis = redis or debian_redis(docker, debian_python_base(docker))
+    base = os.environ.get("BASE_IMAGE") or public_image(docker, PUBLIC_BASE) or debian_python_base(docker)
+    redis = (os.environ.get("REDIS_IMAGE") or public_image(docker, PUBLIC_REDIS)
+             or debian_redis(docker, debian_python_base(docker)))
     pip = PipSettings.read()
     args = {"BASE_IMAGE": base}
     wheel = pip.torch_wheel()
@@ -258,9 +286,11 @@ def build_command(docker: str, inputs: BuildInputs, target: str, tag: str) -> li
 def main() -> int:
     docker = find_docker_client()
     inputs = build_inputs(docker)
-    print(f"export BASE_IMAGE={inputs.base_image} REDIS_IMAGE={inputs.redis_image}")
-    for target in ("serve", "train"):
-        print("DOCKER_BUILDKIT=1 " + " ".join(build_command(docker, inputs, target, f"recsys-{target}")))
+    prometheus = (os.environ.get("PROMETHEUS_IMAGE") or public_image(docker, PUBLIC_PROMETHEUS)
+                  or debian_prometheus(docker, inputs.base_image))
+    exports = {**inputs.env(), "PROMETHEUS_IMAGE": prometheus,
+               **{k: v for k, v in inputs.build_args.items() if k != "BASE_IMAGE"}}
+    print("export " + " ".join(f"{k}={v}" for k, v in exports.items()))
     return 0
 
 
