@@ -288,7 +288,7 @@ def test_reindex_flips_the_served_version_with_no_failed_request(stack: Stack) -
     thread.start()
     try:
         proc = stack.timed("reindex job", [*stack.compose, "--profile", "jobs", "run", "--rm", "reindex"])
-        stack.log(f"reindex stdout: {proc.stdout.strip()[-500:]}")
+        stack.log("reindex stdout (last lines):\n" + "\n".join(proc.stdout.strip().splitlines()[-6:]))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not results or results[-1][1] == old["model_version"]):
             time.sleep(0.2)
