@@ -94,7 +94,7 @@ def _as_argv(command: str | list[str]) -> list[str]:
 def _command_lines() -> Iterator[tuple[str, list[str]]]:
     """(where, argv) for every command the deployment runs (not the health checks)."""
     for name, svc in _compose()["services"].items():
-        if "command" in svc and not svc.get("image", "").startswith("prom/"):
+        if "command" in svc and name != "prometheus":  # prometheus' own flags
             yield f"docker-compose.yml:{name}", _as_argv(svc["command"])
     for stage, lines in _dockerfile_stages().items():
         for line in lines:
@@ -238,7 +238,23 @@ def test_dockerfile_serve_and_train_targets() -> None:
     assert "EXPOSE 8000" in serve and "/readyz" in serve
     pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
                ["optional-dependencies"]["train"] if d.startswith("torch"))
-    assert pin in " ".join(stages["train"]) and "[train]" in " ".join(stages["train"])
+    train = " ".join(stages["train"])
+    assert pin in train and "-r /req/train.txt" in train and "train.txt" not in serve
+    assert "['optional-dependencies']['train']" in " ".join(stages["requirements"])
+
+
+def test_dockerfile_pulls_only_its_base_images_and_keeps_no_secret() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax=", text, re.MULTILINE)  # BuildKit would pull a frontend image
+    assert "ARG BASE_IMAGE=python:3.11-slim\n" in text and "FROM ${BASE_IMAGE} AS base" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in text  # the public default
+    lines = [line for stage in _dockerfile_stages().values() for line in stage]
+    pip_runs = [line for line in lines if line.startswith("RUN") and re.search(r"\bpip (install|wheel)\b", line)]
+    local = [line for line in pip_runs if re.search(r"pip install --no-deps /wheels/recsys-\*\.whl\b", line)]
+    assert len(pip_runs) == 5 and len(local) == 2  # the package wheel itself needs no index
+    for line in set(pip_runs) - set(local):  # the CA bundle only as a per-RUN secret mount, never COPY'd or ENV'd
+        assert "--mount=type=secret,id=ca" in line and "PIP_CERT=/run/secrets/ca" in line
+    assert not [line for line in lines if line.startswith(("ENV", "ARG", "COPY", "ADD")) and re.search(r"CERT|\.crt|\.pem", line)]
 
 
 # ---------------------------------------------------------------- docker compose
@@ -250,7 +266,7 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     assert {"redis", "api", "train", "reindex"} <= set(svc)
 
     redis = svc["redis"]
-    assert redis["image"].startswith("redis:7")
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7}"  # public default, overridable without Docker Hub
     assert "--appendonly yes" in " ".join(_as_argv(redis["command"]))
     assert "--maxmemory 512mb --maxmemory-policy volatile-lru" in " ".join(_as_argv(redis["command"]))
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
@@ -261,9 +277,9 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     # closed by default (issue 15, finding 3): loopback unless RECSYS_BIND says otherwise, the key
-    # from an env file kept out of git
-    assert api["ports"] == ["${RECSYS_BIND:-127.0.0.1}:8000:8000"]
-    assert api["env_file"] == [{"path": "./recsys.env", "required": True}]
+    # from an env file kept out of git (RECSYS_ENV_FILE points elsewhere, e.g. for the container test)
+    assert api["ports"] == ["${RECSYS_BIND:-127.0.0.1}:${RECSYS_PORT:-8000}:8000"]
+    assert api["env_file"] == ["${RECSYS_ENV_FILE:-./recsys.env}"]
     assert "recsys.env" in (ROOT / ".gitignore").read_text().split()
     assert "RECSYS_API_KEY" not in api.get("environment", {})
     argv = _as_argv(api["command"])
@@ -441,6 +457,15 @@ def test_every_container_env_reference_is_defined() -> None:
 # ---------------------------------------------------------------- Prometheus
 
 
+def _scrape_jobs() -> dict[str, dict[str, Any]]:
+    """Scrape jobs of the Compose Prometheus (deploy/prometheus.yml) and for a cluster's one."""
+    jobs = {}
+    for name in ("prometheus.yml", "prometheus-k8s.yml"):
+        for job in yaml.safe_load((ROOT / "deploy" / name).read_text())["scrape_configs"]:
+            jobs[job["job_name"]] = job | {"file": name}
+    return jobs
+
+
 def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
     from fastapi.testclient import TestClient
 
@@ -450,8 +475,7 @@ def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
     paths = {c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]}
     for text in (" ".join(_compose()["services"]["api"]["healthcheck"]["test"]), (ROOT / "Dockerfile").read_text()):
         paths |= set(re.findall(r"http://127\.0\.0\.1:8000(/\w+)", text))
-    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    paths |= {j["metrics_path"] for j in prometheus["scrape_configs"]}
+    paths |= {j["metrics_path"] for j in _scrape_jobs().values()}
     assert paths == {"/readyz", "/healthz", "/metrics"}
     client = TestClient(create_app())  # no lifespan: nothing loaded, as a pod before its first version
     assert client.get("/healthz").status_code == 200
@@ -461,11 +485,15 @@ def test_probe_and_scrape_paths_are_routes_of_the_app() -> None:
 
 
 def test_prometheus_scrapes_the_api_metrics_route() -> None:
-    jobs = {j["job_name"]: j for j in yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]}
+    jobs = _scrape_jobs()
     assert all(j["metrics_path"] == "/metrics" for j in jobs.values())
 
-    static = [t for j in jobs.values() for s in j.get("static_configs", []) for t in s["targets"]]
+    compose = [j for j in jobs.values() if j["file"] == "prometheus.yml"]
+    assert compose and all("static_configs" in j for j in compose)  # nothing to discover outside a cluster
+    static = [t for j in compose for s in j["static_configs"] for t in s["targets"]]
     assert "api:8000" in static and "api" in _compose()["services"]
+    mounts = _compose()["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
 
     (k8s,) = [j for j in jobs.values() if "kubernetes_sd_configs" in j]
     assert k8s["kubernetes_sd_configs"][0]["role"] == "pod"
