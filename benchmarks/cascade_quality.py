@@ -52,7 +52,7 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict:
     root = Path(a.out) / f"s{seed}"
     root.mkdir(parents=True, exist_ok=True)
     base = ["--data", a.data, "--seed", str(seed), "--threads", str(a.threads)]
-    ret = ["--launchers", str(a.launchers), "--quiet"]
+    ret = ["--launchers", str(a.launchers), "--quiet", *shlex.split(a.retrieval_args)]
     up, served = root / "upstream", root / "retrieval"
     if not (up / "checkpoint.pt").exists():
         recsys(["train", "retrieval", *base, *ret, "--holdout", str(a.holdout), "--out", str(up)], root / "upstream.log")
@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--variant", choices=("fold", "insample", "insample-all"), default="fold")
     ap.add_argument("--launchers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--retrieval-args", default="", help="extra flags for both retrievers, e.g. '--epochs 40'")
     ap.add_argument("--prerank-args", default="", help="extra flags for recsys train prerank, e.g. '--epochs 5'")
     ap.add_argument("--rerank-args", default="", help="extra flags for recsys train rerank, e.g. '--horizon 1'")
     ap.add_argument("--tag", default="", help="suffix of the variant's folder (to keep runs with other flags apart)")
