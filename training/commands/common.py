@@ -39,3 +39,11 @@ def timed(label: str, timings: dict[str, float]) -> Iterator[None]:
     yield
     timings[label] = round(time.perf_counter() - start, 3)
     print(f"[{label}] {timings[label]:.2f}s", file=sys.stderr)
+
+
+def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:
+    """--upstream / --window: where a ranker's training lists come from (training/ranking_data.py)."""
+    p.add_argument("--upstream", metavar="DIR",
+                   help="the retriever trained with --holdout H that makes the training lists (out of sample, "
+                        "training/ranking_data.py); default: --retrieval (in-sample lists)")
+    p.add_argument("--window", type=int, default=None, metavar="H", help=window_help)

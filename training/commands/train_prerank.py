@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from training.commands.common import UsageError, add_data_arg, timed
+from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, timed
 from training.data.sources import load
 from training.report import result, table, write_json
 
@@ -51,12 +51,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--random-negatives", type=int, default=d.random_negatives)
     p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
     p.add_argument("--retrieval", metavar="DIR", help="next-item: the served SASRec checkpoint (default: last-item)")
-    p.add_argument("--upstream", metavar="DIR",
-                   help="next-item: the retriever that makes the training lists, trained with --holdout H "
-                        "(out-of-sample lists, training/ranking_data.py; default: --retrieval, in-sample)")
-    p.add_argument("--window", type=int, default=None, metavar="H",
-                   help="next-item: learn on each user's last H training positions (default: the upstream's "
-                        "holdout; 0 = every position)")
+    add_ranking_fold_args(p, "next-item: learn on the pre-rank window of a ranking fold of H (default: the "
+                             "upstream's holdout; 0 = every training position)")
     p.add_argument("--no-retrieval-features", action="store_true",
                    help="next-item: without the cascade inputs (fused retrieval score, launcher, retriever vectors)")
     p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")

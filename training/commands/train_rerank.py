@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.commands.common import UsageError, add_data_arg, quiet_onnx_exporter, timed
+from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, quiet_onnx_exporter, timed
 from training.report import table, write_json
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
@@ -42,12 +42,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_data_arg(p)
     p.add_argument("--retrieval", required=True, metavar="DIR", help="retrieval (SASRec) checkpoint folder")
     p.add_argument("--prerank", required=True, metavar="DIR", help="next-item pre-rank checkpoint folder")
-    p.add_argument("--upstream", metavar="DIR",
-                   help="the retriever trained with --holdout H that makes the training lists (out of sample, "
-                        "training/ranking_data.py); default: --retrieval (in-sample lists)")
-    p.add_argument("--window", type=int, default=None, metavar="H",
-                   help="learn on the re-rank window of a ranking fold of H (default: the upstream's holdout; "
-                        "0 = steps sampled from the whole training part)")
+    add_ranking_fold_args(p, "learn on the re-rank window of a ranking fold of H (default: the upstream's "
+                             "holdout; 0 = steps sampled from the whole training part)")
     p.add_argument("--no-residual", action="store_true",
                    help="re-rankers start from random scores instead of the pre-rank order (models/prm.py)")
     p.add_argument("--no-retrieval-score", action="store_true",
