@@ -122,10 +122,6 @@ class UserFeatures:
         self._ret_mean = np.asarray([r[2] for r in ret], np.float32)
         self._ret_std = np.asarray([r[3] for r in ret], np.float32)
 
-    @property
-    def reads_user_vectors(self) -> bool:
-        return self._ret_cols.size > 0
-
     def feeds(self, history: np.ndarray, user_vectors: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """history (L,) internal item ids, oldest first, and the retriever's user vectors (M, D) ->
         {user_sparse (1, S), user_dense (1, Dn), user_multi (1, K)}."""
@@ -197,6 +193,7 @@ class Recommender:
             self._rerank_scores = int(rerank["config"].get("num_scores", 1))
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
         prior = (version.manifest.get("prerank", {}).get("serving") or {}).get("retrieval_prior")
+        self._has_prior = bool(prior)
         self._prior_weight = float(prior["weight"]) if prior else 0.0
         self._tower_weight = np.float32(prior.get("tower_weight", 1.0) if prior else 1.0)
         self._prior_bias = np.asarray(prior["launcher_bias"] if prior else [0.0], np.float32)
@@ -355,7 +352,7 @@ class Recommender:
         heads = self.v.prerank_user.run(None, feeds)[0][0]  # (L, H, d)
         pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
         scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
-        if self._prior_weight:
+        if self._has_prior:
             # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
             scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
