@@ -48,7 +48,7 @@ from training.features import (
     user_columns,
 )
 from training.ranking_data import prerank_rows
-from training.retrieval import fused_top
+from training.retrieval import FusedTop, fused_top
 from training.metrics import Scorer, auc, list_metrics, logloss, mask_seen
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -339,11 +339,9 @@ def _table(model: MultiLauncherSASRec) -> np.ndarray:
     return model.item_embedding.weight.detach().numpy().astype(np.float32)
 
 
-def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> Any:
+def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> FusedTop:
     """fused_top for the histories ds.items[user start : row] of each row, built in chunks
     (whole histories, so every seen item is removed; the encoder keeps its maxlen)."""
-    from training.retrieval import FusedTop
-
     parts = []
     for start in range(0, rows.size, chunk):
         r = rows[start : start + chunk]
