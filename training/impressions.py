@@ -351,11 +351,7 @@ def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats
     items = ranked.items[:, :list_len]
     mask = items > 0
     pv = (ranked.pv[:, :list_len] - np.asarray(stats.mean, np.float32)) / np.asarray(stats.std, np.float32)
-    s = np.where(mask, ranked.scores[:, :list_len], 0.0).astype(np.float64)
-    cnt = np.maximum(mask.sum(axis=1, keepdims=True), 1)
-    mu = s.sum(axis=1, keepdims=True) / cnt
-    sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
-    init = np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)  # z-score within the list
+    init = _list_zscore(ranked.scores[:, :list_len], mask)  # z-score within the list
     ret = _list_zscore(ranked.ret_scores[:, :list_len], mask) if retrieval_score else None
     return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask, ret)
 
