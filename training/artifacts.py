@@ -396,7 +396,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                   "index": INDEX_FAISS, "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
                   "prerank_features": pr.FEATURES},
         "catalog": {**items.info, "max_popularity": int(items.catalog["popularity"].max())},
-        "retrieval": {"source": str(src.ret_dir), "model": "MultiLauncherSASRec", "config": cfg.to_dict(),
+        "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
                       "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
                       "outputs": {"user_vectors": ["B", cfg.num_launchers, cfg.dim, "float32"]}},
