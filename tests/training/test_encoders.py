@@ -183,3 +183,29 @@ def test_cli_encoder_and_sampler(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "num_interests must be >= 1, got 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("encoder", ["hstu", "mind"])
+def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
+    """A version with an HSTU or MIND retriever publishes, loads and answers through the unchanged
+    service path (ONNX user vectors (1, M, D), FAISS, max-fusion, pre-rank)."""
+    import logging
+
+    from service.artifacts import load_current, smoke_run
+    from tests.training.test_artifacts import TINY, make_checkpoints
+    from training.artifacts import publish_version
+
+    torch.set_num_threads(1)
+    logging.getLogger("torch.onnx").setLevel(logging.WARNING)
+    ret, pre, _ = make_checkpoints(TINY, tmp_path / "ckpt")
+    ds = load(TINY)
+    torch.manual_seed(0)
+    cfg = (HSTUConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, head_dim=8) if encoder == "hstu"
+           else MINDConfig(num_items=ds.num_items, maxlen=20, dim=16, num_interests=3))
+    save_checkpoint(ret, build_model(cfg), ds, TINY, {"metrics": {"NDCG@10": 0.05}})
+    publish_version(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
+    v = load_current(tmp_path / "artifacts")
+    M = cfg.num_launchers
+    assert v.manifest["dims"]["num_launchers"] == M and v.manifest["retrieval"]["model"] == type(build_model(cfg)).__name__
+    shapes = smoke_run(v)
+    assert shapes["retrieval"] == (1, M, 16)
