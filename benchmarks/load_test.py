@@ -351,6 +351,7 @@ class Side:
 
     label: str
     tree: Path | None
+    artifacts: Path
     port: int = 0
     server: subprocess.Popen[bytes] | None = None
     client: Client | None = None
@@ -374,10 +375,13 @@ def main() -> int:
     ap.add_argument("--redis", action="store_true", help="start a redis-server on a free loopback port and use it")
     ap.add_argument("--redis-url", help="use this Redis instead")
     ap.add_argument("--compare-ref", type=Path, help="a checkout of the code to compare against (before / after)")
+    ap.add_argument("--ref-artifacts", type=Path, help="what --compare-ref serves (default: --artifacts), e.g. the "
+                                                         "same checkpoints published with the old index settings")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args()
     args.artifacts = args.artifacts.resolve()  # the servers may run from another directory
+    args.ref_artifacts = (args.ref_artifacts or args.artifacts).resolve()
 
     hist = histories_of(args.artifacts, args.users)
     from service.artifacts import current_version
@@ -385,14 +389,17 @@ def main() -> int:
     manifest = json.loads((args.artifacts / current_version(args.artifacts) / "manifest.json").read_text())
     name = args.name or manifest["data"]["name"]
     store = "redis" if args.redis or args.redis_url else "in-process"
-    sides = [Side("after", None)]
+    sides = [Side("after", None, args.artifacts)]
     if args.compare_ref:
-        sides.insert(0, Side(f"before ({args.compare_ref})", args.compare_ref.resolve()))
-    lines = [f"catalog: {name}, {manifest['item_count']} items, index {manifest['index']['kind']}, "
-             f"M={manifest['dims']['num_launchers']}, version {manifest['version']}",
-             f"server: recsys serve --workers {args.workers} ({store} store), "
-             f"client: same machine ({os.cpu_count()} cores), {len(hist)} users with stored histories",
-             f"start: {load_average()}"]
+        sides.insert(0, Side(f"before ({args.compare_ref})", args.compare_ref.resolve(), args.ref_artifacts))
+    lines = [f"catalog: {name}, {manifest['item_count']} items, M={manifest['dims']['num_launchers']}"]
+    for side in sides:
+        m = json.loads((side.artifacts / current_version(side.artifacts) / "manifest.json").read_text())["index"]
+        lines.append(f"[{side.label}] {side.artifacts}: index {m.get('factory', m['kind'])} "
+                     + " ".join(f"{k}={m[k]}" for k in ("nlist", "nprobe", "ef_search", "recall") if k in m))
+    lines += [f"server: recsys serve --workers {args.workers} ({store} store), "
+              f"client: same machine ({os.cpu_count()} cores), {len(hist)} users with stored histories",
+              f"start: {load_average()}"]
 
     def turns(i: int) -> list[Side]:
         """Both sides, the first one alternating with i."""
@@ -401,7 +408,7 @@ def main() -> int:
     here = Path(__file__).resolve().parent.parent
     for r in range(2 if len(sides) > 1 else 1):  # two rounds of half the reps each, alternating
         for side in turns(r):
-            part = floor_of(side.tree or here, args.artifacts, list(hist.values()), args.floor_reps // len(sides))
+            part = floor_of(side.tree or here, side.artifacts, list(hist.values()), args.floor_reps // len(sides))
             side.floor = {k: np.concatenate([side.floor.get(k, np.empty(0)), v]) for k, v in part.items()}
     for side in sides:
         lines.append(f"\n[{side.label}] in-process compute floor per request (ms, one thread, no HTTP/store):")
@@ -417,7 +424,7 @@ def main() -> int:
         for db, side in enumerate(sides):
             side.port = free_port()
             url = args.redis_url.rsplit("/", 1)[0] + f"/{db}" if args.redis_url else None
-            side.server = start_server(args.artifacts, side.port, args.workers, url, tree=side.tree)
+            side.server = start_server(side.artifacts, side.port, args.workers, url, tree=side.tree)
 
         async def run() -> None:
             for side in sides:

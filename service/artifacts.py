@@ -9,7 +9,8 @@ an :class:`ArtifactError` naming the folder, the file and what is wrong.
 Arrays are memory-mapped by default (`mmap=True`): items.npy, the pre-rank item heads, the
 re-rank item features and the catalog's arrays are opened read-only from the page cache and the
 FAISS index is read with IO_FLAG_MMAP_IFC, so loading a 1M-item version reads headers instead of
-~0.6 GB, two versions of a worker (or two workers) share the pages of the same files, and a page
+~0.6 GB (and retrieval.onnx keeps its weights, the item table, in retrieval.onnx.data, which ONNX
+Runtime maps: files.retrieval_onnx_data), two versions of a worker (or two workers) share the pages of the same files, and a page
 is read from disk only when a request touches it. A published version's files never change in
 place (a new version is a new folder), which is what mapping them needs.
 """
@@ -30,6 +31,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from service.ids import ItemIndex
 from service.index import load_index, search_fused
 from service.prerank import score_candidates
 
@@ -43,6 +45,7 @@ REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims"
 REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
                   "prerank_features")
 RERANK_FILES = ("rerank_onnx", "rerank_items")
+OPTIONAL_FILES = ("retrieval_onnx_data",)
 # the served cuts in order; a version serves a non-empty prefix (manifest `serving.stages`, set
 # by the publish gate). service.pipeline uses this one tuple.
 STAGES = ("retrieval", "prerank", "rerank")
@@ -74,7 +77,7 @@ class LoadedVersion:
     path: Path
     manifest: dict[str, Any]
     item_ids: np.ndarray
-    id_to_index: dict[str, int]
+    id_to_index: ItemIndex
     popularity: np.ndarray
     item_features: dict[str, np.ndarray]
     vocab: dict[str, list[str]]
@@ -160,7 +163,8 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
     has_rerank = manifest.get("rerank") is not None
     _check_serving(folder / MANIFEST, manifest.get("serving"), has_rerank)
-    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ())
+    # retrieval.onnx.data (optional): the graph's weights, which ONNX Runtime maps from there
+    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ()) + tuple(k for k in OPTIONAL_FILES if k in files)
     for key in needed:
         if key not in files:
             raise ArtifactError(f"{folder / MANIFEST}: files.{key} is missing")
@@ -209,7 +213,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         prerank_user = _session(folder, files["prerank_user_onnx"])
     loaded = LoadedVersion(
         version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
-        id_to_index={str(x): i for i, x in enumerate(item_ids.tolist()) if i > 0},
+        id_to_index=ItemIndex(item_ids),
         popularity=popularity, item_features=features, vocab=vocab,
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,

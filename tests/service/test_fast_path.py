@@ -115,6 +115,10 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
     np.testing.assert_array_equal(mapped.popularity, eager.popularity)
     assert mapped.vocab == eager.vocab and mapped.id_to_index == eager.id_to_index
 
+    # the retrieval graph's weights (its item table) sit in a file ONNX Runtime maps
+    data = artifacts_root / "v1" / mapped.manifest["files"]["retrieval_onnx_data"]
+    assert data.stat().st_size >= mapped.items.nbytes
+
     a, b = Recommender(mapped), Recommender(eager)
     rng = np.random.default_rng(0)
     for _ in range(20):
