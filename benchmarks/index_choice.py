@@ -131,7 +131,7 @@ def main() -> int:
         elif kind == "hnsw":
             settings = [f"efSearch={e}" for e in LADDERS["efSearch"]]
         elif kind == "ivfpq":
-            settings = [f"nprobe={p},k_factor={kf}" for p in LADDERS["nprobe"] if p <= nl for kf in (2, 4, 8)]
+            settings = [f"nprobe={p},k_factor_rf={kf}" for p in LADDERS["nprobe"] if p <= nl for kf in (2, 4, 8)]
         else:
             settings = [f"nprobe={p}" for p in LADDERS["nprobe"] if p <= (nl4 if kind == "ivf4" else nl)]
         below = None
