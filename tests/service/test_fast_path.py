@@ -159,3 +159,23 @@ def test_manifest_search_parameters_are_applied_on_load(tmp_path: Path) -> None:
     save_index(hnsw, tmp_path / "hnsw.faiss")
     loaded = load_index(tmp_path / "hnsw.faiss", None, mmap=True, expect={"factory": "HNSW8,Flat", "ef_search": 40})
     assert factory_string(loaded) == "HNSW8,Flat" and loaded.hnsw.efSearch == 40
+
+
+def test_ivfpq_refine_factory_and_search_params_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((2000, 16)).astype(np.float32)
+    built = faiss.index_factory(16, "IVF8,PQ8x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    built.train(items)
+    built.add(items)
+    faiss.ParameterSpace().set_index_parameters(built, "nprobe=3,k_factor_rf=2")
+    save_index(built, tmp_path / "pq.faiss")
+    assert factory_string(built) == "IVF8,PQ8x4fs,RFlat"
+    loaded = load_index(tmp_path / "pq.faiss", None, mmap=True,
+                        expect={"factory": "IVF8,PQ8x4fs,RFlat", "search_params": "nprobe=5,k_factor_rf=4"})
+    from service.index import search_params
+
+    assert search_params(loaded) == "nprobe=5,k_factor_rf=4"
+    faiss.ParameterSpace().set_index_parameters(built, "nprobe=5,k_factor_rf=4")
+    np.testing.assert_array_equal(loaded.search(items[:4], 10)[1], built.search(items[:4], 10)[1])
+    with pytest.raises(ValueError, match="search_params"):
+        load_index(tmp_path / "pq.faiss", None, expect={"search_params": "no_such_param=1"})
