@@ -13,6 +13,7 @@ Writes ROOT2/NAME (and points ROOT2/CURRENT at it):
   the retriever's answers for them are unchanged; what grows is what a request's cost and a
   version's load depend on (the index, the arrays, the graph's table). Training a 1M-item model
   with benchmarks/serving_artifacts.py took longer than the time available on the shared cores.
+- --params alone: the same index with these search parameters (recall measured again).
 - --factory / --params: the FAISS index rebuilt (faiss.index_factory, inner product; IVF
   trained on 64 points per list) with these search parameters; its recall@100 against exact
   search on the retriever's vectors of 1000 test users is measured and written to the manifest,
@@ -138,16 +139,20 @@ def main() -> int:
         source = grow(a.src, dst, m, a.items, rng)
     write_onnx(a.src, dst, m, source, a.inline_onnx, rng)
     print(f"item side written in {time.perf_counter() - t0:.1f} s", flush=True)
-    if a.factory or source is not None:
+    if a.factory or source is not None or a.params:
         items = np.load(dst / m["files"]["items"])
         factory = a.factory or m["index"].get("factory") or "Flat"
         set_faiss_threads(a.threads)
         t0 = time.perf_counter()
-        index = faiss.index_factory(items.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            nlist = faiss.extract_index_ivf(index).nlist
-            index.train(items[np.sort(rng.choice(items.shape[0], size=min(items.shape[0], 64 * nlist), replace=False))])
-        index.add(items)
+        if a.factory or source is not None:
+            index = faiss.index_factory(items.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:
+                nlist = faiss.extract_index_ivf(index).nlist
+                index.train(items[np.sort(rng.choice(items.shape[0], size=min(items.shape[0], 64 * nlist),
+                                                     replace=False))])
+            index.add(items)
+        else:  # --params only: the same index, searched with other parameters
+            index = faiss.read_index(str(dst / m["files"]["index"]))
         build_s = time.perf_counter() - t0
         if a.params:
             faiss.ParameterSpace().set_index_parameters(index, a.params)
