@@ -81,7 +81,8 @@ class ScoredItem(Protocol):
 def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: str, timings_ms: Mapping[str, float],
                    unknown_items: int, explain: bool) -> dict[str, Any]:
     """RecommendResponse as the plain dict FastAPI would make of it (same keys, same order), built
-    without a pydantic object per item: 0.1-0.2 ms of a ~3 ms request (benchmarks/app_overhead.py).
+    without a pydantic object per item and without FastAPI validating the response a second time
+    (the saving was below the noise of the shared 2-core machine: app_overhead_100k_compare.txt).
     Keys must follow RecommendedItemOut / RecommendResponse (tests/service/test_fast_response.py)."""
     return {"items": [{"item_id": it.item_id, "score": it.score, "rank": rank, "launcher": it.launcher,
                        "stages": it.stages if explain else None} for rank, it in enumerate(items, start=1)],
@@ -91,7 +92,7 @@ def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: s
 
 def encode_json(content: Any) -> bytes:
     """JSON bytes exactly as starlette's JSONResponse renders them (the standard library's C
-    encoder: on a 10-item answer the ~20 us it takes left nothing for orjson to win)."""
+    encoder; a faster JSON library was not added: not measured to matter on a 10-item answer)."""
     return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
 
