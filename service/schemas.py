@@ -50,8 +50,14 @@ class RecommendedItemOut(BaseModel):
     item_id: str
     score: float
     rank: int
-    launcher: int | None
-    stages: dict[str, float] | None = None
+    launcher: int | None = Field(description="the retriever's launcher (user vector) with the highest score for "
+                                             "this item; null when popularity served it")
+    stages: dict[str, float] | None = Field(default=None, description="with explain: each stage's score "
+                                            "(retrieval, prerank, rerank; popularity for the fallback)")
+    routes: dict[str, float] | None = Field(
+        default=None, description="with explain: the score of each recall route that returned the item: faiss "
+                                  "(max-fusion score over launchers), i2i (item-to-item route); an item both found "
+                                  "has both; {} for popularity")
 
 
 class RecommendResponse(BaseModel):

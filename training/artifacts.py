@@ -2,7 +2,8 @@
 
 artifacts_root/<version>/ holds manifest.json, catalog.npz, retrieval.onnx, items.npy,
 index.faiss, prerank_user.onnx, prerank_items.npy, prerank_features.json and, with a
-re-ranker, rerank.onnx + rerank_items.npy. `recsys export` and `recsys reindex` share every step:
+re-ranker, rerank.onnx + rerank_items.npy, and item2item.npz (the item-to-item route's
+neighbour table, training/item2item.py; reindex adds its --events). `recsys export` and `recsys reindex` share every step:
 
     load_sources     the data set and the checkpoints, each checked against the data set
     check_upstream   the pre-rank item heads and re-rank item features exported by training
@@ -51,6 +52,7 @@ from models.layers import Fields
 from models.sasrec import MultiLauncherSASRec
 from service.artifacts import ORT_ERRORS
 from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index, set_faiss_threads
+from training import item2item as i2i
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
@@ -140,6 +142,8 @@ class ItemSide:
     prerank_items: np.ndarray
     rerank_items: np.ndarray | None
     info: dict[str, Any]
+    # the item-to-item route's (items, users, events) rows; None = the data set's training part
+    item2item_rows: tuple[np.ndarray, np.ndarray, int] | None = None
 
     @property
     def num_items(self) -> int:
@@ -409,6 +413,9 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                     "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
         "rerank": None,
     }
+    i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
+    manifest["item2item"] = i2i.publish_table(out, n, *i2i_rows)
+    manifest["files"]["item2item"] = manifest["item2item"]["file"]
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])

@@ -170,7 +170,8 @@ def _serve(rec: Recommender, body: RecommendRequest, history: list[str], flags: 
     metrics.observe_recommendation(served_by, timings, result.unknown_items)
     items = [
         RecommendedItemOut(item_id=it.item_id, score=it.score, rank=r, launcher=it.launcher,
-                           stages=it.stages if body.explain else None)
+                           stages=it.stages if body.explain else None,
+                           routes=it.routes if body.explain else None)
         for r, it in enumerate(result.items, start=1)
     ]
     return RecommendResponse(items=items, model_version=result.model_version, served_by=served_by,
