@@ -14,9 +14,11 @@ exactly here for the route's other items, so no candidate has an undefined r) an
 score (0 when no recent item has it among its neighbours). The retrieval stage orders the
 union by
 
-    merged(i) = r(i) + beta * i2i(i) / max_j i2i(j)
+    merged(i) = r(i) + beta * sd(r) * i2i(i) / max_j i2i(j)
 
-(beta in units of the retriever's score; tuned on validation by benchmarks/item2item_route.py)
+where sd(r) is the standard deviation of FAISS's fused scores in this request (1 with fewer than
+two), so beta is free of the retriever's score scale (tuned on validation by
+benchmarks/item2item_route.py)
 and the pre-ranker's retrieval prior reads merged(i) as its retrieval score. `routes` in
 `explain` says which route returned an item and with which score.
 """
@@ -120,7 +122,8 @@ def merge_routes(cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray, rou
     hit = reached[pos] == items if reached.size else np.zeros(items.size, bool)
     i2i = np.where(hit, reached_scores[pos] if reached.size else 0.0, 0.0).astype(np.float32)
     top = float(top_scores[0]) if top_scores.size else 0.0
-    merged = retrieval + (route.beta * i2i / top if top > 0 else 0.0)
+    scale = float(fused.std()) if fused.size > 1 and fused.std() > 0 else 1.0
+    merged = retrieval + (route.beta * scale * i2i / top if top > 0 else 0.0)
     order = np.argsort(-merged, kind="stable")
     by_faiss = np.arange(items.size) < cand.size
     return Merged(items[order], merged[order].astype(np.float32), retrieval[order], launch[order], i2i[order],

@@ -305,6 +305,15 @@ class Recommender:
         final = np.concatenate([head[re_order], order[n:]])
         return served(final, np.concatenate([re_scores[re_order], pre_scores[order[n:]]]), "rerank")
 
+    def candidates(self, history_item_ids: list[str]) -> np.ndarray:
+        """The retrieval stage's candidate set (C,) of internal ids for a history, seen items
+        removed: what the pre-ranker gets to see (FAISS's top retrieval_k, and the item-to-item
+        route's items when merged). Empty for an empty history."""
+        history, _ = self.to_indices(history_item_ids)
+        if history.size == 0:
+            return np.zeros(0, np.int64)
+        return self._retrieve(history, 1, np.unique(history), _Timer())[0]
+
     # --- filters ---
 
     def filter_mask(self, filters: dict[str, list[str]]) -> np.ndarray:

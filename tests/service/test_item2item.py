@@ -42,12 +42,13 @@ def test_merge_pulls_the_neighbour_in_and_keeps_both_scores() -> None:
     j4, j1, j5 = by_item[4], by_item[1], by_item[5]
     # item 4 came from the route only: its retrieval score is max_l <u_l, e_4> computed exactly
     assert not m.by_faiss[j4] and m.retrieval[j4] == pytest.approx(max(0.1, 0.05))
-    assert m.i2i[j4] == pytest.approx(1.0) and m.merged[j4] == pytest.approx(0.1 + 2.0)
+    # merged = r + beta * sd(FAISS scores) * i2i / max i2i; sd([1.1, 0.1]) = 0.5
+    assert m.i2i[j4] == pytest.approx(1.0) and m.merged[j4] == pytest.approx(0.1 + 2.0 * 0.5)
     # item 1: found by both, keeps both scores
     assert m.by_faiss[j1] and m.retrieval[j1] == pytest.approx(1.1) and m.i2i[j1] == pytest.approx(0.1)
-    assert m.merged[j1] == pytest.approx(1.1 + 2.0 * 0.1)
+    assert m.merged[j1] == pytest.approx(1.1 + 2.0 * 0.5 * 0.1)
     assert m.i2i[j5] == 0 and m.merged[j5] == pytest.approx(0.1)
-    assert m.items.tolist() == [4, 1, 5]  # merged order
+    assert m.items.tolist() == [1, 4, 5]  # merged order
 
 
 def test_bad_tables_and_settings_are_refused() -> None:
