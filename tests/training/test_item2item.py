@@ -75,7 +75,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def root(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    publish_version(TINY, *ckpts, root, version="v1")
+    publish_version(TINY, *ckpts, root, version="v1", item2item=Item2ItemConfig())
     return root
 
 
@@ -191,3 +191,11 @@ def test_a_version_without_the_table_still_serves(root: Path, tmp_path: Path) ->
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(Exception, match=FILE):
         load_version(old)
+
+
+def test_export_cli_route_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["export", "--data", TINY, "--retrieval", "r", "--prerank", "p", "--out", str(tmp_path / "a")]
+    assert cli.main([*base, "--i2i-window", "3"]) == 2
+    assert "--i2i-window needs --item2item" in capsys.readouterr().err
+    assert cli.main([*base, "--item2item", "--i2i-alpha", "2"]) == 2
+    assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err
