@@ -2,7 +2,8 @@
 
 artifacts_root/<version>/ holds manifest.json, catalog.npz, retrieval.onnx, items.npy,
 index.faiss, prerank_user.onnx, prerank_items.npy, prerank_features.json and, with a
-re-ranker, rerank.onnx + rerank_items.npy. `recsys export` and `recsys reindex` share every step:
+re-ranker, rerank.onnx + rerank_items.npy, and item2item.npz (the item-to-item route's
+neighbour table, training/item2item.py; reindex adds its --events). `recsys export` and `recsys reindex` share every step:
 
     load_sources     the data set and the checkpoints, each checked against the data set
     check_upstream   the pre-rank item heads and re-rank item features exported by training
@@ -51,6 +52,7 @@ from models.layers import Fields
 from models.sasrec import MultiLauncherSASRec
 from service.artifacts import ORT_ERRORS
 from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index, set_faiss_threads
+from training import item2item as i2i
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
@@ -140,6 +142,10 @@ class ItemSide:
     prerank_items: np.ndarray
     rerank_items: np.ndarray | None
     info: dict[str, Any]
+    # the item-to-item route (training/item2item.py): its table's settings (None: no route) and
+    # (items, users, events) rows (None: the data set's training part)
+    item2item: i2i.Item2ItemConfig | None = None
+    item2item_rows: tuple[np.ndarray, np.ndarray, int] | None = None
 
     @property
     def num_items(self) -> int:
@@ -185,6 +191,7 @@ def publish_version(
     max_regression: float | None = DEFAULT_MAX_REGRESSION,
     index_spec: IndexSpec | None = None,
     gate: ServingGate = ServingGate(),
+    item2item: i2i.Item2ItemConfig | None = None,
 ) -> Path:
     """Build, check and publish a version; return artifacts_root/<version> (now CURRENT).
 
@@ -193,7 +200,8 @@ def publish_version(
     recomputed from these checkpoints, the stage gate on validation users (`gate`: a stage
     worse than the previous served cut beyond its tolerance is switched off, or refused with
     require_all_stages), served NDCG@10 at most max_regression below the live version's (same
-    data only; None turns that check off), and a load + smoke run through service.artifacts. index_spec=None picks the kind from the catalog size (service.index)
+    data only; None turns that check off), and a load + smoke run through service.artifacts.
+    item2item: build the item-to-item route's table with these settings (None: no route). index_spec=None picks the kind from the catalog size (service.index)
     and, for IVF, the smallest doubling of nprobe that reaches min_recall.
 
     Raises FileNotFoundError for a missing checkpoint folder, DataError when a checkpoint was
@@ -201,7 +209,7 @@ def publish_version(
     check fails. On any error the temp folder is removed and CURRENT is unchanged.
     """
     return publish(data_spec, retrieval_dir, prerank_dir, rerank_dir, artifacts_root, version, min_recall,
-                   max_regression, index_spec, gate=gate).path
+                   max_regression, index_spec, gate=gate, item2item=item2item).path
 
 
 def publish(
@@ -216,6 +224,7 @@ def publish(
     index_spec: IndexSpec | None = None,
     timings: dict[str, float] | None = None,
     gate: ServingGate = ServingGate(),
+    item2item: i2i.Item2ItemConfig | None = None,
 ) -> PublishResult:
     """publish_version that also returns the manifest written (and fills `timings`)."""
     check_gates(min_recall, max_regression)
@@ -224,7 +233,7 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     check_upstream(src)
     version = version or default_version(src.ds.fingerprint, src.checkpoints)
-    return publish_items(src, dataset_items(src), root, version, min_recall, index_spec,
+    return publish_items(src, dataset_items(src, item2item), root, version, min_recall, index_spec,
                          lambda tmp, manifest: _check_regression(root, manifest, max_regression), timings, gate)
 
 
@@ -268,7 +277,7 @@ def load_sources(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | P
     return src
 
 
-def dataset_items(src: Sources) -> ItemSide:
+def dataset_items(src: Sources, item2item: i2i.Item2ItemConfig | None = None) -> ItemSide:
     """The item side `recsys export` publishes: the data set's items, the retrieval checkpoint
     as trained and the item arrays the pre-rank / re-rank training commands exported."""
     return ItemSide(
@@ -277,6 +286,7 @@ def dataset_items(src: Sources) -> ItemSide:
         prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
         rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
         info={"popularity": "training-part interaction counts"},
+        item2item=item2item,
     )
 
 
@@ -410,6 +420,10 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                     "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
         "rerank": None,
     }
+    if items.item2item is not None:
+        i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
+        manifest["item2item"] = i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item)
+        manifest["files"]["item2item"] = manifest["item2item"]["file"]
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])
