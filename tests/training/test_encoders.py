@@ -185,10 +185,11 @@ def test_cli_encoder_and_sampler(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "num_interests must be >= 1, got 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("encoder", ["hstu", "mind"])
+@pytest.mark.parametrize("encoder", ["hstu", "mind", "sasrec-plain"])
 def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
-    """A version with an HSTU or MIND retriever publishes, loads and answers through the unchanged
-    service path (ONNX user vectors (1, M, D), FAISS, max-fusion, pre-rank)."""
+    """A version with an HSTU, MIND or plain (launchers 0) SASRec retriever publishes, loads and
+    answers through the unchanged service path (ONNX user vectors (1, M, D), FAISS, max-fusion,
+    pre-rank); plain SASRec serves one user vector, so its manifest says M = 1."""
     import logging
 
     from service.artifacts import load_current, smoke_run
@@ -200,12 +201,14 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
     ret, pre, _ = make_checkpoints(TINY, tmp_path / "ckpt")
     ds = load(TINY)
     torch.manual_seed(0)
-    cfg = (HSTUConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, head_dim=8) if encoder == "hstu"
-           else MINDConfig(num_items=ds.num_items, maxlen=20, dim=16, num_interests=3))
+    cfg = {"hstu": HSTUConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, head_dim=8),
+           "mind": MINDConfig(num_items=ds.num_items, maxlen=20, dim=16, num_interests=3),
+           "sasrec-plain": SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=0),
+           }[encoder]
     save_checkpoint(ret, build_model(cfg), ds, TINY, {"metrics": {"NDCG@10": 0.05}})
     publish_version(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
     v = load_current(tmp_path / "artifacts")
-    M = cfg.num_launchers
+    M = max(cfg.num_launchers, 1)
     assert v.manifest["dims"]["num_launchers"] == M and v.manifest["retrieval"]["model"] == type(build_model(cfg)).__name__
     shapes = smoke_run(v)
     assert shapes["retrieval"] == (1, M, 16)
