@@ -56,7 +56,7 @@ from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.commands.common import timed
+from training.report import timed
 from training.export import INDEX_FAISS, PARITY_ATOL, PARITY_RTOL, export_retrieval, retrieval_parity
 from training.features import FeatureSpec
 from training.served_eval import ServingGate

@@ -99,9 +99,9 @@ from training.artifacts import (
     set_current,
     smoke,
 )
-from training.commands.common import timed
 from training.data.dataset import DataError
 from training.data.splits import LeaveOneOut
+from training.report import timed
 from training.features import RETRIEVAL_ITEM, retrieval_columns
 from training.metrics import mask_seen, ranking_metrics, target_ranks
 from training.served_eval import ServingGate

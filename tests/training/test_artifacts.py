@@ -22,7 +22,7 @@ import torch
 from models.prm import PRM
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from service.artifacts import ArtifactError, load_current, load_version, smoke_run
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
 from training import prerank as pr
 from training import retrieval as rt

@@ -13,7 +13,7 @@ from models.cascade import RetrievalPrior, RetrievalPriorConfig
 from models.prm import PRM, PRMConfig
 from service.artifacts import load_current
 from service.pipeline import Recommender
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
 from training.data.sources import load
 from training.data.splits import LeaveOneOut

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
 from training import prerank as pr
 from training import retrieval as rt

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import cli
+from recsys_cli import main as cli
 from training import prerank as pr
 from training.baselines import LastItem
 from training.data.sources import load

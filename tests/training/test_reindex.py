@@ -23,7 +23,7 @@ from service.catalog_updates import REDIS_KEY, FileCatalogUpdates, RedisCatalogU
 from service.notify import VERSION_CHANNEL
 from tests.service.conftest import redis_url  # noqa: F401  (real redis-server fixture)
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
-from training import cli
+from recsys_cli import main as cli
 from training import reindex as ri
 from training import retrieval as rt
 from training.artifacts import CURRENT, publish_version, read_current

@@ -124,7 +124,7 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     js = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
          "--launchers", "2", "--launcher-init", "independent", "--epochs", "2", "--maxlen", "10", "--dim", "16",
          "--out", str(out), "--json", str(js), "--threads", "1", "--quiet"],
         capture_output=True, text=True,
@@ -135,7 +135,7 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     assert {"HR@10", "NDCG@10", "HR@100", "Coverage@10", "LauncherEntropy"} <= set(payload["metrics"])
     assert (out / "checkpoint.pt").is_file()
     bad = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
          "--launchers", "-2", "--out", str(out)],
         capture_output=True, text=True,
     )

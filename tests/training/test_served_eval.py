@@ -26,7 +26,7 @@ from service.core.config import Settings
 from service.main import create_app
 from service.pipeline import STAGES, Recommender
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
 from training import prerank as pr
 from training import served_eval as se

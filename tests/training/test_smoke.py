@@ -35,7 +35,7 @@ def test_rollback_refuses_a_version_the_service_cannot_build(root: Path) -> None
     with pytest.raises(PublishError, match="version v1 cannot be served: .*prerank_features.json"):
         rollback(root, "v1")
     assert read_current(root) == "v2"
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "rollback", "--artifacts", str(root), "--to", "v1"],
+    proc = subprocess.run([sys.executable, "-m", "recsys_cli", "rollback", "--artifacts", str(root), "--to", "v1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "refused, CURRENT unchanged" in proc.stderr
     assert read_current(root) == "v2"
@@ -62,7 +62,7 @@ def test_current_names_are_validated(root: Path, bad: str) -> None:
 
 def test_serve_fails_with_one_line_and_exit_2_on_an_unservable_version(root: Path) -> None:
     set_current(root, "v1")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--artifacts", str(root), "--port", "1"],
+    proc = subprocess.run([sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--port", "1"],
                           capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"})
     assert proc.returncode == 2, proc.stderr

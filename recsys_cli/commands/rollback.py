@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from training.commands.common import UsageError
+from recsys_cli.errors import UsageError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

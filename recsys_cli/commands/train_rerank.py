@@ -25,8 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, quiet_onnx_exporter, timed
-from training.report import table, write_json
+from recsys_cli.commands.common import (
+    add_data_arg,
+    add_ranking_fold_args,
+    quiet_onnx_exporter,
+)
+from recsys_cli.errors import UsageError
+from training.report import table, timed, write_json
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
 E2E_COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, timed
+from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args
+from recsys_cli.errors import UsageError
 from training.data.sources import load
-from training.report import result, table, write_json
+from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

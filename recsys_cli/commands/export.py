@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.commands.common import UsageError, add_data_arg, quiet_onnx_exporter, timed
+from recsys_cli.commands.common import add_data_arg, quiet_onnx_exporter
+from recsys_cli.errors import UsageError
+from training.report import timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

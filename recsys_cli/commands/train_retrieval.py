@@ -7,11 +7,12 @@ import sys
 from contextlib import nullcontext
 
 from models.sasrec import SASRecConfig
+from recsys_cli.commands.common import add_data_arg
+from recsys_cli.errors import UsageError
 from training import distributed
-from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.report import result, table, write_json
+from training.report import result, table, timed, write_json
 from training.retrieval import (
     RetrievalTrainConfig,
     describe,
