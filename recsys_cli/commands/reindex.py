@@ -22,8 +22,8 @@ from training.report import timed
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from recsys_cli.commands.export import add_index_args, add_stage_gate_args
-    from training.artifacts import DEFAULT_MAX_REGRESSION
-    from training.reindex import DEFAULT_KEEP
+    from training.gates import DEFAULT_MAX_REGRESSION
+    from training.versions import DEFAULT_KEEP
 
     p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
@@ -50,7 +50,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     from recsys_cli.commands.export import _index_spec, serving_gate, summary
-    from training.artifacts import PublishError, read_current
+    from training.versions import PublishError, read_current
     from training.reindex import ReindexConfig, reindex
 
     quiet_onnx_exporter()

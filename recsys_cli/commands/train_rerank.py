@@ -39,7 +39,8 @@ ORDER_NAMES = {"before": "before (pre-rank order)", "prm": "PRM", "prm_base": "P
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.impressions import ImpressionConfig, RerankerHParams
+    from training.impressions import ImpressionConfig
+    from training.rerankers import RerankerHParams
     from training.rerank import RerankTrainConfig
 
     d, h, t = ImpressionConfig(), RerankerHParams(), RerankTrainConfig()
@@ -77,7 +78,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from training.impressions import ImpressionConfig, RerankerHParams
+    from training.impressions import ImpressionConfig
+    from training.rerankers import RerankerHParams
     from training.rerank import RerankTrainConfig
 
     try:
@@ -89,7 +91,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         train = RerankTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, patience=args.patience, seed=args.seed)
         # the model configs validate d_model / heads / dropout
-        from training.impressions import reranker_config
+        from training.rerankers import reranker_config
 
         for name in ("prm", "mlp"):
             reranker_config(name, 1, 1, imp.list_len, hp)
@@ -105,6 +107,7 @@ def _check_dir(flag: str, path: str, marker: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training import impressions as im
+    from training import rerankers as rr
     from training.data.sources import load
     from training.data.splits import LeaveOneOut
     from training.export_rerank import export_rerank, rerank_parity
@@ -157,16 +160,16 @@ def run(args: argparse.Namespace) -> int:
     fits: dict[str, Any] = {}
     models = {}
     out = Path(args.out)
-    for name in im.RERANKERS:
+    for name in rr.RERANKERS:
         with timed(f"train {name}", timings):
-            fit = im.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
+            fit = rr.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
         models[name] = fit.model
         results[name] = evaluate_lists(score_lists(fit.model, imp.test), imp.test)
         valid[name] = evaluate_lists(score_lists(fit.model, imp.valid), imp.valid)
         fits[name] = fit.describe()
         progress(f"{name}: best epoch {fit.best_epoch}, valid NDCG@10 {fit.best_valid_ndcg10:.4f}, "
                  f"test NDCG@10 {results[name]['NDCG@10']:.4f}")
-        im.save_reranker(out / f"{name}.pt", name, fit.model, imp.pv_stats, imp_cfg, fingerprint=ds.fingerprint,
+        rr.save_reranker(out / f"{name}.pt", name, fit.model, imp.pv_stats, imp_cfg, fingerprint=ds.fingerprint,
                          train=asdict(train_cfg))
     artifacts: dict[str, Any] = {}
     with timed("save", timings):

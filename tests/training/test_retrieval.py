@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from models.sasrec import SASRecConfig
-from training.baselines import LastItem, Popularity
+from training.baselines import Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from service.index import load_index, search_fused
-from training.export import build_item_index, export_retrieval, retrieval_parity
+from training.export import INDEX_FAISS, export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
 from training.retrieval import (
     RetrievalTrainConfig,
@@ -110,6 +110,18 @@ def test_checkpoint_and_onnx_round_trip(small_run, tmp_path: Path) -> None:
     fused = search_fused(index, users, k=1)
     want = np.einsum("bmd,nd->bmn", users, items).max(axis=1).argmax(axis=1) + 1
     np.testing.assert_array_equal(fused.items[:, 0], want)
+
+
+def build_item_index(items: np.ndarray, user_vectors: np.ndarray, out_dir: Path, k: int = 100) -> dict[str, object]:
+    """index.faiss over `items` (N, D) and its recall@k against exact search with the launcher
+    vectors `user_vectors` (B, M, D) as queries (what training/artifacts.py does for a version)."""
+    from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
+
+    index = build_index(items, IndexSpec(kind=choose_kind(items.shape[0])))
+    queries = user_vectors.reshape(-1, user_vectors.shape[-1])
+    recall = ann_recall(index, items, queries, k=min(k, items.shape[0]))
+    save_index(index, out_dir / INDEX_FAISS)
+    return {**index_params(index), f"recall@{min(k, items.shape[0])}": recall, "file": INDEX_FAISS}
 
 
 def test_bad_checkpoint_paths(tmp_path: Path) -> None:
