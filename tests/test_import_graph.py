@@ -121,3 +121,13 @@ def test_recsys_serve_reaches_only_the_cli_and_service() -> None:
     assert {m.split(".")[0] for m in seen} == {"recsys_cli", "service"}
     assert not {m for m in seen if m.startswith("recsys_cli.")} - {
         "recsys_cli", "recsys_cli.main", "recsys_cli.errors", "recsys_cli.commands", "recsys_cli.commands.serve"}
+
+
+@pytest.mark.parametrize("module", ["training.served_eval", "training.metrics", "service.features"])
+def test_numpy_side_modules_import_no_torch(module: str) -> None:
+    """The served-path evaluation and the metrics it uses run without torch (imported, not just read)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
