@@ -14,7 +14,6 @@ Models come from models/ and see only tensors; this module owns NumPy, files and
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +31,7 @@ from models.inttower import IntTower, IntTowerConfig
 from models.layers import Fields
 from models.two_tower import TwoTower, TwoTowerConfig
 from training.data.splits import Split
+from training.early_stopping import EarlyStopping
 from training.features import EncodedFields, FeatureSpec
 from training.metrics import auc, list_metrics, logloss
 from training.prerank_data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 2  # epochs without validation improvement before stopping
+    patience: int = 3  # stop this many epochs past the best one (training/early_stopping.py)
     cir_weight: float = 0.0  # weight of the CIR loss; 0 disables it
     temperature: float = 0.1  # CIR InfoNCE temperature
     random_negatives: int = 16  # next-item only
@@ -150,29 +150,6 @@ def evaluate_ctr(model: nn.Module, rows: PairRows) -> dict[str, float]:
     return {"AUC": auc(rows.labels, p), "LogLoss": logloss(rows.labels, p)}
 
 
-class BestWeights:
-    """Early stopping on a validation score: keeps a copy of the best weights and says when
-    more than `patience` epochs in a row failed to improve on it."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best = -np.inf
-        self._state: dict[str, torch.Tensor] | None = None
-        self._bad = 0
-
-    def update(self, score: float, model: nn.Module) -> bool:
-        """Record an epoch's score; True when training should stop."""
-        if score > self.best:
-            self.best, self._state, self._bad = score, copy.deepcopy(model.state_dict()), 0
-            return False
-        self._bad += 1
-        return self._bad > self.patience
-
-    def restore(self, model: nn.Module) -> None:
-        if self._state is not None:
-            model.load_state_dict(self._state)
-
-
 def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Adam on BCE (+ cir_weight * CIR over the batch's positive pairs); early stopping on
     validation AUC, best weights restored. Returns the training history."""
@@ -181,7 +158,7 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
     train = data.train
-    stopper, history = BestWeights(cfg.patience), []
+    stopper, history = EarlyStopping(model, cfg.patience), []
     for epoch in range(cfg.epochs):
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -210,9 +187,9 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / len(train):.4f} valid AUC {metrics['AUC']:.4f} "
                      f"LogLoss {metrics['LogLoss']:.4f}")
-        if stopper.update(metrics["AUC"], model):
+        if stopper.update(epoch + 1, metrics["AUC"]):
             break
-    stopper.restore(model)
+    stopper.restore()
     return {"history": history, "best_valid_AUC": stopper.best}
 
 
@@ -291,10 +268,10 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     catalog = data.train_catalog if data.train_catalog is not None else data.catalog
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
-    stopper, history = BestWeights(cfg.patience), []
+    stopper, history = EarlyStopping(both, cfg.patience), []
     if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
         start = evaluate_next_item(model, data, "valid", prior)
-        stopper.update(start["NDCG@10"], both)
+        stopper = EarlyStopping(both, cfg.patience, score=start["NDCG@10"])
         history.append({"epoch": 0, "valid_NDCG@10": start["NDCG@10"], "prior": prior.serving()})
     for epoch in range(cfg.epochs):
         model.train()
@@ -335,9 +312,9 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                         **({"prior": prior.serving()} if prior is not None else {})})
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / E:.4f} valid NDCG@10 {metrics['NDCG@10']:.4f}")
-        if stopper.update(metrics["NDCG@10"], both):
+        if stopper.update(epoch + 1, metrics["NDCG@10"]):
             break
-    stopper.restore(both)
+    stopper.restore()
     both.eval()
     return {"history": history, "best_valid_NDCG@10": stopper.best}
 
