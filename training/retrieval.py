@@ -10,7 +10,6 @@ uniformly sampled items shared by the batch (--num-negatives K) for large catalo
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from training import distributed
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
+from training.early_stopping import EarlyStopping
 from training.metrics import KS, Scorer, evaluate_retrieval, mask_seen
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def train_retrieval(
     n_items = model_cfg.num_items
     M = max(model_cfg.num_launchers, 1)
     history: list[EpochStats] = []
-    best_ndcg, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    stopper = EarlyStopping(model, train_cfg.patience, score=-1.0)  # every NDCG beats -1
     started = time.perf_counter()
     for epoch in range(1, train_cfg.epochs + 1):
         model.train()
@@ -269,17 +269,15 @@ def train_retrieval(
             "epoch %d loss %.4f valid NDCG@10 %.4f entropy %.3f (%.1fs, %.0f seq/s)",
             epoch, stats.loss, stats.valid_ndcg10, entropy, seconds, stats.sequences_per_s,
         )
-        if stats.valid_ndcg10 > best_ndcg:
-            best_ndcg, best_epoch, best_state = stats.valid_ndcg10, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= train_cfg.patience:
+        if stopper.update(epoch, stats.valid_ndcg10):
             log.info("early stop: no better validation NDCG@10 for %d epochs", train_cfg.patience)
             break
         if out_of_time:
             log.info("stopping: --max-minutes %.1f reached", train_cfg.max_minutes)
             break
-    model.load_state_dict(best_state)
+    stopper.restore()
     model.eval()
-    return TrainResult(model=model, best_epoch=best_epoch, history=history)
+    return TrainResult(model=model, best_epoch=stopper.best_epoch, history=history)
 
 
 def evaluate_model(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
