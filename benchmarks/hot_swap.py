@@ -8,7 +8,10 @@ rate (open loop, as benchmarks/load_test.py), and --swaps times publishes a new 
 copy of the live one under a new name, written before the clock starts, as `recsys reindex`
 writes its folder before it flips), flips CURRENT and, with Redis, announces it on pub/sub.
 Reports per swap: ms from the flip to the first answer from the new version, ms to the last
-answer from the old one, and failed requests (non-200 or connection errors) over the run.
+answer from the old one, and failed requests (non-200 or connection errors) over the run; and the
+resident memory of the workers (sampled every 50 ms from /proc: RSS, private anon, mapped file)
+before the flip (one version held) and its peak until the swap is over (two versions held).
+--tree serves with the code of another checkout (as benchmarks/load_test.py --compare-ref).
 """
 
 from __future__ import annotations
@@ -37,6 +40,40 @@ def copy_version(root: Path, src: Path, name: str) -> None:
     (root / name / "manifest.json").write_text(json.dumps(manifest))
 
 
+def workers_of(pid: int) -> list[int]:
+    """The server's worker processes (its children; the server itself with --workers 1)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids or [pid]
+
+
+def memory_of(pid: int) -> tuple[float, float, float]:
+    """(RSS, RssAnon, RssFile) MiB of a process."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields.get("VmRSS", 0.0), fields.get("RssAnon", 0.0), fields.get("RssFile", 0.0)
+
+
+def worker_memory(pid: int) -> list[tuple[float, float, float]]:
+    return [memory_of(w) for w in sorted(workers_of(pid))]
+
+
+async def peak_memory(pid: int) -> list[tuple[float, float, float]]:
+    """Per worker, the sample with the highest RSS, until cancelled."""
+    peak = worker_memory(pid)
+    try:
+        while True:
+            await asyncio.sleep(0.05)
+            now = worker_memory(pid)
+            peak = [max(a, b) for a, b in zip(peak, now)]
+    except asyncio.CancelledError:
+        return peak
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", required=True, type=Path)
@@ -45,6 +82,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--redis", action="store_true", help="start a redis-server (needed for --workers > 1)")
     ap.add_argument("--poll-s", type=float, default=5.0, help="RECSYS_RELOAD_POLL_S of the server")
+    ap.add_argument("--tree", type=Path, help="serve with the code of this checkout (default: this one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -59,7 +97,8 @@ def main() -> int:
     redis_proc, redis_url = start_redis() if args.redis else (None, None)
     hist = histories_of(args.artifacts, 300)
     port = free_port()
-    server = start_server(scratch, port, args.workers, redis_url, poll_s=args.poll_s)
+    server = start_server(scratch, port, args.workers, redis_url, poll_s=args.poll_s,
+                          tree=args.tree.resolve() if args.tree else None)
     host = f"127.0.0.1:{port}"
     answers: list[tuple[float, str]] = []
     errors = 0
@@ -99,6 +138,8 @@ def main() -> int:
             name = f"swap{s}"
             await asyncio.to_thread(copy_version, scratch, scratch / "swap0", name)
             await asyncio.sleep(1.0)
+            before = worker_memory(server.pid)
+            sampler = asyncio.create_task(peak_memory(server.pid))
             flipped = time.perf_counter()
             set_current(scratch, name)
             if redis_url:
@@ -112,7 +153,9 @@ def main() -> int:
                 if time.perf_counter() - flipped > 60:
                     raise RuntimeError(f"{name} not served 60 s after the flip")
             old = [t for t, v in answers if t > flipped and v != name]
-            rows.append((name, (new[0] - flipped) * 1e3, ((max(old) if old else flipped) - flipped) * 1e3))
+            sampler.cancel()
+            peak = await sampler
+            rows.append((name, (new[0] - flipped) * 1e3, ((max(old) if old else flipped) - flipped) * 1e3, before, peak))
             await asyncio.sleep(1.0)
         stop.set()
         await loader
@@ -129,8 +172,11 @@ def main() -> int:
     manifest = json.loads((args.artifacts / live / "manifest.json").read_text())
     lines = [f"catalog {manifest['data']['name']} ({manifest['item_count']} items), {args.workers} worker(s), "
              f"{'Redis pub/sub + ' if redis_url else ''}polling every {args.poll_s} s, {args.rate:.0f} rps open loop",
-             f"{'swap':8s} {'first new answer ms':>20s} {'last old answer ms':>19s}"]
-    lines += [f"{n:8s} {a:20.0f} {b:19.0f}" for n, a, b in rows]
+             f"{'swap':8s} {'first new answer ms':>20s} {'last old answer ms':>19s}   worker MiB before flip "
+             f"(RSS/anon/file) -> peak during swap"]
+    lines += [f"{n:8s} {a:20.0f} {b:19.0f}   " + ", ".join(
+        f"{x[0]:.0f}/{x[1]:.0f}/{x[2]:.0f} -> {y[0]:.0f}/{y[1]:.0f}/{y[2]:.0f}" for x, y in zip(m0, m1))
+        for n, a, b, m0, m1 in rows]
     lines.append(f"requests answered: {len(answers)}, failed: {errors}; "
                  f"median first-new {np.median([r[1] for r in rows]):.0f} ms")
     text = "\n".join(lines) + "\n"

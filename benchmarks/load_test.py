@@ -2,6 +2,7 @@
 
     python benchmarks/load_test.py --artifacts DIR [--rates 50,100,200] [--duration 10] [--workers 2]
                                    [--users 1000] [--out benchmarks/results/load_NAME.txt]
+                                   [--compare-ref TREE]
 
 1. Starts `recsys serve` over DIR (in-process store, or --redis-url) on a free loopback port.
 2. Seeds the stored histories of --users real users of the version's data set (last 50 items
@@ -15,6 +16,13 @@
    behind shows its queueing delay instead of slowing the client down). Then, past the given
    rates, the rate climbs (x1.25) until p99 > --p99-limit-ms or errors appear; the table reports
    the highest rate that met it.
+
+--compare-ref TREE (before / after in one run): TREE is another checkout of this repository
+(e.g. `git worktree add /tmp/ref b2f5750`); its code serves the same artifacts, from the same
+virtual environment, next to this checkout's server, each with its own Redis database. Each
+phase (floor, low load, every rate of the climb) runs on both, alternating which goes first, so
+a machine whose load changes slows both alike; the table gives both and the after / before
+ratios. The load average is recorded with the table.
 
 The client is asyncio over raw keep-alive HTTP/1.1 connections (a new one when all are busy),
 ~30 us of CPU per request, and shares the machine's cores with the server: on the 2-core box
@@ -31,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -262,17 +271,24 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("redis-server did not answer PING in 10 s")
 
 
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """The environment that runs the code of checkout `tree` (None: this one) with this venv."""
+    if tree is None:
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None,
-                 poll_s: float = 0.0) -> subprocess.Popen[bytes]:
-    """`recsys serve` on `port`, once /readyz answers; poll_s is RECSYS_RELOAD_POLL_S (0 = never)."""
-    recsys = Path(sys.executable).with_name("recsys")
-    cmd = [str(recsys), "serve", "--artifacts", str(artifacts), "--port", str(port), "--workers", str(workers),
-           "--log-level", "warning"]
+                 poll_s: float = 0.0, tree: Path | None = None) -> subprocess.Popen[bytes]:
+    """`recsys serve` on `port`, once /readyz answers; poll_s is RECSYS_RELOAD_POLL_S (0 = never);
+    tree: serve with the code of that checkout (see --compare-ref)."""
+    cmd = [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+           "--workers", str(workers), "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
     # loopback only: writes (the seeded events) opened without a key (closed by default)
-    env = {**os.environ, "RECSYS_RELOAD_POLL_S": str(poll_s), "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    env = {**tree_env(tree), "RECSYS_RELOAD_POLL_S": str(poll_s), "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, cwd=tree)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -311,6 +327,40 @@ def fmt(r: RateResult) -> str:
     return (f"{r.rate:8.0f} {r.achieved:9.1f} {r.p50:8.2f} {r.p95:8.2f} {r.p99:8.2f} {r.errors:7d}   {mix}")
 
 
+def floor_of(tree: Path, artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, np.ndarray]:
+    """floor() run by the code of checkout `tree`, in a subprocess."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from load_test import floor; import numpy as np; "
+            "h = json.load(open(sys.argv[3])); "
+            "print(json.dumps({k: v.tolist() for k, v in floor(__import__('pathlib').Path(sys.argv[2]), h, "
+            "int(sys.argv[4])).items()}))")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(histories, f)
+        f.flush()
+        out = subprocess.run([sys.executable, "-c", code, str(tree / "benchmarks"), str(artifacts), f.name, str(reps)],
+                             env=tree_env(tree), cwd=tree, check=True, capture_output=True, text=True).stdout
+    return {k: np.asarray(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def load_average() -> str:
+    return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3]) + f" on {os.cpu_count()} cores"
+
+
+@dataclass
+class Side:
+    """One server under test: this checkout (tree None) or the reference one."""
+
+    label: str
+    tree: Path | None
+    artifacts: Path
+    port: int = 0
+    server: subprocess.Popen[bytes] | None = None
+    client: Client | None = None
+    bodies: list[bytes] = field(default_factory=list)
+    floor: dict[str, np.ndarray] = field(default_factory=dict)
+    seq: np.ndarray = field(default_factory=lambda: np.empty(0))
+    results: list[RateResult] = field(default_factory=list)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", required=True, type=Path)
@@ -324,9 +374,14 @@ def main() -> int:
     ap.add_argument("--floor-reps", type=int, default=2000)
     ap.add_argument("--redis", action="store_true", help="start a redis-server on a free loopback port and use it")
     ap.add_argument("--redis-url", help="use this Redis instead")
+    ap.add_argument("--compare-ref", type=Path, help="a checkout of the code to compare against (before / after)")
+    ap.add_argument("--ref-artifacts", type=Path, help="what --compare-ref serves (default: --artifacts), e.g. the "
+                                                         "same checkpoints published with the old index settings")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args()
+    args.artifacts = args.artifacts.resolve()  # the servers may run from another directory
+    args.ref_artifacts = (args.ref_artifacts or args.artifacts).resolve()
 
     hist = histories_of(args.artifacts, args.users)
     from service.artifacts import current_version
@@ -334,76 +389,131 @@ def main() -> int:
     manifest = json.loads((args.artifacts / current_version(args.artifacts) / "manifest.json").read_text())
     name = args.name or manifest["data"]["name"]
     store = "redis" if args.redis or args.redis_url else "in-process"
-    lines = [f"catalog: {name}, {manifest['item_count']} items, index {manifest['index']['kind']}, "
-             f"M={manifest['dims']['num_launchers']}, version {manifest['version']}",
-             f"server: recsys serve --workers {args.workers} ({store} store), "
-             f"client: same machine ({os.cpu_count()} cores), {len(hist)} users with stored histories"]
+    sides = [Side("after", None, args.artifacts)]
+    if args.compare_ref:
+        sides.insert(0, Side(f"before ({args.compare_ref})", args.compare_ref.resolve(), args.ref_artifacts))
+    lines = [f"catalog: {name}, {manifest['item_count']} items, M={manifest['dims']['num_launchers']}"]
+    for side in sides:
+        m = json.loads((side.artifacts / current_version(side.artifacts) / "manifest.json").read_text())["index"]
+        lines.append(f"[{side.label}] {side.artifacts}: index {m.get('factory', m['kind'])} "
+                     + " ".join(f"{k}={m[k]}" for k in ("nlist", "nprobe", "ef_search", "recall") if k in m))
+    lines += [f"server: recsys serve --workers {args.workers} ({store} store), "
+              f"client: same machine ({os.cpu_count()} cores), {len(hist)} users with stored histories",
+              f"start: {load_average()}"]
 
-    fl = floor(args.artifacts, list(hist.values()), args.floor_reps)
-    lines.append("\nin-process compute floor per request (ms, one thread, no HTTP/store):")
-    lines.append(f"{'stage':8s} {'p50':>7s} {'p99':>7s}")
-    for k, v in fl.items():
-        lines.append(f"{k:8s} {np.median(v):7.3f} {np.percentile(v, 99):7.3f}")
+    def turns(i: int) -> list[Side]:
+        """Both sides, the first one alternating with i."""
+        return sides if i % 2 == 0 else sides[::-1]
+
+    here = Path(__file__).resolve().parent.parent
+    for r in range(2 if len(sides) > 1 else 1):  # two rounds of half the reps each, alternating
+        for side in turns(r):
+            part = floor_of(side.tree or here, side.artifacts, list(hist.values()), args.floor_reps // len(sides))
+            side.floor = {k: np.concatenate([side.floor.get(k, np.empty(0)), v]) for k, v in part.items()}
+    for side in sides:
+        lines.append(f"\n[{side.label}] in-process compute floor per request (ms, one thread, no HTTP/store):")
+        lines.append(f"{'stage':8s} {'p50':>7s} {'p99':>7s}")
+        for k, v in side.floor.items():
+            lines.append(f"{k:8s} {np.median(v):7.3f} {np.percentile(v, 99):7.3f}")
     print("\n".join(lines), flush=True)
 
     redis_proc = None
     if args.redis and not args.redis_url:
         redis_proc, args.redis_url = start_redis()
-    port = free_port()
-    server = start_server(args.artifacts, port, args.workers, args.redis_url)
-    host = f"127.0.0.1:{port}"
-    results: list[RateResult] = []
     try:
-        client = Client("127.0.0.1", port)
+        for db, side in enumerate(sides):
+            side.port = free_port()
+            url = args.redis_url.rsplit("/", 1)[0] + f"/{db}" if args.redis_url else None
+            side.server = start_server(side.artifacts, side.port, args.workers, url, tree=side.tree)
 
-        async def run() -> np.ndarray:
-            await seed(client, hist, host)
-            await client.warm(32)
-            bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]
-            sequential(port, bodies, 200)  # warm-up
-            seq = sequential(port, bodies, 1000)
+        async def run() -> None:
+            for side in sides:
+                host = f"127.0.0.1:{side.port}"
+                side.client = Client("127.0.0.1", side.port)
+                await seed(side.client, hist, host)
+                await side.client.warm(32)
+                side.bodies = [post("/v1/recommend", {"user_id": u, "k": 10}, host) for u in hist]
+                sequential(side.port, side.bodies, 200)  # warm-up
+            for i in range(2):
+                for side in turns(i):
+                    side.seq = np.concatenate([side.seq, sequential(side.port, side.bodies, 500)])
             rates = [float(r) for r in args.rates.split(",")]
-            for rate in rates:
-                results.append(await open_loop(client, bodies, rate, args.duration))
-                print(fmt(results[-1]), flush=True)
-            rate = rates[-1]
-            while results[-1].p99 <= args.p99_limit_ms and results[-1].errors == 0 and rate < args.max_rate:
-                rate = round(rate * 1.25)
-                await asyncio.sleep(1.0)  # let the queue drain
-                results.append(await open_loop(client, bodies, rate, args.duration))
-                print(fmt(results[-1]), flush=True)
-            return seq
+            step = 0
 
-        seq = asyncio.run(run())
+            async def at(rate: float) -> None:
+                nonlocal step
+                for side in turns(step):
+                    if side.results and side.results[-1].rate != rate and not ok(side.results[-1]):
+                        continue  # this side already failed a lower rate
+                    assert side.client is not None
+                    await asyncio.sleep(1.0)  # let the queue drain
+                    side.results.append(await open_loop(side.client, side.bodies, rate, args.duration))
+                    print(f"{side.label[:6]:6s} {fmt(side.results[-1])}", flush=True)
+                step += 1
+
+            def ok(r: RateResult) -> bool:
+                return r.p99 <= args.p99_limit_ms and r.errors == 0
+
+            for rate in rates:
+                await at(rate)
+            rate = rates[-1]
+            while any(ok(s.results[-1]) for s in sides) and rate < args.max_rate:
+                rate = round(rate * 1.25)
+                await at(rate)
+
+        asyncio.run(run())
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        for side in sides:
+            if side.server is not None:
+                os.killpg(side.server.pid, signal.SIGTERM)
+                side.server.wait(timeout=30)
         if redis_proc is not None:
             redis_proc.terminate()
 
-    e2e, fl50 = float(np.median(seq)), float(np.median(fl["sum"]))
-    lines.append(f"\nlow load, one request in flight (1000 requests): end-to-end p50 {e2e:.3f} ms, p99 "
-                 f"{np.percentile(seq, 99):.3f} ms; floor p50 {fl50:.3f} ms; end-to-end / floor = {e2e / fl50:.2f}")
-    lines.append(f"\nopen loop, {args.duration:.0f} s per rate (latency from the scheduled send time, ms):")
-    lines.append(f"{'rate':>8s} {'achieved':>9s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'errors':>7s}   served_by")
-    lines += [fmt(r) for r in results]
-    lines.append(f"(requests retried once on a new connection after the server closed an idle one: "
-                 f"{client.stale_retries})")
-    good = [r.rate for r in results if r.p99 <= args.p99_limit_ms and r.errors == 0]
-    lines.append(f"highest rate with p99 <= {args.p99_limit_ms:.0f} ms and no errors: "
-                 f"{max(good) if good else 'none'} rps"
-                 + (" (the --max-rate cap)" if good and max(good) >= args.max_rate else ""))
+    lines.append(f"end: {load_average()}")
+    summary: dict[str, dict[str, float]] = {}
+    for side in sides:
+        assert side.client is not None
+        e2e, fl50 = float(np.median(side.seq)), float(np.median(side.floor["sum"]))
+        good = [r.rate for r in side.results if r.p99 <= args.p99_limit_ms and r.errors == 0]
+        at200 = [r.p99 for r in side.results if r.rate == 200]
+        summary[side.label] = {"e2e": e2e, "floor": fl50, "ratio": e2e / fl50, "peak": max(good) if good else 0.0,
+                               "p99_200": at200[0] if at200 else float("nan")}
+        lines.append(f"\n[{side.label}] low load, one request in flight ({side.seq.size} requests): end-to-end p50 "
+                     f"{e2e:.3f} ms, p99 {np.percentile(side.seq, 99):.3f} ms; floor p50 {fl50:.3f} ms; "
+                     f"end-to-end / floor = {e2e / fl50:.2f}")
+        lines.append(f"[{side.label}] open loop, {args.duration:.0f} s per rate (latency from the scheduled send "
+                     "time, ms):")
+        lines.append(f"{'rate':>8s} {'achieved':>9s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'errors':>7s}   served_by")
+        lines += [fmt(r) for r in side.results]
+        lines.append(f"(requests retried once on a new connection after the server closed an idle one: "
+                     f"{side.client.stale_retries})")
+        lines.append(f"highest rate with p99 <= {args.p99_limit_ms:.0f} ms and no errors: "
+                     f"{max(good) if good else 'none'} rps"
+                     + (" (the --max-rate cap)" if good and max(good) >= args.max_rate else ""))
+    if len(sides) > 1:
+        b, a = (summary[s.label] for s in sides)
+        lines.append("\nafter / before (same run): " + ", ".join(
+            f"{k} {a[k]:.3f} / {b[k]:.3f} = {a[k] / b[k]:.2f}" if b[k] else f"{k} {a[k]:.3f} / {b[k]:.3f}"
+            for k in ("peak", "p99_200", "e2e", "floor", "ratio")))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         from training.report import save_benchmark
 
         save_benchmark(args.out, text)
+        last = sides[-1]  # this checkout: the top-level keys benchmarks/plot_load.py reads
         (args.out.with_suffix(".json")).write_text(json.dumps(
-            {"name": name, "items": manifest["item_count"], "e2e_p50": e2e, "floor_p50": fl50,
-             "floor": {k: float(np.median(v)) for k, v in fl.items()},
+            {"name": name, "items": manifest["item_count"], "summary": summary,
+             "e2e_p50": float(np.median(last.seq)), "floor_p50": float(np.median(last.floor["sum"])),
+             "floor": {k: float(np.median(v)) for k, v in last.floor.items()},
              "rates": [{k: getattr(r, k) for k in ("rate", "achieved", "p50", "p95", "p99", "errors")}
-                       for r in results]}, indent=1))
+                       for r in last.results],
+             "sides": {s.label: {"e2e_p50": float(np.median(s.seq)), "floor_p50": float(np.median(s.floor["sum"])),
+                                 "floor": {k: float(np.median(v)) for k, v in s.floor.items()},
+                                 "rates": [{k: getattr(r, k) for k in ("rate", "achieved", "p50", "p95", "p99",
+                                                                        "errors")} for r in s.results]}
+                       for s in sides}}, indent=1))
     return 0
 
 

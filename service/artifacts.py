@@ -5,6 +5,14 @@ file is. Nothing here parses a file name: paths come from the manifest's "files"
 must be a plain file name inside the version folder (no path separators, no dot files, no symlink
 out of it). Every problem of any kind (a bad value, a truncated zip, undecodable bytes, ...) is
 an :class:`ArtifactError` naming the folder, the file and what is wrong.
+
+Arrays are memory-mapped by default (`mmap=True`): items.npy, the pre-rank item heads, the
+re-rank item features and the catalog's arrays are opened read-only from the page cache and the
+FAISS index is read with IO_FLAG_MMAP_IFC, so loading a 1M-item version reads headers instead of
+~0.6 GB (and retrieval.onnx keeps its weights, the item table, in retrieval.onnx.data, which ONNX
+Runtime maps: files.retrieval_onnx_data), two versions of a worker (or two workers) share the pages of the same files, and a page
+is read from disk only when a request touches it. A published version's files never change in
+place (a new version is a new folder), which is what mapping them needs.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -22,6 +31,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from service.ids import ItemIndex
 from service.index import load_index, search_fused
 from service.prerank import score_candidates
 
@@ -35,6 +45,7 @@ REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims"
 REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
                   "prerank_features")
 RERANK_FILES = ("rerank_onnx", "rerank_items")
+OPTIONAL_FILES = ("retrieval_onnx_data",)
 # the served cuts in order; a version serves a non-empty prefix (manifest `serving.stages`, set
 # by the publish gate). service.pipeline uses this one tuple.
 STAGES = ("retrieval", "prerank", "rerank")
@@ -66,7 +77,7 @@ class LoadedVersion:
     path: Path
     manifest: dict[str, Any]
     item_ids: np.ndarray
-    id_to_index: dict[str, int]
+    id_to_index: ItemIndex
     popularity: np.ndarray
     item_features: dict[str, np.ndarray]
     vocab: dict[str, list[str]]
@@ -110,14 +121,17 @@ def current_version(artifacts_root: str | Path) -> str:
     return name
 
 
-def load_current(artifacts_root: str | Path) -> LoadedVersion:
+def load_current(artifacts_root: str | Path, mmap: bool = True) -> LoadedVersion:
     """Load the version that artifacts_root/CURRENT names."""
     root = Path(artifacts_root)
-    return load_version(root / current_version(root))
+    return load_version(root / current_version(root), mmap=mmap)
 
 
-def load_version(path: str | Path) -> LoadedVersion:
+def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
     """Load and validate the version folder `path`; raises ArtifactError on any problem.
+
+    mmap: map the arrays and the index read-only (see the module docstring); False reads them
+    into memory (the same values).
 
     Whatever goes wrong while a file is read or checked (an ArtifactError from the checks, or any
     other exception from json / NumPy / zipfile / FAISS / ONNX Runtime on a corrupt file) comes
@@ -132,14 +146,14 @@ def load_version(path: str | Path) -> LoadedVersion:
         yield
 
     try:
-        return _load(folder, file)
+        return _load(folder, file, mmap)
     except ArtifactError:
         raise
     except Exception as exc:  # noqa: BLE001  any failure of any kind is a version we cannot serve
         raise ArtifactError(f"{folder}: {reading[0]} does not load: {type(exc).__name__}: {exc}") from exc
 
 
-def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> LoadedVersion:
+def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mmap: bool) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
     manifest = _read_manifest(folder)
@@ -149,7 +163,8 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> 
         raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
     has_rerank = manifest.get("rerank") is not None
     _check_serving(folder / MANIFEST, manifest.get("serving"), has_rerank)
-    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ())
+    # retrieval.onnx.data (optional): the graph's weights, which ONNX Runtime maps from there
+    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ()) + tuple(k for k in OPTIONAL_FILES if k in files)
     for key in needed:
         if key not in files:
             raise ArtifactError(f"{folder / MANIFEST}: files.{key} is missing")
@@ -159,17 +174,18 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> 
 
     dims = manifest["dims"]
     with file(files["items"]):
-        items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")))
+        items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")), mmap)
     with file(files["index"]):
         try:
-            index = load_index(folder / files["index"], num_threads=None)  # threads: RECSYS_COMPUTE_THREADS (main.py)
+            # threads: RECSYS_COMPUTE_THREADS (main.py)
+            index = load_index(folder / files["index"], num_threads=None, mmap=mmap, expect=manifest["index"])
         except (RuntimeError, ValueError) as exc:
             raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
         if int(index.ntotal) != n or int(index.d) != items.shape[1]:
             raise ArtifactError(f"{folder}: {files['index']} holds {index.ntotal} vectors of D={index.d}, "
                                 f"expected item_count={n} of D={items.shape[1]}")
     with file(files["catalog"]):
-        catalog = _load_catalog(folder / files["catalog"], n)
+        catalog = _load_catalog(folder / files["catalog"], n, mmap)
         item_ids = catalog.pop("item_ids")
         popularity = catalog.pop("popularity")
         vocab = {k.split(":", 1)[1]: v.tolist() for k, v in catalog.items() if k.startswith("vocab:")}
@@ -179,13 +195,13 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> 
         heads = dims.get("prerank_item_heads", (None, None))
         if not isinstance(heads, list | tuple) or len(heads) != 2:
             raise ArtifactError(f"{folder / MANIFEST}: dims.prerank_item_heads must be [G, d], got {heads!r}")
-        prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *heads))
+        prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *heads), mmap)
     rerank = rerank_items = None
     if has_rerank:
         with file(files["rerank_onnx"]):
             rerank = _session(folder, files["rerank_onnx"])
         with file(files["rerank_items"]):
-            rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")))
+            rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")), mmap)
     with file(files["prerank_features"]):
         prerank_features = _read_json(folder / files["prerank_features"])
         missing = [k for k in ("user", "history_len") if not isinstance(prerank_features, dict) or k not in prerank_features]
@@ -197,7 +213,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]]) -> 
         prerank_user = _session(folder, files["prerank_user_onnx"])
     loaded = LoadedVersion(
         version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
-        id_to_index={str(x): i for i, x in enumerate(item_ids.tolist()) if i > 0},
+        id_to_index=ItemIndex(item_ids),
         popularity=popularity, item_features=features, vocab=vocab,
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
@@ -313,11 +329,14 @@ def _confined(folder: Path, key: str, name: object) -> None:
         raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
 
 
-def _load_catalog(path: Path, n: int) -> dict[str, np.ndarray]:
+def _load_catalog(path: Path, n: int, mmap: bool) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+        if mmap:
+            arrays = _map_npz(path)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: does not load: {exc}") from None
     for key in ("item_ids", "popularity"):
         if key not in arrays:
@@ -329,9 +348,39 @@ def _load_catalog(path: Path, n: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _load_npy(folder: Path, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+def _map_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, each memory-mapped read-only where the member is stored
+    uncompressed (np.savez), else read (np.savez_compressed); vocab arrays are small and read."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            key = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED or key.startswith("vocab:"):
+                with z.open(info) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: name and extra field lengths at 26 and 28
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"member {info.filename}: bad local header")
+            f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                   + int.from_bytes(local[28:30], "little"))
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in header:
+                raise ValueError(f"member {info.filename}: .npy format {version} is not supported")
+            shape, fortran, dtype = header[version](f)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename} holds Python objects")
+            # np.asarray: a plain ndarray view of the map (the np.memmap subclass costs on every slice)
+            arrays[key] = np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                               order="F" if fortran else "C")) if int(np.prod(shape)) else np.empty(shape, dtype)
+    return arrays
+
+
+def _load_npy(folder: Path, name: str, shape: tuple[int | None, ...], mmap: bool = True) -> np.ndarray:
     try:
-        arr = np.load(folder / name, allow_pickle=False)
+        arr = np.asarray(np.load(folder / name, allow_pickle=False, mmap_mode="r" if mmap else None))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{folder}: {name} does not load: {exc}") from None
     if arr.dtype != np.float32:

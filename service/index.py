@@ -193,14 +193,49 @@ def build_index(items: ArrayLike, spec: IndexSpec | None = None) -> faiss.Index:
     return index
 
 
+def factory_string(index: faiss.Index) -> str:
+    """The faiss.index_factory description of ``index`` ("Flat", "IVF632,Flat", "HNSW32,Flat");
+    recorded in the manifest and checked when a version is loaded."""
+    if isinstance(index, faiss.IndexRefineFlat):  # an approximate index whose top k_factor * k are re-scored exactly
+        return f"{factory_string(faiss.downcast_index(index.base_index))},RFlat"
+    if isinstance(index, faiss.IndexIVFPQFastScan):
+        return f"IVF{int(index.nlist)},PQ{int(index.pq.M)}x{int(index.pq.nbits)}fs"
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return f"HNSW{int(index.hnsw.nb_neighbors(1))},Flat"  # type: ignore[attr-defined]
+    if isinstance(index, faiss.IndexIVFFlat):
+        return f"IVF{int(index.nlist)},Flat"
+    if isinstance(index, faiss.IndexFlat):
+        return "Flat"
+    return type(index).__name__
+
+
+def search_params(index: faiss.Index) -> str:
+    """The search parameters of ``index`` as a faiss.ParameterSpace string ("nprobe=64",
+    "efSearch=256", "nprobe=32,k_factor_rf=4"; "" for an exact index)."""
+    parts = []
+    if isinstance(index, faiss.IndexRefine):
+        base = faiss.downcast_index(index.base_index)
+        parts.append(search_params(base))
+        parts.append(f"k_factor_rf={int(index.k_factor)}")
+    elif isinstance(index, faiss.IndexIVF):
+        parts.append(f"nprobe={int(index.nprobe)}")
+    elif isinstance(index, faiss.IndexHNSW):
+        parts.append(f"efSearch={int(index.hnsw.efSearch)}")
+    return ",".join(p for p in parts if p)
+
+
 def index_params(index: faiss.Index) -> dict[str, Any]:
-    """Kind and search parameters read back from ``index`` (for the manifest and logs)."""
-    params: dict[str, Any] = {"ntotal": int(index.ntotal), "dim": int(index.d)}
+    """Kind, factory string and search parameters read back from ``index`` (for the manifest and logs)."""
+    params: dict[str, Any] = {"ntotal": int(index.ntotal), "dim": int(index.d), "factory": factory_string(index),
+                              "search_params": search_params(index)}
     if isinstance(index, faiss.IndexHNSW):
         # nb_neighbors exists at run time; faiss's SWIG type stubs do not declare it
         params.update(kind="hnsw", hnsw_m=int(index.hnsw.nb_neighbors(1)),  # type: ignore[attr-defined]
                       ef_construction=int(index.hnsw.efConstruction),
                       ef_search=int(index.hnsw.efSearch))
+    elif isinstance(index, faiss.IndexRefine):
+        ivf = faiss.extract_index_ivf(index)
+        params.update(kind="ivfpq", nlist=int(ivf.nlist), nprobe=int(ivf.nprobe), k_factor=float(index.k_factor))
     elif isinstance(index, faiss.IndexIVF):
         params.update(kind="ivf", nlist=int(index.nlist), nprobe=int(index.nprobe))
     elif isinstance(index, faiss.IndexFlat):
@@ -367,19 +402,53 @@ def ann_recall(index: faiss.Index, items: ArrayLike, queries: ArrayLike, k: int 
     return hits / (q.shape[0] * k)
 
 
+def _honour(index: faiss.Index, expect: dict[str, Any], path: Path) -> None:
+    """Check the index at ``path`` against the manifest's index block and apply its search parameters."""
+    want = expect.get("factory")
+    if want is not None and want != factory_string(index):
+        raise ValueError(f"index at {path} is {factory_string(index)!r}, the manifest says {want!r}")
+    if expect.get("search_params"):  # the general form: a faiss.ParameterSpace string
+        try:
+            # the SWIG method is overloaded (index, name, value) / (index, string); its stub knows the first
+            faiss.ParameterSpace().set_index_parameters(index, str(expect["search_params"]))  # type: ignore[arg-type]
+        except RuntimeError as exc:
+            raise ValueError(f"manifest index.search_params {expect['search_params']!r}: {exc}") from None
+        return
+    nprobe, ef = expect.get("nprobe"), expect.get("ef_search")
+    if isinstance(index, faiss.IndexIVF) and nprobe is not None:
+        if not _is_int(nprobe) or not 1 <= nprobe <= index.nlist:
+            raise ValueError(f"manifest index.nprobe must be an integer in 1..{index.nlist}, got {nprobe!r}")
+        index.nprobe = int(nprobe)
+    if isinstance(index, faiss.IndexHNSW) and ef is not None:
+        if not _is_int(ef) or ef < 1:
+            raise ValueError(f"manifest index.ef_search must be an integer >= 1, got {ef!r}")
+        index.hnsw.efSearch = int(ef)
+
+
 def save_index(index: faiss.Index, path: str | Path) -> None:
     """Write ``index`` (with its search parameters, e.g. nprobe / efSearch) to ``path``."""
     faiss.write_index(index, str(path))
 
 
-def load_index(path: str | Path, num_threads: int | None = SEARCH_THREADS) -> faiss.Index:
-    """Read an inner-product index from ``path``; set FAISS threads unless num_threads is None."""
+def load_index(path: str | Path, num_threads: int | None = SEARCH_THREADS, mmap: bool = False,
+               expect: dict[str, Any] | None = None) -> faiss.Index:
+    """Read an inner-product index from ``path``; set FAISS threads unless num_threads is None.
+
+    mmap: map the file read-only (IO_FLAG_MMAP_IFC: flat codes, IVF lists and HNSW vectors are
+    used in place, so the read takes milliseconds at 1M items instead of ~0.3 s per 256 MB, and
+    the pages are shared with every process mapping the same file). expect: the manifest's index
+    block; its "factory" must match the file's, and its search parameters ("search_params", a
+    faiss.ParameterSpace string, else "nprobe" / "ef_search") are applied, so the manifest says
+    how the index is searched.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"index file not found: {p}")
-    index = faiss.read_index(str(p))
+    index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError(f"index at {p} uses metric {index.metric_type}, expected inner product")
+    if expect is not None:
+        _honour(index, expect, p)
     if num_threads is not None:
         set_faiss_threads(num_threads)
     logger.info("loaded index from %s: %s", p, index_params(index))

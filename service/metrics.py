@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -48,20 +49,30 @@ class Metrics:
         self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
                                  multiprocess_mode="liveall")
         self._evictions_seen = 0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
                              registry=r, multiprocess_mode="liveall")
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """metric.labels(*labels), kept: labels() validates and locks on every call (about as
+        long as the observation itself), and the label sets here are few (stages, reasons, routes)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_recommendation(self, served_by: str, timings_ms: Mapping[str, float], unknown_items: int) -> None:
         """served_by is 'stage[;reason...]' as the pipeline reports it."""
         stage, *reasons = served_by.split(";")
-        self.served_by.labels(stage).inc()
+        self.child(self.served_by, stage).inc()
         for reason in reasons:
-            self.fallbacks.labels(reason).inc()
+            self.child(self.fallbacks, reason).inc()
         if stage == "popularity" and not reasons:
-            self.fallbacks.labels("no_history").inc()
+            self.child(self.fallbacks, "no_history").inc()
         for name, ms in timings_ms.items():
             if name in STAGES:
-                self.stage_seconds.labels(name).observe(ms / 1000.0)
+                self.child(self.stage_seconds, name).observe(ms / 1000.0)
         if unknown_items:
             self.unknown_items.inc(unknown_items)
 

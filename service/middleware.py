@@ -95,7 +95,7 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(template, scope["method"], str(status)).observe(
-                time.perf_counter() - start)
+            m = self.metrics
+            m.child(m.request_seconds, template, scope["method"], str(status)).observe(time.perf_counter() - start)
             if status >= 400:
-                self.metrics.errors.labels(template, str(status)).inc()
+                m.child(m.errors, template, str(status)).inc()

@@ -132,9 +132,9 @@ class Recommender:
 
     def to_indices(self, item_ids: list[str]) -> tuple[np.ndarray, int]:
         """External ids -> internal indices (order kept) and the number of unknown ids skipped."""
-        idx = [self.v.id_to_index.get(x, 0) for x in item_ids]
-        known = np.asarray([i for i in idx if i > 0], np.int64)
-        return known, len(idx) - known.size
+        idx = self.v.id_to_index.lookup(item_ids)  # (n,), 0 = unknown
+        known = idx[idx > 0]
+        return known, len(item_ids) - known.size
 
     def popularity(self, k: int, banned: np.ndarray, allowed: np.ndarray | None = None) -> list[RecommendedItem]:
         """The k most popular items outside `banned` (and inside `allowed`, an (N + 1,) mask)."""

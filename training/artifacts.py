@@ -256,9 +256,10 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                  "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
         "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
                   "index": INDEX_FAISS, "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
-                  "prerank_features": pr.FEATURES},
+                  "prerank_features": pr.FEATURES,
+                  **({"retrieval_onnx_data": f"{onnx_path.name}.data"} if Path(f"{onnx_path}.data").is_file() else {})},
         "catalog": {**items.info, "max_popularity": int(items.catalog["popularity"].max())},
-        "retrieval": {"source": str(src.ret_dir), "model": "MultiLauncherSASRec", "config": cfg.to_dict(),
+        "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
                       "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
                       "outputs": {"user_vectors": ["B", cfg.num_launchers, cfg.dim, "float32"]}},

@@ -73,7 +73,7 @@ def cold_start_embeddings(table: np.ndarray, catalog: ItemCatalog, n_trained: in
 
 def extend_retrieval(model: MultiLauncherSASRec, table: np.ndarray) -> MultiLauncherSASRec:
     """A copy of `model` whose item embedding table is `table` (N + 1, D), row 0 padding."""
-    grown = MultiLauncherSASRec(dataclasses.replace(model.config, num_items=table.shape[0] - 1))
+    grown = type(model)(dataclasses.replace(model.config, num_items=table.shape[0] - 1))  # any encoder
     state = model.state_dict()
     state["item_embedding.weight"] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
     grown.load_state_dict(state)

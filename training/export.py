@@ -50,7 +50,12 @@ def export_retrieval(model: MultiLauncherSASRec, out_dir: str | Path) -> tuple[P
             verbose=False,
         )
     assert program is not None
-    program.save(str(onnx_path))
+    # weights (the (N + 1, D) item table above all) in retrieval.onnx.data: ONNX Runtime maps that
+    # file instead of parsing it out of the graph (1M items: session 5-6 s -> ~0 s, and no private
+    # copy of the table per worker; service/artifacts.py)
+    for stale in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    program.save(str(onnx_path), external_data=True)
     items_path = out / ITEMS_NPY
     np.save(items_path, model.item_embeddings().detach().numpy().astype(np.float32))
     return onnx_path, items_path

@@ -4,8 +4,17 @@ Loss (reference: multi-launcher-retrieval.md), at every position with a next ite
     s_l(i) = <u_l, e_i>,  s*(i) = max_l s_l(i),  l* = argmax_l s_l(y)
     loss = -log( exp(s_{l*}(y)) / (sum_l exp(s_l(y)) + sum_{i != y} exp(s*(i))) )
 i.e. cross-entropy over [s_1(y) .. s_M(y), s*(i) for i != y] with target l*. With M = 1 this
-is the plain SASRec cross-entropy at every position. Negatives are the full catalog, or K
-uniformly sampled items shared by the batch (--num-negatives K) for large catalogs.
+is the plain SASRec cross-entropy at every position. Negatives are the full catalog, or
+sampled (NegativeSampler, for large catalogs): K items shared by the batch drawn uniformly or in
+proportion to their popularity as training targets (--num-negatives K --sampler ...), or the
+batch's own targets (--sampler in-batch). A sampled negative's logit is logQ-corrected,
+s(i) - log(K q(i) / c(i)) for an item drawn c(i) times out of K with probability q(i) per draw,
+so sum_i c(i) exp(s(i) - log(K q(i) / c(i))) = sum_draws exp(s) / (K q) is the importance-sampled
+estimate of the full softmax's sum over the catalog (Bengio & Senecal 2008; Yi et al. 2019 for
+in-batch negatives); the positive is not corrected.
+
+MIND (training.encoders) trains with label-aware attention instead of max-fusion
+(label_aware_loss); SASRec, multi-launcher SASRec and HSTU with max_fusion_loss.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,8 +33,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from models.mind import MIND
+from models.sasrec import MultiLauncherSASRec
 from training import distributed
+from training.encoders import RetrievalConfig, build_model, encoder_of, model_from_dict
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
 from training.early_stopping import EarlyStopping
@@ -34,6 +45,8 @@ from training.metrics import KS, Scorer, evaluate_retrieval, mask_seen
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+Sampler = Literal["uniform", "popularity", "in-batch"]
+SAMPLERS = ("uniform", "popularity", "in-batch")
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,9 @@ class RetrievalTrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    num_negatives: int = 0  # 0 = full softmax over the catalog
+    num_negatives: int = 0  # 0 = full softmax over the catalog (unless sampler = "in-batch")
+    sampler: Sampler = "uniform"  # how the num_negatives shared negatives are drawn
+    logq: bool = True  # subtract log(K q / c) from each sampled negative's logit
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     seed: int = 0
     max_minutes: float | None = None
@@ -54,6 +69,10 @@ class RetrievalTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "in-batch" and self.num_negatives:
+            raise ValueError("in-batch negatives are the batch's targets: num_negatives must be 0 with sampler 'in-batch'")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
 
@@ -76,12 +95,17 @@ class TrainResult:
 
 
 def max_fusion_loss(
-    user: torch.Tensor, items: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None = None
+    user: torch.Tensor,
+    items: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-fusion cross-entropy.
 
     user (P, M, D) launcher vectors, items (N + 1, D) embeddings with row 0 = padding,
-    target (P,) item ids, negatives (K,) sampled item ids or None for the full catalog.
+    target (P,) item ids, negatives (K',) sampled item ids or None for the full catalog,
+    log_q (K',) the logQ correction subtracted from each negative's logit (None: none).
     Returns (mean loss, (P,) index of the launcher that matched the target best).
     """
     if user.shape[1] == 1 and negatives is None:
@@ -97,9 +121,89 @@ def max_fusion_loss(
         neg = neg.scatter(1, target[:, None], float("-inf"))  # i != y
     else:
         neg = torch.einsum("pmd,kd->pmk", user, items[negatives]).amax(dim=1)  # (P, K)
+        if log_q is not None:
+            neg = neg - log_q[None, :]
         neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, best), best
+
+
+def label_aware_loss(
+    user: torch.Tensor,
+    items: torch.Tensor,
+    target: torch.Tensor,
+    power: float,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIND's training loss: label-aware attention over the K interests, then cross-entropy.
+
+    user (P, K, D) interests, items (N + 1, D), target (P,); v = sum_k a_k u_k with
+    a = softmax_k(power * <u_k, e_y>) (MIND eq. 9), logits <v, e_i> over the catalog or over
+    [target, negatives] with the logQ correction. Returns (mean loss, (P,) argmax_k a_k).
+    """
+    att = (torch.einsum("pkd,pd->pk", user, items[target]) * power).softmax(dim=1)  # (P, K)
+    v = torch.einsum("pk,pkd->pd", att, user)  # (P, D)
+    best = att.detach().argmax(dim=1)
+    if negatives is None:
+        logits = v @ items.T  # (P, N + 1)
+        logits = logits.index_fill(1, torch.tensor([0], device=logits.device), float("-inf"))
+        return F.cross_entropy(logits, target), best
+    pos = (v * items[target]).sum(dim=1, keepdim=True)  # (P, 1)
+    neg = v @ items[negatives].T  # (P, K')
+    if log_q is not None:
+        neg = neg - log_q[None, :]
+    neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(target)), best
+
+
+class NegativeSampler:
+    """Shared negatives for a batch, with their logQ corrections.
+
+    q: (N + 1,) probability of drawing each item in one draw (row 0 = padding, q = 0): uniform
+    over 1..N, or proportional to each item's count as a training target ("popularity"; the
+    in-batch sampler draws with that same q, since a batch's targets are such draws).
+    draw() returns (K',) distinct item ids and (K',) log(K q(i) / c(i)), c(i) = times drawn.
+    """
+
+    def __init__(self, kind: Sampler, target_counts: np.ndarray, num_negatives: int, logq: bool = True) -> None:
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
+        counts = np.asarray(target_counts, dtype=np.float64).copy()
+        counts[0] = 0.0
+        if kind == "uniform":
+            counts[1:] = 1.0
+        if counts.sum() <= 0:
+            raise ValueError("no training targets to sample negatives from")
+        self.kind, self.num_negatives, self.logq = kind, num_negatives, logq
+        self.q = counts / counts.sum()
+        self._cdf = np.cumsum(self.q)
+
+    def draw(self, rng: np.random.Generator, batch_targets: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.kind == "in-batch":
+            assert batch_targets is not None
+            drawn = batch_targets[batch_targets != 0]
+        else:  # inverse-CDF sampling: O(K log N), also for a 1M-item catalog
+            u = rng.random(self.num_negatives) * self._cdf[-1]
+            drawn = np.minimum(np.searchsorted(self._cdf, u, side="right"), self.q.size - 1)
+        ids, counts = np.unique(drawn, return_counts=True)
+        log_q = np.log(drawn.size * self.q[ids] / counts) if self.logq else None
+        return torch.from_numpy(ids.astype(np.int64)), None if log_q is None else torch.from_numpy(log_q).float()
+
+
+def encoder_loss(
+    model: nn.Module,
+    user: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of `model`'s encoder: label-aware for MIND, max-fusion otherwise."""
+    items = model.item_embedding.weight
+    if isinstance(model, MIND):
+        return label_aware_loss(user, items, target, model.config.label_power, negatives, log_q)
+    return max_fusion_loss(user, items, target, negatives, log_q)
 
 
 def model_scorer(model: MultiLauncherSASRec, batch_size: int = 512) -> Scorer:
@@ -172,6 +276,8 @@ def warm_start(model: MultiLauncherSASRec, source: MultiLauncherSASRec, noise: f
     small noise (so the M routes start near the trained single route and can drift apart);
     with independent init, or a launcher-less source, they keep their fresh Xavier values.
     """
+    if encoder_of(model) != "sasrec" or encoder_of(source) != "sasrec":
+        raise ValueError(f"cannot warm-start {encoder_of(model)} from {encoder_of(source)}: only sasrec from sasrec")
     a, b = model.config, source.config
     for name in ("num_items", "maxlen", "dim", "num_blocks", "num_heads"):
         if getattr(a, name) != getattr(b, name):
@@ -187,7 +293,7 @@ def warm_start(model: MultiLauncherSASRec, source: MultiLauncherSASRec, noise: f
 
 def train_retrieval(
     split: LeaveOneOut,
-    model_cfg: SASRecConfig,
+    model_cfg: RetrievalConfig,
     train_cfg: RetrievalTrainConfig,
     progress: bool = True,
     init_from: MultiLauncherSASRec | None = None,
@@ -203,7 +309,7 @@ def train_retrieval(
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     rng = np.random.default_rng(train_cfg.seed)  # the same batches and negatives on every rank
-    model = MultiLauncherSASRec(model_cfg)
+    model = build_model(model_cfg)
     if init_from is not None:
         warm_start(model, init_from)
     net: nn.Module = model
@@ -212,7 +318,10 @@ def train_retrieval(
         torch.manual_seed(train_cfg.seed + rank)  # different dropout masks per rank
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     inputs, targets = _training_pairs(split, model_cfg.maxlen)
-    n_items = model_cfg.num_items
+    sampler = None
+    if train_cfg.num_negatives or train_cfg.sampler == "in-batch":
+        counts = np.bincount(targets.ravel(), minlength=model_cfg.num_items + 1)
+        sampler = NegativeSampler(train_cfg.sampler, counts, train_cfg.num_negatives, train_cfg.logq)
     M = max(model_cfg.num_launchers, 1)
     history: list[EpochStats] = []
     stopper = EarlyStopping(model, train_cfg.patience, score=-1.0)  # every NDCG beats -1
@@ -231,11 +340,11 @@ def train_retrieval(
             y = torch.from_numpy(targets[idx])
             user = net(x)  # (B, L, M, D)
             valid = y != 0
-            negatives = None
-            if train_cfg.num_negatives:
-                negatives = torch.from_numpy(rng.integers(1, n_items + 1, size=train_cfg.num_negatives))
+            negatives = log_q = None
+            if sampler is not None:  # the same draw on every rank (in-batch: the global batch's targets)
+                negatives, log_q = sampler.draw(rng, targets[order[start : start + train_cfg.batch_size]])
             if valid.any():
-                loss, best = max_fusion_loss(user[valid], model.item_embedding.weight, y[valid], negatives)
+                loss, best = encoder_loss(model, user[valid], y[valid], negatives, log_q)
                 loss = loss * (int(valid.sum()) / global_valid)  # this rank's share of the batch mean
                 assign += np.bincount(best.numpy(), minlength=M)
             else:  # an empty shard still joins DDP's gradient all-reduce, with zero gradients
@@ -311,6 +420,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "kind": "retrieval",
+        "encoder": encoder_of(model),
         "model_config": model.config.to_dict(),
         "state_dict": model.state_dict(),
         "data": data_spec,
@@ -333,7 +443,8 @@ def load_checkpoint(path: str | Path) -> tuple[MultiLauncherSASRec, dict[str, An
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("kind") != "retrieval":
         raise ValueError(f"{path}: not a retrieval checkpoint (kind={payload.get('kind')!r})")
-    model = MultiLauncherSASRec(SASRecConfig(**payload["model_config"]))
+    # checkpoints from before the encoder choice are SASRec
+    model = model_from_dict(payload.get("encoder", "sasrec"), payload["model_config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, payload

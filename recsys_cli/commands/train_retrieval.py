@@ -1,4 +1,5 @@
-"""`recsys train retrieval`: train the multi-launcher SASRec and report test metrics."""
+"""`recsys train retrieval`: train a retrieval encoder (multi-launcher SASRec, HSTU or MIND) and report
+test metrics."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import argparse
 import sys
 from contextlib import nullcontext
 
+from models.hstu import HSTUConfig
+from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
 from recsys_cli.commands.common import add_data_arg
 from recsys_cli.errors import UsageError
 from training import distributed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
+from training.encoders import ENCODERS, RetrievalConfig
 from training.report import result, table, timed, write_json
 from training.retrieval import (
+    SAMPLERS,
     RetrievalTrainConfig,
     describe,
     evaluate_model,
@@ -34,6 +39,14 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         "validates, prints and writes the checkpoint).",
     )
     add_data_arg(p)
+    p.add_argument(
+        "--encoder", choices=sorted(ENCODERS), default="sasrec",
+        help="sasrec (M = --launchers, 1 for 0), hstu (M = 1) or mind (M = --interests) (default: sasrec)",
+    )
+    p.add_argument("--interests", type=int, default=4, metavar="K", help="mind: interest capsules K (default: 4)")
+    p.add_argument("--routing-iters", type=int, default=3, help="mind: dynamic-routing iterations (default: 3)")
+    p.add_argument("--label-power", type=float, default=2.0, help="mind: p of label-aware attention (default: 2)")
+    p.add_argument("--head-dim", type=int, default=32, help="hstu: per-head width of Q, K, V, U (default: 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", metavar="FILE", help="write test metrics as JSON")
     p.add_argument("--launchers", type=int, default=1, metavar="M", help="launcher tokens (0 = plain SASRec)")
@@ -51,6 +64,12 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--num-negatives", type=int, default=0, help="sampled softmax with K negatives (0 = full)")
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default="uniform",
+        help="how negatives are drawn: K uniform or popularity-proportional items shared by the batch, or "
+        "the batch's own targets (in-batch; needs --num-negatives 0) (default: uniform)",
+    )
+    p.add_argument("--no-logq", action="store_true", help="no logQ correction of the sampled negatives")
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint")
@@ -69,6 +88,24 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.set_defaults(func=run)
 
 
+def model_config(args: argparse.Namespace, num_items: int) -> RetrievalConfig:
+    """The encoder's config from the command line (ValueError on a bad value)."""
+    if args.encoder == "hstu":
+        return HSTUConfig(
+            num_items=num_items, maxlen=args.maxlen, dim=args.dim, num_blocks=args.blocks, num_heads=args.heads,
+            head_dim=args.head_dim, dropout=args.dropout,
+        )
+    if args.encoder == "mind":
+        return MINDConfig(
+            num_items=num_items, maxlen=args.maxlen, dim=args.dim, num_interests=args.interests,
+            routing_iters=args.routing_iters, label_power=args.label_power, dropout=args.dropout,
+        )
+    return SASRecConfig(
+        num_items=num_items, maxlen=args.maxlen, dim=args.dim, num_blocks=args.blocks, num_heads=args.heads,
+        dropout=args.dropout, num_launchers=args.launchers, launcher_init=args.launcher_init,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     with distributed.process_group(args.threads):  # a no-op unless launched by torchrun
         return _run(args)
@@ -83,15 +120,11 @@ def _run(args: argparse.Namespace) -> int:
         print(ds.describe())
     try:
         split = LeaveOneOut(ds, holdout=args.holdout)
-        model_cfg = SASRecConfig(
-            num_items=ds.num_items, maxlen=args.maxlen, dim=args.dim, num_blocks=args.blocks,
-            num_heads=args.heads, dropout=args.dropout, num_launchers=args.launchers,
-            launcher_init=args.launcher_init,
-        )
+        model_cfg = model_config(args, ds.num_items)
         train_cfg = RetrievalTrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            num_negatives=args.num_negatives, patience=args.patience, seed=args.seed,
-            max_minutes=args.max_minutes,
+            num_negatives=args.num_negatives, sampler=args.sampler, logq=not args.no_logq,
+            patience=args.patience, seed=args.seed, max_minutes=args.max_minutes,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -111,7 +144,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     with timed("evaluate", timings):
         metrics = evaluate_model(res.model, split, "test")
-    name = "sasrec" if args.launchers == 0 else f"ml-sasrec(M={args.launchers},{args.launcher_init})"
+    name = {
+        "sasrec": "sasrec" if args.launchers == 0 else f"ml-sasrec(M={args.launchers},{args.launcher_init})",
+        "hstu": "hstu", "mind": f"mind(K={args.interests})",
+    }[args.encoder]
     print(table({name: metrics}, COLUMNS))
     summary = describe(res)
     extra = {

@@ -20,17 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 
 from service.api.deps import (ApiKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
                               check_read_key)
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.pipeline import FilterError, Recommender, RecommendResult
-from service.schemas import (RecommendBatchRequest, RecommendBatchResponse, RecommendedItemOut, RecommendRequest,
-                             RecommendResponse)
+from service.schemas import (RecommendBatchRequest, RecommendBatchResponse, RecommendRequest, RecommendResponse,
+                             encode_json, recommend_json)
 from service.compute import ComputeBusy, ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
@@ -43,12 +43,16 @@ router = APIRouter(prefix="/v1", tags=["recommend"])
 
 STORE_FLAG = "store_unavailable"
 RESPONSES = {**BAD_BODY, **READ_AUTH, **NOT_LOADED}
+JSON = "application/json"
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=RESPONSES)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ApiKeyHeader = None) -> RecommendResponse:
-    """Top-k for the request history, else the stored history of user_id, else popularity."""
+                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ApiKeyHeader = None) -> Response:
+    """Top-k for the request history, else the stored history of user_id, else popularity.
+
+    Answers with JSON bytes built on the compute thread (a Response skips FastAPI's response
+    validation and serialisation; `response_model` keeps the OpenAPI schema)."""
     if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
     return await _on_compute(compute, _recommend, body, rec, store, settings, metrics)
@@ -57,7 +61,7 @@ async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
 async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
                           settings: SettingsDep, metrics: MetricsDep, compute: ComputeDep,
-                          x_api_key: ApiKeyHeader = None) -> RecommendBatchResponse:
+                          x_api_key: ApiKeyHeader = None) -> Response:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters and batch limits included) before any is served; the
     first bad one gives a 422 naming `body.requests.<i>.<field>`. RECSYS_TIMEOUT_MS covers the
@@ -84,7 +88,7 @@ async def _on_compute(compute: ComputeThread, fn: Callable[..., T], *args: objec
 
 
 def _recommend(body: RecommendRequest, rec: Recommender, store: HistoryStore, settings: Settings,
-               metrics: Metrics) -> RecommendResponse:
+               metrics: Metrics) -> Response:
     """On the compute thread."""
     start = time.perf_counter()
     flags: list[str] = []
@@ -100,11 +104,12 @@ def _recommend(body: RecommendRequest, rec: Recommender, store: HistoryStore, se
             logger.warning("history of %r unavailable, serving without it: %s", body.user_id, exc)
             flags.append(STORE_FLAG)
     store_ms = (time.perf_counter() - start) * 1000.0
-    return _serve(rec, body, history, flags, store_ms, settings.timeout_ms, metrics, ("body",))
+    return Response(encode_json(_serve(rec, body, history, flags, store_ms, settings.timeout_ms, metrics, ("body",))),
+                    media_type=JSON)
 
 
 def _recommend_batch(body: RecommendBatchRequest, rec: Recommender, store: HistoryStore, settings: Settings,
-                     metrics: Metrics, start: float) -> RecommendBatchResponse:
+                     metrics: Metrics, start: float) -> Response:
     """On the compute thread; `start` is when the HTTP request arrived (its budget began)."""
     for i, r in enumerate(body.requests):
         _check_filters(rec, r, ("body", "requests", i))
@@ -117,7 +122,7 @@ def _recommend_batch(body: RecommendBatchRequest, rec: Recommender, store: Histo
         left_ms = settings.timeout_ms - (time.perf_counter() - start) * 1000.0
         results.append(_serve(rec, r, history, list(flags if r.history is None and r.user_id else []), store_ms,
                               settings.timeout_ms, metrics, ("body", "requests", i), budget_ms=left_ms))
-    return RecommendBatchResponse(results=results)
+    return Response(encode_json({"results": results}), media_type=JSON)  # RecommendBatchResponse
 
 
 def _stored_histories(store: HistoryStore, user_ids: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -153,8 +158,9 @@ def _popularity_only(rec: Recommender, body: RecommendRequest, history: list[str
 
 def _serve(rec: Recommender, body: RecommendRequest, history: list[str], flags: list[str], store_ms: float,
            timeout_ms: float, metrics: Metrics, loc: tuple[str | int, ...],
-           budget_ms: float | None = None) -> RecommendResponse:
-    """budget_ms: what is left of the HTTP request's budget (a batch); None = timeout_ms - store_ms."""
+           budget_ms: float | None = None) -> dict[str, Any]:
+    """RecommendResponse as a JSON-ready dict. budget_ms: what is left of the HTTP request's
+    budget (a batch); None = timeout_ms - store_ms."""
     left = max(timeout_ms - store_ms, 0.0) if budget_ms is None else budget_ms
     try:
         if left <= 0.0 and budget_ms is not None:
@@ -168,10 +174,4 @@ def _serve(rec: Recommender, body: RecommendRequest, history: list[str], flags: 
     timings = {"store": round(store_ms, 3), **result.timings_ms}
     timings["total"] = round(store_ms + result.timings_ms["total"], 3)
     metrics.observe_recommendation(served_by, timings, result.unknown_items)
-    items = [
-        RecommendedItemOut(item_id=it.item_id, score=it.score, rank=r, launcher=it.launcher,
-                           stages=it.stages if body.explain else None)
-        for r, it in enumerate(result.items, start=1)
-    ]
-    return RecommendResponse(items=items, model_version=result.model_version, served_by=served_by,
-                             timings_ms=timings, unknown_items=result.unknown_items)
+    return recommend_json(result.items, result.model_version, served_by, timings, result.unknown_items, body.explain)
