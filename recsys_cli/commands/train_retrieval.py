@@ -17,8 +17,8 @@ from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.encoders import ENCODERS, RetrievalConfig
 from training.report import result, table, timed, write_json
+from training.retrieval_losses import SAMPLERS
 from training.retrieval import (
-    SAMPLERS,
     RetrievalTrainConfig,
     describe,
     evaluate_model,

@@ -21,13 +21,11 @@ from training.export import export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
 from training.baselines import Popularity
 from training.catalog_growth import extend_retrieval
+from training.retrieval_losses import NegativeSampler, label_aware_loss, max_fusion_loss
 from training.retrieval import (
-    NegativeSampler,
     RetrievalTrainConfig,
     evaluate_model,
-    label_aware_loss,
     load_checkpoint,
-    max_fusion_loss,
     save_checkpoint,
     train_retrieval,
 )

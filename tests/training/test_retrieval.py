@@ -16,11 +16,11 @@ from training.data.splits import LeaveOneOut
 from service.index import load_index, search_fused
 from training.export import INDEX_FAISS, export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
+from training.retrieval_losses import max_fusion_loss
 from training.retrieval import (
     RetrievalTrainConfig,
     evaluate_model,
     load_checkpoint,
-    max_fusion_loss,
     save_checkpoint,
     train_retrieval,
 )
