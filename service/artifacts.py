@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from service.ids import ItemIndex
 from service.index import load_index, search_fused
+from service.item2item import Item2ItemRoute
 from service.prerank import score_candidates
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class LoadedVersion:
     prerank_features: dict[str, Any]
     rerank: ort.InferenceSession | None = None
     rerank_items: np.ndarray | None = None
+    item2item: Item2ItemRoute | None = None  # None: a version without the route (files.item2item)
 
     @property
     def num_items(self) -> int:
@@ -207,6 +209,12 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         missing = [k for k in ("user", "history_len") if not isinstance(prerank_features, dict) or k not in prerank_features]
         if missing:
             raise ArtifactError(f"{folder}: {files['prerank_features']} is not a feature spec (missing {missing})")
+    item2item = None
+    if "item2item" in files:  # optional: older versions serve without the route
+        with file(files["item2item"]):
+            _confined(folder, "item2item", files["item2item"])
+            with np.load(folder / files["item2item"], allow_pickle=False) as z:
+                item2item = Item2ItemRoute.from_arrays(dict(z), n, (manifest.get("item2item") or {}).get("serving"))
     with file(files["retrieval_onnx"]):
         retrieval = _session(folder, files["retrieval_onnx"])
     with file(files["prerank_user_onnx"]):
@@ -217,7 +225,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         popularity=popularity, item_features=features, vocab=vocab,
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
-        prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items,
+        prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items, item2item=item2item,
     )
     logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n,
                 manifest["index"].get("kind"))

@@ -19,7 +19,7 @@ from prometheus_client import multiprocess
 # seconds; dense below 50 ms, where the service lives
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
                    0.5, 1.0, 2.5)
-STAGES = ("store", "popularity", "encode", "search", "fuse", "prerank", "rerank", "total")
+STAGES = ("store", "popularity", "encode", "search", "fuse", "item2item", "prerank", "rerank", "total")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from service.artifacts import ORT_ERRORS, STAGES, LoadedVersion
 from service.features import UserFeatures, list_zscore
 from service.index import search_fused
+from service.item2item import merge_routes
 from service.prerank import head_interactions
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,14 @@ FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
 
 @dataclass(frozen=True)
 class RecommendedItem:
-    """One result; `score` is from the last stage that ordered it, `launcher` None for popularity."""
+    """One result; `score` is from the last stage that ordered it, `launcher` None for popularity;
+    with explain, `routes` holds the score of each recall route that returned it (faiss, i2i)."""
 
     item_id: str
     score: float
     launcher: int | None
     stages: dict[str, float] = field(default_factory=dict)
+    routes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,15 +95,17 @@ class Recommender:
     cache, whose dict operations are atomic under the GIL; a race costs a recomputation)."""
 
     def __init__(self, version: LoadedVersion, retrieval_k: int = 200, prerank_n: int = 30,
-                 stages: tuple[str, ...] | None = None) -> None:
+                 stages: tuple[str, ...] | None = None, item2item: bool = True) -> None:
         """stages: the cuts to serve, a prefix of STAGES (("retrieval",) stops after retrieval);
-        None = what the version's manifest `serving.stages` says, else every stage it has."""
+        None = what the version's manifest `serving.stages` says, else every stage it has.
+        item2item: merge the version's item-to-item route (service/item2item.py) when it has one."""
         if retrieval_k < 1 or prerank_n < 1:
             raise ValueError(f"retrieval_k and prerank_n must be >= 1, got {retrieval_k} and {prerank_n}")
         self.v = version
         self.retrieval_k = retrieval_k
         self.prerank_n = prerank_n
         self.stages = served_stages(version) if stages is None else tuple(stages)
+        self.item2item = version.item2item if item2item else None
         if self.stages != STAGES[: len(self.stages)] or not self.stages:
             raise ValueError(f"stages must be a non-empty prefix of {STAGES}, got {self.stages}")
         if "rerank" in self.stages and version.rerank is None:
@@ -170,7 +175,7 @@ class Recommender:
             return self._result(items, "popularity", timer, unknown)
 
         try:
-            cand, scores, launchers, user_vectors = self._retrieve(history, k, banned, timer)
+            cand, scores, launchers, user_vectors, routes = self._retrieve(history, k, banned, timer)
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
             items = self.popularity(k, banned, allowed)
@@ -179,13 +184,15 @@ class Recommender:
         if allowed is not None:
             passing = allowed[cand]
             cand, scores, launchers = cand[passing], scores[passing], launchers[passing]
+            routes = {name: r[passing] for name, r in routes.items()}
         # Each stage orders positions into cand (C,); per-stage scores stay aligned with cand.
         stage_scores: dict[str, np.ndarray] = {"retrieval": scores}
 
         def served(pos: np.ndarray, pos_scores: np.ndarray, path: str) -> RecommendResult:
             top = pos[:k]
             explained = {name: st[top] for name, st in stage_scores.items()} if explain else {}
-            items = self._items(cand[top], pos_scores[:k], launchers[top], explained)
+            items = self._items(cand[top], pos_scores[:k], launchers[top], explained,
+                                {name: r[top] for name, r in routes.items()} if explain else {})
             if allowed is not None and len(items) < k:  # filtered list came out short: top it up
                 items += self.popularity(k - len(items), np.concatenate([banned, cand[top]]), allowed)
                 path += ";filter_backfill"
@@ -226,6 +233,15 @@ class Recommender:
         final = np.concatenate([head[re_order], order[n:]])
         return served(final, np.concatenate([re_scores[re_order], pre_scores[order[n:]]]), "rerank")
 
+    def candidates(self, history_item_ids: list[str]) -> np.ndarray:
+        """The retrieval stage's candidate set (C,) of internal ids for a history, seen items
+        removed: what the pre-ranker gets to see (FAISS's top retrieval_k, and the item-to-item
+        route's items when merged). Empty for an empty history."""
+        history, _ = self.to_indices(history_item_ids)
+        if history.size == 0:
+            return np.zeros(0, np.int64)
+        return self._retrieve(history, 1, np.unique(history), _Timer())[0]
+
     # --- filters ---
 
     def filter_mask(self, filters: dict[str, list[str]]) -> np.ndarray:
@@ -263,15 +279,21 @@ class Recommender:
     # --- stages ---
 
     def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray,
-                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Candidates (C,), fused scores (C,), launchers (C,) and the user vectors (M, D)."""
+                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Candidates (C,), retrieval scores (C,), launchers (C,), the user vectors (M, D) and each
+        route's score per candidate (C,) (NaN where the route did not return it)."""
         seq = history[-self.v.maxlen:][None]  # (1, L)
         users = self.v.retrieval.run(None, {"item_seq": seq})[0]  # (1, M, D)
         timer.lap("encode")
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
-        return cand, scores, launchers, users[0]
+        if self.item2item is None:
+            return cand, scores, launchers, users[0], {"faiss": scores}
+        m = merge_routes(cand, scores, launchers, self.item2item, history, banned, users[0], self.v.items)
+        timer.lap("item2item")
+        routes = {"faiss": np.where(m.by_faiss, m.retrieval, np.nan), "i2i": np.where(m.i2i > 0, m.i2i, np.nan)}
+        return m.items, m.merged, m.launchers, users[0], routes
 
     def _prerank(self, history: np.ndarray, cand: np.ndarray, ret_scores: np.ndarray, launchers: np.ndarray,
                  user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -308,14 +330,18 @@ class Recommender:
     # --- output ---
 
     def _items(self, items: np.ndarray, scores: np.ndarray, launchers: np.ndarray,
-               stages: dict[str, np.ndarray]) -> list[RecommendedItem]:
-        """items, scores, launchers (k,) and, with explain, each stage's scores of these items
-        (k,) (NaN where a stage did not score an item) -> result items."""
-        per_item = [{name: float(st[j]) for name, st in stages.items() if not np.isnan(st[j])}
-                    for j in range(items.size)] if stages else [{} for _ in range(items.size)]
-        return [RecommendedItem(str(self.v.item_ids[i]), float(s), int(m), st)
-                for i, s, m, st in zip(items.tolist(), scores.tolist(), launchers.tolist(), per_item)]
+               stages: dict[str, np.ndarray], routes: dict[str, np.ndarray]) -> list[RecommendedItem]:
+        """items, scores, launchers (k,) and, with explain, each stage's and each route's scores
+        of these items (k,) (NaN where a stage / route did not score an item) -> result items."""
+        per_item, per_route = _per_item(stages, items.size), _per_item(routes, items.size)
+        return [RecommendedItem(str(self.v.item_ids[i]), float(s), int(m), st, ro)
+                for i, s, m, st, ro in zip(items.tolist(), scores.tolist(), launchers.tolist(), per_item, per_route)]
 
     def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int) -> RecommendResult:
         timer.ms["total"] = round(timer.elapsed_ms(), 3)
         return RecommendResult(items, self.v.version, served_by, timer.ms, unknown)
+
+
+def _per_item(columns: dict[str, np.ndarray], n: int) -> list[dict[str, float]]:
+    """name -> (n,) scores -> n dicts of the non-NaN ones."""
+    return [{name: float(c[j]) for name, c in columns.items() if not np.isnan(c[j])} for j in range(n)]

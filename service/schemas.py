@@ -57,8 +57,14 @@ class RecommendedItemOut(BaseModel):
     item_id: str
     score: float
     rank: int
-    launcher: int | None
-    stages: dict[str, float] | None = None
+    launcher: int | None = Field(description="the retriever's launcher (user vector) with the highest score for "
+                                             "this item; null when popularity served it")
+    stages: dict[str, float] | None = Field(default=None, description="with explain: each stage's score "
+                                            "(retrieval, prerank, rerank; popularity for the fallback)")
+    routes: dict[str, float] | None = Field(
+        default=None, description="with explain: the score of each recall route that returned the item: faiss "
+                                  "(max-fusion score over launchers), i2i (item-to-item route); an item both found "
+                                  "has both; {} for popularity")
 
 
 class RecommendResponse(BaseModel):
@@ -80,6 +86,8 @@ class ScoredItem(Protocol):
     def launcher(self) -> int | None: ...
     @property
     def stages(self) -> dict[str, float]: ...
+    @property
+    def routes(self) -> dict[str, float]: ...
 
 
 def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: str, timings_ms: Mapping[str, float],
@@ -89,7 +97,8 @@ def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: s
     (the saving was below the noise of the shared 2-core machine: app_overhead_100k_compare.txt).
     Keys must follow RecommendedItemOut / RecommendResponse (tests/service/test_fast_response.py)."""
     return {"items": [{"item_id": it.item_id, "score": it.score, "rank": rank, "launcher": it.launcher,
-                       "stages": it.stages if explain else None} for rank, it in enumerate(items, start=1)],
+                       "stages": it.stages if explain else None, "routes": it.routes if explain else None}
+                      for rank, it in enumerate(items, start=1)],
             "model_version": model_version, "served_by": served_by, "timings_ms": dict(timings_ms),
             "unknown_items": unknown_items}
 

@@ -2,7 +2,8 @@
 
 artifacts_root/<version>/ holds manifest.json, catalog.npz, retrieval.onnx, items.npy,
 index.faiss, prerank_user.onnx, prerank_items.npy, prerank_features.json and, with a
-re-ranker, rerank.onnx + rerank_items.npy. `recsys export` and `recsys reindex` share every step:
+re-ranker, rerank.onnx + rerank_items.npy, and item2item.npz (the item-to-item route's
+neighbour table, training/item2item.py; reindex adds its --events). `recsys export` and `recsys reindex` share every step:
 
     load_sources     the data set and the checkpoints, each checked against the data set
                      (training/checkpoints.py)
@@ -42,6 +43,7 @@ import torch
 
 from models.sasrec import MultiLauncherSASRec
 from service.index import IndexSpec, build_index, choose_kind, index_params, save_index, set_faiss_threads
+from training import item2item as i2i
 from training import prerank as pr
 from training.artifact_checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.catalog import catalog_arrays
@@ -93,6 +95,10 @@ class ItemSide:
     prerank_items: np.ndarray
     rerank_items: np.ndarray | None
     info: dict[str, Any]
+    # the item-to-item route (training/item2item.py): its table's settings (None: no route) and
+    # (items, users, events) rows (None: the data set's training part)
+    item2item: i2i.Item2ItemConfig | None = None
+    item2item_rows: tuple[np.ndarray, np.ndarray, int] | None = None
 
     @property
     def num_items(self) -> int:
@@ -111,6 +117,7 @@ def publish(
     index_spec: IndexSpec | None = None,
     timings: dict[str, float] | None = None,
     gate: ServingGate = ServingGate(),
+    item2item: i2i.Item2ItemConfig | None = None,
 ) -> PublishResult:
     """Build, check and publish a version (now CURRENT); fills `timings` with each step's seconds.
 
@@ -119,7 +126,8 @@ def publish(
     recomputed from these checkpoints, the stage gate on validation users (`gate`: a stage
     worse than the previous served cut beyond its tolerance is switched off, or refused with
     require_all_stages), served NDCG@10 at most max_regression below the live version's (same
-    data only; None turns that check off), and a load + smoke run through service.artifacts. index_spec=None picks the kind from the catalog size (service.index)
+    data only; None turns that check off), and a load + smoke run through service.artifacts.
+    item2item: build the item-to-item route's table with these settings (None: no route). index_spec=None picks the kind from the catalog size (service.index)
     and, for IVF, the smallest doubling of nprobe that reaches min_recall.
 
     Raises FileNotFoundError for a missing checkpoint folder, DataError when a checkpoint was
@@ -132,7 +140,7 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     check_upstream(src)
     version = version or default_version(src.ds.fingerprint, src.checkpoints)
-    return publish_items(src, dataset_items(src), root, version, min_recall, index_spec,
+    return publish_items(src, dataset_items(src, item2item), root, version, min_recall, index_spec,
                          lambda tmp, manifest: check_regression(root, manifest, max_regression), timings, gate)
 
 
@@ -144,7 +152,7 @@ def check_gates(min_recall: float, max_regression: float | None) -> None:
         raise ValueError(f"max_regression must be >= 0 or None (no gate), got {max_regression}")
 
 
-def dataset_items(src: Sources) -> ItemSide:
+def dataset_items(src: Sources, item2item: i2i.Item2ItemConfig | None = None) -> ItemSide:
     """The item side `recsys export` publishes: the data set's items, the retrieval checkpoint
     as trained and the item arrays the pre-rank / re-rank training commands exported."""
     return ItemSide(
@@ -153,6 +161,7 @@ def dataset_items(src: Sources) -> ItemSide:
         prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
         rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
         info={"popularity": "training-part interaction counts"},
+        item2item=item2item,
     )
 
 
@@ -272,6 +281,10 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                     "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
         "rerank": None,
     }
+    if items.item2item is not None:
+        i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
+        manifest["item2item"] = i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item)
+        manifest["files"]["item2item"] = manifest["item2item"]["file"]
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])

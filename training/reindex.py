@@ -23,7 +23,10 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 Pre-rank item heads: the IntTower item tower over every item's features (item
                 id out of vocabulary for new items, log-count 0). Re-rank item features: as
                 training.impressions.Pipeline builds them, z-scored with the statistics of the
-                data set's catalog the re-ranker was trained with.
+                data set's catalog the re-ranker was trained with. Item-to-item table
+                (training/item2item.py): the data set's training part plus --events, each
+                user's new events after their training items, so new transitions are served;
+                built when the live version has the route (its settings) or --events is given.
  5. publish     training/artifacts.publish_items: ONNX parity, index (kind by size unless
                 given) + recall against exact search, the stage gate on the served path (as
                 for export: validation users through every served cut, a stage that hurts
@@ -64,11 +67,13 @@ from service.catalog_updates import (
 )
 from service.index import IndexSpec
 from service.stores import StoreError
+from training import item2item as i2i
 from training.artifacts import DEFAULT_MIN_RECALL, PublishResult, check_gates, publish_items
 from training.catalog import ItemCatalog, catalog_arrays, read_catalog_file
 from training.catalog_growth import grown_item_side
 from training.checkpoints import Sources, check_upstream, load_sources
 from training.gates import DEFAULT_MAX_REGRESSION, catalog_gate
+from training.data.sources import load
 from training.report import timed
 from training.served_eval import ServingGate
 from training.versions import (
@@ -99,6 +104,7 @@ class ReindexConfig:
     artifacts: Path
     data: str | None = None
     catalog: Path | None = None
+    events: str | None = None  # data spec of new interactions for the item-to-item table
     redis_url: str | None = None
     retrieval: Path | None = None
     prerank: Path | None = None
@@ -154,6 +160,9 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                      catalog.num_items, len(added), len(changed), len(pending), len(rejected))
             with timed("embeddings", timings):
                 items = grown_item_side(src, pipe, catalog)
+            items.item2item = _item2item_config(root, live, cfg.events)
+            if items.item2item is not None:
+                items.item2item_rows = _item2item_rows(src, catalog, cfg.events)
             items.info.update(base=base, catalog_file=str(cfg.catalog) if cfg.catalog else None,
                               pending_backend="redis" if cfg.redis_url else str(root / "catalog_pending.jsonl"),
                               pending_applied=len(pending), pending_rejected=rejected[:_SAMPLE],
@@ -232,6 +241,28 @@ def _pending(snapshot: PendingSnapshot, schema: dict[str, FeatureKind]
     bad = {r["item_id"] for r in rejected}
     consumed = PendingSnapshot(tuple(ok), tuple(e for e in snapshot.entries if e[0] not in bad))
     return consumed, ok, rejected
+
+
+
+def _item2item_config(root: Path, live: str | None, events: str | None) -> i2i.Item2ItemConfig | None:
+    """The live version's table settings; the defaults when it has none but --events is given;
+    None (no route) otherwise."""
+    try:
+        entry = json.loads((root / live / MANIFEST).read_text()).get("item2item") if live else None
+    except (OSError, json.JSONDecodeError):
+        entry = None
+    if entry:
+        return i2i.Item2ItemConfig(int(entry["neighbours"]), int(entry["window"]), float(entry["alpha"]))
+    return i2i.Item2ItemConfig() if events is not None else None
+
+
+def _item2item_rows(src: Sources, catalog: ItemCatalog, events: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The item-to-item table's rows: the data set's training part, then each user's --events."""
+    items, users = i2i.training_rows(src.ds, src.loo.train_mask)
+    if events is None:
+        return items, users, 0
+    index = {x: i for i, x in enumerate(catalog.item_ids) if i > 0}
+    return i2i.with_events(items, users, src.ds.user_ids, load(events), index)
 
 
 def _snapshot(updates: CatalogUpdates) -> PendingSnapshot:

@@ -11,8 +11,13 @@ item included; `valid`: before the validation item), as external ids `ds.item_id
 the version's catalog maps back; the whole history is removed from the results, as the service
 does. No filters, no request timeout (a timed-out stage would measure the machine, not the
 model). The target's rank in the returned top-50 gives HR / NDCG@10/20/50 (a target outside it
-is a miss); Coverage@10 = distinct items in the top-10 lists / catalog size; p50_ms = median
-of the pipeline's own `timings_ms["total"]` per request.
+is a miss); Coverage@10 = distinct items in the top-10 lists / catalog size; Diversity@10 = mean
+pairwise cosine distance of the version's item vectors (items.npy) within each top-10, and
+GenreDiversity@10 the genre Jaccard distance where the catalog has a multi-valued genre feature
+(training/diversity.py); p50_ms = median of the pipeline's own `timings_ms["total"]` per request.
+The retrieval cut also reports CandidateRecall: the share of users whose target is in the
+candidate set the pre-ranker sees (FAISS's top retrieval_k and the item-to-item route's items),
+and CandidateRecall_faiss for FAISS's alone (equal for a version without the route).
 
 The gate (`choose_stages`) keeps a stage only while its cut's NDCG@10 is not worse than the
 previous served cut's by more than a tolerance; a version serves a prefix of STAGES, so a
@@ -34,6 +39,7 @@ from service.core.config import Settings
 from service.pipeline import STAGES, Recommender
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split
+from training.diversity import category_diversity, embedding_diversity
 from training.metrics import ranking_metrics
 from training.report import table
 
@@ -41,7 +47,7 @@ KS = (10, 20, 50)
 TOP = max(KS)  # results asked for per request
 COVERAGE_K = 10
 METRIC = "NDCG@10"  # what the gate compares
-COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50", "Coverage@10")
+COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50", "Coverage@10", "Diversity@10")
 RETRIEVAL_K = int(Settings.model_fields["retrieval_k"].default)
 PRERANK_N = int(Settings.model_fields["prerank_n"].default)
 # Validation users the publish gate replays (seeded sample beyond that): ~1000 requests per cut
@@ -123,14 +129,14 @@ class ServedEval:
 def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None = None, split: Split = "test",
                     users: np.ndarray | None = None, cuts: Sequence[tuple[str, ...]] | None = None,
                     retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N,
-                    progress: bool = True) -> ServedEval:
+                    progress: bool = True, item2item: bool = True) -> ServedEval:
     """Replay leave-one-out users (positions into loo.eval_users; default all) through the
     served pipeline, once per cut (default: every cut the version has). DataError when `ds`
-    is not the version's data set."""
+    is not the version's data set. item2item=False serves without the item-to-item route."""
     check_data(version, ds)
     loo = LeaveOneOut(ds) if loo is None else loo
     sel = np.arange(loo.eval_users.size) if users is None else np.asarray(users, np.int64)
-    recs = {c[-1]: Recommender(version, retrieval_k=retrieval_k, prerank_n=prerank_n, stages=c)
+    recs = {c[-1]: Recommender(version, retrieval_k=retrieval_k, prerank_n=prerank_n, stages=c, item2item=item2item)
             for c in (version_cuts(version) if cuts is None else cuts)}
     starts = ds.offsets[loo.eval_users[sel]]
     ends = loo.history_end(split)[sel]
@@ -139,6 +145,9 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
     ranks = {name: np.full(sel.size, _MISS, np.int64) for name in recs}
     ms = {name: np.empty(sel.size) for name in recs}
     shown = {name: np.zeros(version.num_items + 1, bool) for name in recs}
+    top10 = {name: np.zeros((sel.size, COVERAGE_K), np.int64) for name in recs}  # (U, 10), 0 = padding
+    faiss_only = Recommender(version, retrieval_k=retrieval_k, stages=STAGES[:1], item2item=False)
+    in_cands = np.zeros((2, sel.size), bool)  # target in the merged / FAISS-only candidate set
     failed = dict.fromkeys(recs, 0)
     for u in tqdm(range(sel.size), desc=f"served eval ({split})", unit="user", disable=not progress, leave=False):
         history = ids[ds.items[starts[u]:ends[u]]].tolist()
@@ -148,14 +157,24 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
             if targets[u] in got:
                 ranks[name][u] = got.index(targets[u])
             shown[name][[version.id_to_index[i] for i in got[:COVERAGE_K]]] = True
+            top10[name][u, : min(COVERAGE_K, len(got))] = [version.id_to_index[i] for i in got[:COVERAGE_K]]
             ms[name][u] = res.timings_ms["total"]
             failed[name] += "_failed" in res.served_by
+        target = version.id_to_index.get(targets[u], -1)
+        in_cands[:, u] = [target in rec.candidates(history) for rec in (next(iter(recs.values())), faiss_only)]
+    vectors = np.vstack([np.zeros((1, version.items.shape[1]), np.float32), version.items])  # (N + 1, D)
+    genre = next((k for k in version.item_features if k.startswith("multi:genre")), None)
     out: dict[str, dict[str, float]] = {}
     ndcg: dict[str, np.ndarray] = {}
     for name in recs:
         m = ranking_metrics(ranks[name], KS)
         m.pop("MRR")  # over a top-50 list, not the full ranking: left out rather than misread
         m[f"Coverage@{COVERAGE_K}"] = float(shown[name][1:].sum() / version.num_items)
+        m[f"Diversity@{COVERAGE_K}"] = embedding_diversity(top10[name], vectors)
+        if genre is not None:
+            m[f"GenreDiversity@{COVERAGE_K}"] = category_diversity(top10[name], version.item_features[genre])
+        if name == STAGES[0]:
+            m["CandidateRecall"], m["CandidateRecall_faiss"] = (float(x) for x in in_cands.mean(axis=1))
         m["users"] = int(sel.size)
         m["p50_ms"] = float(np.median(ms[name])) if sel.size else 0.0
         m["failed"] = failed[name]  # requests where a stage raised and the previous order was served
@@ -229,3 +248,14 @@ def cut_table(cuts: dict[str, dict[str, float]], columns: Iterable[str] = COLUMN
         rows[labels.get(name, name) + mark] = m
     return table(rows, tuple(columns) + ("p50_ms",))
 
+
+
+def candidate_line(cuts: dict[str, dict[str, float]]) -> str:
+    """One line: recall of the candidate set the pre-ranker sees, merged and FAISS alone."""
+    r = cuts.get(STAGES[0], {})
+    if "CandidateRecall" not in r:
+        return "candidate recall: -"
+    extra = "; genre diversity@10 per cut: " + ", ".join(
+        f"{name} {m['GenreDiversity@10']:.4f}" for name, m in cuts.items() if "GenreDiversity@10" in m)
+    return (f"candidate recall (target in the set the pre-ranker sees): {r['CandidateRecall']:.4f} "
+            f"(FAISS alone {r['CandidateRecall_faiss']:.4f})" + (extra if "GenreDiversity@10" in r else ""))

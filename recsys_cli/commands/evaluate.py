@@ -124,6 +124,7 @@ def run_served(args: argparse.Namespace) -> int:
     stages = served_stages(version)
     print(f"version {version.version}: {ev.users} {args.split} users, served by default: {' -> '.join(stages)} (*)")
     print(se.cut_table(ev.cuts, served=stages))
+    print(se.candidate_line(ev.cuts))
     if args.json:
         write_json(args.json, {"version": version.version, "data": spec, "split": args.split,
                                "fingerprint": ds.fingerprint, "users": ev.users, "seed": args.seed,

@@ -36,6 +36,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
     add_index_args(p)
     add_stage_gate_args(p)
+    p.add_argument("--item2item", action="store_true",
+                   help="publish the item-to-item recall route (training/item2item.py) with the version")
+    p.add_argument("--i2i-window", type=int, default=None, metavar="W", help="following items counted (default "
+                   "from training/item2item.py)")
+    p.add_argument("--i2i-alpha", type=float, default=None, metavar="A", help="popularity exponent of the follower")
+    p.add_argument("--i2i-neighbours", type=int, default=None, metavar="R", help="neighbours kept per item")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: not a folder")
     index_spec = _index_spec(args)
     gate = serving_gate(args)
+    item2item = _item2item(args)
     torch.set_num_threads(args.threads)
     quiet_onnx_exporter()
     previous = read_current(args.out)
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         with timed("export", timings):
             res = publish(args.data, args.retrieval, args.prerank, args.rerank, args.out, args.version,
                           args.min_recall, None if args.no_regression_check else args.max_regression, index_spec,
-                          gate=gate)
+                          gate=gate, item2item=item2item)
     except PublishError as exc:
         print(f"recsys export: check failed, CURRENT unchanged ({previous}): {exc}", file=sys.stderr)
         return 1
@@ -160,3 +167,19 @@ def summary(m: dict[str, Any]) -> str:
                  f"rerank: {rr['model']} list_len {rr['serving'].get('list_len')}, "
                  f"onnx parity {rr['parity_max_abs_diff']:.1e}")
     return "\n".join(lines)
+
+
+def _item2item(args: argparse.Namespace) -> Any:
+    """--item2item and its settings -> an Item2ItemConfig, or None (no route)."""
+    from training.item2item import Item2ItemConfig
+
+    given = {k: v for k, v in (("window", args.i2i_window), ("alpha", args.i2i_alpha),
+                               ("neighbours", args.i2i_neighbours)) if v is not None}
+    if not args.item2item:
+        if given:
+            raise UsageError(f"--i2i-{next(iter(given))} needs --item2item")
+        return None
+    try:
+        return Item2ItemConfig(**given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -30,6 +30,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--data", metavar="SPEC", help=f"data source: {SOURCES} (default: the live version's)")
     p.add_argument("--catalog", metavar="FILE", type=Path,
                    help='JSON Lines of {"item_id": ..., "features": {...}} (new or changed items)')
+    p.add_argument("--events", metavar="SPEC",
+                   help="new interactions since training (a data spec, e.g. csv:<file> or seqtxt:<file>, external "
+                        "ids): the item-to-item route's table is rebuilt from the training part plus these")
     p.add_argument("--redis-url", default=os.environ.get("RECSYS_REDIS_URL") or None, metavar="URL",
                    help="pending updates and version announcements (default: $RECSYS_REDIS_URL; "
                         "without it the pending updates are ARTIFACTS/catalog_pending.jsonl)")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_onnx_exporter()
     try:
         cfg = ReindexConfig(
-            artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, redis_url=args.redis_url,
+            artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, events=args.events, redis_url=args.redis_url,
             retrieval=args.retrieval, prerank=args.prerank, rerank=args.rerank, index_spec=_index_spec(args),
             min_recall=args.min_recall, max_regression=args.max_regression, keep=args.keep, version=args.version,
             gate=serving_gate(args))

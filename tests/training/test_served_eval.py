@@ -36,6 +36,7 @@ from training.versions import CURRENT, PublishError, read_current
 from training.data.dataset import DataError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
+from training.diversity import embedding_diversity
 from training.export_rerank import export_rerank
 from training.metrics import evaluate_retrieval
 from training.gates import catalog_metrics
@@ -121,11 +122,18 @@ def test_cut_table_on_a_tiny_version(published: Path) -> None:
         assert m["users"] == 199 and m["failed"] == 0 and m["p50_ms"] > 0
         assert 0.0 <= m["HR@10"] <= m["HR@20"] <= m["HR@50"] <= 1.0
         assert m["NDCG@10"] <= m["HR@10"] and 0.0 < m["Coverage@10"] <= 1.0
-    # retrieval alone over a flat index is exact search: it equals the full ranking of
-    # retrieval.onnx over items.npy with the history removed (training/reindex.py, numpy)
+    # retrieval alone (without the item-to-item route) over a flat index is exact search: it
+    # equals the full ranking of retrieval.onnx over items.npy with the history removed
+    # (training/reindex.py, numpy)
     exact = catalog_metrics(v.path, loo, np.arange(loo.eval_users.size))
-    assert ev.cuts["retrieval"]["HR@10"] == pytest.approx(exact["HR@10"], abs=1e-12)
-    assert ev.cuts["retrieval"]["NDCG@10"] == pytest.approx(exact["NDCG@10"], abs=1e-12)
+    faiss = se.evaluate_served(v, ds, loo, "test", cuts=[STAGES[:1]], progress=False, item2item=False)
+    assert faiss.cuts["retrieval"]["HR@10"] == pytest.approx(exact["HR@10"], abs=1e-12)
+    assert faiss.cuts["retrieval"]["NDCG@10"] == pytest.approx(exact["NDCG@10"], abs=1e-12)
+    # diversity and the candidate set: 80 items, retrieval_k 200: every unseen item is a candidate
+    r = ev.cuts["retrieval"]
+    assert 0.0 < r["Diversity@10"] <= 2.0 and r["CandidateRecall"] == r["CandidateRecall_faiss"] == 1.0
+    assert faiss.cuts["retrieval"]["Diversity@10"] == pytest.approx(
+        embedding_diversity(faiss_top10(v, ds, loo), np.vstack([np.zeros((1, v.items.shape[1])), v.items])))
     # the tiny PRM reorders only the pre-rank top 8 (its max_len): the top-10 / top-50 sets stay
     assert v.manifest["rerank"]["config"]["max_len"] == 8
     for key in ("HR@10", "HR@20", "HR@50", "Coverage@10"):
@@ -295,7 +303,7 @@ def test_cli_evaluate_artifacts_table_and_json(published: Path, tmp_path: Path,
             assert r["cuts"][cut][key] == pytest.approx(want.cuts[cut][key], abs=1e-12)
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if "HR@10" in line)
-    assert lines[head].split()[1:8] == list(se.COLUMNS)
+    assert lines[head].split()[1 : 1 + len(se.COLUMNS)] == list(se.COLUMNS)
     assert [line.split()[0] for line in lines[head + 2 : head + 5]] == ["retrieval", "+", "+"]
     assert f"{r['cuts']['rerank']['NDCG@10']:.4f}" in lines[head + 4] and "*" in lines[head + 4]
 
@@ -319,3 +327,14 @@ def test_cli_evaluate_errors_are_one_line(argv: list[str], message: str, publish
     err = capsys.readouterr().err
     assert code == 2 and err.strip().count("\n") == 0, err
     assert message.format(root=published) in err
+
+
+def faiss_top10(v, ds, loo: LeaveOneOut) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(U, 10) the exact top-10 of retrieval.onnx over items.npy, seen items removed."""
+    rec = Recommender(v, stages=STAGES[:1], item2item=False)
+    out = np.zeros((loo.eval_users.size, 10), np.int64)
+    ends = loo.history_end("test")
+    for u, (s, e) in enumerate(zip(ds.offsets[loo.eval_users], ends)):
+        got = rec.recommend([str(x) for x in ds.item_ids[ds.items[s:e]]], k=10, explain=False).items
+        out[u] = [v.id_to_index[it.item_id] for it in got]
+    return out

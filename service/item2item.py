@@ -1,0 +1,132 @@
+"""The item-to-item recall route at request time (NumPy only). The table is built by
+training/item2item.py: neighbours (N + 1, R) int32 and scores (N + 1, R) float32 per item.
+
+Route score of item j for a history whose most recent items are h_0 (the last), h_1, ...:
+
+    i2i(j) = sum over a < recent of decay ** a * s(h_a, j)
+
+Seen and excluded items are dropped; the `candidates` best join the FAISS candidates.
+
+Merge (`merge_routes`): the candidate set is the union of FAISS's top-k and the route's top
+`candidates`. Every candidate gets both numbers: its fused retrieval score r (max over
+launchers of <u_l, e_i>: FAISS's for the items FAISS returned, the same dot products computed
+exactly here for the route's other items, so no candidate has an undefined r) and its route
+score (0 when no recent item has it among its neighbours). The retrieval stage orders the
+union by
+
+    merged(i) = r(i) + beta * sd(r) * i2i(i) / max_j i2i(j)
+
+where sd(r) is the standard deviation of FAISS's fused scores in this request (1 with fewer than
+two), so beta is free of the retriever's score scale (tuned on validation by
+benchmarks/item2item_route.py)
+and the pre-ranker's retrieval prior reads merged(i) as its retrieval score. `routes` in
+`explain` says which route returned an item and with which score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FILE = "item2item.npz"
+NEIGHBOURS, SCORES = "neighbours", "scores"
+# request-time settings written into the manifest (item2item.serving): the best merge on ml-100k
+# validation (benchmarks/item2item_route.py); candidates 50 rather than 20 (same NDCG@10 there,
+# the pre-ranker's candidate set gains recall: 0.779 vs 0.767 at 200 + route on test)
+DEFAULT_SERVING: dict[str, float] = {"recent": 8, "decay": 1.0, "candidates": 50, "beta": 4.0}
+
+
+@dataclass(frozen=True)
+class Item2ItemRoute:
+    """neighbours (N + 1, R) int32, scores (N + 1, R) float32 and the request-time settings."""
+
+    neighbours: np.ndarray
+    scores: np.ndarray
+    recent: int = int(DEFAULT_SERVING["recent"])
+    decay: float = DEFAULT_SERVING["decay"]
+    candidates: int = int(DEFAULT_SERVING["candidates"])
+    beta: float = DEFAULT_SERVING["beta"]
+
+    def __post_init__(self) -> None:
+        if self.neighbours.ndim != 2 or self.neighbours.shape != self.scores.shape:
+            raise ValueError(f"neighbours and scores must be (N + 1, R) of one shape, got "
+                             f"{self.neighbours.shape} and {self.scores.shape}")
+        if self.recent < 1 or self.candidates < 0 or not 0.0 < self.decay <= 1.0 or not self.beta >= 0.0:
+            raise ValueError(f"item2item serving settings out of range: recent={self.recent} (>= 1), "
+                             f"candidates={self.candidates} (>= 0), decay={self.decay} (0, 1], beta={self.beta} (>= 0)")
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], num_items: int,
+                    serving: dict[str, Any] | None = None) -> Item2ItemRoute:
+        """The two arrays of FILE, checked against the catalog size, and the manifest's settings."""
+        nb = np.asarray(arrays[NEIGHBOURS])
+        sc = np.asarray(arrays[SCORES])
+        if nb.ndim != 2 or nb.shape[0] != num_items + 1:
+            raise ValueError(f"{NEIGHBOURS} has shape {nb.shape}, expected ({num_items + 1}, R)")
+        if nb.dtype != np.int32 or sc.dtype != np.float32:
+            raise ValueError(f"expected int32 {NEIGHBOURS} and float32 {SCORES}, got {nb.dtype} and {sc.dtype}")
+        if nb.size and (nb.min() < 0 or nb.max() > num_items):
+            raise ValueError(f"{NEIGHBOURS} holds ids outside 0..{num_items}")
+        if not np.isfinite(sc).all():
+            raise ValueError(f"{SCORES} holds non-finite values")
+        s = {**DEFAULT_SERVING, **(serving or {})}
+        return cls(nb, sc, int(s["recent"]), float(s["decay"]), int(s["candidates"]), float(s["beta"]))
+
+    def score(self, history: np.ndarray, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """history (L,) internal ids, oldest first; banned ids dropped. -> every item the recent
+        items reach, sorted by id (P,) int64, and its route score (P,) float32."""
+        recent = np.asarray(history, np.int64)[-self.recent:][::-1]  # (L',) latest first: age 0
+        weight = self.decay ** np.arange(recent.size, dtype=np.float64)  # (L',)
+        nb = self.neighbours[recent].astype(np.int64).ravel()  # (L' * R,)
+        sc = (self.scores[recent].astype(np.float64) * weight[:, None]).ravel()
+        keep = (nb > 0) & ~np.isin(nb, banned)
+        items, inv = np.unique(nb[keep], return_inverse=True)
+        return items, np.bincount(inv, weights=sc[keep], minlength=items.size).astype(np.float32)
+
+
+def top_route(items: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n best of a route's (items, scores), score descending, ties by smaller id."""
+    order = np.lexsort((items, -scores))[:n]
+    return items[order], scores[order]
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The union of the routes' candidates, in merged order; every array (C,).
+
+    items: internal ids; merged: the retrieval stage's score; retrieval: the fused score
+    max_l <u_l, e_i>; launchers: the launcher of it; i2i: the route score (0 = no recent
+    item has it among its neighbours); by_faiss: FAISS returned it."""
+
+    items: np.ndarray
+    merged: np.ndarray
+    retrieval: np.ndarray
+    launchers: np.ndarray
+    i2i: np.ndarray
+    by_faiss: np.ndarray
+
+
+def merge_routes(cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray, route: Item2ItemRoute,
+                 history: np.ndarray, banned: np.ndarray, user_vectors: np.ndarray,
+                 item_vectors: np.ndarray) -> Merged:
+    """FAISS candidates cand, fused, launchers (C,) and the route over `history` -> Merged
+    (see the module doc). user_vectors (M, D); item_vectors (N, D), row r = item r + 1."""
+    reached, reached_scores = route.score(history, banned)  # (P,) sorted by id
+    top_items, top_scores = top_route(reached, reached_scores, route.candidates)
+    extra = top_items[~np.isin(top_items, cand)]  # (X,) found by the route only
+    dots = user_vectors @ item_vectors[extra - 1].T  # (M, X)
+    items = np.concatenate([cand, extra]).astype(np.int64)
+    retrieval = np.concatenate([fused, dots.max(axis=0) if extra.size else np.zeros(0)]).astype(np.float32)
+    launch = np.concatenate([launchers, dots.argmax(axis=0) if extra.size else np.zeros(0)]).astype(np.int64)
+    pos = np.minimum(np.searchsorted(reached, items), max(reached.size - 1, 0))
+    hit = reached[pos] == items if reached.size else np.zeros(items.size, bool)
+    i2i = np.where(hit, reached_scores[pos] if reached.size else 0.0, 0.0).astype(np.float32)
+    top = float(top_scores[0]) if top_scores.size else 0.0
+    scale = float(fused.std()) if fused.size > 1 and fused.std() > 0 else 1.0
+    merged = retrieval + (route.beta * scale * i2i / top if top > 0 else 0.0)
+    order = np.argsort(-merged, kind="stable")
+    by_faiss = np.arange(items.size) < cand.size
+    return Merged(items[order], merged[order].astype(np.float32), retrieval[order], launch[order], i2i[order],
+                  by_faiss[order])
