@@ -66,7 +66,7 @@ def test_recommend_bytes_are_what_the_response_model_renders(client: TestClient,
         # the pydantic model's own rendering of the same content, as FastAPI would have sent it
         assert encode_json(RecommendResponse.model_validate(out).model_dump(mode="json")) == r.content
         assert list(out) == list(RecommendResponse.model_fields)
-        assert all(list(it) == ["item_id", "score", "rank", "launcher", "stages"] for it in out["items"])
+        assert all(list(it) == ["item_id", "score", "rank", "launcher", "stages", "routes"] for it in out["items"])
         assert [it["rank"] for it in out["items"]] == list(range(1, len(out["items"]) + 1))
         assert all((it["stages"] is not None) == bool(body.get("explain")) for it in out["items"])
         served.add(out["served_by"])
