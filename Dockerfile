@@ -47,6 +47,7 @@ COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY models /src/models
 COPY training /src/training
+COPY recsys_cli /src/recsys_cli
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip wheel --no-deps --wheel-dir /wheels /src

@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (install, then run the main job on the embedded synthetic
-# data) and `make test` (install, then run the test suite). Both create .venv on first use.
+# data) and `make test` (install, then ruff, mypy and the test suite; settings in pyproject.toml). Both create .venv on first use.
 # `make compose-test` builds and runs the Docker Compose stack (tests/deploy/test_compose_stack.py):
 # .ci/docker-up first installs Docker from Debian and starts dockerd where it can (root).
 # `make test` runs that test too when a daemon answers, and skips it (saying why) when none does.
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[train,test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +23,8 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 compose-test: $(STAMP)

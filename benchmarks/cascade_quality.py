@@ -42,7 +42,7 @@ def recsys(args: list[str], log: Path) -> None:
     """One CLI step in its own process (as a user runs it), output to `log`."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "training.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, "-m", "recsys_cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
     print(f"  recsys {' '.join(args[:2])}: {time.perf_counter() - t0:.0f}s (exit {code})", file=sys.stderr, flush=True)
     if code:
         raise SystemExit(f"step failed, see {log}")

@@ -145,9 +145,9 @@ async def run(args: argparse.Namespace) -> int:
                 else:
                     raw = recs[i % len(recs)]
                 try:
-                    status, body = await client.send(raw)
+                    status, _ = await client.send(raw)
                 except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError):
-                    status, body = 0, b""
+                    status = 0
                 log.append((due - start, "event" if is_event else "recommend", status,
                             (time.perf_counter() - due) * 1e3))
                 if is_event and status == 202:

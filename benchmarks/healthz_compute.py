@@ -12,7 +12,6 @@ Run it on two code trees (PYTHONPATH=<old tree>) to compare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket

@@ -46,7 +46,7 @@ from training.data.splits import LeaveOneOut
 from training.diversity import category_diversity, embedding_diversity
 from training.export import export_retrieval
 from training.item2item import Item2ItemConfig, build_table, training_rows
-from training.metrics import mask_seen, ranking_metrics, target_ranks
+from training.metrics import mask_seen, ranking_metrics
 from training.report import table
 
 RETRIEVAL_K = 200

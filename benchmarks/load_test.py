@@ -282,7 +282,7 @@ def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None
                  poll_s: float = 0.0, tree: Path | None = None) -> subprocess.Popen[bytes]:
     """`recsys serve` on `port`, once /readyz answers; poll_s is RECSYS_RELOAD_POLL_S (0 = never);
     tree: serve with the code of that checkout (see --compare-ref)."""
-    cmd = [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+    cmd = [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
            "--workers", str(workers), "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 from models.layers import Fields  # noqa: E402
 from service.prerank import score_candidates  # noqa: E402
 from training import prerank as pr  # noqa: E402
+from training.export_prerank import export_prerank  # noqa: E402
+from training.prerank_data import build_ctr_data  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import CTRSplit  # noqa: E402
 
@@ -77,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     ds = load(args.data)
-    data = pr.build_ctr_data(ds, CTRSplit(ds))
+    data = build_ctr_data(ds, CTRSplit(ds))
     C = args.candidates
     rng = np.random.default_rng(0)
     users = data.test.user
@@ -87,7 +89,7 @@ def main() -> None:
     for name in ("two-tower", "inttower"):
         torch.manual_seed(0)
         model = pr.build_model(name, data.spec).eval()
-        paths = pr.export_prerank(model, data.spec, data.catalog, tmp / name)
+        paths = export_prerank(model, data.spec, data.catalog, tmp / name)
         sess = session(Path(paths["user_onnx"]))
         items = np.load(paths["items"])
         state = {"i": 0}

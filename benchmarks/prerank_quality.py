@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training import prerank as pr  # noqa: E402
+from training.prerank_data import build_ctr_data, build_next_item_data  # noqa: E402
 from training.baselines import LastItem  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import CTRSplit, LeaveOneOut  # noqa: E402
@@ -47,7 +48,7 @@ def pm(values: list[float]) -> str:
 
 def run_ctr(data_spec: str, seeds: list[int], epochs: int) -> str:
     ds = load(data_spec)
-    data = pr.build_ctr_data(ds, CTRSplit(ds))
+    data = build_ctr_data(ds, CTRSplit(ds))
     lines = [
         f"ctr objective — {ds.describe()}",
         f"rows train/valid/test {len(data.train)}/{len(data.valid)}/{len(data.test)}, seeds {seeds}, "
@@ -96,7 +97,7 @@ def run_next_item(data_spec: str, seeds: list[int], epochs: int, retrieval: str 
     else:
         scorers, source = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}, "last-item (LastItem)"
     t0 = time.perf_counter()
-    data = pr.build_next_item_data(ds, loo, scorers, candidates=candidates)
+    data = build_next_item_data(ds, loo, scorers, candidates=candidates)
     print(f"next-item data built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     lines = [
         f"next-item objective — {ds.describe()}",

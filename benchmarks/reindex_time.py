@@ -33,7 +33,7 @@ from training.report import save_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = ("load", "catalog", "embeddings", "onnx", "index", "recall", "prerank", "gate", "write", "prune")
-RECSYS = [sys.executable, "-m", "training.cli"]
+RECSYS = [sys.executable, "-m", "recsys_cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

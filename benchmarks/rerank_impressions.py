@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training import impressions as im  # noqa: E402
+from training import rerankers as rr  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import LeaveOneOut  # noqa: E402
 from training.metrics import evaluate_retrieval  # noqa: E402
@@ -89,15 +90,15 @@ def main() -> None:
     lists: dict[str, list[dict[str, float]]] = {k: [] for k in NAMES}
     valid: dict[str, list[dict[str, float]]] = {k: [] for k in NAMES}
     e2e: dict[str, list[dict[str, float]]] = {k: [] for k in E2E_NAMES}
-    epochs: dict[str, list[int]] = {k: [] for k in im.RERANKERS}
-    hp = im.RerankerHParams()
+    epochs: dict[str, list[int]] = {k: [] for k in rr.RERANKERS}
+    hp = rr.RerankerHParams()
     for seed in seeds:
         lists["before"].append(evaluate_lists(unchanged_scores(imp.test), imp.test))
         valid["before"].append(evaluate_lists(unchanged_scores(imp.valid), imp.valid))
         models = {}
-        for name in im.RERANKERS:
+        for name in rr.RERANKERS:
             t1 = time.perf_counter()
-            fit = im.fit_reranker(name, imp, hp, RerankTrainConfig(epochs=args.epochs, seed=seed, max_minutes=args.max_minutes))
+            fit = rr.fit_reranker(name, imp, hp, RerankTrainConfig(epochs=args.epochs, seed=seed, max_minutes=args.max_minutes))
             models[name] = fit.model
             lists[name].append(evaluate_lists(score_lists(fit.model, imp.test), imp.test))
             valid[name].append(evaluate_lists(score_lists(fit.model, imp.valid), imp.valid))

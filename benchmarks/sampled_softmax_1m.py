@@ -22,7 +22,7 @@ import torch
 from models.sasrec import SASRecConfig
 from training.encoders import build_model
 from training.report import table
-from training.retrieval import NegativeSampler, encoder_loss
+from training.retrieval_losses import NegativeSampler, encoder_loss
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.cli import main as cli
+from recsys_cli.main import main as cli
 
 
 def main() -> int:

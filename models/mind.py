@@ -84,6 +84,8 @@ def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
 
 
 class MIND(nn.Module):
+    routing_init: torch.Tensor  # (K, maxlen) buffer: the fixed initial routing logits per distance
+
     def __init__(self, config: MINDConfig) -> None:
         super().__init__()
         self.config = config

@@ -188,12 +188,12 @@ class PointwiseMLP(nn.Module):
         for h in config.hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(config.dropout)]
             width = h
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        head = nn.Linear(width, 1)
+        self.net = nn.Sequential(*layers, head)
         _xavier(self)
         self.skip = nn.Parameter(torch.ones(())) if config.residual else None
         if config.residual:
-            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(head.weight)
 
     def forward(
         self, item_feats: torch.Tensor, pv: torch.Tensor, init_score: torch.Tensor, mask: torch.Tensor

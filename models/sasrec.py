@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 LauncherInit = Literal["independent", "copy_last"]
 _NEG = -1e9  # additive mask value; finite so a row can never be all -inf

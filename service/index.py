@@ -409,7 +409,8 @@ def _honour(index: faiss.Index, expect: dict[str, Any], path: Path) -> None:
         raise ValueError(f"index at {path} is {factory_string(index)!r}, the manifest says {want!r}")
     if expect.get("search_params"):  # the general form: a faiss.ParameterSpace string
         try:
-            faiss.ParameterSpace().set_index_parameters(index, str(expect["search_params"]))
+            # the SWIG method is overloaded (index, name, value) / (index, string); its stub knows the first
+            faiss.ParameterSpace().set_index_parameters(index, str(expect["search_params"]))  # type: ignore[arg-type]
         except RuntimeError as exc:
             raise ValueError(f"manifest index.search_params {expect['search_params']!r}: {exc}") from None
         return

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, STAGES, LoadedVersion
+from service.features import UserFeatures, list_zscore
 from service.index import search_fused
 from service.item2item import merge_routes
 from service.prerank import head_interactions
@@ -28,11 +28,6 @@ logger = logging.getLogger(__name__)
 # What a failing stage raises: ONNX Runtime errors on a bad feed, ValueError / IndexError from
 # NumPy or faiss on a shape problem. Anything else is a bug and propagates.
 STAGE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
-# training/features.py codes: 0 = padding, 1 = out of vocabulary
-PAD, OOV = 0, 1
-HISTORY, LAST_ITEM = "history", "last_item"
-USER_LOG_COUNT = "user_log_count"
-RETRIEVAL_USER = "retrieval_user"  # dense "retrieval_user:<j>": the retriever's user vectors, flattened
 FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
 
 
@@ -84,73 +79,6 @@ class _Timer:
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self._start) * 1000.0
-
-
-def _encode(table: np.ndarray, raw: np.ndarray, *, zero_is_padding: bool) -> np.ndarray:
-    """training.features.Vocab.encode: raw codes -> indices, unseen / out-of-table -> OOV."""
-    inside = (raw >= 0) & (raw < table.size)
-    out = np.where(inside, table[np.clip(raw, 0, table.size - 1)], OOV)
-    out[raw == 0] = PAD if zero_is_padding else OOV
-    return out.astype(np.int64)
-
-
-def _list_zscore(scores: np.ndarray) -> np.ndarray:
-    """(n,) scores z-scored within the list (float64), as training.impressions does."""
-    s = scores.astype(np.float64)
-    sd = s.std()
-    return (s - s.mean()) / (sd if sd > 1e-8 else 1.0)
-
-
-class UserFeatures:
-    """Pre-rank user-tower inputs for an online history, as training.features encodes them.
-
-    Online we know only the history: user_id and user attributes are unknown (raw 0 -> OOV),
-    `history` is the last history_len items left-padded, `last_item` the latest, and
-    `user_log_count` is log1p of the history length (training used the user's training count),
-    `retrieval_user:<j>` the j-th number of the retriever's user vectors (M, D) of this request.
-    Other dense fields sit at their training mean (z = 0).
-    """
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        user = spec["user"]
-        self.history_len = int(spec["history_len"])
-        self.sparse = [(name, np.asarray(t, np.int64)) for name, t in user["sparse"].items()]
-        self.multi = [(name, np.asarray(m["table"], np.int64), int(m["width"])) for name, m in user["multi"].items()]
-        self.dense = [(name, float(ms[0]), float(ms[1])) for name, ms in user["dense"].items()]
-        # retrieval_user columns: positions in user_dense, vector index j and their statistics
-        ret = [(col, int(name.split(":", 1)[1]), mean, std) for col, (name, mean, std) in enumerate(self.dense)
-               if name.startswith(RETRIEVAL_USER + ":")]
-        self._ret_cols = np.asarray([r[0] for r in ret], np.int64)
-        self._ret_index = np.asarray([r[1] for r in ret], np.int64)
-        self._ret_mean = np.asarray([r[2] for r in ret], np.float32)
-        self._ret_std = np.asarray([r[3] for r in ret], np.float32)
-
-    def feeds(self, history: np.ndarray, user_vectors: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """history (L,) internal item ids, oldest first, and the retriever's user vectors (M, D) ->
-        {user_sparse (1, S), user_dense (1, Dn), user_multi (1, K)}."""
-        sparse = np.zeros((1, len(self.sparse)), np.int64)
-        for j, (name, table) in enumerate(self.sparse):
-            raw = np.array([history[-1] if name == LAST_ITEM and history.size else 0], np.int64)
-            sparse[:, j] = _encode(table, raw, zero_is_padding=False)
-        blocks = []
-        for name, table, width in self.multi:
-            raw = np.zeros(width, np.int64)
-            if name == HISTORY and history.size:
-                recent = history[-min(width, self.history_len):]
-                raw[width - recent.size:] = recent  # left-padded, latest last
-            blocks.append(_encode(table, raw, zero_is_padding=True)[None])
-        multi = np.concatenate(blocks, axis=1) if blocks else np.zeros((1, 0), np.int64)
-        dense = np.zeros((1, len(self.dense)), np.float32)
-        for j, (name, mean, std) in enumerate(self.dense):
-            if name == USER_LOG_COUNT:
-                dense[0, j] = (np.log1p(history.size) - mean) / std
-        if self._ret_cols.size:
-            if user_vectors is None or user_vectors.size <= int(self._ret_index.max()):
-                raise ValueError(f"the pre-ranker reads {self._ret_cols.size} retrieval_user numbers, got user "
-                                 f"vectors of shape {None if user_vectors is None else user_vectors.shape}")
-            flat = user_vectors.reshape(-1)
-            dense[0, self._ret_cols] = (flat[self._ret_index] - self._ret_mean) / self._ret_std
-        return {"user_sparse": sparse, "user_dense": dense, "user_multi": multi}
 
 
 def served_stages(version: LoadedVersion) -> tuple[str, ...]:
@@ -384,9 +312,9 @@ class Recommender:
                 ret_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""
         assert self._pv_mean is not None and self._pv_std is not None and self.v.rerank_items is not None
-        init = _list_zscore(scores)  # (n,) z-scored within the list, as in training
+        init = list_zscore(scores)  # (n,) z-scored within the list, as in training
         if self._rerank_scores == 2:
-            init = np.stack([init, _list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
+            init = np.stack([init, list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
         else:
             init = init[None]  # (1, n)
         out = self.v.rerank.run(None, {  # type: ignore[union-attr]

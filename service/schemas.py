@@ -76,13 +76,18 @@ class RecommendResponse(BaseModel):
 
 
 class ScoredItem(Protocol):
-    """What recommend_json reads of an item (service.pipeline.RecommendedItem)."""
+    """What recommend_json reads of an item (service.pipeline.RecommendedItem, a frozen dataclass)."""
 
-    item_id: str
-    score: float
-    launcher: int | None
-    stages: dict[str, float]
-    routes: dict[str, float]
+    @property
+    def item_id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def launcher(self) -> int | None: ...
+    @property
+    def stages(self) -> dict[str, float]: ...
+    @property
+    def routes(self) -> dict[str, float]: ...
 
 
 def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: str, timings_ms: Mapping[str, float],

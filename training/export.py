@@ -1,20 +1,16 @@
-"""ONNX export of the retrieval encoder (checked against eager PyTorch) and the item index."""
+"""ONNX export of the retrieval encoder, checked against eager PyTorch (the item index: training/artifacts.py)."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from models.sasrec import EncodeUser, MultiLauncherSASRec
-
-if TYPE_CHECKING:
-    from service.index import IndexSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +86,3 @@ def retrieval_parity(
 
 
 INDEX_FAISS = "index.faiss"
-
-
-def build_item_index(
-    items: np.ndarray, user_vectors: np.ndarray, out_dir: str | Path, spec: "IndexSpec | None" = None, k: int = 100
-) -> dict[str, object]:
-    """Write index.faiss over `items` (N, D) and measure its recall@k against exact search
-    with real launcher vectors `user_vectors` (B, M, D) as queries. Returns the manifest entry."""
-    from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
-
-    spec = spec or IndexSpec(kind=choose_kind(items.shape[0]))
-    index = build_index(items, spec)
-    queries = user_vectors.reshape(-1, user_vectors.shape[-1])
-    recall = ann_recall(index, items, queries, k=min(k, items.shape[0]))
-    path = Path(out_dir) / INDEX_FAISS
-    save_index(index, path)
-    return {**index_params(index), f"recall@{min(k, items.shape[0])}": recall, "file": INDEX_FAISS}

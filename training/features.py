@@ -23,15 +23,18 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from models.layers import FieldsConfig
+from service.features import (  # the encoder itself is shared with the service
+    HISTORY,
+    LAST_ITEM,
+    OOV,
+    RETRIEVAL_ITEM,
+    RETRIEVAL_USER,
+    TowerEncoder,
+    encode_codes,
+    raw_column,
+)
 from training.data.dataset import Dataset
 
-PAD = 0
-OOV = 1
-HISTORY = "history"  # the user's most recent items before the scored row
-LAST_ITEM = "last_item"  # the most recent of them, alone: mean pooling would dilute it
-# the retriever's view (cascade inputs, training/ranking_data.py): dense columns
-# "retrieval_user:<j>" = the M user vectors flattened (M * D), "retrieval_item:<j>" = the item embedding (D)
-RETRIEVAL_USER, RETRIEVAL_ITEM = "retrieval_user", "retrieval_item"
 Objective = Literal["ctr", "next-item"]
 
 
@@ -62,11 +65,7 @@ class Vocab:
         return cls(table, int(seen.size) + 2)
 
     def encode(self, raw: np.ndarray, *, zero_is_padding: bool) -> np.ndarray:
-        raw = np.asarray(raw, dtype=np.int64)
-        inside = (raw >= 0) & (raw < self.table.size)
-        out = np.where(inside, self.table[np.clip(raw, 0, self.table.size - 1)], OOV)
-        out[raw == 0] = PAD if zero_is_padding else OOV
-        return out
+        return encode_codes(self.table, raw, zero_is_padding=zero_is_padding)
 
 
 @dataclass(frozen=True)
@@ -143,22 +142,15 @@ class TowerSpec:
             num_dense=len(self.dense),
         )
 
+    def encoder(self) -> TowerEncoder:
+        """The NumPy encoder of these fields (service/features.py), the one the service runs."""
+        return TowerEncoder({k: v.table for k, v in self.sparse.items()},
+                            {k: (v.table, w) for k, (v, w) in self.multi.items()},
+                            {k: (st.mean, st.std) for k, st in self.dense.items()})
+
     def encode(self, raw: Mapping[str, np.ndarray]) -> EncodedFields:
         """Raw columns (name -> (B,) codes / floats or (B, K) codes) -> encoded arrays."""
-        n = _rows(raw)
-        sparse = np.zeros((n, len(self.sparse)), dtype=np.int64)
-        for j, (name, vocab) in enumerate(self.sparse.items()):
-            sparse[:, j] = vocab.encode(_col(raw, name), zero_is_padding=False)
-        blocks = []
-        for name, (vocab, width) in self.multi.items():
-            codes = np.asarray(_col(raw, name), dtype=np.int64).reshape(n, -1)
-            codes = _fit_width(codes, width)
-            blocks.append(vocab.encode(codes, zero_is_padding=True))
-        multi = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0), dtype=np.int64)
-        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
-        for j, (name, st) in enumerate(self.dense.items()):
-            dense[:, j] = (np.asarray(_col(raw, name), dtype=np.float64) - st.mean) / st.std
-        return EncodedFields(sparse, dense, multi)
+        return EncodedFields(*self.encoder().encode(raw))
 
 
 @dataclass(eq=False)
@@ -206,13 +198,13 @@ def fit_spec(decl: FeatureDecl, user_train: Mapping[str, np.ndarray], item_train
     def tower(sparse: tuple[str, ...], multi: tuple[str, ...], dense: tuple[str, ...], raw: Mapping[str, np.ndarray]) -> TowerSpec:
         t = TowerSpec()
         for name in sparse:
-            t.sparse[name] = Vocab.fit(_col(raw, name))
+            t.sparse[name] = Vocab.fit(raw_column(raw, name))
         for name in multi:
-            codes = np.asarray(_col(raw, name))
+            codes = np.asarray(raw_column(raw, name))
             width = decl.history_len if name == HISTORY else codes.reshape(codes.shape[0], -1).shape[1]
             t.multi[name] = (Vocab.fit(codes), width)
         for name in dense:
-            x = np.asarray(_col(raw, name), dtype=np.float64)
+            x = np.asarray(raw_column(raw, name), dtype=np.float64)
             std = float(x.std())
             # a constant column carries no signal; std 1 keeps it finite instead of failing
             t.dense[name] = DenseStats(float(x.mean()), std if std > 1e-12 else 1.0)
@@ -284,22 +276,3 @@ def label_aggregates(
         out[f"{name}_mean_label"] = np.where(cnt > 0, s / np.maximum(cnt, 1.0), prior).astype(np.float32)
         out[f"{name}_log_count"] = np.log1p(np.maximum(cnt, 0.0)).astype(np.float32)
     return out
-
-
-def _rows(raw: Mapping[str, np.ndarray]) -> int:
-    for v in raw.values():
-        return int(np.asarray(v).shape[0])
-    return 0
-
-
-def _col(raw: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    if name not in raw:
-        raise KeyError(f"feature '{name}' is declared but missing from the raw columns ({sorted(raw)})")
-    return raw[name]
-
-
-def _fit_width(codes: np.ndarray, width: int) -> np.ndarray:
-    """Truncate or zero-pad (B, K) codes to (B, width); mean pooling ignores the order."""
-    if codes.shape[1] >= width:
-        return codes[:, codes.shape[1] - width :] if codes.shape[1] > width else codes
-    return np.concatenate([codes, np.zeros((codes.shape[0], width - codes.shape[1]), dtype=np.int64)], axis=1)

@@ -56,46 +56,19 @@ import torch
 from torch import nn
 
 from models.cascade import RetrievalPrior
-from models.prm import PointwiseMLP, PointwiseMLPConfig, PRM, PRMConfig, RerankConfig, RerankModel
+from models.prm import RerankModel
 from models.sasrec import MultiLauncherSASRec
+from service.features import list_zscore
 from training import prerank as pr
 from training import retrieval as rt
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
 from training.features import RETRIEVAL_ITEM, RETRIEVAL_USER, item_columns, retrieval_columns, user_columns
 from training.metrics import ranking_metrics
-from training.ranking_data import rerank_window
-from training.rerank import ListData, RerankTrainConfig, TrainResult, score_lists, train_listwise
+from training.impression_sampling import ImpressionConfig, Steps, click_labels, sample_steps
+from training.rerank import ListData, score_lists
 
-MAX_LIST_LEN = 100
 E2E_KS = (1, 5, 10, 20)
-
-
-@dataclass(frozen=True)
-class ImpressionConfig:
-    list_len: int = 30  # N: the pre-ranker's top N form the list (<= MAX_LIST_LEN)
-    candidates: int = 200  # C: retrieval top C scored by the pre-ranker
-    horizon: int = 5  # T: clicked = interacted with within the next T steps
-    lists_per_user: int = 10  # training lists sampled per user
-    eval_steps: int = 3  # E: last steps per user kept for validation / test lists
-    valid_frac: float = 0.5  # share of users whose evaluation lists are validation lists
-    seed: int = 0  # step sampling and the valid / test user split
-    batch_size: int = 256  # histories per candidate-generation batch
-    retrieval_score: bool = True  # the fused retrieval score as a second score input
-    holdout: int = 0  # the upstream retriever's ranking fold (0 = in-sample steps)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.list_len <= MAX_LIST_LEN:
-            raise ValueError(f"list_len must be in [1, {MAX_LIST_LEN}], got {self.list_len}")
-        if self.candidates < self.list_len:
-            raise ValueError(f"candidates ({self.candidates}) must be >= list_len ({self.list_len})")
-        for name in ("horizon", "lists_per_user", "eval_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.valid_frac < 1.0:
-            raise ValueError(f"valid_frac must be in (0, 1), got {self.valid_frac}")
-        if self.holdout < 0:
-            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
 
 
 # --- the upstream stages ---
@@ -130,12 +103,19 @@ class Pipeline:
             raise DataError(f"{retrieval_dir}: retrieval checkpoint was trained on another data set "
                             f"(fingerprint {payload['fingerprint']}, data {ds.fingerprint})")
         model, spec, ckpt = pr.load_checkpoint(prerank_dir)
+        if ckpt.get("fingerprint") not in (None, ds.fingerprint):
+            raise DataError(f"{prerank_dir}: pre-rank checkpoint was trained on another data set")
+        return cls.from_models(ds, loo, retrieval, model, spec, ckpt, prerank_dir)
+
+    @classmethod
+    def from_models(cls, ds: Dataset, loo: LeaveOneOut, retrieval: MultiLauncherSASRec, model: nn.Module, spec: Any,
+                    ckpt: dict[str, Any], prerank_dir: str | Path) -> Pipeline:
+        """From checkpoints loaded already (training/checkpoints.py loads them once for export and
+        reindex); ValueError for a pre-ranker that cannot feed the re-ranker."""
         if not pr.has_heads(model):
             raise ValueError(f"{prerank_dir}: pre-ranker {ckpt.get('model')!r} has no item heads (need inttower or two-tower)")
         if ckpt.get("objective") not in (None, "next-item"):
             raise ValueError(f"{prerank_dir}: pre-ranker was trained on objective {ckpt['objective']!r}, need next-item")
-        if ckpt.get("fingerprint") not in (None, ds.fingerprint):
-            raise DataError(f"{prerank_dir}: pre-rank checkpoint was trained on another data set")
         train_rows = np.flatnonzero(loo.train_mask)
         user_cnt = np.log1p(np.bincount(ds.users[train_rows], minlength=ds.num_users)).astype(np.float32)
         item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
@@ -158,11 +138,22 @@ def prerank_item_heads(model: nn.Module, spec: Any, ds: Dataset, table: np.ndarr
         return model.item_heads(pr.to_fields(spec.item.encode(raw)))
 
 
-def rerank_item_features(table: np.ndarray, heads: np.ndarray, item_cnt: np.ndarray) -> np.ndarray:
+def rerank_item_features(table: np.ndarray, heads: np.ndarray, item_log_count: np.ndarray,
+                         reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N + 1, F) float32 re-rank item features: [retrieval embedding ; mean pre-rank item head ;
-    log1p count], each column z-scored over the catalog (no labels involved); row 0 = zeros."""
-    feats = np.concatenate([table, heads.mean(axis=1), item_cnt[:, None]], axis=1)
-    mu, sd = feats[1:].mean(axis=0), feats[1:].std(axis=0)
+    log1p count], each column z-scored over the catalog (no labels involved); row 0 = zeros.
+
+    table (N + 1, D), heads (N + 1, G, d), item_log_count (N + 1,). `reference`: the (table,
+    heads, log count) whose statistics z-score these rows (`recsys reindex`: the data set's
+    catalog the re-ranker was trained with); default these rows themselves.
+    """
+
+    def raw(emb: np.ndarray, h: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+        return np.concatenate([emb, h.mean(axis=1), cnt[:, None]], axis=1, dtype=np.float32)
+
+    feats = raw(table, heads, item_log_count)
+    ref = feats if reference is None else raw(*reference)
+    mu, sd = ref[1:].mean(axis=0), ref[1:].std(axis=0)
     feats = (feats - mu) / np.where(sd > 1e-8, sd, 1.0)
     feats[0] = 0.0
     return feats.astype(np.float32)
@@ -237,96 +228,6 @@ def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: Im
     return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32), ret_scores)
 
 
-# --- step sampling and labels ---
-
-
-@dataclass
-class Steps:
-    """(user, step) pairs: the history is the user's first `step` interactions."""
-
-    users: np.ndarray  # (B,) int64
-    steps: np.ndarray  # (B,) int64, >= 1
-
-    def ends(self, ds: Dataset) -> np.ndarray:
-        return ds.offsets[self.users] + self.steps
-
-    def __len__(self) -> int:
-        return int(self.users.size)
-
-
-def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
-    """Training / validation / test steps inside each user's training part (see the module doc)."""
-    if cfg.holdout > 0:
-        return _fold_steps(loo, cfg)
-    n = loo.train_lengths()  # (U,)
-    T, E = cfg.horizon, cfg.eval_steps
-    rng = np.random.default_rng(cfg.seed)
-    last_eval = n - T  # s + T <= n
-    first_eval = np.maximum(last_eval - E + 1, 1)
-    has_eval = last_eval >= 1
-    U = n.size
-    valid_user = rng.random(U) < cfg.valid_frac
-    tu, ts, vu, vs, su, ss = [], [], [], [], [], []
-    for u in range(U):
-        if has_eval[u]:
-            steps = np.arange(first_eval[u], last_eval[u] + 1)
-            (vu if valid_user[u] else su).append(np.full(steps.size, u))
-            (vs if valid_user[u] else ss).append(steps)
-            hi = first_eval[u] - T  # t + T <= first eval step
-        else:
-            hi = n[u] - T  # no evaluation list: any step whose window fits the training part
-        if hi >= 1:
-            steps = np.sort(rng.choice(np.arange(1, hi + 1), min(cfg.lists_per_user, hi), replace=False))
-            tu.append(np.full(steps.size, u))
-            ts.append(steps)
-
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-
-    out = {"train": Steps(cat(tu), cat(ts)), "valid": Steps(cat(vu), cat(vs)), "test": Steps(cat(su), cat(ss))}
-    for name, st in out.items():
-        if len(st) == 0:
-            raise DataError(f"{loo.dataset.name}: no {name} impression list (training sequences too short for "
-                            f"horizon {T} and {E} evaluation steps)")
-    return out
-
-
-def _fold_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
-    """Every step of each user's re-rank window (training/ranking_data.py); users split at random
-    into train / valid / test (valid_frac / 2 each for the evaluation sides)."""
-    first, end = rerank_window(loo, cfg.holdout)
-    side = np.random.default_rng(cfg.seed).random(first.size)  # (U,)
-    groups = {"train": side >= cfg.valid_frac, "valid": side < cfg.valid_frac / 2,
-              "test": (side >= cfg.valid_frac / 2) & (side < cfg.valid_frac)}
-    out = {}
-    for name, keep in groups.items():
-        users = np.flatnonzero(keep & (end > first))
-        counts = (end - first)[users]
-        u = np.repeat(users, counts)
-        t = np.repeat(first[users], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-        out[name] = Steps(u.astype(np.int64), t.astype(np.int64))
-        if len(out[name]) == 0:
-            raise DataError(f"{loo.dataset.name}: no {name} impression list in the re-rank window of holdout "
-                            f"{cfg.holdout}")
-    return out
-
-
-def click_labels(ds: Dataset, loo: LeaveOneOut, steps: Steps, items: np.ndarray, horizon: int) -> np.ndarray:
-    """(B, L) float32: 1 where items[b, j] is one of the user's next `horizon` TRAINING items.
-
-    The window is rows ends .. ends + horizon - 1, cut at the end of the user's training part,
-    so a validation or test interaction can never be a click.
-    """
-    ends = steps.ends(ds)  # (B,)
-    train_end = ds.offsets[steps.users] + loo.train_lengths()[steps.users]  # (B,) exclusive
-    rows = ends[:, None] + np.arange(horizon)[None, :]  # (B, T)
-    inside = rows < train_end[:, None]
-    assert loo.train_mask[rows[inside]].all()
-    window = np.where(inside, ds.items[np.minimum(rows, ds.items.size - 1)], 0)  # (B, T), 0 = none
-    hit = (items[:, :, None] == window[:, None, :]).any(axis=2) & (items > 0)  # (B, L)
-    return hit.astype(np.float32)
-
-
 # --- list data ---
 
 
@@ -351,18 +252,10 @@ def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats
     items = ranked.items[:, :list_len]
     mask = items > 0
     pv = (ranked.pv[:, :list_len] - np.asarray(stats.mean, np.float32)) / np.asarray(stats.std, np.float32)
-    init = _list_zscore(ranked.scores[:, :list_len], mask)  # z-score within the list
-    ret = _list_zscore(ranked.ret_scores[:, :list_len], mask) if retrieval_score else None
+    init = list_zscore(ranked.scores[:, :list_len], mask)  # z-score within the list
+    ret = list_zscore(ranked.ret_scores[:, :list_len], mask) if retrieval_score else None
     return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask, ret)
 
-
-def _list_zscore(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(B, L) scores z-scored over each list's real entries; 0 elsewhere."""
-    s = np.where(mask, scores, 0.0).astype(np.float64)
-    cnt = np.maximum(mask.sum(axis=1, keepdims=True), 1)
-    mu = s.sum(axis=1, keepdims=True) / cnt
-    sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=1, keepdims=True) / cnt)
-    return np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)
 
 
 @dataclass
@@ -403,33 +296,7 @@ def build_impressions(pipe: Pipeline, loo: LeaveOneOut, cfg: ImpressionConfig,
                        {n: ranked[n].items[:, : cfg.list_len] for n in steps}, stats, cfg)
 
 
-# --- the three re-rankers ---
-
-RERANKERS = ("prm", "prm_base", "mlp")
-
-
-@dataclass(frozen=True)
-class RerankerHParams:
-    d_model: int = 64
-    heads: int = 2
-    layers: int = 2
-    ffn_dim: int = 128
-    dropout: float = 0.1
-    mlp_hidden: tuple[int, ...] = (128, 64)
-    residual: bool = True  # start from the pre-rank order (models/prm.py)
-
-
-def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: RerankerHParams,
-                    num_scores: int = 1, residual: bool = False) -> RerankConfig:
-    """PRM (with PV), PRM-BASE (pv_dim 0) or the pointwise MLP (with PV)."""
-    if name == "mlp":
-        return PointwiseMLPConfig(item_dim=item_dim, pv_dim=pv_dim, hidden=hp.mlp_hidden, dropout=hp.dropout,
-                                  max_len=max_len, num_scores=num_scores, residual=residual)
-    if name not in ("prm", "prm_base"):
-        raise ValueError(f"unknown re-ranker {name!r} (expected one of {RERANKERS})")
-    return PRMConfig(item_dim=item_dim, pv_dim=pv_dim if name == "prm" else 0, d_model=hp.d_model, heads=hp.heads,
-                     layers=hp.layers, ffn_dim=hp.ffn_dim, dropout=hp.dropout, max_len=max_len,
-                     num_scores=num_scores, residual=residual)
+# --- lists of the leave-one-out users ---
 
 
 def leave_one_out_lists(pipe: Pipeline, loo: LeaveOneOut, split: Split, stats: PVStats, cfg: ImpressionConfig,
@@ -441,51 +308,6 @@ def leave_one_out_lists(pipe: Pipeline, loo: LeaveOneOut, split: Split, stats: P
     ranked = rank_candidates(pipe, users, loo.history_end(split), cfg, progress)
     labels = (ranked.items[:, : cfg.list_len] == loo.targets(split)[:, None]).astype(np.float32)
     return list_data(pipe, ranked, labels, stats, cfg.list_len, cfg.retrieval_score)
-
-
-def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
-                 progress: bool = False, valid: ListData | None = None) -> TrainResult:
-    """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
-    on validation NDCG@10 of `valid` (default: the validation impressions)."""
-    cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores,
-                          residual=hp.residual)
-    torch.manual_seed(train_cfg.seed)
-    model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
-    # lists without a click add nothing to the listwise loss or to the list metrics (both skip
-    # them): leaving them out changes no number and saves most of the compute
-    return train_listwise(model, with_clicks(imp.train), train_cfg,
-                          valid=with_clicks(imp.valid if valid is None else valid), progress=progress)
-
-
-def with_clicks(data: ListData) -> ListData:
-    """The lists with at least one click on a real entry."""
-    return data.take(np.flatnonzero((data.labels * data.mask).sum(axis=1) > 0))
-
-
-def save_reranker(path: str | Path, name: str, model: RerankModel, stats: PVStats, imp_cfg: ImpressionConfig,
-                  **extra: Any) -> Path:
-    """One checkpoint per model: kind, name, config type + dict, weights, PV statistics, list config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "rerank", "name": name, "config_type": type(model.config).__name__,
-                "config": model.config.to_dict(), "state_dict": model.state_dict(), "pv_stats": asdict(stats),
-                "impressions": asdict(imp_cfg), **extra}, path)
-    return path
-
-
-def load_reranker(path: str | Path) -> tuple[RerankModel, dict[str, Any]]:
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if ckpt.get("kind") != "rerank":
-        raise ValueError(f"{path}: not a re-rank checkpoint (kind={ckpt.get('kind')!r})")
-    c = dict(ckpt["config"])
-    if ckpt["config_type"] == "PointwiseMLPConfig":
-        c["hidden"] = tuple(c["hidden"])
-        model: RerankModel = PointwiseMLP(PointwiseMLPConfig(**c))
-    else:
-        model = PRM(PRMConfig(**c))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
 
 
 # --- end to end ---

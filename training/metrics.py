@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from training.data.splits import LeaveOneOut, Split
@@ -82,6 +81,8 @@ def retrieval_ranks(
     kmax = max(ks)
     sel = np.arange(split.eval_users.size) if users is None else np.asarray(users)
     targets = split.targets(which)[sel]
+    import torch  # only here: the NumPy metrics (served_eval, the gates) need no torch
+
     ranks = np.empty(sel.size, dtype=np.int64)
     shown: dict[int, np.ndarray] = {k: np.zeros(split.num_items + 1, dtype=bool) for k in ks}
     chunks = range(0, sel.size, batch_size)

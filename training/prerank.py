@@ -1,4 +1,5 @@
-"""Pre-ranking: data building, the two objectives, evaluation, checkpoints and export.
+"""Pre-ranking: the two objectives' losses and training loops, evaluation and checkpoints
+(data building: training/prerank_data.py; ONNX export: training/export_prerank.py).
 
 Objectives
 - `ctr`: explicit ratings, label = rating > 3, rating 3 dropped, per-user temporal split
@@ -13,8 +14,6 @@ Models come from models/ and see only tensors; this module owns NumPy, files and
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -30,26 +29,12 @@ from models.cascade import RetrievalPrior, RetrievalPriorConfig
 from models.dcnv2 import DCNv2, DCNv2Config
 from models.inttower import IntTower, IntTowerConfig
 from models.layers import Fields
-from models.sasrec import MultiLauncherSASRec
 from models.two_tower import TwoTower, TwoTowerConfig
-from training.data.dataset import DataError, Dataset
-from training.data.splits import CTRSplit, LeaveOneOut, Split, pad_left
-from training.features import (
-    RETRIEVAL_ITEM,
-    RETRIEVAL_USER,
-    EncodedFields,
-    FeatureSpec,
-    declare_features,
-    fit_spec,
-    item_columns,
-    label_aggregates,
-    recent_histories,
-    retrieval_columns,
-    user_columns,
-)
-from training.ranking_data import prerank_rows
-from training.retrieval import FusedTop, fused_top
-from training.metrics import Scorer, auc, list_metrics, logloss, mask_seen
+from training.data.splits import Split
+from training.early_stopping import EarlyStopping
+from training.features import EncodedFields, FeatureSpec
+from training.metrics import auc, list_metrics, logloss
+from training.prerank_data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "two-tower": (TwoTower, TwoTowerConfig),
@@ -69,7 +54,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 2  # epochs without validation improvement before stopping
+    patience: int = 3  # stop this many epochs past the best one (training/early_stopping.py)
     cir_weight: float = 0.0  # weight of the CIR loss; 0 disables it
     temperature: float = 0.1  # CIR InfoNCE temperature
     random_negatives: int = 16  # next-item only
@@ -119,248 +104,6 @@ def cir_loss(
     return F.cross_entropy(logits, torch.arange(q, device=logits.device))
 
 
-# --- data ---
-
-
-@dataclass
-class PairRows:
-    """Aligned (user, item, label) rows for the CTR objective."""
-
-    user: EncodedFields
-    item: EncodedFields
-    items: np.ndarray  # (E,) item index of each row
-    labels: np.ndarray  # (E,) float32
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class CTRData:
-    spec: FeatureSpec
-    train: PairRows
-    valid: PairRows
-    test: PairRows
-    catalog: EncodedFields  # (N + 1,) item rows with training aggregates, for export
-
-
-def build_ctr_data(ds: Dataset, split: CTRSplit, history_len: int = 50) -> CTRData:
-    """Encode the CTR split; the spec (vocabularies, statistics, aggregates) sees train rows only."""
-    decl = declare_features(ds, "ctr", history_len)
-    labels = split.labels
-
-    def raw(rows: np.ndarray, train: bool) -> tuple[dict, dict]:
-        agg = label_aggregates(ds, split.train_idx, labels, rows, leave_one_out=train)
-        u = user_columns(ds, ds.users[rows], recent_histories(ds, rows, history_len))
-        i = item_columns(ds, ds.items[rows])
-        u.update({k: v for k, v in agg.items() if k.startswith("user_")})
-        i.update({k: v for k, v in agg.items() if k.startswith("item_")})
-        return u, i
-
-    u_train, i_train = raw(split.train_idx, train=True)
-    spec = fit_spec(decl, u_train, i_train)
-
-    def rows_of(idx: np.ndarray, u: dict, i: dict) -> PairRows:
-        return PairRows(spec.user.encode(u), spec.item.encode(i), ds.items[idx], labels[idx].astype(np.float32))
-
-    parts = {"train": rows_of(split.train_idx, u_train, i_train)}
-    for name, idx in (("valid", split.valid_idx), ("test", split.test_idx)):
-        parts[name] = rows_of(idx, *raw(idx, train=False))
-    agg = split.aggregates()  # per item, training rows only
-    cat = item_columns(ds, np.arange(ds.num_items + 1))
-    cat.update({k: v for k, v in agg.items() if k.startswith("item_")})
-    return CTRData(spec, **parts, catalog=spec.item.encode(cat))
-
-
-@dataclass
-class CandidateLists:
-    """Evaluation lists for one leave-one-out split: retrieval top-C per evaluated user."""
-
-    user: EncodedFields  # (B,) rows
-    candidates: np.ndarray  # (B, C) item indices in retrieval order
-    retrieval_scores: np.ndarray  # (B, C)
-    targets: np.ndarray  # (B,)
-    launchers: np.ndarray | None = None  # (B, C) int64 launcher of each fused score (cascade inputs)
-
-
-@dataclass(eq=False)
-class Retrievers:
-    """Where the pre-ranker's lists and cascade inputs come from (training/ranking_data.py).
-
-    served: the retriever the version serves (validation / test lists, export); upstream: the one
-    that made the training lists, trained with `holdout` (the same model and 0 for in-sample
-    lists); window: held-out positions the training examples come from (default: holdout; 0 =
-    every training position); features: the retrieval score, launcher and vectors as inputs.
-    """
-
-    served: MultiLauncherSASRec
-    upstream: MultiLauncherSASRec
-    holdout: int = 0
-    window: int | None = None
-    features: bool = True
-
-    @property
-    def dims(self) -> tuple[int, int]:
-        """(M, D) of the user vectors: M = launchers, or 1 for plain SASRec."""
-        cfg = self.served.config
-        return max(cfg.num_launchers, 1), cfg.dim
-
-
-@dataclass
-class NextItemData:
-    spec: FeatureSpec
-    catalog: EncodedFields  # (N + 1,) item rows as served; row 0 = padding
-    train_user: EncodedFields  # (E,) one row per training example
-    train_targets: np.ndarray  # (E,)
-    train_candidates: np.ndarray  # (E, C) int32 retrieval candidates of each example's history
-    valid: CandidateLists
-    test: CandidateLists
-    # cascade inputs (None without them): the upstream retriever's user vectors of each example
-    # (E, M, D), its item table (N + 1, D) and the catalog rows encoded with it (training only)
-    train_users: np.ndarray | None = None
-    train_table: np.ndarray | None = None
-    train_catalog: EncodedFields | None = None
-
-    @property
-    def cascade(self) -> bool:
-        return self.train_users is not None
-
-    @property
-    def num_launchers(self) -> int:
-        return 1 if self.train_users is None else int(self.train_users.shape[1])
-
-
-def top_candidates(scorer: Scorer, histories: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Retrieval top-k with seen items removed: (B, k) item indices and their scores."""
-    items, scores = [], []
-    for start in range(0, histories.shape[0], batch_size):
-        hist = histories[start : start + batch_size]
-        s = np.array(scorer(hist), dtype=np.float32, copy=True)
-        mask_seen(s, hist)
-        top = torch.topk(torch.from_numpy(s), min(k, s.shape[1] - 1), dim=1)
-        items.append(top.indices.numpy())
-        scores.append(top.values.numpy())
-    return np.concatenate(items), np.concatenate(scores)
-
-
-def build_next_item_data(
-    ds: Dataset,
-    loo: LeaveOneOut,
-    scorers: dict[Split, Scorer] | None = None,
-    history_len: int = 50,
-    candidates: int = 200,
-    max_train_examples: int | None = None,
-    seed: int = 0,
-    retrievers: Retrievers | None = None,
-) -> NextItemData:
-    """Training examples from the training part; evaluation lists from the retriever.
-
-    With `retrievers` (a SASRec): training lists from the upstream retriever over the ranking
-    window (training/ranking_data.py), validation / test lists from the served one, and with
-    `retrievers.features` the cascade inputs. Without: `scorers[split]` (e.g. last-item) make
-    the lists; `scorers["valid"]` must only know the training part (it also supplies the
-    training examples' hard negatives), `scorers["test"]` may know the validation items too.
-    """
-    if retrievers is None and scorers is None:
-        raise ValueError("build_next_item_data needs scorers or retrievers")
-    cascade = retrievers is not None and retrievers.features
-    decl = declare_features(ds, "next-item", history_len, retrievers.dims if cascade else None)
-    window = 0 if retrievers is None else (retrievers.holdout if retrievers.window is None else retrievers.window)
-    rows = prerank_rows(loo, window)
-    if max_train_examples is not None and rows.size > max_train_examples:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_train_examples, replace=False))
-    if rows.size == 0:
-        raise DataError(f"{ds.name}: no training example with a history for the next-item objective")
-    train_rows = np.flatnonzero(loo.full_train_mask())
-    item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
-
-    def users_raw(users: np.ndarray, hist: np.ndarray, vectors: np.ndarray | None, ends: np.ndarray) -> dict:
-        u = user_columns(ds, users, hist)
-        # log1p of the history's length: what a request's history gives the service (a user's
-        # total training count would differ from it at every training step)
-        u["user_log_count"] = np.log1p(ends - ds.offsets[users]).astype(np.float32)
-        if cascade:
-            assert vectors is not None
-            u.update(retrieval_columns(RETRIEVAL_USER, vectors))
-        return u
-
-    def items_raw(table: np.ndarray | None) -> dict:
-        i = item_columns(ds, np.arange(ds.num_items + 1))
-        i["item_log_count"] = item_cnt
-        if cascade:
-            assert table is not None
-            i.update(retrieval_columns(RETRIEVAL_ITEM, table))
-        return i
-
-    hist = recent_histories(ds, rows, history_len)
-    targets = ds.items[rows]
-    users_vec: np.ndarray | None = None
-    if retrievers is not None:
-        top = _fused_rows(retrievers.upstream, ds, rows, candidates)
-        train_cands, users_vec = top.items, top.users
-    else:
-        assert scorers is not None
-        train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
-    up_table = _table(retrievers.upstream) if cascade else None
-    served_table = _table(retrievers.served) if cascade else None
-    u_train = users_raw(ds.users[rows], hist, users_vec, rows)
-    i_up = items_raw(up_table)
-    spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_up.items()})
-
-    def lists(which: Split) -> CandidateLists:
-        # candidates from the whole history, so every seen item is removed, not only the last
-        # history_len ones (the scorers truncate to their own maxlen themselves)
-        h = loo.histories(which, maxlen=history_len)
-        if retrievers is None:
-            assert scorers is not None
-            cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
-            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None, loo.history_end(which))),
-                                  cands, scores, loo.targets(which))
-        top = fused_top(retrievers.served, loo.histories(which), candidates)
-        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users, loo.history_end(which))),
-                              top.items, top.scores, loo.targets(which), top.launchers)
-
-    return NextItemData(
-        spec=spec,
-        catalog=spec.item.encode(items_raw(served_table)),
-        train_user=spec.user.encode(u_train),
-        train_targets=targets,
-        train_candidates=train_cands.astype(np.int32),
-        valid=lists("valid"),
-        test=lists("test"),
-        train_users=users_vec if cascade else None,
-        train_table=up_table,
-        train_catalog=spec.item.encode(i_up) if cascade else None,
-    )
-
-
-def _table(model: MultiLauncherSASRec) -> np.ndarray:
-    """(N + 1, D) float32 item embeddings of a retriever."""
-    return model.item_embedding.weight.detach().numpy().astype(np.float32)
-
-
-def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> FusedTop:
-    """fused_top for the histories ds.items[user start : row] of each row, built in chunks
-    (whole histories, so every seen item is removed; the encoder keeps its maxlen)."""
-    parts = []
-    for start in range(0, rows.size, chunk):
-        r = rows[start : start + chunk]
-        parts.append(fused_top(model, pad_left(ds.items, ds.offsets[ds.users[r]], r, None), k))
-    return FusedTop(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "launchers", "users")))
-
-
-def retrieval_prior(data: NextItemData) -> RetrievalPrior | None:
-    """A fresh prior for cascade data (None without cascade inputs)."""
-    return RetrievalPrior(RetrievalPriorConfig(data.num_launchers)) if data.cascade else None
-
-
-def fused_pair(users: np.ndarray, table: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """users (b, M, D), table (N + 1, D), items (b, K) -> fused scores (b, K) and launchers (b, K)."""
-    per = torch.einsum("bmd,bkd->bkm", torch.from_numpy(users), torch.from_numpy(table[items]))  # (b, K, M)
-    score, launcher = per.max(dim=-1)
-    return score, launcher
-
-
 # --- models ---
 
 
@@ -407,29 +150,6 @@ def evaluate_ctr(model: nn.Module, rows: PairRows) -> dict[str, float]:
     return {"AUC": auc(rows.labels, p), "LogLoss": logloss(rows.labels, p)}
 
 
-class BestWeights:
-    """Early stopping on a validation score: keeps a copy of the best weights and says when
-    more than `patience` epochs in a row failed to improve on it."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best = -np.inf
-        self._state: dict[str, torch.Tensor] | None = None
-        self._bad = 0
-
-    def update(self, score: float, model: nn.Module) -> bool:
-        """Record an epoch's score; True when training should stop."""
-        if score > self.best:
-            self.best, self._state, self._bad = score, copy.deepcopy(model.state_dict()), 0
-            return False
-        self._bad += 1
-        return self._bad > self.patience
-
-    def restore(self, model: nn.Module) -> None:
-        if self._state is not None:
-            model.load_state_dict(self._state)
-
-
 def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Adam on BCE (+ cir_weight * CIR over the batch's positive pairs); early stopping on
     validation AUC, best weights restored. Returns the training history."""
@@ -438,7 +158,7 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
     train = data.train
-    stopper, history = BestWeights(cfg.patience), []
+    stopper, history = EarlyStopping(model, cfg.patience), []
     for epoch in range(cfg.epochs):
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -467,9 +187,9 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / len(train):.4f} valid AUC {metrics['AUC']:.4f} "
                      f"LogLoss {metrics['LogLoss']:.4f}")
-        if stopper.update(metrics["AUC"], model):
+        if stopper.update(epoch + 1, metrics["AUC"]):
             break
-    stopper.restore(model)
+    stopper.restore()
     return {"history": history, "best_valid_AUC": stopper.best}
 
 
@@ -548,10 +268,10 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     catalog = data.train_catalog if data.train_catalog is not None else data.catalog
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
-    stopper, history = BestWeights(cfg.patience), []
+    stopper, history = EarlyStopping(both, cfg.patience), []
     if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
         start = evaluate_next_item(model, data, "valid", prior)
-        stopper.update(start["NDCG@10"], both)
+        stopper = EarlyStopping(both, cfg.patience, score=start["NDCG@10"])
         history.append({"epoch": 0, "valid_NDCG@10": start["NDCG@10"], "prior": prior.serving()})
     for epoch in range(cfg.epochs):
         model.train()
@@ -592,14 +312,14 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                         **({"prior": prior.serving()} if prior is not None else {})})
         if progress:
             progress(f"epoch {epoch + 1}: loss {total / E:.4f} valid NDCG@10 {metrics['NDCG@10']:.4f}")
-        if stopper.update(metrics["NDCG@10"], both):
+        if stopper.update(epoch + 1, metrics["NDCG@10"]):
             break
-    stopper.restore(both)
+    stopper.restore()
     both.eval()
     return {"history": history, "best_valid_NDCG@10": stopper.best}
 
 
-# --- checkpoints and export ---
+# --- checkpoints ---
 
 
 def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path,
@@ -637,67 +357,6 @@ def load_prior(ckpt: dict) -> RetrievalPrior | None:
     prior.load_state_dict(state)
     prior.eval()
     return prior
-
-
-class UserPart(nn.Module):
-    """The exported user side: (user_sparse, user_dense, user_multi) -> user_heads (B, L, H, d)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
-        return self.model.user_heads(Fields(sparse, dense, multi))
-
-
-def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, out_dir: str | Path,
-                   prior: RetrievalPrior | None = None) -> dict[str, str]:
-    """Write prerank_user.onnx, prerank_items.npy and prerank_manifest.json.
-
-    prerank_user.onnx: user_sparse int64 (B, S), user_dense float32 (B, Dn), user_multi int64
-    (B, K) -> user_heads float32 (B, L, H, d). prerank_items.npy: float32 (N + 1, H, d), the
-    item heads of the whole catalog, row 0 (padding) zero. Serving: service.prerank.
-    """
-    if not has_heads(model):
-        raise ValueError(f"{type(model).__name__} has no precomputable item side and is never served")
-    import onnx  # deferred: export-only dependency
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    cfg = spec.user.fields_config()
-    example = (
-        torch.zeros(2, len(cfg.sparse_vocab), dtype=torch.long),
-        torch.zeros(2, cfg.num_dense),
-        torch.zeros(2, sum(cfg.multi_width), dtype=torch.long),
-    )
-    names = ["user_sparse", "user_dense", "user_multi"]
-    # the exporter restores the wrapper's train/eval mode afterwards, recursively: keep it eval
-    torch.onnx.export(
-        UserPart(model).eval(), example, out / USER_ONNX, input_names=names, output_names=["user_heads"],
-        dynamic_axes={**{n: {0: "batch"} for n in names}, "user_heads": {0: "batch"}}, dynamo=False,
-    )
-    onnx.checker.check_model(str(out / USER_ONNX))
-    with torch.no_grad():
-        items = model.item_heads(to_fields(catalog)).numpy().astype(np.float32)  # (N + 1, H, d)
-    items[0] = 0.0
-    np.save(out / ITEMS_NPY, items)
-    with torch.no_grad():
-        uh = model.user_heads(Fields(*example))
-    manifest = {
-        "model": type(model).__name__,
-        "inputs": {"user_sparse": ["B", example[0].shape[1], "int64"], "user_dense": ["B", example[1].shape[1], "float32"],
-                   "user_multi": ["B", example[2].shape[1], "int64"]},
-        "outputs": {"user_heads": ["B", *uh.shape[1:], "float32"]},
-        "items": {"file": ITEMS_NPY, "shape": list(items.shape), "dtype": "float32", "padding_row": 0},
-        "features": FEATURES,
-        "score": ("tower_weight * " if prior is not None else "")
-                 + "(sum over layers and user heads of the max over item heads of the dot product)"
-                 + (" + weight * fused retrieval score + launcher_bias[launcher]" if prior is not None else ""),
-        "retrieval_prior": None if prior is None else prior.serving(),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return {"user_onnx": str(out / USER_ONNX), "items": str(out / ITEMS_NPY), "manifest": str(out / MANIFEST)}
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,12 @@ def save_benchmark(out: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     path.write_text(f"$ python {command}\n{text}")
+
+
+@contextmanager
+def timed(label: str, timings: dict[str, float]) -> Iterator[None]:
+    """Record the wall time of a block under `label` and report it on stderr."""
+    start = time.perf_counter()
+    yield
+    timings[label] = round(time.perf_counter() - start, 3)
+    print(f"[{label}] {timings[label]:.2f}s", file=sys.stderr)

@@ -9,7 +9,6 @@ Slate accuracy = share of lists (with a positive) whose top-scored real entry is
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from models.prm import PAD_LOGIT, RerankModel
+from training.early_stopping import EarlyStopping
 from training.metrics import list_metrics
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,12 @@ def train_listwise(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     labels = torch.from_numpy(data.labels)
     history: list[EpochStats] = []
-    best, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    start = -math.inf
     if valid is not None and getattr(model.config, "residual", False):
         # a residual model starts at the order it is given: training has to beat that to be kept
-        best = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))["NDCG@10"]
-        log.info("epoch 0 (the given order) valid NDCG@10 %.4f", best)
+        start = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))["NDCG@10"]
+        log.info("epoch 0 (the given order) valid NDCG@10 %.4f", start)
+    stopper = EarlyStopping(model, cfg.patience, score=start)
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -234,17 +235,15 @@ def train_listwise(
         history.append(stats)
         log.info("epoch %d loss %.4f valid NDCG@10 %.4f slate acc %.4f (%.1fs)",
                  epoch, stats.loss, ndcg, acc, stats.seconds)
-        if valid is not None:
-            if ndcg > best:
-                best, best_epoch, best_state = ndcg, epoch, copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= cfg.patience:
-                log.info("early stop: no better validation NDCG@10 for %d epochs", cfg.patience)
-                break
+        if valid is not None and stopper.update(epoch, ndcg):
+            log.info("early stop: no better validation NDCG@10 for %d epochs", cfg.patience)
+            break
         if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
             log.info("stopping: max_minutes %.1f reached", cfg.max_minutes)
             break
+    best, best_epoch = stopper.best, stopper.best_epoch
     if valid is not None:
-        model.load_state_dict(best_state)
+        stopper.restore()
     else:
         best_epoch = len(history)
     model.eval()

@@ -21,8 +21,8 @@ and CandidateRecall_faiss for FAISS's alone (equal for a version without the rou
 
 The gate (`choose_stages`) keeps a stage only while its cut's NDCG@10 is not worse than the
 previous served cut's by more than a tolerance; a version serves a prefix of STAGES, so a
-switched-off pre-rank switches off the re-rank too. Nothing here imports torch itself
-(training.metrics, for `ranking_metrics`, does).
+switched-off pre-rank switches off the re-rank too. Nothing here imports torch (the metrics of
+training/metrics.py are NumPy; only its evaluate_retrieval imports torch, when called).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ GATE_USERS = 1000
 # standard error of 0.006-0.008 (measured: 0.0064 at NDCG 0.07 on the synthetic demo, 0.0083
 # at 0.12 on ml-100k's 943 users) and the paired difference of two cuts 0.0045-0.0077, so 0.01
 # is one to two standard errors, the same size as the live-version check
-# (training.artifacts.DEFAULT_MAX_REGRESSION): a stage that costs more than noise is switched
+# (training.gates.DEFAULT_MAX_REGRESSION): a stage that costs more than noise is switched
 # off, one within noise keeps serving. The manifest records each difference's paired SE.
 DEFAULT_STAGE_TOLERANCE = 0.01
 _MISS = np.iinfo(np.int64).max // 4  # rank of a target outside the returned list

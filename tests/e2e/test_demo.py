@@ -12,7 +12,7 @@ from service.artifacts import load_current
 def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     art = tmp_path / "artifacts"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "demo", "--data", "synthetic:users=200,items=80",
+        [sys.executable, "-m", "recsys_cli", "demo", "--data", "synthetic:users=200,items=80",
          "--minutes", "0.1", "--epochs", "1", "--out", str(tmp_path / "runs"), "--artifacts", str(art),
          "--no-serve"],
         capture_output=True, text=True, timeout=600,

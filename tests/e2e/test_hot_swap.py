@@ -25,7 +25,7 @@ from service.notify import notify_version
 from tests.e2e.test_serve import wait_ready
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
-from training.artifacts import set_current
+from training.versions import set_current
 
 
 @pytest.fixture()
@@ -37,7 +37,7 @@ def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple
     port = free_port()
     env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}  # pub/sub must do the work
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
          "--port", str(port), "--workers", "2", "--log-level", "warning"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

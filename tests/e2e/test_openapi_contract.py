@@ -34,7 +34,7 @@ def live(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
     port = free_port()
     env = {**os.environ, "RECSYS_API_KEY": KEY, "RECSYS_READ_KEY": "", "RECSYS_RELOAD_POLL_S": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root), "--redis-url", redis_url,
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--redis-url", redis_url,
          "--port", str(port), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

@@ -37,7 +37,7 @@ def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
     port = free_port()
     env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"}  # writes open on loopback
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root),
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root),
          "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -67,7 +67,7 @@ def test_served_process_events_change_next_recommendation(server: str, catalog: 
 
 def test_serve_bad_artifacts_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(tmp_path / "none"), "--port", "1"],
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(tmp_path / "none"), "--port", "1"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
@@ -77,7 +77,7 @@ def test_serve_bad_artifacts_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_serve_several_workers_need_redis(artifacts_root: Path) -> None:  # noqa: F811
     env = {k: v for k, v in os.environ.items() if k != "RECSYS_REDIS_URL"}
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", "--artifacts", str(artifacts_root), "--workers", "2"],
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--workers", "2"],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2 and "--workers > 1 needs --redis-url" in proc.stderr

@@ -43,14 +43,14 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from tests.training.test_artifacts import make_checkpoints
-    from training.artifacts import publish_version
+    from training.artifacts import publish
 
     torch.set_num_threads(1)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ret, pre, rer = make_checkpoints(TINY, tmp_path_factory.mktemp("ckpt"))
     root = tmp_path_factory.mktemp("artifacts")
-    publish_version(TINY, ret, pre, rer, root, version="v1")
+    publish(TINY, ret, pre, rer, root, version="v1")
     return root
 
 
@@ -423,30 +423,13 @@ def test_stage_failure_falls_back_to_previous_order(artifacts_root: Path, catalo
     assert out.served_by == "popularity;retrieval_failed" and not {i.item_id for i in out.items} & set(history)
 
 
-def test_online_user_features_match_the_training_encoder(artifacts_root: Path, catalog: list[str]) -> None:
-    """service.pipeline.UserFeatures mirrors training.features with NumPy: same codes and z-scores."""
+def test_pv_columns_sum_to_the_pre_rank_score(artifacts_root: Path) -> None:
+    """The re-ranker's PV columns sum to the pre-rank score (its definition). The online user
+    features are the training encoder itself (service/features.py, tests/service/test_features.py)."""
     import numpy as np
-
-    from training.features import FeatureSpec
 
     v = load_current(artifacts_root)
     rec = Recommender(v)
-    spec = FeatureSpec.from_dict(v.prerank_features)
-    for hist in (np.array([3], np.int64), np.arange(1, 71, dtype=np.int64)):  # shorter and longer than history_len
-        width = spec.history_len
-        padded = np.zeros((1, width), np.int64)
-        recent = hist[-width:]
-        padded[0, width - recent.size:] = recent
-        raw: dict[str, np.ndarray] = {name: np.zeros(1, np.int64) for name in spec.user.sparse}
-        raw.update({name: np.zeros((1, w), np.int64) for name, (_, w) in spec.user.multi.items()})
-        raw.update({name: np.array([st.mean]) for name, st in spec.user.dense.items()})
-        raw.update(last_item=hist[-1:], history=padded, user_log_count=np.array([np.log1p(hist.size)]))
-        want = spec.user.encode(raw)
-        got = rec.user_features.feeds(hist)
-        np.testing.assert_array_equal(got["user_sparse"], want.sparse)
-        np.testing.assert_array_equal(got["user_multi"], want.multi)
-        np.testing.assert_allclose(got["user_dense"], want.dense, atol=1e-6)
-    # the re-ranker's PV columns sum to the pre-rank score (its definition)
     cand = np.arange(1, 21)
     hist = np.array([1, 2, 3])
     users = v.retrieval.run(None, {"item_seq": hist[None]})[0][0]  # (M, D)
@@ -627,7 +610,7 @@ def _wait_version(c: TestClient, want: str, timeout_s: float = 10.0) -> None:
 
 
 def test_polling_picks_up_a_new_current(swap_root: Path, catalog: list[str]) -> None:
-    from training.artifacts import set_current
+    from training.versions import set_current
 
     with TestClient(_app(swap_root, reload_poll_s=0.1)) as c:
         assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v1"
@@ -639,7 +622,7 @@ def test_polling_picks_up_a_new_current(swap_root: Path, catalog: list[str]) -> 
 
 def test_pubsub_notice_swaps_without_polling(swap_root: Path, redis_url: str) -> None:
     from service.notify import notify_version
-    from training.artifacts import set_current
+    from training.versions import set_current
 
     with TestClient(_app(swap_root, reload_poll_s=0, redis_url=redis_url)) as c:
         deadline = time.monotonic() + 5

@@ -13,6 +13,8 @@ import torch
 
 from service.prerank import score_candidates, top_n
 from training import prerank as pr
+from training.export_prerank import export_prerank
+from training.prerank_data import build_ctr_data
 from training.data.sources import load
 from training.data.splits import CTRSplit
 
@@ -54,10 +56,10 @@ def test_service_module_does_not_import_torch() -> None:
 def test_onnx_user_part_plus_numpy_items_matches_eager_torch(name: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ds = load("synthetic:users=150,items=120,seed=1")
-    data = pr.build_ctr_data(ds, CTRSplit(ds), history_len=10)
+    data = build_ctr_data(ds, CTRSplit(ds), history_len=10)
     torch.manual_seed(0)
     model = pr.build_model(name, data.spec, hidden=(32, 16), heads=3, head_dim=8).eval()
-    paths = pr.export_prerank(model, data.spec, data.catalog, tmp_path)
+    paths = export_prerank(model, data.spec, data.catalog, tmp_path)
     items = np.load(paths["items"])
     sess = ort.InferenceSession(paths["user_onnx"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["user_sparse", "user_dense", "user_multi"]
@@ -84,9 +86,9 @@ def test_onnx_user_part_plus_numpy_items_matches_eager_torch(name: str, tmp_path
 
 def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     ds = load("synthetic:users=60,items=40,seed=2")
-    data = pr.build_ctr_data(ds, CTRSplit(ds), history_len=5)
+    data = build_ctr_data(ds, CTRSplit(ds), history_len=5)
     model = pr.build_model("inttower", data.spec, hidden=(8,), heads=2, head_dim=4).eval()
-    pr.export_prerank(model, data.spec, data.catalog, tmp_path)
+    export_prerank(model, data.spec, data.catalog, tmp_path)
     assert not any(m.training for m in model.modules())  # dropout off: exported == served
 
 

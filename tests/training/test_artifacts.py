@@ -22,11 +22,15 @@ import torch
 from models.prm import PRM
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from service.artifacts import ArtifactError, load_current, load_version, smoke_run
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
+from training import rerankers as rr
 from training import prerank as pr
+from training.export_prerank import export_prerank
+from training.prerank_data import build_next_item_data
 from training import retrieval as rt
-from training.artifacts import CURRENT, PublishError, publish_version, read_current
+from training.artifacts import publish
+from training.versions import CURRENT, PublishError, read_current
 from training.baselines import LastItem
 from training.data.dataset import DataError
 from training.data.sources import load
@@ -54,17 +58,17 @@ def make_checkpoints(spec: str, root: Path) -> tuple[Path, Path, Path]:
                                               num_launchers=2))
     rt.save_checkpoint(root / "ret", sasrec, ds, spec, {"metrics": {"NDCG@10": 0.05}})
     scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
-    data = pr.build_next_item_data(ds, loo, scorers, history_len=10, candidates=5, max_train_examples=20)
+    data = build_next_item_data(ds, loo, scorers, history_len=10, candidates=5, max_train_examples=20)
     tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
     pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", objective="next-item", fingerprint=ds.fingerprint)
-    pr.export_prerank(tower, data.spec, data.catalog, root / "pre")
+    export_prerank(tower, data.spec, data.catalog, root / "pre")
     pipe = im.Pipeline.load(ds, loo, root / "ret", root / "pre")
     heads = json.loads((root / "pre" / pr.MANIFEST).read_text())["outputs"]["user_heads"]
     pv_dim = heads[1] * heads[2]  # (layers, user heads)
-    hp = im.RerankerHParams(d_model=8, heads=1, layers=1, ffn_dim=16)
-    prm = PRM(im.reranker_config("prm", pipe.item_feats.shape[1], pv_dim, 8, hp)).eval()
+    hp = rr.RerankerHParams(d_model=8, heads=1, layers=1, ffn_dim=16)
+    prm = PRM(rr.reranker_config("prm", pipe.item_feats.shape[1], pv_dim, 8, hp)).eval()
     imp_cfg = im.ImpressionConfig(list_len=8, candidates=20)
-    im.save_reranker(root / "re" / "prm.pt", "prm", prm, im.PVStats((0.0,) * pv_dim, (1.0,) * pv_dim), imp_cfg,
+    rr.save_reranker(root / "re" / "prm.pt", "prm", prm, im.PVStats((0.0,) * pv_dim, (1.0,) * pv_dim), imp_cfg,
                      fingerprint=ds.fingerprint)
     export_rerank(prm, root / "re")
     np.save(root / "re" / "rerank_items.npy", pipe.item_feats)
@@ -84,7 +88,7 @@ def published(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathF
     """One published version (with a re-ranker) in a module-wide artifacts root."""
     ret, pre, rer = ckpts
     root = tmp_path_factory.mktemp("artifacts")
-    publish_version(TINY, ret, pre, rer, root, version="v1")
+    publish(TINY, ret, pre, rer, root, version="v1")
     return root
 
 
@@ -140,7 +144,7 @@ def test_second_publish_keeps_the_first(published: Path, ckpts: tuple[Path, Path
     ret, pre, _ = ckpts
     root = tmp_path / "artifacts"
     shutil.copytree(published, root)
-    path = publish_version(TINY, ret, pre, None, root, max_regression=None)  # default name, no re-ranker; random models: no gate
+    path = publish(TINY, ret, pre, None, root, max_regression=None).path  # default name, no re-ranker; random models: no gate
     assert path.parent == root and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", path.name), path.name
     assert read_current(root) == path.name
     assert load_version(root / "v1").version == "v1"
@@ -180,7 +184,7 @@ def test_failed_publish_leaves_current_and_no_temp(case: str, published: Path, c
         err, msg = PublishError, "version v1 already exists"
     spec = published_spec if case == "other_data" else TINY
     with pytest.raises(err, match=msg):
-        publish_version(spec, ret, pre, rer, root, **kwargs)
+        publish(spec, ret, pre, rer, root, **kwargs)
     assert _listing(root) == before
     assert read_current(root) == "v1"
 
@@ -191,9 +195,9 @@ def test_recall_below_the_threshold_is_rejected(ckpts: tuple[Path, Path, Path], 
     ret, pre, _ = ckpts
     ivf = IndexSpec(kind="ivf", nlist=2, nprobe=1)  # probing 1 of 2 lists misses part of the exact top-80
     with pytest.raises(PublishError, match=r"index recall@80 = 0\.\d+ is below --min-recall 0\.9"):
-        publish_version(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.9, index_spec=ivf)
+        publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.9, index_spec=ivf)
     assert _listing(tmp_path) == []
-    publish_version(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.0, index_spec=ivf)
+    publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.0, index_spec=ivf)
     index = load_current(tmp_path).manifest["index"]
     assert index["kind"] == "ivf" and index["nlist"] == 2 and index["nprobe"] == 1 and index["recall"] < 0.9
 
@@ -214,15 +218,15 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
     live_path.write_text(json.dumps(live))
     with pytest.raises(PublishError, match=r"served NDCG@10 \(retrieval\+prerank\) 0\.\d{4} is worse than the live "
                                            r"version v1 \(0\.9000\) by more than 0\.01"):
-        publish_version(TINY, ret, pre, None, root, version="v2")
+        publish(TINY, ret, pre, None, root, version="v2")
     # a live version without a serving block (published before the stage gate): retrieval NDCG@10
     del live["serving"]
     live_path.write_text(json.dumps(live))
     with pytest.raises(PublishError, match=r"retrieval NDCG@10 0\.0300 is worse than the live version v1 "
                                            r"\(0\.0500\) by more than 0\.01"):
-        publish_version(TINY, worse, pre, None, root, version="v2")
+        publish(TINY, worse, pre, None, root, version="v2")
     assert _listing(root) == [CURRENT, "v1"] and read_current(root) == "v1"
-    publish_version(TINY, worse, pre, None, root, version="v2", max_regression=0.05)
+    publish(TINY, worse, pre, None, root, version="v2", max_regression=0.05)
     m = load_current(root).manifest
     assert m["checks"]["regression"] == {"metric": "NDCG@10", "max_regression": 0.05, "live_version": "v1",
                                          "compared": "retrieval NDCG@10", "result": "passed", "live": 0.05, "new": 0.03}
@@ -237,7 +241,7 @@ def test_rerank_from_other_upstream_models_is_rejected(ckpts: tuple[Path, Path, 
     feats = np.load(bad / "rerank_items.npy")
     np.save(bad / "rerank_items.npy", feats + 0.5)
     with pytest.raises(PublishError, match="the re-ranker was trained on other retrieval / pre-rank checkpoints"):
-        publish_version(TINY, ret, pre, bad, tmp_path / "a", version="v1")
+        publish(TINY, ret, pre, bad, tmp_path / "a", version="v1")
     assert _listing(tmp_path / "a") == []
 
 

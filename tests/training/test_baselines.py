@@ -51,7 +51,7 @@ def test_synthetic_last_item_beats_popularity() -> None:
 def test_evaluate_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "evaluate", "--data", "synthetic:users=300,items=100",
+        [sys.executable, "-m", "recsys_cli", "evaluate", "--data", "synthetic:users=300,items=100",
          "--model", "last-item", "--json", str(out)],
         capture_output=True, text=True, check=True,
     )

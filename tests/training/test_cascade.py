@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from models.cascade import RetrievalPrior, RetrievalPriorConfig
-from models.prm import PRM, PRMConfig
+from models.prm import PRM, PointwiseMLP, PRMConfig
 from service.artifacts import load_current
 from service.pipeline import Recommender
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
+from training import rerankers as rr
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.export_rerank import export_rerank, rerank_parity
@@ -94,8 +95,8 @@ def test_prm_with_two_scores_exports_with_parity(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["prm", "mlp"])
 def test_residual_rerankers_start_at_the_pre_rank_order(name: str) -> None:
     torch.manual_seed(0)
-    cfg = im.reranker_config(name, 4, 2, 10, im.RerankerHParams(d_model=8, heads=2), num_scores=2, residual=True)
-    model = PRM(cfg) if name == "prm" else im.PointwiseMLP(cfg)
+    cfg = rr.reranker_config(name, 4, 2, 10, rr.RerankerHParams(d_model=8, heads=2), num_scores=2, residual=True)
+    model = PRM(cfg) if name == "prm" else PointwiseMLP(cfg)
     model.eval()
     B, L = 3, 10
     pre = torch.randn(B, L)

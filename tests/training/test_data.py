@@ -120,7 +120,7 @@ def test_movielens_100k(ml100k_path: Path) -> None:
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     f = write(tmp_path / "bad.csv", "u1,i1,1\nu1,i2,x\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "evaluate", "--data", f"csv:{f}"],
+        [sys.executable, "-m", "recsys_cli", "evaluate", "--data", f"csv:{f}"],
         capture_output=True,
         text=True,
     )

@@ -20,14 +20,12 @@ from training.encoders import build_model, encoder_of, model_from_dict
 from training.export import export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
 from training.baselines import Popularity
-from training.reindex import extend_retrieval
+from training.catalog_growth import extend_retrieval
+from training.retrieval_losses import NegativeSampler, label_aware_loss, max_fusion_loss
 from training.retrieval import (
-    NegativeSampler,
     RetrievalTrainConfig,
     evaluate_model,
-    label_aware_loss,
     load_checkpoint,
-    max_fusion_loss,
     save_checkpoint,
     train_retrieval,
 )
@@ -164,7 +162,7 @@ def test_encoders_train_beat_popularity_and_round_trip(split, cfg_fn, train, tmp
 def test_cli_encoder_and_sampler(tmp_path: Path) -> None:
     out, js = tmp_path / "ckpt", tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
          "--encoder", "mind", "--interests", "2", "--num-negatives", "20", "--sampler", "popularity",
          "--epochs", "2", "--maxlen", "10", "--dim", "16", "--out", str(out), "--json", str(js), "--threads", "1",
          "--quiet"],
@@ -178,7 +176,7 @@ def test_cli_encoder_and_sampler(tmp_path: Path) -> None:
     assert isinstance(model, MIND) and ckpt["encoder"] == "mind"
     assert retrieval_parity(model, export_retrieval(model, tmp_path / "onnx")[0]) < 1e-4
     bad = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
          "--encoder", "mind", "--interests", "0", "--out", str(out)],
         capture_output=True, text=True,
     )
@@ -194,7 +192,7 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
 
     from service.artifacts import load_current, smoke_run
     from tests.training.test_artifacts import TINY, make_checkpoints
-    from training.artifacts import publish_version
+    from training.artifacts import publish
 
     torch.set_num_threads(1)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
@@ -206,7 +204,7 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
            "sasrec-plain": SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=0),
            }[encoder]
     save_checkpoint(ret, build_model(cfg), ds, TINY, {"metrics": {"NDCG@10": 0.05}})
-    publish_version(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
+    publish(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
     v = load_current(tmp_path / "artifacts")
     M = max(cfg.num_launchers, 1)
     assert v.manifest["dims"]["num_launchers"] == M and v.manifest["retrieval"]["model"] == type(build_model(cfg)).__name__

@@ -9,10 +9,8 @@ import pytest
 
 from training.data.sources import load
 from training.data.splits import CTRSplit
+from service.features import LAST_ITEM, OOV, PAD
 from training.features import (
-    LAST_ITEM,
-    OOV,
-    PAD,
     FeatureDecl,
     FeatureSpec,
     Vocab,
@@ -20,7 +18,7 @@ from training.features import (
     label_aggregates,
     recent_histories,
 )
-from training.prerank import build_ctr_data
+from training.prerank_data import build_ctr_data
 
 SYNTH = "synthetic:users=120,items=80,seed=3"
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
+from training import rerankers as rr
 from training import prerank as pr
+from training.prerank_data import build_next_item_data
 from training import retrieval as rt
 from training.baselines import LastItem
 from training.data.sources import load
@@ -42,7 +44,7 @@ def make_checkpoints(spec: str, root: Path) -> tuple[Path, Path]:
     sasrec = MultiLauncherSASRec(SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1))
     rt.save_checkpoint(root / "ret", sasrec, ds, spec, {})
     scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
-    data = pr.build_next_item_data(ds, loo, scorers, history_len=10, candidates=5, max_train_examples=20)
+    data = build_next_item_data(ds, loo, scorers, history_len=10, candidates=5, max_train_examples=20)
     tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
     pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", objective="next-item", fingerprint=ds.fingerprint)
     return root / "ret", root / "pre"
@@ -188,7 +190,7 @@ def test_cli_writes_json_checkpoints_and_onnx(tiny, tmp_path: Path, capsys: pyte
     assert r["artifacts"]["parity_max_abs_diff"] < 1e-4
     for f in ("prm.pt", "prm_base.pt", "mlp.pt", "rerank.onnx", "rerank_items.npy", "rerank_manifest.json"):
         assert (tmp_path / "out" / f).is_file(), f
-    model, ckpt = im.load_reranker(tmp_path / "out" / "prm_base.pt")
+    model, ckpt = rr.load_reranker(tmp_path / "out" / "prm_base.pt")
     assert model.config.pv_dim == 0 and ckpt["impressions"]["list_len"] == 8
     assert "PRM-BASE" in stdout and "end to end" in stdout
 

@@ -18,11 +18,12 @@ from service.item2item import FILE
 from service.main import create_app
 from service.pipeline import Recommender
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
-from training import cli
-from training.artifacts import publish_version, read_current
+from recsys_cli import main as cli
+from training.artifacts import publish
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.item2item import Item2ItemConfig, build_table, training_rows, with_events
+from training.versions import read_current
 
 
 def test_table_on_hand_made_sequences() -> None:
@@ -75,7 +76,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def root(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    publish_version(TINY, *ckpts, root, version="v1", item2item=Item2ItemConfig())
+    publish(TINY, *ckpts, root, version="v1", item2item=Item2ItemConfig())
     return root
 
 

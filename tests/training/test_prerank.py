@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import cli
+from recsys_cli import main as cli
 from training import prerank as pr
+from training.prerank_data import build_ctr_data, build_next_item_data
 from training.baselines import LastItem
 from training.data.sources import load
 from training.data.splits import CTRSplit, LeaveOneOut
@@ -61,7 +62,7 @@ def test_train_config_rejects_bad_values() -> None:
 def test_tiny_ctr_run_inttower_beats_item_mean_baseline() -> None:
     ds = load(TINY)
     split = CTRSplit(ds)
-    data = pr.build_ctr_data(ds, split, history_len=20)
+    data = build_ctr_data(ds, split, history_len=20)
     baseline = auc(data.test.labels, split.aggregates()["item_mean_label"][ds.items[split.test_idx]])
     torch.manual_seed(0)
     model = pr.build_model("inttower", data.spec, hidden=(64, 32), heads=4, head_dim=8)
@@ -76,7 +77,7 @@ def test_tiny_next_item_run_beats_random_order() -> None:
     ds = load(TINY)
     loo = LeaveOneOut(ds)
     scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
-    data = pr.build_next_item_data(ds, loo, scorers, history_len=20, candidates=50)
+    data = build_next_item_data(ds, loo, scorers, history_len=20, candidates=50)
     assert data.test.candidates.shape == (loo.eval_users.size, 50)
     # candidates never contain the user's history (seen items are removed before top-C)
     hist = loo.histories("test", maxlen=20)

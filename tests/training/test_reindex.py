@@ -23,10 +23,12 @@ from service.catalog_updates import REDIS_KEY, FileCatalogUpdates, RedisCatalogU
 from service.notify import VERSION_CHANNEL
 from tests.service.conftest import redis_url  # noqa: F401  (real redis-server fixture)
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
-from training import cli
+from recsys_cli import main as cli
 from training import reindex as ri
 from training import retrieval as rt
-from training.artifacts import CURRENT, publish_version, read_current
+from training.artifacts import publish, publish_items
+from training.catalog_growth import extend_retrieval
+from training.versions import CURRENT, list_versions, previous_version, prune_versions, read_current
 from training.data.sources import load
 
 NEW = [  # n1: known category + tags; n2: unseen values only -> global mean; n3: tags only
@@ -45,7 +47,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 def live(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifacts root whose CURRENT is v1 (with a re-ranker), published by `recsys export`."""
     root = tmp_path_factory.mktemp("live")
-    publish_version(TINY, *ckpts, root, version="v1")
+    publish(TINY, *ckpts, root, version="v1")
     return root
 
 
@@ -148,7 +150,7 @@ def test_history_with_new_items_runs_through_the_new_onnx(reindexed: tuple[Path,
     v = load_current(root)
     seq = np.array([[0, 3, 81, 84], [1, 2, 82, 83]], dtype=np.int64)
     got = v.retrieval.run(None, {"item_seq": seq})[0]
-    grown = ri.extend_retrieval(rt.load_checkpoint(ckpts[0])[0], np.concatenate([np.zeros((1, 16), np.float32), v.items]))
+    grown = extend_retrieval(rt.load_checkpoint(ckpts[0])[0], np.concatenate([np.zeros((1, 16), np.float32), v.items]))
     with torch.no_grad():
         want = grown.encode_user(torch.from_numpy(seq)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)  # training/export.py PARITY_ATOL
@@ -198,7 +200,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
     shutil.copytree(live, root)
     pending = FileCatalogUpdates(root / "catalog_pending.jsonl")
     pending.put([validate_item({"item_id": "early", "features": {"category": "cat2"}})])
-    publish = ri.publish_items
+    publish = publish_items
 
     def publish_while_updates_arrive(*args, **kwargs):  # type: ignore[no-untyped-def]
         pending.put([validate_item({"item_id": "early", "features": {"category": "cat5"}}),
@@ -284,7 +286,7 @@ def test_broken_version_folders_never_become_current(damage: str, reindexed: tup
     assert code == 1 and "refused, CURRENT unchanged" in err
     assert read_current(root) == "v2"
     if damage == "missing_manifest":  # the default target skips folders without a manifest
-        assert ri.previous_version(root, "v2") is None
+        assert previous_version(root, "v2") is None
 
 
 def test_rollback_flips_back_and_announces(reindexed: tuple[Path, str], tmp_path: Path,
@@ -312,9 +314,9 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
         (tmp_path / f"v{i}").mkdir()
         (tmp_path / f"v{i}" / "manifest.json").write_text(json.dumps({"created_at": created}))
     (tmp_path / "not-a-version").mkdir()
-    assert [n for n, _ in ri.list_versions(tmp_path)] == ["v0", "v1", "v2", "v3"]
-    assert ri.previous_version(tmp_path, "v2") == "v1"
-    assert ri.prune_versions(tmp_path, keep=1, protect={"v1", "v3"}) == ["v0", "v2"]
+    assert [n for n, _ in list_versions(tmp_path)] == ["v0", "v1", "v2", "v3"]
+    assert previous_version(tmp_path, "v2") == "v1"
+    assert prune_versions(tmp_path, keep=1, protect={"v1", "v3"}) == ["v0", "v2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-version", "v1", "v3"]
     (tmp_path / CURRENT).write_text("v3\n")
     with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
@@ -323,15 +325,15 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
 
 def test_an_ivf_chosen_by_size_gets_the_nprobe_that_reaches_min_recall() -> None:
     from service.index import IndexSpec, build_index
-    from training.artifacts import _measure_recall
+    from training.artifact_checks import measure_recall
 
     rng = np.random.default_rng(0)
     items = rng.standard_normal((2000, 8)).astype(np.float32)
     queries = rng.standard_normal((50, 2, 8)).astype(np.float32)
     index = build_index(items, IndexSpec(kind="ivf", nlist=16, nprobe=1))
-    low, tuned = _measure_recall(index, items, queries, 100, 0.95, tune=False)  # given by the user: kept
+    low, tuned = measure_recall(index, items, queries, 100, 0.95, tune=False)  # given by the user: kept
     assert low < 0.95 and tuned is None and index.nprobe == 1
-    recall, tuned = _measure_recall(index, items, queries, 100, 0.95, tune=True)
+    recall, tuned = measure_recall(index, items, queries, 100, 0.95, tune=True)
     assert recall >= 0.95 and tuned == {"from": 1, "to": int(index.nprobe)} and index.nprobe in (2, 4, 8, 16)
 
 

@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from models.sasrec import SASRecConfig
-from training.baselines import LastItem, Popularity
+from training.baselines import Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from service.index import load_index, search_fused
-from training.export import build_item_index, export_retrieval, retrieval_parity
+from training.export import INDEX_FAISS, export_retrieval, retrieval_parity
 from training.metrics import evaluate_retrieval
+from training.retrieval_losses import max_fusion_loss
 from training.retrieval import (
     RetrievalTrainConfig,
     evaluate_model,
     load_checkpoint,
-    max_fusion_loss,
     save_checkpoint,
     train_retrieval,
 )
@@ -112,6 +112,18 @@ def test_checkpoint_and_onnx_round_trip(small_run, tmp_path: Path) -> None:
     np.testing.assert_array_equal(fused.items[:, 0], want)
 
 
+def build_item_index(items: np.ndarray, user_vectors: np.ndarray, out_dir: Path, k: int = 100) -> dict[str, object]:
+    """index.faiss over `items` (N, D) and its recall@k against exact search with the launcher
+    vectors `user_vectors` (B, M, D) as queries (what training/artifacts.py does for a version)."""
+    from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
+
+    index = build_index(items, IndexSpec(kind=choose_kind(items.shape[0])))
+    queries = user_vectors.reshape(-1, user_vectors.shape[-1])
+    recall = ann_recall(index, items, queries, k=min(k, items.shape[0]))
+    save_index(index, out_dir / INDEX_FAISS)
+    return {**index_params(index), f"recall@{min(k, items.shape[0])}": recall, "file": INDEX_FAISS}
+
+
 def test_bad_checkpoint_paths(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no retrieval checkpoint"):
         load_checkpoint(tmp_path)
@@ -124,7 +136,7 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     js = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
          "--launchers", "2", "--launcher-init", "independent", "--epochs", "2", "--maxlen", "10", "--dim", "16",
          "--out", str(out), "--json", str(js), "--threads", "1", "--quiet"],
         capture_output=True, text=True,
@@ -135,7 +147,7 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     assert {"HR@10", "NDCG@10", "HR@100", "Coverage@10", "LauncherEntropy"} <= set(payload["metrics"])
     assert (out / "checkpoint.pt").is_file()
     bad = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
+        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
          "--launchers", "-2", "--out", str(out)],
         capture_output=True, text=True,
     )

@@ -26,18 +26,20 @@ from service.core.config import Settings
 from service.main import create_app
 from service.pipeline import STAGES, Recommender
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
-from training import cli
+from recsys_cli import main as cli
 from training import impressions as im
+from training import rerankers as rr
 from training import prerank as pr
 from training import served_eval as se
-from training.artifacts import CURRENT, PublishError, publish_version, read_current
+from training.artifacts import publish
+from training.versions import CURRENT, PublishError, read_current
 from training.data.dataset import DataError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.diversity import embedding_diversity
 from training.export_rerank import export_rerank
 from training.metrics import evaluate_retrieval
-from training.reindex import catalog_metrics
+from training.gates import catalog_metrics
 from training.retrieval import model_scorer
 
 REVERSE_LEN = 30  # = the service's prerank_n: the broken re-ranker reverses the whole pre-rank top 30
@@ -51,7 +53,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def published(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    publish_version(TINY, *ckpts, root, version="v1")
+    publish(TINY, *ckpts, root, version="v1")
     return root
 
 
@@ -88,7 +90,7 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
         last.weight.copy_(torch.tensor([[-1.0, 1.0]]))
         last.bias.zero_()
     stats = im.PVStats(tuple(good["pv_mean"]), tuple(good["pv_std"]))
-    im.save_reranker(out / "prm.pt", "mlp", mlp, stats, im.ImpressionConfig(list_len=REVERSE_LEN, candidates=200,
+    rr.save_reranker(out / "prm.pt", "mlp", mlp, stats, im.ImpressionConfig(list_len=REVERSE_LEN, candidates=200,
                                                                            retrieval_score=False),
                      fingerprint=ds.fingerprint)
     export_rerank(mlp, out)
@@ -106,7 +108,7 @@ def broken(ckpts: tuple[Path, Path, Path], trained_pre: Path, published: Path,
     root = tmp_path_factory.mktemp("broken") / "artifacts"
     shutil.copytree(published, root)
     rev = reversing_reranker(ckpts, trained_pre, tmp_path_factory.mktemp("rev"))
-    publish_version(TINY, ckpts[0], trained_pre, rev, root, version="v2")
+    publish(TINY, ckpts[0], trained_pre, rev, root, version="v2")
     return root, rev
 
 
@@ -150,7 +152,7 @@ def test_served_evaluation_agrees_with_the_torch_end_to_end_table(published: Pat
     ret, pre, rer = ckpts
     ev = se.evaluate_served(load_current(published), ds, loo, "test", progress=False)
     pipe = im.Pipeline.load(ds, loo, ret, pre)
-    model, ckpt = im.load_reranker(rer / "prm.pt")
+    model, ckpt = rr.load_reranker(rer / "prm.pt")
     cfg = dataclasses.replace(im.ImpressionConfig(**ckpt["impressions"]), candidates=se.RETRIEVAL_K,
                               retrieval_score=model.config.num_scores == 2)
     e2e = im.end_to_end(pipe, loo, {"prm": model}, im.PVStats(**ckpt["pv_stats"]), cfg, ks=(10, 20))
@@ -230,7 +232,7 @@ def test_require_all_stages_refuses_the_broken_reranker(broken: tuple[Path, Path
     shutil.copytree(broken[0], root)
     rev = broken[1]
     with pytest.raises(PublishError, match=r"--require-all-stages: the stage gate switched off rerank: rerank NDCG@10 "):
-        publish_version(TINY, ckpts[0], trained_pre, rev, root, version="v3",
+        publish(TINY, ckpts[0], trained_pre, rev, root, version="v3",
                         gate=se.ServingGate(require_all_stages=True))
     assert read_current(root) == "v2" and sorted(p.name for p in root.iterdir()) == [CURRENT, "v1", "v2"]
     code = cli.main(["export", "--data", TINY, "--retrieval", str(ckpts[0]), "--prerank", str(trained_pre),

@@ -8,7 +8,6 @@ Recommender and sends a request through every stage, as the service does.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.service.test_api import artifacts_root, copy_version  # noqa: F401  (module fixture)
-from training.artifacts import CURRENT, PublishError, read_current, set_current, smoke
-from training.reindex import rollback
+from training.versions import CURRENT, PublishError, read_current, rollback, set_current, smoke
 
 
 @pytest.fixture()
@@ -35,7 +33,7 @@ def test_rollback_refuses_a_version_the_service_cannot_build(root: Path) -> None
     with pytest.raises(PublishError, match="version v1 cannot be served: .*prerank_features.json"):
         rollback(root, "v1")
     assert read_current(root) == "v2"
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "rollback", "--artifacts", str(root), "--to", "v1"],
+    proc = subprocess.run([sys.executable, "-m", "recsys_cli", "rollback", "--artifacts", str(root), "--to", "v1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "refused, CURRENT unchanged" in proc.stderr
     assert read_current(root) == "v2"
@@ -62,7 +60,7 @@ def test_current_names_are_validated(root: Path, bad: str) -> None:
 
 def test_serve_fails_with_one_line_and_exit_2_on_an_unservable_version(root: Path) -> None:
     set_current(root, "v1")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--artifacts", str(root), "--port", "1"],
+    proc = subprocess.run([sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--port", "1"],
                           capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"})
     assert proc.returncode == 2, proc.stderr
@@ -79,7 +77,7 @@ class _Payload:
         return os.system, ("touch pwned-by-checkpoint",)
 
 
-@pytest.mark.parametrize("loader", ["training.retrieval", "training.prerank", "training.impressions"])
+@pytest.mark.parametrize("loader", ["training.retrieval", "training.prerank", "training.rerankers"])
 def test_checkpoints_load_with_weights_only(tmp_path: Path, loader: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
@@ -92,11 +90,11 @@ def test_checkpoints_load_with_weights_only(tmp_path: Path, loader: str, monkeyp
     folder = tmp_path / "ckpt"
     folder.mkdir()
     path = {"training.retrieval": folder / rt.CHECKPOINT, "training.prerank": folder / pr.CHECKPOINT,
-            "training.impressions": folder / "prm.pt"}[loader]
+            "training.rerankers": folder / "prm.pt"}[loader]
     torch.save({"kind": "retrieval", "model": "inttower", "evil": _Payload()}, path)
     load = {"training.retrieval": "load_checkpoint", "training.prerank": "load_checkpoint",
-            "training.impressions": "load_reranker"}[loader]
-    arg = path if loader == "training.impressions" else folder
+            "training.rerankers": "load_reranker"}[loader]
+    arg = path if loader == "training.rerankers" else folder
     with pytest.raises(Exception, match="Weights only load failed"):
         getattr(importlib.import_module(loader), load)(arg)
     assert not (tmp_path / "pwned-by-checkpoint").exists()

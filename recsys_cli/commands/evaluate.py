@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from recsys_cli.errors import UsageError
 from training.baselines import BASELINES
-from training.commands.common import UsageError, timed
 from training.data.dataset import DataError
 from training.data.sources import SOURCES, load
 from training.data.splits import LeaveOneOut
-from training.report import result, table, write_json
+from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from recsys_cli.commands.common import add_data_arg
 from training.baselines import BASELINES
-from training.commands.common import add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.report import table
+from training.report import table, timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -39,9 +39,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
     from models.sasrec import SASRecConfig
-    from training.cli import main as cli
+    from recsys_cli.main import main as cli
     from training.metrics import evaluate_retrieval
-    from training.retrieval import RetrievalTrainConfig, evaluate_model, save_checkpoint, train_retrieval
+    from training.retrieval import (
+        RetrievalTrainConfig,
+        evaluate_model,
+        save_checkpoint,
+        train_retrieval,
+    )
 
     timings: dict[str, float] = {}
     out = Path(args.out)

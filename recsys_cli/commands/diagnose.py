@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from training.commands.common import UsageError, add_data_arg, timed
+from recsys_cli.commands.common import add_data_arg
+from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.report import table, write_json
+from training.report import table, timed, write_json
 
 COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "NDCG@50")
 

@@ -14,14 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from training.commands.common import UsageError, quiet_onnx_exporter, timed
+from recsys_cli.commands.common import quiet_onnx_exporter
+from recsys_cli.errors import UsageError
 from training.data.sources import SOURCES
+from training.report import timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.artifacts import DEFAULT_MAX_REGRESSION
-    from training.commands.export import add_index_args, add_stage_gate_args
-    from training.reindex import DEFAULT_KEEP
+    from recsys_cli.commands.export import add_index_args, add_stage_gate_args
+    from training.gates import DEFAULT_MAX_REGRESSION
+    from training.versions import DEFAULT_KEEP
 
     p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
@@ -50,8 +52,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.artifacts import PublishError, read_current
-    from training.commands.export import _index_spec, serving_gate, summary
+    from recsys_cli.commands.export import _index_spec, serving_gate, summary
+    from training.versions import PublishError, read_current
     from training.reindex import ReindexConfig, reindex
 
     quiet_onnx_exporter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# stage modules under training/commands/, in the order `recsys train --help` lists them
+# stage modules under recsys_cli/commands/, in the order `recsys train --help` lists them
 STAGES = ["train_retrieval", "train_prerank", "train_rerank"]
 
 
@@ -16,4 +16,4 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser("train", help="train a model stage (retrieval, prerank, rerank)")
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name in STAGES:
-        importlib.import_module(f"training.commands.{name}").register(stages)
+        importlib.import_module(f"recsys_cli.commands.{name}").register(stages)

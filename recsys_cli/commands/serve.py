@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from training.commands.common import UsageError
+from recsys_cli.errors import UsageError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

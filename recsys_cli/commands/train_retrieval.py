@@ -10,14 +10,15 @@ from contextlib import nullcontext
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
+from recsys_cli.commands.common import add_data_arg
+from recsys_cli.errors import UsageError
 from training import distributed
-from training.commands.common import UsageError, add_data_arg, timed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.report import result, table, write_json
 from training.encoders import ENCODERS, RetrievalConfig
+from training.report import result, table, timed, write_json
+from training.retrieval_losses import SAMPLERS
 from training.retrieval import (
-    SAMPLERS,
     RetrievalTrainConfig,
     describe,
     evaluate_model,

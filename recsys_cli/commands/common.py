@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from training.data.sources import SOURCES
-
-
-class UsageError(Exception):
-    """A bad flag combination found after parsing; reported as a one-line error (exit 2)."""
 
 
 def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthetic") -> None:
@@ -30,15 +22,6 @@ def quiet_onnx_exporter() -> None:
     """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings."""
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@contextmanager
-def timed(label: str, timings: dict[str, float]) -> Iterator[None]:
-    """Record the wall time of a block under `label` and report it on stderr."""
-    start = time.perf_counter()
-    yield
-    timings[label] = round(time.perf_counter() - start, 3)
-    print(f"[{label}] {timings[label]:.2f}s", file=sys.stderr)
 
 
 def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, timed
+from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args
+from recsys_cli.errors import UsageError
 from training.data.sources import load
-from training.report import result, table, write_json
+from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -71,8 +72,8 @@ def _hidden(text: str | None) -> tuple[int, ...] | None:
 
 
 def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
-    """training.prerank.Retrievers from --retrieval / --upstream, both checked against the data."""
-    from training.prerank import Retrievers
+    """training.prerank_data.Retrievers from --retrieval / --upstream, both checked against the data."""
+    from training.prerank_data import Retrievers
     from training.retrieval import load_checkpoint
 
     loaded = []
@@ -96,6 +97,8 @@ def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from training import prerank as pr
+    from training.export_prerank import export_prerank
+    from training.prerank_data import build_ctr_data, build_next_item_data, retrieval_prior
     from training.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
 
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     extra: dict = {}
     with timed("features", timings):
         if args.objective == "ctr":
-            data = pr.build_ctr_data(ds, CTRSplit(ds), args.history_len)
+            data = build_ctr_data(ds, CTRSplit(ds), args.history_len)
         else:
             loo = LeaveOneOut(ds)
             if args.retrieval:
@@ -133,15 +136,15 @@ def run(args: argparse.Namespace) -> int:
                                       "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
                                       "window": rets.holdout if args.window is None else args.window,
                                       "cascade_inputs": rets.features}
-                data = pr.build_next_item_data(ds, loo, None, args.history_len, args.candidates,
-                                               args.max_train_examples, args.seed, retrievers=rets)
+                data = build_next_item_data(ds, loo, None, args.history_len, args.candidates,
+                                            args.max_train_examples, args.seed, retrievers=rets)
             else:
                 if args.upstream or args.window is not None:
                     raise UsageError("--upstream and --window need --retrieval")
                 scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
                 extra["retrieval"] = {"model": "last-item"}
-                data = pr.build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
-                                               args.max_train_examples, args.seed)
+                data = build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
+                                            args.max_train_examples, args.seed)
     try:
         model = pr.build_model(args.model, data.spec, **hparams)
     except ValueError as exc:
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
-    prior = None if args.objective == "ctr" else pr.retrieval_prior(data)
+    prior = None if args.objective == "ctr" else retrieval_prior(data)
     if prior is not None and not pr.has_heads(model):
         raise UsageError(f"--model {args.model} cannot take the cascade inputs (no precomputable item side); "
                          "add --no-retrieval-features")
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                            train=pr.train_config_dict(cfg), fingerprint=ds.fingerprint,
                            retrieval=extra.get("retrieval"))
         if pr.has_heads(model):
-            extra["artifacts"] = pr.export_prerank(model, data.spec, data.catalog, out, prior)
+            extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
     print(table(rows, columns))
     if args.json:
         write_json(args.json, result(

@@ -1,21 +1,20 @@
 """The `recsys` command line.
 
-Each sub-command lives in training/commands/<name>.py and exposes `register(subparsers)`;
+Each sub-command lives in recsys_cli/commands/<name>.py and exposes `register(subparsers)`;
 this module only assembles them and turns expected failures into one-line errors (exit 2).
+Library code (service/, models/, training/) never imports this package.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
-from training.commands import COMMANDS
-from training.commands.common import UsageError
-from training.data.dataset import DataError
-
+from recsys_cli.commands import COMMANDS
+from recsys_cli.errors import UsageError
 
 # top-level modules of the `train` extra (pyproject.toml); the serving install has none of them
 TRAIN_EXTRA = frozenset({"torch", "onnx", "onnxscript", "tqdm"})
@@ -33,22 +32,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        if command is None or _name(module) == command:
-            module.register(sub)
+    for name in COMMANDS:
+        if command is None or name == command:
+            importlib.import_module(f"recsys_cli.commands.{name}").register(sub)
     return parser
-
-
-def _name(module: ModuleType) -> str:
-    return module.__name__.rsplit(".", 1)[-1]
 
 
 def _command(argv: Sequence[str]) -> str | None:
     """The sub-command named in argv if it is a known one, else None (then the full parser
     reports the unknown name or prints the full help)."""
     words = [a for a in argv if not a.startswith("-")]
-    known = {_name(module) for module in COMMANDS}
-    return words[0] if words and words[0] in known else None
+    return words[0] if words and words[0] in COMMANDS else None
 
 
 def _needs_train_extra(exc: ModuleNotFoundError) -> str:
@@ -72,25 +66,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (DataError, UsageError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError) as exc:
         print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        # training.artifacts.PublishError (e.g. an invalid CURRENT met before a command's own
-        # handling) without importing that module (and torch) here: `recsys serve` must not
-        artifacts = sys.modules.get("training.artifacts")
-        if artifacts is None or not isinstance(exc, artifacts.PublishError):
-            raise
-        print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except ModuleNotFoundError as exc:
         if exc.name not in TRAIN_EXTRA:
             raise
         print(f"recsys {args.command}: error: {_needs_train_extra(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # training's DataError (exit 2) and PublishError (e.g. an invalid CURRENT met before a
+        # command's own handling; exit 1), matched without importing training/ (and torch) here:
+        # `recsys serve` must not. A command that can raise them has imported their module.
+        code = _training_error(exc)
+        if code is None:
+            raise
+        print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"recsys {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _training_error(exc: Exception) -> int | None:
+    """The exit code of an expected training/ error (DataError 2, PublishError 1), else None."""
+    for module, name, code in (("training.data.dataset", "DataError", 2), ("training.versions", "PublishError", 1)):
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return code
+    return None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from training.commands.common import UsageError
+from recsys_cli.errors import UsageError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -24,8 +24,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.artifacts import PublishError
-    from training.reindex import rollback
+    from training.versions import PublishError, rollback
 
     if not os.path.isdir(args.artifacts):
         raise UsageError(f"--artifacts {args.artifacts}: not a folder")

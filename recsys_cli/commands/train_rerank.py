@@ -25,8 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.commands.common import UsageError, add_data_arg, add_ranking_fold_args, quiet_onnx_exporter, timed
-from training.report import table, write_json
+from recsys_cli.commands.common import (
+    add_data_arg,
+    add_ranking_fold_args,
+    quiet_onnx_exporter,
+)
+from recsys_cli.errors import UsageError
+from training.report import table, timed, write_json
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
 E2E_COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -34,7 +39,8 @@ ORDER_NAMES = {"before": "before (pre-rank order)", "prm": "PRM", "prm_base": "P
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.impressions import ImpressionConfig, RerankerHParams
+    from training.impressions import ImpressionConfig
+    from training.rerankers import RerankerHParams
     from training.rerank import RerankTrainConfig
 
     d, h, t = ImpressionConfig(), RerankerHParams(), RerankTrainConfig()
@@ -72,7 +78,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from training.impressions import ImpressionConfig, RerankerHParams
+    from training.impressions import ImpressionConfig
+    from training.rerankers import RerankerHParams
     from training.rerank import RerankTrainConfig
 
     try:
@@ -84,7 +91,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         train = RerankTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, patience=args.patience, seed=args.seed)
         # the model configs validate d_model / heads / dropout
-        from training.impressions import reranker_config
+        from training.rerankers import reranker_config
 
         for name in ("prm", "mlp"):
             reranker_config(name, 1, 1, imp.list_len, hp)
@@ -100,6 +107,7 @@ def _check_dir(flag: str, path: str, marker: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training import impressions as im
+    from training import rerankers as rr
     from training.data.sources import load
     from training.data.splits import LeaveOneOut
     from training.export_rerank import export_rerank, rerank_parity
@@ -152,16 +160,16 @@ def run(args: argparse.Namespace) -> int:
     fits: dict[str, Any] = {}
     models = {}
     out = Path(args.out)
-    for name in im.RERANKERS:
+    for name in rr.RERANKERS:
         with timed(f"train {name}", timings):
-            fit = im.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
+            fit = rr.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
         models[name] = fit.model
         results[name] = evaluate_lists(score_lists(fit.model, imp.test), imp.test)
         valid[name] = evaluate_lists(score_lists(fit.model, imp.valid), imp.valid)
         fits[name] = fit.describe()
         progress(f"{name}: best epoch {fit.best_epoch}, valid NDCG@10 {fit.best_valid_ndcg10:.4f}, "
                  f"test NDCG@10 {results[name]['NDCG@10']:.4f}")
-        im.save_reranker(out / f"{name}.pt", name, fit.model, imp.pv_stats, imp_cfg, fingerprint=ds.fingerprint,
+        rr.save_reranker(out / f"{name}.pt", name, fit.model, imp.pv_stats, imp_cfg, fingerprint=ds.fingerprint,
                          train=asdict(train_cfg))
     artifacts: dict[str, Any] = {}
     with timed("save", timings):

@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.commands.common import UsageError, add_data_arg, quiet_onnx_exporter, timed
+from recsys_cli.commands.common import add_data_arg, quiet_onnx_exporter
+from recsys_cli.errors import UsageError
+from training.report import timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.artifacts import DEFAULT_MAX_REGRESSION
+    from training.gates import DEFAULT_MAX_REGRESSION
 
     p = sub.add_parser("export", help="publish checkpoints as an artifact version (ONNX, index, catalog)")
     add_data_arg(p, default=None)
@@ -47,7 +49,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from training.artifacts import PublishError, publish, read_current
+    from training.artifacts import publish
+    from training.versions import PublishError, read_current
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
