@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layers import init_sequence_encoder
+
 
 @dataclass(frozen=True)
 class HSTUConfig:
@@ -104,14 +106,7 @@ class HSTU(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.xavier_normal_(m.weight)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        init_sequence_encoder(self, self.item_embedding)
 
     def _encode(self, item_seq: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded -> (B, L', D) item states, L' = min(L, maxlen)."""

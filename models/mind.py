@@ -42,6 +42,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from models.layers import init_sequence_encoder
+
 
 @dataclass(frozen=True)
 class MINDConfig:
@@ -100,15 +102,7 @@ class MIND(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_normal_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.xavier_normal_(m.weight)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        init_sequence_encoder(self, self.item_embedding)
 
     def _interests(self, item_seq: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded history, (T,) last positions -> (B, T, K, D) interests of each prefix."""

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from models.layers import init_sequence_encoder
+
 LauncherInit = Literal["independent", "copy_last"]
 _NEG = -1e9  # additive mask value; finite so a row can never be all -inf
 
@@ -161,15 +163,7 @@ class MultiLauncherSASRec(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Xavier for embeddings and linear weights: N(0, 1) embeddings train far worse (DESIGN §3)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.xavier_normal_(m.weight)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        init_sequence_encoder(self, self.item_embedding)
         if self.launchers is not None:
             nn.init.xavier_normal_(self.launchers)
 
