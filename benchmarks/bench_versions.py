@@ -38,7 +38,8 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.index import ann_recall, factory_string, index_params, set_faiss_threads  # noqa: E402
+from service.index import factory_string, index_params, set_faiss_threads  # noqa: E402
+from service.index_build import ann_recall  # noqa: E402
 
 TABLE = "model.item_embedding.weight"
 NOISE = 0.01  # relative to each copied row's norm

@@ -29,14 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.index import (  # noqa: E402
-    IndexSpec,
-    ann_recall,
-    build_index,
-    index_params,
-    search_fused,
-    set_faiss_threads,
-)
+from service.index import index_params, search_fused, set_faiss_threads
+from service.index_build import IndexSpec, ann_recall, build_index
 
 DIM = 64
 LAUNCHERS = 4

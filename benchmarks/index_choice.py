@@ -10,7 +10,7 @@ items.npy and retrieval.onnx from a folder export_retrieval wrote (before a vers
 --grow N adds copies of trained items (with 1% noise, as benchmarks/bench_versions.py --items) up
 to N items. For each index
 kind the search parameter (nprobe, efSearch, nprobe x k_factor for IVF-PQ) climbs a fixed
-ladder until recall@100 against exact search (service.index.ann_recall, single vectors) reaches
+ladder until recall@100 against exact search (service.index_build.ann_recall, single vectors) reaches
 --min-recall; the table gives the cheapest setting that does (and the step below it). Cost is
 one serving call: search_fused of one user's M launcher vectors at k = 200, one FAISS thread,
 p50 / p99 over --queries users. Also prints what SIMD level the installed FAISS dispatches to.
@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.index import ann_recall, auto_nlist, factory_string, search_fused, set_faiss_threads  # noqa: E402
+from service.index import factory_string, search_fused, set_faiss_threads  # noqa: E402
+from service.index_build import ann_recall, auto_nlist  # noqa: E402
 
 LADDERS = {"nprobe": [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
            "efSearch": [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]}

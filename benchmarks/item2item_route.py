@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from service.artifacts import session
-from service.index import IndexSpec, build_index, search_fused
+from service.index import search_fused
+from service.index_build import IndexSpec, build_index
 from service.item2item import Item2ItemRoute, merge_routes, top_route
 from training import retrieval as rt
 from training.baselines import LastItem, Popularity

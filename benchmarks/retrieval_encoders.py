@@ -39,7 +39,8 @@ import torch
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
-from service.index import IndexSpec, build_index, search_fused
+from service.index import search_fused
+from service.index_build import IndexSpec, build_index
 from training.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut

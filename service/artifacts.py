@@ -34,6 +34,7 @@ import onnxruntime as ort
 from service.ids import ItemIndex
 from service.index import load_index, search_fused
 from service.item2item import Item2ItemRoute
+from service.npz_map import map_npz
 from service.prerank import score_candidates
 
 logger = logging.getLogger(__name__)
@@ -340,7 +341,7 @@ def _confined(folder: Path, key: str, name: object) -> None:
 def _load_catalog(path: Path, n: int, mmap: bool) -> dict[str, np.ndarray]:
     try:
         if mmap:
-            arrays = _map_npz(path)
+            arrays = map_npz(path)
         else:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -353,36 +354,6 @@ def _load_catalog(path: Path, n: int, mmap: bool) -> dict[str, np.ndarray]:
         if not key.startswith("vocab:") and arr.shape[:1] != (n + 1,):
             raise ArtifactError(f"{path}: {key} has {arr.shape[0] if arr.ndim else 0} rows, "
                                 f"expected item_count + 1 = {n + 1}")
-    return arrays
-
-
-def _map_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz, each memory-mapped read-only where the member is stored
-    uncompressed (np.savez), else read (np.savez_compressed); vocab arrays are small and read."""
-    arrays: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        for info in z.infolist():
-            key = info.filename.removesuffix(".npy")
-            if info.compress_type != zipfile.ZIP_STORED or key.startswith("vocab:"):
-                with z.open(info) as member:
-                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
-                continue
-            f.seek(info.header_offset)
-            local = f.read(30)  # the local file header: name and extra field lengths at 26 and 28
-            if local[:4] != b"PK\x03\x04":
-                raise ValueError(f"member {info.filename}: bad local header")
-            f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
-                   + int.from_bytes(local[28:30], "little"))
-            version = np.lib.format.read_magic(f)
-            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in header:
-                raise ValueError(f"member {info.filename}: .npy format {version} is not supported")
-            shape, fortran, dtype = header[version](f)
-            if dtype.hasobject:
-                raise ValueError(f"member {info.filename} holds Python objects")
-            # np.asarray: a plain ndarray view of the map (the np.memmap subclass costs on every slice)
-            arrays[key] = np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
-                                               order="F" if fortran else "C")) if int(np.prod(shape)) else np.empty(shape, dtype)
     return arrays
 
 

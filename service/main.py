@@ -27,7 +27,7 @@ from service.pipeline import Recommender
 from service.reloader import VersionWatcher
 from service.schemas import EventIn
 from service.smoke import load_checked
-from service.stores import make_store
+from service.redis_store import make_store
 
 logger = logging.getLogger(__name__)
 

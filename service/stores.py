@@ -3,7 +3,8 @@
 One interface, :class:`HistoryStore`, two implementations:
 
 - :class:`InMemoryStore` — in-process, the default; no server needed, state dies with the worker.
-- :class:`RedisStore` — shared by all API replicas (``RECSYS_REDIS_URL``).
+- :class:`RedisStore` — shared by all API replicas (``RECSYS_REDIS_URL``), in service/redis_store.py
+  with :func:`make_store`, which picks one of the two.
 
 Layout (Redis keys carry ``key_prefix``, default ``recsys:``):
 
@@ -38,18 +39,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import unicodedata
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.typing import EncodableT
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +142,12 @@ def validate_features(features: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _check_limit(limit: int | None) -> None:
+def check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit: must be a non-negative integer or None, got {limit!r}")
 
 
-def _check_max_history(max_history: int) -> int:
+def check_max_history(max_history: int) -> int:
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
         raise ValueError(f"max_history: must be a positive integer, got {max_history!r}")
     return max_history
@@ -201,7 +196,7 @@ class InMemoryStore:
     for at most ``max_users`` users: the least recently used user is evicted beyond that."""
 
     def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS) -> None:
-        self.max_history = _check_max_history(max_history)
+        self.max_history = check_max_history(max_history)
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise ValueError(f"max_users: must be a positive integer, got {max_users!r}")
         self.max_users = max_users
@@ -228,7 +223,7 @@ class InMemoryStore:
 
     def get_history(self, user_id: str, limit: int | None = None) -> list[str]:
         validate_id(user_id, "user_id")
-        _check_limit(limit)
+        check_limit(limit)
         with self._lock:
             return self._tail(user_id, limit)
 
@@ -276,202 +271,3 @@ class InMemoryStore:
 
     def close(self) -> None:
         pass
-
-
-class RedisStore:
-    """Redis-backed store shared by all replicas.
-
-    Appends run as one Lua script per call (_APPEND_LUA: dedupe by event id, RPUSH, LTRIM,
-    EXPIRE per user), so a batch lands whole or not at all (input is validated first; Redis
-    has no rollback if the script itself fails, which StoreOutcomeUnknown reports). After a
-    timeout the outcome is unknown (StoreOutcomeUnknown). The client retries once, immediately,
-    on a connection error only (a pooled connection left stale by a Redis restart), never on a
-    timeout: a timed-out write may have been applied; events with an event_id are safe to
-    retry either way.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        max_history: int = DEFAULT_MAX_HISTORY,
-        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
-        key_prefix: str = "recsys:",
-        cooldown_s: float = 0.0,
-        history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
-    ) -> None:
-        if not url:
-            raise ValueError("url: must not be empty")
-        if not socket_timeout > 0:
-            raise ValueError(f"socket_timeout: must be > 0, got {socket_timeout!r}")
-        if not cooldown_s >= 0:
-            raise ValueError(f"cooldown_s: must be >= 0, got {cooldown_s!r}")
-        if isinstance(history_ttl_s, bool) or not isinstance(history_ttl_s, int) or history_ttl_s < 0:
-            raise ValueError(f"history_ttl_s: must be a non-negative integer (0 = no expiry), got {history_ttl_s!r}")
-        self.max_history = _check_max_history(max_history)
-        self.key_prefix = key_prefix
-        self.cooldown_s = cooldown_s
-        self.history_ttl_s = history_ttl_s
-        self._skip_until = 0.0  # monotonic time before which calls fail fast (after an outage)
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            decode_responses=True,
-        )
-        self._append = self._client.register_script(_APPEND_LUA)
-
-    def _hist_key(self, user_id: str) -> str:
-        return f"{self.key_prefix}hist:{user_id}"
-
-    def _feat_key(self, user_id: str) -> str:
-        return f"{self.key_prefix}feat:{user_id}"
-
-    def _ids_key(self, user_id: str) -> str:
-        return f"{self.key_prefix}evid:{user_id}"
-
-    @contextmanager
-    def _write_errors(self, op: str) -> Iterator[None]:
-        """_errors for a write, telling "not written" (StoreUnavailable: no connection could be
-        made, or cooling down) from "may have been written" (StoreOutcomeUnknown: the command may
-        have reached Redis: a timeout, a connection lost while waiting, an error inside the script)."""
-        try:
-            with self._errors(op):
-                yield
-        except StoreUnavailable as exc:
-            cause = exc.__cause__
-            if cause is None or (isinstance(cause, redis.ConnectionError) and "connecting to" in str(cause)):
-                raise
-            raise StoreOutcomeUnknown(f"outcome of {op} unknown: {cause}") from cause
-        except StoreError as exc:
-            raise StoreOutcomeUnknown(f"outcome of {op} unknown: {exc}") from exc.__cause__
-
-    @contextmanager
-    def _errors(self, op: str) -> Iterator[None]:
-        """Map redis-py errors to StoreUnavailable (unreachable) or StoreError (the rest).
-
-        After an unreachable / timed-out call, calls fail fast for cooldown_s without touching
-        the network: a hung server would otherwise cost every request the full socket timeout.
-        """
-        if self.cooldown_s and time.monotonic() < self._skip_until:
-            raise StoreUnavailable(f"redis unavailable during {op}: skipped for {self.cooldown_s}s after a failure")
-        try:
-            yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.debug("redis %s failed: %r", op, exc)
-            self._skip_until = time.monotonic() + self.cooldown_s
-            raise StoreUnavailable(f"redis unavailable during {op}: {exc}") from exc
-        except redis.RedisError as exc:
-            raise StoreError(f"redis error during {op}: {exc}") from exc
-
-    def get_history(self, user_id: str, limit: int | None = None) -> list[str]:
-        validate_id(user_id, "user_id")
-        _check_limit(limit)
-        if limit == 0:
-            return []
-        start = 0 if limit is None else -limit
-        with self._errors("get_history"):
-            items = self._client.lrange(self._hist_key(user_id), start, -1)
-        return cast(list[str], items)  # decode_responses=True
-
-    def get_histories(self, user_ids: Iterable[str]) -> dict[str, list[str]]:
-        ids = [validate_id(u, f"user_ids[{i}]") for i, u in enumerate(user_ids)]
-        if not ids:
-            return {}
-        pipe = self._client.pipeline(transaction=False)
-        for u in ids:
-            pipe.lrange(self._hist_key(u), 0, -1)
-        with self._errors("get_histories"):
-            results = cast(list[list[str]], pipe.execute())
-        return dict(zip(ids, results, strict=True))
-
-    def append_events(self, events: Sequence[Event]) -> int:
-        by_user = validate_events(events)
-        if not by_user:
-            return 0
-        keys: list[str] = []
-        args: list[EncodableT] = [self.max_history, self.history_ttl_s]
-        for user_id, pairs in by_user.items():
-            keys += [self._hist_key(user_id), self._ids_key(user_id)]
-            args.append(len(pairs))
-            for item, event_id in pairs:
-                args += [item, event_id or ""]
-        with self._write_errors("append_events"):
-            added = self._append(keys=keys, args=args)
-        return int(cast(int, added))
-
-    def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
-        validate_id(user_id, "user_id")
-        clean = validate_features(features)
-        if not clean:
-            return
-        with self._errors("set_user_features"):
-            # A re-typed copy: Mapping keys are invariant, so dict[str, str] does not type-check.
-            mapping: dict[EncodableT, EncodableT] = {k: v for k, v in clean.items()}
-            self._client.hset(self._feat_key(user_id), mapping=mapping)
-
-    def get_user_features(self, user_id: str) -> dict[str, str]:
-        validate_id(user_id, "user_id")
-        with self._errors("get_user_features"):
-            feats = self._client.hgetall(self._feat_key(user_id))
-        return cast(dict[str, str], feats)
-
-    def stats(self) -> tuple[int | None, int | None]:
-        """(keys Redis evicted under maxmemory since it started, None): (None, None) when Redis
-        does not answer (never raises)."""
-        try:
-            with self._errors("stats"):
-                info = cast(dict[str, object], self._client.info("stats"))
-        except StoreError:
-            return None, None
-        evicted = info.get("evicted_keys")
-        return (int(evicted) if isinstance(evicted, int | str) else None), None
-
-    def ping(self) -> bool:
-        """Whether Redis answers now (always tried; a success ends a cooldown)."""
-        try:
-            ok = bool(self._client.ping())
-            self._skip_until = 0.0
-            return ok
-        except redis.RedisError as exc:
-            logger.debug("redis ping failed: %r", exc)
-            return False
-
-    def close(self) -> None:
-        self._client.close()
-
-
-# One script per append: every user's events land together (a script runs atomically), event ids
-# already in the user's window are skipped, both lists are capped and their TTL refreshed.
-# KEYS: hist, evid per user. ARGV: max_history, ttl_s (0 = none), then per user: n, n x (item, event_id or "").
-_APPEND_LUA = """
-local maxh, ttl, a, added = tonumber(ARGV[1]), tonumber(ARGV[2]), 3, 0
-for u = 1, #KEYS, 2 do
-  local hist, ids = KEYS[u], KEYS[u + 1]
-  local n = tonumber(ARGV[a]); a = a + 1
-  for i = 1, n do
-    local item, eid = ARGV[a], ARGV[a + 1]; a = a + 2
-    if eid == '' or not redis.call('LPOS', ids, eid) then
-      redis.call('RPUSH', hist, item); added = added + 1
-      if eid ~= '' then redis.call('RPUSH', ids, eid) end
-    end
-  end
-  redis.call('LTRIM', hist, -maxh, -1)
-  redis.call('LTRIM', ids, -maxh, -1)
-  if ttl > 0 then
-    redis.call('EXPIRE', hist, ttl)
-    redis.call('EXPIRE', ids, ttl)
-  end
-end
-return added
-"""
-
-
-def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY, cooldown_s: float = 0.0,
-               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S) -> HistoryStore:
-    """A :class:`RedisStore` for a non-empty URL, else an :class:`InMemoryStore`."""
-    if redis_url:
-        logger.info("history store: redis (max_history=%d, history_ttl_s=%d)", max_history, history_ttl_s)
-        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s, history_ttl_s=history_ttl_s)
-    logger.info("history store: in-memory (max_history=%d, max_users=%d)", max_history, max_users)
-    return InMemoryStore(max_history=max_history, max_users=max_users)

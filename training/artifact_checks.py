@@ -14,7 +14,7 @@ import torch
 
 from models.layers import Fields
 from service.artifacts import ORT_ERRORS
-from service.index import ann_recall
+from service.index_build import ann_recall
 from training.checkpoints import RERANK_CHECKPOINT, RERANK_FILES
 from training.export import PARITY_ATOL, PARITY_RTOL
 from training.versions import PublishError

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from models.sasrec import MultiLauncherSASRec
-from service.index import IndexSpec, build_index, choose_kind, index_params, save_index, set_faiss_threads
+from service.index import index_params, save_index, set_faiss_threads
+from service.index_build import IndexSpec, build_index, choose_kind
 from training import item2item as i2i
 from training import prerank as pr
 from training.artifact_checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity

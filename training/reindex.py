@@ -65,7 +65,7 @@ from service.catalog_updates import (
     make_catalog_updates,
     validate_item,
 )
-from service.index import IndexSpec
+from service.index_build import IndexSpec
 from service.stores import StoreError
 from training import item2item as i2i
 from training.artifacts import DEFAULT_MIN_RECALL, PublishResult, check_gates, publish_items

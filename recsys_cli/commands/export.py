@@ -125,7 +125,7 @@ def serving_gate(args: argparse.Namespace) -> Any:
 
 
 def _index_spec(args: argparse.Namespace) -> Any:
-    from service.index import IndexSpec
+    from service.index_build import IndexSpec
 
     if args.index == "auto":
         if args.nlist is not None or args.nprobe is not None:

@@ -30,7 +30,7 @@ from service.artifacts import load_current
 from service.core.config import Settings
 from service.main import create_app
 from service.pipeline import Recommender
-from service.stores import RedisStore
+from service.redis_store import RedisStore
 from tests.service.conftest import RedisServer
 
 T = TypeVar("T")

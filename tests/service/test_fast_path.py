@@ -16,7 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.artifacts import ArtifactError, load_current, load_version
-from service.index import IndexSpec, build_index, factory_string, load_index, save_index
+from service.index import factory_string, load_index, save_index
+from service.index_build import IndexSpec, build_index
 from service.pipeline import Recommender
 from service.schemas import RecommendBatchResponse, RecommendResponse, encode_json
 from tests.service.test_api import _app, artifacts_root, catalog  # noqa: F401  (module fixtures)

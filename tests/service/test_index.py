@@ -10,17 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.index import (
-    FusedResult,
-    IndexSpec,
-    ann_recall,
-    build_index,
-    choose_kind,
-    index_params,
-    load_index,
-    save_index,
-    search_fused,
-)
+from service.index import FusedResult, index_params, load_index, save_index, search_fused
+from service.index_build import IndexSpec, ann_recall, build_index, choose_kind
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 50) -> np.ndarray:

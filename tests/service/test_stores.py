@@ -14,13 +14,12 @@ from typing import Any
 import pytest
 import redis
 
+from service.redis_store import RedisStore, make_store
 from service.stores import (
     Event,
     HistoryStore,
     InMemoryStore,
-    RedisStore,
     StoreUnavailable,
-    make_store,
 )
 from tests.service.conftest import RedisServer
 

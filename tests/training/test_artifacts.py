@@ -190,7 +190,7 @@ def test_failed_publish_leaves_current_and_no_temp(case: str, published: Path, c
 
 
 def test_recall_below_the_threshold_is_rejected(ckpts: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from service.index import IndexSpec
+    from service.index_build import IndexSpec
 
     ret, pre, _ = ckpts
     ivf = IndexSpec(kind="ivf", nlist=2, nprobe=1)  # probing 1 of 2 lists misses part of the exact top-80

@@ -324,7 +324,7 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
 
 
 def test_an_ivf_chosen_by_size_gets_the_nprobe_that_reaches_min_recall() -> None:
-    from service.index import IndexSpec, build_index
+    from service.index_build import IndexSpec, build_index
     from training.artifact_checks import measure_recall
 
     rng = np.random.default_rng(0)

@@ -115,7 +115,8 @@ def test_checkpoint_and_onnx_round_trip(small_run, tmp_path: Path) -> None:
 def build_item_index(items: np.ndarray, user_vectors: np.ndarray, out_dir: Path, k: int = 100) -> dict[str, object]:
     """index.faiss over `items` (N, D) and its recall@k against exact search with the launcher
     vectors `user_vectors` (B, M, D) as queries (what training/artifacts.py does for a version)."""
-    from service.index import IndexSpec, ann_recall, build_index, choose_kind, index_params, save_index
+    from service.index import index_params, save_index
+    from service.index_build import IndexSpec, ann_recall, build_index, choose_kind
 
     index = build_index(items, IndexSpec(kind=choose_kind(items.shape[0])))
     queries = user_vectors.reshape(-1, user_vectors.shape[-1])
