@@ -282,7 +282,9 @@ def start_server(artifacts: Path, port: int, workers: int, redis_url: str | None
                  poll_s: float = 0.0, tree: Path | None = None) -> subprocess.Popen[bytes]:
     """`recsys serve` on `port`, once /readyz answers; poll_s is RECSYS_RELOAD_POLL_S (0 = never);
     tree: serve with the code of that checkout (see --compare-ref)."""
-    cmd = [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+    # the CLI moved from training/ to recsys_cli/ (issue 16); a reference tree may predate that
+    cli = "training.cli" if tree is not None and not (tree / "recsys_cli").is_dir() else "recsys_cli"
+    cmd = [sys.executable, "-m", cli, "serve", "--artifacts", str(artifacts), "--port", str(port),
            "--workers", str(workers), "--log-level", "warning"]
     if redis_url:
         cmd += ["--redis-url", redis_url]
