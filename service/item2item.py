@@ -124,7 +124,8 @@ def merge_routes(cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray, rou
     hit = reached[pos] == items if reached.size else np.zeros(items.size, bool)
     i2i = np.where(hit, reached_scores[pos] if reached.size else 0.0, 0.0).astype(np.float32)
     top = float(top_scores[0]) if top_scores.size else 0.0
-    scale = float(fused.std()) if fused.size > 1 and fused.std() > 0 else 1.0
+    spread = float(fused.std()) if fused.size > 1 else 0.0
+    scale = spread if spread > 0 else 1.0
     merged = retrieval + (route.beta * scale * i2i / top if top > 0 else 0.0)
     order = np.argsort(-merged, kind="stable")
     by_faiss = np.arange(items.size) < cand.size
