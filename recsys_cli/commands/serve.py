@@ -18,7 +18,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (> 1 needs Redis: the in-process store is per process)")
+                   help="worker processes (> 1 needs Redis: the in-process store is per process); on Linux "
+                        "each has its own SO_REUSEPORT socket (service/supervisor.py)")
+    p.add_argument("--shared-socket", action="store_true",
+                   help="with --workers > 1: uvicorn's own workers on one shared socket instead")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from service.artifacts import ArtifactError, current_version
     from service.core.config import Settings
     from service.smoke import load_checked
+    from service.supervisor import Supervisor, bind_group, reuse_port_supported
 
     if args.artifacts:
         os.environ["RECSYS_ARTIFACTS"] = args.artifacts
@@ -52,5 +56,12 @@ def run(args: argparse.Namespace) -> int:
         # each worker process would keep its own in-process history: events sent to one
         # worker would be invisible to requests served by another
         raise UsageError("--workers > 1 needs --redis-url (RECSYS_REDIS_URL): the in-process store is per process")
-    uvicorn.run("service.main:app", host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    config = {"app": "service.main:app", "host": args.host, "port": args.port, "log_level": args.log_level}
+    if args.workers > 1 and not args.shared_socket and reuse_port_supported():
+        try:
+            sockets = bind_group(args.host, args.port, args.workers)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+        return Supervisor(config, sockets).run()
+    uvicorn.run(**config, workers=args.workers)
     return 0

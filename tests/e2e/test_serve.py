@@ -81,3 +81,41 @@ def test_serve_several_workers_need_redis(artifacts_root: Path) -> None:  # noqa
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2 and "--workers > 1 needs --redis-url" in proc.stderr
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The worker processes of `recsys serve` (the spawn start method also runs a resource tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    return {int(p) for p in out if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers are Linux only")
+def test_serve_workers_have_their_own_sockets_and_a_dead_one_is_replaced(artifacts_root: Path,  # noqa: F811
+                                                                        redis_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "RECSYS_API_KEY": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--redis-url", redis_url,
+         "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, 90)
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(min(workers), 9)
+        deadline = time.monotonic() + 60
+        while True:  # a replacement is started on the dead worker's socket and serves
+            now = worker_pids(proc.pid)
+            if len(now) == 2 and min(workers) not in now:
+                break
+            assert time.monotonic() < deadline, f"no replacement worker: {now}"
+            time.sleep(0.2)
+        for _ in range(20):  # new connections, hashed over both sockets: all answered
+            assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
+    assert proc.returncode == 0
+    assert not worker_pids(proc.pid)
