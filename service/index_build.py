@@ -97,8 +97,8 @@ def choose_kind(num_items: int) -> IndexKind:
 def build_index(items: ArrayLike, spec: IndexSpec | None = None) -> faiss.Index:
     """Inner-product index over the rows of ``items`` (N, D); faiss label r = item id r + 1.
 
-    ``spec=None`` picks ``IndexSpec(kind=choose_kind(N))``. IVF is trained on a seeded sample
-    of ``TRAIN_POINTS_PER_LIST * nlist`` rows (spherical k-means, faiss's default for IP).
+    ``spec=None`` picks ``IndexSpec(kind=choose_kind(N))``. IVF lists are trained on a seeded
+    sample of ``TRAIN_POINTS_PER_LIST * nlist`` rows lifted onto a sphere (_ivf_on_augmented).
     """
     x = check_items(items)
     n, d = x.shape
@@ -107,24 +107,54 @@ def build_index(items: ArrayLike, spec: IndexSpec | None = None) -> faiss.Index:
     index: faiss.Index
     if spec.kind == "flat":
         index = faiss.IndexFlatIP(d)
+        index.add(x)
     elif spec.kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.ef_construction
         index.hnsw.efSearch = spec.ef_search
+        index.add(x)
     else:
         nlist = spec.nlist if spec.nlist is not None else auto_nlist(n)
         if nlist > n:
             raise ValueError(f"IndexSpec.nlist={nlist} exceeds the number of items N={n}")
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        n_train = min(n, TRAIN_POINTS_PER_LIST * nlist)
-        rng = np.random.default_rng(spec.seed)
-        sample = x[np.sort(rng.choice(n, size=n_train, replace=False))]  # (n_train, D)
-        index.cp.seed = spec.seed
-        index.train(sample)
-        index.nprobe = min(spec.nprobe, nlist)
-    index.add(x)
+        index = _ivf_on_augmented(np.ascontiguousarray(x), nlist, spec)
     logger.info("built %s index: %d items, D=%d, params=%s", spec.kind, n, d, index_params(index))
+    return index
+
+
+def _ivf_on_augmented(x: np.ndarray, nlist: int, spec: IndexSpec) -> faiss.IndexIVFFlat:
+    """IVF-Flat (inner product) whose lists come from the items lifted onto a sphere.
+
+    Inner product is not a distance: when item norms vary (a briefly trained model gives a few
+    popular items large norms and the long tail tiny ones), spherical k-means on the raw items
+    groups them by direction only, and a query's best items, the large-norm ones, sit in lists
+    whose centroids it barely points at. The standard reduction of maximum inner product search
+    to nearest neighbours appends sqrt(R^2 - |x|^2) to each item (R = the largest norm) and 0 to
+    each query: every item then has norm R, the query's inner products are unchanged, and
+    k-means on the lifted items clusters by what a query will score. The lists are trained and
+    filled in D + 1 dimensions; the served index keeps D: a query's extra 0 makes its inner
+    product with a lifted centroid equal its inner product with the centroid's first D
+    coordinates, so the quantizer holds those and probes the same lists, and nothing changes
+    at serving time. Measured on a briefly trained 100k-item version (benchmarks/index_choice.py):
+    recall@100 1.0 at nprobe 4 (0.05 ms per user), where IVF on the raw items needed nprobe 64
+    (0.41 ms).
+    """
+    n, d = x.shape
+    norms = np.linalg.norm(x, axis=1)
+    lifted = np.hstack([x, np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))[:, None]]).astype(np.float32)
+    rng = np.random.default_rng(spec.seed)
+    sample = lifted[np.sort(rng.choice(n, size=min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False))]
+    trainer = faiss.IndexIVFFlat(faiss.IndexFlatIP(d + 1), d + 1, nlist, faiss.METRIC_INNER_PRODUCT)
+    trainer.cp.seed = spec.seed
+    trainer.train(sample)  # spherical k-means (faiss's default for inner product)
+    centroids = trainer.quantizer.reconstruct_n(0, nlist)  # (nlist, D + 1)
+    _, lists = trainer.quantizer.search(lifted, 1)  # each item's list, chosen in D + 1 dimensions
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(centroids[:, :d]))
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    index.add_core(n, faiss.swig_ptr(x), None, faiss.swig_ptr(np.ascontiguousarray(lists[:, 0], np.int64)))
+    index.nprobe = min(spec.nprobe, nlist)
     return index
 
 

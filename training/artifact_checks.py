@@ -24,33 +24,52 @@ log = logging.getLogger(__name__)
 # queries per recall estimate while tuning an automatically chosen IVF's nprobe (the recall
 # reported is then measured on up to 1000): ~1/4 of the exact-search cost per step
 TUNE_QUERIES = 250
+# the recall@k an automatically tuned IVF aims for (when min_recall is lower): the cheapest nprobe
+# that keeps 95 % of the exact top-k
+TUNED_RECALL = 0.95
 CHECK_ERRORS: tuple[type[Exception], ...] = (AssertionError, *ORT_ERRORS)  # parity off, or graph fails
 
 
 def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int, min_recall: float,
-                    tune: bool) -> tuple[float, dict[str, int] | None]:
+                   tune: bool) -> tuple[float, dict[str, int] | None]:
     """Index recall@k against exact search; with `tune` (an index chosen by size) an IVF's nprobe
-    is doubled until recall reaches min_recall (or nprobe = nlist), estimated on TUNE_QUERIES
-    queries first. Returns the recall and {"from", "to"} when nprobe changed.
+    becomes the smallest power-of-two multiple or fraction of its value whose recall reaches
+    max(min_recall, TUNED_RECALL), estimated on TUNE_QUERIES queries first (doubled again if the
+    full measurement falls short). Returns the recall and {"from", "to"} when nprobe changed.
 
-    Why tune: IVF recall depends on the catalog. When cold-start items (small norms, a few dense
-    clusters) outnumber the trained ones, the coarse lists follow the cold items and a query's
-    best trained items can spread over many lists: 1k trained + 999k cold items from a 1-epoch
-    SASRec gave recall@100 0.61 at the default nprobe 64 of 2000 lists, 0.92 at 256 (the 3-epoch
-    model of benchmarks/results/reindex_time.txt keeps 0.9999 at 64).
+    Why tune upwards: IVF recall depends on the catalog. When cold-start items (small norms, a
+    few dense clusters) outnumber the trained ones, the coarse lists follow the cold items and a
+    query's best trained items can spread over many lists: 1k trained + 999k cold items from a
+    1-epoch SASRec gave recall@100 0.61 at the default nprobe 64 of 2000 lists, 0.92 at 256.
+    Why downwards: nprobe is most of a request's search cost, and lists trained on lifted items
+    (service/index_build.py) often reach the target at a few probes (100k items: nprobe 4).
     """
     ivf = tune and isinstance(index, faiss.IndexIVF)
-    start = int(index.nprobe) if ivf else 0
-    while ivf and index.nprobe < index.nlist and ann_recall(index, vectors, queries, k=k,
-                                                            sample=TUNE_QUERIES) < min_recall:
-        index.nprobe = min(2 * int(index.nprobe), int(index.nlist))
+    if not ivf:
+        return ann_recall(index, vectors, queries, k=k), None
+    target = max(min_recall, TUNED_RECALL)
+    start, nlist = int(index.nprobe), int(index.nlist)
+
+    def estimate(nprobe: int) -> float:
+        index.nprobe = nprobe
+        return ann_recall(index, vectors, queries, k=k, sample=TUNE_QUERIES)
+
+    nprobe = start
+    if estimate(nprobe) >= target:
+        while nprobe > 1 and estimate(max(nprobe // 2, 1)) >= target:
+            nprobe = max(nprobe // 2, 1)
+    else:
+        while nprobe < nlist and estimate(min(2 * nprobe, nlist)) < target:
+            nprobe = min(2 * nprobe, nlist)
+        nprobe = min(2 * nprobe, nlist)
+    index.nprobe = nprobe
     recall = ann_recall(index, vectors, queries, k=k)
-    while ivf and recall < min_recall and index.nprobe < index.nlist:  # the estimate was optimistic
-        index.nprobe = min(2 * int(index.nprobe), int(index.nlist))
+    while recall < target and index.nprobe < nlist:  # the estimate was optimistic
+        index.nprobe = min(2 * int(index.nprobe), nlist)
         recall = ann_recall(index, vectors, queries, k=k)
-    if not ivf or index.nprobe == start:
+    if index.nprobe == start:
         return recall, None
-    log.info("IVF nprobe %d -> %d for recall@%d >= %s", start, index.nprobe, k, min_recall)
+    log.info("IVF nprobe %d -> %d for recall@%d >= %s", start, index.nprobe, k, target)
     return recall, {"from": start, "to": int(index.nprobe)}
 
 
