@@ -3,11 +3,12 @@
 A Python dict of 1M ids is ~100 MB of private memory per version and per worker, and took 3-5 s
 to build on the 2-core benchmark machine (each str object and the table are fresh pages), which
 was most of a 1M-item hot swap. Here the ids stay in the catalog's `<U{W}` array; what is built
-per version is each id's Python hash (computed a chunk of ids at a time, so the str objects are
-transient), sorted (~16 MB for the hashes and their order at 1M items). A lookup hashes the
-request's ids (CPython caches a str's hash), finds them with one searchsorted and compares each
-with the stored id, so a hash collision can never map an id to another item; catalog ids that
-share a hash (or repeat) are resolved by a small dict.
+per version is a 64-bit FNV-1a hash of each id, computed with NumPy over the array's UCS-4 code
+points (no str objects: ~0.1 s at 1M items, against 0.35 s for Python's hash of each id), sorted
+(~16 MB for the hashes and their order at 1M items). A lookup hashes the request's ids the same
+way, finds them with one searchsorted and compares each with the stored id, so a hash collision
+can never map an id to another item; catalog ids that share a hash (or repeat) are resolved by a
+small dict.
 """
 
 from __future__ import annotations
@@ -16,13 +17,25 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-_CHUNK = 1 << 16  # catalog ids turned into str objects (and hashed) at a time
+_CHUNK = 1 << 16  # catalog ids hashed at a time (bounds the uint64 temporaries)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def fnv1a(ids: np.ndarray) -> np.ndarray:
+    """(n,) `<U{W}` array -> (n,) int64: FNV-1a over each id's W UCS-4 code points (the zero
+    padding of shorter ids included, so equal strings of one array hash equally)."""
+    codes = np.ascontiguousarray(ids).view(np.uint32).reshape(ids.size, -1)  # (n, W)
+    h = np.full(ids.size, _FNV_OFFSET, np.uint64)
+    for c in range(codes.shape[1]):
+        h ^= codes[:, c]
+        h *= _FNV_PRIME  # wraps modulo 2**64
+    return h.view(np.int64)
 
 
 class ItemIndex(Mapping[str, int]):
     """Read-only mapping item_ids[i] -> i for i >= 1 (index 0 is padding and is left out); a
-    repeated id maps to its last index, as a dict built in index order would. Hashes are those of
-    this process (str hashing is salted per process), so an ItemIndex is not to be pickled."""
+    repeated id maps to its last index, as a dict built in index order would."""
 
     def __init__(self, item_ids: np.ndarray) -> None:
         if item_ids.ndim != 1 or item_ids.dtype.kind != "U":
@@ -31,8 +44,8 @@ class ItemIndex(Mapping[str, int]):
         n = item_ids.size - 1
         hashes = np.empty(max(n, 0), np.int64)
         for s in range(0, n, _CHUNK):
-            chunk = item_ids[1 + s:1 + s + _CHUNK].tolist()
-            hashes[s:s + len(chunk)] = np.fromiter(map(hash, chunk), np.int64, len(chunk))
+            chunk = item_ids[1 + s:1 + s + _CHUNK]
+            hashes[s:s + chunk.size] = fnv1a(chunk)
         order = np.argsort(hashes, kind="stable")  # positions into ids[1:]
         self._sorted = hashes[order]
         self._order = (order + 1).astype(np.int64)
@@ -47,7 +60,9 @@ class ItemIndex(Mapping[str, int]):
         """(n,) int64 indices of `item_ids`, 0 for an unknown id."""
         if not item_ids or self._sorted.size == 0:
             return np.zeros(len(item_ids), np.int64)
-        h = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
+        # an id longer than the catalog's width is truncated here, so it may find a stored id
+        # with the same prefix: the exact comparison below then rejects it
+        h = fnv1a(np.asarray(item_ids, dtype=self.ids.dtype))
         pos = np.minimum(np.searchsorted(self._sorted, h), self._sorted.size - 1)
         idx = self._order[pos]
         # the exact check: a hash collision never maps an id to another item
