@@ -1,4 +1,4 @@
-"""service/ids.py: the catalog id lookup (NumPy FNV-1a hashes, exact check, shared hashes)."""
+"""service/ids.py: the catalog id lookup (NumPy polynomial hashes, exact check, shared hashes)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import service.ids as ids_mod
-from service.ids import ItemIndex, fnv1a
+from service.ids import ItemIndex, poly_hash
 
 
 def catalog(*ids: str) -> np.ndarray:
@@ -32,17 +32,19 @@ def test_an_id_longer_than_the_catalog_width_is_unknown_not_its_prefix() -> None
 
 def test_hash_collisions_never_map_an_id_to_another_item(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every id hashing alike, lookups still give each id its own index (the shared-hash dict)."""
-    monkeypatch.setattr(ids_mod, "fnv1a", lambda a: np.zeros(a.size, np.int64))
+    monkeypatch.setattr(ids_mod, "poly_hash", lambda a: np.zeros(a.size, np.int64))
     index = ItemIndex(catalog("a", "b", "c", "b"))
     assert index.lookup(["a", "b", "c", "d"]).tolist() == [1, 4, 3, 0]
 
 
-def test_fnv1a_is_the_reference_algorithm_on_code_points() -> None:
+def test_poly_hash_is_the_reference_sum_for_small_and_large_arrays() -> None:
     def reference(s: str, width: int) -> int:
-        h = 0xCBF29CE484222325
-        for ch in s.ljust(width, "\0"):
-            h = ((h ^ ord(ch)) * 0x100000001B3) % 2**64
+        h = 0
+        for j, ch in enumerate(s.ljust(width, "\0")):
+            h = (h + ord(ch) * pow(0x100000001B3, j + 1, 2**64)) % 2**64
         return h - 2**64 if h >= 2**63 else h
 
-    arr = np.asarray(["a", "hello", "ünï", ""])
-    assert fnv1a(arr).tolist() == [reference(s, 5) for s in arr.tolist()]
+    arr = np.asarray(["a", "hello", "ünï", "", "hellp"])
+    assert poly_hash(arr).tolist() == [reference(s, 5) for s in arr.tolist()]
+    big = np.asarray([f"id{i}" for i in range(3000)] + arr.tolist())  # the per-column path
+    np.testing.assert_array_equal(poly_hash(big)[-5:], poly_hash(arr.astype(big.dtype)))
