@@ -62,6 +62,7 @@ from training.versions import (
     default_version,
     fsync_dir,
     fsync_tree,
+    read_current,
     set_current,
     smoke,
     write_json,
@@ -142,7 +143,7 @@ def publish(
     check_upstream(src)
     version = version or default_version(src.ds.fingerprint, src.checkpoints)
     return publish_items(src, dataset_items(src, item2item), root, version, min_recall, index_spec,
-                         lambda tmp, manifest: check_regression(root, manifest, max_regression), timings, gate)
+                         lambda tmp, manifest: check_regression(root, read_current(root), tmp, manifest, max_regression), timings, gate)
 
 
 def check_gates(min_recall: float, max_regression: float | None) -> None:

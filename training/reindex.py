@@ -72,7 +72,7 @@ from training.artifacts import DEFAULT_MIN_RECALL, PublishResult, check_gates, p
 from training.catalog import ItemCatalog, catalog_arrays, read_catalog_file
 from training.catalog_growth import grown_item_side
 from training.checkpoints import Sources, check_upstream, load_sources
-from training.gates import DEFAULT_MAX_REGRESSION, catalog_gate
+from training.gates import DEFAULT_MAX_REGRESSION, check_regression
 from training.data.sources import load
 from training.report import timed
 from training.served_eval import ServingGate
@@ -170,7 +170,8 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                               added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
             version = cfg.version or default_version(src.ds.fingerprint + catalog.digest(), src.checkpoints)
             published = publish_items(src, items, root, version, cfg.min_recall, cfg.index_spec,
-                                      catalog_gate(root, live, src.loo, cfg.max_regression), timings, cfg.gate)
+                                      lambda tmp, manifest: check_regression(root, live, tmp, manifest, cfg.max_regression,
+                                                                             catalog=src.loo), timings, cfg.gate)
             with timed("prune", timings):
                 pruned = prune_versions(root, cfg.keep, protect={version, live} - {None})  # type: ignore[arg-type]
             cleared = _clear(updates, snapshot)
