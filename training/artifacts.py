@@ -48,6 +48,7 @@ from training import item2item as i2i
 from training import prerank as pr
 from training.artifact_checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.catalog import catalog_arrays
+from training.encoders import served_vectors
 from training.checkpoints import RERANK_FILES, Sources, check_upstream, load_sources
 from training.export import INDEX_FAISS, PARITY_ATOL, export_retrieval, retrieval_parity
 from training.gates import DEFAULT_MAX_REGRESSION, Regression, check_regression, serving_gate
@@ -262,7 +263,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         "data": {"spec": src.data_spec, "name": ds.name, "fingerprint": ds.fingerprint, "num_users": ds.num_users,
                  "num_items": ds.num_items, "num_interactions": ds.num_interactions},
         "item_count": n,
-        "dims": {"retrieval_dim": cfg.dim, "num_launchers": max(cfg.num_launchers, 1), "maxlen": cfg.maxlen,
+        "dims": {"retrieval_dim": cfg.dim, "num_launchers": served_vectors(cfg), "maxlen": cfg.maxlen,
                  "prerank_item_heads": list(heads.shape[1:]),
                  "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
         "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
@@ -273,7 +274,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
                       "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
-                      "outputs": {"user_vectors": ["B", max(cfg.num_launchers, 1), cfg.dim, "float32"]}},
+                      "outputs": {"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}},
         "index": {**index_params(index), f"recall@{k}": recall, "file": INDEX_FAISS, "min_recall": min_recall,
                   "recall_k": f"recall@{k}", "recall": recall, "queries": int(queries.shape[0] * queries.shape[1]),
                   **({"nprobe_tuned": tuned} if tuned else {})},
