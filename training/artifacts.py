@@ -3,7 +3,8 @@
 artifacts_root/<version>/ holds manifest.json, catalog.npz, retrieval.onnx, items.npy,
 index.faiss, prerank_user.onnx, prerank_items.npy, prerank_features.json and, with a
 re-ranker, rerank.onnx + rerank_items.npy, and item2item.npz (the item-to-item route's
-neighbour table, training/item2item.py; reindex adds its --events). `recsys export` and `recsys reindex` share every step:
+neighbour table, training/item2item.py; reindex adds its --events). `recsys export` and `recsys reindex`
+share every step, driven by training/publisher.Publisher:
 
     load_sources     the data set and the checkpoints, each checked against the data set
                      (training/checkpoints.py)
@@ -24,7 +25,7 @@ neighbour table, training/item2item.py; reindex adds its --events). `recsys expo
 
 Any failure removes the temp folder and leaves CURRENT as it was. publish_items never touches
 other versions (pruning and rollback: training/versions.py). Each step's wall time is printed on
-stderr as `[step] 1.23s` and recorded in the `timings` dict the caller passes.
+stderr as `[step] 1.23s` and recorded in the `timings` dict the caller passes (Publisher.timings).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ from training import item2item as i2i
 from training import prerank as pr
 from training.artifact_checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.catalog import catalog_arrays
-from training.checkpoints import RERANK_FILES, Sources, check_upstream, load_sources
+from training.encoders import served_vectors
+from training.checkpoints import RERANK_FILES, Sources
 from training.export import INDEX_FAISS, PARITY_ATOL, export_retrieval, retrieval_parity
-from training.gates import DEFAULT_MAX_REGRESSION, Regression, check_regression, serving_gate
+from training.gates import Regression, serving_gate
 from training.report import timed
 from training.served_eval import ServingGate
 from training.versions import (
@@ -59,7 +61,6 @@ from training.versions import (
     MANIFEST,
     VERSION_RE,
     PublishError,
-    default_version,
     fsync_dir,
     fsync_tree,
     set_current,
@@ -104,45 +105,6 @@ class ItemSide:
     @property
     def num_items(self) -> int:
         return int(self.catalog["item_ids"].shape[0]) - 1
-
-
-def publish(
-    data_spec: str,
-    retrieval_dir: str | Path,
-    prerank_dir: str | Path,
-    rerank_dir: str | Path | None,
-    artifacts_root: str | Path,
-    version: str | None = None,
-    min_recall: float = DEFAULT_MIN_RECALL,
-    max_regression: float | None = DEFAULT_MAX_REGRESSION,
-    index_spec: IndexSpec | None = None,
-    timings: dict[str, float] | None = None,
-    gate: ServingGate = ServingGate(),
-    item2item: i2i.Item2ItemConfig | None = None,
-) -> PublishResult:
-    """Build, check and publish a version (now CURRENT); fills `timings` with each step's seconds.
-
-    Checks: ONNX parity of the three graphs against their checkpoints, index recall@100 (k
-    capped at N) >= min_recall, the exported pre-rank item heads and re-rank item features
-    recomputed from these checkpoints, the stage gate on validation users (`gate`: a stage
-    worse than the previous served cut beyond its tolerance is switched off, or refused with
-    require_all_stages), served NDCG@10 at most max_regression below the live version's (same
-    data only; None turns that check off), and a load + smoke run through service.artifacts.
-    item2item: build the item-to-item route's table with these settings (None: no route). index_spec=None picks the kind from the catalog size (service.index)
-    and, for IVF, the smallest doubling of nprobe that reaches min_recall.
-
-    Raises FileNotFoundError for a missing checkpoint folder, DataError when a checkpoint was
-    trained on another data set, ValueError for a bad argument and PublishError when a
-    check fails. On any error the temp folder is removed and CURRENT is unchanged.
-    """
-    check_gates(min_recall, max_regression)
-    root = Path(artifacts_root)
-    src = load_sources(data_spec, retrieval_dir, prerank_dir, rerank_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    check_upstream(src)
-    version = version or default_version(src.ds.fingerprint, src.checkpoints)
-    return publish_items(src, dataset_items(src, item2item), root, version, min_recall, index_spec,
-                         lambda tmp, manifest: check_regression(root, manifest, max_regression), timings, gate)
 
 
 def check_gates(min_recall: float, max_regression: float | None) -> None:
@@ -261,7 +223,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         "data": {"spec": src.data_spec, "name": ds.name, "fingerprint": ds.fingerprint, "num_users": ds.num_users,
                  "num_items": ds.num_items, "num_interactions": ds.num_interactions},
         "item_count": n,
-        "dims": {"retrieval_dim": cfg.dim, "num_launchers": max(cfg.num_launchers, 1), "maxlen": cfg.maxlen,
+        "dims": {"retrieval_dim": cfg.dim, "num_launchers": served_vectors(cfg), "maxlen": cfg.maxlen,
                  "prerank_item_heads": list(heads.shape[1:]),
                  "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
         "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
@@ -272,7 +234,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
                       "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
-                      "outputs": {"user_vectors": ["B", max(cfg.num_launchers, 1), cfg.dim, "float32"]}},
+                      "outputs": {"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}},
         "index": {**index_params(index), f"recall@{k}": recall, "file": INDEX_FAISS, "min_recall": min_recall,
                   "recall_k": f"recall@{k}", "recall": recall, "queries": int(queries.shape[0] * queries.shape[1]),
                   **({"nprobe_tuned": tuned} if tuned else {})},

@@ -5,6 +5,7 @@ heads and the re-rank item features of every item."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,12 @@ from tqdm import tqdm
 from models.sasrec import MultiLauncherSASRec
 from training import prerank as pr
 from training.artifacts import ItemSide
-from training.catalog import ItemCatalog, distinct_codes
+from training.catalog import ItemCatalog, catalog_arrays, distinct_codes
 from training.checkpoints import Sources
 from training.features import RETRIEVAL_ITEM, retrieval_columns
 from training.impressions import rerank_item_features
+
+log = logging.getLogger(__name__)
 
 COLD_START_RULE = (
     "trained items keep their embedding; any other item gets the mean, over its features with a value "
@@ -80,9 +83,9 @@ def extend_retrieval(model: MultiLauncherSASRec, table: np.ndarray) -> MultiLaun
     return grown.eval()
 
 
-def item_heads(src: Sources, catalog: ItemCatalog, table: np.ndarray) -> np.ndarray:
-    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank);
-    table (N + 1, D): the grown retrieval table, for a pre-ranker that reads it (RETRIEVAL_ITEM)."""
+def head_inputs(src: Sources, catalog: ItemCatalog, table: np.ndarray) -> dict[str, np.ndarray]:
+    """The raw item columns (N + 1 rows) the pre-ranker's item tower reads; table (N + 1, D): the
+    retrieval table, for a pre-ranker that reads it (RETRIEVAL_ITEM)."""
     item_spec = src.spec.item
     raw: dict[str, np.ndarray] = {"item_id": np.arange(catalog.num_items + 1),
                                   "item_log_count": np.log1p(catalog.popularity).astype(np.float32)}
@@ -93,14 +96,46 @@ def item_heads(src: Sources, catalog: ItemCatalog, table: np.ndarray) -> np.ndar
     for name, col in catalog.multi.items():
         width = item_spec.multi[name][1] if name in item_spec.multi else col.shape[1]
         raw[name] = col[:, :width]  # lists are left-aligned: keep their first values
+    return raw
+
+
+def unchanged_rows(raw: dict[str, np.ndarray], reference: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Items 1..n whose item-tower inputs in `raw` equal those in `reference` (sorted indices)."""
+    same = np.ones(n, dtype=bool)
+    for name, col in raw.items():
+        if name not in reference:
+            return np.empty(0, dtype=np.int64)
+        a, b = col[1 : n + 1].reshape(n, -1), reference[name][1 : n + 1].reshape(n, -1)
+        w = max(a.shape[1], b.shape[1])  # multi-valued codes are right-padded with 0
+        a, b = (np.pad(x, ((0, 0), (0, w - x.shape[1]))) for x in (a, b))
+        same &= (a == b).all(axis=1)
+    return np.flatnonzero(same) + 1
+
+
+def item_heads(src: Sources, catalog: ItemCatalog, table: np.ndarray,
+               known: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank);
+    table (N + 1, D): the grown retrieval table. known: (rows, heads) already computed with the
+    same inputs (the data set's items, training.impressions.Pipeline): taken, not recomputed."""
+    item_spec = src.spec.item
+    raw = head_inputs(src, catalog, table)
+    n = catalog.num_items + 1
+    reuse, known_heads = known if known is not None else (np.empty(0, dtype=np.int64), None)
+    todo = np.setdiff1d(np.arange(n), reuse)
     parts = []
     model = src.prerank.eval()
-    n = catalog.num_items + 1
     with torch.no_grad():
-        for s in tqdm(range(0, n, HEADS_BATCH), desc="pre-rank item heads", unit="batch", leave=False, disable=None):
-            batch = {k: v[s : s + HEADS_BATCH] for k, v in raw.items()}
+        for s in tqdm(range(0, todo.size, HEADS_BATCH), desc="pre-rank item heads", unit="batch", leave=False,
+                      disable=None):
+            batch = {k: v[todo[s : s + HEADS_BATCH]] for k, v in raw.items()}
             parts.append(model.item_heads(pr.to_fields(item_spec.encode(batch))).numpy())
-    heads = np.concatenate(parts).astype(np.float32)
+    if known_heads is None:
+        heads = np.concatenate(parts).astype(np.float32)
+    else:
+        heads = np.zeros((n, *known_heads.shape[1:]), dtype=np.float32)
+        heads[reuse] = known_heads[reuse]
+        if parts:
+            heads[todo] = np.concatenate(parts)
     heads[0] = 0.0
     return heads
 
@@ -121,7 +156,12 @@ def grown_item_side(src: Sources, pipe: Any, catalog: ItemCatalog) -> ItemSide:
     table[: n_trained + 1] = trained
     cold = np.arange(n_trained + 1, catalog.num_items + 1)
     table[cold], n_global = cold_start_embeddings(trained, catalog, n_trained, cold)
-    heads = item_heads(src, catalog, table)
+    # the data set's items whose inputs are unchanged keep the heads check_upstream computed
+    dataset = ItemCatalog.from_arrays(catalog_arrays(src.ds, src.loo))
+    reuse = unchanged_rows(head_inputs(src, catalog, table), head_inputs(src, dataset, trained), n_trained)
+    heads = item_heads(src, catalog, table, (reuse, pipe.item_heads.numpy()))
+    log.info("pre-rank item heads: %d of %d items computed, %d taken from the first pass",
+             catalog.num_items - reuse.size, catalog.num_items, reuse.size)
     return ItemSide(
         catalog=catalog.arrays(),
         retrieval=extend_retrieval(src.retrieval, table),

@@ -44,6 +44,12 @@ def encoder_of(obj: Any) -> str:
     raise ValueError(f"not a retrieval encoder or its config: {type(obj).__name__}")
 
 
+def served_vectors(config: RetrievalConfig) -> int:
+    """M of the served user vectors (B, M, D), the manifest's dims.num_launchers: plain SASRec
+    (num_launchers = 0) serves one vector, its last item state."""
+    return max(config.num_launchers, 1)
+
+
 def build_model(config: RetrievalConfig) -> RetrievalModel:
     """A fresh model for a config (the encoder is the config's type)."""
     return ENCODERS[encoder_of(config)].model(config)

@@ -3,10 +3,10 @@
 serving_gate     the stage gate: the version loaded as the service loads it, validation users
                  replayed through every served cut, a stage that hurts switched off (manifest
                  `serving`)
-check_regression against the live version: the served NDCG@10 (retrieval's when the live
-                 version has no serving block) at most max_regression lower (`recsys export`)
-catalog_gate     the same for `recsys reindex`, where a live version without a serving block is
-                 compared on catalog NDCG@10 measured here on both versions
+check_regression against the live version: the served NDCG@10 at most max_regression lower;
+                 a live version without a serving block is compared on retrieval's training
+                 NDCG@10 (`recsys export`) or on catalog NDCG@10 measured here on both
+                 versions (`recsys reindex`, catalog=the split)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from training.checkpoints import Sources
 from training.data.splits import LeaveOneOut
 from training.metrics import mask_seen, ranking_metrics, target_ranks
 from training.served_eval import ServingGate
-from training.versions import MANIFEST, PublishError, read_current
+from training.versions import MANIFEST, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -85,31 +85,6 @@ def served_comparison(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, fl
     return f"served {REGRESSION_METRIC} ({'+'.join(new['serving']['stages'])})", before, after
 
 
-def check_regression(root: Path, manifest: dict[str, Any], max_regression: float | None) -> dict[str, Any]:
-    """Compare the served NDCG@10 with the live version's (retrieval's when the live version has
-    no serving block); raise PublishError beyond the tolerance."""
-    live = read_current(root)
-    entry: dict[str, Any] = {"metric": REGRESSION_METRIC, "max_regression": max_regression, "live_version": live}
-    if max_regression is None or live is None:
-        return {**entry, "result": "skipped: " + ("gate off" if max_regression is None else "no live version")}
-    try:
-        old = json.loads((root / live / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return {**entry, "result": f"skipped: live manifest unreadable ({exc})"}
-    if old.get("data", {}).get("fingerprint") != manifest["data"]["fingerprint"]:
-        return {**entry, "result": "skipped: the live version was built on other data"}
-    what, before, after = served_comparison(old, manifest) or (
-        f"retrieval {REGRESSION_METRIC}", old.get("retrieval", {}).get("metrics", {}).get(REGRESSION_METRIC),
-        manifest["retrieval"]["metrics"].get(REGRESSION_METRIC))
-    entry["compared"] = what
-    if before is None or after is None:
-        return {**entry, "result": f"skipped: {REGRESSION_METRIC} not recorded"}
-    if after < before - max_regression:
-        raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
-                           f"({before:.4f}) by more than {max_regression}")
-    return {**entry, "result": "passed", "live": before, "new": after}
-
-
 def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
                     manifest: dict[str, Any] | None = None) -> dict[str, float]:
     """HR@10 / NDCG@10 of the test item under full ranking over the version's whole catalog:
@@ -135,37 +110,61 @@ def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
     return ranking_metrics(ranks, (10,))
 
 
-def catalog_gate(root: Path, live: str | None, loo: LeaveOneOut, max_regression: float | None) -> Regression:
-    """The offline-metric gate of a re-index against the live version: the served NDCG@10 of both
-    (manifest `serving`, set by the stage gate before this runs), else catalog NDCG@10 of both,
-    measured here on the same test users. The new catalog's metrics are recorded either way."""
+def check_regression(root: Path, live: str | None, tmp: Path, manifest: dict[str, Any],
+                     max_regression: float | None, catalog: LeaveOneOut | None = None) -> dict[str, Any]:
+    """The manifest's checks.regression entry: the new version's served NDCG@10 against the live
+    version's (both manifests' `serving`, set by the stage gate before this runs); raises
+    PublishError when it is more than max_regression lower.
 
-    def gate(tmp: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        entry: dict[str, Any] = {"metric": f"catalog {REGRESSION_METRIC}", "max_regression": max_regression,
-                                 "live_version": live}
-        users = np.arange(min(GATE_USERS, loo.eval_users.size))
-        new = catalog_metrics(tmp, loo, users, manifest)
+    When the live version has no serving block the fallback differs, and `catalog` says which:
+    None (`recsys export`): the retrieval NDCG@10 both checkpoints recorded in training;
+    the data set's split (`recsys reindex`): catalog NDCG@10 of both versions' built artifacts,
+    measured here on the same test users (catalog_metrics), the new one recorded in the manifest
+    either way. The entry keeps each command's keys and wording.
+    """
+    entry: dict[str, Any] = {"metric": REGRESSION_METRIC if catalog is None else f"catalog {REGRESSION_METRIC}",
+                             "max_regression": max_regression, "live_version": live}
+    if catalog is not None:
+        users = np.arange(min(GATE_USERS, catalog.eval_users.size))
+        new = catalog_metrics(tmp, catalog, users, manifest)
         manifest["retrieval"]["catalog_metrics"] = {**new, "users": int(users.size)}
-        if max_regression is None or live is None:
-            return {**entry, "result": "skipped: " + ("gate off" if max_regression is None else "no live version")}
-        try:
-            old_manifest = json.loads((root / live / MANIFEST).read_text())
-            if old_manifest["data"]["fingerprint"] != manifest["data"]["fingerprint"]:
-                return {**entry, "result": "skipped: the live version was built on other data"}
-            served = served_comparison(old_manifest, manifest)
-            if served is None:
-                old = catalog_metrics(root / live, loo, users)
-        except (OSError, KeyError, ValueError, *ORT_ERRORS) as exc:
-            return {**entry, "result": f"skipped: the live version does not load ({exc})"}
+    if max_regression is None or live is None:
+        return {**entry, "result": "skipped: " + ("gate off" if max_regression is None else "no live version")}
+    # export reads only the live manifest; reindex also runs the live version's artifacts
+    errors: tuple[type[Exception], ...] = ((OSError, json.JSONDecodeError) if catalog is None
+                                           else (OSError, KeyError, ValueError, *ORT_ERRORS))
+    try:
+        old = json.loads((root / live / MANIFEST).read_text())
+        if catalog is None:
+            fingerprint = old.get("data", {}).get("fingerprint")
+        else:
+            fingerprint = old["data"]["fingerprint"]
+        if fingerprint != manifest["data"]["fingerprint"]:
+            return {**entry, "result": "skipped: the live version was built on other data"}
+        served = served_comparison(old, manifest)
+        if served is None and catalog is not None:
+            old_catalog = catalog_metrics(root / live, catalog, users)
+    except errors as exc:
+        why = "live manifest unreadable" if catalog is None else "the live version does not load"
+        return {**entry, "result": f"skipped: {why} ({exc})"}
+    if catalog is None:
+        what, before, after = served or (
+            f"retrieval {REGRESSION_METRIC}", old.get("retrieval", {}).get("metrics", {}).get(REGRESSION_METRIC),
+            manifest["retrieval"]["metrics"].get(REGRESSION_METRIC))
+        entry["compared"] = what
+        if before is None or after is None:
+            return {**entry, "result": f"skipped: {REGRESSION_METRIC} not recorded"}
+        users_note, result_users = "", {}
+    else:
         if served is not None:
             what, before, after = served
             n, split = manifest["serving"]["users"], manifest["serving"]["split"]
         else:
-            what, before, after, n, split = entry["metric"], old[REGRESSION_METRIC], new[REGRESSION_METRIC], users.size, "test"
+            what, before, after = entry["metric"], old_catalog[REGRESSION_METRIC], new[REGRESSION_METRIC]
+            n, split = users.size, "test"
         entry["metric"] = what
-        if after < before - max_regression:
-            raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
-                               f"({before:.4f}) by more than {max_regression} ({n} {split} users)")
-        return {**entry, "result": "passed", "live": before, "new": after, "users": int(n)}
-
-    return gate
+        users_note, result_users = f" ({n} {split} users)", {"users": int(n)}
+    if after < before - max_regression:
+        raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
+                           f"({before:.4f}) by more than {max_regression}{users_note}")
+    return {**entry, "result": "passed", "live": before, "new": after, **result_users}

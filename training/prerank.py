@@ -14,7 +14,7 @@ Models come from models/ and see only tensors; this module owns NumPy, files and
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,10 +31,10 @@ from models.inttower import IntTower, IntTowerConfig
 from models.layers import Fields
 from models.two_tower import TwoTower, TwoTowerConfig
 from training.data.splits import Split
-from training.early_stopping import EarlyStopping
 from training.features import EncodedFields, FeatureSpec
 from training.metrics import auc, list_metrics, logloss
 from training.prerank_data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
+from training.trainer import Bar, EpochResult, StepResult, fit
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "two-tower": (TwoTower, TwoTowerConfig),
@@ -158,10 +158,10 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
     train = data.train
-    stopper, history = EarlyStopping(model, cfg.patience), []
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, total = time.perf_counter(), 0.0
+    history: list[dict[str, Any]] = []
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
+        total = 0.0
         order = rng.permutation(len(train))
         for start in range(0, len(train), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
@@ -181,16 +181,24 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
             loss.backward()
             opt.step()
             total += loss.detach().item() * idx.size
-        metrics = evaluate_ctr(model, data.valid)
-        history.append({"epoch": epoch + 1, "loss": total / len(train), **{f"valid_{k}": v for k, v in metrics.items()},
-                        "seconds": round(time.perf_counter() - t0, 2)})
+        return StepResult(total / len(train), len(train))
+
+    metrics: dict[str, float] = {}
+
+    def validate() -> float:
+        metrics.update(evaluate_ctr(model, data.valid))
+        return metrics["AUC"]
+
+    def record(r: EpochResult) -> None:
+        history.append({"epoch": r.epoch, "loss": r.step.loss, **{f"valid_{k}": v for k, v in metrics.items()},
+                        "seconds": round(r.seconds, 2)})
         if progress:
-            progress(f"epoch {epoch + 1}: loss {total / len(train):.4f} valid AUC {metrics['AUC']:.4f} "
+            progress(f"epoch {r.epoch}: loss {r.step.loss:.4f} valid AUC {metrics['AUC']:.4f} "
                      f"LogLoss {metrics['LogLoss']:.4f}")
-        if stopper.update(epoch + 1, metrics["AUC"]):
-            break
-    stopper.restore()
-    return {"history": history, "best_valid_AUC": stopper.best}
+
+    result = fit(model, cfg.epochs, cfg.patience, train_step, validate, metric="AUC", progress=False,
+                 on_epoch=record)
+    return {"history": history, "best_valid_AUC": result.best_score}
 
 
 # --- next-item objective ---
@@ -268,14 +276,15 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     catalog = data.train_catalog if data.train_catalog is not None else data.catalog
     E, C = data.train_candidates.shape
     n_hard = min(cfg.hard_negatives, C)
-    stopper, history = EarlyStopping(both, cfg.patience), []
+    history: list[dict[str, Any]] = []
+    start_score = -math.inf
     if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
-        start = evaluate_next_item(model, data, "valid", prior)
-        stopper = EarlyStopping(both, cfg.patience, score=start["NDCG@10"])
-        history.append({"epoch": 0, "valid_NDCG@10": start["NDCG@10"], "prior": prior.serving()})
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, total = time.perf_counter(), 0.0
+        start_metrics = evaluate_next_item(model, data, "valid", prior)
+        start_score = start_metrics["NDCG@10"]
+        history.append({"epoch": 0, "valid_NDCG@10": start_score, "prior": prior.serving()})
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
+        total = 0.0
         order = rng.permutation(E)
         for start in range(0, E, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
@@ -285,7 +294,6 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
             items = np.concatenate([data.train_targets[idx, None], hard, rand], axis=1).astype(np.int64)  # (b, M)
             collide = torch.from_numpy(items[:, 1:] == items[:, :1])  # a negative that is the positive
             u = to_fields(data.train_user, idx)
-            both.train()
             if has_heads(model):
                 uniq, inv = np.unique(items, return_inverse=True)
                 uh = model.user_heads(u)  # (b, L, H, d)
@@ -306,17 +314,20 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
             loss.backward()
             opt.step()
             total += loss.detach().item() * b
-        metrics = evaluate_next_item(model, data, "valid", prior)
-        history.append({"epoch": epoch + 1, "loss": total / E, "valid_NDCG@10": metrics["NDCG@10"],
-                        "seconds": round(time.perf_counter() - t0, 2),
-                        **({"prior": prior.serving()} if prior is not None else {})})
+        return StepResult(total / E, E)
+
+    def validate() -> float:
+        return evaluate_next_item(model, data, "valid", prior)["NDCG@10"]
+
+    def record(r: EpochResult) -> None:
+        history.append({"epoch": r.epoch, "loss": r.step.loss, "valid_NDCG@10": r.score,
+                        "seconds": round(r.seconds, 2), **({"prior": prior.serving()} if prior is not None else {})})
         if progress:
-            progress(f"epoch {epoch + 1}: loss {total / E:.4f} valid NDCG@10 {metrics['NDCG@10']:.4f}")
-        if stopper.update(epoch + 1, metrics["NDCG@10"]):
-            break
-    stopper.restore()
-    both.eval()
-    return {"history": history, "best_valid_NDCG@10": stopper.best}
+            progress(f"epoch {r.epoch}: loss {r.step.loss:.4f} valid NDCG@10 {r.score:.4f}")
+
+    result = fit(both, cfg.epochs, cfg.patience, train_step, validate, start_score=start_score, progress=False,
+                 on_epoch=record)
+    return {"history": history, "best_valid_NDCG@10": result.best_score}
 
 
 # --- checkpoints ---

@@ -19,6 +19,7 @@ import torch
 from models.cascade import RetrievalPrior, RetrievalPriorConfig
 from models.sasrec import MultiLauncherSASRec
 from training.data.dataset import DataError, Dataset
+from training.encoders import served_vectors
 from training.data.splits import CTRSplit, LeaveOneOut, Split, pad_left
 from training.features import (
     RETRIEVAL_ITEM,
@@ -119,7 +120,7 @@ class Retrievers:
     def dims(self) -> tuple[int, int]:
         """(M, D) of the user vectors: M = launchers, or 1 for plain SASRec."""
         cfg = self.served.config
-        return max(cfg.num_launchers, 1), cfg.dim
+        return served_vectors(cfg), cfg.dim
 
 
 @dataclass

@@ -20,14 +20,16 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 with no trained ID embedding) gets COLD_START_RULE, recomputed on every run so a
                 changed item follows its features. The embedding table is extended and
                 retrieval.onnx re-exported with it, so item_seq accepts the new indices.
-                Pre-rank item heads: the IntTower item tower over every item's features (item
-                id out of vocabulary for new items, log-count 0). Re-rank item features: as
+                Pre-rank item heads: the IntTower item tower over the features of new and
+                changed items (item id out of vocabulary for new items, log-count 0); the data
+                set's items with unchanged inputs keep the heads step 2 computed (not computed
+                twice). Re-rank item features: as
                 training.impressions.Pipeline builds them, z-scored with the statistics of the
                 data set's catalog the re-ranker was trained with. Item-to-item table
                 (training/item2item.py): the data set's training part plus --events, each
                 user's new events after their training items, so new transitions are served;
                 built when the live version has the route (its settings) or --events is given.
- 5. publish     training/artifacts.publish_items: ONNX parity, index (kind by size unless
+ 5. publish     training/publisher.Publisher.publish: ONNX parity, index (kind by size unless
                 given) + recall against exact search, the stage gate on the served path (as
                 for export: validation users through every served cut, a stage that hurts
                 switched off in manifest `serving`), then the gate against the live version:
@@ -68,12 +70,13 @@ from service.catalog_updates import (
 from service.index_build import IndexSpec
 from service.stores import StoreError
 from training import item2item as i2i
-from training.artifacts import DEFAULT_MIN_RECALL, PublishResult, check_gates, publish_items
+from training.artifacts import DEFAULT_MIN_RECALL, PublishResult, check_gates
 from training.catalog import ItemCatalog, catalog_arrays, read_catalog_file
 from training.catalog_growth import grown_item_side
-from training.checkpoints import Sources, check_upstream, load_sources
-from training.gates import DEFAULT_MAX_REGRESSION, catalog_gate
+from training.checkpoints import Sources
+from training.gates import DEFAULT_MAX_REGRESSION
 from training.data.sources import load
+from training.publisher import Publisher
 from training.report import timed
 from training.served_eval import ServingGate
 from training.versions import (
@@ -138,16 +141,15 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
     Raises PublishError when a check fails (CURRENT and the version folders unchanged),
     DataError for a bad catalog line, FileNotFoundError / ValueError for bad arguments.
     """
-    timings = {} if timings is None else timings
-    root = Path(cfg.artifacts)
+    publisher = Publisher(cfg.artifacts, cfg.min_recall, cfg.max_regression, cfg.index_spec, cfg.gate, timings)
+    root, timings = publisher.root, publisher.timings
     with artifacts_lock(root):
         live = read_current(root)
-        with timed("load", timings):
-            src = load_sources(*_resolve_sources(cfg, root, live))
-            pipe = check_upstream(src)
-            if pipe is None:
-                raise PublishError(f"{src.pre_dir}: reindex needs a next-item pre-ranker to compute item heads, "
-                                   f"this one was trained on {src.pre_ckpt.get('objective')!r}")
+        src = publisher.load(*_resolve_sources(cfg, root, live))
+        pipe = publisher.upstream
+        if pipe is None:
+            raise PublishError(f"{src.pre_dir}: reindex needs a next-item pre-ranker to compute item heads, "
+                               f"this one was trained on {src.pre_ckpt.get('objective')!r}")
         updates = make_catalog_updates(cfg.redis_url, root)
         try:
             with timed("catalog", timings):
@@ -169,8 +171,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                               added=len(added), changed=len(changed),
                               added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
             version = cfg.version or default_version(src.ds.fingerprint + catalog.digest(), src.checkpoints)
-            published = publish_items(src, items, root, version, cfg.min_recall, cfg.index_spec,
-                                      catalog_gate(root, live, src.loo, cfg.max_regression), timings, cfg.gate)
+            published = publisher.publish(src, items, version, live=live, catalog=src.loo)
             with timed("prune", timings):
                 pruned = prune_versions(root, cfg.keep, protect={version, live} - {None})  # type: ignore[arg-type]
             cleared = _clear(updates, snapshot)

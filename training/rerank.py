@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.prm import PAD_LOGIT, RerankModel
-from training.early_stopping import EarlyStopping
+from training.trainer import Bar, EpochResult, StepResult, fit
 from training.metrics import list_metrics
 
 log = logging.getLogger(__name__)
@@ -207,16 +205,11 @@ def train_listwise(
         # a residual model starts at the order it is given: training has to beat that to be kept
         start = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))["NDCG@10"]
         log.info("epoch 0 (the given order) valid NDCG@10 %.4f", start)
-    stopper = EarlyStopping(model, cfg.patience, score=start)
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
         order = rng.permutation(len(data))
         total, seen = 0.0, 0
-        bar = tqdm(range(0, order.size, cfg.batch_size), desc=f"epoch {epoch}", unit="batch",
-                   disable=not progress, leave=False)
-        for start in bar:
+        for start in bar(range(0, order.size, cfg.batch_size)):
             idx = order[start : start + cfg.batch_size]
             logits = model(*data.tensors(idx))  # (b, L)
             mask = torch.from_numpy(data.mask[idx])
@@ -226,28 +219,26 @@ def train_listwise(
             opt.step()
             total += loss.item() * idx.size
             seen += idx.size
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        ndcg, acc = math.nan, math.nan
-        if valid is not None:
-            m = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))
-            ndcg, acc = m["NDCG@10"], m["slate_acc"]
-        stats = EpochStats(epoch, total / max(seen, 1), round(time.perf_counter() - t0, 3), ndcg, acc)
+            bar.postfix(loss.item())
+        return StepResult(total / max(seen, 1), seen)
+
+    acc = [math.nan]  # the last validation's slate accuracy
+
+    def validate(held_out: ListData) -> float:
+        m = evaluate_lists(score_lists(model, held_out, cfg.eval_batch_size), held_out, ks=(10,))
+        acc[0] = m["slate_acc"]
+        return m["NDCG@10"]
+
+    def record(r: EpochResult) -> None:
+        stats = EpochStats(r.epoch, r.step.loss, round(r.seconds, 3), r.score, acc[0])
         history.append(stats)
-        log.info("epoch %d loss %.4f valid NDCG@10 %.4f slate acc %.4f (%.1fs)",
-                 epoch, stats.loss, ndcg, acc, stats.seconds)
-        if valid is not None and stopper.update(epoch, ndcg):
-            log.info("early stop: no better validation NDCG@10 for %d epochs", cfg.patience)
-            break
-        if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
-            log.info("stopping: max_minutes %.1f reached", cfg.max_minutes)
-            break
-    best, best_epoch = stopper.best, stopper.best_epoch
-    if valid is not None:
-        stopper.restore()
-    else:
-        best_epoch = len(history)
-    model.eval()
-    return TrainResult(model=model, best_epoch=best_epoch, best_valid_ndcg10=best if valid is not None else math.nan,
+        log.info("epoch %d loss %.4f valid NDCG@10 %.4f slate acc %.4f (%.1fs, %.0f lists/s)",
+                 r.epoch, stats.loss, r.score, acc[0], stats.seconds, r.rows_per_s)
+
+    result = fit(model, cfg.epochs, cfg.patience, train_step,
+                 (lambda: validate(valid)) if valid is not None else None, start_score=start,
+                 max_minutes=cfg.max_minutes, progress=progress, on_epoch=record)
+    return TrainResult(model=model, best_epoch=result.best_epoch, best_valid_ndcg10=result.best_score,
                        history=history)
 
 

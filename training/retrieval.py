@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from models.sasrec import MultiLauncherSASRec
 from training import distributed
-from training.encoders import RetrievalConfig, build_model, encoder_of, model_from_dict
+from training.encoders import RetrievalConfig, build_model, encoder_of, model_from_dict, served_vectors
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
-from training.early_stopping import EarlyStopping
 from training.metrics import KS, Scorer, evaluate_retrieval, mask_seen
 from training.retrieval_losses import SAMPLERS, NegativeSampler, Sampler, encoder_loss
+from training.trainer import Bar, EpochResult, StepResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +205,15 @@ def train_retrieval(
     if train_cfg.num_negatives or train_cfg.sampler == "in-batch":
         counts = np.bincount(targets.ravel(), minlength=model_cfg.num_items + 1)
         sampler = NegativeSampler(train_cfg.sampler, counts, train_cfg.num_negatives, train_cfg.logq)
-    M = max(model_cfg.num_launchers, 1)
+    M = served_vectors(model_cfg)
     history: list[EpochStats] = []
-    stopper = EarlyStopping(model, train_cfg.patience, score=-1.0)  # every NDCG beats -1
-    started = time.perf_counter()
-    for epoch in range(1, train_cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
         order = rng.permutation(inputs.shape[0])
         loss_sum, assign = 0.0, np.zeros(M, dtype=np.int64)
         batches = range(0, order.size, train_cfg.batch_size)
         shards = distributed.rank_batches(order, train_cfg.batch_size, rank, world)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress or rank > 0, leave=False)
-        for start, idx in zip(bar, shards):
+        for start, idx in zip(bar(batches), shards):
             global_valid = int((targets[order[start : start + train_cfg.batch_size]] != 0).sum())
             x = torch.from_numpy(inputs[idx])
             y = torch.from_numpy(targets[idx])
@@ -238,40 +232,34 @@ def train_retrieval(
             (loss * world).backward()
             opt.step()
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss.item() * world:.3f}")
-        seconds = time.perf_counter() - t0
+            bar.postfix(loss.item() * world)
         totals = distributed.all_reduce_sum(np.concatenate([[loss_sum], assign]))
-        loss_sum, assign = float(totals[0]), totals[1:]
-        freq = assign / max(assign.sum(), 1)
+        freq = totals[1:] / max(totals[1:].sum(), 1)
         entropy = max(0.0, float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
-        valid_ndcg, out_of_time = -1.0, 0.0
-        if rank == 0:
-            valid_ndcg = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)["NDCG@10"]
-            max_s = 60 * train_cfg.max_minutes if train_cfg.max_minutes else math.inf
-            out_of_time = float(time.perf_counter() - started > max_s)
-        valid_ndcg, out_of_time = distributed.broadcast_from_rank0([valid_ndcg, out_of_time])
-        stats = EpochStats(
-            epoch=epoch,
-            loss=loss_sum / len(batches),
-            seconds=round(seconds, 3),
-            sequences_per_s=round(inputs.shape[0] / seconds, 1),
-            launcher_entropy=round(entropy, 4),
-            valid_ndcg10=round(valid_ndcg, 5),
-        )
+        return StepResult(float(totals[0]) / len(batches), int(inputs.shape[0]), {"entropy": entropy})
+
+    def validate() -> float:  # rank 0 validates; rounded as recorded, so early stopping sees the recorded score
+        if rank > 0:
+            return -1.0
+        score = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)["NDCG@10"]
+        return round(score, 5)
+
+    def sync(score: float, out_of_time: bool) -> tuple[float, bool]:
+        score, late = distributed.broadcast_from_rank0([score, float(out_of_time)])
+        return score, bool(late)
+
+    def record(r: EpochResult) -> None:
+        entropy = r.step.extra["entropy"]
+        stats = EpochStats(epoch=r.epoch, loss=r.step.loss, seconds=round(r.train_seconds, 3),
+                           sequences_per_s=round(r.rows_per_s, 1), launcher_entropy=round(entropy, 4),
+                           valid_ndcg10=round(r.score, 5))
         history.append(stats)
-        log.info(
-            "epoch %d loss %.4f valid NDCG@10 %.4f entropy %.3f (%.1fs, %.0f seq/s)",
-            epoch, stats.loss, stats.valid_ndcg10, entropy, seconds, stats.sequences_per_s,
-        )
-        if stopper.update(epoch, stats.valid_ndcg10):
-            log.info("early stop: no better validation NDCG@10 for %d epochs", train_cfg.patience)
-            break
-        if out_of_time:
-            log.info("stopping: --max-minutes %.1f reached", train_cfg.max_minutes)
-            break
-    stopper.restore()
-    model.eval()
-    return TrainResult(model=model, best_epoch=stopper.best_epoch, history=history)
+        log.info("epoch %d loss %.4f valid NDCG@10 %.4f entropy %.3f (%.1fs, %.0f seq/s)",
+                 r.epoch, stats.loss, stats.valid_ndcg10, entropy, r.train_seconds, stats.sequences_per_s)
+
+    result = fit(model, train_cfg.epochs, train_cfg.patience, train_step, validate, start_score=-1.0,
+                 max_minutes=train_cfg.max_minutes, progress=progress and rank == 0, sync=sync, on_epoch=record)
+    return TrainResult(model=model, best_epoch=result.best_epoch, history=history)
 
 
 def evaluate_model(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:

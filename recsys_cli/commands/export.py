@@ -49,7 +49,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from training.artifacts import publish
+    from training.publisher import Publisher
     from training.versions import PublishError, read_current
 
     if args.threads < 1:
@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     quiet_onnx_exporter()
     previous = read_current(args.out)
-    timings: dict[str, float] = {}
+    publisher = Publisher(args.out, args.min_recall, None if args.no_regression_check else args.max_regression,
+                          index_spec, gate)
+    timings = publisher.timings
     try:
         with timed("export", timings):
-            res = publish(args.data, args.retrieval, args.prerank, args.rerank, args.out, args.version,
-                          args.min_recall, None if args.no_regression_check else args.max_regression, index_spec,
-                          gate=gate, item2item=item2item)
+            res = publisher.export(args.data, args.retrieval, args.prerank, args.rerank, args.version, item2item)
     except PublishError as exc:
         print(f"recsys export: check failed, CURRENT unchanged ({previous}): {exc}", file=sys.stderr)
         return 1
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:24s} {(res.path / name).stat().st_size:>12,d} bytes")
     print(summary(res.manifest))
     print(f"CURRENT: {previous} -> {res.manifest['version']}")
+    print("timings: " + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
     return 0
 
 

@@ -24,12 +24,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.versions import PublishError, rollback
+    from training.publisher import Publisher
+    from training.versions import PublishError
 
     if not os.path.isdir(args.artifacts):
         raise UsageError(f"--artifacts {args.artifacts}: not a folder")
     try:
-        res = rollback(args.artifacts, args.to, args.redis_url)
+        res = Publisher(args.artifacts).rollback(args.to, args.redis_url)
     except PublishError as exc:
         print(f"recsys rollback: refused, CURRENT unchanged: {exc}", file=sys.stderr)
         return 1

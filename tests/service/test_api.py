@@ -43,7 +43,7 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from tests.training.test_artifacts import make_checkpoints
-    from training.artifacts import publish
+    from training.publisher import publish
 
     torch.set_num_threads(1)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):

@@ -29,7 +29,7 @@ from training import prerank as pr
 from training.export_prerank import export_prerank
 from training.prerank_data import build_next_item_data
 from training import retrieval as rt
-from training.artifacts import publish
+from training.publisher import publish
 from training.versions import CURRENT, PublishError, read_current
 from training.baselines import LastItem
 from training.data.dataset import DataError

@@ -192,7 +192,7 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
 
     from service.artifacts import load_current, smoke_run
     from tests.training.test_artifacts import TINY, make_checkpoints
-    from training.artifacts import publish
+    from training.publisher import publish
 
     torch.set_num_threads(1)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ from service.main import create_app
 from service.pipeline import Recommender
 from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
-from training.artifacts import publish
+from training.publisher import publish
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.item2item import Item2ItemConfig, build_table, training_rows, with_events

@@ -26,7 +26,9 @@ from tests.training.test_artifacts import TINY, make_checkpoints, one_thread  # 
 from recsys_cli import main as cli
 from training import reindex as ri
 from training import retrieval as rt
-from training.artifacts import publish, publish_items
+from training.artifacts import publish_items
+from training import publisher as publisher_module
+from training.publisher import publish
 from training.catalog_growth import extend_retrieval
 from training.versions import CURRENT, list_versions, previous_version, prune_versions, read_current
 from training.data.sources import load
@@ -207,7 +209,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
                      validate_item({"item_id": "late", "features": {}})])
         return publish(*args, **kwargs)
 
-    monkeypatch.setattr(ri, "publish_items", publish_while_updates_arrive)
+    monkeypatch.setattr(publisher_module, "publish_items", publish_while_updates_arrive)
     # random-init models: a cold item can cost the served NDCG@10 more than 0.01; not the point here
     res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None))
     assert res.cleared == 1 and res.published.manifest["catalog"]["added_ids"] == ["early"]

@@ -31,7 +31,7 @@ from training import impressions as im
 from training import rerankers as rr
 from training import prerank as pr
 from training import served_eval as se
-from training.artifacts import publish
+from training.publisher import publish
 from training.versions import CURRENT, PublishError, read_current
 from training.data.dataset import DataError
 from training.data.sources import load
