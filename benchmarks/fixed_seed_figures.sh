@@ -7,7 +7,7 @@
 # whichever CLI layout it has (training/cli.py before issue 16, recsys_cli/ after).
 set -e
 SRC=$(realpath "$1"); OUT=$(realpath -m "$2")
-PY=${PY:-$(realpath .venv/bin/python)}
+PY=${PY:-$(realpath -s .venv/bin/python)}  # -s: the venv's python, not the interpreter its symlink points to
 D=${DATA:-movielens:$(realpath ../shared/data/ml-100k)}
 mkdir -p "$OUT"; cd "$SRC"
 if [ -d recsys_cli ]; then MAIN=recsys_cli.main; else MAIN=training.cli; fi
