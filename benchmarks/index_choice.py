@@ -1,17 +1,18 @@
 """Which FAISS index holds recall@100 >= 0.95 at the lowest search cost, on a version's real embeddings.
 
     python benchmarks/index_choice.py (--artifacts DIR | --export DIR --data SPEC) [--grow N]
-                                      [--queries 300] [--min-recall 0.95] [--kinds ivf,ivf4,hnsw,ivfpq]
+                                      [--queries 300] [--min-recall 0.95] [--kinds ivf,lifted,ivf4,hnsw,ivfpq]
                                       [--out FILE]
 
 Items are the version's items.npy; queries are the retriever's user vectors (retrieval ONNX) on
 the test histories of the version's data set, i.e. what the service searches. --export DIR reads
 items.npy and retrieval.onnx from a folder export_retrieval wrote (before a version is published).
 --grow N adds copies of trained items (with 1% noise, as benchmarks/bench_versions.py --items) up
-to N items. For each index
-kind the search parameter (nprobe, efSearch, nprobe x k_factor for IVF-PQ) climbs a fixed
-ladder until recall@100 against exact search (service.index_build.ann_recall, single vectors) reaches
---min-recall; the table gives the cheapest setting that does (and the step below it). Cost is
+to N items. For each index kind the search parameter (nprobe, efSearch, nprobe x k_factor for
+IVF-PQ) climbs a fixed ladder until recall@100 against exact search
+(service.index_build.ann_recall, single vectors) reaches --min-recall; "lifted" is the IVF
+`recsys export` builds (service/index_build.py: the same lists, trained on the items lifted onto
+a sphere). The table gives the cheapest setting that does (and the step below it). Cost is
 one serving call: search_fused of one user's M launcher vectors at k = 200, one FAISS thread,
 p50 / p99 over --queries users. Also prints what SIMD level the installed FAISS dispatches to.
 """
@@ -32,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.index import factory_string, search_fused, set_faiss_threads  # noqa: E402
-from service.index_build import ann_recall, auto_nlist  # noqa: E402
+from service.index_build import IndexSpec, ann_recall, auto_nlist, build_index  # noqa: E402
 
-LADDERS = {"nprobe": [4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
+LADDERS = {"nprobe": [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
            "efSearch": [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]}
 TOP_K = 200
 
@@ -81,7 +82,7 @@ def main() -> int:
     ap.add_argument("--grow", type=int)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--min-recall", type=float, default=0.95)
-    ap.add_argument("--kinds", default="flat,ivf,ivf4,hnsw,ivfpq")
+    ap.add_argument("--kinds", default="flat,ivf,lifted,ivf4,hnsw,ivfpq")
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -102,7 +103,8 @@ def main() -> int:
     items = np.ascontiguousarray(items, dtype=np.float32)
     n, d = items.shape
     nl, nl4 = auto_nlist(n), max(1, min(int(4 * np.sqrt(n)), n // 39))
-    factories = {"flat": "Flat", "ivf": f"IVF{nl},Flat", "ivf4": f"IVF{nl4},Flat", "hnsw": "HNSW32,Flat",
+    factories = {"flat": "Flat", "ivf": f"IVF{nl},Flat", "lifted": f"IVF{nl},Flat", "ivf4": f"IVF{nl4},Flat",
+                 "hnsw": "HNSW32,Flat",
                  "ivfpq": f"IVF{nl},PQ{d // 2}x4fs,RFlat"}
     lines = [f"# python {' '.join(shlex.quote(x) for x in sys.argv)}", "# " + simd_report(),
              f"# {n:,} items, D={d}, M={users.shape[1]} launchers, {users.shape[0]} users; recall@100 on "
@@ -116,14 +118,18 @@ def main() -> int:
         factory = factories[kind]
         set_faiss_threads(a.build_threads)
         t0 = time.perf_counter()
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        if kind == "lifted":
+            index = build_index(items, IndexSpec(kind="ivf", nlist=nl))
+        else:
+            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(0)
             index.train(items[np.sort(rng.choice(n, size=min(n, 64 * nl4 if kind == "ivf4" else 64 * nl),
                                                  replace=False))])
         if kind == "hnsw":
             faiss.downcast_index(index).hnsw.efConstruction = 80
-        index.add(items)
+        if kind != "lifted":
+            index.add(items)
         build = time.perf_counter() - t0
         set_faiss_threads(1)
         ps = faiss.ParameterSpace()
