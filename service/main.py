@@ -21,6 +21,7 @@ from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.fast_path import RecommendFastPath
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.pipeline import Recommender
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s: Settings | None = app.state.settings
         return default_limit if s is None else s.max_body_bytes
 
+    app.add_middleware(RecommendFastPath, api=app)  # innermost: inside the body limit and the metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
     return app

@@ -180,3 +180,46 @@ def test_ivfpq_refine_factory_and_search_params_round_trip(tmp_path: Path) -> No
     np.testing.assert_array_equal(loaded.search(items[:4], 10)[1], built.search(items[:4], 10)[1])
     with pytest.raises(ValueError, match="search_params"):
         load_index(tmp_path / "pq.faiss", None, expect={"search_params": "no_such_param=1"})
+
+
+def test_the_fast_path_answers_what_the_route_answers_and_leaves_errors_to_it(
+        client: TestClient, catalog: list[str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """service/fast_path.py: a valid body is answered without FastAPI, with the bytes the route
+    gives (timings aside); a body the route refuses is refused by the route, unchanged."""
+    from service import fast_path
+    from service.api.deps import get_settings
+
+    answered: list[bool] = []
+    real = fast_path.RecommendFastPath._answer
+
+    async def spy(self: Any, body: bytes, headers: dict[bytes, bytes]) -> Any:
+        out = await real(self, body, headers)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast_path.RecommendFastPath, "_answer", spy)
+    app: Any = client.app
+
+    def strip(r: Any) -> dict[str, Any]:
+        out = r.json()
+        out.pop("timings_ms")
+        return out
+
+    for body in _bodies(catalog):
+        fast = client.post("/v1/recommend", json=body)
+        app.dependency_overrides[get_settings] = lambda: app.state.settings  # any override: FastAPI answers
+        try:
+            slow = client.post("/v1/recommend", json=body)
+        finally:
+            app.dependency_overrides.clear()
+        assert fast.status_code == slow.status_code == 200 and strip(fast) == strip(slow)
+    assert answered == [True] * len(BODIES)  # the overridden requests never reached the fast path
+
+    answered.clear()
+    bad = client.post("/v1/recommend", json={"history": catalog[:3], "k": 0})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "k"]
+    text = client.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert text.status_code == 422
+    unknown = client.post("/v1/recommend", json={"history": catalog[:3], "filters": {"nope": ["x"]}})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "filters", "nope"]
+    assert answered == [False, False, False]

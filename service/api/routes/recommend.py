@@ -55,7 +55,7 @@ async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep
     validation and serialisation; `response_model` keeps the OpenAPI schema)."""
     if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
-    return await _on_compute(compute, _recommend, body, rec, store, settings, metrics)
+    return await _on_compute(compute, recommend_one, body, rec, store, settings, metrics)
 
 
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
@@ -87,7 +87,7 @@ async def _on_compute(compute: ComputeThread, fn: Callable[..., T], *args: objec
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"busy, retry later: {exc}") from None
 
 
-def _recommend(body: RecommendRequest, rec: Recommender, store: HistoryStore, settings: Settings,
+def recommend_one(body: RecommendRequest, rec: Recommender, store: HistoryStore, settings: Settings,
                metrics: Metrics) -> Response:
     """On the compute thread."""
     start = time.perf_counter()
