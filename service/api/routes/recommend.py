@@ -1,5 +1,8 @@
 """POST /v1/recommend and /v1/recommend/batch: history from the request, else the store.
 
+A valid single request usually never reaches the route below: service/fast_path.py answers it
+with the same recommend_one, and sends here whatever it cannot answer with a 200.
+
 Store trouble never gives a 5xx: the request is served without the stored history and
 `served_by` says so (`;store_unavailable`).
 
