@@ -45,7 +45,9 @@ class RecommendFastPath:
                 or self.api.dependency_overrides):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of a repeated header, as FastAPI's Header() reads it
         if not headers.get(b"content-type", b"").startswith(b"application/json"):
             await self.app(scope, receive, send)
             return

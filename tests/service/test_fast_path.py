@@ -223,3 +223,22 @@ def test_the_fast_path_answers_what_the_route_answers_and_leaves_errors_to_it(
     unknown = client.post("/v1/recommend", json={"history": catalog[:3], "filters": {"nope": ["x"]}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "filters", "nope"]
     assert answered == [False, False, False]
+
+
+def test_a_repeated_read_key_header_is_judged_as_the_route_judges_it(artifacts_root: Path,  # noqa: F811
+                                                                     catalog: list[str]) -> None:  # noqa: F811
+    from service.api.deps import get_settings
+    from tests.service.test_api import API_KEY, _app
+
+    with TestClient(_app(artifacts_root, api_key=API_KEY, read_key="reader")) as c:
+        app: Any = c.app
+        for keys in (["wrong", "reader"], ["reader", "wrong"]):
+            headers = [("X-API-Key", k) for k in keys]
+            body = {"user_id": "someone", "k": 2}
+            fast = c.post("/v1/recommend", json=body, headers=headers).status_code
+            app.dependency_overrides[get_settings] = lambda: app.state.settings  # FastAPI answers
+            try:
+                slow = c.post("/v1/recommend", json=body, headers=headers).status_code
+            finally:
+                app.dependency_overrides.clear()
+            assert fast == slow, (keys, fast, slow)
