@@ -48,7 +48,7 @@ class RecommendFastPath:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)  # the first of a repeated header, as FastAPI's Header() reads it
-        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != b"application/json":
             await self.app(scope, receive, send)
             return
         body, complete = await _read_body(receive)

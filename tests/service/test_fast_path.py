@@ -223,6 +223,9 @@ def test_the_fast_path_answers_what_the_route_answers_and_leaves_errors_to_it(
     unknown = client.post("/v1/recommend", json={"history": catalog[:3], "filters": {"nope": ["x"]}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "filters", "nope"]
     assert answered == [False, False, False]
+    odd = client.post("/v1/recommend", content=json.dumps({"history": catalog[:3]}),
+                      headers={"content-type": "application/jsonx"})  # not JSON to FastAPI either
+    assert odd.status_code == 422 and answered == [False, False, False]  # never reached the fast path
 
 
 def test_a_repeated_read_key_header_is_judged_as_the_route_judges_it(artifacts_root: Path,  # noqa: F811
