@@ -15,7 +15,7 @@ from tqdm import tqdm
 from models.sasrec import MultiLauncherSASRec
 from training import prerank as pr
 from training.artifacts import ItemSide
-from training.catalog import ItemCatalog, catalog_arrays, distinct_codes
+from training.catalog import ItemCatalog, distinct_codes
 from training.checkpoints import Sources
 from training.features import RETRIEVAL_ITEM, retrieval_columns
 from training.impressions import rerank_item_features
@@ -112,14 +112,13 @@ def unchanged_rows(raw: dict[str, np.ndarray], reference: dict[str, np.ndarray],
     return np.flatnonzero(same) + 1
 
 
-def item_heads(src: Sources, catalog: ItemCatalog, table: np.ndarray,
+def item_heads(src: Sources, raw: dict[str, np.ndarray],
                known: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank);
-    table (N + 1, D): the grown retrieval table. known: (rows, heads) already computed with the
-    same inputs (the data set's items, training.impressions.Pipeline): taken, not recomputed."""
+    """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank)
+    from their item-tower inputs `raw` (head_inputs). known: (rows, heads) already computed with
+    the same inputs (the data set's items, training.impressions.Pipeline): taken, not recomputed."""
     item_spec = src.spec.item
-    raw = head_inputs(src, catalog, table)
-    n = catalog.num_items + 1
+    n = next(iter(raw.values())).shape[0]
     reuse, known_heads = known if known is not None else (np.empty(0, dtype=np.int64), None)
     todo = np.setdiff1d(np.arange(n), reuse)
     parts = []
@@ -149,7 +148,8 @@ def rerank_features(pipe: Any, table: np.ndarray, heads: np.ndarray, popularity:
     return rerank_item_features(table, heads, log_count, reference)
 
 
-def grown_item_side(src: Sources, pipe: Any, catalog: ItemCatalog) -> ItemSide:
+def grown_item_side(src: Sources, pipe: Any, catalog: ItemCatalog, dataset: ItemCatalog) -> ItemSide:
+    """The item side of `catalog`, which extends the data set's catalog `dataset`."""
     n_trained = src.ds.num_items
     trained = src.retrieval.item_embedding.weight.detach().numpy()  # (n_trained + 1, D)
     table = np.zeros((catalog.num_items + 1, trained.shape[1]), dtype=np.float32)
@@ -157,9 +157,9 @@ def grown_item_side(src: Sources, pipe: Any, catalog: ItemCatalog) -> ItemSide:
     cold = np.arange(n_trained + 1, catalog.num_items + 1)
     table[cold], n_global = cold_start_embeddings(trained, catalog, n_trained, cold)
     # the data set's items whose inputs are unchanged keep the heads check_upstream computed
-    dataset = ItemCatalog.from_arrays(catalog_arrays(src.ds, src.loo))
-    reuse = unchanged_rows(head_inputs(src, catalog, table), head_inputs(src, dataset, trained), n_trained)
-    heads = item_heads(src, catalog, table, (reuse, pipe.item_heads.numpy()))
+    raw = head_inputs(src, catalog, table)
+    reuse = unchanged_rows(raw, head_inputs(src, dataset, trained), n_trained)
+    heads = item_heads(src, raw, (reuse, pipe.item_heads.numpy()))
     log.info("pre-rank item heads: %d of %d items computed, %d taken from the first pass",
              catalog.num_items - reuse.size, catalog.num_items, reuse.size)
     return ItemSide(

@@ -153,7 +153,8 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
         updates = make_catalog_updates(cfg.redis_url, root)
         try:
             with timed("catalog", timings):
-                catalog, base = _base_catalog(src, root, live)
+                dataset = catalog_arrays(src.ds, src.loo)  # built once; each ItemCatalog below copies it
+                catalog, base = _base_catalog(ItemCatalog.from_arrays(dataset), root, live)  # apply() grows it
                 schema = catalog.schema()
                 file_items = read_catalog_file(cfg.catalog, schema) if cfg.catalog else []
                 snapshot, pending, rejected = _pending(_snapshot(updates), schema)
@@ -161,7 +162,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
             log.info("catalog: %d items (%d added, %d changed, %d pending updates, %d rejected)",
                      catalog.num_items, len(added), len(changed), len(pending), len(rejected))
             with timed("embeddings", timings):
-                items = grown_item_side(src, pipe, catalog)
+                items = grown_item_side(src, pipe, catalog, ItemCatalog.from_arrays(dataset))
             items.item2item = _item2item_config(root, live, cfg.events)
             if items.item2item is not None:
                 items.item2item_rows = _item2item_rows(src, catalog, cfg.events)
@@ -207,9 +208,8 @@ def _resolve_sources(cfg: ReindexConfig, root: Path, live: str | None) -> tuple[
     return data, retrieval, prerank, source("rerank", cfg.rerank, required=False)
 
 
-def _base_catalog(src: Sources, root: Path, live: str | None) -> tuple[ItemCatalog, str]:
-    """The live catalog when it extends the data set's, else the data set's."""
-    dataset = ItemCatalog.from_arrays(catalog_arrays(src.ds, src.loo))
+def _base_catalog(dataset: ItemCatalog, root: Path, live: str | None) -> tuple[ItemCatalog, str]:
+    """The live catalog when it extends the data set's (`dataset`), else the data set's."""
     if live is None:
         return dataset, "data set"
     try:
