@@ -64,9 +64,7 @@ def bind_group(host: str, port: int, count: int) -> list[socket.socket]:
 
 def _serve(config_kwargs: dict[str, Any], sock: socket.socket) -> None:
     """In a worker process: one uvicorn server on `sock`."""
-    config = uvicorn.Config(**config_kwargs)
-    config.configure_logging()
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(**config_kwargs)).run(sockets=[sock])  # Config() sets up logging
 
 
 class Supervisor:
