@@ -20,7 +20,7 @@ Writes ROOT2/NAME (and points ROOT2/CURRENT at it):
   with the factory string.
 - --nlist L (instead of --factory): the index `recsys export` builds (service/index_build.py:
   IVF-Flat with L lists trained on the lifted items) and the nprobe its publish check tunes
-  (training/artifact_checks.py: the cheapest power-of-two step from 64 reaching recall@100 0.95).
+  (training/publish/checks.py: the cheapest power-of-two step from 64 reaching recall@100 0.95).
 - --inline-onnx: retrieval.onnx with its weights inside the graph (the layout before issue 14)
   instead of retrieval.onnx.data.
 """
@@ -146,7 +146,7 @@ def main() -> int:
     print(f"item side written in {time.perf_counter() - t0:.1f} s", flush=True)
     if a.nlist:
         from service.index_build import IndexSpec, build_index
-        from training.artifact_checks import measure_recall
+        from training.publish.checks import measure_recall
 
         items = np.load(dst / m["files"]["items"])
         set_faiss_threads(a.threads)

@@ -88,7 +88,7 @@ def main() -> int:
 
     from service.artifacts import current_version
     from service.notify import notify_version
-    from training.versions import set_current
+    from training.publish.versions import set_current
 
     live = current_version(args.artifacts)
     scratch = Path(tempfile.mkdtemp(prefix="recsys-swap-"))

@@ -5,11 +5,11 @@
 
 Leave-one-out split (DESIGN §2), full catalog, seen items removed. Rows:
 
-  popularity, last-item  training.baselines over the whole catalog (NumPy)
-  SASRec                 the checkpoint exported to ONNX (training/export.py), one ONNX Runtime
+  popularity, last-item  training.eval.baselines over the whole catalog (NumPy)
+  SASRec                 the checkpoint exported to ONNX (training/publish/onnx/retrieval.py), one ONNX Runtime
                          call per user on its unpadded history (as service/pipeline.py), exact
                          FAISS max-fusion search (service/index.py), top 200 (retrieval_k)
-  i2i route alone        service/item2item.py on the table of training/item2item.py; its list is
+  i2i route alone        service/item2item.py on the table of training/stages/retrieval/item2item.py; its list is
                          the route's reached items only (no backfill: a shorter list is a miss)
   SASRec + i2i merged    service/item2item.merge_routes: the union of FAISS's 200 and the route's
                          best `candidates`, ordered by r + beta * sd(r) * i2i / max i2i
@@ -18,7 +18,7 @@ Table and request settings (window, alpha, R, recent, decay, candidates, beta) a
 validation split (the route alone by its NDCG@10; then its JOINT best configurations with every
 candidates / beta for the merge, by the merged NDCG@10); the test split is measured once with the chosen ones. Coverage@10 = distinct
 items in the top-10 lists / N; diversity@10 = mean pairwise cosine distance of the SASRec item
-vectors in each top-10 (training/diversity.py), and genre Jaccard distance where the catalog has
+vectors in each top-10 (training/eval/diversity.py), and genre Jaccard distance where the catalog has
 a multi-valued genre feature. Recall@200: the share of users whose target is in the candidate
 set the pre-ranker sees (FAISS's 200; the union; the merged order cut at 200).
 """
@@ -40,14 +40,14 @@ from service.artifacts import session
 from service.index import search_fused
 from service.index_build import IndexSpec, build_index
 from service.item2item import Item2ItemRoute, merge_routes, top_route
-from training import retrieval as rt
-from training.baselines import LastItem, Popularity
+from training.stages.retrieval import train as rt
+from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.diversity import category_diversity, embedding_diversity
-from training.export import export_retrieval
-from training.item2item import Item2ItemConfig, build_table, training_rows
-from training.metrics import mask_seen, ranking_metrics
+from training.eval.diversity import category_diversity, embedding_diversity
+from training.publish.onnx.retrieval import export_retrieval
+from training.stages.retrieval.item2item import Item2ItemConfig, build_table, training_rows
+from training.eval.metrics import mask_seen, ranking_metrics
 from training.report import table
 
 RETRIEVAL_K = 200

@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from models.layers import Fields  # noqa: E402
 from service.prerank import score_candidates  # noqa: E402
-from training import prerank as pr  # noqa: E402
-from training.export_prerank import export_prerank  # noqa: E402
-from training.prerank_data import build_ctr_data  # noqa: E402
+from training.stages.prerank import train as pr  # noqa: E402
+from training.publish.onnx.prerank import export_prerank  # noqa: E402
+from training.stages.prerank.data import build_ctr_data  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import CTRSplit  # noqa: E402
 

@@ -22,9 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import prerank as pr  # noqa: E402
-from training.prerank_data import build_ctr_data, build_next_item_data  # noqa: E402
-from training.baselines import LastItem  # noqa: E402
+from training.stages.prerank import train as pr  # noqa: E402
+from training.stages.prerank.data import build_ctr_data, build_next_item_data  # noqa: E402
+from training.eval.baselines import LastItem  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import CTRSplit, LeaveOneOut  # noqa: E402
 
@@ -90,7 +90,7 @@ def run_next_item(data_spec: str, seeds: list[int], epochs: int, retrieval: str 
     ds = load(data_spec)
     loo = LeaveOneOut(ds)
     if retrieval:
-        from training.retrieval import load_retrieval_scorer
+        from training.stages.retrieval.train import load_retrieval_scorer
 
         scorer = load_retrieval_scorer(retrieval)
         scorers, source = {"valid": scorer, "test": scorer}, f"SASRec checkpoint {retrieval}"

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/rerank_impressions.py \
         --retrieval runs/sweep/M1-copy_last --prerank runs/prerank-ni
 
-The impressions (training/impressions.py) are built once from the trained retrieval and
+The impressions (training/stages/rerank/impressions.py) are built once from the trained retrieval and
 next-item pre-rank checkpoints (step sampling and the valid/test user split use seed 0); each
 seed then trains PRM, PRM-BASE and the pointwise MLP (init + shuffling + dropout), early
 stopping on the validation lists. Tables: test-list NDCG@5/10, MAP@10, P@5 of the list before
@@ -27,13 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import impressions as im  # noqa: E402
-from training import rerankers as rr  # noqa: E402
+from training.stages.rerank import impressions as im  # noqa: E402
+from training.stages.rerank import models as rr  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import LeaveOneOut  # noqa: E402
-from training.metrics import evaluate_retrieval  # noqa: E402
-from training.rerank import RerankTrainConfig, evaluate_lists, score_lists, unchanged_scores  # noqa: E402
-from training.retrieval import model_scorer  # noqa: E402
+from training.eval.metrics import evaluate_retrieval  # noqa: E402
+from training.stages.rerank.train import RerankTrainConfig, evaluate_lists, score_lists, unchanged_scores  # noqa: E402
+from training.stages.retrieval.train import model_scorer  # noqa: E402
 
 ML100K = f"movielens:{ROOT.parent / 'shared' / 'data' / 'ml-100k'}"
 LIST_COLS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5")

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from models.prm import PRM, PointwiseMLP, PointwiseMLPConfig, PRMConfig, RerankModel
-from training.export_rerank import INPUT_NAMES, export_rerank, random_lists, rerank_parity
+from training.publish.onnx.rerank import INPUT_NAMES, export_rerank, random_lists, rerank_parity
 from training.report import save_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"

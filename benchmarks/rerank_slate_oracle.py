@@ -5,7 +5,7 @@
 About 10 CPU-minutes on one thread with MLP-wide, 7.5 without (--no-wide); wall time is longer
 on a shared machine.
 
-Data: training.rerank.slate_oracle (one fixed value model, oracle_seed 0): the clicked item is
+Data: training.stages.rerank.train.slate_oracle (one fixed value model, oracle_seed 0): the clicked item is
 argmax_i <c, x_i> with c a fixed random function of [user ; mean, std, max of the list]. Each
 seed draws its own train / valid / test lists and model initialisation. Models see the same
 inputs: item features, PV = the user features, init_score = a noisy pointwise pre-rank score.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from models.prm import PRM, PointwiseMLP, PointwiseMLPConfig, PRMConfig, RerankModel
-from training.rerank import RerankTrainConfig, evaluate_lists, score_lists, slate_oracle, train_listwise, unchanged_scores
+from training.stages.rerank.train import RerankTrainConfig, evaluate_lists, score_lists, slate_oracle, train_listwise, unchanged_scores
 from training.report import save_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -7,7 +7,7 @@ MIND (K = 2, 4), under one leave-one-out split and one training budget per row.
 Every trained row gets the same budget (--epochs, early stopping with --patience on validation
 NDCG@10, optional --max-minutes), from scratch, seed --seed. Columns: HR@10/50,
 NDCG@10/50/100 with full ranking and the user's whole history removed, Coverage@10 (share of
-the catalog in some user's top 10), diversity@10 (training.diversity): embedding diversity of
+the catalog in some user's top 10), diversity@10 (training.eval.diversity): embedding diversity of
 the top-10 lists with the row's own item embeddings (`div_own`) and with one fixed reference
 table, the SASRec row's (`div_ref`, comparable across rows), category diversity (`div_cat`,
 the data set's first multi-valued item field, or --categories-from for a data set without
@@ -15,7 +15,7 @@ one, matched by external item id), training sequences/s (mean over epochs; a con
 on a shared machine).
 
 Served path (--served, default on): each trained row is exported to ONNX
-(training.export.export_retrieval, parity-checked), the test histories are encoded by ONNX
+(training.publish.onnx.retrieval.export_retrieval, parity-checked), the test histories are encoded by ONNX
 Runtime (1 thread), and the top 100 come from an exact FAISS index with max-fusion over the M
 user vectors and the history excluded (service.index.search_fused, what the service runs);
 `served NDCG@10` beside the offline one. --latency: encode-stage latency of each ONNX graph at
@@ -41,15 +41,15 @@ from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
 from service.index import search_fused
 from service.index_build import IndexSpec, build_index
-from training.baselines import LastItem, Popularity
+from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.diversity import category_diversity, embedding_diversity
-from training.encoders import RetrievalConfig, RetrievalModel
-from training.export import export_retrieval, retrieval_parity
-from training.metrics import Scorer, mask_seen, ranking_metrics, target_ranks
+from training.eval.diversity import category_diversity, embedding_diversity
+from training.stages.retrieval.encoders import RetrievalConfig, RetrievalModel
+from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
+from training.eval.metrics import Scorer, mask_seen, ranking_metrics, target_ranks
 from training.report import table, write_json
-from training.retrieval import RetrievalTrainConfig, describe, load_checkpoint, model_scorer, save_checkpoint, train_retrieval
+from training.stages.retrieval.train import RetrievalTrainConfig, describe, load_checkpoint, model_scorer, save_checkpoint, train_retrieval
 
 ROWS = ("popularity", "last-item", "sasrec", "ml-sasrec-M2", "hstu", "mind-K2", "mind-K4")
 COLUMNS = ("HR@10", "HR@50", "NDCG@10", "NDCG@50", "NDCG@100", "Coverage@10", "div_own@10", "div_ref@10",

@@ -21,9 +21,9 @@ import onnxruntime as ort
 import torch
 
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
-from training.export import export_retrieval, retrieval_parity
+from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 from training.report import table
-from training.retrieval import load_checkpoint
+from training.stages.retrieval.train import load_checkpoint
 
 
 def timings(fn, reps: int) -> tuple[float, float]:

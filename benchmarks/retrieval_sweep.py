@@ -3,7 +3,7 @@
     python benchmarks/retrieval_sweep.py --data movielens:../shared/data/ml-100k --out runs/sweep
 
 Trains each variant from scratch, or warm-starts the M >= 2 variants from a trained
-checkpoint with --init-from (training.retrieval.warm_start), or reuses runs/sweep/<variant>/result.json with --resume), evaluates on
+checkpoint with --init-from (training.stages.retrieval.train.warm_start), or reuses runs/sweep/<variant>/result.json with --resume), evaluates on
 the leave-one-out test split with full ranking and seen items removed, prints a table, and
 plots NDCG@K against K = 1..100 per variant (PNG).
 """
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from models.sasrec import SASRecConfig
-from training.baselines import LastItem, Popularity
+from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.metrics import KS, ranking_metrics, retrieval_ranks
+from training.eval.metrics import KS, ranking_metrics, retrieval_ranks
 from training.report import table, write_json
-from training.retrieval import (
+from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     describe,
     launcher_entropy,

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from models.sasrec import SASRecConfig
-from training.encoders import build_model
+from training.stages.retrieval.encoders import build_model
 from training.report import table
-from training.retrieval_losses import NegativeSampler, encoder_loss
+from training.stages.retrieval.losses import NegativeSampler, encoder_loss
 
 
 def main() -> int:

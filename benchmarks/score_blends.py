@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import torch
 
-from training import retrieval as rt
-from training.baselines import LastItem, Popularity
+from training.stages.retrieval import train as rt
+from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.metrics import mask_seen, ranking_metrics, target_ranks
+from training.eval.metrics import mask_seen, ranking_metrics, target_ranks
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.4)
 

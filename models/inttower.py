@@ -7,7 +7,7 @@ LightSE field re-weighting and fine-grained early interaction (FE-Block).
 
 The item side depends only on the item, so serving precomputes `item_heads` for the catalog
 and scores a candidate with (L * H * H * d) multiply-adds in NumPy. CIR (the contrastive
-regulariser over M_u^L, M_v^L) is a loss and lives in training/prerank.py.
+regulariser over M_u^L, M_v^L) is a loss and lives in training/stages/prerank/train.py.
 """
 
 from __future__ import annotations

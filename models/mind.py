@@ -20,7 +20,7 @@ contract has a fixed M.
 Training: label-aware attention (the paper's eq. 9) mixes the K interests with the target
 item e_y before the softmax: v_u = sum_k a_k v_k, a = softmax_k(p * <v_k, e_y>), i.e.
 pow(exp(<v_k, e_y>), p): p = 0 averages the interests, p -> inf takes the interest nearest the
-target. That loss lives in training.retrieval (label_aware_loss); this module returns the K
+target. That loss lives in training.stages.retrieval.train (label_aware_loss); this module returns the K
 interests at every position.
 
 Serving: the K interests are K user vectors, `encode_user(item_seq) -> (B, K, D)`; each goes

@@ -16,7 +16,7 @@ With `residual` the model starts from the order it is given: its logits are
     s_i = skip * score_i[0] + net(x)_i
 with the last layer of `net` zero-initialised and skip = 1, so the untrained re-ranker returns
 the pre-rank order exactly (z-scored scores are monotone in it) and training moves away from it
-only where that helps; early stopping scores that start too (training/rerank.py).
+only where that helps; early stopping scores that start too (training/stages/rerank/train.py).
 
 All models share one call signature, so one training loop and one export path serve them:
     forward(item_feats (B, L, F_item), pv (B, L, P), init_score (B, L) or (B, L, S), mask (B, L) bool)
@@ -26,7 +26,7 @@ softmax over a list stays defined), and never influence real positions. The init
 real candidate is the number of real candidates before it, so the pre-ranker's order is the
 input order and padding may sit anywhere (normally at the end).
 When pv_dim = 0 the `pv` argument is ignored whatever its width (export feeds a (B, L, 1) zero
-tensor, see training/export_rerank.py).
+tensor, see training/publish/onnx/rerank.py).
 """
 
 from __future__ import annotations

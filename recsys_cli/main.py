@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _training_error(exc: Exception) -> int | None:
     """The exit code of an expected training/ error (DataError 2, PublishError 1), else None."""
-    for module, name, code in (("training.data.dataset", "DataError", 2), ("training.versions", "PublishError", 1)):
+    for module, name, code in (("training.data.dataset", "DataError", 2), ("training.publish.versions", "PublishError", 1)):
         loaded = sys.modules.get(module)
         if loaded is not None and isinstance(exc, getattr(loaded, name)):
             return code

@@ -56,7 +56,7 @@ _ORT = ort.capi.onnxruntime_pybind11_state
 ORT_ERRORS: tuple[type[Exception], ...] = (_ORT.Fail, _ORT.InvalidProtobuf, _ORT.NoSuchFile, _ORT.InvalidArgument,
                                            _ORT.InvalidGraph, _ORT.RuntimeException, _ORT.NotImplemented)
 _SMOKE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
-# what a version (and so CURRENT) may be called; training/artifacts.py publishes only such names
+# what a version (and so CURRENT) may be called; training/publish/build.py publishes only such names
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 

@@ -1,6 +1,6 @@
 """The feature encoder shared by training and serving (NumPy only): raw fields -> model inputs.
 
-A tower's fitted spec (prerank_features.json, written by training/features.py) holds, per
+A tower's fitted spec (prerank_features.json, written by training/data/features.py) holds, per
 field, a code table (sparse and multi-valued fields) or a mean / std (dense fields).
 `TowerEncoder` turns raw columns into the (sparse, dense, multi) arrays the pre-rank towers
 read; training fits the spec and wraps these arrays in tensors, the service builds the raw
@@ -23,7 +23,7 @@ PAD, OOV = 0, 1
 HISTORY = "history"  # the user's most recent items before the scored row
 LAST_ITEM = "last_item"  # the most recent of them, alone: mean pooling would dilute it
 USER_LOG_COUNT = "user_log_count"
-# the retriever's view (cascade inputs, training/ranking_data.py): dense columns
+# the retriever's view (cascade inputs, training/stages/prerank/folds.py): dense columns
 # "retrieval_user:<j>" = the M user vectors flattened (M * D), "retrieval_item:<j>" = the item embedding (D)
 RETRIEVAL_USER, RETRIEVAL_ITEM = "retrieval_user", "retrieval_item"
 

@@ -1,5 +1,5 @@
 """The item-to-item recall route at request time (NumPy only). The table is built by
-training/item2item.py: neighbours (N + 1, R) int32 and scores (N + 1, R) float32 per item.
+training/stages/retrieval/item2item.py: neighbours (N + 1, R) int32 and scores (N + 1, R) float32 per item.
 
 Route score of item j for a history whose most recent items are h_0 (the last), h_1, ...:
 

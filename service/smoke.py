@@ -1,5 +1,5 @@
 """The one smoke check of a version, shared by `recsys export` / `reindex` / `rollback`
-(training/versions.py `smoke`), `recsys serve` and the service's hot swap (service/reloader.py).
+(training/publish/versions.py `smoke`), `recsys serve` and the service's hot swap (service/reloader.py).
 
 It does what serving does: load the folder with service.artifacts.load_version, build the
 `Recommender` (its pre-rank feature encoder included), then run one request per stage through

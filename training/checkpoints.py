@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from models.sasrec import MultiLauncherSASRec
-from training import prerank as pr
-from training import retrieval as rt
+from training.stages.prerank import train as pr
+from training.stages.retrieval import train as rt
 from training.data.dataset import DataError, Dataset
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.features import FeatureSpec
-from training.versions import PublishError
+from training.data.features import FeatureSpec
+from training.publish.versions import PublishError
 
 RERANK_CHECKPOINT = "prm.pt"
 RERANK_FILES = ("rerank.onnx", "rerank_items.npy", "rerank_manifest.json")
@@ -77,7 +77,7 @@ def load_sources(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | P
     src = Sources(data_spec, ds, LeaveOneOut(ds), ret_dir, pre_dir, re_dir, retrieval, payload, prerank, spec,
                   pre_ckpt)
     if re_dir is not None:
-        from training.rerankers import load_reranker
+        from training.stages.rerank.models import load_reranker
 
         path = re_dir / RERANK_CHECKPOINT
         src.rerank, src.rerank_ckpt = load_checked_checkpoint(load_reranker, path, path)
@@ -87,7 +87,7 @@ def load_sources(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | P
 
 def check_upstream(src: Sources) -> Any:
     """The pre-rank item heads (and re-rank item features) that training exported come from these
-    checkpoints. Returns the training.impressions.Pipeline that recomputed them.
+    checkpoints. Returns the training.stages.rerank.impressions.Pipeline that recomputed them.
 
     Recomputed as Pipeline does; only for the next-item pre-ranker, whose catalog features need
     no labels (a CTR pre-ranker cannot feed the re-ranker anyway): None for a CTR pre-ranker.
@@ -97,7 +97,7 @@ def check_upstream(src: Sources) -> Any:
             raise PublishError(f"{src.pre_dir}: the re-ranker needs a next-item pre-ranker, "
                                f"this one was trained on {src.pre_ckpt['objective']!r}")
         return None
-    from training.impressions import Pipeline
+    from training.stages.rerank.impressions import Pipeline
 
     pipe = Pipeline.from_models(src.ds, src.loo, src.retrieval, src.prerank, src.spec, src.pre_ckpt, src.pre_dir)
     heads, want = np.load(src.pre_dir / pr.ITEMS_NPY), pipe.item_heads.numpy()

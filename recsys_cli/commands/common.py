@@ -25,8 +25,8 @@ def quiet_onnx_exporter() -> None:
 
 
 def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:
-    """--upstream / --window: where a ranker's training lists come from (training/ranking_data.py)."""
+    """--upstream / --window: where a ranker's training lists come from (training/stages/prerank/folds.py)."""
     p.add_argument("--upstream", metavar="DIR",
                    help="the retriever trained with --holdout H that makes the training lists (out of sample, "
-                        "training/ranking_data.py); default: --retrieval (in-sample lists)")
+                        "training/stages/prerank/folds.py); default: --retrieval (in-sample lists)")
     p.add_argument("--window", type=int, default=None, metavar="H", help=window_help)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from recsys_cli.commands.common import add_data_arg
-from training.baselines import BASELINES
+from training.eval.baselines import BASELINES
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.report import table, timed
@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
     from models.sasrec import SASRecConfig
     from recsys_cli.main import main as cli
-    from training.metrics import evaluate_retrieval
-    from training.retrieval import (
+    from training.eval.metrics import evaluate_retrieval
+    from training.stages.retrieval.train import (
         RetrievalTrainConfig,
         evaluate_model,
         save_checkpoint,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         for name, cls in BASELINES.items():
             rows[name] = evaluate_retrieval(cls(split, "test"), split, "test", progress=False)
     cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers)
-    # the ranking fold (training/ranking_data.py): an upstream retriever without each user's last
+    # the ranking fold (training/stages/prerank/folds.py): an upstream retriever without each user's last
     # --holdout training items makes the rankers' lists; the served one is it continued on everything
     fold = RetrievalTrainConfig(epochs=100, lr=2e-3, patience=5, max_minutes=0.6 * args.minutes)
     with timed("train retrieval (ranking fold)", timings):

@@ -24,8 +24,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
-    from training.diagnostics import diagnose
-    from training.retrieval import load_checkpoint
+    from training.eval.diagnostics import diagnose
+    from training.stages.retrieval.train import load_checkpoint
 
     timings: dict[str, float] = {}
     model, payload = load_checkpoint(args.checkpoint)

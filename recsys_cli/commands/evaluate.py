@@ -2,7 +2,7 @@
 published version serves (`--artifacts`).
 
 --artifacts DIR replays leave-one-out users through the service's own pipeline
-(training/served_eval.py) once per served cut: retrieval alone, + pre-rank, + re-rank. One row
+(training/eval/served_eval.py) once per served cut: retrieval alone, + pre-rank, + re-rank. One row
 per cut on stdout (* = the cuts the version serves by default); --json FILE writes
 {"version", "data", "split", "cuts": {"retrieval": {...}, "prerank": {...}, "rerank": {...}}}.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from recsys_cli.errors import UsageError
-from training.baselines import BASELINES
+from training.eval.baselines import BASELINES
 from training.data.dataset import DataError
 from training.data.sources import SOURCES, load
 from training.data.splits import LeaveOneOut
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} needs --artifacts")
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
-    from training.metrics import KS, evaluate_retrieval
+    from training.eval.metrics import KS, evaluate_retrieval
 
     args.data = args.data or "synthetic"
     model = args.model or "popularity"
@@ -91,7 +91,7 @@ def run_served(args: argparse.Namespace) -> int:
     """--artifacts: the served-cut table of one published version."""
     from service.artifacts import ArtifactError, current_version, load_version
     from service.pipeline import served_stages
-    from training import served_eval as se
+    from training.eval import served_eval as se
 
     if args.model is not None or args.keep_seen:
         raise UsageError("--model / --keep-seen evaluate a baseline; drop them with --artifacts")

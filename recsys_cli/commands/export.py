@@ -2,7 +2,7 @@
 
 Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, index.faiss,
 prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
-through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/artifacts.py.
+through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/publish/build.py.
 Before that, the stage gate replays validation users through every served cut and switches
 off (or, with --require-all-stages, refuses) a stage that makes the served list worse.
 """
@@ -20,7 +20,7 @@ from training.report import timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.gates import DEFAULT_MAX_REGRESSION
+    from training.publish.gates import DEFAULT_MAX_REGRESSION
 
     p = sub.add_parser("export", help="publish checkpoints as an artifact version (ONNX, index, catalog)")
     add_data_arg(p, default=None)
@@ -37,9 +37,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_index_args(p)
     add_stage_gate_args(p)
     p.add_argument("--item2item", action="store_true",
-                   help="publish the item-to-item recall route (training/item2item.py) with the version")
+                   help="publish the item-to-item recall route (training/stages/retrieval/item2item.py) with the version")
     p.add_argument("--i2i-window", type=int, default=None, metavar="W", help="following items counted (default "
-                   "from training/item2item.py)")
+                   "from training/stages/retrieval/item2item.py)")
     p.add_argument("--i2i-alpha", type=float, default=None, metavar="A", help="popularity exponent of the follower")
     p.add_argument("--i2i-neighbours", type=int, default=None, metavar="R", help="neighbours kept per item")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -49,8 +49,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from training.publisher import Publisher
-    from training.versions import PublishError, read_current
+    from training.publish.publisher import Publisher
+    from training.publish.versions import PublishError, read_current
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
     """--index / --nlist / --nprobe / --min-recall, shared by export and reindex (see _index_spec)."""
-    from training.artifacts import DEFAULT_MIN_RECALL
+    from training.publish.build import DEFAULT_MIN_RECALL
 
     p.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
                    help="index kind (default auto: exact up to 50k items, IVF-Flat beyond)")
@@ -100,7 +100,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
 
 def add_stage_gate_args(p: argparse.ArgumentParser) -> None:
     """--stage-tolerance / --require-all-stages / --gate-users, shared by export and reindex."""
-    from training.served_eval import DEFAULT_STAGE_TOLERANCE, GATE_USERS
+    from training.eval.served_eval import DEFAULT_STAGE_TOLERANCE, GATE_USERS
 
     p.add_argument("--stage-tolerance", type=float, default=DEFAULT_STAGE_TOLERANCE, metavar="T",
                    help="a stage whose served cut's NDCG@10 (validation users) is more than T below the previous "
@@ -115,7 +115,7 @@ def serving_gate(args: argparse.Namespace) -> Any:
     """The ServingGate the flags of add_stage_gate_args ask for (UsageError on a bad value)."""
     import math
 
-    from training.served_eval import ServingGate
+    from training.eval.served_eval import ServingGate
 
     tol = args.stage_tolerance
     try:
@@ -172,7 +172,7 @@ def summary(m: dict[str, Any]) -> str:
 
 def _item2item(args: argparse.Namespace) -> Any:
     """--item2item and its settings -> an Item2ItemConfig, or None (no route)."""
-    from training.item2item import Item2ItemConfig
+    from training.stages.retrieval.item2item import Item2ItemConfig
 
     given = {k: v for k, v in (("window", args.i2i_window), ("alpha", args.i2i_alpha),
                                ("neighbours", args.i2i_neighbours)) if v is not None}

@@ -2,7 +2,7 @@
 
 Recomputes item embeddings (cold start for items without a trained row), pre-rank item heads
 and re-rank item features from the live version's checkpoints, re-exports retrieval.onnx,
-builds the index, runs the gate and keeps the newest --keep versions; see training/reindex.py.
+builds the index, runs the gate and keeps the newest --keep versions; see training/publish/reindex.py.
 Step lines (`[step] 1.23s`) go to stderr, the summary to stdout. Exit 0 published, 1 a check
 failed (CURRENT unchanged, the reason on stderr), 2 a usage or data error.
 """
@@ -22,8 +22,8 @@ from training.report import timed
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from recsys_cli.commands.export import add_index_args, add_stage_gate_args
-    from training.gates import DEFAULT_MAX_REGRESSION
-    from training.versions import DEFAULT_KEEP
+    from training.publish.gates import DEFAULT_MAX_REGRESSION
+    from training.publish.versions import DEFAULT_KEEP
 
     p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
@@ -53,8 +53,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     from recsys_cli.commands.export import _index_spec, serving_gate, summary
-    from training.versions import PublishError, read_current
-    from training.reindex import ReindexConfig, reindex
+    from training.publish.versions import PublishError, read_current
+    from training.publish.reindex import ReindexConfig, reindex
 
     quiet_onnx_exporter()
     try:

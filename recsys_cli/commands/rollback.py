@@ -24,8 +24,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.publisher import Publisher
-    from training.versions import PublishError
+    from training.publish.publisher import Publisher
+    from training.publish.versions import PublishError
 
     if not os.path.isdir(args.artifacts):
         raise UsageError(f"--artifacts {args.artifacts}: not a folder")

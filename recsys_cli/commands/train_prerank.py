@@ -24,7 +24,7 @@ from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.prerank import MODELS, TrainConfig
+    from training.stages.prerank.train import MODELS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("prerank", help="train a pre-ranker (two-tower, IntTower, DCN-v2) and export it")
@@ -72,9 +72,9 @@ def _hidden(text: str | None) -> tuple[int, ...] | None:
 
 
 def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
-    """training.prerank_data.Retrievers from --retrieval / --upstream, both checked against the data."""
-    from training.prerank_data import Retrievers
-    from training.retrieval import load_checkpoint
+    """training.stages.prerank.data.Retrievers from --retrieval / --upstream, both checked against the data."""
+    from training.stages.prerank.data import Retrievers
+    from training.stages.retrieval.train import load_checkpoint
 
     loaded = []
     for flag, path in (("--retrieval", args.retrieval), ("--upstream", args.upstream or args.retrieval)):
@@ -96,10 +96,10 @@ def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training import prerank as pr
-    from training.export_prerank import export_prerank
-    from training.prerank_data import build_ctr_data, build_next_item_data, retrieval_prior
-    from training.baselines import LastItem
+    from training.stages.prerank import train as pr
+    from training.publish.onnx.prerank import export_prerank
+    from training.stages.prerank.data import build_ctr_data, build_next_item_data, retrieval_prior
+    from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
 
     if args.threads < 1:

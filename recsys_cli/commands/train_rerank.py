@@ -1,7 +1,7 @@
 """`recsys train rerank`: PRM, PRM-BASE and a pointwise MLP on impressions from the real pipeline.
 
 The lists come from the trained retrieval (--retrieval) and next-item pre-rank (--prerank)
-checkpoints (training/impressions.py: pre-rank top-N of the retrieval top-C, clicks = items
+checkpoints (training/stages/rerank/impressions.py: pre-rank top-N of the retrieval top-C, clicks = items
 met within the next T training steps). Each re-ranker is trained listwise with early stopping
 on the lists the service would re-rank for the leave-one-out validation users (their next item
 is the label); reported: test-list NDCG / MAP / P before and after re-ranking, and the
@@ -39,9 +39,9 @@ ORDER_NAMES = {"before": "before (pre-rank order)", "prm": "PRM", "prm_base": "P
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.impressions import ImpressionConfig
-    from training.rerankers import RerankerHParams
-    from training.rerank import RerankTrainConfig
+    from training.stages.rerank.impressions import ImpressionConfig
+    from training.stages.rerank.models import RerankerHParams
+    from training.stages.rerank.train import RerankTrainConfig
 
     d, h, t = ImpressionConfig(), RerankerHParams(), RerankTrainConfig()
     p = sub.add_parser("rerank", help="train PRM / PRM-BASE / MLP re-rankers on pipeline impressions")
@@ -78,9 +78,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from training.impressions import ImpressionConfig
-    from training.rerankers import RerankerHParams
-    from training.rerank import RerankTrainConfig
+    from training.stages.rerank.impressions import ImpressionConfig
+    from training.stages.rerank.models import RerankerHParams
+    from training.stages.rerank.train import RerankTrainConfig
 
     try:
         imp = ImpressionConfig(list_len=args.list_len, candidates=args.candidates, horizon=args.horizon,
@@ -91,7 +91,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         train = RerankTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, patience=args.patience, seed=args.seed)
         # the model configs validate d_model / heads / dropout
-        from training.rerankers import reranker_config
+        from training.stages.rerank.models import reranker_config
 
         for name in ("prm", "mlp"):
             reranker_config(name, 1, 1, imp.list_len, hp)
@@ -106,16 +106,16 @@ def _check_dir(flag: str, path: str, marker: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training import impressions as im
-    from training import rerankers as rr
+    from training.stages.rerank import impressions as im
+    from training.stages.rerank import models as rr
     from training.data.sources import load
     from training.data.splits import LeaveOneOut
-    from training.export_rerank import export_rerank, rerank_parity
-    from training.metrics import evaluate_retrieval
-    from training.prerank import CHECKPOINT as PRERANK_CKPT
-    from training.rerank import evaluate_lists, score_lists, unchanged_scores
-    from training.retrieval import CHECKPOINT as RETRIEVAL_CKPT
-    from training.retrieval import load_checkpoint, model_scorer
+    from training.publish.onnx.rerank import export_rerank, rerank_parity
+    from training.eval.metrics import evaluate_retrieval
+    from training.stages.prerank.train import CHECKPOINT as PRERANK_CKPT
+    from training.stages.rerank.train import evaluate_lists, score_lists, unchanged_scores
+    from training.stages.retrieval.train import CHECKPOINT as RETRIEVAL_CKPT
+    from training.stages.retrieval.train import load_checkpoint, model_scorer
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -218,7 +218,7 @@ def _real_list_parity(model: Any, path: Path, data: Any, n: int = 256) -> float:
     """Max |ONNX - eager| over the real entries of the first n test lists (checked as rerank_parity does)."""
     import onnxruntime as ort
 
-    from training.export_rerank import OUTPUT_NAME, PARITY_ATOL, PARITY_RTOL, pv_width
+    from training.publish.onnx.rerank import OUTPUT_NAME, PARITY_ATOL, PARITY_RTOL, pv_width
 
     part = data.take(slice(0, n))
     pv = part.pv if model.config.pv_dim else np.zeros((*part.mask.shape, pv_width(model)), np.float32)

@@ -15,10 +15,10 @@ from recsys_cli.errors import UsageError
 from training import distributed
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.encoders import ENCODERS, RetrievalConfig
+from training.stages.retrieval.encoders import ENCODERS, RetrievalConfig
 from training.report import result, table, timed, write_json
-from training.retrieval_losses import SAMPLERS
-from training.retrieval import (
+from training.stages.retrieval.losses import SAMPLERS
+from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     describe,
     evaluate_model,
@@ -76,7 +76,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument(
         "--holdout", type=int, default=0, metavar="H",
         help="ranking fold: leave each user's last H training items out, so the pre-ranker and re-ranker "
-        "can learn on lists this model did not train on (training/ranking_data.py); the served retriever "
+        "can learn on lists this model did not train on (training/stages/prerank/folds.py); the served retriever "
         "is then this one continued on all the data with --init-from (default: 0)",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ from service.notify import notify_version
 from tests.e2e.test_serve import wait_ready
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
-from training.versions import set_current
+from training.publish.versions import set_current
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import torch
 
 from models.hstu import HSTU, HSTUConfig
 from models.mind import MIND, MINDConfig, squash
-from training.export import export_retrieval, retrieval_parity
+from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 
 
 def make(kind: str, **kw: object) -> HSTU | MIND:
@@ -112,7 +112,7 @@ def test_bad_config_names_the_value(cls: type, kwargs: dict, message: str) -> No
 
 @pytest.mark.parametrize("kind", ["hstu", "mind"])
 def test_onnx_parity(kind: str, tmp_path: Path) -> None:
-    """ONNX Runtime vs eager within training.export's PARITY_ATOL/RTOL (retrieval_parity raises)."""
+    """ONNX Runtime vs eager within training.publish.onnx.retrieval's PARITY_ATOL/RTOL (retrieval_parity raises)."""
     model = make(kind)
     with torch.no_grad():  # away from the init so a wrong graph cannot hide behind near-zero outputs
         for p in model.parameters():

@@ -1,7 +1,7 @@
 """HTTP API (service/main.py + service/api/) with TestClient over a tiny published version.
 
 The version is published once per module from random-init checkpoints on a small synthetic
-set (tests/training/test_artifacts.py builds them); the tests check the API contract (items
+set (tests/training/publish/test_build.py builds them); the tests check the API contract (items
 from the catalog, filters, fallbacks, validation, auth), not model quality.
 """
 
@@ -42,8 +42,8 @@ API_KEY = "test-key"
 def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from tests.training.test_artifacts import make_checkpoints
-    from training.publisher import publish
+    from tests.training.publish.test_build import make_checkpoints
+    from training.publish.publisher import publish
 
     torch.set_num_threads(1)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
@@ -610,7 +610,7 @@ def _wait_version(c: TestClient, want: str, timeout_s: float = 10.0) -> None:
 
 
 def test_polling_picks_up_a_new_current(swap_root: Path, catalog: list[str]) -> None:
-    from training.versions import set_current
+    from training.publish.versions import set_current
 
     with TestClient(_app(swap_root, reload_poll_s=0.1)) as c:
         assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v1"
@@ -622,7 +622,7 @@ def test_polling_picks_up_a_new_current(swap_root: Path, catalog: list[str]) -> 
 
 def test_pubsub_notice_swaps_without_polling(swap_root: Path, redis_url: str) -> None:
     from service.notify import notify_version
-    from training.versions import set_current
+    from training.publish.versions import set_current
 
     with TestClient(_app(swap_root, reload_poll_s=0, redis_url=redis_url)) as c:
         deadline = time.monotonic() + 5

@@ -60,7 +60,7 @@ def test_user_features_of_a_request() -> None:
 
 
 def test_training_encodes_with_the_same_encoder() -> None:
-    from training.features import FeatureSpec
+    from training.data.features import FeatureSpec
 
     spec = FeatureSpec.from_dict(SPEC)
     hist = np.array([1, 2, 3])

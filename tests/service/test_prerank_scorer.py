@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from service.prerank import score_candidates, top_n
-from training import prerank as pr
-from training.export_prerank import export_prerank
-from training.prerank_data import build_ctr_data
+from training.stages.prerank import train as pr
+from training.publish.onnx.prerank import export_prerank
+from training.stages.prerank.data import build_ctr_data
 from training.data.sources import load
 from training.data.splits import CTRSplit
 

@@ -24,7 +24,7 @@ from service.main import create_app
 from service.notify import notify_version
 from service.smoke import load_checked
 from tests.service.test_api import API_KEY, artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
-from training.versions import set_current
+from training.publish.versions import set_current
 
 
 def _truncate_catalog(folder: Path) -> None:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from training import distributed
-from training.baselines import Popularity
+from training.eval.baselines import Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.metrics import evaluate_retrieval
-from training.retrieval import (
+from training.eval.metrics import evaluate_retrieval
+from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     _training_pairs,
     evaluate_model,

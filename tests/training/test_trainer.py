@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.catalog_growth import unchanged_rows
+from training.publish.item_side import unchanged_rows
 from training.trainer import Bar, StepResult, fit
 
 

@@ -21,7 +21,7 @@ Split = Literal["valid", "test"]
 
 @dataclass
 class LeaveOneOut:
-    """`holdout` H > 0 is the ranking fold (training/ranking_data.py): each user's last H
+    """`holdout` H > 0 is the ranking fold (training/stages/prerank/folds.py): each user's last H
     training items are left out of the training part too (a user keeps at least one), so a
     model fitted on this split never saw them; validation and test targets are unchanged."""
 

@@ -1,0 +1,261 @@
+"""Offline evaluation of exactly what is served (DESIGN §3): `recsys evaluate --artifacts` and
+the publish gate.
+
+Leave-one-out users are replayed through `service.pipeline.Recommender` over a
+`service.artifacts.LoadedVersion`: the ONNX Runtime + FAISS + NumPy code and the settings
+(`retrieval_k`, `prerank_n`, defaults of service/core/config.py) that `/v1/recommend` runs. One
+Recommender per served cut: retrieval alone, + pre-rank, + re-rank (where the version has one).
+
+Per user: the request history is every interaction before the target (`test`: the validation
+item included; `valid`: before the validation item), as external ids `ds.item_ids[i]`, which
+the version's catalog maps back; the whole history is removed from the results, as the service
+does. No filters, no request timeout (a timed-out stage would measure the machine, not the
+model). The target's rank in the returned top-50 gives HR / NDCG@10/20/50 (a target outside it
+is a miss); Coverage@10 = distinct items in the top-10 lists / catalog size; Diversity@10 = mean
+pairwise cosine distance of the version's item vectors (items.npy) within each top-10, and
+GenreDiversity@10 the genre Jaccard distance where the catalog has a multi-valued genre feature
+(training/eval/diversity.py); p50_ms = median of the pipeline's own `timings_ms["total"]` per request.
+The retrieval cut also reports CandidateRecall: the share of users whose target is in the
+candidate set the pre-ranker sees (FAISS's top retrieval_k and the item-to-item route's items),
+and CandidateRecall_faiss for FAISS's alone (equal for a version without the route).
+
+The gate (`choose_stages`) keeps a stage only while its cut's NDCG@10 is not worse than the
+previous served cut's by more than a tolerance; a version serves a prefix of STAGES, so a
+switched-off pre-rank switches off the re-rank too. Nothing here imports torch (the metrics of
+training/eval/metrics.py are NumPy; only its evaluate_retrieval imports torch, when called).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from service.artifacts import LoadedVersion
+from service.core.config import Settings
+from service.pipeline import STAGES, Recommender
+from training.data.dataset import DataError, Dataset
+from training.data.splits import LeaveOneOut, Split
+from training.eval.diversity import category_diversity, embedding_diversity
+from training.eval.metrics import ranking_metrics
+from training.report import table
+
+KS = (10, 20, 50)
+TOP = max(KS)  # results asked for per request
+COVERAGE_K = 10
+METRIC = "NDCG@10"  # what the gate compares
+COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50", "Coverage@10", "Diversity@10")
+RETRIEVAL_K = int(Settings.model_fields["retrieval_k"].default)
+PRERANK_N = int(Settings.model_fields["prerank_n"].default)
+# Validation users the publish gate replays (seeded sample beyond that): ~1000 requests per cut
+# take seconds, and the standard error of NDCG@10 is then ~0.006-0.012 (ml-100k, synthetic).
+GATE_USERS = 1000
+# Default tolerance of the stage gate: a later cut may be at most this much (absolute NDCG@10)
+# below the previous served cut. Over GATE_USERS validation users one cut's NDCG@10 has a
+# standard error of 0.006-0.008 (measured: 0.0064 at NDCG 0.07 on the synthetic demo, 0.0083
+# at 0.12 on ml-100k's 943 users) and the paired difference of two cuts 0.0045-0.0077, so 0.01
+# is one to two standard errors, the same size as the live-version check
+# (training.publish.gates.DEFAULT_MAX_REGRESSION): a stage that costs more than noise is switched
+# off, one within noise keeps serving. The manifest records each difference's paired SE.
+DEFAULT_STAGE_TOLERANCE = 0.01
+_MISS = np.iinfo(np.int64).max // 4  # rank of a target outside the returned list
+
+
+@dataclass(frozen=True)
+class ServingGate:
+    """The publish gate on the served path (`recsys export` / `recsys reindex`).
+
+    tolerance: largest NDCG@10 drop of a cut against the previous served cut before its stage
+    is switched off; None measures and records without switching anything off.
+    require_all_stages: a switched-off stage refuses the version instead (PublishError).
+    users: validation users replayed (a sample seeded with `seed` when there are more).
+    """
+
+    tolerance: float | None = DEFAULT_STAGE_TOLERANCE
+    require_all_stages: bool = False
+    users: int = GATE_USERS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tolerance is not None and not self.tolerance >= 0:
+            raise ValueError(f"stage tolerance must be >= 0 or None (no stage gate), got {self.tolerance}")
+        if self.users < 1:
+            raise ValueError(f"gate users must be >= 1, got {self.users}")
+
+
+def version_cuts(version: LoadedVersion) -> list[tuple[str, ...]]:
+    """The cuts a version can serve: ("retrieval",), ("retrieval", "prerank")[, all three]."""
+    last = len(STAGES) if version.rerank is not None else len(STAGES) - 1
+    return [STAGES[:i] for i in range(1, last + 1)]
+
+
+def check_data(version: LoadedVersion, ds: Dataset) -> None:
+    """DataError unless `ds` is the data set the version was built on (same fingerprint)."""
+    want = version.manifest.get("data", {}).get("fingerprint")
+    if want != ds.fingerprint:
+        raise DataError(f"version {version.version} was built on data with fingerprint {want} "
+                        f"({version.manifest.get('data', {}).get('spec')}), {ds.name} has {ds.fingerprint}")
+
+
+def select_users(loo: LeaveOneOut, n: int | None, seed: int = 0) -> np.ndarray:
+    """Positions into loo.eval_users: all of them, or a seeded sample of n (sorted)."""
+    total = int(loo.eval_users.size)
+    if n is None or n >= total:
+        return np.arange(total)
+    if n < 1:
+        raise ValueError(f"users must be >= 1, got {n}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+@dataclass(frozen=True)
+class ServedEval:
+    """Per cut ("retrieval", "prerank", "rerank"): the metrics, and each user's NDCG@10 (U,)
+    (for paired comparisons between cuts)."""
+
+    split: Split
+    users: int
+    cuts: dict[str, dict[str, float]]
+    ndcg: dict[str, np.ndarray]
+
+    def paired_se(self, cut: str, previous: str) -> float:
+        """Standard error of mean(NDCG@10[cut] - NDCG@10[previous]) over the same users."""
+        d = self.ndcg[cut] - self.ndcg[previous]
+        return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+
+
+def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None = None, split: Split = "test",
+                    users: np.ndarray | None = None, cuts: Sequence[tuple[str, ...]] | None = None,
+                    retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N,
+                    progress: bool = True, item2item: bool = True) -> ServedEval:
+    """Replay leave-one-out users (positions into loo.eval_users; default all) through the
+    served pipeline, once per cut (default: every cut the version has). DataError when `ds`
+    is not the version's data set. item2item=False serves without the item-to-item route."""
+    check_data(version, ds)
+    loo = LeaveOneOut(ds) if loo is None else loo
+    sel = np.arange(loo.eval_users.size) if users is None else np.asarray(users, np.int64)
+    recs = {c[-1]: Recommender(version, retrieval_k=retrieval_k, prerank_n=prerank_n, stages=c, item2item=item2item)
+            for c in (version_cuts(version) if cuts is None else cuts)}
+    starts = ds.offsets[loo.eval_users[sel]]
+    ends = loo.history_end(split)[sel]
+    targets = [str(x) for x in ds.item_ids[loo.targets(split)[sel]].tolist()]
+    ids = ds.item_ids.astype(str)
+    ranks = {name: np.full(sel.size, _MISS, np.int64) for name in recs}
+    ms = {name: np.empty(sel.size) for name in recs}
+    shown = {name: np.zeros(version.num_items + 1, bool) for name in recs}
+    top10 = {name: np.zeros((sel.size, COVERAGE_K), np.int64) for name in recs}  # (U, 10), 0 = padding
+    faiss_only = Recommender(version, retrieval_k=retrieval_k, stages=STAGES[:1], item2item=False)
+    in_cands = np.zeros((2, sel.size), bool)  # target in the merged / FAISS-only candidate set
+    failed = dict.fromkeys(recs, 0)
+    for u in tqdm(range(sel.size), desc=f"served eval ({split})", unit="user", disable=not progress, leave=False):
+        history = ids[ds.items[starts[u]:ends[u]]].tolist()
+        for name, rec in recs.items():
+            res = rec.recommend(history, k=TOP, explain=False)
+            got = [it.item_id for it in res.items]
+            if targets[u] in got:
+                ranks[name][u] = got.index(targets[u])
+            shown[name][[version.id_to_index[i] for i in got[:COVERAGE_K]]] = True
+            top10[name][u, : min(COVERAGE_K, len(got))] = [version.id_to_index[i] for i in got[:COVERAGE_K]]
+            ms[name][u] = res.timings_ms["total"]
+            failed[name] += "_failed" in res.served_by
+        target = version.id_to_index.get(targets[u], -1)
+        in_cands[:, u] = [target in rec.candidates(history) for rec in (next(iter(recs.values())), faiss_only)]
+    vectors = np.vstack([np.zeros((1, version.items.shape[1]), np.float32), version.items])  # (N + 1, D)
+    genre = next((k for k in version.item_features if k.startswith("multi:genre")), None)
+    out: dict[str, dict[str, float]] = {}
+    ndcg: dict[str, np.ndarray] = {}
+    for name in recs:
+        m = ranking_metrics(ranks[name], KS)
+        m.pop("MRR")  # over a top-50 list, not the full ranking: left out rather than misread
+        m[f"Coverage@{COVERAGE_K}"] = float(shown[name][1:].sum() / version.num_items)
+        m[f"Diversity@{COVERAGE_K}"] = embedding_diversity(top10[name], vectors)
+        if genre is not None:
+            m[f"GenreDiversity@{COVERAGE_K}"] = category_diversity(top10[name], version.item_features[genre])
+        if name == STAGES[0]:
+            m["CandidateRecall"], m["CandidateRecall_faiss"] = (float(x) for x in in_cands.mean(axis=1))
+        m["users"] = int(sel.size)
+        m["p50_ms"] = float(np.median(ms[name])) if sel.size else 0.0
+        m["failed"] = failed[name]  # requests where a stage raised and the previous order was served
+        out[name] = m
+        hit = ranks[name] < 10
+        ndcg[name] = np.where(hit, 1.0 / np.log2(np.minimum(ranks[name], 10) + 2.0), 0.0)
+    return ServedEval(split, int(sel.size), out, ndcg)
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """What the gate decided: the stages to serve, those switched off and why."""
+
+    stages: list[str]
+    switched_off: list[str]
+    reason: str | None
+
+
+def choose_stages(ev: ServedEval, tolerance: float | None) -> StageChoice:
+    """Keep each later cut while its NDCG@10 >= the previous served cut's - tolerance and none
+    of its requests fell back to the previous order; the stages served are a prefix of STAGES
+    (no re-rank without pre-rank). tolerance None = keep all."""
+    stages, off, why = [STAGES[0]], [], []
+    for name in STAGES[1:]:
+        if name not in ev.cuts:
+            continue
+        prev = stages[-1]
+        if off:
+            off.append(name)
+            why.append(f"{name} needs {STAGES[STAGES.index(name) - 1]}")
+            continue
+        after, before = ev.cuts[name][METRIC], ev.cuts[prev][METRIC]
+        failed = int(ev.cuts[name].get("failed", 0))
+        if tolerance is not None and failed:
+            off.append(name)
+            why.append(f"{name} failed on {failed} of {ev.users} requests (served the previous order)")
+        elif tolerance is not None and after < before - tolerance:
+            off.append(name)
+            why.append(f"{name} {METRIC} {after:.4f} < {prev} {before:.4f} - tolerance {tolerance} "
+                       f"(paired SE {ev.paired_se(name, prev):.4f}, {ev.users} {ev.split} users)")
+        else:
+            stages.append(name)
+    return StageChoice(stages, off, "; ".join(why) or None)
+
+
+def serving_block(ev: ServedEval, choice: StageChoice, tolerance: float | None, seed: int,
+                  retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N) -> dict[str, Any]:
+    """The manifest's `serving` entry."""
+    names = list(ev.cuts)
+    deltas = {b: {"vs": a, METRIC: ev.cuts[b][METRIC] - ev.cuts[a][METRIC], "paired_se": ev.paired_se(b, a)}
+              for a, b in zip(names, names[1:])}
+    return {"split": ev.split, "users": ev.users, "seed": seed, "metric": METRIC, "tolerance": tolerance,
+            "settings": {"retrieval_k": retrieval_k, "prerank_n": prerank_n}, "cuts": ev.cuts, "deltas": deltas,
+            "stages": choice.stages, "switched_off": choice.switched_off, "reason": choice.reason}
+
+
+def served_metric(manifest: dict[str, Any]) -> float | None:
+    """NDCG@10 of the last served cut recorded in a manifest's serving block (None without one)."""
+    serving = manifest.get("serving") or {}
+    stages, cuts = serving.get("stages") or [], serving.get("cuts") or {}
+    return cuts.get(stages[-1], {}).get(METRIC) if stages else None
+
+
+def cut_table(cuts: dict[str, dict[str, float]], columns: Iterable[str] = COLUMNS,
+              served: Sequence[str] | None = None) -> str:
+    """One row per cut; `*` marks the last stage of `served` (what is served by default)."""
+    labels = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
+    rows = {}
+    for name, m in cuts.items():
+        mark = " *" if served is not None and name == served[-1] else ""
+        rows[labels.get(name, name) + mark] = m
+    return table(rows, tuple(columns) + ("p50_ms",))
+
+
+
+def candidate_line(cuts: dict[str, dict[str, float]]) -> str:
+    """One line: recall of the candidate set the pre-ranker sees, merged and FAISS alone."""
+    r = cuts.get(STAGES[0], {})
+    if "CandidateRecall" not in r:
+        return "candidate recall: -"
+    extra = "; genre diversity@10 per cut: " + ", ".join(
+        f"{name} {m['GenreDiversity@10']:.4f}" for name, m in cuts.items() if "GenreDiversity@10" in m)
+    return (f"candidate recall (target in the set the pre-ranker sees): {r['CandidateRecall']:.4f} "
+            f"(FAISS alone {r['CandidateRecall_faiss']:.4f})" + (extra if "GenreDiversity@10" in r else ""))

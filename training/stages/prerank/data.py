@@ -1,0 +1,278 @@
+"""Pre-ranking data: the encoded rows of the two objectives (training/stages/prerank/train.py).
+
+- `ctr` (build_ctr_data): explicit ratings, label = rating > 3, rating 3 dropped, per-user
+  temporal split (CTRSplit); features fitted on the training rows only.
+- `next-item` (build_next_item_data): each training position's next item is the positive; its
+  hard negatives are the retrieval candidates of its history; evaluation lists are the
+  retrieval top-C of each leave-one-out user. With `Retrievers` the lists come from the ranking
+  fold (training/stages/prerank/folds.py) and carry the cascade inputs (the retriever's scores,
+  launchers and vectors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.cascade import RetrievalPrior, RetrievalPriorConfig
+from models.sasrec import MultiLauncherSASRec
+from training.data.dataset import DataError, Dataset
+from training.stages.retrieval.encoders import served_vectors
+from training.data.splits import CTRSplit, LeaveOneOut, Split, pad_left
+from training.data.features import (
+    RETRIEVAL_ITEM,
+    RETRIEVAL_USER,
+    EncodedFields,
+    FeatureSpec,
+    declare_features,
+    fit_spec,
+    item_columns,
+    label_aggregates,
+    recent_histories,
+    retrieval_columns,
+    user_columns,
+)
+from training.eval.metrics import Scorer, mask_seen
+from training.stages.prerank.folds import prerank_rows
+from training.stages.retrieval.train import FusedTop, fused_top
+
+
+@dataclass
+class PairRows:
+    """Aligned (user, item, label) rows for the CTR objective."""
+
+    user: EncodedFields
+    item: EncodedFields
+    items: np.ndarray  # (E,) item index of each row
+    labels: np.ndarray  # (E,) float32
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class CTRData:
+    spec: FeatureSpec
+    train: PairRows
+    valid: PairRows
+    test: PairRows
+    catalog: EncodedFields  # (N + 1,) item rows with training aggregates, for export
+
+
+def build_ctr_data(ds: Dataset, split: CTRSplit, history_len: int = 50) -> CTRData:
+    """Encode the CTR split; the spec (vocabularies, statistics, aggregates) sees train rows only."""
+    decl = declare_features(ds, "ctr", history_len)
+    labels = split.labels
+
+    def raw(rows: np.ndarray, train: bool) -> tuple[dict, dict]:
+        agg = label_aggregates(ds, split.train_idx, labels, rows, leave_one_out=train)
+        u = user_columns(ds, ds.users[rows], recent_histories(ds, rows, history_len))
+        i = item_columns(ds, ds.items[rows])
+        u.update({k: v for k, v in agg.items() if k.startswith("user_")})
+        i.update({k: v for k, v in agg.items() if k.startswith("item_")})
+        return u, i
+
+    u_train, i_train = raw(split.train_idx, train=True)
+    spec = fit_spec(decl, u_train, i_train)
+
+    def rows_of(idx: np.ndarray, u: dict, i: dict) -> PairRows:
+        return PairRows(spec.user.encode(u), spec.item.encode(i), ds.items[idx], labels[idx].astype(np.float32))
+
+    parts = {"train": rows_of(split.train_idx, u_train, i_train)}
+    for name, idx in (("valid", split.valid_idx), ("test", split.test_idx)):
+        parts[name] = rows_of(idx, *raw(idx, train=False))
+    agg = split.aggregates()  # per item, training rows only
+    cat = item_columns(ds, np.arange(ds.num_items + 1))
+    cat.update({k: v for k, v in agg.items() if k.startswith("item_")})
+    return CTRData(spec, **parts, catalog=spec.item.encode(cat))
+
+
+@dataclass
+class CandidateLists:
+    """Evaluation lists for one leave-one-out split: retrieval top-C per evaluated user."""
+
+    user: EncodedFields  # (B,) rows
+    candidates: np.ndarray  # (B, C) item indices in retrieval order
+    retrieval_scores: np.ndarray  # (B, C)
+    targets: np.ndarray  # (B,)
+    launchers: np.ndarray | None = None  # (B, C) int64 launcher of each fused score (cascade inputs)
+
+
+@dataclass(eq=False)
+class Retrievers:
+    """Where the pre-ranker's lists and cascade inputs come from (training/stages/prerank/folds.py).
+
+    served: the retriever the version serves (validation / test lists, export); upstream: the one
+    that made the training lists, trained with `holdout` (the same model and 0 for in-sample
+    lists); window: held-out positions the training examples come from (default: holdout; 0 =
+    every training position); features: the retrieval score, launcher and vectors as inputs.
+    """
+
+    served: MultiLauncherSASRec
+    upstream: MultiLauncherSASRec
+    holdout: int = 0
+    window: int | None = None
+    features: bool = True
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(M, D) of the user vectors: M = launchers, or 1 for plain SASRec."""
+        cfg = self.served.config
+        return served_vectors(cfg), cfg.dim
+
+
+@dataclass
+class NextItemData:
+    spec: FeatureSpec
+    catalog: EncodedFields  # (N + 1,) item rows as served; row 0 = padding
+    train_user: EncodedFields  # (E,) one row per training example
+    train_targets: np.ndarray  # (E,)
+    train_candidates: np.ndarray  # (E, C) int32 retrieval candidates of each example's history
+    valid: CandidateLists
+    test: CandidateLists
+    # cascade inputs (None without them): the upstream retriever's user vectors of each example
+    # (E, M, D), its item table (N + 1, D) and the catalog rows encoded with it (training only)
+    train_users: np.ndarray | None = None
+    train_table: np.ndarray | None = None
+    train_catalog: EncodedFields | None = None
+
+    @property
+    def cascade(self) -> bool:
+        return self.train_users is not None
+
+    @property
+    def num_launchers(self) -> int:
+        return 1 if self.train_users is None else int(self.train_users.shape[1])
+
+
+def top_candidates(scorer: Scorer, histories: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval top-k with seen items removed: (B, k) item indices and their scores."""
+    items, scores = [], []
+    for start in range(0, histories.shape[0], batch_size):
+        hist = histories[start : start + batch_size]
+        s = np.array(scorer(hist), dtype=np.float32, copy=True)
+        mask_seen(s, hist)
+        top = torch.topk(torch.from_numpy(s), min(k, s.shape[1] - 1), dim=1)
+        items.append(top.indices.numpy())
+        scores.append(top.values.numpy())
+    return np.concatenate(items), np.concatenate(scores)
+
+
+def build_next_item_data(
+    ds: Dataset,
+    loo: LeaveOneOut,
+    scorers: dict[Split, Scorer] | None = None,
+    history_len: int = 50,
+    candidates: int = 200,
+    max_train_examples: int | None = None,
+    seed: int = 0,
+    retrievers: Retrievers | None = None,
+) -> NextItemData:
+    """Training examples from the training part; evaluation lists from the retriever.
+
+    With `retrievers` (a SASRec): training lists from the upstream retriever over the ranking
+    window (training/stages/prerank/folds.py), validation / test lists from the served one, and with
+    `retrievers.features` the cascade inputs. Without: `scorers[split]` (e.g. last-item) make
+    the lists; `scorers["valid"]` must only know the training part (it also supplies the
+    training examples' hard negatives), `scorers["test"]` may know the validation items too.
+    """
+    if retrievers is None and scorers is None:
+        raise ValueError("build_next_item_data needs scorers or retrievers")
+    cascade = retrievers is not None and retrievers.features
+    decl = declare_features(ds, "next-item", history_len, retrievers.dims if cascade else None)
+    window = 0 if retrievers is None else (retrievers.holdout if retrievers.window is None else retrievers.window)
+    rows = prerank_rows(loo, window)
+    if max_train_examples is not None and rows.size > max_train_examples:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_train_examples, replace=False))
+    if rows.size == 0:
+        raise DataError(f"{ds.name}: no training example with a history for the next-item objective")
+    train_rows = np.flatnonzero(loo.full_train_mask())
+    item_cnt = np.log1p(np.bincount(ds.items[train_rows], minlength=ds.num_items + 1)).astype(np.float32)
+
+    def users_raw(users: np.ndarray, hist: np.ndarray, vectors: np.ndarray | None, ends: np.ndarray) -> dict:
+        u = user_columns(ds, users, hist)
+        # log1p of the history's length: what a request's history gives the service (a user's
+        # total training count would differ from it at every training step)
+        u["user_log_count"] = np.log1p(ends - ds.offsets[users]).astype(np.float32)
+        if cascade:
+            assert vectors is not None
+            u.update(retrieval_columns(RETRIEVAL_USER, vectors))
+        return u
+
+    def items_raw(table: np.ndarray | None) -> dict:
+        i = item_columns(ds, np.arange(ds.num_items + 1))
+        i["item_log_count"] = item_cnt
+        if cascade:
+            assert table is not None
+            i.update(retrieval_columns(RETRIEVAL_ITEM, table))
+        return i
+
+    hist = recent_histories(ds, rows, history_len)
+    targets = ds.items[rows]
+    users_vec: np.ndarray | None = None
+    if retrievers is not None:
+        top = _fused_rows(retrievers.upstream, ds, rows, candidates)
+        train_cands, users_vec = top.items, top.users
+    else:
+        assert scorers is not None
+        train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
+    up_table = _table(retrievers.upstream) if cascade else None
+    served_table = _table(retrievers.served) if cascade else None
+    u_train = users_raw(ds.users[rows], hist, users_vec, rows)
+    i_up = items_raw(up_table)
+    spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_up.items()})
+
+    def lists(which: Split) -> CandidateLists:
+        # candidates from the whole history, so every seen item is removed, not only the last
+        # history_len ones (the scorers truncate to their own maxlen themselves)
+        h = loo.histories(which, maxlen=history_len)
+        if retrievers is None:
+            assert scorers is not None
+            cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
+            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None, loo.history_end(which))),
+                                  cands, scores, loo.targets(which))
+        top = fused_top(retrievers.served, loo.histories(which), candidates)
+        return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users, loo.history_end(which))),
+                              top.items, top.scores, loo.targets(which), top.launchers)
+
+    return NextItemData(
+        spec=spec,
+        catalog=spec.item.encode(items_raw(served_table)),
+        train_user=spec.user.encode(u_train),
+        train_targets=targets,
+        train_candidates=train_cands.astype(np.int32),
+        valid=lists("valid"),
+        test=lists("test"),
+        train_users=users_vec if cascade else None,
+        train_table=up_table,
+        train_catalog=spec.item.encode(i_up) if cascade else None,
+    )
+
+
+def _table(model: MultiLauncherSASRec) -> np.ndarray:
+    """(N + 1, D) float32 item embeddings of a retriever."""
+    return model.item_embedding.weight.detach().numpy().astype(np.float32)
+
+
+def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> FusedTop:
+    """fused_top for the histories ds.items[user start : row] of each row, built in chunks
+    (whole histories, so every seen item is removed; the encoder keeps its maxlen)."""
+    parts = []
+    for start in range(0, rows.size, chunk):
+        r = rows[start : start + chunk]
+        parts.append(fused_top(model, pad_left(ds.items, ds.offsets[ds.users[r]], r, None), k))
+    return FusedTop(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "launchers", "users")))
+
+
+def retrieval_prior(data: NextItemData) -> RetrievalPrior | None:
+    """A fresh prior for cascade data (None without cascade inputs)."""
+    return RetrievalPrior(RetrievalPriorConfig(data.num_launchers)) if data.cascade else None
+
+
+def fused_pair(users: np.ndarray, table: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """users (b, M, D), table (N + 1, D), items (b, K) -> fused scores (b, K) and launchers (b, K)."""
+    per = torch.einsum("bmd,bkd->bkm", torch.from_numpy(users), torch.from_numpy(table[items]))  # (b, K, M)
+    score, launcher = per.max(dim=-1)
+    return score, launcher

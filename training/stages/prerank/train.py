@@ -1,0 +1,374 @@
+"""Pre-ranking: the two objectives' losses and training loops, evaluation and checkpoints
+(data building: training/stages/prerank/data.py; ONNX export: training/publish/onnx/prerank.py).
+
+Objectives
+- `ctr`: explicit ratings, label = rating > 3, rating 3 dropped, per-user temporal split
+  (CTRSplit); binary cross-entropy (+ CIR for IntTower); AUC / LogLoss.
+- `next-item`: implicit; each training position's next item is the positive, negatives are
+  retrieval candidates of its history plus uniform random items; sampled softmax over
+  [positive, negatives] (+ CIR). Evaluated on leave-one-out: the retrieval top-C of each
+  user is re-ordered by the pre-ranker; list metrics against the held-out item.
+
+Models come from models/ and see only tensors; this module owns NumPy, files and losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cascade import RetrievalPrior, RetrievalPriorConfig
+from models.dcnv2 import DCNv2, DCNv2Config
+from models.inttower import IntTower, IntTowerConfig
+from models.layers import Fields
+from models.two_tower import TwoTower, TwoTowerConfig
+from training.data.splits import Split
+from training.data.features import EncodedFields, FeatureSpec
+from training.eval.metrics import auc, list_metrics, logloss
+from training.stages.prerank.data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
+from training.trainer import Bar, EpochResult, StepResult, fit
+
+MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "two-tower": (TwoTower, TwoTowerConfig),
+    "inttower": (IntTower, IntTowerConfig),
+    "dcnv2": (DCNv2, DCNv2Config),
+}
+CHECKPOINT = "prerank.pt"
+FEATURES = "prerank_features.json"
+USER_ONNX = "prerank_user.onnx"
+ITEMS_NPY = "prerank_items.npy"
+MANIFEST = "prerank_manifest.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3  # stop this many epochs past the best one (training/early_stopping.py)
+    cir_weight: float = 0.0  # weight of the CIR loss; 0 disables it
+    temperature: float = 0.1  # CIR InfoNCE temperature
+    random_negatives: int = 16  # next-item only
+    hard_negatives: int = 16  # next-item only: sampled from the retrieval candidates
+    candidates: int = 200  # next-item: retrieval top-C that is re-ordered
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "random_negatives", "hard_negatives"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.cir_weight < 0:
+            raise ValueError(f"cir_weight must be >= 0, got {self.cir_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.random_negatives + self.hard_negatives < 1:
+            raise ValueError("next-item training needs at least one negative (random or hard), got 0")
+
+
+# --- losses ---
+
+
+def cir_loss(
+    user_vec: torch.Tensor, item_vec: torch.Tensor, temperature: float, item_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Contrastive interaction regularisation: in-batch InfoNCE over positive pairs.
+
+    user_vec, item_vec (Q, P): row q of each is a positive (user, item) pair. Logits are
+    cosine similarities / temperature (Q, Q); the target of row q is column q (the diagonal).
+    The public code indexes the columns by the click label instead, which is a bug. Other
+    rows holding the same item are not negatives for row q (`item_ids`), so they are masked.
+    """
+    q = user_vec.shape[0]
+    if q < 2:
+        return user_vec.sum() * 0.0  # no in-batch negatives: contributes nothing
+    u = F.normalize(user_vec, dim=-1)
+    v = F.normalize(item_vec, dim=-1)
+    logits = u @ v.T / temperature  # (Q, Q)
+    if item_ids is not None:
+        same = (item_ids[:, None] == item_ids[None, :]) & ~torch.eye(q, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(q, device=logits.device))
+
+
+# --- models ---
+
+
+def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> nn.Module:
+    """A model over the spec's fields; hparams the model's config does not have are ignored."""
+    if name not in MODELS:
+        raise ValueError(f"unknown pre-ranking model '{name}' (expected one of {sorted(MODELS)})")
+    cls, cfg_cls = MODELS[name]
+    known = {f.name for f in fields(cfg_cls)}
+    cfg = cfg_cls(
+        user_fields=spec.user.fields_config(),
+        item_fields=spec.item.fields_config(),
+        **{k: v for k, v in hparams.items() if k in known and v is not None},
+    )
+    return cls(cfg)
+
+
+def to_fields(enc: EncodedFields, rows: np.ndarray | None = None) -> Fields:
+    e = enc if rows is None else enc.take(rows)
+    return Fields(torch.from_numpy(e.sparse), torch.from_numpy(e.dense), torch.from_numpy(e.multi))
+
+
+def has_heads(model: nn.Module) -> bool:
+    """Towers whose item side is precomputable (TwoTower, IntTower)."""
+    return hasattr(model, "user_heads") and hasattr(model, "item_heads")
+
+
+# --- CTR objective ---
+
+
+def predict_ctr(model: nn.Module, rows: PairRows, batch_size: int = 4096) -> np.ndarray:
+    """(E,) click probabilities."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(rows)))
+            out.append(torch.sigmoid(model(to_fields(rows.user, idx), to_fields(rows.item, idx))).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def evaluate_ctr(model: nn.Module, rows: PairRows) -> dict[str, float]:
+    p = predict_ctr(model, rows)
+    return {"AUC": auc(rows.labels, p), "LogLoss": logloss(rows.labels, p)}
+
+
+def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Adam on BCE (+ cir_weight * CIR over the batch's positive pairs); early stopping on
+    validation AUC, best weights restored. Returns the training history."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
+    train = data.train
+    history: list[dict[str, Any]] = []
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
+        total = 0.0
+        order = rng.permutation(len(train))
+        for start in range(0, len(train), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            u, i = to_fields(train.user, idx), to_fields(train.item, idx)
+            y = torch.from_numpy(train.labels[idx])
+            if use_cir:
+                uh, ih = model.user_heads(u), model.item_heads(i)  # (B, L, H, d), (B, H, d)
+                logits = model.score(uh, ih)
+                pos = y > 0.5
+                # M_u^L, M_v^L: the concatenated heads of the last layer
+                cir = cir_loss(uh[pos, -1].flatten(1), ih[pos].flatten(1), cfg.temperature,
+                               torch.from_numpy(train.items[idx])[pos])
+                loss = F.binary_cross_entropy_with_logits(logits, y) + cfg.cir_weight * cir
+            else:
+                loss = F.binary_cross_entropy_with_logits(model(u, i), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.detach().item() * idx.size
+        return StepResult(total / len(train), len(train))
+
+    metrics: dict[str, float] = {}
+
+    def validate() -> float:
+        metrics.update(evaluate_ctr(model, data.valid))
+        return metrics["AUC"]
+
+    def record(r: EpochResult) -> None:
+        history.append({"epoch": r.epoch, "loss": r.step.loss, **{f"valid_{k}": v for k, v in metrics.items()},
+                        "seconds": round(r.seconds, 2)})
+        if progress:
+            progress(f"epoch {r.epoch}: loss {r.step.loss:.4f} valid AUC {metrics['AUC']:.4f} "
+                     f"LogLoss {metrics['LogLoss']:.4f}")
+
+    result = fit(model, cfg.epochs, cfg.patience, train_step, validate, metric="AUC", progress=False,
+                 on_epoch=record)
+    return {"history": history, "best_valid_AUC": result.best_score}
+
+
+# --- next-item objective ---
+
+
+def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, catalog: EncodedFields,
+                batch_size: int = 256, prior: RetrievalPrior | None = None,
+                lists: CandidateLists | None = None) -> np.ndarray:
+    """(B,) users x (B, C) candidate items -> (B, C) scores (eval mode, no grad).
+
+    Towers compute the catalog's item heads once (as serving does); DCN-v2 scores every
+    (user, candidate) row in full. With a prior, its pair term from the lists' fused retrieval
+    scores and launchers is added (as serving does).
+    """
+    model.eval()
+    B, C = candidates.shape
+    out = np.empty((B, C), dtype=np.float32)
+    with torch.no_grad():
+        item_heads = model.item_heads(to_fields(catalog)) if has_heads(model) else None  # (N + 1, H, d)
+        for start in range(0, B, batch_size):
+            idx = np.arange(start, min(start + batch_size, B))
+            cands = torch.from_numpy(candidates[idx].astype(np.int64))  # (b, C)
+            u = to_fields(user, idx)
+            if item_heads is not None:
+                uh = model.user_heads(u)  # (b, L, H, d)
+                out[idx] = model.score(uh[:, None], item_heads[cands]).numpy()
+            else:
+                rep = np.repeat(idx, C)
+                flat = candidates[idx].ravel().astype(np.int64)
+                out[idx] = model(to_fields(user, rep), to_fields(catalog, flat)).view(-1, C).numpy()
+        if prior is not None:
+            if lists is None or lists.launchers is None:
+                raise ValueError("a retrieval prior needs lists with fused retrieval scores and launchers")
+            prior.eval()
+            r = torch.from_numpy(np.where(np.isfinite(lists.retrieval_scores), lists.retrieval_scores, 0.0))
+            out = prior(torch.from_numpy(out), r.float(), torch.from_numpy(lists.launchers.astype(np.int64))).numpy()
+    return out
+
+
+def list_quality(scores: np.ndarray, lists: CandidateLists, ks: tuple[int, ...] = (5, 10, 20)) -> dict[str, float]:
+    """List metrics of the candidates ordered by `scores`.
+
+    `list_metrics` averages over the lists that contain the held-out item; `Recall@C` is the
+    share of users whose item retrieval put in the list, and `NDCG@10_all` averages over all
+    users (0 where the item was not retrieved), which is what the full pipeline sees.
+    """
+    labels = (lists.candidates == lists.targets[:, None]).astype(np.float64)
+    m = list_metrics(scores, labels, ks)
+    m["users"] = float(labels.shape[0])
+    m[f"Recall@{lists.candidates.shape[1]}"] = float(labels.any(axis=1).mean())
+    for k in ks:
+        m[f"NDCG@{k}_all"] = m[f"NDCG@{k}"] * m["lists"] / m["users"]
+    return m
+
+
+def evaluate_next_item(model: nn.Module, data: NextItemData, which: Split = "test",
+                       prior: RetrievalPrior | None = None) -> dict[str, float]:
+    lists = data.valid if which == "valid" else data.test
+    return list_quality(score_lists(model, lists.user, lists.candidates, data.catalog, prior=prior, lists=lists), lists)
+
+
+def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
+                    progress: Callable[[str], None] | None = None, prior: RetrievalPrior | None = None) -> dict:
+    """Sampled softmax over [positive, hard negatives from the retrieval candidates, random
+    items] (+ cir_weight * in-batch CIR); early stopping on validation NDCG@10. With a prior
+    (cascade data) every logit gets its pair term from the upstream retriever's fused score."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if prior is not None and not data.cascade:
+        raise ValueError("a retrieval prior needs data built with cascade inputs")
+    both = nn.ModuleDict({"tower": model, **({"prior": prior} if prior is not None else {})})
+    opt = torch.optim.Adam(both.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
+    n_items = data.catalog.sparse.shape[0] - 1
+    catalog = data.train_catalog if data.train_catalog is not None else data.catalog
+    E, C = data.train_candidates.shape
+    n_hard = min(cfg.hard_negatives, C)
+    history: list[dict[str, Any]] = []
+    start_score = -math.inf
+    if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
+        start_metrics = evaluate_next_item(model, data, "valid", prior)
+        start_score = start_metrics["NDCG@10"]
+        history.append({"epoch": 0, "valid_NDCG@10": start_score, "prior": prior.serving()})
+
+    def train_step(epoch: int, bar: Bar) -> StepResult:
+        total = 0.0
+        order = rng.permutation(E)
+        for start in range(0, E, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            b = idx.size
+            hard = data.train_candidates[idx[:, None], rng.integers(0, C, size=(b, n_hard))]
+            rand = rng.integers(1, n_items + 1, size=(b, cfg.random_negatives))
+            items = np.concatenate([data.train_targets[idx, None], hard, rand], axis=1).astype(np.int64)  # (b, M)
+            collide = torch.from_numpy(items[:, 1:] == items[:, :1])  # a negative that is the positive
+            u = to_fields(data.train_user, idx)
+            if has_heads(model):
+                uniq, inv = np.unique(items, return_inverse=True)
+                uh = model.user_heads(u)  # (b, L, H, d)
+                ih = model.item_heads(to_fields(catalog, uniq))[torch.from_numpy(inv.reshape(items.shape))]
+                logits = model.score(uh[:, None], ih)  # (b, M)
+            else:
+                logits = model(to_fields(data.train_user, np.repeat(idx, items.shape[1])),
+                               to_fields(catalog, items.ravel())).view(b, -1)
+            if prior is not None:
+                assert data.train_users is not None and data.train_table is not None
+                logits = prior(logits, *fused_pair(data.train_users[idx], data.train_table, items))
+            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, float("-inf"))], dim=1)
+            loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+            if use_cir:
+                loss = loss + cfg.cir_weight * cir_loss(uh[:, -1].flatten(1), ih[:, 0].flatten(1), cfg.temperature,
+                                                        torch.from_numpy(items[:, 0]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.detach().item() * b
+        return StepResult(total / E, E)
+
+    def validate() -> float:
+        return evaluate_next_item(model, data, "valid", prior)["NDCG@10"]
+
+    def record(r: EpochResult) -> None:
+        history.append({"epoch": r.epoch, "loss": r.step.loss, "valid_NDCG@10": r.score,
+                        "seconds": round(r.seconds, 2), **({"prior": prior.serving()} if prior is not None else {})})
+        if progress:
+            progress(f"epoch {r.epoch}: loss {r.step.loss:.4f} valid NDCG@10 {r.score:.4f}")
+
+    result = fit(both, cfg.epochs, cfg.patience, train_step, validate, start_score=start_score, progress=False,
+                 on_epoch=record)
+    return {"history": history, "best_valid_NDCG@10": result.best_score}
+
+
+# --- checkpoints ---
+
+
+def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path,
+                    prior: RetrievalPrior | None = None, **extra: Any) -> Path:
+    """`prerank.pt` (model name, config, weights, the retrieval prior, extra) + `prerank_features.json`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_prior = None if prior is None else {"config": prior.cfg.to_dict(), "state_dict": prior.state_dict()}
+    torch.save({"model": name, "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                "prior": saved_prior, **extra}, out / CHECKPOINT)
+    spec.save(out / FEATURES)
+    return out / CHECKPOINT
+
+
+def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, FeatureSpec, dict]:
+    out = Path(out_dir)
+    if not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{out / CHECKPOINT}: no pre-ranking checkpoint")
+    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    cls, cfg_cls = MODELS[ckpt["model"]]
+    model = cls(cfg_cls.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, FeatureSpec.load(out / FEATURES), ckpt
+
+
+def load_prior(ckpt: dict) -> RetrievalPrior | None:
+    """The retrieval prior a pre-rank checkpoint holds (None for one trained without cascade inputs)."""
+    saved = ckpt.get("prior")
+    if not saved:
+        return None
+    prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
+    state = dict(saved["state_dict"])
+    state.setdefault("tower_weight", torch.ones(()))  # priors saved before the gate added the tower at weight 1
+    prior.load_state_dict(state)
+    prior.eval()
+    return prior
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
