@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, STAGES, LoadedVersion
-from service.features import UserFeatures, list_zscore
+from service.contract.features import UserFeatures, list_zscore
 from service.index import search_fused
 from service.item2item import merge_routes
 from service.prerank import head_interactions

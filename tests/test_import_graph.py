@@ -123,7 +123,7 @@ def test_recsys_serve_reaches_only_the_cli_and_service() -> None:
         "recsys_cli", "recsys_cli.main", "recsys_cli.errors", "recsys_cli.commands", "recsys_cli.commands.serve"}
 
 
-@pytest.mark.parametrize("module", ["training.eval.served_eval", "training.eval.metrics", "service.features"])
+@pytest.mark.parametrize("module", ["training.eval.served_eval", "training.eval.metrics", "service.contract.features"])
 def test_numpy_side_modules_import_no_torch(module: str) -> None:
     """The served-path evaluation and the metrics it uses run without torch (imported, not just read)."""
     import subprocess

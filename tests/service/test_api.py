@@ -425,7 +425,7 @@ def test_stage_failure_falls_back_to_previous_order(artifacts_root: Path, catalo
 
 def test_pv_columns_sum_to_the_pre_rank_score(artifacts_root: Path) -> None:
     """The re-ranker's PV columns sum to the pre-rank score (its definition). The online user
-    features are the training encoder itself (service/features.py, tests/service/test_features.py)."""
+    features are the training encoder itself (service/contract/features.py, tests/service/test_features.py)."""
     import numpy as np
 
     v = load_current(artifacts_root)

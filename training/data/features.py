@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from models.layers import FieldsConfig
-from service.features import (  # the encoder itself is shared with the service
+from service.contract.features import (  # the encoder itself is shared with the service
     HISTORY,
     LAST_ITEM,
     OOV,
@@ -143,7 +143,7 @@ class TowerSpec:
         )
 
     def encoder(self) -> TowerEncoder:
-        """The NumPy encoder of these fields (service/features.py), the one the service runs."""
+        """The NumPy encoder of these fields (service/contract/features.py), the one the service runs."""
         return TowerEncoder({k: v.table for k, v in self.sparse.items()},
                             {k: (v.table, w) for k, (v, w) in self.multi.items()},
                             {k: (st.mean, st.std) for k, st in self.dense.items()})

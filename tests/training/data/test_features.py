@@ -9,7 +9,7 @@ import pytest
 
 from training.data.sources import load
 from training.data.splits import CTRSplit
-from service.features import LAST_ITEM, OOV, PAD
+from service.contract.features import LAST_ITEM, OOV, PAD
 from training.data.features import (
     FeatureDecl,
     FeatureSpec,

@@ -58,7 +58,7 @@ from torch import nn
 from models.cascade import RetrievalPrior
 from models.prm import RerankModel
 from models.sasrec import MultiLauncherSASRec
-from service.features import list_zscore
+from service.contract.features import list_zscore
 from training.stages.prerank import train as pr
 from training.stages.retrieval import train as rt
 from training.data.dataset import DataError, Dataset

@@ -1,11 +1,11 @@
-"""service/features.py: the one encoder of raw fields, run by training and by the service."""
+"""service/contract/features.py: the one encoder of raw fields, run by training and by the service."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.features import OOV, PAD, TowerEncoder, UserFeatures, encode_codes, fit_width, list_zscore
+from service.contract.features import OOV, PAD, TowerEncoder, UserFeatures, encode_codes, fit_width, list_zscore
 
 # raw item 1 -> code 2, raw 2 -> 3, raw 3 -> OOV (never seen in training), raw 4 -> 4
 TABLE = [1, 2, 3, 1, 4]
