@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike
 logger = logging.getLogger(__name__)
 
 # Serving threads. The request path searches one user (M = 4 queries) at a time on a 2-core
-# box that also runs the HTTP worker and ONNX Runtime. Measured (benchmarks/faiss_search.py,
+# box that also runs the HTTP worker and ONNX Runtime. Measured (benchmarks/serving/faiss_search.py,
 # cores shared with other work): two threads added 7-10 ms to most medians (the second OpenMP
 # thread waits for a core that other work holds; IVF 1M nprobe 64: 4.0 -> 11.0 ms) and helped
 # in 3 of 14 rows, by 2 ms at most. Offline builds should raise this with set_faiss_threads().

@@ -77,12 +77,12 @@ def choose_kind(num_items: int) -> IndexKind:
     """Index kind for a catalogue of ``num_items`` items: exact up to 50k, IVF-Flat beyond.
 
     The threshold is a serving-cost one: at 100k items the exact search was half of a
-    request's compute (1.8 of 3.5 ms, benchmarks/load_test.py) and the flat-index service
+    request's compute (1.8 of 3.5 ms, benchmarks/serving/load_test.py) and the flat-index service
     held p99 <= 100 ms only up to 50 rps on 2 cores; IVF gets recall@100 0.996 there at a
     third of the cost. Publishing measures the recall and refuses a version below --min-recall.
 
     IVF-Flat rather than HNSW, measured on 2 cores with clustered D = 64 embeddings whose norms
-    vary (benchmarks/faiss_search.py, 100k items): HNSW (M 32, efConstruction 80, efSearch
+    vary (benchmarks/serving/faiss_search.py, 100k items): HNSW (M 32, efConstruction 80, efSearch
     256) gets recall@100 0.909 at 2.0 ms CPU per request, 18 s build, 50 MB; IVF-Flat
     (spherical k-means, nprobe 64) gets 0.996 at 1.1 ms, 1.7 s build, 25 MB. Inner product
     is not a metric, so HNSW's graph favours large-norm items and its recall plateaus; at 1M
@@ -135,7 +135,7 @@ def _ivf_on_augmented(x: np.ndarray, nlist: int, spec: IndexSpec) -> faiss.Index
     filled in D + 1 dimensions; the served index keeps D: a query's extra 0 makes its inner
     product with a lifted centroid equal its inner product with the centroid's first D
     coordinates, so the quantizer holds those and probes the same lists, and nothing changes
-    at serving time. Measured on a briefly trained 100k-item version (benchmarks/index_choice.py):
+    at serving time. Measured on a briefly trained 100k-item version (benchmarks/serving/index_choice.py):
     recall@100 1.0 at nprobe 4 (0.05 ms per user), where IVF on the raw items needed nprobe 64
     (0.41 ms).
     """

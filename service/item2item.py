@@ -18,7 +18,7 @@ union by
 
 where sd(r) is the standard deviation of FAISS's fused scores in this request (1 with fewer than
 two), so beta is free of the retriever's score scale (tuned on validation by
-benchmarks/item2item_route.py)
+benchmarks/quality/item2item_route.py)
 and the pre-ranker's retrieval prior reads merged(i) as its retrieval score. `routes` in
 `explain` says which route returned an item and with which score.
 """
@@ -33,7 +33,7 @@ import numpy as np
 FILE = "item2item.npz"
 NEIGHBOURS, SCORES = "neighbours", "scores"
 # request-time settings written into the manifest (item2item.serving): the best merge on ml-100k
-# validation (benchmarks/item2item_route.py); candidates 50 rather than 20 (same NDCG@10 there,
+# validation (benchmarks/quality/item2item_route.py); candidates 50 rather than 20 (same NDCG@10 there,
 # the pre-ranker's candidate set gains recall: 0.779 vs 0.767 at 200 + route on test)
 DEFAULT_SERVING: dict[str, float] = {"recent": 8, "decay": 1.0, "candidates": 50, "beta": 4.0}
 

@@ -36,7 +36,7 @@ RULE = ("s(i, j) = sum over occurrences of j within `window` positions after i o
 
 @dataclass(frozen=True)
 class Item2ItemConfig:
-    """Defaults: the best on ml-100k validation (benchmarks/results/item2item_route_ml100k*.txt).
+    """Defaults: the best on ml-100k validation (benchmarks/quality/results/item2item_route_ml100k*.txt).
     The table takes (N + 1) * R * 8 bytes (13 MB for 16k items, 800 MB for 1M at R = 100)."""
 
     neighbours: int = 100  # R kept per item

@@ -224,7 +224,7 @@ def test_onnx_contract_and_parity_with_dynamic_batch_and_length(trained: dict, t
 def test_model_without_pv_exports_with_a_one_wide_ignored_pv(tmp_path: Path) -> None:
     # the pv-less path is the same for PRM-BASE and the MLP (export_rerank._RerankGraph); the MLP
     # exports in ~1 s where a transformer takes ~5-15 s, and PRM-BASE parity runs in
-    # benchmarks/rerank_latency.py
+    # benchmarks/serving/rerank_latency.py
     torch.manual_seed(0)
     model = PointwiseMLP(PointwiseMLPConfig(F, 0, hidden=(8,), max_len=L))
     path = export_rerank(model, tmp_path)
