@@ -9,9 +9,12 @@ validation rows for test. With this, ml-100k reproduces the DESIGN §3 calibrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from training.data.splits import LeaveOneOut, Split
+from training.eval.metrics import Scorer
 
 
 class Popularity:
@@ -55,4 +58,5 @@ class LastItem:
         return scores
 
 
-BASELINES = {"popularity": Popularity, "last-item": LastItem}
+# each builds a scorer (histories (B, L) -> scores (B, N + 1)) from a split and its part
+BASELINES: dict[str, Callable[[LeaveOneOut, Split], Scorer]] = {"popularity": Popularity, "last-item": LastItem}

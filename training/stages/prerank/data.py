@@ -180,8 +180,8 @@ def build_next_item_data(
     """
     if retrievers is None and scorers is None:
         raise ValueError("build_next_item_data needs scorers or retrievers")
-    cascade = retrievers is not None and retrievers.features
-    decl = declare_features(ds, "next-item", history_len, retrievers.dims if cascade else None)
+    cascade = retrievers if retrievers is not None and retrievers.features else None
+    decl = declare_features(ds, "next-item", history_len, cascade.dims if cascade else None)
     window = 0 if retrievers is None else (retrievers.holdout if retrievers.window is None else retrievers.window)
     rows = prerank_rows(loo, window)
     if max_train_examples is not None and rows.size > max_train_examples:
@@ -218,8 +218,8 @@ def build_next_item_data(
     else:
         assert scorers is not None
         train_cands, _ = top_candidates(scorers["valid"], hist, candidates)
-    up_table = _table(retrievers.upstream) if cascade else None
-    served_table = _table(retrievers.served) if cascade else None
+    up_table = _table(cascade.upstream) if cascade else None
+    served_table = _table(cascade.served) if cascade else None
     u_train = users_raw(ds.users[rows], hist, users_vec, rows)
     i_up = items_raw(up_table)
     spec = fit_spec(decl, u_train, {k: v[targets] for k, v in i_up.items()})

@@ -125,7 +125,9 @@ def encoder_loss(
     log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of `model`'s encoder: label-aware for MIND, max-fusion otherwise."""
-    items = model.item_embedding.weight
+    table = model.item_embedding
+    assert isinstance(table, nn.Embedding), type(table)
+    items = table.weight  # (N + 1, D)
     if isinstance(model, MIND):
         return label_aware_loss(user, items, target, model.config.label_power, negatives, log_q)
     return max_fusion_loss(user, items, target, negatives, log_q)
