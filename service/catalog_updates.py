@@ -43,10 +43,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import redis
 
+from service.contract.catalog import ITEM_IDS, POPULARITY, FeatureKind, FeatureValue, ItemUpdate, is_vocab, parse_key
 from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ REDIS_KEY = "recsys:catalog:pending"
 SOCKET_TIMEOUT_S = 2.0  # a write path of the API and a batch job: not the request budget of /recommend
 _CLEAR_CHUNK = 1000  # (field, id) pairs per compare-and-delete script call
 
-FeatureKind = Literal["categorical", "multi", "numeric"]
-FeatureValue = str | list[str] | float
-Schema = Mapping[str, FeatureKind]
-KIND_PREFIX: dict[str, FeatureKind] = {"cat": "categorical", "multi": "multi", "num": "numeric"}
+Schema = Mapping[str, FeatureKind]  # a catalog's feature names and kinds (ItemFeatures.schema())
 
 # KEYS[1] the hash, ARGV = field1, id1, field2, id2, ...: delete a field only if it still holds that entry
 _COMPARE_AND_DELETE = """
@@ -83,17 +81,6 @@ class ItemError(ValueError):
         super().__init__(f"{'.'.join(loc)}: {reason}")
         self.loc = loc
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class ItemUpdate:
-    """One item's complete features: name -> str (categorical), list[str] (multi) or float (numeric)."""
-
-    item_id: str
-    features: dict[str, FeatureValue]
-
-    def to_json(self) -> dict[str, object]:
-        return {"item_id": self.item_id, "features": self.features}
 
 
 @dataclass(frozen=True)
@@ -134,12 +121,13 @@ def validate_item(obj: object, schema: Schema | None = None) -> ItemUpdate:
 
 
 def schema_from_catalog(keys: Iterable[str]) -> dict[str, FeatureKind]:
-    """Feature kinds from catalog.npz array names (``cat:<name>``, ``multi:<name>``, ``num:<name>``)."""
+    """Feature kinds from catalog.npz array names (service.contract.catalog)."""
     out: dict[str, FeatureKind] = {}
-    for key in keys:
-        prefix, _, name = key.partition(":")
-        if prefix in KIND_PREFIX:
-            out[name] = KIND_PREFIX[prefix]
+    for k in keys:
+        if k not in (ITEM_IDS, POPULARITY) and not is_vocab(k):
+            kind, name = parse_key(k)
+            assert kind != "vocab"
+            out[name] = kind
     return out
 
 

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from models.sasrec import MultiLauncherSASRec
+from service.contract.catalog import ItemCatalog
 from training.stages.prerank import train as pr
 from training.publish.build import ItemSide
-from training.publish.catalog import ItemCatalog, distinct_codes
 from training.checkpoints import Sources
 from training.data.features import RETRIEVAL_ITEM, retrieval_columns
 from training.stages.rerank.impressions import rerank_item_features
@@ -30,6 +30,14 @@ COLD_START_RULE = (
 )
 HEADS_BATCH = 65536
 _COLD_CHUNK = 1 << 17  # items per cold-start chunk
+
+
+def distinct_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, K) codes -> the codes sorted per row and a mask of each row's distinct values > 0."""
+    srt = np.sort(codes, axis=1)
+    first = srt > 0
+    first[:, 1:] &= srt[:, 1:] != srt[:, :-1]
+    return srt, first
 
 
 def cold_start_embeddings(table: np.ndarray, catalog: ItemCatalog, n_trained: int,

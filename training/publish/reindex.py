@@ -71,7 +71,8 @@ from service.index_build import IndexSpec
 from service.stores import StoreError
 from training.stages.retrieval import item2item as i2i
 from training.publish.build import DEFAULT_MIN_RECALL, PublishResult, check_gates
-from training.publish.catalog import ItemCatalog, catalog_arrays, read_catalog_file
+from service.contract.catalog import ItemCatalog
+from training.publish.catalog import catalog_arrays, read_catalog_file
 from training.publish.item_side import grown_item_side
 from training.checkpoints import Sources
 from training.publish.gates import DEFAULT_MAX_REGRESSION

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from service.api.deps import ApiKeyDep, CatalogUpdatesDep, ItemSchemaDep, one_or_many, one_or_many_body
 from service.api.errors import AUTH, BAD_BODY, NOT_LOADED
-from service.catalog_updates import MAX_FEATURES, MAX_VALUES, ItemError, ItemUpdate, validate_item
+from service.catalog_updates import MAX_FEATURES, MAX_VALUES, ItemError, validate_item
+from service.contract.catalog import ItemUpdate
 from service.schemas import ID_SCHEMA, Id
 from service.stores import StoreError
 
