@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from service.contract.catalog import CatalogArrays, CatalogError, ItemFeatures
 from service.ids import ItemIndex
 from service.index import load_index, search_fused
 from service.item2item import Item2ItemRoute
@@ -69,9 +70,8 @@ class LoadedVersion:
     """Everything the online pipeline needs from one version, loaded and checked.
 
     item_ids: (N + 1,) external ids, [0] = padding; id_to_index maps them back (padding left out).
-    popularity: (N + 1,) int64 training-part counts. item_features: catalog arrays by name
-    (`cat:<name>` (N + 1,), `multi:<name>` (N + 1, K), `num:<name>` (N + 1,)) and vocab:
-    name -> values (code c >= 1 is vocab[c - 1]). items: (N, D) float32, row r = item r + 1.
+    popularity: (N + 1,) int64 training-part counts. item_features: the catalog's feature
+    columns and vocabularies by name (service.contract.catalog). items: (N, D) float32, row r = item r + 1.
     prerank_items: (N + 1, G, d). rerank_items: (N + 1, F) or None without a re-ranker.
     """
 
@@ -81,8 +81,7 @@ class LoadedVersion:
     item_ids: np.ndarray
     id_to_index: ItemIndex
     popularity: np.ndarray
-    item_features: dict[str, np.ndarray]
-    vocab: dict[str, list[str]]
+    item_features: ItemFeatures
     retrieval: ort.InferenceSession
     items: np.ndarray
     index: faiss.Index
@@ -189,10 +188,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
                                 f"expected item_count={n} of D={items.shape[1]}")
     with file(files["catalog"]):
         catalog = _load_catalog(folder / files["catalog"], n, mmap)
-        item_ids = catalog.pop("item_ids")
-        popularity = catalog.pop("popularity")
-        vocab = {k.split(":", 1)[1]: v.tolist() for k, v in catalog.items() if k.startswith("vocab:")}
-        features = {k: v for k, v in catalog.items() if not k.startswith("vocab:")}
+        item_ids, popularity = catalog.item_ids, catalog.popularity
 
     with file(files["prerank_items"]):
         heads = dims.get("prerank_item_heads", (None, None))
@@ -223,7 +219,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
     loaded = LoadedVersion(
         version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
         id_to_index=ItemIndex(item_ids),
-        popularity=popularity, item_features=features, vocab=vocab,
+        popularity=popularity, item_features=catalog.features,
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
         prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items, item2item=item2item,
@@ -338,7 +334,7 @@ def _confined(folder: Path, key: str, name: object) -> None:
         raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
 
 
-def _load_catalog(path: Path, n: int, mmap: bool) -> dict[str, np.ndarray]:
+def _load_catalog(path: Path, n: int, mmap: bool) -> CatalogArrays:
     try:
         if mmap:
             arrays = map_npz(path)
@@ -347,14 +343,10 @@ def _load_catalog(path: Path, n: int, mmap: bool) -> dict[str, np.ndarray]:
                 arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: does not load: {exc}") from None
-    for key in ("item_ids", "popularity"):
-        if key not in arrays:
-            raise ArtifactError(f"{path}: no {key} array")
-    for key, arr in arrays.items():
-        if not key.startswith("vocab:") and arr.shape[:1] != (n + 1,):
-            raise ArtifactError(f"{path}: {key} has {arr.shape[0] if arr.ndim else 0} rows, "
-                                f"expected item_count + 1 = {n + 1}")
-    return arrays
+    try:
+        return CatalogArrays.from_arrays(arrays, n)
+    except CatalogError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
 
 
 def _load_npy(folder: Path, name: str, shape: tuple[int | None, ...], mmap: bool = True) -> np.ndarray:

@@ -39,7 +39,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ from typing import Protocol, cast, runtime_checkable
 
 import redis
 
-from service.contract.catalog import ITEM_IDS, POPULARITY, FeatureKind, FeatureValue, ItemUpdate, is_vocab, parse_key
+from service.contract.catalog import FeatureKind, FeatureValue, ItemUpdate
 from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
@@ -118,17 +118,6 @@ def validate_item(obj: object, schema: Schema | None = None) -> ItemUpdate:
             raise ItemError(loc, f"unknown feature (known: {', '.join(sorted(schema)) or 'none'})")
         features[name] = _value(value, kind, loc)
     return ItemUpdate(item_id, features)
-
-
-def schema_from_catalog(keys: Iterable[str]) -> dict[str, FeatureKind]:
-    """Feature kinds from catalog.npz array names (service.contract.catalog)."""
-    out: dict[str, FeatureKind] = {}
-    for k in keys:
-        if k not in (ITEM_IDS, POPULARITY) and not is_vocab(k):
-            kind, name = parse_key(k)
-            assert kind != "vocab"
-            out[name] = kind
-    return out
 
 
 @runtime_checkable

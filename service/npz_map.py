@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.contract.catalog import is_vocab
+
 
 def map_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an .npz, each memory-mapped read-only where the member is stored
@@ -20,7 +22,7 @@ def map_npz(path: Path) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         for info in z.infolist():
             key = info.filename.removesuffix(".npy")
-            if info.compress_type != zipfile.ZIP_STORED or key.startswith("vocab:"):
+            if info.compress_type != zipfile.ZIP_STORED or is_vocab(key):
                 with z.open(info) as member:
                     arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
                 continue

@@ -262,17 +262,17 @@ class Recommender:
         return mask
 
     def _feature_mask(self, name: str, values: tuple[str, ...]) -> np.ndarray:
-        kinds = {key.split(":", 1)[1]: key for key in self.v.item_features if not key.startswith("num:")}
-        if name not in kinds:
-            raise FilterError(name, f"unknown item feature; filterable: {sorted(kinds)}")
+        feats = self.v.item_features
+        if name not in feats.filterable():
+            raise FilterError(name, f"unknown item feature; filterable: {sorted(feats.filterable())}")
         if not values:
             raise FilterError(name, "needs at least one value")
-        vocab = {v: c for c, v in enumerate(self.v.vocab.get(name, []), start=1)}
+        vocab = {v: c for c, v in enumerate(feats.vocab[name], start=1)}
         missing = [v for v in values if v not in vocab]
         if missing:
             raise FilterError(name, f"unknown value(s) {missing[:5]}; {len(vocab)} known values")
         codes = np.asarray([vocab[v] for v in values], np.int64)
-        col = self.v.item_features[kinds[name]]
+        col = feats.codes(name)
         hit = np.isin(col, codes)  # (N + 1,) or (N + 1, K) for a multi-valued feature
         return np.asarray(hit.any(axis=1) if hit.ndim == 2 else hit, bool)
 

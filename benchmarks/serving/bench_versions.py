@@ -41,6 +41,7 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from service.contract.catalog import is_vocab  # noqa: E402
 from service.index import factory_string, index_params, set_faiss_threads  # noqa: E402
 from service.index_build import ann_recall  # noqa: E402
 
@@ -74,7 +75,7 @@ def grow(src: Path, dst: Path, m: dict, n_new: int, rng: np.random.Generator) ->
             cat[k] = np.concatenate([v, np.asarray([f"x{j}" for j in range(extra)])])
         elif k == "popularity":
             cat[k] = np.concatenate([v, np.zeros(extra, v.dtype)])
-        elif not k.startswith("vocab:"):
+        elif not is_vocab(k):
             cat[k] = np.concatenate([v, v[source]])
     with open(dst / files["catalog"], "wb") as f:
         np.savez(f, **cat)

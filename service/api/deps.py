@@ -14,7 +14,7 @@ from fastapi import Depends, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from service.catalog_updates import CatalogUpdates, Schema, schema_from_catalog
+from service.catalog_updates import CatalogUpdates, Schema
 from service.compute import ComputeThread
 from service.core.config import Settings
 from service.metrics import Metrics
@@ -69,7 +69,7 @@ async def get_catalog_updates(request: Request) -> CatalogUpdates:
 async def get_item_schema(request: Request) -> Schema | None:
     """Feature names and kinds of the loaded version's catalog; None when nothing is loaded."""
     rec: Recommender | None = getattr(request.app.state, "recommender", None)
-    return None if rec is None else schema_from_catalog(rec.v.item_features)
+    return None if rec is None else rec.v.item_features.schema()
 
 
 def _key_matches(given: str | None, *keys: str | None) -> bool:

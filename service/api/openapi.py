@@ -64,19 +64,16 @@ def install(app: FastAPI, models: list[type[BaseModel]], version_of: Callable[[]
         return generic[0]
 
     def openapi() -> dict[str, Any]:
-        from service.catalog_updates import schema_from_catalog
-
         v = version_of()
         if v is None:
             return base()
         if v.version not in served:
             doc = copy.deepcopy(base())
             schemas = doc["components"]["schemas"]
-            filterable = [k.split(":", 1)[1] for k in v.item_features if not k.startswith("num:")]
-            filters = _filters_schema(v.vocab, filterable)
+            filters = _filters_schema(v.item_features.vocab, v.item_features.filterable())
             schemas["RecommendRequest"]["properties"]["filters"] = {"anyOf": [filters, {"type": "null"}]}
             if "ItemIn" in schemas:
-                schemas["ItemIn"]["properties"]["features"] = _features_schema(schema_from_catalog(v.item_features))
+                schemas["ItemIn"]["properties"]["features"] = _features_schema(v.item_features.schema())
             served.clear()
             served[v.version] = doc
         return served[v.version]

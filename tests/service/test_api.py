@@ -447,8 +447,8 @@ def test_everything_seen_or_excluded_gives_an_empty_list(client: TestClient, cat
 def test_filters_keep_only_matching_items_and_backfill(client: TestClient, artifacts_root: Path,
                                                       catalog: list[str]) -> None:
     v = load_current(artifacts_root)
-    cat = v.item_features["cat:category"]
-    vocab = v.vocab["category"]
+    cat = v.item_features.categorical["category"]
+    vocab = v.item_features.vocab["category"]
     wanted = vocab[int(cat[1]) - 1]  # the first item's category
     out = _recommend(client, history=catalog[:3], k=10, filters={"category": wanted}, explain=True)
     ids = [it["item_id"] for it in out["items"]]
@@ -457,12 +457,12 @@ def test_filters_keep_only_matching_items_and_backfill(client: TestClient, artif
     assert len(ids) == min(10, len(passing - set(catalog[:3])))  # topped up with popular passing items if short
     assert out["served_by"].startswith("rerank")
     # multi-valued feature: an item passes when any of its tags is asked for; filters combine with AND
-    tags = v.item_features["multi:tags"]
-    tag = v.vocab["tags"][int(tags[1][tags[1] > 0][0]) - 1]
+    tags, tag_vocab = v.item_features.multi["tags"], v.item_features.vocab["tags"]
+    tag = tag_vocab[int(tags[1][tags[1] > 0][0]) - 1]
     both = _recommend(client, history=catalog[:3], k=5, filters={"tags": [tag], "category": [wanted]})
     for it in both["items"]:
         i = v.id_to_index[it["item_id"]]
-        assert vocab[int(cat[i]) - 1] == wanted and tag in [v.vocab["tags"][c - 1] for c in tags[i] if c > 0]
+        assert vocab[int(cat[i]) - 1] == wanted and tag in [tag_vocab[c - 1] for c in tags[i] if c > 0]
     pop = _recommend(client, k=5, filters={"category": wanted})  # no history: popularity, filtered too
     assert pop["served_by"] == "popularity" and {it["item_id"] for it in pop["items"]} <= passing
 

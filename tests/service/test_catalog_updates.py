@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -17,15 +18,14 @@ from service.catalog_updates import (
     CatalogUpdates,
     FileCatalogUpdates,
     ItemError,
-    ItemUpdate,
     RedisCatalogUpdates,
     make_catalog_updates,
-    schema_from_catalog,
     validate_item,
 )
+from service.contract.catalog import FeatureKind, ItemFeatures, ItemUpdate
 from service.core.config import Settings
 
-SCHEMA = schema_from_catalog(["item_ids", "popularity", "cat:category", "multi:tags", "num:price", "vocab:tags"])
+SCHEMA: dict[str, FeatureKind] = {"category": "categorical", "tags": "multi", "price": "numeric"}
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -41,10 +41,6 @@ def updates(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CatalogU
 
 def item(item_id: str, **features: object) -> ItemUpdate:
     return validate_item({"item_id": item_id, "features": features}, SCHEMA)
-
-
-def test_schema_from_catalog_keys() -> None:
-    assert SCHEMA == {"category": "categorical", "tags": "multi", "price": "numeric"}
 
 
 def test_validate_item_accepts_each_kind() -> None:
@@ -135,15 +131,14 @@ def test_file_backend_appends_one_line_per_update(tmp_path: Path) -> None:
 # --- PUT /v1/items ---
 
 
-def make_client(tmp_path: Path, api_key: str | None = None, schema_keys: list[str] | None = None,
+def make_client(tmp_path: Path, api_key: str | None = None, features: ItemFeatures | None = None,
                 configured: bool = True) -> tuple[TestClient, FileCatalogUpdates]:
     app = FastAPI()
     app.include_router(items_route.router)
     backend = FileCatalogUpdates(tmp_path / "catalog_pending.jsonl")
     app.state.settings = Settings(api_key=api_key, artifacts=tmp_path, allow_anonymous_writes=api_key is None)
     app.state.catalog_updates = backend if configured else None
-    app.state.recommender = None if schema_keys is None else SimpleNamespace(
-        v=SimpleNamespace(item_features={k: None for k in schema_keys}))
+    app.state.recommender = None if features is None else SimpleNamespace(v=SimpleNamespace(item_features=features))
     return TestClient(app), backend
 
 
@@ -179,7 +174,9 @@ def test_put_requires_the_api_key_when_configured(tmp_path: Path) -> None:
     ],
 )
 def test_put_bad_input_is_422_naming_the_field(body: object, loc: list, msg: str, tmp_path: Path) -> None:
-    client, backend = make_client(tmp_path, schema_keys=["cat:category", "multi:tags", "num:price"])
+    client, backend = make_client(tmp_path, features=ItemFeatures(
+        categorical={"category": np.zeros(1, np.int64)}, multi={"tags": np.zeros((1, 1), np.int64)},
+        numeric={"price": np.zeros(1, np.float32)}, vocab={"category": [], "tags": []}))
     r = client.put("/v1/items", json=body)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]

@@ -108,13 +108,14 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
         assert _mapped(getattr(mapped, name)) and not _mapped(getattr(eager, name)), name
         assert not getattr(mapped, name).flags.writeable
         np.testing.assert_array_equal(getattr(mapped, name), getattr(eager, name))
-    assert mapped.item_features.keys() == eager.item_features.keys() and mapped.item_features
-    for key, arr in mapped.item_features.items():
+    columns = mapped.item_features.columns()
+    assert columns.keys() == eager.item_features.columns().keys() and columns
+    for key, arr in columns.items():
         assert _mapped(arr), key
-        np.testing.assert_array_equal(arr, eager.item_features[key])
+        np.testing.assert_array_equal(arr, eager.item_features.columns()[key])
     np.testing.assert_array_equal(mapped.item_ids, eager.item_ids)
     np.testing.assert_array_equal(mapped.popularity, eager.popularity)
-    assert mapped.vocab == eager.vocab and mapped.id_to_index == eager.id_to_index
+    assert mapped.item_features.vocab == eager.item_features.vocab and mapped.id_to_index == eager.id_to_index
 
     # the retrieval graph's weights (its item table) sit in a file ONNX Runtime maps
     data = artifacts_root / "v1" / mapped.manifest["files"]["retrieval_onnx_data"]

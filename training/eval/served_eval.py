@@ -163,7 +163,7 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
         target = version.id_to_index.get(targets[u], -1)
         in_cands[:, u] = [target in rec.candidates(history) for rec in (next(iter(recs.values())), faiss_only)]
     vectors = np.vstack([np.zeros((1, version.items.shape[1]), np.float32), version.items])  # (N + 1, D)
-    genre = next((k for k in version.item_features if k.startswith("multi:genre")), None)
+    genre = next((name for name in version.item_features.multi if name.startswith("genre")), None)
     out: dict[str, dict[str, float]] = {}
     ndcg: dict[str, np.ndarray] = {}
     for name in recs:
@@ -172,7 +172,7 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
         m[f"Coverage@{COVERAGE_K}"] = float(shown[name][1:].sum() / version.num_items)
         m[f"Diversity@{COVERAGE_K}"] = embedding_diversity(top10[name], vectors)
         if genre is not None:
-            m[f"GenreDiversity@{COVERAGE_K}"] = category_diversity(top10[name], version.item_features[genre])
+            m[f"GenreDiversity@{COVERAGE_K}"] = category_diversity(top10[name], version.item_features.multi[genre])
         if name == STAGES[0]:
             m["CandidateRecall"], m["CandidateRecall_faiss"] = (float(x) for x in in_cands.mean(axis=1))
         m["users"] = int(sel.size)

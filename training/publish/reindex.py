@@ -43,7 +43,7 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 (a failure there is a warning: replicas also poll CURRENT).
 
 A failed check raises PublishError and leaves CURRENT and every version folder as they were.
-The catalog: training/publish/catalog.py; the grown item side (step 4): training/publish/item_side.py; the
+The catalog: service/contract/catalog.py (ItemCatalog); the grown item side (step 4): training/publish/item_side.py; the
 gate (step 5): training/publish/gates.py; lock, prune, announce and rollback: training/publish/versions.py
 (a rollback's target lacks the items added after it; a later reindex starts from its catalog).
 """

@@ -21,18 +21,8 @@ def get_item(item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN, p
     idx = v.id_to_index.get(item_id)
     if idx is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"item_id {item_id!r} is not in version {v.version}")
-    features: dict[str, str | list[str] | float] = {}
-    for key, col in v.item_features.items():
-        kind, name = key.split(":", 1)
-        vocab = v.vocab.get(name, [])
-        if kind == "cat":
-            code = int(col[idx])
-            features[name] = vocab[code - 1] if 1 <= code <= len(vocab) else ""
-        elif kind == "multi":
-            features[name] = [vocab[c - 1] for c in col[idx].tolist() if 1 <= c <= len(vocab)]
-        elif kind == "num":
-            features[name] = float(col[idx])
-    return ItemOut(item_id=item_id, index=idx, popularity=int(v.popularity[idx]), features=features)
+    return ItemOut(item_id=item_id, index=idx, popularity=int(v.popularity[idx]),
+                   features=v.item_features.item(idx))
 
 
 @router.get("/version", response_model=VersionOut, responses=NOT_LOADED)

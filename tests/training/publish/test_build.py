@@ -119,8 +119,8 @@ def test_publish_writes_a_version_that_loads(published: Path) -> None:
     np.testing.assert_array_equal(v.popularity, want)
     assert v.popularity.sum() < ds.num_interactions  # validation / test items not counted
     for name, col in ds.item_features.categorical.items():
-        np.testing.assert_array_equal(v.item_features[f"cat:{name}"], col)
-        assert v.vocab[name] == ds.item_features.vocab[name]
+        np.testing.assert_array_equal(v.item_features.categorical[name], col)
+        assert v.item_features.vocab[name] == ds.item_features.vocab[name]
     # arrays and sessions agree with the manifest; one intra-op thread
     assert v.items.shape == (80, 16) and v.index.ntotal == 80
     assert v.prerank_items.shape[0] == 81 and v.rerank_items is not None and v.rerank_items.shape[0] == 81

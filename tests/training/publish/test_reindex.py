@@ -102,9 +102,10 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
     assert new.item_ids[:81].tolist() == old.item_ids.tolist()  # existing items keep their indices
     assert [new.id_to_index[x] for x in ("n1", "n2", "n3", "n4")] == [81, 82, 83, 84]
     # catalog features of the new items, the new vocabulary value included
-    cat, vocab = new.item_features["cat:category"], new.vocab["category"]
-    assert vocab[cat[82] - 1] == "brand-new" and vocab[: len(old.vocab["category"])] == old.vocab["category"]
-    assert vocab[cat[new.id_to_index[changed]] - 1] == "cat0" and new.item_features["num:price"][81] == 12.5
+    cat, vocab = new.item_features.categorical["category"], new.item_features.vocab["category"]
+    old_vocab = old.item_features.vocab["category"]
+    assert vocab[cat[82] - 1] == "brand-new" and vocab[: len(old_vocab)] == old_vocab
+    assert vocab[cat[new.id_to_index[changed]] - 1] == "cat0" and new.item_features.numeric["price"][81] == 12.5
     assert new.popularity[81:].tolist() == [0, 0, 0, 0]
     m = new.manifest
     c = m["catalog"]
@@ -126,9 +127,9 @@ def test_cold_start_rows_follow_the_rule(reindexed: tuple[Path, str], ckpts: tup
     v = load_current(root)
     model, _ = rt.load_checkpoint(ckpts[0])
     trained = model.item_embedding.weight.detach().numpy()[1:81].astype(np.float64)  # (80, D)
-    cats = v.item_features["cat:category"][1:81]
-    tags = v.item_features["multi:tags"][1:81]  # the catalog as updated: the changed item counts with its new values
-    code = {name: {x: i + 1 for i, x in enumerate(v.vocab[name])} for name in ("category", "tags")}
+    cats = v.item_features.categorical["category"][1:81]
+    tags = v.item_features.multi["tags"][1:81]  # the catalog as updated: the changed item counts with its new values
+    code = {name: {x: i + 1 for i, x in enumerate(v.item_features.vocab[name])} for name in ("category", "tags")}
 
     def by_category(value: str) -> np.ndarray:
         return trained[cats == code["category"][value]].mean(axis=0)
