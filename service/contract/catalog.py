@@ -133,7 +133,8 @@ class CatalogArrays:
         rows = n + 1 if n is not None else ids.shape[0] if ids.ndim else 0
         expected = "item_count + 1" if n is not None else "the item_ids' count"
         feats = ItemFeatures()
-        columns, kinds, vocab = feats.by_kind(), feats.schema(), {}
+        columns, kinds = feats.by_kind(), feats.schema()
+        vocab: dict[str, np.ndarray] = {}
         for k, arr in arrays.items():
             kind, name = (None, k) if k in (ITEM_IDS, POPULARITY) else parse_key(k)
             want = 1 if kind is None else _NDIM[kind]
