@@ -165,22 +165,15 @@ class Recommender:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         timer = _Timer()
-        allowed = self.filter_mask(filters) if filters else None
-        history, unknown = self.to_indices(history_item_ids)
-        excluded, _ = self.to_indices(exclude or [])
-        banned = np.unique(np.concatenate([history, excluded]))
+        allowed, history, unknown, banned = self._request(history_item_ids, exclude, filters)
         if history.size == 0:
-            items = self.popularity(k, banned, allowed)
-            timer.lap("popularity")
-            return self._result(items, "popularity", timer, unknown)
+            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity")
 
         try:
             cand, scores, launchers, user_vectors, routes = self._retrieve(history, k, banned, timer)
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
-            items = self.popularity(k, banned, allowed)
-            timer.lap("popularity")
-            return self._result(items, "popularity;retrieval_failed", timer, unknown)
+            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_failed")
         if allowed is not None:
             passing = allowed[cand]
             cand, scores, launchers = cand[passing], scores[passing], launchers[passing]
@@ -233,6 +226,18 @@ class Recommender:
         final = np.concatenate([head[re_order], order[n:]])
         return served(final, np.concatenate([re_scores[re_order], pre_scores[order[n:]]]), "rerank")
 
+    def recommend_popular(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None,
+                          filters: dict[str, list[str]] | None = None, reason: str = "") -> RecommendResult:
+        """The popularity fallback alone (no model stage runs): what recommend() serves without a
+        usable history, here for any history (seen, excluded and filtered-out items dropped as
+        there). reason: appended to `served_by` ("timeout" -> "popularity;timeout")."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        timer = _Timer()
+        allowed, _, unknown, banned = self._request(history_item_ids, exclude, filters)
+        served_by = f"popularity;{reason}" if reason else "popularity"
+        return self._popularity_result(k, banned, allowed, timer, unknown, served_by)
+
     def candidates(self, history_item_ids: list[str]) -> np.ndarray:
         """The retrieval stage's candidate set (C,) of internal ids for a history, seen items
         removed: what the pre-ranker gets to see (FAISS's top retrieval_k, and the item-to-item
@@ -241,6 +246,21 @@ class Recommender:
         if history.size == 0:
             return np.zeros(0, np.int64)
         return self._retrieve(history, 1, np.unique(history), _Timer())[0]
+
+    def _request(self, history_item_ids: list[str], exclude: list[str] | None, filters: dict[str, list[str]] | None
+                 ) -> tuple[np.ndarray | None, np.ndarray, int, np.ndarray]:
+        """A request's filter mask (N + 1,) or None, its known history (L,), the number of unknown
+        history ids and the items never to return (seen + excluded, sorted, unique)."""
+        allowed = self.filter_mask(filters) if filters else None
+        history, unknown = self.to_indices(history_item_ids)
+        excluded, _ = self.to_indices(exclude or [])
+        return allowed, history, unknown, np.unique(np.concatenate([history, excluded]))
+
+    def _popularity_result(self, k: int, banned: np.ndarray, allowed: np.ndarray | None, timer: _Timer, unknown: int,
+                 served_by: str) -> RecommendResult:
+        items = self.popularity(k, banned, allowed)
+        timer.lap("popularity")
+        return self._result(items, served_by, timer, unknown)
 
     # --- filters ---
 
