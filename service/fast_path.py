@@ -2,12 +2,13 @@
 
 A recommendation spends more CPU in FastAPI's request machinery (eight ASGI layers, routing,
 seven dependencies, the body read twice) than in its retrieval search. This ASGI middleware
-answers the common request itself, from the same objects and the same `recommend_one` the route
-runs: a JSON body that `RecommendRequest` accepts, a loaded service, no dependency overrides.
-Every other request goes to FastAPI unchanged (the body replayed), and so does every request
-the fast path cannot answer with a 200: a body FastAPI would refuse, a missing read key, a full
-compute queue, a 422 raised while serving. FastAPI then produces exactly the response it always
-did, so errors have one source and the OpenAPI schema is FastAPI's.
+answers the common request itself, from the same objects and the same use case the route runs
+(service/recommend.py): a JSON body that `RecommendRequest` accepts, a loaded service, no
+dependency overrides. Every other request goes to FastAPI unchanged (the body replayed), and so
+does every request the fast path cannot answer with a 200: a body FastAPI would refuse, a
+missing read key, a full compute queue, a field the use case refuses (InvalidRequest: a 422
+there). FastAPI then produces exactly the response it always did, so errors have one source and
+the OpenAPI schema is FastAPI's.
 
 The body is validated as FastAPI validates it (json.loads, then the model in Python mode), so a
 body is accepted here exactly when the route would accept it.
@@ -18,22 +19,24 @@ from __future__ import annotations
 import json
 
 from fastapi import FastAPI, HTTPException
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIRouter
 from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import check_read_key
-from service.api.routes.recommend import recommend_one, router
 from service.compute import ComputeBusy
+from service.recommend import InvalidRequest, RecommendContext, as_json, recommend
 from service.schemas import RecommendRequest
 
 PATH = "/v1/recommend"
+JSON = "application/json"
 
 
 class RecommendFastPath:
-    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI, router: APIRouter) -> None:
+        """router: the one holding the POST /v1/recommend route (service/api/routes/recommend.py),
+        handed in by service/main.py so that this module stays below the routes."""
         self.app = app
         self.api = api
         # the route FastAPI would match (its path is the metrics label)
@@ -75,8 +78,9 @@ class RecommendFastPath:
             if req.history is None and req.user_id is not None:
                 key = headers.get(b"x-api-key")
                 check_read_key(settings, None if key is None else key.decode("latin-1"))
-            return await compute.run(recommend_one, req, rec, store, settings, state.metrics)
-        except (HTTPException, RequestValidationError, ComputeBusy):  # FastAPI gives the 4xx / 503
+            ctx = RecommendContext(rec, store, state.metrics, settings.timeout_ms)
+            return Response(await compute.run(as_json, recommend, ctx, req), media_type=JSON)
+        except (HTTPException, InvalidRequest, ComputeBusy):  # FastAPI gives the 4xx / 503
             return None
 
 

@@ -102,7 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s: Settings | None = app.state.settings
         return default_limit if s is None else s.max_body_bytes
 
-    app.add_middleware(RecommendFastPath, api=app)  # innermost: inside the body limit and the metrics
+    # innermost: inside the body limit and the metrics
+    app.add_middleware(RecommendFastPath, api=app, router=recommend.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
     return app

@@ -1,0 +1,151 @@
+"""The recommend use case, below its two entry points: the routes POST /v1/recommend and
+/v1/recommend/batch (service/api/routes/recommend.py) and the ASGI fast path (service/fast_path.py).
+
+History: the request's `history`, else the stored history of `user_id`, else none (popularity).
+Store trouble never fails a request: it is served without the stored history and `served_by`
+says so (`;store_unavailable`). A field the store or the loaded version refuses raises
+InvalidRequest naming it; the entry points turn that into a 422.
+
+Budget (RecommendContext.timeout_ms, RECSYS_TIMEOUT_MS): one request gets what the store read
+left of it, and a stage not yet started when it is spent is skipped (`;timeout`, the previous
+stage's order). A batch shares one budget that began when the HTTP request arrived: each request
+gets what is left, and once it is spent the rest are served from popularity (`;timeout`).
+
+Blocking (store read + pipeline): the entry points run these functions on the worker's compute
+thread (service/compute.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec
+
+from service.metrics import Metrics
+from service.pipeline import FilterError, Recommender
+from service.schemas import RecommendRequest, encode_json, recommend_json
+from service.stores import HistoryStore, StoreError
+
+P = ParamSpec("P")
+Loc = tuple[str | int, ...]
+
+logger = logging.getLogger(__name__)
+
+STORE_FLAG = "store_unavailable"
+
+
+@dataclass(frozen=True)
+class RecommendContext:
+    """What a recommendation is served with; built per HTTP request (a hot swap replaces the
+    recommender between requests)."""
+
+    recommender: Recommender
+    store: HistoryStore
+    metrics: Metrics
+    timeout_ms: float  # the budget of one HTTP request, a batch included
+
+
+@dataclass
+class History:
+    """A request's resolved history: its item ids (oldest first), the flags it adds to
+    `served_by` and the ms its store read took."""
+
+    items: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    store_ms: float = 0.0
+
+
+class InvalidRequest(ValueError):
+    """A request field that passed the schema but that the store or the loaded version refuses;
+    `loc` is its path inside the request body (e.g. ("requests", 1, "filters", "genre"))."""
+
+    def __init__(self, loc: Loc, message: str) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: {message}")
+        self.loc = loc
+        self.message = message
+
+
+def recommend(ctx: RecommendContext, req: RecommendRequest) -> dict[str, Any]:
+    """Top-k for one request, as RecommendResponse's JSON-ready dict."""
+    start = time.perf_counter()
+    history = History()
+    if req.history is not None:
+        history.items = req.history
+    elif req.user_id is not None:
+        try:
+            history.items = ctx.store.get_history(req.user_id)
+        except ValueError as exc:  # an id pydantic lets through but the store refuses
+            raise InvalidRequest(("user_id",), str(exc)) from None
+        except StoreError as exc:
+            logger.warning("history of %r unavailable, serving without it: %s", req.user_id, exc)
+            history.flags.append(STORE_FLAG)
+    history.store_ms = (time.perf_counter() - start) * 1000.0
+    return _serve(ctx, req, history, ())
+
+
+def recommend_batch(ctx: RecommendContext, reqs: list[RecommendRequest], started: float) -> dict[str, Any]:
+    """Every request of a batch, as RecommendBatchResponse's JSON-ready dict; stored histories
+    are read in one store round trip. `started`: time.perf_counter() when the HTTP request
+    arrived (the batch's budget began). Every request's filters are checked before any is served."""
+    for i, r in enumerate(reqs):
+        _check_filters(ctx.recommender, r, ("requests", i))
+    t0 = time.perf_counter()
+    stored, flags = _stored_histories(ctx.store, [r.user_id for r in reqs if r.history is None and r.user_id])
+    store_ms = (time.perf_counter() - t0) * 1000.0
+    results = []
+    for i, r in enumerate(reqs):
+        by_store = r.history is None and bool(r.user_id)
+        history = History(r.history if r.history is not None else stored.get(r.user_id or "", []),
+                          list(flags if by_store else []), store_ms)
+        left_ms = ctx.timeout_ms - (time.perf_counter() - started) * 1000.0
+        results.append(_serve(ctx, r, history, ("requests", i), budget_ms=left_ms))
+    return {"results": results}
+
+
+def as_json(use_case: Callable[P, dict[str, Any]], *args: P.args, **kwargs: P.kwargs) -> bytes:
+    """use_case(...)'s answer as the response body. The entry points run this on the compute
+    thread, so the encoding stays off the event loop."""
+    return encode_json(use_case(*args, **kwargs))
+
+
+def _stored_histories(store: HistoryStore, user_ids: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    if not user_ids:
+        return {}, []
+    try:
+        return store.get_histories(user_ids), []
+    except ValueError as exc:
+        raise InvalidRequest(("requests",), str(exc)) from None
+    except StoreError as exc:
+        logger.warning("histories of %d users unavailable, serving without them: %s", len(user_ids), exc)
+        return {}, [STORE_FLAG]
+
+
+def _check_filters(rec: Recommender, req: RecommendRequest, loc: Loc) -> None:
+    if req.filters:
+        try:
+            rec.filter_mask(req.filters)
+        except FilterError as exc:
+            raise InvalidRequest((*loc, "filters", exc.field), exc.message) from None
+
+
+def _serve(ctx: RecommendContext, req: RecommendRequest, history: History, loc: Loc,
+           budget_ms: float | None = None) -> dict[str, Any]:
+    """RecommendResponse as a JSON-ready dict. budget_ms: what is left of the HTTP request's
+    budget (a batch); None = timeout_ms - store_ms."""
+    rec = ctx.recommender
+    left = max(ctx.timeout_ms - history.store_ms, 0.0) if budget_ms is None else budget_ms
+    try:
+        if left <= 0.0 and budget_ms is not None:  # a batch's budget is spent: the cheapest answer
+            result = rec.recommend_popular(history.items, req.k, req.exclude, req.filters, reason="timeout")
+        else:
+            result = rec.recommend(history.items, req.k, req.exclude, explain=req.explain, filters=req.filters,
+                                   timeout_ms=max(left, 0.0))
+    except FilterError as exc:
+        raise InvalidRequest((*loc, "filters", exc.field), exc.message) from None
+    served_by = ";".join([result.served_by, *history.flags])
+    timings = {"store": round(history.store_ms, 3), **result.timings_ms}
+    timings["total"] = round(history.store_ms + result.timings_ms["total"], 3)
+    ctx.metrics.observe_recommendation(served_by, timings, result.unknown_items)
+    return recommend_json(result.items, result.model_version, served_by, timings, result.unknown_items, req.explain)
