@@ -400,45 +400,6 @@ def test_bad_settings_fail_with_the_field_named(monkeypatch: pytest.MonkeyPatch)
         Settings()
 
 
-def test_stage_failure_falls_back_to_previous_order(artifacts_root: Path, catalog: list[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    rec = Recommender(load_current(artifacts_root), retrieval_k=50, prerank_n=10)
-    history = catalog[:4]
-
-    def boom(*args: object) -> None:
-        raise ValueError("stage down")
-
-    pre = rec.recommend(history, k=10)
-    monkeypatch.setattr(rec, "_rerank", boom)
-    out = rec.recommend(history, k=10)
-    assert out.served_by == "prerank;rerank_failed"
-    assert {i.item_id for i in out.items} == {i.item_id for i in pre.items}  # same top 10, pre-rank order
-    assert [i.score for i in out.items] == sorted((i.score for i in out.items), reverse=True)
-    monkeypatch.setattr(rec, "_prerank", boom)
-    out = rec.recommend(history, k=10)
-    assert out.served_by == "retrieval;prerank_failed" and len(out.items) == 10
-    assert [i.stages["retrieval"] for i in out.items] == [i.score for i in out.items]
-    monkeypatch.setattr(rec, "_retrieve", boom)
-    out = rec.recommend(history, k=10)
-    assert out.served_by == "popularity;retrieval_failed" and not {i.item_id for i in out.items} & set(history)
-
-
-def test_pv_columns_sum_to_the_pre_rank_score(artifacts_root: Path) -> None:
-    """The re-ranker's PV columns sum to the pre-rank score (its definition). The online user
-    features are the training encoder itself (service/contract/features.py, tests/service/test_features.py)."""
-    import numpy as np
-
-    v = load_current(artifacts_root)
-    rec = Recommender(v)
-    cand = np.arange(1, 21)
-    hist = np.array([1, 2, 3])
-    users = v.retrieval.run(None, {"item_seq": hist[None]})[0][0]  # (M, D)
-    ret_scores = (v.items[cand - 1] @ users.T).max(axis=1)  # fused retrieval score of each candidate
-    order, scores, pv = rec._prerank(hist, cand, ret_scores, np.zeros(cand.size, np.int64), users)
-    np.testing.assert_allclose(pv.sum(axis=1), scores, rtol=1e-5, atol=1e-5)
-    assert scores[order].tolist() == sorted(scores.tolist(), reverse=True)
-
-
 def test_everything_seen_or_excluded_gives_an_empty_list(client: TestClient, catalog: list[str]) -> None:
     out = _recommend(client, history=catalog[:40], exclude=catalog[40:], k=10)
     assert out["items"] == [] and out["served_by"] == "retrieval"
