@@ -47,13 +47,13 @@ from typing import Literal, Protocol, cast, runtime_checkable
 
 import redis
 
+from service.contract.layout import PENDING_ITEMS
 from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
 
 MAX_FEATURES = 64
 MAX_VALUES = 64
-PENDING_FILE = "catalog_pending.jsonl"
 REDIS_KEY = "recsys:catalog:pending"
 SOCKET_TIMEOUT_S = 2.0  # a write path of the API and a batch job: not the request budget of /recommend
 _CLEAR_CHUNK = 1000  # (field, id) pairs per compare-and-delete script call
@@ -276,7 +276,7 @@ def make_catalog_updates(redis_url: str | None, artifacts_root: str | Path) -> C
     if redis_url:
         logger.info("catalog updates: redis hash %s", REDIS_KEY)
         return RedisCatalogUpdates(redis_url)
-    path = Path(artifacts_root) / PENDING_FILE
+    path = Path(artifacts_root) / PENDING_ITEMS
     logger.info("catalog updates: %s", path)
     return FileCatalogUpdates(path)
 

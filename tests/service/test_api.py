@@ -358,7 +358,7 @@ def test_items_version_and_health(client: TestClient, artifacts_root: Path, cata
     assert version["model_version"] == "v1" and version["item_count"] == len(catalog) and version["rerank"]
     assert version["data"]["spec"] == TINY
     # what the publish gate measured and decided (manifest `serving`), and what this process serves
-    serving = v.manifest["serving"]
+    serving = v.manifest.to_dict()["serving"]
     assert version["stages"] == serving["stages"] == list(Recommender(v).stages)
     assert version["serving"]["switched_off"] == serving["switched_off"] and version["serving"]["split"] == "valid"
     assert version["cuts"]["retrieval"]["NDCG@10"] == serving["cuts"]["retrieval"]["NDCG@10"]

@@ -117,7 +117,7 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
     assert mapped.vocab == eager.vocab and mapped.id_to_index == eager.id_to_index
 
     # the retrieval graph's weights (its item table) sit in a file ONNX Runtime maps
-    data = artifacts_root / "v1" / mapped.manifest["files"]["retrieval_onnx_data"]
+    data = artifacts_root / "v1" / mapped.manifest.to_dict()["files"]["retrieval_onnx_data"]
     assert data.stat().st_size >= mapped.items.nbytes
 
     a, b = Recommender(mapped), Recommender(eager)
@@ -129,7 +129,7 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
 
 
 def test_factory_string_is_recorded_and_checked_on_load(artifacts_root: Path, tmp_path: Path) -> None:  # noqa: F811
-    index = load_current(artifacts_root).manifest["index"]
+    index = load_current(artifacts_root).manifest.to_dict()["index"]
     assert index["factory"] in ("Flat", f"IVF{index.get('nlist')},Flat")
 
     folder = tmp_path / "v1"

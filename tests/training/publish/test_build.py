@@ -101,7 +101,7 @@ def test_publish_writes_a_version_that_loads(published: Path) -> None:
     assert (published / CURRENT).read_text().strip() == "v1"
     assert _listing(published) == [CURRENT, "v1"]  # no temp folder or temp CURRENT left
     v = load_current(published)
-    m = v.manifest
+    m = v.manifest.to_dict()
     assert v.version == m["version"] == "v1"
     assert m["data"]["fingerprint"] == ds.fingerprint and m["data"]["spec"] == TINY
     assert m["item_count"] == v.num_items == ds.num_items == 80
@@ -198,7 +198,7 @@ def test_recall_below_the_threshold_is_rejected(ckpts: tuple[Path, Path, Path], 
         publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.9, index_spec=ivf)
     assert _listing(tmp_path) == []
     publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.0, index_spec=ivf)
-    index = load_current(tmp_path).manifest["index"]
+    index = load_current(tmp_path).manifest.to_dict()["index"]
     assert index["kind"] == "ivf" and index["nlist"] == 2 and index["nprobe"] == 1 and index["recall"] < 0.9
 
 
@@ -227,10 +227,10 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
         publish(TINY, worse, pre, None, root, version="v2")
     assert _listing(root) == [CURRENT, "v1"] and read_current(root) == "v1"
     publish(TINY, worse, pre, None, root, version="v2", max_regression=0.05)
-    m = load_current(root).manifest
+    m = load_current(root).manifest.to_dict()
     assert m["checks"]["regression"] == {"metric": "NDCG@10", "max_regression": 0.05, "live_version": "v1",
                                          "compared": "retrieval NDCG@10", "result": "passed", "live": 0.05, "new": 0.03}
-    v1 = load_version(root / "v1").manifest["checks"]["regression"]
+    v1 = load_version(root / "v1").manifest.to_dict()["checks"]["regression"]
     assert v1["result"] == "skipped: no live version"
 
 

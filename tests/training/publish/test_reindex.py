@@ -106,7 +106,7 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
     assert vocab[cat[82] - 1] == "brand-new" and vocab[: len(old.vocab["category"])] == old.vocab["category"]
     assert vocab[cat[new.id_to_index[changed]] - 1] == "cat0" and new.item_features["num:price"][81] == 12.5
     assert new.popularity[81:].tolist() == [0, 0, 0, 0]
-    m = new.manifest
+    m = new.manifest.to_dict()
     c = m["catalog"]
     assert (c["added"], c["changed"], c["added_ids"], c["changed_ids"]) == (4, 1, ["n1", "n2", "n3", "n4"], [changed])
     assert c["base"] == "live version v1" and c["pending_applied"] == 1 and c["trained_items"] == 80
@@ -185,7 +185,7 @@ def test_next_reindex_keeps_added_items_prunes_and_announces(
     assert code == 0, err
     v = load_current(root)
     assert v.version == "v3" and v.id_to_index["n1"] == 81 and v.id_to_index["n5"] == 85  # earlier additions kept
-    assert v.manifest["catalog"]["base"] == "live version v2" and v.manifest["catalog"]["added_ids"] == ["n5"]
+    assert v.manifest.to_dict()["catalog"]["base"] == "live version v2" and v.manifest.to_dict()["catalog"]["added_ids"] == ["n5"]
     assert listing(root) == ["v2", "v3"]  # --keep 1 pruned v1, never CURRENT (v3) nor the previous one (v2)
     assert "pruned: v1" in out and "CURRENT: v2 -> v3" in out and "announced: 1 subscriber(s)" in out
     for step in ("load", "catalog", "embeddings", "onnx", "index", "recall", "gate", "write"):
@@ -212,7 +212,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
     monkeypatch.setattr(publisher_module, "publish_items", publish_while_updates_arrive)
     # random-init models: a cold item can cost the served NDCG@10 more than 0.01; not the point here
     res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None))
-    assert res.cleared == 1 and res.published.manifest["catalog"]["added_ids"] == ["early"]
+    assert res.cleared == 1 and res.published.manifest.to_dict()["catalog"]["added_ids"] == ["early"]
     left = {u.item_id: u.features for u in pending.snapshot().items}
     assert left == {"early": {"category": "cat5"}, "late": {}}  # the newer ones wait for the next run
 
