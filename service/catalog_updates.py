@@ -47,7 +47,7 @@ from typing import Literal, Protocol, cast, runtime_checkable
 
 import redis
 
-from service.contract.layout import PENDING_ITEMS
+from service.contract.layout import PENDING_ITEMS, write_atomic
 from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
@@ -259,12 +259,7 @@ class FileCatalogUpdates:
         with self._locked():
             entries = self._read()
             keep = [e for e in entries if e["id"] not in consumed]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(e) + "\n" for e in keep)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in keep))
         return len(entries) - len(keep)
 
     def close(self) -> None:

@@ -98,7 +98,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so a reader sees the old or the new content, never a mix:
     a temp file beside it, fsync, os.replace, fsync of the folder."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
