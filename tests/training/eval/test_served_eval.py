@@ -41,6 +41,7 @@ from training.publish.onnx.rerank import export_rerank
 from training.eval.metrics import evaluate_retrieval
 from training.publish.gates import catalog_metrics
 from training.stages.retrieval.train import model_scorer
+from service.contract.layout import RERANK_ITEMS, RERANK_MANIFEST
 
 REVERSE_LEN = 30  # = the service's prerank_n: the broken re-ranker reverses the whole pre-rank top 30
 
@@ -78,7 +79,7 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
     pipe = im.Pipeline.load(ds, LeaveOneOut(ds), ret, pre)
     heads = json.loads((pre / pr.MANIFEST).read_text())["outputs"]["user_heads"]
     pv_dim = heads[1] * heads[2]  # (layers, user heads), as make_checkpoints
-    good = {**json.loads((rer / "rerank_manifest.json").read_text()), "pv_mean": [0.0] * pv_dim,
+    good = {**json.loads((rer / RERANK_MANIFEST).read_text()), "pv_mean": [0.0] * pv_dim,
             "pv_std": [1.0] * pv_dim}
     mlp = PointwiseMLP(PointwiseMLPConfig(item_dim=pipe.item_feats.shape[1], pv_dim=pv_dim, hidden=(2,),
                                           dropout=0.0, max_len=REVERSE_LEN)).eval()
@@ -94,8 +95,8 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
                                                                            retrieval_score=False),
                      fingerprint=ds.fingerprint)
     export_rerank(mlp, out)
-    np.save(out / "rerank_items.npy", pipe.item_feats)
-    (out / "rerank_manifest.json").write_text(json.dumps({**good, "model": "MLP", "list_len": REVERSE_LEN,
+    np.save(out / RERANK_ITEMS, pipe.item_feats)
+    (out / RERANK_MANIFEST).write_text(json.dumps({**good, "model": "MLP", "list_len": REVERSE_LEN,
                                                           "config": mlp.config.to_dict()}))
     return out
 
