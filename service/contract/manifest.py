@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from service.contract.blocks import Block, BlockError, Catalog, Data, Dims, Files, Index, Retrieval
+from service.contract.blocks import Block, BlockError, Catalog, Data, Dims, Files, Index, Retrieval, optional
 from service.contract.layout import MANIFEST, TMP_PREFIX, ContractError
 from service.contract.stage_blocks import Checks, Item2Item, Prerank, Rerank, Serving
 
@@ -54,9 +54,9 @@ class Manifest(Block):
     index: Index = field(default_factory=Index)
     prerank: Prerank = field(default_factory=Prerank)
     rerank: Rerank | None = None  # written as null without a re-ranker
-    item2item: Item2Item | None = field(default=None, metadata={"optional": True})
-    serving: Serving | None = field(default=None, metadata={"optional": True})
-    checks: Checks | None = field(default=None, metadata={"optional": True})
+    item2item: Item2Item | None = optional()
+    serving: Serving | None = optional()  # the stage gate's record
+    checks: Checks | None = optional()
 
     @classmethod
     def from_dict(cls, d: Any, source: str | Path = MANIFEST) -> Manifest:
