@@ -1,9 +1,9 @@
 """Load and validate one published artifact version (DESIGN.md §5) for serving. No torch.
 
 artifacts/CURRENT names the live version; artifacts/<version>/manifest.json says what every
-file is. Nothing here parses a file name: paths come from the manifest's "files" entry, and each
-must be a plain file name inside the version folder (no path separators, no dot files, no symlink
-out of it). Every problem of any kind (a bad value, a truncated zip, undecodable bytes, ...) is
+file is (read and validated once by service/contract/manifest.py). Nothing here parses a file
+name: paths come from the manifest's `files`, and each must be a plain file name inside the
+version folder (no path separators, no dot files, no symlink out of it). Every problem of any kind (a bad value, a truncated zip, undecodable bytes, ...) is
 an :class:`ArtifactError` naming the folder, the file and what is wrong.
 
 Arrays are memory-mapped by default (`mmap=True`): items.npy, the pre-rank item heads, the
@@ -17,9 +17,7 @@ place (a new version is a new folder), which is what mapping them needs.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -32,6 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.contract.catalog import CatalogArrays, CatalogError, ItemFeatures
+from service.contract.layout import CURRENT, MANIFEST, ContractError, read_current
+from service.contract.manifest import Manifest, needed_files, read_json
 from service.ids import ItemIndex
 from service.index import load_index, search_fused
 from service.item2item import Item2ItemRoute
@@ -40,25 +40,11 @@ from service.prerank import score_candidates
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CURRENT = "CURRENT"
-SUPPORTED_FORMATS = (1,)
-REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims", "files", "retrieval", "index",
-                 "prerank")
-REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
-                  "prerank_features")
-RERANK_FILES = ("rerank_onnx", "rerank_items")
-OPTIONAL_FILES = ("retrieval_onnx_data",)
-# the served cuts in order; a version serves a non-empty prefix (manifest `serving.stages`, set
-# by the publish gate). service.pipeline uses this one tuple.
-STAGES = ("retrieval", "prerank", "rerank")
 _ORT = ort.capi.onnxruntime_pybind11_state
 # what ONNX Runtime raises for an unreadable model or a bad feed (none derives from RuntimeError)
 ORT_ERRORS: tuple[type[Exception], ...] = (_ORT.Fail, _ORT.InvalidProtobuf, _ORT.NoSuchFile, _ORT.InvalidArgument,
                                            _ORT.InvalidGraph, _ORT.RuntimeException, _ORT.NotImplemented)
 _SMOKE_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, ValueError, IndexError)
-# what a version (and so CURRENT) may be called; training/publish/build.py publishes only such names
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ArtifactError(Exception):
@@ -77,7 +63,7 @@ class LoadedVersion:
 
     version: str
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     item_ids: np.ndarray
     id_to_index: ItemIndex
     popularity: np.ndarray
@@ -98,7 +84,9 @@ class LoadedVersion:
 
     @property
     def maxlen(self) -> int:
-        return int(self.manifest["dims"]["maxlen"])
+        if self.manifest.dims.maxlen is None:
+            raise ArtifactError(f"{self.path / MANIFEST}: dims.maxlen is missing")
+        return self.manifest.dims.maxlen
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -110,16 +98,13 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def current_version(artifacts_root: str | Path) -> str:
-    """The name in artifacts_root/CURRENT."""
-    path = Path(artifacts_root) / CURRENT
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no CURRENT file (nothing published yet?)")
+    """The name in artifacts_root/CURRENT (service/contract/layout.read_current)."""
     try:
-        name = path.read_bytes()[:256].decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if not VERSION_RE.match(name) or name == CURRENT:
-        raise ArtifactError(f"{path}: invalid version name {name!r} (must match {VERSION_RE.pattern})")
+        name = read_current(artifacts_root)
+    except ContractError as exc:
+        raise ArtifactError(str(exc)) from None
+    if name is None:
+        raise ArtifactError(f"{Path(artifacts_root) / CURRENT}: no CURRENT file (nothing published yet?)")
     return name
 
 
@@ -158,74 +143,69 @@ def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
 def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mmap: bool) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
-    manifest = _read_manifest(folder)
-    files = manifest["files"]
-    n = manifest["item_count"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ArtifactError(f"{folder / MANIFEST}: item_count must be an integer >= 1, got {n!r}")
-    has_rerank = manifest.get("rerank") is not None
-    _check_serving(folder / MANIFEST, manifest.get("serving"), has_rerank)
+    try:
+        manifest = Manifest.load(folder / MANIFEST)
+    except ContractError as exc:
+        raise ArtifactError(str(exc)) from None
+    files, dims, n = manifest.files, manifest.dims, manifest.item_count
     # retrieval.onnx.data (optional): the graph's weights, which ONNX Runtime maps from there
-    needed = REQUIRED_FILES + (RERANK_FILES if has_rerank else ()) + tuple(k for k in OPTIONAL_FILES if k in files)
-    for key in needed:
-        if key not in files:
-            raise ArtifactError(f"{folder / MANIFEST}: files.{key} is missing")
-        _confined(folder, key, files[key])
-        if not (folder / files[key]).is_file():
-            raise ArtifactError(f"{folder}: {files[key]} (files.{key}) is missing")
+    for role in needed_files(manifest):
+        name = files.name(role)
+        _confined(folder, role, name)
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder}: {name} (files.{role}) is missing")
 
-    dims = manifest["dims"]
-    with file(files["items"]):
-        items = _load_npy(folder, files["items"], (n, dims.get("retrieval_dim")), mmap)
-    with file(files["index"]):
+    with file(files.name("items")):
+        items = _load_npy(folder, files.name("items"), (n, dims.retrieval_dim), mmap)
+    index_file = files.name("index")
+    with file(index_file):
         try:
             # threads: RECSYS_COMPUTE_THREADS (main.py)
-            index = load_index(folder / files["index"], num_threads=None, mmap=mmap, expect=manifest["index"])
+            index = load_index(folder / index_file, num_threads=None, mmap=mmap,
+                               expect=manifest.index.search_settings())
         except (RuntimeError, ValueError) as exc:
-            raise ArtifactError(f"{folder}: {files['index']} does not load: {exc}") from None
+            raise ArtifactError(f"{folder}: {index_file} does not load: {exc}") from None
         if int(index.ntotal) != n or int(index.d) != items.shape[1]:
-            raise ArtifactError(f"{folder}: {files['index']} holds {index.ntotal} vectors of D={index.d}, "
+            raise ArtifactError(f"{folder}: {index_file} holds {index.ntotal} vectors of D={index.d}, "
                                 f"expected item_count={n} of D={items.shape[1]}")
-    with file(files["catalog"]):
-        catalog = _load_catalog(folder / files["catalog"], n, mmap)
+    with file(files.name("catalog")):
+        catalog = _load_catalog(folder / files.name("catalog"), n, mmap)
         item_ids, popularity = catalog.item_ids, catalog.popularity
 
-    with file(files["prerank_items"]):
-        heads = dims.get("prerank_item_heads", (None, None))
-        if not isinstance(heads, list | tuple) or len(heads) != 2:
-            raise ArtifactError(f"{folder / MANIFEST}: dims.prerank_item_heads must be [G, d], got {heads!r}")
-        prerank_items = _load_npy(folder, files["prerank_items"], (n + 1, *heads), mmap)
+    with file(files.name("prerank_items")):
+        heads = dims.prerank_item_heads or (None, None)
+        prerank_items = _load_npy(folder, files.name("prerank_items"), (n + 1, *heads), mmap)
     rerank = rerank_items = None
-    if has_rerank:
-        with file(files["rerank_onnx"]):
-            rerank = _session(folder, files["rerank_onnx"])
-        with file(files["rerank_items"]):
-            rerank_items = _load_npy(folder, files["rerank_items"], (n + 1, dims.get("rerank_item_dim")), mmap)
-    with file(files["prerank_features"]):
-        prerank_features = _read_json(folder / files["prerank_features"])
+    if manifest.has_rerank:
+        with file(files.name("rerank_onnx")):
+            rerank = _session(folder, files.name("rerank_onnx"))
+        with file(files.name("rerank_items")):
+            rerank_items = _load_npy(folder, files.name("rerank_items"), (n + 1, dims.rerank_item_dim), mmap)
+    features_file = files.name("prerank_features")
+    with file(features_file):
+        prerank_features = _read_json(folder / features_file)
         missing = [k for k in ("user", "history_len") if not isinstance(prerank_features, dict) or k not in prerank_features]
         if missing:
-            raise ArtifactError(f"{folder}: {files['prerank_features']} is not a feature spec (missing {missing})")
+            raise ArtifactError(f"{folder}: {features_file} is not a feature spec (missing {missing})")
     item2item = None
-    if "item2item" in files:  # optional: older versions serve without the route
-        with file(files["item2item"]):
-            _confined(folder, "item2item", files["item2item"])
-            with np.load(folder / files["item2item"], allow_pickle=False) as z:
-                item2item = Item2ItemRoute.from_arrays(dict(z), n, (manifest.get("item2item") or {}).get("serving"))
-    with file(files["retrieval_onnx"]):
-        retrieval = _session(folder, files["retrieval_onnx"])
-    with file(files["prerank_user_onnx"]):
-        prerank_user = _session(folder, files["prerank_user_onnx"])
+    if files.has("item2item"):  # optional: older versions serve without the route
+        with file(files.name("item2item")):
+            with np.load(folder / files.name("item2item"), allow_pickle=False) as z:
+                settings = manifest.item2item.serving if manifest.item2item is not None else None
+                item2item = Item2ItemRoute.from_arrays(dict(z), n, settings)
+    with file(files.name("retrieval_onnx")):
+        retrieval = _session(folder, files.name("retrieval_onnx"))
+    with file(files.name("prerank_user_onnx")):
+        prerank_user = _session(folder, files.name("prerank_user_onnx"))
     loaded = LoadedVersion(
-        version=manifest["version"], path=folder, manifest=manifest, item_ids=item_ids,
+        version=manifest.version, path=folder, manifest=manifest, item_ids=item_ids,
         id_to_index=ItemIndex(item_ids),
         popularity=popularity, item_features=catalog.features,
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
         prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items, item2item=item2item,
     )
-    logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n,
-                manifest["index"].get("kind"))
+    logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n, manifest.index.kind)
     return loaded
 
 
@@ -234,12 +214,12 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
 
     Returns the output shape of each stage (for logs and the publish report).
     """
-    n, dims = v.num_items, v.manifest["dims"]
+    n, dims, files = v.num_items, v.manifest.dims, v.manifest.files
     hist = (np.arange(min(3, n), dtype=np.int64) + 1)[None, :]  # (1, L)
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         users = v.retrieval.run(None, {"item_seq": hist})[0]  # (1, M, D)
-        _expect("retrieval.onnx user_vectors", users.shape, (1, dims["num_launchers"], dims["retrieval_dim"]))
+        _expect(f"{files.retrieval_onnx} user_vectors", users.shape, (1, dims.num_launchers, dims.retrieval_dim))
         hits = search_fused(v.index, users, min(k, n))
         shapes["retrieval"] = tuple(users.shape)
         cand = hits.user(0)[0]
@@ -249,14 +229,14 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             dtype = np.int64 if "int64" in inp.type else np.float32
             feeds[inp.name] = np.zeros((1, width if isinstance(width, int) else 1), dtype=dtype)
         heads = v.prerank_user.run(None, feeds)[0]  # (1, L, H, d)
-        _expect("prerank_user.onnx user_heads", heads.shape[:1] + heads.shape[-1:], (1, v.prerank_items.shape[-1]))
+        _expect(f"{files.prerank_user_onnx} user_heads", heads.shape[:1] + heads.shape[-1:], (1, v.prerank_items.shape[-1]))
         scores = score_candidates(heads[0], v.prerank_items, cand)  # (C,)
         shapes["prerank"] = tuple(heads.shape)
-        if v.rerank is not None and v.rerank_items is not None:
+        if v.rerank is not None and v.rerank_items is not None and v.manifest.rerank is not None:
             pv_width = int(v.rerank.get_inputs()[1].shape[2])
-            L = min(cand.size, int(v.manifest["rerank"]["config"]["max_len"]))
+            L = min(cand.size, v.manifest.rerank.max_len)
             cand, scores = cand[:L], scores[:L]
-            n_scores = int(v.manifest["rerank"]["config"].get("num_scores", 1))
+            n_scores = v.manifest.rerank.num_scores
             # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
             init = np.repeat(scores[None, :, None], n_scores, axis=2) if n_scores > 1 else scores[None]
             out = v.rerank.run(None, {
@@ -265,9 +245,9 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
                 "init_score": init.astype(np.float32),
                 "mask": np.ones((1, L), bool),
             })[0]
-            _expect("rerank.onnx scores", out.shape, (1, L))
+            _expect(f"{files.rerank_onnx} scores", out.shape, (1, L))
             if not np.isfinite(out).all():
-                raise ArtifactError(f"{v.path}: rerank.onnx returned non-finite scores")
+                raise ArtifactError(f"{v.path}: {files.rerank_onnx} returned non-finite scores")
             shapes["rerank"] = tuple(out.shape)
     except ArtifactError:
         raise
@@ -279,57 +259,15 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
 # --- helpers ---
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: {MANIFEST} is missing")
-    manifest = _read_json(path)
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: missing keys {missing}")
-    if manifest["format"] not in SUPPORTED_FORMATS:
-        raise ArtifactError(f"{path}: format {manifest['format']!r} is not one of {SUPPORTED_FORMATS}")
-    for key, kind in (("version", str), ("dims", dict), ("files", dict), ("index", dict), ("data", dict)):
-        if not isinstance(manifest[key], kind):
-            raise ArtifactError(f"{path}: {key} must be a JSON {'string' if kind is str else 'object'}, "
-                                f"got {manifest[key]!r:.80}")
-    if folder.name not in (manifest["version"], f".tmp-{manifest['version']}"):  # .tmp-: checked before publish
-        raise ArtifactError(f"{path}: version {manifest['version']!r} does not match the folder {folder.name!r}")
-    return manifest
-
-
-def _check_serving(path: Path, serving: Any, has_rerank: bool) -> None:
-    """`serving` (optional): an object whose `stages`, when present, is a non-empty prefix of
-    STAGES, with "rerank" only in a version that has the re-rank files."""
-    if serving is None:
-        return
-    if not isinstance(serving, dict):
-        raise ArtifactError(f"{path}: serving must be an object, got {type(serving).__name__}")
-    if "stages" not in serving:
-        return
-    stages = serving["stages"]
-    if not isinstance(stages, list) or not stages or tuple(stages) != STAGES[: len(stages)]:
-        raise ArtifactError(f"{path}: serving.stages must be a non-empty prefix of {list(STAGES)}, got {stages!r}")
-    if "rerank" in stages and not has_rerank:
-        raise ArtifactError(f"{path}: serving.stages names rerank but the version has no re-ranker")
-
-
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path}: not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON: {exc}") from None
+        return read_json(path)
+    except ContractError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
-def _confined(folder: Path, key: str, name: object) -> None:
-    """files.<key> must name a plain file inside `folder`: no separator, no dot file, no symlink out."""
-    if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
-            or "\x00" in name):
-        raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} is not a file name inside the version folder")
+def _confined(folder: Path, key: str, name: str) -> None:
+    """files.<key> (a plain file name: checked by the manifest) must not be a symlink out of `folder`."""
     if (folder / name).resolve().parent != folder.resolve():
         raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
 
@@ -369,6 +307,6 @@ def _session(folder: Path, name: str) -> ort.InferenceSession:
         raise ArtifactError(f"{folder}: {name} does not load in ONNX Runtime: {exc}") from None
 
 
-def _expect(what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+def _expect(what: str, got: tuple[int, ...], want: tuple[int | None, ...]) -> None:
     if tuple(got) != tuple(want):
         raise ArtifactError(f"{what} has shape {tuple(got)}, expected {tuple(want)}")

@@ -48,13 +48,13 @@ from typing import Protocol, cast, runtime_checkable
 import redis
 
 from service.contract.catalog import FeatureKind, FeatureValue, ItemUpdate
+from service.contract.layout import PENDING_ITEMS, write_atomic
 from service.stores import StoreError, StoreUnavailable, id_problem
 
 logger = logging.getLogger(__name__)
 
 MAX_FEATURES = 64
 MAX_VALUES = 64
-PENDING_FILE = "catalog_pending.jsonl"
 REDIS_KEY = "recsys:catalog:pending"
 SOCKET_TIMEOUT_S = 2.0  # a write path of the API and a batch job: not the request budget of /recommend
 _CLEAR_CHUNK = 1000  # (field, id) pairs per compare-and-delete script call
@@ -236,12 +236,7 @@ class FileCatalogUpdates:
         with self._locked():
             entries = self._read()
             keep = [e for e in entries if e["id"] not in consumed]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(e) + "\n" for e in keep)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in keep))
         return len(entries) - len(keep)
 
     def close(self) -> None:
@@ -253,7 +248,7 @@ def make_catalog_updates(redis_url: str | None, artifacts_root: str | Path) -> C
     if redis_url:
         logger.info("catalog updates: redis hash %s", REDIS_KEY)
         return RedisCatalogUpdates(redis_url)
-    path = Path(artifacts_root) / PENDING_FILE
+    path = Path(artifacts_root) / PENDING_ITEMS
     logger.info("catalog updates: %s", path)
     return FileCatalogUpdates(path)
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-FILE = "item2item.npz"
 NEIGHBOURS, SCORES = "neighbours", "scores"
 # request-time settings written into the manifest (item2item.serving): the best merge on ml-100k
 # validation (benchmarks/quality/item2item_route.py); candidates 50 rather than 20 (same NDCG@10 there,
@@ -60,7 +59,7 @@ class Item2ItemRoute:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], num_items: int,
                     serving: dict[str, Any] | None = None) -> Item2ItemRoute:
-        """The two arrays of FILE, checked against the catalog size, and the manifest's settings."""
+        """The two arrays of the table file (layout.ITEM2ITEM), checked against the catalog size, and the manifest's settings."""
         nb = np.asarray(arrays[NEIGHBOURS])
         sc = np.asarray(arrays[SCORES])
         if nb.ndim != 2 or nb.shape[0] != num_items + 1:

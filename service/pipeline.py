@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.artifacts import ORT_ERRORS, STAGES, LoadedVersion
+from service.artifacts import ORT_ERRORS, LoadedVersion
 from service.contract.features import UserFeatures, list_zscore
+from service.contract.manifest import STAGES
 from service.index import search_fused
 from service.item2item import merge_routes
 from service.prerank import head_interactions
@@ -84,9 +85,9 @@ class _Timer:
 def served_stages(version: LoadedVersion) -> tuple[str, ...]:
     """The stages a version serves: its manifest's `serving.stages` (set by the publish gate),
     else every stage it has files for."""
-    serving = version.manifest.get("serving") or {}
-    if "stages" in serving:
-        return tuple(serving["stages"])
+    stages = version.manifest.served_stages()
+    if stages is not None:
+        return stages
     return STAGES if version.rerank is not None else STAGES[:2]
 
 
@@ -117,19 +118,19 @@ class Recommender:
         self._pv_std: np.ndarray | None = None
         self._rerank_len = 0
         self._rerank_scores = 1  # 1: pre-rank score; 2: + fused retrieval score
-        rerank = version.manifest.get("rerank")
-        if version.rerank is not None and rerank:
-            serving = rerank.get("serving", {})
-            self._pv_mean = np.asarray(serving["pv_mean"], np.float32)
-            self._pv_std = np.asarray(serving["pv_std"], np.float32)
-            self._rerank_len = int(rerank["config"]["max_len"])
-            self._rerank_scores = int(rerank["config"].get("num_scores", 1))
+        rerank = version.manifest.rerank
+        if version.rerank is not None and rerank is not None:
+            self._pv_mean = np.asarray(rerank.serving.pv_mean, np.float32)
+            self._pv_std = np.asarray(rerank.serving.pv_std, np.float32)
+            self._rerank_len = rerank.max_len
+            self._rerank_scores = rerank.num_scores
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
-        prior = (version.manifest.get("prerank", {}).get("serving") or {}).get("retrieval_prior")
-        self._has_prior = bool(prior)
-        self._prior_weight = float(prior["weight"]) if prior else 0.0
-        self._tower_weight = np.float32(prior.get("tower_weight", 1.0) if prior else 1.0)
-        self._prior_bias = np.asarray(prior["launcher_bias"] if prior else [0.0], np.float32)
+        serving = version.manifest.prerank.serving
+        prior = serving.retrieval_prior if serving is not None else None
+        self._has_prior = prior is not None
+        self._prior_weight = float(prior.weight) if prior else 0.0
+        self._tower_weight = np.float32(1.0 if prior is None or prior.tower_weight is None else prior.tower_weight)
+        self._prior_bias = np.asarray(prior.launcher_bias if prior else [0.0], np.float32)
 
     @property
     def model_version(self) -> str:
@@ -344,7 +345,7 @@ class Recommender:
             "mask": np.ones((1, items.size), bool),
         })[0][0]  # (n,)
         if out.shape != items.shape or not np.isfinite(out).all():
-            raise ValueError(f"rerank.onnx returned shape {out.shape} / non-finite scores for {items.size} items")
+            raise ValueError(f"{self.v.manifest.files.rerank_onnx} returned shape {out.shape} / non-finite scores for {items.size} items")
         return np.argsort(-out, kind="stable"), out.astype(np.float32)
 
     # --- output ---

@@ -1,5 +1,7 @@
 """The import graph of the project's own packages: no cycle, and the dependency directions of
 DESIGN §1 (service/ never imports training/; models/ neither; no library package imports the CLI).
+The artifact contract (service/contract/) stands alone: it imports no torch and nothing outside
+itself, and only service/contract/layout.py spells an artifact file name.
 
 Every `import` statement counts, those inside functions too (a lazy import still ties two
 modules together), read from the source with `ast`, so nothing is imported to check it.
@@ -123,7 +125,8 @@ def test_recsys_serve_reaches_only_the_cli_and_service() -> None:
         "recsys_cli", "recsys_cli.main", "recsys_cli.errors", "recsys_cli.commands", "recsys_cli.commands.serve"}
 
 
-@pytest.mark.parametrize("module", ["training.eval.served_eval", "training.eval.metrics", "service.contract.features"])
+@pytest.mark.parametrize("module", ["training.eval.served_eval", "training.eval.metrics", "service.contract.features",
+                                    "service.contract.manifest", "service.contract.layout"])
 def test_numpy_side_modules_import_no_torch(module: str) -> None:
     """The served-path evaluation and the metrics it uses run without torch (imported, not just read)."""
     import subprocess
@@ -131,3 +134,80 @@ def test_numpy_side_modules_import_no_torch(module: str) -> None:
 
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
+# --- the artifact contract (service/contract/) ---
+
+CONTRACT = "service.contract"
+
+
+def _external(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports (torch, numpy, training, ...)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_contract_imports_no_torch_and_nothing_outside_itself() -> None:
+    contract = [m for m in MODULES if m == CONTRACT or m.startswith(CONTRACT + ".")]
+    assert f"{CONTRACT}.layout" in contract and f"{CONTRACT}.manifest" in contract
+    outside = sorted(f"{m} -> {t}" for m in contract for t in GRAPH[m] if not t.startswith(CONTRACT))
+    assert outside == []  # so nothing reachable from it can bring torch, training or models in
+    banned = sorted(f"{m} imports {x}" for m in contract for x in _external(MODULES[m])
+                    if x in ("torch", "training", "models", "recsys_cli"))
+    assert banned == []
+
+
+def _file_names() -> dict[str, str]:
+    """name -> constant: every string constant service/contract/layout.py defines at module level."""
+    tree = ast.parse((ROOT / "service" / "contract" / "layout.py").read_text())
+    return {node.value.value: t.id for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def _spelled(source: str, names: dict[str, str]) -> list[tuple[int, str]]:
+    """(line, name) of each string constant in `source` that is an artifact file name, or a path
+    ending in one ("a/manifest.json"); docstrings do not count (comments are not in the AST)."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return sorted((n.lineno, n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+                  and (n.value in names or n.value.rsplit("/", 1)[-1] in names and "/" in n.value))
+
+
+# The checkpoint-folder names still spelled by their owners (training/checkpoints.py, the stage
+# trainers, `recsys train rerank`); the checkpoints work moves them to layout.py, and then this goes.
+PENDING = {
+    ("training/checkpoints.py", "prm.pt"), ("training/checkpoints.py", "rerank.onnx"),
+    ("training/checkpoints.py", "rerank_items.npy"), ("training/checkpoints.py", "rerank_manifest.json"),
+    ("training/stages/prerank/train.py", "prerank.pt"), ("training/stages/retrieval/train.py", "checkpoint.pt"),
+    ("recsys_cli/commands/train_rerank.py", "rerank.onnx"), ("recsys_cli/commands/train_rerank.py", "rerank_items.npy"),
+    ("recsys_cli/commands/train_rerank.py", ".pt"), ("recsys_cli/commands/train_rerank.py", "rerank_manifest.json"),
+}
+
+
+def test_the_file_name_scan_finds_a_planted_literal() -> None:
+    names = _file_names()
+    assert names["manifest.json"] == "MANIFEST" and names["CURRENT"] == "CURRENT" and len(names) > 15
+    planted = ('"""Reads manifest.json (a docstring: allowed)."""\n'
+               '# manifest.json in a comment: allowed\n'
+               'def f(folder):\n'
+               '    """manifest.json in a function docstring: allowed."""\n'
+               '    return folder / "manifest.json", f"{folder}/CURRENT", "manifest.json has no rows"\n')
+    assert _spelled(planted, names) == [(5, "/CURRENT"), (5, "manifest.json")]
+
+
+def test_only_layout_spells_an_artifact_file_name() -> None:
+    names = _file_names()
+    found = sorted((path.relative_to(ROOT).as_posix(), line, name)
+                   for pkg in ("service", "training", "recsys_cli") for path in (ROOT / pkg).rglob("*.py")
+                   if path != ROOT / "service" / "contract" / "layout.py"
+                   for line, name in _spelled(path.read_text(), names))
+    assert [f for f in found if (f[0], f[2]) not in PENDING] == []

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))  # load_test.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from load_test import Client, free_port, histories_of, post, seed, start_server  # noqa: E402
+from service.contract.layout import CATALOG, CURRENT, MANIFEST  # noqa: E402
 
 WINDOWS = [("baseline", 0, 6), ("redis killed (6-8 s) + restart", 6, 14), ("redis frozen 5 s (14-19 s)", 14, 25),
            ("corrupt then good version (25-31 s)", 25, 36), ("after", 36, 42)]
@@ -94,15 +95,15 @@ async def peak_rate(client: Client, bodies: list[bytes], seconds: float = 4.0, i
 
 def copy_version(root: Path, src: Path, name: str) -> None:
     shutil.copytree(src, root / name)
-    m = json.loads((root / name / "manifest.json").read_text())
+    m = json.loads((root / name / MANIFEST).read_text())
     m["version"] = name
-    (root / name / "manifest.json").write_text(json.dumps(m))
+    (root / name / MANIFEST).write_text(json.dumps(m))
 
 
 def set_current(root: Path, name: str) -> None:
     tmp = root / ".CURRENT.tmp"
     tmp.write_text(name + "\n")
-    os.replace(tmp, root / "CURRENT")
+    os.replace(tmp, root / CURRENT)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -191,8 +192,8 @@ async def run(args: argparse.Namespace) -> int:
                 await at(19)
                 redis.signal(signal.SIGCONT)
                 copy_version(root, root / "v1", "bad")
-                data = (root / "bad" / "catalog.npz").read_bytes()
-                (root / "bad" / "catalog.npz").write_bytes(data[: len(data) // 2])
+                data = (root / "bad" / CATALOG).read_bytes()
+                (root / "bad" / CATALOG).write_bytes(data[: len(data) // 2])
                 copy_version(root, root / "v1", "good")  # written before the clock, as a publish writes its folder
                 await at(25)
                 set_current(root, "bad")

@@ -31,13 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))  # load_test.py
 from load_test import Client, free_port, histories_of, post, seed, start_redis, start_server  # noqa: E402
+from service.contract.layout import MANIFEST  # noqa: E402
 
 
 def copy_version(root: Path, src: Path, name: str) -> None:
     shutil.copytree(src, root / name)
-    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest = json.loads((root / name / MANIFEST).read_text())
     manifest["version"] = name
-    (root / name / "manifest.json").write_text(json.dumps(manifest))
+    (root / name / MANIFEST).write_text(json.dumps(manifest))
 
 
 def workers_of(pid: int) -> list[int]:
@@ -169,7 +170,7 @@ def main() -> int:
             redis_proc.terminate()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    manifest = json.loads((args.artifacts / live / "manifest.json").read_text())
+    manifest = json.loads((args.artifacts / live / MANIFEST).read_text())
     lines = [f"catalog {manifest['data']['name']} ({manifest['item_count']} items), {args.workers} worker(s), "
              f"{'Redis pub/sub + ' if redis_url else ''}polling every {args.poll_s} s, {args.rate:.0f} rps open loop",
              f"{'swap':8s} {'first new answer ms':>20s} {'last old answer ms':>19s}   worker MiB before flip "

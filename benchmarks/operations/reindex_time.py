@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from training.report import save_benchmark
+from service.contract.layout import CURRENT, MANIFEST
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = ("load", "catalog", "embeddings", "onnx", "index", "recall", "prerank", "gate", "write", "prune")
@@ -48,7 +49,7 @@ def sh(args: list[str]) -> subprocess.CompletedProcess[str]:
 def train(work: Path, data: str, epochs: int) -> Path:
     """Checkpoints + artifacts root with v1 under `work` (reused when present)."""
     base = work / "base"
-    if (base / "CURRENT").is_file():
+    if (base / CURRENT).is_file():
         return base
     for args in (
         ["train", "retrieval", "--data", data, "--out", str(work / "ret"), "--launchers", "2", "--dim", "64",
@@ -96,7 +97,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = train(work, args.data, args.epochs)
-    n_trained = json.loads((base / "v1" / "manifest.json").read_text())["item_count"]
+    n_trained = json.loads((base / "v1" / MANIFEST).read_text())["item_count"]
 
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -114,7 +115,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
         steps = {m[1]: float(m[2]) for m in re.finditer(r"^\[([a-z]+)\] ([0-9.]+)s$", proc.stderr, re.M)}
         row = {"items": size, "exit": proc.returncode, "wall": wall, **{s: steps.get(s) for s in STEPS}}
-        mpath = root / "v2" / "manifest.json"
+        mpath = root / "v2" / MANIFEST
         if mpath.is_file():
             m = json.loads(mpath.read_text())
             reg = m["checks"]["regression"]

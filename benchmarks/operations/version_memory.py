@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from service.contract.layout import CURRENT, MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -92,16 +93,16 @@ def main() -> int:
 
     live = current_version(a.artifacts)
     folder = a.artifacts / live
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / MANIFEST).read_text())
     arrays = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".npy", ".npz", ".faiss", ".onnx", ".data"))
     scratch = Path(tempfile.mkdtemp(prefix="recsys-mem-", dir=a.artifacts.parent))
     try:
         (scratch / live).symlink_to(folder.resolve())
-        (scratch / "CURRENT").write_text(live + "\n")
+        (scratch / CURRENT).write_text(live + "\n")
         subprocess.run(["cp", "-r", str(folder), str(scratch / "second")], check=True)
-        m2 = json.loads((scratch / "second" / "manifest.json").read_text())
+        m2 = json.loads((scratch / "second" / MANIFEST).read_text())
         m2["version"] = "second"
-        (scratch / "second" / "manifest.json").write_text(json.dumps(m2))
+        (scratch / "second" / MANIFEST).write_text(json.dumps(m2))
         lines = [f"# python {' '.join(shlex.quote(x) for x in sys.argv)}",
                  f"# {manifest['data']['name']}, {manifest['item_count']:,} items, version files {arrays / 2**20:.0f} MiB "
                  f"(arrays, index, ONNX); load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}",

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from service.contract.catalog import is_vocab  # noqa: E402
 from service.index import factory_string, index_params, set_faiss_threads  # noqa: E402
 from service.index_build import ann_recall  # noqa: E402
+from service.contract.layout import CURRENT, MANIFEST  # noqa: E402
 
 TABLE = "model.item_embedding.weight"
 NOISE = 0.01  # relative to each copied row's norm
@@ -133,7 +134,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
-    m = json.loads((a.src / "manifest.json").read_text())
+    m = json.loads((a.src / MANIFEST).read_text())
     dst = a.out / a.name
     a.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(dst, ignore_errors=True)
@@ -182,8 +183,8 @@ def main() -> int:
         m["index"] = {**index_params(index), "recall@100": recall, "recall": recall, "recall_k": "recall@100",
                       "file": m["files"]["index"], "build_s": round(build_s, 1), "factory": factory_string(index)}
         print(f"index {factory} {a.params}: recall@100 {recall:.4f}, built in {build_s:.1f} s", flush=True)
-    (dst / "manifest.json").write_text(json.dumps(m, indent=1))
-    (a.out / "CURRENT").write_text(a.name + "\n")
+    (dst / MANIFEST).write_text(json.dumps(m, indent=1))
+    (a.out / CURRENT).write_text(a.name + "\n")
     from service.smoke import load_checked
 
     load_checked(dst)  # the service's own loader and smoke run

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from service.index import factory_string, search_fused, set_faiss_threads  # noqa: E402
 from service.index_build import IndexSpec, ann_recall, auto_nlist, build_index  # noqa: E402
+from service.contract.layout import ITEMS_NPY, MANIFEST, RETRIEVAL_ONNX  # noqa: E402
 
 LADDERS = {"nprobe": [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
            "efSearch": [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]}
@@ -90,11 +91,11 @@ def main() -> int:
         from service.artifacts import current_version
 
         folder = a.artifacts / current_version(a.artifacts)
-        m = json.loads((folder / "manifest.json").read_text())
+        m = json.loads((folder / MANIFEST).read_text())
         users, items = queries_of(folder / m["files"]["retrieval_onnx"], folder / m["files"]["items"],
                                   m["data"]["spec"], a.queries, m["dims"]["maxlen"])
     else:
-        users, items = queries_of(a.export / "retrieval.onnx", a.export / "items.npy", a.data, a.queries, a.maxlen)
+        users, items = queries_of(a.export / RETRIEVAL_ONNX, a.export / ITEMS_NPY, a.data, a.queries, a.maxlen)
     if a.grow and a.grow > items.shape[0]:
         rng = np.random.default_rng(0)
         rows = items[rng.integers(0, items.shape[0], size=a.grow - items.shape[0])]

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from service.contract.layout import MANIFEST
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_CONNECTIONS = 512
@@ -314,7 +315,7 @@ def histories_of(artifacts: Path, users: int, maxlen: int = 50) -> dict[str, lis
     from service.artifacts import current_version
 
     name = current_version(artifacts)
-    spec = json.loads((artifacts / name / "manifest.json").read_text())["data"]["spec"]
+    spec = json.loads((artifacts / name / MANIFEST).read_text())["data"]["spec"]
     ds = load(spec)
     loo = LeaveOneOut(ds)
     out = {}
@@ -395,7 +396,7 @@ def main() -> int:
     hist = histories_of(args.artifacts, args.users)
     from service.artifacts import current_version
 
-    manifest = json.loads((args.artifacts / current_version(args.artifacts) / "manifest.json").read_text())
+    manifest = json.loads((args.artifacts / current_version(args.artifacts) / MANIFEST).read_text())
     name = args.name or manifest["data"]["name"]
     store = "redis" if args.redis or args.redis_url else "in-process"
     sides = [Side("after", None, args.artifacts)]
@@ -403,7 +404,7 @@ def main() -> int:
         sides.insert(0, Side(f"before ({args.compare_ref})", args.compare_ref.resolve(), args.ref_artifacts))
     lines = [f"catalog: {name}, {manifest['item_count']} items, M={manifest['dims']['num_launchers']}"]
     for side in sides:
-        m = json.loads((side.artifacts / current_version(side.artifacts) / "manifest.json").read_text())["index"]
+        m = json.loads((side.artifacts / current_version(side.artifacts) / MANIFEST).read_text())["index"]
         lines.append(f"[{side.label}] {side.artifacts}: index {m.get('factory', m['kind'])} "
                      + " ".join(f"{k}={m[k]}" for k in ("nlist", "nprobe", "ef_search", "recall") if k in m))
     lines += [f"server: recsys serve --workers {args.workers} ({store} store), "

@@ -76,20 +76,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manifest_data(folder: Path) -> dict:
-    """The manifest's `data` entry, or {} when unreadable (load_version then says why)."""
-    import json
-
-    try:
-        data = json.loads((folder / "manifest.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_served(args: argparse.Namespace) -> int:
     """--artifacts: the served-cut table of one published version."""
     from service.artifacts import ArtifactError, current_version, load_version
+    from service.contract.layout import MANIFEST, ContractError
+    from service.contract.manifest import Manifest
     from service.pipeline import served_stages
     from training.eval import served_eval as se
 
@@ -104,12 +95,15 @@ def run_served(args: argparse.Namespace) -> int:
         name = args.version or current_version(root)
         if not (root / name).is_dir():
             raise UsageError(f"--version {name}: no such version in {root}")
-        data = _manifest_data(root / name)
-        spec = args.data or str(data.get("spec"))
+        try:
+            data = Manifest.load(root / name / MANIFEST).data
+        except ContractError as exc:
+            raise ArtifactError(str(exc)) from None
+        spec = args.data or str(data.spec)
         ds = load(spec)
-        if data.get("fingerprint") not in (None, ds.fingerprint):  # before loading the version: one line
-            raise DataError(f"version {name} was built on data with fingerprint {data['fingerprint']} "
-                            f"({data.get('spec')}), {ds.name} has {ds.fingerprint}")
+        if data.fingerprint not in (None, ds.fingerprint):  # before loading the version: one line
+            raise DataError(f"version {name} was built on data with fingerprint {data.fingerprint} "
+                            f"({data.spec}), {ds.name} has {ds.fingerprint}")
         timings: dict[str, float] = {}
         with timed("load", timings):
             version = load_version(root / name)

@@ -16,7 +16,11 @@ from typing import Any
 
 from recsys_cli.commands.common import add_data_arg, quiet_onnx_exporter
 from recsys_cli.errors import UsageError
+from service.contract.manifest import Manifest
+from service.contract.stage_blocks import RegressionCheck
 from training.report import timed
+
+NDCG10 = "NDCG@10"  # the metric the summary shows (a metric name, not a manifest field)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     for name in sorted(p.name for p in res.path.iterdir()):
         print(f"  {name:24s} {(res.path / name).stat().st_size:>12,d} bytes")
     print(summary(res.manifest))
-    print(f"CURRENT: {previous} -> {res.manifest['version']}")
+    print(f"CURRENT: {previous} -> {res.manifest.version}")
     print("timings: " + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
     return 0
 
@@ -139,34 +143,32 @@ def _index_spec(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def summary(m: dict[str, Any]) -> str:
+def summary(m: Manifest) -> str:
     """A few lines on what a manifest holds."""
-    d, idx, ret = m["data"], m["index"], m["retrieval"]
+    d, idx, ret, dims, pre = m.data, m.index, m.retrieval, m.dims, m.prerank
     lines = [
-        f"version {m['version']} created {m['created_at']}",
-        f"data {d['name']} fingerprint {d['fingerprint']}: {m['item_count']} items, {d['num_users']} users",
-        f"retrieval: M={m['dims']['num_launchers']} D={m['dims']['retrieval_dim']} maxlen={m['dims']['maxlen']}, "
-        f"onnx parity {ret['parity_max_abs_diff']:.1e}"
-        + (f", NDCG@10 {ret['metrics']['NDCG@10']:.4f}" if "NDCG@10" in ret["metrics"] else ""),
-        f"index: {idx['kind']} over {idx['ntotal']} items, {idx['recall_k']} {idx['recall']:.4f} "
-        f"(min {idx['min_recall']})",
-        f"prerank: {m['prerank']['model']} ({m['prerank']['objective']}), item heads "
-        f"{tuple(m['dims']['prerank_item_heads'])}, onnx parity {m['prerank']['parity_max_abs_diff']:.1e}",
+        f"version {m.version} created {m.created_at}",
+        f"data {d.name} fingerprint {d.fingerprint}: {m.item_count} items, {d.num_users} users",
+        f"retrieval: M={dims.num_launchers} D={dims.retrieval_dim} maxlen={dims.maxlen}, "
+        f"onnx parity {ret.parity_max_abs_diff:.1e}"
+        + (f", NDCG@10 {ret.metrics[NDCG10]:.4f}" if NDCG10 in ret.metrics else ""),
+        f"index: {idx.kind} over {idx.ntotal} items, {idx.recall_k} {idx.recall:.4f} (min {idx.min_recall})",
+        f"prerank: {pre.model} ({pre.objective}), item heads "
+        f"{tuple(dims.prerank_item_heads or ())}, onnx parity {pre.parity_max_abs_diff:.1e}",
     ]
-    serving = m.get("serving")
-    if serving:
-        cuts = ", ".join(f"{name} {c['NDCG@10']:.4f}" for name, c in serving["cuts"].items())
-        lines.append(f"served cuts NDCG@10 ({serving['users']} {serving['split']} users): {cuts}")
-        off = serving["switched_off"]
-        lines.append(f"serving: {' -> '.join(serving['stages'])}"
-                     + (f" (SWITCHED OFF: {', '.join(off)}: {serving['reason']})" if off else ""))
-    reg = m.get("checks", {}).get("regression", {})
-    lines.append(f"regression check ({reg.get('compared', reg.get('metric'))} vs live {reg.get('live_version')}): "
-                 f"{reg.get('result')}")
-    rr = m.get("rerank")
+    serving = m.serving
+    if serving is not None:
+        cuts = ", ".join(f"{name} {c[NDCG10]:.4f}" for name, c in serving.cuts.items())
+        lines.append(f"served cuts NDCG@10 ({serving.users} {serving.split} users): {cuts}")
+        off = serving.switched_off
+        lines.append(f"serving: {' -> '.join(serving.stages or [])}"
+                     + (f" (SWITCHED OFF: {', '.join(off)}: {serving.reason})" if off else ""))
+    reg = m.checks.regression if m.checks is not None else RegressionCheck()
+    lines.append(f"regression check ({reg.compared if reg.compared is not None else reg.metric} vs live "
+                 f"{reg.live_version}): {reg.result}")
+    rr = m.rerank
     lines.append("rerank: none" if rr is None else
-                 f"rerank: {rr['model']} list_len {rr['serving'].get('list_len')}, "
-                 f"onnx parity {rr['parity_max_abs_diff']:.1e}")
+                 f"rerank: {rr.model} list_len {rr.serving.list_len}, onnx parity {rr.parity_max_abs_diff:.1e}")
     return "\n".join(lines)
 
 

@@ -76,15 +76,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --version name or a missing source (DataError is handled by the CLI)
         raise UsageError(str(exc)) from None
     m = res.published.manifest
-    c = m["catalog"]
+    c = m.catalog
+    assert c is not None and m.checks is not None  # a reindex writes both
     print(f"wrote {res.published.path}")
     print(summary(m))
-    print(f"catalog: {m['item_count']} items ({c['trained_items']} trained, {c['cold_start']['items']} cold start), "
-          f"{c['added']} added, {c['changed']} changed, base {c['base']}")
-    reg = m["checks"]["regression"]
-    if "new" in reg:
-        print(f"gate: {reg['metric']} {reg['new']:.4f} vs live {reg['live']:.4f} (max drop {reg['max_regression']})")
-    print(f"CURRENT: {res.previous} -> {m['version']}")
+    print(f"catalog: {m.item_count} items ({c.trained_items} trained, {c.cold_start_items} cold start), "
+          f"{c.added} added, {c.changed} changed, base {c.base}")
+    reg = m.checks.regression
+    if reg.new is not None:
+        print(f"gate: {reg.metric} {reg.new:.4f} vs live {reg.live:.4f} (max drop {reg.max_regression})")
+    print(f"CURRENT: {res.previous} -> {m.version}")
     print(f"pruned: {', '.join(res.pruned) or 'none'}; pending updates cleared: {res.cleared}; "
           f"announced: {'no Redis' if res.notified is None else f'{res.notified} subscriber(s)'}")
     print("timings: " + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))

@@ -20,10 +20,10 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "popularity" in proc.stdout and "ml-sasrec(M=2)" in proc.stdout
     version = load_current(art)
-    assert version.manifest["item_count"] == 80
+    assert version.manifest.to_dict()["item_count"] == 80
     # it ends with the served-cut table of the published version (test users), `*` on what is served
     table = proc.stdout[proc.stdout.rindex("$ recsys evaluate --artifacts"):]
-    stages = version.manifest["serving"]["stages"]
+    stages = version.manifest.to_dict()["serving"]["stages"]
     assert f"199 test users, served by default: {' -> '.join(stages)} (*)" in table
     rows = [line for line in table.splitlines() if line.startswith(("retrieval", "+ prerank", "+ rerank"))]
     assert len(rows) == 3 and sum("*" in r for r in rows) == 1

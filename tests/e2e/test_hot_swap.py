@@ -26,6 +26,7 @@ from tests.e2e.test_serve import wait_ready
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 from training.publish.versions import set_current
+from service.contract.layout import ITEMS_NPY
 
 
 @pytest.fixture()
@@ -95,7 +96,7 @@ def test_swap_under_load_drops_nothing(live: tuple[str, Path], redis_url: str, c
                 assert time.monotonic() < deadline, f"not all workers moved to {name}: {Counter(recent)}"
         # a broken version becomes CURRENT: it is refused and v3 keeps serving
         copy_version(root, root / "v1", "v4")
-        (root / "v4" / "items.npy").write_bytes(b"\x93NUMPY broken")
+        (root / "v4" / ITEMS_NPY).write_bytes(b"\x93NUMPY broken")
         set_current(root, "v4")
         notify_version(redis_url, "v4")
         time.sleep(1.5)

@@ -32,6 +32,7 @@ from service.main import create_app
 from service.pipeline import Recommender
 from service.redis_store import RedisStore
 from tests.service.conftest import RedisServer
+from service.contract.layout import CURRENT, INDEX_FAISS, MANIFEST, PENDING_ITEMS
 
 T = TypeVar("T")
 TINY = "synthetic:users=200,items=80,seed=0"
@@ -358,7 +359,7 @@ def test_items_version_and_health(client: TestClient, artifacts_root: Path, cata
     assert version["model_version"] == "v1" and version["item_count"] == len(catalog) and version["rerank"]
     assert version["data"]["spec"] == TINY
     # what the publish gate measured and decided (manifest `serving`), and what this process serves
-    serving = v.manifest["serving"]
+    serving = v.manifest.to_dict()["serving"]
     assert version["stages"] == serving["stages"] == list(Recommender(v).stages)
     assert version["serving"]["switched_off"] == serving["switched_off"] and version["serving"]["split"] == "valid"
     assert version["cuts"]["retrieval"]["NDCG@10"] == serving["cuts"]["retrieval"]["NDCG@10"]
@@ -546,9 +547,9 @@ def test_metrics_count_requests_stages_and_fallbacks(client: TestClient, catalog
 def copy_version(root: Path, src: Path, name: str) -> None:
     """Copy the version folder `src` to root/`name` (same models, new name) without touching CURRENT."""
     shutil.copytree(src, root / name)
-    manifest = json.loads((root / name / "manifest.json").read_text())
+    manifest = json.loads((root / name / MANIFEST).read_text())
     manifest["version"] = name
-    (root / name / "manifest.json").write_text(json.dumps(manifest))
+    (root / name / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.fixture()
@@ -556,7 +557,7 @@ def swap_root(artifacts_root: Path, tmp_path: Path) -> Path:
     root = tmp_path / "artifacts"
     root.mkdir()
     shutil.copytree(artifacts_root / "v1", root / "v1")
-    (root / "CURRENT").write_text("v1\n")
+    (root / CURRENT).write_text("v1\n")
     copy_version(root, root / "v1", "v2")
     return root
 
@@ -597,16 +598,16 @@ def test_pubsub_notice_swaps_without_polling(swap_root: Path, redis_url: str) ->
 
 def test_a_broken_version_is_never_served(swap_root: Path, catalog: list[str]) -> None:
     copy_version(swap_root, swap_root / "v1", "v3")
-    (swap_root / "v3" / "index.faiss").write_bytes(b"truncated")
+    (swap_root / "v3" / INDEX_FAISS).write_bytes(b"truncated")
     with TestClient(_app(swap_root, reload_poll_s=0.05, api_key=API_KEY)) as c:
-        (swap_root / "CURRENT").write_text("v3\n")
+        (swap_root / CURRENT).write_text("v3\n")
         time.sleep(0.5)  # several polls
         assert _recommend(c, history=catalog[:3], k=3)["model_version"] == "v1"
         assert c.post("/v1/admin/reload").status_code == 401
         r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
-        assert r.status_code == 409 and "v3" in r.json()["detail"] and "index.faiss" in r.json()["detail"]
+        assert r.status_code == 409 and "v3" in r.json()["detail"] and INDEX_FAISS in r.json()["detail"]
         assert 'recsys_reloads_total{result="failed"} 2.0' in c.get("/metrics").text  # one poll + the admin call
-        (swap_root / "CURRENT").write_text("v2\n")
+        (swap_root / CURRENT).write_text("v2\n")
         r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
         assert r.status_code == 200 and r.json() == {"previous": "v1", "model_version": "v2", "changed": True}
         r = c.post("/v1/admin/reload", headers={"X-API-Key": API_KEY})
@@ -639,4 +640,4 @@ def test_put_items_through_the_real_app_waits_for_reindex(swap_root: Path) -> No
         r = c.put("/v1/items", json={"item_id": "x", "features": {"colour": "red"}}, headers={"X-API-Key": API_KEY})
         assert r.status_code == 422 and "colour" in str(r.json()["detail"])
         assert c.get("/v1/items/new-item-1").status_code == 404  # served only after the next re-index
-    assert "new-item-1" in (swap_root / "catalog_pending.jsonl").read_text()  # no Redis: the artifacts folder
+    assert "new-item-1" in (swap_root / PENDING_ITEMS).read_text()  # no Redis: the artifacts folder

@@ -24,6 +24,7 @@ from service.catalog_updates import (
 )
 from service.contract.catalog import FeatureKind, ItemFeatures, ItemUpdate
 from service.core.config import Settings
+from service.contract.layout import PENDING_ITEMS
 
 SCHEMA: dict[str, FeatureKind] = {"category": "categorical", "tags": "multi", "price": "numeric"}
 
@@ -31,7 +32,7 @@ SCHEMA: dict[str, FeatureKind] = {"category": "categorical", "tags": "multi", "p
 @pytest.fixture(params=["file", "redis"])
 def updates(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CatalogUpdates]:
     if request.param == "file":
-        backend: CatalogUpdates = FileCatalogUpdates(tmp_path / "catalog_pending.jsonl")
+        backend: CatalogUpdates = FileCatalogUpdates(tmp_path / PENDING_ITEMS)
     else:
         url = request.getfixturevalue("redis_url")
         backend = RedisCatalogUpdates(url, key=f"test:{uuid.uuid4().hex}:catalog")  # shared server: own key
@@ -116,7 +117,7 @@ def test_clear_removes_exactly_what_was_consumed(updates: CatalogUpdates) -> Non
 
 def test_make_catalog_updates_picks_the_backend(tmp_path: Path) -> None:
     file_backend = make_catalog_updates(None, tmp_path)
-    assert isinstance(file_backend, FileCatalogUpdates) and file_backend.path == tmp_path / "catalog_pending.jsonl"
+    assert isinstance(file_backend, FileCatalogUpdates) and file_backend.path == tmp_path / PENDING_ITEMS
     assert isinstance(make_catalog_updates("redis://127.0.0.1:1/0", tmp_path), RedisCatalogUpdates)
 
 
@@ -135,7 +136,7 @@ def make_client(tmp_path: Path, api_key: str | None = None, features: ItemFeatur
                 configured: bool = True) -> tuple[TestClient, FileCatalogUpdates]:
     app = FastAPI()
     app.include_router(items_route.router)
-    backend = FileCatalogUpdates(tmp_path / "catalog_pending.jsonl")
+    backend = FileCatalogUpdates(tmp_path / PENDING_ITEMS)
     app.state.settings = Settings(api_key=api_key, artifacts=tmp_path, allow_anonymous_writes=api_key is None)
     app.state.catalog_updates = backend if configured else None
     app.state.recommender = None if features is None else SimpleNamespace(v=SimpleNamespace(item_features=features))

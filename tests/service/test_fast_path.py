@@ -21,6 +21,7 @@ from service.index_build import IndexSpec, build_index
 from service.pipeline import Recommender
 from service.schemas import RecommendBatchResponse, RecommendResponse, encode_json
 from tests.service.test_api import _app, artifacts_root, catalog  # noqa: F401  (module fixtures)
+from service.contract.layout import INDEX_FAISS, MANIFEST
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
     assert mapped.item_features.vocab == eager.item_features.vocab and mapped.id_to_index == eager.id_to_index
 
     # the retrieval graph's weights (its item table) sit in a file ONNX Runtime maps
-    data = artifacts_root / "v1" / mapped.manifest["files"]["retrieval_onnx_data"]
+    data = artifacts_root / "v1" / mapped.manifest.to_dict()["files"]["retrieval_onnx_data"]
     assert data.stat().st_size >= mapped.items.nbytes
 
     a, b = Recommender(mapped), Recommender(eager)
@@ -130,14 +131,14 @@ def test_mmap_loaded_version_serves_what_the_eager_one_does(artifacts_root: Path
 
 
 def test_factory_string_is_recorded_and_checked_on_load(artifacts_root: Path, tmp_path: Path) -> None:  # noqa: F811
-    index = load_current(artifacts_root).manifest["index"]
+    index = load_current(artifacts_root).manifest.to_dict()["index"]
     assert index["factory"] in ("Flat", f"IVF{index.get('nlist')},Flat")
 
     folder = tmp_path / "v1"
     shutil.copytree(artifacts_root / "v1", folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / MANIFEST).read_text())
     manifest["index"]["factory"] = "HNSW32,Flat"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="HNSW32,Flat"):
         load_version(folder)
 
@@ -145,18 +146,18 @@ def test_factory_string_is_recorded_and_checked_on_load(artifacts_root: Path, tm
 def test_manifest_search_parameters_are_applied_on_load(tmp_path: Path) -> None:
     items = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
     built = build_index(items, IndexSpec(kind="ivf", nlist=8, nprobe=2))
-    save_index(built, tmp_path / "index.faiss")
+    save_index(built, tmp_path / INDEX_FAISS)
     assert factory_string(built) == "IVF8,Flat"
     for mmap in (False, True):
-        index = load_index(tmp_path / "index.faiss", None, mmap=mmap, expect={"factory": "IVF8,Flat", "nprobe": 5})
+        index = load_index(tmp_path / INDEX_FAISS, None, mmap=mmap, expect={"factory": "IVF8,Flat", "nprobe": 5})
         assert isinstance(index, faiss.IndexIVF) and index.nprobe == 5
         q = items[:3]
         built.nprobe = 5
         np.testing.assert_array_equal(index.search(q, 10)[1], built.search(q, 10)[1])
     with pytest.raises(ValueError, match="the manifest says 'IVF16,Flat'"):
-        load_index(tmp_path / "index.faiss", None, expect={"factory": "IVF16,Flat"})
+        load_index(tmp_path / INDEX_FAISS, None, expect={"factory": "IVF16,Flat"})
     with pytest.raises(ValueError, match="nprobe"):
-        load_index(tmp_path / "index.faiss", None, expect={"factory": "IVF8,Flat", "nprobe": 9})
+        load_index(tmp_path / INDEX_FAISS, None, expect={"factory": "IVF8,Flat", "nprobe": 9})
     hnsw = build_index(items, IndexSpec(kind="hnsw", hnsw_m=8, ef_search=16))
     save_index(hnsw, tmp_path / "hnsw.faiss")
     loaded = load_index(tmp_path / "hnsw.faiss", None, mmap=True, expect={"factory": "HNSW8,Flat", "ef_search": 40})

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from service.index import FusedResult, index_params, load_index, save_index, search_fused
 from service.index_build import IndexSpec, ann_recall, build_index, choose_kind
+from service.contract.layout import INDEX_FAISS
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 50) -> np.ndarray:
@@ -243,7 +244,7 @@ def test_ivf_default_params_reach_recall_and_round_trip(
     exact = build_index(items, IndexSpec(kind="flat"))
     assert ann_recall(exact, items, queries, k=100, sample=200) == 1.0
 
-    path = tmp_path / "index.faiss"
+    path = tmp_path / INDEX_FAISS
     save_index(index, path)
     loaded = load_index(path, num_threads=None)
     assert index_params(loaded) == index_params(index)

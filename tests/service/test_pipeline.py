@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.artifacts import STAGES, LoadedVersion, load_current, load_version
+from service.artifacts import LoadedVersion, load_current, load_version
+from service.contract.manifest import STAGES
 from service.pipeline import FilterError, Recommender, _Timer, served_stages
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 

@@ -25,46 +25,47 @@ from service.notify import notify_version
 from service.smoke import load_checked
 from tests.service.test_api import API_KEY, artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 from training.publish.versions import set_current
+from service.contract.layout import CATALOG, CURRENT, ITEMS_NPY, MANIFEST, PRERANK_FEATURES
 
 
 def _truncate_catalog(folder: Path) -> None:
-    data = (folder / "catalog.npz").read_bytes()
-    (folder / "catalog.npz").write_bytes(data[: len(data) // 2])
+    data = (folder / CATALOG).read_bytes()
+    (folder / CATALOG).write_bytes(data[: len(data) // 2])
 
 
 def _binary_manifest(folder: Path) -> None:
-    (folder / "manifest.json").write_bytes(b"\xff\xfe\x00\x81binary\x00")
+    (folder / MANIFEST).write_bytes(b"\xff\xfe\x00\x81binary\x00")
 
 
 def _edit_manifest(**changes: object) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
-        m = json.loads((folder / "manifest.json").read_text())
+        m = json.loads((folder / MANIFEST).read_text())
         m.update(changes)
-        (folder / "manifest.json").write_text(json.dumps(m))
+        (folder / MANIFEST).write_text(json.dumps(m))
     return edit
 
 
 def _features(text: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
-        (folder / "prerank_features.json").write_text(text)
+        (folder / PRERANK_FEATURES).write_text(text)
     return edit
 
 
 def _feature_spec_without(key: str) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
-        spec = json.loads((folder / "prerank_features.json").read_text())
+        spec = json.loads((folder / PRERANK_FEATURES).read_text())
         del spec["user"][key]
-        (folder / "prerank_features.json").write_text(json.dumps(spec))
+        (folder / PRERANK_FEATURES).write_text(json.dumps(spec))
     return edit
 
 
 # (name, corruption, a word the error must contain)
 CORRUPTIONS: list[tuple[str, Callable[[Path], None], str]] = [
-    ("truncated_catalog", _truncate_catalog, "catalog.npz"),
-    ("binary_manifest", _binary_manifest, "manifest.json"),
+    ("truncated_catalog", _truncate_catalog, CATALOG),
+    ("binary_manifest", _binary_manifest, MANIFEST),
     ("dims_null", _edit_manifest(dims=None), "dims"),
-    ("empty_features", _features(""), "prerank_features.json"),
-    ("features_object_empty", _features("{}"), "prerank_features.json"),
+    ("empty_features", _features(""), PRERANK_FEATURES),
+    ("features_object_empty", _features("{}"), PRERANK_FEATURES),
     ("features_no_sparse", _feature_spec_without("sparse"), "smoke run failed"),
 ]
 
@@ -157,11 +158,11 @@ def test_pubsub_keeps_listening_after_corrupt_versions(root: Path, redis_url: st
 
 
 def test_unreadable_current_is_an_artifact_error(root: Path) -> None:
-    (root / "CURRENT").write_bytes(b"\xff\xfe\n")
+    (root / CURRENT).write_bytes(b"\xff\xfe\n")
     with pytest.raises(ArtifactError, match="CURRENT: unreadable"):
         current_version(root)
-    for bad in ("../v1", ".hidden", "v1/../v1", "a b", "CURRENT", ""):
-        (root / "CURRENT").write_text(bad + "\n")
+    for bad in ("../v1", ".hidden", "v1/../v1", "a b", CURRENT, ""):
+        (root / CURRENT).write_text(bad + "\n")
         with pytest.raises(ArtifactError, match="invalid version name"):
             current_version(root)
 
@@ -169,9 +170,9 @@ def test_unreadable_current_is_an_artifact_error(root: Path) -> None:
 @pytest.mark.parametrize("bad", ["../v0/items.npy", "/etc/passwd", ".hidden.npy", "sub/items.npy", 7, None])
 def test_manifest_file_names_are_confined_to_the_version_folder(root: Path, bad: object) -> None:
     copy_version(root, root / "v1", "v2")
-    m = json.loads((root / "v2" / "manifest.json").read_text())
+    m = json.loads((root / "v2" / MANIFEST).read_text())
     m["files"]["items"] = bad
-    (root / "v2" / "manifest.json").write_text(json.dumps(m))
+    (root / "v2" / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="files.items = .* not a file name inside the version folder"):
         load_version(root / "v2")
 
@@ -179,7 +180,7 @@ def test_manifest_file_names_are_confined_to_the_version_folder(root: Path, bad:
 def test_a_symlink_out_of_the_version_folder_is_refused(root: Path, tmp_path: Path) -> None:
     copy_version(root, root / "v1", "v2")
     outside = tmp_path / "elsewhere.npy"
-    (root / "v2" / "items.npy").rename(outside)
-    (root / "v2" / "items.npy").symlink_to(outside)
+    (root / "v2" / ITEMS_NPY).rename(outside)
+    (root / "v2" / ITEMS_NPY).symlink_to(outside)
     with pytest.raises(ArtifactError, match="resolves outside the version folder"):
         load_version(root / "v2")

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from service.artifacts import LoadedVersion
+from service.contract.manifest import STAGES, Manifest
+from service.contract.stage_blocks import Serving
 from service.core.config import Settings
-from service.pipeline import STAGES, Recommender
+from service.pipeline import Recommender
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split
 from training.eval.diversity import category_diversity, embedding_diversity
@@ -94,10 +95,10 @@ def version_cuts(version: LoadedVersion) -> list[tuple[str, ...]]:
 
 def check_data(version: LoadedVersion, ds: Dataset) -> None:
     """DataError unless `ds` is the data set the version was built on (same fingerprint)."""
-    want = version.manifest.get("data", {}).get("fingerprint")
-    if want != ds.fingerprint:
-        raise DataError(f"version {version.version} was built on data with fingerprint {want} "
-                        f"({version.manifest.get('data', {}).get('spec')}), {ds.name} has {ds.fingerprint}")
+    data = version.manifest.data
+    if data.fingerprint != ds.fingerprint:
+        raise DataError(f"version {version.version} was built on data with fingerprint {data.fingerprint} "
+                        f"({data.spec}), {ds.name} has {ds.fingerprint}")
 
 
 def select_users(loo: LeaveOneOut, n: int | None, seed: int = 0) -> np.ndarray:
@@ -221,21 +222,19 @@ def choose_stages(ev: ServedEval, tolerance: float | None) -> StageChoice:
 
 
 def serving_block(ev: ServedEval, choice: StageChoice, tolerance: float | None, seed: int,
-                  retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N) -> dict[str, Any]:
-    """The manifest's `serving` entry."""
+                  retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N) -> Serving:
+    """The manifest's `serving` block."""
     names = list(ev.cuts)
     deltas = {b: {"vs": a, METRIC: ev.cuts[b][METRIC] - ev.cuts[a][METRIC], "paired_se": ev.paired_se(b, a)}
               for a, b in zip(names, names[1:])}
-    return {"split": ev.split, "users": ev.users, "seed": seed, "metric": METRIC, "tolerance": tolerance,
-            "settings": {"retrieval_k": retrieval_k, "prerank_n": prerank_n}, "cuts": ev.cuts, "deltas": deltas,
-            "stages": choice.stages, "switched_off": choice.switched_off, "reason": choice.reason}
+    return Serving(split=ev.split, users=ev.users, seed=seed, metric=METRIC, tolerance=tolerance,
+                   settings={"retrieval_k": retrieval_k, "prerank_n": prerank_n}, cuts=ev.cuts, deltas=deltas,
+                   stages=choice.stages, switched_off=choice.switched_off, reason=choice.reason)
 
 
-def served_metric(manifest: dict[str, Any]) -> float | None:
+def served_metric(manifest: Manifest) -> float | None:
     """NDCG@10 of the last served cut recorded in a manifest's serving block (None without one)."""
-    serving = manifest.get("serving") or {}
-    stages, cuts = serving.get("stages") or [], serving.get("cuts") or {}
-    return cuts.get(stages[-1], {}).get(METRIC) if stages else None
+    return None if manifest.serving is None else manifest.serving.served_metric(METRIC)
 
 
 def cut_table(cuts: dict[str, dict[str, float]], columns: Iterable[str] = COLUMNS,

@@ -30,47 +30,52 @@ stderr as `[step] 1.23s` and recorded in the `timings` dict the caller passes (P
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from models.sasrec import MultiLauncherSASRec
+from service.contract.blocks import Catalog, Data, Dims, Files, Index, Retrieval
+from service.contract.layout import (
+    CATALOG,
+    CURRENT,
+    INDEX_FAISS,
+    MANIFEST,
+    PRERANK_FEATURES,
+    PRERANK_ITEMS,
+    PRERANK_MANIFEST,
+    PRERANK_USER_ONNX,
+    RERANK_ITEMS,
+    RERANK_MANIFEST,
+    RERANK_ONNX,
+    TMP_PREFIX,
+    VERSION_RE,
+    onnx_data,
+    valid_version,
+)
+from service.contract.manifest import FORMAT, Manifest, read_json
+from service.contract.stage_blocks import Checks, Item2Item, Prerank, PrerankServing, Rerank, RerankServing
 from service.index import index_params, save_index, set_faiss_threads
 from service.index_build import IndexSpec, build_index, choose_kind
 from training.stages.retrieval import item2item as i2i
-from training.stages.prerank import train as pr
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
 from training.stages.retrieval.encoders import served_vectors
-from training.checkpoints import RERANK_FILES, Sources
-from training.publish.onnx.retrieval import INDEX_FAISS, PARITY_ATOL, export_retrieval, retrieval_parity
+from training.checkpoints import Sources
+from training.publish.onnx.retrieval import PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
 from training.report import timed
 from training.eval.served_eval import ServingGate
-from training.publish.versions import (
-    CATALOG,
-    CURRENT,
-    MANIFEST,
-    VERSION_RE,
-    PublishError,
-    fsync_dir,
-    fsync_tree,
-    set_current,
-    smoke,
-    write_json,
-)
+from training.publish.versions import PublishError, fsync_dir, fsync_tree, set_current, smoke
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 DEFAULT_MIN_RECALL = 0.9
 RECALL_K = 100
 # launcher vectors of at most this many real test histories are the recall queries
@@ -80,7 +85,7 @@ RECALL_QUERY_USERS = 1000
 @dataclass(frozen=True)
 class PublishResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 @dataclass(eq=False)
@@ -89,14 +94,15 @@ class ItemSide:
 
     catalog: the catalog.npz arrays (`catalog_arrays` says which); retrieval: the encoder whose
     embedding table has exactly N + 1 rows; prerank_items (N + 1, G, d) float32;
-    rerank_items (N + 1, F) float32 or None; info: the manifest's "catalog" entry.
+    rerank_items (N + 1, F) float32 or None; info: the manifest's `catalog` block (without
+    max_popularity, which the build adds).
     """
 
     catalog: dict[str, np.ndarray]
     retrieval: MultiLauncherSASRec
     prerank_items: np.ndarray
     rerank_items: np.ndarray | None
-    info: dict[str, Any]
+    info: Catalog
     # the item-to-item route (training/stages/retrieval/item2item.py): its table's settings (None: no route) and
     # (items, users, events) rows (None: the data set's training part)
     item2item: i2i.Item2ItemConfig | None = None
@@ -121,9 +127,9 @@ def dataset_items(src: Sources, item2item: i2i.Item2ItemConfig | None = None) ->
     return ItemSide(
         catalog=catalog_arrays(src.ds, src.loo),
         retrieval=src.retrieval,
-        prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
-        rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
-        info={"popularity": "training-part interaction counts"},
+        prerank_items=np.load(src.pre_dir / PRERANK_ITEMS),
+        rerank_items=np.load(src.re_dir / RERANK_ITEMS) if src.re_dir is not None else None,
+        info=Catalog(popularity="training-part interaction counts"),
         item2item=item2item,
     )
 
@@ -138,14 +144,14 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
     check fails; on any error the temp folder is removed and CURRENT is unchanged.
     """
     timings = {} if timings is None else timings
-    if not VERSION_RE.match(version) or version == CURRENT:
+    if not valid_version(version):
         raise ValueError(f"version must match {VERSION_RE.pattern} and not be {CURRENT!r}, got {version!r}")
     root = Path(artifacts_root)
     final = root / version
     if final.exists():
         raise PublishError(f"version {version} already exists at {final}")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{version}"
+    tmp = root / f"{TMP_PREFIX}{version}"
     if tmp.exists():
         shutil.rmtree(tmp)  # left over by a killed publish of the same version
     tmp.mkdir()
@@ -153,12 +159,13 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
         manifest = _build(tmp, version, src, items, min_recall, index_spec, timings)
         with timed("gate", timings):
             if src.rerank is not None:
-                check_rerank(tmp, src.rerank, manifest)
-            write_json(tmp / MANIFEST, manifest)  # the service loads the folder from its manifest
+                manifest = check_rerank(tmp, src.rerank, manifest)
+            manifest.write(tmp / MANIFEST)  # the service loads the folder from its manifest
             with timed("served", timings):
-                manifest["serving"] = serving_gate(tmp, src, gate)
-            manifest["checks"] = {"min_recall": min_recall, "regression": regression(tmp, manifest)}
-            write_json(tmp / MANIFEST, manifest)
+                manifest = manifest.with_(serving=serving_gate(tmp, src, gate))
+            entry, manifest = regression(tmp, manifest)
+            manifest = manifest.with_(checks=Checks(min_recall=min_recall, regression=entry))
+            manifest.write(tmp / MANIFEST)
             smoke(tmp)
         with timed("write", timings):
             fsync_tree(tmp)
@@ -176,7 +183,7 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
 
 
 def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: float,
-           index_spec: IndexSpec | None, timings: dict[str, float]) -> dict[str, Any]:
+           index_spec: IndexSpec | None, timings: dict[str, float]) -> Manifest:
     ds, loo, n = src.ds, src.loo, items.num_items
     retrieval = items.retrieval
     if retrieval.config.num_items != n:
@@ -188,7 +195,7 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         try:
             parity = retrieval_parity(retrieval, onnx_path)
         except CHECK_ERRORS as exc:
-            raise PublishError(f"retrieval.onnx differs from eager PyTorch beyond atol={PARITY_ATOL}: {exc}") from None
+            raise PublishError(f"{onnx_path.name} differs from eager PyTorch beyond atol={PARITY_ATOL}: {exc}") from None
     vectors = np.load(items_path)  # (N, D)
     users = np.arange(min(RECALL_QUERY_USERS, loo.eval_users.size))
     with torch.no_grad():
@@ -206,61 +213,53 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
     save_index(index, out / INDEX_FAISS)  # with the nprobe measured
 
     with timed("prerank", timings):
-        for name in (pr.USER_ONNX, pr.MANIFEST, pr.FEATURES):
+        for name in (PRERANK_USER_ONNX, PRERANK_MANIFEST, PRERANK_FEATURES):
             shutil.copy2(src.pre_dir / name, out / name)
         heads = items.prerank_items
         if heads.ndim != 3 or heads.shape[0] != n + 1:
             raise PublishError(f"pre-rank item heads have shape {heads.shape}, expected ({n + 1}, G, d)")
-        np.save(out / pr.ITEMS_NPY, heads.astype(np.float32, copy=False))
-        pre_parity = prerank_parity(src.prerank, src.spec, out / pr.USER_ONNX)
-    pre_manifest = json.loads((src.pre_dir / pr.MANIFEST).read_text())
+        np.save(out / PRERANK_ITEMS, heads.astype(np.float32, copy=False))
+        pre_parity = prerank_parity(src.prerank, src.spec, out / PRERANK_USER_ONNX)
+    pre_serving = PrerankServing.from_dict(read_json(src.pre_dir / PRERANK_MANIFEST), str(PRERANK_MANIFEST))
 
     cfg = retrieval.config
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {"spec": src.data_spec, "name": ds.name, "fingerprint": ds.fingerprint, "num_users": ds.num_users,
-                 "num_items": ds.num_items, "num_interactions": ds.num_interactions},
-        "item_count": n,
-        "dims": {"retrieval_dim": cfg.dim, "num_launchers": served_vectors(cfg), "maxlen": cfg.maxlen,
-                 "prerank_item_heads": list(heads.shape[1:]),
-                 "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
-        "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
-                  "index": INDEX_FAISS, "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
-                  "prerank_features": pr.FEATURES,
-                  **({"retrieval_onnx_data": f"{onnx_path.name}.data"} if Path(f"{onnx_path}.data").is_file() else {})},
-        "catalog": {**items.info, "max_popularity": int(items.catalog["popularity"].max())},
-        "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
-                      "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
-                      "inputs": {"item_seq": ["B", "L", "int64"]},
-                      "outputs": {"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}},
-        "index": {**index_params(index), f"recall@{k}": recall, "file": INDEX_FAISS, "min_recall": min_recall,
-                  "recall_k": f"recall@{k}", "recall": recall, "queries": int(queries.shape[0] * queries.shape[1]),
-                  **({"nprobe_tuned": tuned} if tuned else {})},
-        "prerank": {"source": str(src.pre_dir), "model": src.pre_ckpt.get("model"),
-                    "config": src.prerank.cfg.to_dict(), "objective": src.pre_ckpt.get("objective"),
-                    "train": src.pre_ckpt.get("train"), "metrics": src.pre_ckpt.get("metrics", {}),
-                    "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
-        "rerank": None,
-    }
+    data_file = onnx_data(onnx_path.name)
+    files = Files(catalog=CATALOG, retrieval_onnx=onnx_path.name, items=items_path.name, index=INDEX_FAISS,
+                  prerank_user_onnx=PRERANK_USER_ONNX, prerank_items=PRERANK_ITEMS, prerank_features=PRERANK_FEATURES,
+                  retrieval_onnx_data=data_file if (out / data_file).is_file() else None)
+    manifest = Manifest(
+        format=FORMAT, version=version, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        data=Data(spec=src.data_spec, name=ds.name, fingerprint=ds.fingerprint, num_users=ds.num_users,
+                  num_items=ds.num_items, num_interactions=ds.num_interactions),
+        item_count=n,
+        dims=Dims(retrieval_dim=cfg.dim, num_launchers=served_vectors(cfg), maxlen=cfg.maxlen,
+                  prerank_item_heads=list(heads.shape[1:]),
+                  prerank_user_heads=pre_serving.user_heads[1:-1]),  # (L, H, d)
+        files=files,
+        catalog=replace(items.info, max_popularity=int(items.catalog["popularity"].max())),
+        retrieval=Retrieval(source=str(src.ret_dir), model=type(retrieval).__name__, config=cfg.to_dict(),
+                            metrics=src.payload.get("metrics", {}), parity_max_abs_diff=parity,
+                            inputs={"item_seq": ["B", "L", "int64"]},
+                            outputs={"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}),
+        index=Index(params=index_params(index), recall_k=f"recall@{k}", recall_at_k=recall, file=INDEX_FAISS,
+                    min_recall=min_recall, recall=recall, queries=int(queries.shape[0] * queries.shape[1]),
+                    nprobe_tuned=tuned or None),
+        prerank=Prerank(source=str(src.pre_dir), model=src.pre_ckpt.get("model"),
+                        config=src.prerank.cfg.to_dict(), objective=src.pre_ckpt.get("objective"),
+                        train=src.pre_ckpt.get("train"), metrics=src.pre_ckpt.get("metrics", {}),
+                        parity_max_abs_diff=pre_parity, serving=pre_serving),
+    )
     if items.item2item is not None:
         i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
-        manifest["item2item"] = i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item)
-        manifest["files"]["item2item"] = manifest["item2item"]["file"]
+        table = Item2Item.from_dict(i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item))
+        manifest = manifest.with_(item2item=table, files=replace(manifest.files, item2item=table.file))
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
-        shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])
-        np.save(out / RERANK_FILES[1], items.rerank_items.astype(np.float32, copy=False))
-        manifest["files"].update(rerank_onnx=RERANK_FILES[0], rerank_items=RERANK_FILES[1])
-        manifest["rerank"] = {"source": str(src.re_dir), "model": src.rerank_ckpt.get("name"),
-                              "train": src.rerank_ckpt.get("train"), "metrics": src.rerank_ckpt.get("metrics", {}),
-                              "serving": json.loads((src.re_dir / RERANK_FILES[2]).read_text())}
+        shutil.copy2(src.re_dir / RERANK_ONNX, out / RERANK_ONNX)
+        np.save(out / RERANK_ITEMS, items.rerank_items.astype(np.float32, copy=False))
+        rerank = Rerank(source=str(src.re_dir), model=src.rerank_ckpt.get("name"),
+                        train=src.rerank_ckpt.get("train"), metrics=src.rerank_ckpt.get("metrics", {}),
+                        serving=RerankServing.from_dict(read_json(src.re_dir / RERANK_MANIFEST), RERANK_MANIFEST))
+        manifest = manifest.with_(files=replace(manifest.files, rerank_onnx=RERANK_ONNX, rerank_items=RERANK_ITEMS),
+                                  rerank=rerank)
     return manifest
-
-
-# --- checks ---
-
-
-# --- files ---
-

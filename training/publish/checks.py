@@ -4,6 +4,7 @@ automatically chosen IVF needs), ONNX parity of the pre-rank and re-rank graphs.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import torch
 
 from models.layers import Fields
 from service.artifacts import ORT_ERRORS
+from service.contract.layout import RERANK_ITEMS, RERANK_ONNX
+from service.contract.manifest import Manifest
 from service.index_build import ann_recall
-from training.checkpoints import RERANK_CHECKPOINT, RERANK_FILES
+from training.checkpoints import RERANK_CHECKPOINT
 from training.publish.onnx.retrieval import PARITY_ATOL, PARITY_RTOL
 from training.publish.versions import PublishError
 
@@ -98,21 +101,24 @@ def prerank_parity(model: Any, spec: Any, onnx_path: Path, batch: int = 7, seed:
     return float(np.abs(got - want).max())
 
 
-def check_rerank(out: Path, model: Any, manifest: dict[str, Any]) -> None:
+def check_rerank(out: Path, model: Any, manifest: Manifest) -> Manifest:
+    """The re-rank files of the version being built against the re-ranker; the manifest with the
+    re-rank parity, config and item feature width filled in."""
     from training.publish.onnx.rerank import rerank_parity
 
-    feats = np.load(out / RERANK_FILES[1], mmap_mode="r")
-    n = manifest["item_count"] + 1
+    assert manifest.rerank is not None and manifest.dims.prerank_user_heads is not None
+    feats = np.load(out / RERANK_ITEMS, mmap_mode="r")
+    n = manifest.item_count + 1
     if feats.shape != (n, model.config.item_dim):
-        raise PublishError(f"rerank_items.npy has shape {feats.shape}, expected ({n}, {model.config.item_dim})")
-    layers, heads, _ = manifest["dims"]["prerank_user_heads"]
+        raise PublishError(f"{RERANK_ITEMS} has shape {feats.shape}, expected ({n}, {model.config.item_dim})")
+    layers, heads, _ = manifest.dims.prerank_user_heads
     pv = layers * heads  # one PV column per (layer, user head)
     if model.config.pv_dim not in (0, pv):
         raise PublishError(f"the re-ranker takes pv_dim={model.config.pv_dim} but the pre-ranker gives "
                            f"{pv} (layer, head) interactions")
     try:
-        manifest["rerank"]["parity_max_abs_diff"] = rerank_parity(model, out / RERANK_FILES[0])
+        parity = rerank_parity(model, out / RERANK_ONNX)
     except CHECK_ERRORS as exc:
-        raise PublishError(f"rerank.onnx does not match {RERANK_CHECKPOINT}: {exc}") from None
-    manifest["rerank"]["config"] = model.config.to_dict()
-    manifest["dims"]["rerank_item_dim"] = model.config.item_dim
+        raise PublishError(f"{RERANK_ONNX} does not match {RERANK_CHECKPOINT}: {exc}") from None
+    return manifest.with_(rerank=replace(manifest.rerank, parity_max_abs_diff=parity, config=model.config.to_dict()),
+                          dims=replace(manifest.dims, rerank_item_dim=model.config.item_dim))

@@ -11,21 +11,23 @@ check_regression against the live version: the served NDCG@10 at most max_regres
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, session
+from service.contract.layout import MANIFEST
+from service.contract.manifest import Manifest
+from service.contract.stage_blocks import RegressionCheck, Serving
 from training.checkpoints import Sources
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import mask_seen, ranking_metrics, target_ranks
 from training.eval.served_eval import ServingGate
-from training.publish.versions import MANIFEST, PublishError
+from training.publish.versions import PublishError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,13 @@ GATE_USERS = 1000  # the first test users of catalog_metrics (fixed, so live and
 _SCORE_CHUNK = 1 << 25  # scores per chunk in the gate's exact ranking (float32: 128 MiB)
 
 
-Regression = Callable[[Path, dict[str, Any]], dict[str, Any]]
-"""(temp version folder, its manifest) -> the manifest's checks.regression entry; raises
-PublishError when the new version is worse than the live one beyond the tolerance."""
+Regression = Callable[[Path, Manifest], tuple[RegressionCheck, Manifest]]
+"""(temp version folder, its manifest) -> the manifest's checks.regression entry and the manifest
+(reindex adds retrieval.catalog_metrics); raises PublishError when the new version is worse than
+the live one beyond the tolerance."""
 
 
-def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> dict[str, Any]:
+def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
     """The manifest's `serving` block: load the temp version as the service does, replay up to
     gate.users validation users through every served cut (training/eval/served_eval.py) and switch
     off a stage whose cut is worse than the previous served cut beyond gate.tolerance.
@@ -74,27 +77,29 @@ def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> dict[str, Any]:
     return se.serving_block(ev, choice, gate.tolerance, gate.seed)
 
 
-def served_comparison(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, float, float] | None:
+def served_comparison(old: Manifest, new: Manifest) -> tuple[str, float, float] | None:
     """(what is compared, live value, new value) of the served NDCG@10 (each version's last served
     cut) when both manifests record one on the same split; None otherwise."""
     from training.eval.served_eval import served_metric
 
     before, after = served_metric(old), served_metric(new)
-    if before is None or after is None or old["serving"].get("split") != new["serving"].get("split"):
+    if before is None or after is None or old.serving is None or new.serving is None:
         return None
-    return f"served {REGRESSION_METRIC} ({'+'.join(new['serving']['stages'])})", before, after
+    if old.serving.split != new.serving.split:
+        return None
+    return f"served {REGRESSION_METRIC} ({'+'.join(new.serving.stages or [])})", before, after
 
 
 def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
-                    manifest: dict[str, Any] | None = None) -> dict[str, float]:
+                    manifest: Manifest | None = None) -> dict[str, float]:
     """HR@10 / NDCG@10 of the test item under full ranking over the version's whole catalog:
     its retrieval.onnx encodes the histories, max over launchers of the inner products with its
     items.npy, the user's history removed. Item indices of the data set must be the version's.
     `manifest`: the folder's, when not yet written."""
-    m = manifest if manifest is not None else json.loads((folder / MANIFEST).read_text())
-    items = np.load(folder / m["files"]["items"])  # (N, D)
-    enc = session(folder / m["files"]["retrieval_onnx"])
-    q = enc.run(None, {"item_seq": loo.histories("test", users, maxlen=int(m["dims"]["maxlen"]))})[0]  # (B, M, D)
+    m = manifest if manifest is not None else Manifest.load(folder / MANIFEST)
+    items = np.load(folder / m.files.name("items"))  # (N, D)
+    enc = session(folder / m.files.name("retrieval_onnx"))
+    q = enc.run(None, {"item_seq": loo.histories("test", users, maxlen=m.dims.maxlen)})[0]  # (B, M, D)
     seen, targets = loo.histories("test", users), loo.targets("test")[users]
     B, M, D = q.shape
     N = items.shape[0]
@@ -110,8 +115,9 @@ def catalog_metrics(folder: Path, loo: LeaveOneOut, users: np.ndarray,
     return ranking_metrics(ranks, (10,))
 
 
-def check_regression(root: Path, live: str | None, tmp: Path, manifest: dict[str, Any],
-                     max_regression: float | None, catalog: LeaveOneOut | None = None) -> dict[str, Any]:
+def check_regression(root: Path, live: str | None, tmp: Path, manifest: Manifest,
+                     max_regression: float | None, catalog: LeaveOneOut | None = None
+                     ) -> tuple[RegressionCheck, Manifest]:
     """The manifest's checks.regression entry: the new version's served NDCG@10 against the live
     version's (both manifests' `serving`, set by the stage gate before this runs); raises
     PublishError when it is more than max_regression lower.
@@ -120,51 +126,50 @@ def check_regression(root: Path, live: str | None, tmp: Path, manifest: dict[str
     None (`recsys export`): the retrieval NDCG@10 both checkpoints recorded in training;
     the data set's split (`recsys reindex`): catalog NDCG@10 of both versions' built artifacts,
     measured here on the same test users (catalog_metrics), the new one recorded in the manifest
-    either way. The entry keeps each command's keys and wording.
+    (retrieval.catalog_metrics, in the manifest returned) either way. The entry keeps each
+    command's keys and wording.
     """
-    entry: dict[str, Any] = {"metric": REGRESSION_METRIC if catalog is None else f"catalog {REGRESSION_METRIC}",
-                             "max_regression": max_regression, "live_version": live}
+    entry = RegressionCheck(metric=REGRESSION_METRIC if catalog is None else f"catalog {REGRESSION_METRIC}",
+                            max_regression=max_regression, live_version=live)
     if catalog is not None:
         users = np.arange(min(GATE_USERS, catalog.eval_users.size))
         new = catalog_metrics(tmp, catalog, users, manifest)
-        manifest["retrieval"]["catalog_metrics"] = {**new, "users": int(users.size)}
+        manifest = manifest.with_(retrieval=replace(manifest.retrieval,
+                                                    catalog_metrics={**new, "users": int(users.size)}))
     if max_regression is None or live is None:
-        return {**entry, "result": "skipped: " + ("gate off" if max_regression is None else "no live version")}
+        return replace(entry, result="skipped: " + ("gate off" if max_regression is None else "no live version")), manifest
     # export reads only the live manifest; reindex also runs the live version's artifacts
-    errors: tuple[type[Exception], ...] = ((OSError, json.JSONDecodeError) if catalog is None
+    errors: tuple[type[Exception], ...] = ((OSError, ValueError) if catalog is None
                                            else (OSError, KeyError, ValueError, *ORT_ERRORS))
     try:
-        old = json.loads((root / live / MANIFEST).read_text())
-        if catalog is None:
-            fingerprint = old.get("data", {}).get("fingerprint")
-        else:
-            fingerprint = old["data"]["fingerprint"]
-        if fingerprint != manifest["data"]["fingerprint"]:
-            return {**entry, "result": "skipped: the live version was built on other data"}
+        old = Manifest.load(root / live / MANIFEST)
+        if old.data.fingerprint != manifest.data.fingerprint:
+            return replace(entry, result="skipped: the live version was built on other data"), manifest
         served = served_comparison(old, manifest)
         if served is None and catalog is not None:
-            old_catalog = catalog_metrics(root / live, catalog, users)
+            old_catalog = catalog_metrics(root / live, catalog, users, old)
     except errors as exc:
         why = "live manifest unreadable" if catalog is None else "the live version does not load"
-        return {**entry, "result": f"skipped: {why} ({exc})"}
+        return replace(entry, result=f"skipped: {why} ({exc})"), manifest
     if catalog is None:
         what, before, after = served or (
-            f"retrieval {REGRESSION_METRIC}", old.get("retrieval", {}).get("metrics", {}).get(REGRESSION_METRIC),
-            manifest["retrieval"]["metrics"].get(REGRESSION_METRIC))
-        entry["compared"] = what
+            f"retrieval {REGRESSION_METRIC}", old.retrieval.metrics.get(REGRESSION_METRIC),
+            manifest.retrieval.metrics.get(REGRESSION_METRIC))
+        entry = replace(entry, compared=what)
         if before is None or after is None:
-            return {**entry, "result": f"skipped: {REGRESSION_METRIC} not recorded"}
-        users_note, result_users = "", {}
+            return replace(entry, result=f"skipped: {REGRESSION_METRIC} not recorded"), manifest
+        users_note, n = "", None
     else:
         if served is not None:
+            assert manifest.serving is not None  # served_comparison found it
             what, before, after = served
-            n, split = manifest["serving"]["users"], manifest["serving"]["split"]
+            n, split = manifest.serving.users, manifest.serving.split
         else:
-            what, before, after = entry["metric"], old_catalog[REGRESSION_METRIC], new[REGRESSION_METRIC]
-            n, split = users.size, "test"
-        entry["metric"] = what
-        users_note, result_users = f" ({n} {split} users)", {"users": int(n)}
+            what, before, after = entry.metric or "", old_catalog[REGRESSION_METRIC], new[REGRESSION_METRIC]
+            n, split = int(users.size), "test"
+        entry = replace(entry, metric=what)
+        users_note = f" ({n} {split} users)"
     if after < before - max_regression:
         raise PublishError(f"{what} {after:.4f} is worse than the live version {live} "
                            f"({before:.4f}) by more than {max_regression}{users_note}")
-    return {**entry, "result": "passed", "live": before, "new": after, **result_users}
+    return replace(entry, result="passed", live=before, new=after, users=None if n is None else int(n)), manifest

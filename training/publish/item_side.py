@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models.sasrec import MultiLauncherSASRec
 from service.contract.catalog import ItemCatalog
+from service.contract.blocks import Catalog
 from training.stages.prerank import train as pr
 from training.publish.build import ItemSide
 from training.checkpoints import Sources
@@ -175,8 +176,8 @@ def grown_item_side(src: Sources, pipe: Any, catalog: ItemCatalog, dataset: Item
         retrieval=extend_retrieval(src.retrieval, table),
         prerank_items=heads,
         rerank_items=rerank_features(pipe, table, heads, catalog.popularity) if src.re_dir is not None else None,
-        info={"popularity": "training-part interaction counts (0 for items added by reindex)",
-              "trained_items": n_trained,
-              "cold_start": {"rule": COLD_START_RULE, "items": int(cold.size),
-                             "from_features": int(cold.size) - n_global, "global_mean": n_global}},
+        info=Catalog(popularity="training-part interaction counts (0 for items added by reindex)",
+                     trained_items=n_trained,
+                     cold_start={"rule": COLD_START_RULE, "items": int(cold.size),
+                                 "from_features": int(cold.size) - n_global, "global_mean": n_global}),
     )

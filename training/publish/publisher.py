@@ -23,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from service.contract.manifest import Manifest
+from service.contract.stage_blocks import RegressionCheck
 from service.index_build import IndexSpec
 from training.stages.retrieval import item2item as i2i
 from training.publish.build import DEFAULT_MIN_RECALL, ItemSide, PublishResult, check_gates, dataset_items, publish_items
@@ -68,7 +70,7 @@ class Publisher:
         (reindex); with catalog=None (export) it compares with CURRENT as the gate runs, on the
         checkpoints' training NDCG@10 (training/gates.check_regression).
         """
-        def regression(tmp: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        def regression(tmp: Path, manifest: Manifest) -> tuple[RegressionCheck, Manifest]:
             current = read_current(self.root) if catalog is None else live
             return check_regression(self.root, current, tmp, manifest, self.max_regression, catalog)
 

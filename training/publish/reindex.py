@@ -50,11 +50,9 @@ gate (step 5): training/publish/gates.py; lock, prune, announce and rollback: tr
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -67,6 +65,8 @@ from service.catalog_updates import (
     make_catalog_updates,
     validate_item,
 )
+from service.contract.layout import MANIFEST, PENDING_ITEMS, ContractError
+from service.contract.manifest import Manifest
 from service.index_build import IndexSpec
 from service.stores import StoreError
 from training.stages.retrieval import item2item as i2i
@@ -81,9 +81,7 @@ from training.publish.publisher import Publisher
 from training.report import timed
 from training.eval.served_eval import ServingGate
 from training.publish.versions import (
-    CATALOG,
     DEFAULT_KEEP,
-    MANIFEST,
     PublishError,
     announce,
     artifacts_lock,
@@ -146,7 +144,8 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
     root, timings = publisher.root, publisher.timings
     with artifacts_lock(root):
         live = read_current(root)
-        src = publisher.load(*_resolve_sources(cfg, root, live))
+        live_manifest, unreadable = _read_live(root, live)
+        src = publisher.load(*_resolve_sources(cfg, root, live_manifest, unreadable))
         pipe = publisher.upstream
         if pipe is None:
             raise PublishError(f"{src.pre_dir}: reindex needs a next-item pre-ranker to compute item heads, "
@@ -155,7 +154,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
         try:
             with timed("catalog", timings):
                 dataset = catalog_arrays(src.ds, src.loo)  # built once; each ItemCatalog below copies it
-                catalog, base = _base_catalog(ItemCatalog.from_arrays(dataset), root, live)  # apply() grows it
+                catalog, base = _base_catalog(ItemCatalog.from_arrays(dataset), root, live, live_manifest)
                 schema = catalog.schema()
                 file_items = read_catalog_file(cfg.catalog, schema) if cfg.catalog else []
                 snapshot, pending, rejected = _pending(_snapshot(updates), schema)
@@ -164,14 +163,14 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                      catalog.num_items, len(added), len(changed), len(pending), len(rejected))
             with timed("embeddings", timings):
                 items = grown_item_side(src, pipe, catalog, ItemCatalog.from_arrays(dataset))
-            items.item2item = _item2item_config(root, live, cfg.events)
+            items.item2item = _item2item_config(live_manifest, cfg.events)
             if items.item2item is not None:
                 items.item2item_rows = _item2item_rows(src, catalog, cfg.events)
-            items.info.update(base=base, catalog_file=str(cfg.catalog) if cfg.catalog else None,
-                              pending_backend="redis" if cfg.redis_url else str(root / "catalog_pending.jsonl"),
-                              pending_applied=len(pending), pending_rejected=rejected[:_SAMPLE],
-                              added=len(added), changed=len(changed),
-                              added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
+            items.info = replace(items.info, base=base, catalog_file=str(cfg.catalog) if cfg.catalog else None,
+                                 pending_backend="redis" if cfg.redis_url else str(root / PENDING_ITEMS),
+                                 pending_applied=len(pending), pending_rejected=rejected[:_SAMPLE],
+                                 added=len(added), changed=len(changed),
+                                 added_ids=added[:_SAMPLE], changed_ids=changed[:_SAMPLE])
             version = cfg.version or default_version(src.ds.fingerprint + catalog.digest(), src.checkpoints)
             published = publisher.publish(src, items, version, live=live, catalog=src.loo)
             with timed("prune", timings):
@@ -182,43 +181,49 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
     return ReindexResult(published, live, pruned, cleared, announce(cfg.redis_url, version), timings)
 
 
-def _resolve_sources(cfg: ReindexConfig, root: Path, live: str | None) -> tuple[str, Path, Path, Path | None]:
-    """--data and the checkpoint folders, each from the live manifest unless given."""
-    m: dict[str, Any] = {}
-    if live is not None:
-        try:
-            m = json.loads((root / live / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            if None in (cfg.data, cfg.retrieval, cfg.prerank):
-                raise ValueError(f"{root / live / MANIFEST}: unreadable ({exc}); give --data, --retrieval "
-                                 f"and --prerank") from None
-    elif None in (cfg.data, cfg.retrieval, cfg.prerank):
+def _read_live(root: Path, live: str | None) -> tuple[Manifest | None, str | None]:
+    """The live version's manifest (None without a live version) or None and why it is unreadable."""
+    if live is None:
+        return None, None
+    try:
+        return Manifest.load(root / live / MANIFEST), None
+    except (OSError, ContractError) as exc:
+        return None, str(exc)
+
+
+def _resolve_sources(cfg: ReindexConfig, root: Path, m: Manifest | None,
+                     unreadable: str | None) -> tuple[str, Path, Path, Path | None]:
+    """--data and the checkpoint folders, each from the live manifest `m` unless given."""
+    if m is None and None in (cfg.data, cfg.retrieval, cfg.prerank):
+        if unreadable is not None:
+            raise ValueError(f"live manifest unreadable ({unreadable}); give --data, --retrieval and --prerank")
         raise ValueError(f"{root}: no CURRENT version to take --data / --retrieval / --prerank from; give them")
 
-    def source(stage: str, given: Path | None, required: bool = True) -> Path | None:
-        value = given or (m.get(stage) or {}).get("source")
+    def source(stage: str, given: Path | None, recorded: str | None, required: bool = True) -> Path | None:
+        value = given or recorded
         if value is None and required:
             raise ValueError(f"give --{stage}: the live manifest records no {stage} source")
         return None if value is None else Path(value)
 
-    data = cfg.data or (m.get("data") or {}).get("spec")
+    data = cfg.data or (m.data.spec if m is not None else None)
     if data is None:
         raise ValueError("give --data: the live manifest records no data spec")
-    retrieval, prerank = source("retrieval", cfg.retrieval), source("prerank", cfg.prerank)
+    retrieval = source("retrieval", cfg.retrieval, m.retrieval.source if m is not None else None)
+    prerank = source("prerank", cfg.prerank, m.prerank.source if m is not None else None)
     assert retrieval is not None and prerank is not None
-    return data, retrieval, prerank, source("rerank", cfg.rerank, required=False)
+    rerank = m.rerank.source if m is not None and m.rerank is not None else None
+    return data, retrieval, prerank, source("rerank", cfg.rerank, rerank, required=False)
 
 
-def _base_catalog(dataset: ItemCatalog, root: Path, live: str | None) -> tuple[ItemCatalog, str]:
+def _base_catalog(dataset: ItemCatalog, root: Path, live: str | None,
+                  m: Manifest | None) -> tuple[ItemCatalog, str]:
     """The live catalog when it extends the data set's (`dataset`), else the data set's."""
     if live is None:
         return dataset, "data set"
     try:
-        files = json.loads((root / live / MANIFEST).read_text())["files"]
-        name = files.get("catalog", CATALOG)
-        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"files.catalog = {name!r} is not a file name inside the version folder")
-        with np.load(root / live / name, allow_pickle=False) as z:
+        if m is None:
+            raise ValueError("the live manifest is unreadable")
+        with np.load(root / live / m.files.name("catalog"), allow_pickle=False) as z:
             current = ItemCatalog.from_arrays({k: z[k] for k in z.files})
     except (OSError, KeyError, ValueError) as exc:
         log.warning("live version %s: catalog unreadable (%s); starting from the data set", live, exc)
@@ -246,15 +251,14 @@ def _pending(snapshot: PendingSnapshot, schema: dict[str, FeatureKind]
 
 
 
-def _item2item_config(root: Path, live: str | None, events: str | None) -> i2i.Item2ItemConfig | None:
+def _item2item_config(live: Manifest | None, events: str | None) -> i2i.Item2ItemConfig | None:
     """The live version's table settings; the defaults when it has none but --events is given;
     None (no route) otherwise."""
-    try:
-        entry = json.loads((root / live / MANIFEST).read_text()).get("item2item") if live else None
-    except (OSError, json.JSONDecodeError):
-        entry = None
-    if entry:
-        return i2i.Item2ItemConfig(int(entry["neighbours"]), int(entry["window"]), float(entry["alpha"]))
+    entry = live.item2item if live is not None else None
+    if entry is not None:
+        if entry.neighbours is None or entry.window is None or entry.alpha is None:
+            raise PublishError("the live manifest's item2item block lacks its table settings (neighbours, window, alpha)")
+        return i2i.Item2ItemConfig(entry.neighbours, entry.window, entry.alpha)
     return i2i.Item2ItemConfig() if events is not None else None
 
 

@@ -3,40 +3,27 @@
 artifacts_root/<version>/ holds one published version (DESIGN.md §5), artifacts_root/CURRENT
 the name of the live one. CURRENT is only ever replaced atomically (temp file + os.replace),
 and only after the version it names loaded and passed a smoke run (training/publish/build.py for a
-new version, rollback() here for an older one).
+new version, rollback() here for an older one). The file names, the CURRENT reader and writer and
+the lock are the contract's (service/contract/layout.py); here they raise PublishError.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from service.contract import layout
+from service.contract.layout import CURRENT, MANIFEST, ContractError, RootLocked, fsync_dir, write_current
+from service.contract.manifest import created_at
 
 log = logging.getLogger(__name__)
-
-
-MANIFEST = "manifest.json"
-
-
-CATALOG = "catalog.npz"
-
-
-CURRENT = "CURRENT"
-
-
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class PublishError(RuntimeError):
@@ -54,16 +41,10 @@ def default_version(fingerprint: str, sources: list[Path]) -> str:
 def read_current(artifacts_root: str | Path) -> str | None:
     """Name of the live version, or None when artifacts_root/CURRENT does not exist; PublishError
     when CURRENT holds something that is not a version name (e.g. a path out of the root)."""
-    path = Path(artifacts_root) / CURRENT
-    if not path.is_file():
-        return None
     try:
-        name = path.read_bytes()[:256].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        name = "<not UTF-8>"
-    if not VERSION_RE.match(name) or name == CURRENT:
-        raise PublishError(f"{path}: invalid version name {name!r} (must match {VERSION_RE.pattern})")
-    return name
+        return layout.read_current(artifacts_root)
+    except ContractError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def set_current(artifacts_root: str | Path, version: str) -> None:
@@ -71,25 +52,7 @@ def set_current(artifacts_root: str | Path, version: str) -> None:
     root = Path(artifacts_root)
     if not (root / version / MANIFEST).is_file():
         raise PublishError(f"cannot point CURRENT at {version}: no {MANIFEST} in {root / version}")
-    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / CURRENT)
-    fsync_dir(root)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, (tuple, np.ndarray)):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    write_current(root, version)
 
 
 def fsync_tree(path: Path) -> None:
@@ -98,17 +61,6 @@ def fsync_tree(path: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-LOCK = ".reindex.lock"
 
 
 DEFAULT_KEEP = 5
@@ -132,17 +84,12 @@ def announce(redis_url: str | None, version: str) -> int | None:
 
 @contextmanager
 def artifacts_lock(root: Path) -> Iterator[None]:
-    """Exclusive non-blocking flock on root/.reindex.lock; PublishError when another holds it."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    """Exclusive non-blocking flock on the root (layout.root_lock); PublishError when another holds it."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PublishError(f"{root / LOCK}: another reindex or rollback is running") from None
-        yield
-    finally:
-        os.close(fd)
+        with layout.root_lock(root):
+            yield
+    except RootLocked as exc:
+        raise PublishError(str(exc)) from None
 
 
 def list_versions(root: Path) -> list[tuple[str, str]]:
@@ -151,10 +98,9 @@ def list_versions(root: Path) -> list[tuple[str, str]]:
     for p in root.iterdir() if root.is_dir() else ():
         if not p.is_dir() or p.name.startswith("."):
             continue
-        try:
-            out.append((p.name, str(json.loads((p / MANIFEST).read_text())["created_at"])))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a version (or a broken one): never listed, pruned or rolled back to
+        created = created_at(p)
+        if created is not None:  # else not a version (or a broken one): never listed, pruned or rolled back to
+            out.append((p.name, created))
     return sorted(out, key=lambda v: (v[1], v[0]))
 
 

@@ -28,8 +28,8 @@ def get_item(item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN, p
 @router.get("/version", response_model=VersionOut, responses=NOT_LOADED)
 def get_version(rec: RecommenderDep) -> VersionOut:
     m = rec.v.manifest
-    serving = m.get("serving")
-    return VersionOut(model_version=rec.v.version, created_at=str(m["created_at"]), item_count=rec.v.num_items,
-                      data=dict(m["data"]), rerank=rec.v.rerank is not None, stages=list(rec.stages),
+    serving = m.serving.to_dict() if m.serving is not None else None  # the gate's record as written
+    return VersionOut(model_version=rec.v.version, created_at=str(m.created_at), item_count=rec.v.num_items,
+                      data=m.data.to_dict(), rerank=rec.v.rerank is not None, stages=list(rec.stages),
                       serving={k: v for k, v in serving.items() if k != "cuts"} if serving else None,
-                      cuts=dict(serving.get("cuts", {})) if serving else {})
+                      cuts=dict(m.serving.cuts) if m.serving is not None and serving else {})

@@ -41,6 +41,7 @@ from training.publish.onnx.rerank import export_rerank
 from training.eval.metrics import evaluate_retrieval
 from training.publish.gates import catalog_metrics
 from training.stages.retrieval.train import model_scorer
+from service.contract.layout import RERANK_ITEMS, RERANK_MANIFEST
 
 REVERSE_LEN = 30  # = the service's prerank_n: the broken re-ranker reverses the whole pre-rank top 30
 
@@ -78,7 +79,7 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
     pipe = im.Pipeline.load(ds, LeaveOneOut(ds), ret, pre)
     heads = json.loads((pre / pr.MANIFEST).read_text())["outputs"]["user_heads"]
     pv_dim = heads[1] * heads[2]  # (layers, user heads), as make_checkpoints
-    good = {**json.loads((rer / "rerank_manifest.json").read_text()), "pv_mean": [0.0] * pv_dim,
+    good = {**json.loads((rer / RERANK_MANIFEST).read_text()), "pv_mean": [0.0] * pv_dim,
             "pv_std": [1.0] * pv_dim}
     mlp = PointwiseMLP(PointwiseMLPConfig(item_dim=pipe.item_feats.shape[1], pv_dim=pv_dim, hidden=(2,),
                                           dropout=0.0, max_len=REVERSE_LEN)).eval()
@@ -94,8 +95,8 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
                                                                            retrieval_score=False),
                      fingerprint=ds.fingerprint)
     export_rerank(mlp, out)
-    np.save(out / "rerank_items.npy", pipe.item_feats)
-    (out / "rerank_manifest.json").write_text(json.dumps({**good, "model": "MLP", "list_len": REVERSE_LEN,
+    np.save(out / RERANK_ITEMS, pipe.item_feats)
+    (out / RERANK_MANIFEST).write_text(json.dumps({**good, "model": "MLP", "list_len": REVERSE_LEN,
                                                           "config": mlp.config.to_dict()}))
     return out
 
@@ -135,7 +136,7 @@ def test_cut_table_on_a_tiny_version(published: Path) -> None:
     assert faiss.cuts["retrieval"]["Diversity@10"] == pytest.approx(
         embedding_diversity(faiss_top10(v, ds, loo), np.vstack([np.zeros((1, v.items.shape[1])), v.items])))
     # the tiny PRM reorders only the pre-rank top 8 (its max_len): the top-10 / top-50 sets stay
-    assert v.manifest["rerank"]["config"]["max_len"] == 8
+    assert v.manifest.to_dict()["rerank"]["config"]["max_len"] == 8
     for key in ("HR@10", "HR@20", "HR@50", "Coverage@10"):
         assert ev.cuts["rerank"][key] == ev.cuts["prerank"][key], key
     assert ev.cuts["rerank"]["NDCG@10"] != ev.cuts["prerank"]["NDCG@10"]
@@ -176,7 +177,7 @@ def test_data_of_another_data_set_is_refused(published: Path) -> None:
 
 
 def test_publish_records_the_served_cuts_in_the_manifest(published: Path) -> None:
-    m = load_current(published).manifest
+    m = load_current(published).manifest.to_dict()
     s = m["serving"]
     assert s["split"] == "valid" and s["users"] == 199 and s["tolerance"] == se.DEFAULT_STAGE_TOLERANCE
     assert s["settings"] == {"retrieval_k": 200, "prerank_n": 30}
@@ -197,15 +198,15 @@ def test_a_reversing_reranker_is_switched_off(broken: tuple[Path, Path], publish
     root = broken[0]
     assert read_current(root) == "v2"
     v = load_current(root)
-    s = v.manifest["serving"]
+    s = v.manifest.to_dict()["serving"]
     ret, pre, rev = (s["cuts"][c]["NDCG@10"] for c in STAGES)
     assert pre > ret + 0.01  # the trained pre-ranker beats the random retrieval order: kept
     assert rev < pre - 0.01  # reversing its top 30 costs more than the tolerance: switched off
     assert s["stages"] == ["retrieval", "prerank"] and s["switched_off"] == ["rerank"]
     assert s["reason"].startswith(f"rerank NDCG@10 {rev:.4f} < prerank {pre:.4f} - tolerance 0.01")
     # the check against v1 compared what each serves: v2's pre-rank cut, v1's re-rank cut
-    v1 = load_version(published / "v1").manifest["serving"]["cuts"]["rerank"]["NDCG@10"]
-    assert v.manifest["checks"]["regression"] == {
+    v1 = load_version(published / "v1").manifest.to_dict()["serving"]["cuts"]["rerank"]["NDCG@10"]
+    assert v.manifest.to_dict()["checks"]["regression"] == {
         "metric": "NDCG@10", "max_regression": 0.01, "live_version": "v1",
         "compared": "served NDCG@10 (retrieval+prerank)", "result": "passed", "live": v1, "new": pre}
     # the re-ranker does reverse the pre-rank order
@@ -249,7 +250,7 @@ def test_require_all_stages_refuses_the_broken_reranker(broken: tuple[Path, Path
     assert "serving: retrieval -> prerank (SWITCHED OFF: rerank: rerank NDCG@10" in out.out
     # an infinite tolerance keeps every stage; then the check against the live version compares
     # what each serves: v4's re-rank cut with v3's pre-rank cut, and refuses
-    v3 = load_current(root).manifest["serving"]["cuts"]
+    v3 = load_current(root).manifest.to_dict()["serving"]["cuts"]
     argv = ["export", "--data", TINY, "--retrieval", str(ckpts[0]), "--prerank", str(trained_pre), "--rerank", str(rev),
             "--out", str(root), "--version", "v4", "--stage-tolerance", "inf"]
     code = cli.main(argv)
@@ -257,7 +258,7 @@ def test_require_all_stages_refuses_the_broken_reranker(broken: tuple[Path, Path
     assert code == 1 and (f"served NDCG@10 (retrieval+prerank+rerank) {v3['rerank']['NDCG@10']:.4f} is worse than "
                           f"the live version v3 ({v3['prerank']['NDCG@10']:.4f}) by more than 0.01") in err
     assert cli.main([*argv, "--no-regression-check"]) == 0
-    s = load_current(root).manifest["serving"]
+    s = load_current(root).manifest.to_dict()["serving"]
     assert s["stages"] == list(STAGES) and s["tolerance"] is None and s["switched_off"] == []
     assert Recommender(load_current(root)).recommend(["x"] + [str(i) for i in load(TINY).item_ids[1:4]]).served_by == "rerank"
 

@@ -36,6 +36,7 @@ from training.data.dataset import DataError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.publish.onnx.rerank import export_rerank
+from service.contract.layout import INDEX_FAISS, ITEMS_NPY, MANIFEST, RERANK_ITEMS, RERANK_MANIFEST, RERANK_ONNX
 
 TINY = "synthetic:users=200,items=80,seed=0"
 ROOT = Path(__file__).resolve().parents[3]
@@ -71,8 +72,8 @@ def make_checkpoints(spec: str, root: Path) -> tuple[Path, Path, Path]:
     rr.save_reranker(root / "re" / "prm.pt", "prm", prm, im.PVStats((0.0,) * pv_dim, (1.0,) * pv_dim), imp_cfg,
                      fingerprint=ds.fingerprint)
     export_rerank(prm, root / "re")
-    np.save(root / "re" / "rerank_items.npy", pipe.item_feats)
-    (root / "re" / "rerank_manifest.json").write_text(json.dumps(
+    np.save(root / "re" / RERANK_ITEMS, pipe.item_feats)
+    (root / "re" / RERANK_MANIFEST).write_text(json.dumps(
         {"model": "PRM", "list_len": 8, "pv_mean": [0.0] * pv_dim, "pv_std": [1.0] * pv_dim,
          "config": prm.config.to_dict()}))
     return root / "ret", root / "pre", root / "re"
@@ -101,7 +102,7 @@ def test_publish_writes_a_version_that_loads(published: Path) -> None:
     assert (published / CURRENT).read_text().strip() == "v1"
     assert _listing(published) == [CURRENT, "v1"]  # no temp folder or temp CURRENT left
     v = load_current(published)
-    m = v.manifest
+    m = v.manifest.to_dict()
     assert v.version == m["version"] == "v1"
     assert m["data"]["fingerprint"] == ds.fingerprint and m["data"]["spec"] == TINY
     assert m["item_count"] == v.num_items == ds.num_items == 80
@@ -173,8 +174,8 @@ def test_failed_publish_leaves_current_and_no_temp(case: str, published: Path, c
     elif case == "corrupt_onnx":
         bad = tmp_path / "re"
         shutil.copytree(rer, bad)
-        (bad / "rerank.onnx").write_bytes(b"not an onnx model")
-        rer, err, msg = bad, PublishError, "rerank.onnx"
+        (bad / RERANK_ONNX).write_bytes(b"not an onnx model")
+        rer, err, msg = bad, PublishError, RERANK_ONNX
     elif case == "other_data":
         other = "synthetic:users=200,items=90,seed=0"
         err, msg = DataError, "checkpoint was trained on another data set"
@@ -198,7 +199,7 @@ def test_recall_below_the_threshold_is_rejected(ckpts: tuple[Path, Path, Path], 
         publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.9, index_spec=ivf)
     assert _listing(tmp_path) == []
     publish(TINY, ret, pre, None, tmp_path, version="v1", min_recall=0.0, index_spec=ivf)
-    index = load_current(tmp_path).manifest["index"]
+    index = load_current(tmp_path).manifest.to_dict()["index"]
     assert index["kind"] == "ivf" and index["nlist"] == 2 and index["nprobe"] == 1 and index["recall"] < 0.9
 
 
@@ -211,7 +212,7 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
     model, payload = rt.load_checkpoint(ret)
     rt.save_checkpoint(worse, model, load(TINY), TINY, {"metrics": {"NDCG@10": 0.03}})  # live: 0.05
     # the live version records what it serves (manifest serving): the served NDCG@10 is compared
-    live_path = root / "v1" / "manifest.json"
+    live_path = root / "v1" / MANIFEST
     live = json.loads(live_path.read_text())
     assert live["serving"]["stages"] == ["retrieval", "prerank", "rerank"]
     live["serving"]["cuts"]["rerank"]["NDCG@10"] = 0.9
@@ -227,10 +228,10 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
         publish(TINY, worse, pre, None, root, version="v2")
     assert _listing(root) == [CURRENT, "v1"] and read_current(root) == "v1"
     publish(TINY, worse, pre, None, root, version="v2", max_regression=0.05)
-    m = load_current(root).manifest
+    m = load_current(root).manifest.to_dict()
     assert m["checks"]["regression"] == {"metric": "NDCG@10", "max_regression": 0.05, "live_version": "v1",
                                          "compared": "retrieval NDCG@10", "result": "passed", "live": 0.05, "new": 0.03}
-    v1 = load_version(root / "v1").manifest["checks"]["regression"]
+    v1 = load_version(root / "v1").manifest.to_dict()["checks"]["regression"]
     assert v1["result"] == "skipped: no live version"
 
 
@@ -238,8 +239,8 @@ def test_rerank_from_other_upstream_models_is_rejected(ckpts: tuple[Path, Path, 
     ret, pre, rer = ckpts
     bad = tmp_path / "re"
     shutil.copytree(rer, bad)
-    feats = np.load(bad / "rerank_items.npy")
-    np.save(bad / "rerank_items.npy", feats + 0.5)
+    feats = np.load(bad / RERANK_ITEMS)
+    np.save(bad / RERANK_ITEMS, feats + 0.5)
     with pytest.raises(PublishError, match="the re-ranker was trained on other retrieval / pre-rank checkpoints"):
         publish(TINY, ret, pre, bad, tmp_path / "a", version="v1")
     assert _listing(tmp_path / "a") == []
@@ -266,14 +267,14 @@ def test_load_version_rejects_a_broken_folder(damage: str, message: str, publish
 
     folder = tmp_path / ("v9" if damage == "folder_name" else "v1")
     shutil.copytree(published / "v1", folder)
-    mpath = folder / "manifest.json"
+    mpath = folder / MANIFEST
     m = json.loads(mpath.read_text())
     if damage == "missing_items":
-        (folder / "items.npy").unlink()
+        (folder / ITEMS_NPY).unlink()
     elif damage == "item_count":
         m["item_count"] = 81
     elif damage == "items_rows":
-        np.save(folder / "items.npy", np.load(folder / "items.npy")[:79])
+        np.save(folder / ITEMS_NPY, np.load(folder / ITEMS_NPY)[:79])
     elif damage == "missing_key":
         del m["index"]
     elif damage == "serving_order":
@@ -284,8 +285,8 @@ def test_load_version_rejects_a_broken_folder(damage: str, message: str, publish
         m["rerank"] = None
     elif damage == "index_rows":
         index = faiss.IndexFlatIP(16)
-        index.add(np.load(folder / "items.npy")[:79])
-        faiss.write_index(index, str(folder / "index.faiss"))
+        index.add(np.load(folder / ITEMS_NPY)[:79])
+        faiss.write_index(index, str(folder / INDEX_FAISS))
     if damage == "bad_json":
         mpath.write_text("{")
     else:

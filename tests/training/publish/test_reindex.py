@@ -32,6 +32,7 @@ from training.publish.publisher import publish
 from training.publish.item_side import extend_retrieval
 from training.publish.versions import CURRENT, list_versions, previous_version, prune_versions, read_current
 from training.data.sources import load
+from service.contract.layout import INDEX_FAISS, MANIFEST, PENDING_ITEMS, PRERANK_ITEMS
 
 NEW = [  # n1: known category + tags; n2: unseen values only -> global mean; n3: tags only
     {"item_id": "n1", "features": {"category": "cat3", "tags": ["tag7", "tag9"], "price": 12.5}},
@@ -87,7 +88,7 @@ def reindexed(live: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     changed = str(load(TINY).item_ids[5])
     catalog = write_catalog(root.parent / "catalog.jsonl", [
         *NEW, {"item_id": changed, "features": {"category": "cat0", "tags": ["tag1"], "price": 3.0}}])
-    FileCatalogUpdates(root / "catalog_pending.jsonl").put([validate_item({"item_id": "n4", "features": {}})])
+    FileCatalogUpdates(root / PENDING_ITEMS).put([validate_item({"item_id": "n4", "features": {}})])
     assert cli.main(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--version", "v2"]) == 0
     return root, changed
 
@@ -107,7 +108,7 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
     assert vocab[cat[82] - 1] == "brand-new" and vocab[: len(old_vocab)] == old_vocab
     assert vocab[cat[new.id_to_index[changed]] - 1] == "cat0" and new.item_features.numeric["price"][81] == 12.5
     assert new.popularity[81:].tolist() == [0, 0, 0, 0]
-    m = new.manifest
+    m = new.manifest.to_dict()
     c = m["catalog"]
     assert (c["added"], c["changed"], c["added_ids"], c["changed_ids"]) == (4, 1, ["n1", "n2", "n3", "n4"], [changed])
     assert c["base"] == "live version v1" and c["pending_applied"] == 1 and c["trained_items"] == 80
@@ -119,7 +120,7 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
     assert m["checks"]["regression"]["metric"] == f"served NDCG@10 ({'+'.join(s['stages'])})"
     assert m["checks"]["regression"]["new"] == s["cuts"][s["stages"][-1]]["NDCG@10"]
     # the consumed pending update is gone
-    assert FileCatalogUpdates(root / "catalog_pending.jsonl").count() == 0
+    assert FileCatalogUpdates(root / PENDING_ITEMS).count() == 0
 
 
 def test_cold_start_rows_follow_the_rule(reindexed: tuple[Path, str], ckpts: tuple[Path, ...]) -> None:
@@ -186,7 +187,7 @@ def test_next_reindex_keeps_added_items_prunes_and_announces(
     assert code == 0, err
     v = load_current(root)
     assert v.version == "v3" and v.id_to_index["n1"] == 81 and v.id_to_index["n5"] == 85  # earlier additions kept
-    assert v.manifest["catalog"]["base"] == "live version v2" and v.manifest["catalog"]["added_ids"] == ["n5"]
+    assert v.manifest.to_dict()["catalog"]["base"] == "live version v2" and v.manifest.to_dict()["catalog"]["added_ids"] == ["n5"]
     assert listing(root) == ["v2", "v3"]  # --keep 1 pruned v1, never CURRENT (v3) nor the previous one (v2)
     assert "pruned: v1" in out and "CURRENT: v2 -> v3" in out and "announced: 1 subscriber(s)" in out
     for step in ("load", "catalog", "embeddings", "onnx", "index", "recall", "gate", "write"):
@@ -201,7 +202,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "artifacts"
     shutil.copytree(live, root)
-    pending = FileCatalogUpdates(root / "catalog_pending.jsonl")
+    pending = FileCatalogUpdates(root / PENDING_ITEMS)
     pending.put([validate_item({"item_id": "early", "features": {"category": "cat2"}})])
     publish = publish_items
 
@@ -213,7 +214,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
     monkeypatch.setattr(publisher_module, "publish_items", publish_while_updates_arrive)
     # random-init models: a cold item can cost the served NDCG@10 more than 0.01; not the point here
     res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None))
-    assert res.cleared == 1 and res.published.manifest["catalog"]["added_ids"] == ["early"]
+    assert res.cleared == 1 and res.published.manifest.to_dict()["catalog"]["added_ids"] == ["early"]
     left = {u.item_id: u.features for u in pending.snapshot().items}
     assert left == {"early": {"category": "cat5"}, "late": {}}  # the newer ones wait for the next run
 
@@ -222,13 +223,13 @@ def test_failed_recall_gate_leaves_current_and_pending(live: Path, tmp_path: Pat
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "artifacts"
     shutil.copytree(live, root)
-    FileCatalogUpdates(root / "catalog_pending.jsonl").put([validate_item({"item_id": "n9", "features": {}})])
+    FileCatalogUpdates(root / PENDING_ITEMS).put([validate_item({"item_id": "n9", "features": {}})])
     code, _, err = run_cli(["reindex", "--artifacts", str(root), "--index", "ivf", "--nlist", "4", "--nprobe", "1",
                             "--min-recall", "0.99", "--version", "v2"], capsys)
     assert code == 1
     assert "check failed, CURRENT unchanged (v1): index recall@81 = 0." in err and "below --min-recall 0.99" in err
     assert read_current(root) == "v1" and listing(root) == ["v1"]  # no v2, no .tmp-v2
-    assert FileCatalogUpdates(root / "catalog_pending.jsonl").count() == 1  # not consumed
+    assert FileCatalogUpdates(root / PENDING_ITEMS).count() == 1  # not consumed
 
 
 def test_failed_regression_gate_leaves_current(live: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,15 +244,15 @@ def test_failed_regression_gate_leaves_current(live: Path, tmp_path: Path, capsy
                             "--version", "v2"], capsys)
     assert code == 1
     # v1 records what it serves, so the served NDCG@10 of each is compared (validation users)
-    live = json.loads((root / "v1" / "manifest.json").read_text())["serving"]
+    live = json.loads((root / "v1" / MANIFEST).read_text())["serving"]
     assert "check failed, CURRENT unchanged (v1): served NDCG@10 (" in err
     assert (f"is worse than the live version v1 ({live['cuts'][live['stages'][-1]]['NDCG@10']:.4f}) by more than 0.0 "
             f"(199 valid users)") in err
     assert read_current(root) == "v1" and listing(root) == ["v1"]
     # a live version published before the stage gate (no serving block): catalog NDCG@10, test users
-    m = json.loads((root / "v1" / "manifest.json").read_text())
+    m = json.loads((root / "v1" / MANIFEST).read_text())
     del m["serving"]
-    (root / "v1" / "manifest.json").write_text(json.dumps(m))
+    (root / "v1" / MANIFEST).write_text(json.dumps(m))
     code, _, err = run_cli(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--max-regression", "0",
                             "--version", "v2"], capsys)
     assert code == 1
@@ -276,12 +277,12 @@ def test_broken_version_folders_never_become_current(damage: str, reindexed: tup
     shutil.copytree(reindexed[0], root)
     target = "v1"
     if damage == "truncated_index":
-        data = (root / "v1" / "index.faiss").read_bytes()
-        (root / "v1" / "index.faiss").write_bytes(data[: len(data) // 2])
+        data = (root / "v1" / INDEX_FAISS).read_bytes()
+        (root / "v1" / INDEX_FAISS).write_bytes(data[: len(data) // 2])
     elif damage == "missing_manifest":
-        (root / "v1" / "manifest.json").unlink()
+        (root / "v1" / MANIFEST).unlink()
     elif damage == "missing_heads":
-        (root / "v1" / "prerank_items.npy").unlink()
+        (root / "v1" / PRERANK_ITEMS).unlink()
     else:  # what a killed publish leaves behind
         shutil.copytree(root / "v1", root / ".tmp-v9")
         target = ".tmp-v9"
@@ -315,7 +316,7 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
     for i, created in enumerate(["2024-01-01T00:00:00", "2024-01-02T00:00:00", "2024-01-03T00:00:00",
                                  "2024-01-04T00:00:00"]):
         (tmp_path / f"v{i}").mkdir()
-        (tmp_path / f"v{i}" / "manifest.json").write_text(json.dumps({"created_at": created}))
+        (tmp_path / f"v{i}" / MANIFEST).write_text(json.dumps({"created_at": created}))
     (tmp_path / "not-a-version").mkdir()
     assert [n for n, _ in list_versions(tmp_path)] == ["v0", "v1", "v2", "v3"]
     assert previous_version(tmp_path, "v2") == "v1"

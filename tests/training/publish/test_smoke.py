@@ -16,6 +16,7 @@ import pytest
 
 from tests.service.test_api import artifacts_root, copy_version  # noqa: F401  (module fixture)
 from training.publish.versions import CURRENT, PublishError, read_current, rollback, set_current, smoke
+from service.contract.layout import PRERANK_FEATURES
 
 
 @pytest.fixture()
@@ -24,7 +25,7 @@ def root(artifacts_root: Path, tmp_path: Path) -> Path:  # noqa: F811
     r.mkdir()
     copy_version(r, artifacts_root / "v1", "v1")
     copy_version(r, artifacts_root / "v1", "v2")
-    (r / "v1" / "prerank_features.json").write_text("{}")  # loads as JSON, the encoder cannot use it
+    (r / "v1" / PRERANK_FEATURES).write_text("{}")  # loads as JSON, the encoder cannot use it
     set_current(r, "v2")
     return r
 
@@ -65,7 +66,7 @@ def test_serve_fails_with_one_line_and_exit_2_on_an_unservable_version(root: Pat
                           env={"PATH": "/usr/bin:/bin", "RECSYS_ALLOW_ANONYMOUS_WRITES": "1"})
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("recsys serve: error:")]
-    assert len(errors) == 1 and "prerank_features.json" in errors[0] and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and PRERANK_FEATURES in errors[0] and "Traceback" not in proc.stderr
 
 
 class _Payload:

@@ -149,8 +149,8 @@ def test_served_prerank_and_rerank_inputs_match_training(fold_version: Path) -> 
     pipe = im.Pipeline.load(ds, loo, fold_version / "ret", fold_version / "pre")
     assert pipe.cascade and pipe.prior is not None
     version = load_current(fold_version / "art")
-    assert version.manifest["prerank"]["serving"]["retrieval_prior"]["launcher_bias"].__len__() == 2
-    assert version.manifest["rerank"]["config"]["num_scores"] == 2
+    assert version.manifest.to_dict()["prerank"]["serving"]["retrieval_prior"]["launcher_bias"].__len__() == 2
+    assert version.manifest.to_dict()["rerank"]["config"]["num_scores"] == 2
     rec = Recommender(version, retrieval_k=30, prerank_n=10, stages=("retrieval", "prerank"))
     full = Recommender(version, retrieval_k=30, prerank_n=10)
     cfg = im.ImpressionConfig(list_len=10, candidates=30)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from models.prm import PAD_LOGIT, RerankModel
+from service.contract.layout import RERANK_ONNX
 
-RERANK_ONNX = "rerank.onnx"
 INPUT_NAMES = ("item_feats", "pv", "init_score", "mask")
 OUTPUT_NAME = "scores"
 

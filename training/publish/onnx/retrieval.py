@@ -11,11 +11,9 @@ import onnxruntime as ort
 import torch
 
 from models.sasrec import EncodeUser, MultiLauncherSASRec
+from service.contract.layout import ITEMS_NPY, RETRIEVAL_ONNX, onnx_data
 
 log = logging.getLogger(__name__)
-
-RETRIEVAL_ONNX = "retrieval.onnx"
-ITEMS_NPY = "items.npy"
 
 # ONNX Runtime fuses and reorders float32 reductions (attention, LayerNorm, GEMM accumulation),
 # so outputs differ from eager PyTorch by rounding: ~1e-6 relative on O(1) LayerNorm outputs.
@@ -53,7 +51,7 @@ def export_retrieval(model: MultiLauncherSASRec, out_dir: str | Path) -> tuple[P
     # weights (the (N + 1, D) item table above all) in retrieval.onnx.data: ONNX Runtime maps that
     # file instead of parsing it out of the graph (1M items: session 5-6 s -> ~0 s, and no private
     # copy of the table per worker; service/artifacts.py)
-    for stale in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+    for stale in (onnx_path, onnx_path.with_name(onnx_data(onnx_path.name))):
         stale.unlink(missing_ok=True)
     program.save(str(onnx_path), external_data=True)
     items_path = out / ITEMS_NPY
@@ -83,6 +81,3 @@ def retrieval_parity(
         np.testing.assert_allclose(got, want, atol=PARITY_ATOL, rtol=PARITY_RTOL)
         worst = max(worst, float(np.abs(got - want).max()))
     return worst
-
-
-INDEX_FAISS = "index.faiss"

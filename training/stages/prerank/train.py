@@ -30,6 +30,7 @@ from models.dcnv2 import DCNv2, DCNv2Config
 from models.inttower import IntTower, IntTowerConfig
 from models.layers import Fields
 from models.two_tower import TwoTower, TwoTowerConfig
+from service.contract.layout import PRERANK_FEATURES, PRERANK_ITEMS, PRERANK_MANIFEST, PRERANK_USER_ONNX
 from training.data.splits import Split
 from training.data.features import EncodedFields, FeatureSpec
 from training.eval.metrics import auc, list_metrics, logloss
@@ -42,10 +43,8 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "dcnv2": (DCNv2, DCNv2Config),
 }
 CHECKPOINT = "prerank.pt"
-FEATURES = "prerank_features.json"
-USER_ONNX = "prerank_user.onnx"
-ITEMS_NPY = "prerank_items.npy"
-MANIFEST = "prerank_manifest.json"
+# the serving files written beside the checkpoint (names: service/contract/layout.py)
+FEATURES, USER_ONNX, ITEMS_NPY, MANIFEST = PRERANK_FEATURES, PRERANK_USER_ONNX, PRERANK_ITEMS, PRERANK_MANIFEST
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from service.item2item import DEFAULT_SERVING, FILE, NEIGHBOURS, SCORES
+from service.contract.layout import ITEM2ITEM
+from service.item2item import DEFAULT_SERVING, NEIGHBOURS, SCORES
 from training.data.dataset import Dataset
 
 RULE = ("s(i, j) = sum over occurrences of j within `window` positions after i of 1 / distance, divided by "
@@ -114,16 +115,16 @@ def with_events(items: np.ndarray, users: np.ndarray, user_ids: np.ndarray, even
 
 
 def write_table(folder: Path, neighbours: np.ndarray, scores: np.ndarray) -> str:
-    """Write FILE into a version folder; returns its name (the manifest's files.item2item)."""
-    with open(Path(folder) / FILE, "wb") as f:
+    """Write ITEM2ITEM into a version folder; returns its name (the manifest's files.item2item)."""
+    with open(Path(folder) / ITEM2ITEM, "wb") as f:
         np.savez(f, **{NEIGHBOURS: neighbours.astype(np.int32), SCORES: scores.astype(np.float32)})
-    return FILE
+    return ITEM2ITEM
 
 
 def manifest_entry(cfg: Item2ItemConfig, interactions: int, events: int, neighbours: np.ndarray,
                    serving: dict[str, float] | None = None) -> dict[str, Any]:
     """The manifest's "item2item" block."""
-    return {"file": FILE, **cfg.to_dict(), "rule": RULE, "interactions": interactions, "events": events,
+    return {"file": ITEM2ITEM, **cfg.to_dict(), "rule": RULE, "interactions": interactions, "events": events,
             "items_with_neighbours": int((neighbours[:, 0] > 0).sum()),
             "serving": dict(DEFAULT_SERVING if serving is None else serving)}
 

@@ -207,6 +207,6 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
     publish(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
     v = load_current(tmp_path / "artifacts")
     M = max(cfg.num_launchers, 1)
-    assert v.manifest["dims"]["num_launchers"] == M and v.manifest["retrieval"]["model"] == type(build_model(cfg)).__name__
+    assert v.manifest.to_dict()["dims"]["num_launchers"] == M and v.manifest.to_dict()["retrieval"]["model"] == type(build_model(cfg)).__name__
     shapes = smoke_run(v)
     assert shapes["retrieval"] == (1, M, 16)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from service.artifacts import load_version, smoke_run
 from service.core.config import Settings
-from service.item2item import FILE
+from service.contract.layout import ITEM2ITEM as FILE
 from service.main import create_app
 from service.pipeline import Recommender
 from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
@@ -82,7 +82,7 @@ def root(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactor
 
 def test_export_writes_the_table_of_the_training_part(root: Path) -> None:
     v = load_version(root / "v1")
-    m = v.manifest
+    m = v.manifest.to_dict()
     assert m["files"]["item2item"] == FILE and (root / "v1" / FILE).is_file()
     e = m["item2item"]
     ds = load(TINY)
@@ -155,8 +155,8 @@ def test_reindex_rebuilds_the_table_with_new_events(root: Path, tmp_path: Path) 
     assert read_current(live) == "v2"
     v2 = load_version(live / "v2")
     smoke_run(v2)
-    assert v2.manifest["item2item"]["events"] == 10
-    assert v2.manifest["item2item"]["interactions"] == before_rows() + 10
+    assert v2.manifest.to_dict()["item2item"]["events"] == 10
+    assert v2.manifest.to_dict()["item2item"]["interactions"] == before_rows() + 10
     route = v2.item2item
     assert route is not None
     # the transition a -> b now has 5 more counts: b ranks at least as high in a's row as before
