@@ -43,14 +43,23 @@ import numpy as np
 import torch
 
 from models.sasrec import MultiLauncherSASRec
+from service.contract.layout import (
+    PRERANK_FEATURES,
+    PRERANK_ITEMS,
+    PRERANK_MANIFEST,
+    PRERANK_USER_ONNX,
+    RERANK_ITEMS,
+    RERANK_MANIFEST,
+    RERANK_ONNX,
+)
+from service.contract.rerank_inputs import RerankServing
 from service.index import index_params, save_index, set_faiss_threads
 from service.index_build import IndexSpec, build_index, choose_kind
 from training.stages.retrieval import item2item as i2i
-from training.stages.prerank import train as pr
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
 from training.stages.retrieval.encoders import served_vectors
-from training.checkpoints import RERANK_FILES, Sources
+from training.checkpoints import Sources
 from training.publish.onnx.retrieval import INDEX_FAISS, PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
 from training.report import timed
@@ -121,8 +130,8 @@ def dataset_items(src: Sources, item2item: i2i.Item2ItemConfig | None = None) ->
     return ItemSide(
         catalog=catalog_arrays(src.ds, src.loo),
         retrieval=src.retrieval,
-        prerank_items=np.load(src.pre_dir / pr.ITEMS_NPY),
-        rerank_items=np.load(src.re_dir / RERANK_FILES[1]) if src.re_dir is not None else None,
+        prerank_items=np.load(src.pre_dir / PRERANK_ITEMS),
+        rerank_items=np.load(src.re_dir / RERANK_ITEMS) if src.re_dir is not None else None,
         info={"popularity": "training-part interaction counts"},
         item2item=item2item,
     )
@@ -206,14 +215,14 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
     save_index(index, out / INDEX_FAISS)  # with the nprobe measured
 
     with timed("prerank", timings):
-        for name in (pr.USER_ONNX, pr.MANIFEST, pr.FEATURES):
+        for name in (PRERANK_USER_ONNX, PRERANK_MANIFEST, PRERANK_FEATURES):
             shutil.copy2(src.pre_dir / name, out / name)
         heads = items.prerank_items
         if heads.ndim != 3 or heads.shape[0] != n + 1:
             raise PublishError(f"pre-rank item heads have shape {heads.shape}, expected ({n + 1}, G, d)")
-        np.save(out / pr.ITEMS_NPY, heads.astype(np.float32, copy=False))
-        pre_parity = prerank_parity(src.prerank, src.spec, out / pr.USER_ONNX)
-    pre_manifest = json.loads((src.pre_dir / pr.MANIFEST).read_text())
+        np.save(out / PRERANK_ITEMS, heads.astype(np.float32, copy=False))
+        pre_parity = prerank_parity(src.prerank, src.spec, out / PRERANK_USER_ONNX)
+    pre_manifest = json.loads((src.pre_dir / PRERANK_MANIFEST).read_text())
 
     cfg = retrieval.config
     manifest: dict[str, Any] = {
@@ -227,20 +236,20 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                  "prerank_item_heads": list(heads.shape[1:]),
                  "prerank_user_heads": pre_manifest["outputs"]["user_heads"][1:-1]},  # (L, H, d)
         "files": {"catalog": CATALOG, "retrieval_onnx": onnx_path.name, "items": items_path.name,
-                  "index": INDEX_FAISS, "prerank_user_onnx": pr.USER_ONNX, "prerank_items": pr.ITEMS_NPY,
-                  "prerank_features": pr.FEATURES,
+                  "index": INDEX_FAISS, "prerank_user_onnx": PRERANK_USER_ONNX, "prerank_items": PRERANK_ITEMS,
+                  "prerank_features": PRERANK_FEATURES,
                   **({"retrieval_onnx_data": f"{onnx_path.name}.data"} if Path(f"{onnx_path}.data").is_file() else {})},
         "catalog": {**items.info, "max_popularity": int(items.catalog["popularity"].max())},
         "retrieval": {"source": str(src.ret_dir), "model": type(retrieval).__name__, "config": cfg.to_dict(),
-                      "metrics": src.payload.get("metrics", {}), "parity_max_abs_diff": parity,
+                      "metrics": src.ret_ckpt.extra.get("metrics", {}), "parity_max_abs_diff": parity,
                       "inputs": {"item_seq": ["B", "L", "int64"]},
                       "outputs": {"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}},
         "index": {**index_params(index), f"recall@{k}": recall, "file": INDEX_FAISS, "min_recall": min_recall,
                   "recall_k": f"recall@{k}", "recall": recall, "queries": int(queries.shape[0] * queries.shape[1]),
                   **({"nprobe_tuned": tuned} if tuned else {})},
-        "prerank": {"source": str(src.pre_dir), "model": src.pre_ckpt.get("model"),
-                    "config": src.prerank.cfg.to_dict(), "objective": src.pre_ckpt.get("objective"),
-                    "train": src.pre_ckpt.get("train"), "metrics": src.pre_ckpt.get("metrics", {}),
+        "prerank": {"source": str(src.pre_dir), "model": src.pre_ckpt.name,
+                    "config": src.prerank.cfg.to_dict(), "objective": src.pre_ckpt.extra.get("objective"),
+                    "train": src.pre_ckpt.extra.get("train"), "metrics": src.pre_ckpt.extra.get("metrics", {}),
                     "parity_max_abs_diff": pre_parity, "serving": pre_manifest},
         "rerank": None,
     }
@@ -250,12 +259,13 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         manifest["files"]["item2item"] = manifest["item2item"]["file"]
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
-        shutil.copy2(src.re_dir / RERANK_FILES[0], out / RERANK_FILES[0])
-        np.save(out / RERANK_FILES[1], items.rerank_items.astype(np.float32, copy=False))
-        manifest["files"].update(rerank_onnx=RERANK_FILES[0], rerank_items=RERANK_FILES[1])
-        manifest["rerank"] = {"source": str(src.re_dir), "model": src.rerank_ckpt.get("name"),
-                              "train": src.rerank_ckpt.get("train"), "metrics": src.rerank_ckpt.get("metrics", {}),
-                              "serving": json.loads((src.re_dir / RERANK_FILES[2]).read_text())}
+        shutil.copy2(src.re_dir / RERANK_ONNX, out / RERANK_ONNX)
+        np.save(out / RERANK_ITEMS, items.rerank_items.astype(np.float32, copy=False))
+        manifest["files"].update(rerank_onnx=RERANK_ONNX, rerank_items=RERANK_ITEMS)
+        serving = RerankServing.from_dict(json.loads((src.re_dir / RERANK_MANIFEST).read_text()))
+        manifest["rerank"] = {"source": str(src.re_dir), "model": src.rerank_ckpt.name,
+                              "train": src.rerank_ckpt.extra.get("train"),
+                              "metrics": src.rerank_ckpt.extra.get("metrics", {}), "serving": serving.to_dict()}
     return manifest
 
 

@@ -15,7 +15,7 @@ import torch
 from models.layers import Fields
 from service.artifacts import ORT_ERRORS
 from service.index_build import ann_recall
-from training.checkpoints import RERANK_CHECKPOINT, RERANK_FILES
+from service.contract.layout import RERANK_CHECKPOINT, RERANK_ITEMS, RERANK_ONNX
 from training.publish.onnx.retrieval import PARITY_ATOL, PARITY_RTOL
 from training.publish.versions import PublishError
 
@@ -101,7 +101,7 @@ def prerank_parity(model: Any, spec: Any, onnx_path: Path, batch: int = 7, seed:
 def check_rerank(out: Path, model: Any, manifest: dict[str, Any]) -> None:
     from training.publish.onnx.rerank import rerank_parity
 
-    feats = np.load(out / RERANK_FILES[1], mmap_mode="r")
+    feats = np.load(out / RERANK_ITEMS, mmap_mode="r")
     n = manifest["item_count"] + 1
     if feats.shape != (n, model.config.item_dim):
         raise PublishError(f"rerank_items.npy has shape {feats.shape}, expected ({n}, {model.config.item_dim})")
@@ -111,7 +111,7 @@ def check_rerank(out: Path, model: Any, manifest: dict[str, Any]) -> None:
         raise PublishError(f"the re-ranker takes pv_dim={model.config.pv_dim} but the pre-ranker gives "
                            f"{pv} (layer, head) interactions")
     try:
-        manifest["rerank"]["parity_max_abs_diff"] = rerank_parity(model, out / RERANK_FILES[0])
+        manifest["rerank"]["parity_max_abs_diff"] = rerank_parity(model, out / RERANK_ONNX)
     except CHECK_ERRORS as exc:
         raise PublishError(f"rerank.onnx does not match {RERANK_CHECKPOINT}: {exc}") from None
     manifest["rerank"]["config"] = model.config.to_dict()

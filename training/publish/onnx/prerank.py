@@ -13,7 +13,11 @@ from torch import nn
 from models.cascade import RetrievalPrior
 from models.layers import Fields
 from training.data.features import EncodedFields, FeatureSpec
-from training.stages.prerank.train import FEATURES, ITEMS_NPY, MANIFEST, USER_ONNX, has_heads, to_fields
+from service.contract.layout import PRERANK_FEATURES as FEATURES
+from service.contract.layout import PRERANK_ITEMS as ITEMS_NPY
+from service.contract.layout import PRERANK_MANIFEST as MANIFEST
+from service.contract.layout import PRERANK_USER_ONNX as USER_ONNX
+from training.stages.prerank.train import has_heads, to_fields
 
 
 class UserPart(nn.Module):
