@@ -1,5 +1,5 @@
 """The one checkpoint format (training/checkpoints.py): its registry, the old layouts it still
-reads, the data-fingerprint rule, and a version's checkpoints loaded once (load_sources)."""
+reads, the data-fingerprint rule (folders trained before it still export: tests/training/publish/test_sources.py)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ from training.checkpoints import (
     FORMAT_KEYS,
     REGISTRY,
     CheckpointError,
-    check_upstream,
     kind_of,
     load_checkpoint,
     load_prerank,
     load_reranker,
     load_retrieval,
-    load_sources,
     read_checkpoint,
     save_checkpoint,
     stage_kinds,
@@ -208,38 +206,3 @@ def test_unreadable_foreign_and_misfit_files_are_refused(tmp_path: Path, ds: Any
         load_reranker(tmp_path / "prm.pt", ds)
     with pytest.raises(FileNotFoundError, match="no prerank.pt there"):
         load_prerank(tmp_path, ds)
-
-
-# --- a version's checkpoints: folders trained before the one format still export ---
-
-
-def test_folders_written_in_the_old_layouts_load_as_sources(tmp_path: Path) -> None:
-    import shutil
-
-    from tests.training.publish.test_build import TINY, make_checkpoints
-
-    ret, pre, rer = make_checkpoints(TINY, tmp_path / "new")
-    want = load_sources(TINY, ret, pre, rer)
-    old = tmp_path / "old"
-    for folder in (ret, pre, rer):
-        shutil.copytree(folder, old / folder.name)
-    for stage, folder in (("retrieval", "ret"), ("prerank", "pre"), ("rerank", "re")):
-        path = old / folder / FILES[stage]  # type: ignore[index]
-        c = read_checkpoint(path)
-        if stage == "retrieval":
-            payload = {"kind": "retrieval", "encoder": c.name, "model_config": c.config.to_dict(),
-                       "state_dict": c.state_dict, "fingerprint": c.fingerprint, **c.extra}
-        elif stage == "prerank":
-            payload = {"model": c.name, "config": c.config.to_dict(), "state_dict": c.state_dict,
-                       "fingerprint": c.fingerprint, **c.extra}
-        else:
-            payload = {"kind": "rerank", "name": c.name, "config_type": type(c.config).__name__,
-                       "config": c.config.to_dict(), "state_dict": c.state_dict, "fingerprint": c.fingerprint,
-                       **c.extra}
-        torch.save(payload, path)
-    got = load_sources(TINY, old / "ret", old / "pre", old / "re")
-    assert check_upstream(got) is not None  # the exported heads / features still match the checkpoints
-    for a, b in ((got.retrieval, want.retrieval), (got.prerank, want.prerank), (got.rerank, want.rerank)):
-        assert same_weights(a, b)
-    assert got.pre_ckpt.extra == want.pre_ckpt.extra and got.rerank_ckpt is not None
-    assert got.rerank_ckpt.name == "prm" and got.ret_ckpt.extra.keys() == want.ret_ckpt.extra.keys()

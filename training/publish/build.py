@@ -59,7 +59,7 @@ from training.stages.retrieval import item2item as i2i
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
 from training.stages.retrieval.encoders import served_vectors
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.publish.onnx.retrieval import INDEX_FAISS, PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
 from training.report import timed

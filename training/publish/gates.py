@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, session
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import mask_seen, ranking_metrics, target_ranks
 from training.eval.served_eval import ServingGate

@@ -17,7 +17,7 @@ from training.stages.prerank import train as pr
 from training.publish.build import ItemSide
 from training.publish.catalog import ItemCatalog, distinct_codes
 from service.contract.rerank_inputs import rerank_item_features
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.data.features import RETRIEVAL_ITEM, retrieval_columns
 
 log = logging.getLogger(__name__)

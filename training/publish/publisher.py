@@ -26,7 +26,7 @@ from typing import Any
 from service.index_build import IndexSpec
 from training.stages.retrieval import item2item as i2i
 from training.publish.build import DEFAULT_MIN_RECALL, ItemSide, PublishResult, check_gates, dataset_items, publish_items
-from training.checkpoints import Sources, check_upstream, load_sources
+from training.publish.sources import Sources, check_upstream, load_sources
 from training.data.splits import LeaveOneOut
 from training.publish.gates import DEFAULT_MAX_REGRESSION, check_regression
 from training.report import timed

@@ -73,7 +73,7 @@ from training.stages.retrieval import item2item as i2i
 from training.publish.build import DEFAULT_MIN_RECALL, PublishResult, check_gates
 from training.publish.catalog import ItemCatalog, catalog_arrays, read_catalog_file
 from training.publish.item_side import grown_item_side
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.publish.gates import DEFAULT_MAX_REGRESSION
 from training.data.sources import load
 from training.publish.publisher import Publisher
