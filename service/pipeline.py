@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.artifacts import ORT_ERRORS, LoadedVersion
-from service.contract.features import UserFeatures, list_zscore
+from service.contract.features import UserFeatures
 from service.contract.manifest import STAGES
+from service.contract.rerank_inputs import PVStats, list_zscore
 from service.index import search_fused
 from service.item2item import merge_routes
 from service.prerank import head_interactions
@@ -114,14 +115,12 @@ class Recommender:
         self.user_features = UserFeatures(version.prerank_features)
         self._popular = (np.argsort(-version.popularity[1:], kind="stable") + 1).astype(np.int64)  # (N,)
         self._filter_cache: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
-        self._pv_mean: np.ndarray | None = None
-        self._pv_std: np.ndarray | None = None
+        self._pv: PVStats | None = None
         self._rerank_len = 0
         self._rerank_scores = 1  # 1: pre-rank score; 2: + fused retrieval score
         rerank = version.manifest.rerank
-        if version.rerank is not None and rerank is not None:
-            self._pv_mean = np.asarray(rerank.serving.pv_mean, np.float32)
-            self._pv_std = np.asarray(rerank.serving.pv_std, np.float32)
+        if version.rerank is not None and rerank is not None and rerank.serving is not None:
+            self._pv = rerank.serving.pv
             self._rerank_len = rerank.max_len
             self._rerank_scores = rerank.num_scores
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
@@ -332,7 +331,7 @@ class Recommender:
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
                 ret_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""
-        assert self._pv_mean is not None and self._pv_std is not None and self.v.rerank_items is not None
+        assert self._pv is not None and self.v.rerank_items is not None
         init = list_zscore(scores)  # (n,) z-scored within the list, as in training
         if self._rerank_scores == 2:
             init = np.stack([init, list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
@@ -340,7 +339,7 @@ class Recommender:
             init = init[None]  # (1, n)
         out = self.v.rerank.run(None, {  # type: ignore[union-attr]
             "item_feats": self.v.rerank_items[items][None].astype(np.float32),  # (1, n, F)
-            "pv": ((pv - self._pv_mean) / self._pv_std)[None].astype(np.float32),  # (1, n, L * H)
+            "pv": self._pv.normalize(pv)[None].astype(np.float32),  # (1, n, L * H), as in training
             "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),
         })[0][0]  # (n,)

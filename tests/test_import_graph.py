@@ -182,17 +182,6 @@ def _spelled(source: str, names: dict[str, str]) -> list[tuple[int, str]]:
                   and (n.value in names or n.value.rsplit("/", 1)[-1] in names and "/" in n.value))
 
 
-# The checkpoint-folder names still spelled by their owners (training/checkpoints.py, the stage
-# trainers, `recsys train rerank`); the checkpoints work moves them to layout.py, and then this goes.
-PENDING = {
-    ("training/checkpoints.py", "prm.pt"), ("training/checkpoints.py", "rerank.onnx"),
-    ("training/checkpoints.py", "rerank_items.npy"), ("training/checkpoints.py", "rerank_manifest.json"),
-    ("training/stages/prerank/train.py", "prerank.pt"), ("training/stages/retrieval/train.py", "checkpoint.pt"),
-    ("recsys_cli/commands/train_rerank.py", "rerank.onnx"), ("recsys_cli/commands/train_rerank.py", "rerank_items.npy"),
-    ("recsys_cli/commands/train_rerank.py", ".pt"), ("recsys_cli/commands/train_rerank.py", "rerank_manifest.json"),
-}
-
-
 def test_the_file_name_scan_finds_a_planted_literal() -> None:
     names = _file_names()
     assert names["manifest.json"] == "MANIFEST" and names["CURRENT"] == "CURRENT" and len(names) > 15
@@ -210,4 +199,4 @@ def test_only_layout_spells_an_artifact_file_name() -> None:
                    for pkg in ("service", "training", "recsys_cli") for path in (ROOT / pkg).rglob("*.py")
                    if path != ROOT / "service" / "contract" / "layout.py"
                    for line, name in _spelled(path.read_text(), names))
-    assert [f for f in found if (f[0], f[2]) not in PENDING] == []
+    assert found == []

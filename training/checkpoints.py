@@ -1,133 +1,250 @@
-"""The checkpoints a version is built from: loaded once, each checked against the data set
-(load_sources), and the item arrays training exported checked against them (check_upstream)."""
+"""Checkpoints: the one file format of the three stages, the one registry of their models and the
+one data-fingerprint rule (the checkpoints a version is built from: training/publish/sources.py).
+
+One format, whatever the stage (torch.save of a dict, read back with weights_only=True):
+    {"kind": "<stage>/<model>", "config": model.config.to_dict(), "state_dict": ...,
+     "fingerprint": the data set's fingerprint, "extra": what the stage records beside the weights}
+`kind` picks the REGISTRY entry (config class, model class) that rebuilds the model. Files written
+before this format (three key layouts) are converted when read (upgrade_layout), so trained folders
+keep exporting. Every load checks the data set (check_fingerprint): a checkpoint that records no
+fingerprint, or another one, is refused with the command that retrains it.
+"""
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
-import numpy as np
+import torch
+from torch import nn
 
-from models.sasrec import MultiLauncherSASRec
-from training.stages.prerank import train as pr
-from training.stages.retrieval import train as rt
+from models.dcnv2 import DCNv2, DCNv2Config
+from models.hstu import HSTU, HSTUConfig
+from models.inttower import IntTower, IntTowerConfig
+from models.mind import MIND, MINDConfig
+from models.prm import PointwiseMLP, PointwiseMLPConfig, PRM, PRMConfig, RerankModel
+from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from models.two_tower import TwoTower, TwoTowerConfig
+from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES, RERANK_CHECKPOINT, RETRIEVAL_CHECKPOINT
 from training.data.dataset import DataError, Dataset
-from training.data.sources import load
-from training.data.splits import LeaveOneOut
 from training.data.features import FeatureSpec
-from training.publish.versions import PublishError
 
-RERANK_CHECKPOINT = "prm.pt"
-RERANK_FILES = ("rerank.onnx", "rerank_items.npy", "rerank_manifest.json")
-PRERANK_FILES = (pr.USER_ONNX, pr.ITEMS_NPY, pr.MANIFEST, pr.FEATURES)
-# Item heads / re-rank features recomputed here from the checkpoints must equal the files the
-# training command exported: same float32 ops on the same weights, so only summation-order
-# rounding (~1e-6 on z-scored O(1) values) separates them; 1e-4 still catches another model.
-UPSTREAM_ATOL = 1e-4
+Stage = Literal["retrieval", "prerank", "rerank"]
+RetrievalModel = Union[MultiLauncherSASRec, HSTU, MIND]
+FILES: dict[Stage, str] = {"retrieval": RETRIEVAL_CHECKPOINT, "prerank": PRERANK_CHECKPOINT,
+                           "rerank": RERANK_CHECKPOINT}
+# what a refused checkpoint's message tells the user to run (DATA: the data spec when known)
+RETRAIN: dict[Stage, str] = {
+    "retrieval": "recsys train retrieval --data {data} --out {out}",
+    "prerank": "recsys train prerank --data {data} --objective next-item --retrieval RETRIEVAL_DIR --out {out}",
+    "rerank": "recsys train rerank --data {data} --retrieval RETRIEVAL_DIR --prerank PRERANK_DIR --out {out}",
+}
+FORMAT_KEYS = ("kind", "config", "state_dict", "fingerprint", "extra")
+MODEL_NOUN: dict[Stage, str] = {"retrieval": "retrieval encoder", "prerank": "pre-ranking model", "rerank": "re-ranker"}
 
 
-@dataclass(eq=False)
-class Sources:
-    """One data set and the checkpoints trained on it, loaded and checked (load_sources)."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is of an unknown kind or of another stage; names the file."""
 
-    data_spec: str
-    ds: Dataset
-    loo: LeaveOneOut
-    ret_dir: Path
-    pre_dir: Path
-    re_dir: Path | None
-    retrieval: MultiLauncherSASRec
-    payload: dict[str, Any]  # the retrieval checkpoint's payload (metrics, fingerprint, ...)
-    prerank: Any  # a pre-rank tower (IntTower, TwoTower, DCN-v2)
-    spec: FeatureSpec
-    pre_ckpt: dict[str, Any]
-    rerank: Any = None  # RerankModel or None
-    rerank_ckpt: dict[str, Any] | None = None
+
+# --- the registry ---
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What rebuilds a model from its checkpoint: its stage, its name and its (config, model) classes."""
+
+    stage: Stage
+    name: str
+    config: type
+    model: type[nn.Module]
 
     @property
-    def checkpoints(self) -> list[Path]:
-        """The checkpoint files (their bytes go into the default version name)."""
-        paths = [self.ret_dir / rt.CHECKPOINT, self.pre_dir / pr.CHECKPOINT]
-        return paths + ([self.re_dir / RERANK_CHECKPOINT] if self.re_dir is not None else [])
+    def key(self) -> str:
+        return f"{self.stage}/{self.name}"
+
+    def config_from_dict(self, d: dict[str, Any]) -> Any:
+        """The frozen config a checkpoint saved with config.to_dict()."""
+        if hasattr(self.config, "from_dict"):  # field models: nested FieldsConfig
+            return self.config.from_dict(d)
+        return self.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def build(self, config: Any) -> nn.Module:
+        """A fresh model (random init: draws from torch's global generator, as training expects)."""
+        return self.model(config)
 
 
-def load_sources(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | Path,
-                 rerank_dir: str | Path | None) -> Sources:
-    """Load the data set and the checkpoints; FileNotFoundError for a missing file, DataError
-    for a checkpoint of another data set, PublishError for an unreadable checkpoint."""
-    ret_dir, pre_dir = Path(retrieval_dir), Path(prerank_dir)
-    re_dir = Path(rerank_dir) if rerank_dir is not None else None
-    require_file(ret_dir / rt.CHECKPOINT, "retrieval")
-    for name in (pr.CHECKPOINT, *PRERANK_FILES):
-        require_file(pre_dir / name, "pre-rank")
-    if re_dir is not None:
-        for name in (RERANK_CHECKPOINT, *RERANK_FILES):
-            require_file(re_dir / name, "re-rank")
-
-    ds = load(data_spec)
-    retrieval, payload = load_checked_checkpoint(rt.load_checkpoint, ret_dir / rt.CHECKPOINT, ret_dir)
-    check_data("retrieval", ret_dir, payload.get("fingerprint"), ds)
-    if retrieval.config.num_items != ds.num_items:
-        raise DataError(f"{ret_dir}: retrieval checkpoint has {retrieval.config.num_items} items, "
-                        f"the data set {ds.num_items}")
-    prerank, spec, pre_ckpt = load_checked_checkpoint(pr.load_checkpoint, pre_dir / pr.CHECKPOINT, pre_dir)
-    check_data("pre-rank", pre_dir, pre_ckpt.get("fingerprint"), ds)
-    src = Sources(data_spec, ds, LeaveOneOut(ds), ret_dir, pre_dir, re_dir, retrieval, payload, prerank, spec,
-                  pre_ckpt)
-    if re_dir is not None:
-        from training.stages.rerank.models import load_reranker
-
-        path = re_dir / RERANK_CHECKPOINT
-        src.rerank, src.rerank_ckpt = load_checked_checkpoint(load_reranker, path, path)
-        check_data("re-rank", re_dir, src.rerank_ckpt.get("fingerprint"), ds)
-    return src
+REGISTRY: dict[str, ModelKind] = {k.key: k for k in (
+    ModelKind("retrieval", "sasrec", SASRecConfig, MultiLauncherSASRec),
+    ModelKind("retrieval", "hstu", HSTUConfig, HSTU),
+    ModelKind("retrieval", "mind", MINDConfig, MIND),
+    ModelKind("prerank", "two-tower", TwoTowerConfig, TwoTower),
+    ModelKind("prerank", "inttower", IntTowerConfig, IntTower),
+    ModelKind("prerank", "dcnv2", DCNv2Config, DCNv2),
+    ModelKind("rerank", "prm", PRMConfig, PRM),
+    ModelKind("rerank", "prm_base", PRMConfig, PRM),  # PRM without the personalised vector (pv_dim 0)
+    ModelKind("rerank", "mlp", PointwiseMLPConfig, PointwiseMLP),
+)}
 
 
-def check_upstream(src: Sources) -> Any:
-    """The pre-rank item heads (and re-rank item features) that training exported come from these
-    checkpoints. Returns the training.stages.rerank.impressions.Pipeline that recomputed them.
-
-    Recomputed as Pipeline does; only for the next-item pre-ranker, whose catalog features need
-    no labels (a CTR pre-ranker cannot feed the re-ranker anyway): None for a CTR pre-ranker.
-    """
-    if src.pre_ckpt.get("objective") not in (None, "next-item"):
-        if src.re_dir is not None:
-            raise PublishError(f"{src.pre_dir}: the re-ranker needs a next-item pre-ranker, "
-                               f"this one was trained on {src.pre_ckpt['objective']!r}")
-        return None
-    from training.stages.rerank.impressions import Pipeline
-
-    pipe = Pipeline.from_models(src.ds, src.loo, src.retrieval, src.prerank, src.spec, src.pre_ckpt, src.pre_dir)
-    heads, want = np.load(src.pre_dir / pr.ITEMS_NPY), pipe.item_heads.numpy()
-    if heads.shape != want.shape or not np.allclose(heads[1:], want[1:], atol=UPSTREAM_ATOL):
-        raise PublishError(f"{src.pre_dir / pr.ITEMS_NPY} was not exported from {src.pre_dir / pr.CHECKPOINT}")
-    if src.re_dir is not None:
-        feats = np.load(src.re_dir / RERANK_FILES[1])
-        if feats.shape != pipe.item_feats.shape or not np.allclose(feats, pipe.item_feats, atol=UPSTREAM_ATOL):
-            raise PublishError(f"{src.re_dir}: the re-ranker was trained on other retrieval / pre-rank checkpoints "
-                               f"(its rerank_items.npy differs from the features of {src.ret_dir} + {src.pre_dir})")
-    return pipe
+def stage_kinds(stage: Stage) -> dict[str, ModelKind]:
+    """name -> kind of one stage's models (what `--encoder` / `--model` choose from)."""
+    return {k.name: k for k in REGISTRY.values() if k.stage == stage}
 
 
-def load_checked_checkpoint(loader: Any, path: Path, arg: Path) -> Any:
-    """loader(arg), with an unreadable or mismatched file reported as a PublishError naming `path`."""
-    try:
-        return loader(arg)
-    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-        # torch.load on a truncated / foreign file, or a state dict that does not fit the config
-        raise PublishError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+def kind_of(stage: Stage, name: str) -> ModelKind:
+    kinds = stage_kinds(stage)
+    if name not in kinds:
+        raise ValueError(f"unknown {MODEL_NOUN[stage]} {name!r} (expected one of {sorted(kinds)})")
+    return kinds[name]
 
 
-def require_file(path: Path, what: str) -> None:
+# --- the format ---
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint file, read back: kind, typed config, weights, data fingerprint, extra."""
+
+    path: Path
+    kind: ModelKind
+    config: Any  # the kind's frozen config dataclass
+    state_dict: dict[str, torch.Tensor]
+    fingerprint: str | None
+    extra: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    def build(self) -> nn.Module:
+        """The model with these weights, in eval mode; CheckpointError when they do not fit the config."""
+        model = self.kind.build(self.config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: the weights do not fit the {self.kind.key} config "
+                                  f"({str(exc).splitlines()[0]})") from None
+        return model.eval()
+
+
+def save_checkpoint(path: str | Path, kind: str, config: Any, state_dict: dict[str, torch.Tensor],
+                    fingerprint: str, extra: dict[str, Any]) -> Path:
+    """Write one checkpoint (temp file + rename, so a reader never sees half a file)."""
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown checkpoint kind {kind!r} (expected one of {sorted(REGISTRY)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"kind": kind, "config": config.to_dict(), "state_dict": state_dict, "fingerprint": fingerprint,
+               "extra": extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def upgrade_layout(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` in the one format (FORMAT_KEYS), converting the three layouts written before it:
+        retrieval {"kind": "retrieval", "encoder" (absent: sasrec), "model_config", "state_dict", ...}
+        pre-rank  {"model", "config", "state_dict", "prior", ...}  (no kind; a prior without
+                  tower_weight predates the gate that added the tower at weight 1)
+        re-rank   {"kind": "rerank", "name", "config_type", "config", "state_dict", ...}
+    Every other key of an old layout (fingerprint aside) goes to `extra` unchanged."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"not a checkpoint: a {type(payload).__name__}, not a dict")
+    if set(payload) == set(FORMAT_KEYS):
+        return payload
+    old = dict(payload)
+    tag = old.pop("kind", None)
+    if tag == "retrieval" and "model_config" in old:
+        kind, config = "retrieval/" + old.pop("encoder", "sasrec"), old.pop("model_config")
+    elif tag is None and "model" in old and "config" in old:
+        kind, config = "prerank/" + old.pop("model"), old.pop("config")
+        if old.get("prior"):
+            state = dict(old["prior"]["state_dict"])
+            state.setdefault("tower_weight", torch.ones(()))
+            old["prior"] = {**old["prior"], "state_dict": state}
+    elif tag == "rerank" and "name" in old:
+        old.pop("config_type", None)  # the name decides the class
+        kind, config = "rerank/" + old.pop("name"), old.pop("config")
+    else:
+        raise CheckpointError(f"not a checkpoint layout this code knows (kind {tag!r}, keys {sorted(old)})")
+    if "state_dict" not in old:
+        raise CheckpointError(f"a {kind} checkpoint without weights (keys {sorted(old)})")
+    return {"kind": kind, "config": config, "state_dict": old.pop("state_dict"),
+            "fingerprint": old.pop("fingerprint", None), "extra": old}
+
+
+def checkpoint_path(path: str | Path, stage: Stage) -> Path:
+    """A checkpoint file, or the stage's file in a folder."""
+    path = Path(path)
+    return path / FILES[stage] if path.is_dir() else path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read one file (FileNotFoundError when missing, CheckpointError when unreadable); not built, not checked."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path.parent}: no {what} {path.name} there")
+        raise FileNotFoundError(f"{path.parent}: no {path.name} there")
+    try:
+        # weights_only: unpickling a planted file must not run code
+        payload = upgrade_layout(torch.load(path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]})") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if payload["kind"] not in REGISTRY:
+        raise CheckpointError(f"{path}: unknown checkpoint kind {payload['kind']!r} (known: {sorted(REGISTRY)})")
+    kind = REGISTRY[payload["kind"]]
+    try:
+        config = kind.config_from_dict(dict(payload["config"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: bad {kind.key} config ({exc})") from None
+    return Checkpoint(path, kind, config, payload["state_dict"], payload["fingerprint"], dict(payload["extra"]))
 
 
-def check_data(what: str, path: Path, fingerprint: str | None, ds: Dataset) -> None:
-    if fingerprint is None:
-        raise DataError(f"{path}: the {what} checkpoint records no data fingerprint")
-    if fingerprint != ds.fingerprint:
-        raise DataError(f"{path}: the {what} checkpoint was trained on another data set "
-                        f"(fingerprint {fingerprint}, data {ds.fingerprint})")
+def check_fingerprint(ckpt: Checkpoint, ds: Dataset, data_spec: str | None = None) -> None:
+    """The one data rule: DataError unless the checkpoint records `ds`'s fingerprint."""
+    retrain = RETRAIN[ckpt.kind.stage].format(data=data_spec or "DATA", out=ckpt.path.parent)
+    if ckpt.fingerprint is None:
+        raise DataError(f"{ckpt.path}: the {ckpt.kind.stage} checkpoint records no data fingerprint, so it cannot "
+                        f"be checked against {ds.name}; retrain it: {retrain}")
+    if ckpt.fingerprint != ds.fingerprint:
+        raise DataError(f"{ckpt.path}: the {ckpt.kind.stage} checkpoint was trained on another data set "
+                        f"(fingerprint {ckpt.fingerprint}, {ds.name} has {ds.fingerprint}); retrain it: {retrain}")
+
+
+def load_checkpoint(path: str | Path, stage: Stage, ds: Dataset,
+                    data_spec: str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Read a checkpoint of `stage` (a file, or the stage's file in a folder), check it against `ds`
+    and build its model (eval mode). FileNotFoundError / CheckpointError / DataError."""
+    ckpt = read_checkpoint(checkpoint_path(path, stage))
+    if ckpt.kind.stage != stage:
+        raise CheckpointError(f"{ckpt.path}: not a {stage} checkpoint (kind {ckpt.kind.key!r})")
+    check_fingerprint(ckpt, ds, data_spec)
+    return ckpt.build(), ckpt
+
+
+def load_retrieval(path: str | Path, ds: Dataset, data_spec: str | None = None) -> tuple[RetrievalModel, Checkpoint]:
+    model, ckpt = load_checkpoint(path, "retrieval", ds, data_spec)
+    assert isinstance(model, (MultiLauncherSASRec, HSTU, MIND)), type(model)
+    if model.config.num_items != ds.num_items:  # same fingerprint, other catalog: a corrupt file
+        raise DataError(f"{ckpt.path}: retrieval checkpoint has {model.config.num_items} items, "
+                        f"the data set {ds.num_items}")
+    return model, ckpt
+
+
+def load_prerank(folder: str | Path, ds: Dataset,
+                 data_spec: str | None = None) -> tuple[nn.Module, FeatureSpec, Checkpoint]:
+    """The pre-ranker and the feature spec saved beside it (prerank_features.json)."""
+    model, ckpt = load_checkpoint(Path(folder) / PRERANK_CHECKPOINT, "prerank", ds, data_spec)
+    return model, FeatureSpec.load(ckpt.path.parent / PRERANK_FEATURES), ckpt
+
+
+def load_reranker(path: str | Path, ds: Dataset, data_spec: str | None = None) -> tuple[RerankModel, Checkpoint]:
+    model, ckpt = load_checkpoint(path, "rerank", ds, data_spec)
+    assert isinstance(model, (PRM, PointwiseMLP)), type(model)
+    return model, ckpt

@@ -40,7 +40,7 @@ from service.artifacts import session
 from service.index import search_fused
 from service.index_build import IndexSpec, build_index
 from service.item2item import Item2ItemRoute, merge_routes, top_route
-from training.stages.retrieval import train as rt
+from training.checkpoints import load_retrieval
 from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -139,7 +139,7 @@ def main() -> int:
     t_start = time.perf_counter()
     ds = load(a.data)
     loo = LeaveOneOut(ds)
-    model, payload = rt.load_checkpoint(a.retrieval)
+    model, ckpt = load_retrieval(a.retrieval, ds, a.data)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, items_path = export_retrieval(model, tmp)
         onnx = session(onnx_path)
@@ -207,7 +207,7 @@ def main() -> int:
     lines = [f"# python {' '.join(sys.argv)}",
              f"# data {ds.describe()}",
              f"# SASRec checkpoint {a.retrieval}: config {model.config.to_dict()}, "
-             f"train {payload.get('train', {})}",
+             f"train {ckpt.extra.get('train', {})}",
              f"# tuned on validation: route alone window={window} alpha={alpha} R={NEIGHBOURS} recent={recent} "
              f"decay={decay} (valid NDCG@10 {best[0]:.4f}); merged: window={m_window} alpha={m_alpha} "
              f"recent={m_recent} decay={m_decay} candidates={cands} beta={beta} "

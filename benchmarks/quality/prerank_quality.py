@@ -90,9 +90,10 @@ def run_next_item(data_spec: str, seeds: list[int], epochs: int, retrieval: str 
     ds = load(data_spec)
     loo = LeaveOneOut(ds)
     if retrieval:
-        from training.stages.retrieval.train import load_retrieval_scorer
+        from training.checkpoints import load_retrieval
+        from training.stages.retrieval.train import model_scorer
 
-        scorer = load_retrieval_scorer(retrieval)
+        scorer = model_scorer(load_retrieval(retrieval, ds, data_spec)[0])
         scorers, source = {"valid": scorer, "test": scorer}, f"SASRec checkpoint {retrieval}"
     else:
         scorers, source = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}, "last-item (LastItem)"

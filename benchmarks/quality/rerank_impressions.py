@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from training.stages.rerank import impressions as im  # noqa: E402
+from training.stages.rerank.end_to_end import E2E_KS, end_to_end  # noqa: E402
+from training.stages.rerank.sampling import ImpressionConfig  # noqa: E402
+from training.stages.rerank.upstream import Pipeline  # noqa: E402
 from training.stages.rerank import models as rr  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import LeaveOneOut  # noqa: E402
@@ -78,14 +81,14 @@ def main() -> None:
     t0 = time.perf_counter()
     ds = load(args.data)
     loo = LeaveOneOut(ds)
-    pipe = im.Pipeline.load(ds, loo, args.retrieval, args.prerank)
-    cfg = im.ImpressionConfig(list_len=args.list_len, candidates=args.candidates, horizon=args.horizon,
+    pipe = Pipeline.load(ds, loo, args.retrieval, args.prerank, args.data)
+    cfg = ImpressionConfig(list_len=args.list_len, candidates=args.candidates, horizon=args.horizon,
                               lists_per_user=args.lists_per_user)
     imp = im.build_impressions(pipe, loo, cfg)
     desc = imp.describe()
     print(f"impressions built in {time.perf_counter() - t0:.0f}s: {json.dumps({k: desc[k] for k in ('train', 'valid', 'test')})}",
           file=sys.stderr)
-    retrieval = evaluate_retrieval(model_scorer(pipe.retrieval), loo, "test", ks=im.E2E_KS, progress=False)
+    retrieval = evaluate_retrieval(model_scorer(pipe.retrieval), loo, "test", ks=E2E_KS, progress=False)
 
     lists: dict[str, list[dict[str, float]]] = {k: [] for k in NAMES}
     valid: dict[str, list[dict[str, float]]] = {k: [] for k in NAMES}
@@ -105,7 +108,7 @@ def main() -> None:
             epochs[name].append(fit.best_epoch)
             print(f"seed {seed} {name}: best epoch {fit.best_epoch} valid NDCG@10 {fit.best_valid_ndcg10:.4f} "
                   f"test NDCG@10 {lists[name][-1]['NDCG@10']:.4f} ({time.perf_counter() - t1:.0f}s)", file=sys.stderr)
-        e = im.end_to_end(pipe, loo, models, imp.pv_stats, cfg)
+        e = end_to_end(pipe, loo, models, imp.pv_stats, cfg)
         e2e["retrieval"].append(retrieval)
         for k in ("prerank", "rerank_prm", "rerank_prm_base", "rerank_mlp"):
             e2e[k].append(e[k])

@@ -49,7 +49,8 @@ from training.stages.retrieval.encoders import RetrievalConfig, RetrievalModel
 from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 from training.eval.metrics import Scorer, mask_seen, ranking_metrics, target_ranks
 from training.report import table, write_json
-from training.stages.retrieval.train import RetrievalTrainConfig, describe, load_checkpoint, model_scorer, save_checkpoint, train_retrieval
+from training.checkpoints import load_retrieval
+from training.stages.retrieval.train import RetrievalTrainConfig, describe, model_scorer, save_checkpoint, train_retrieval
 
 ROWS = ("popularity", "last-item", "sasrec", "ml-sasrec-M2", "hstu", "mind-K2", "mind-K4")
 COLUMNS = ("HR@10", "HR@50", "NDCG@10", "NDCG@50", "NDCG@100", "Coverage@10", "div_own@10", "div_ref@10",
@@ -193,7 +194,7 @@ def main() -> int:
             payload = json.loads(cached.read_text())
             lists[name] = np.load(folder / "top10.npy")
             if name not in ("popularity", "last-item"):
-                model, _ = load_checkpoint(folder)
+                model, _ = load_retrieval(folder, ds, a.data)
                 if name == REFERENCE_ROW:
                     ref_table = model.item_embedding.weight.detach().numpy()
         elif name in ("popularity", "last-item"):

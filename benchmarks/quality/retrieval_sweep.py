@@ -25,12 +25,12 @@ from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import KS, ranking_metrics, retrieval_ranks
+from training.checkpoints import load_retrieval
 from training.report import table, write_json
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     describe,
     launcher_entropy,
-    load_checkpoint,
     model_scorer,
     save_checkpoint,
     train_retrieval,
@@ -95,7 +95,7 @@ def main() -> int:
                 epochs=args.epochs, patience=args.patience, seed=args.seed, max_minutes=args.max_minutes
             )
             t0 = time.perf_counter()
-            source = load_checkpoint(args.init_from)[0] if args.init_from and M >= 2 else None
+            source = load_retrieval(args.init_from, ds, args.data)[0] if args.init_from and M >= 2 else None
             res = train_retrieval(split, cfg, tcfg, progress=False, init_from=source)
             wall = time.perf_counter() - t0
             ranks, cov = retrieval_ranks(model_scorer(res.model), split, "test", KS, progress=False)

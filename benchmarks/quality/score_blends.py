@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from training.checkpoints import load_retrieval
 from training.stages.retrieval import train as rt
 from training.eval.baselines import LastItem, Popularity
 from training.data.sources import load
@@ -34,8 +35,8 @@ def main() -> int:
     torch.set_num_threads(1)
     ds = load(a.data)
     loo = LeaveOneOut(ds)
-    model, _ = rt.load_checkpoint(a.retrieval)
-    other = rt.load_checkpoint(a.other)[0] if a.other else None
+    model, _ = load_retrieval(a.retrieval, ds, a.data)
+    other = load_retrieval(a.other, ds, a.data)[0] if a.other else None
     print(f"# python {' '.join(sys.argv)}")
     print(f"{'signal':<12} {'w':>5} {'valid NDCG@10':>14} {'test NDCG@10':>13}")
     per_split = {}

@@ -23,7 +23,7 @@ import torch
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 from training.report import table
-from training.stages.retrieval.train import load_checkpoint
+from training.checkpoints import checkpoint_path, read_checkpoint
 
 
 def timings(fn, reps: int) -> tuple[float, float]:
@@ -49,7 +49,8 @@ def main() -> int:
     torch.set_num_threads(1)
     models: dict[str, MultiLauncherSASRec] = {}
     for path in args.checkpoint:
-        model, _ = load_checkpoint(path)
+        # timing only, no data set to check against: read and built, not fingerprint-checked
+        model = read_checkpoint(checkpoint_path(path, "retrieval")).build()  # type: ignore[assignment]
         models[Path(path).name] = model
     if not models:
         torch.manual_seed(0)

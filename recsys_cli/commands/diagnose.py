@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from recsys_cli.commands.common import add_data_arg
-from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.report import table, timed, write_json
@@ -25,17 +24,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `recsys serve` runs in an image without it
     from training.eval.diagnostics import diagnose
-    from training.stages.retrieval.train import load_checkpoint
+    from training.checkpoints import load_retrieval
 
     timings: dict[str, float] = {}
-    model, payload = load_checkpoint(args.checkpoint)
     with timed("load", timings):
         ds = load(args.data)
-    if ds.fingerprint != payload["fingerprint"]:
-        raise UsageError(
-            f"{args.checkpoint} was trained on data with fingerprint {payload['fingerprint']} "
-            f"({payload['data']}), not {ds.fingerprint} ({args.data})"
-        )
+    model, _ = load_retrieval(args.checkpoint, ds, args.data)  # DataError (exit 2) for another data set
     with timed("diagnose", timings):
         rows = diagnose(model, LeaveOneOut(ds), seed=args.seed)
     print(table(rows, COLUMNS))

@@ -71,27 +71,26 @@ def _hidden(text: str | None) -> tuple[int, ...] | None:
     return sizes
 
 
-def retrievers(args: argparse.Namespace, fingerprint: str) -> Any:
+def retrievers(args: argparse.Namespace, ds: Any) -> Any:
     """training.stages.prerank.data.Retrievers from --retrieval / --upstream, both checked against the data."""
+    from training.checkpoints import load_retrieval
     from training.stages.prerank.data import Retrievers
-    from training.stages.retrieval.train import load_checkpoint
 
     loaded = []
+    # one load per flag, --upstream defaulting to --retrieval: building each model draws from torch's
+    # generator, which the pre-ranker's initial weights draw from next
     for flag, path in (("--retrieval", args.retrieval), ("--upstream", args.upstream or args.retrieval)):
         try:
-            model, payload = load_checkpoint(path)
-        except (FileNotFoundError, ValueError) as exc:
+            loaded.append(load_retrieval(path, ds, args.data))
+        except (FileNotFoundError, ValueError) as exc:  # DataError / CheckpointError are ValueErrors
             raise UsageError(f"{flag}: {exc}") from None
-        if payload.get("fingerprint") != fingerprint:
-            raise UsageError(f"{flag} {path} was trained on other data ({payload.get('data')})")
-        loaded.append((model, payload))
-    (served, served_payload), (upstream, up_payload) = loaded
-    if args.upstream is None and served_payload.get("holdout"):
-        raise UsageError(f"--retrieval {args.retrieval} was trained with --holdout {served_payload['holdout']}: "
+    (served, served_ckpt), (upstream, up_ckpt) = loaded
+    if args.upstream is None and served_ckpt.extra.get("holdout"):
+        raise UsageError(f"--retrieval {args.retrieval} was trained with --holdout {served_ckpt.extra['holdout']}: "
                          "serve the retriever continued on all the data and pass this one as --upstream")
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
-    return Retrievers(served, upstream, holdout=int(up_payload.get("holdout") or 0), window=args.window,
+    return Retrievers(served, upstream, holdout=int(up_ckpt.extra.get("holdout") or 0), window=args.window,
                       features=not args.no_retrieval_features)
 
 
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             loo = LeaveOneOut(ds)
             if args.retrieval:
-                rets = retrievers(args, ds.fingerprint)
+                rets = retrievers(args, ds)
                 extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval,
                                       "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
                                       "window": rets.holdout if args.window is None else args.window,
@@ -175,9 +174,8 @@ def run(args: argparse.Namespace) -> int:
             rows = {f"retrieval order ({extra['retrieval']['model']})": base, args.model: metrics}
     out = Path(args.out)
     with timed("save", timings):
-        pr.save_checkpoint(model, args.model, data.spec, out, prior, objective=args.objective,
-                           train=pr.train_config_dict(cfg), fingerprint=ds.fingerprint,
-                           retrieval=extra.get("retrieval"))
+        pr.save_checkpoint(model, args.model, data.spec, out, ds.fingerprint, prior, objective=args.objective,
+                           train=pr.train_config_dict(cfg), retrieval=extra.get("retrieval"))
         if pr.has_heads(model):
             extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
     print(table(rows, columns))

@@ -6,23 +6,17 @@ met within the next T training steps). Each re-ranker is trained listwise with e
 on the lists the service would re-rank for the leave-one-out validation users (their next item
 is the label); reported: test-list NDCG / MAP / P before and after re-ranking, and the
 end-to-end HR / NDCG of the leave-one-out test item (retrieval alone, retrieval -> pre-rank,
-retrieval -> pre-rank -> re-rank).
-
-Writes DIR/{prm,prm_base,mlp}.pt (config + weights + PV statistics), DIR/rerank.onnx (the
-PRM, checked against eager PyTorch), DIR/rerank_items.npy (N + 1, F) item features and
-DIR/rerank_manifest.json (how to build the other inputs at serving time).
+retrieval -> pre-rank -> re-rank). The work and the files it writes: training/stages/rerank/run.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from recsys_cli.commands.common import (
@@ -31,6 +25,7 @@ from recsys_cli.commands.common import (
     quiet_onnx_exporter,
 )
 from recsys_cli.errors import UsageError
+from service.contract.layout import PRERANK_CHECKPOINT, RETRIEVAL_CHECKPOINT
 from training.report import table, timed, write_json
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
@@ -39,7 +34,7 @@ ORDER_NAMES = {"before": "before (pre-rank order)", "prm": "PRM", "prm_base": "P
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from training.stages.rerank.impressions import ImpressionConfig
+    from training.stages.rerank.sampling import ImpressionConfig
     from training.stages.rerank.models import RerankerHParams
     from training.stages.rerank.train import RerankTrainConfig
 
@@ -78,7 +73,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from training.stages.rerank.impressions import ImpressionConfig
+    from training.stages.rerank.sampling import ImpressionConfig
     from training.stages.rerank.models import RerankerHParams
     from training.stages.rerank.train import RerankTrainConfig
 
@@ -106,125 +101,47 @@ def _check_dir(flag: str, path: str, marker: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.stages.rerank import impressions as im
-    from training.stages.rerank import models as rr
-    from training.data.sources import load
-    from training.data.splits import LeaveOneOut
-    from training.publish.onnx.rerank import export_rerank, rerank_parity
-    from training.eval.metrics import evaluate_retrieval
-    from training.stages.prerank.train import CHECKPOINT as PRERANK_CKPT
-    from training.stages.rerank.train import evaluate_lists, score_lists, unchanged_scores
-    from training.stages.retrieval.train import CHECKPOINT as RETRIEVAL_CKPT
-    from training.stages.retrieval.train import load_checkpoint, model_scorer
+    from training.stages.rerank.run import open_upstream, train_rerank
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     imp_cfg, hp, train_cfg = _configs(args)
-    _check_dir("--retrieval", args.retrieval, RETRIEVAL_CKPT)
-    _check_dir("--prerank", args.prerank, PRERANK_CKPT)
+    _check_dir("--retrieval", args.retrieval, RETRIEVAL_CHECKPOINT)
+    _check_dir("--prerank", args.prerank, PRERANK_CHECKPOINT)
     if args.upstream:
-        _check_dir("--upstream", args.upstream, RETRIEVAL_CKPT)
+        _check_dir("--upstream", args.upstream, RETRIEVAL_CHECKPOINT)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
     timings: dict[str, float] = {}
     with timed("load", timings):
-        ds = load(args.data)
-        loo = LeaveOneOut(ds)
         try:
-            pipe = im.Pipeline.load(ds, loo, args.retrieval, args.prerank)
-            upstream = im.Pipeline.load(ds, loo, args.upstream, args.prerank) if args.upstream else pipe
-        except ValueError as exc:  # DataError is a ValueError too: both are the user's input
+            up = open_upstream(args.data, args.retrieval, args.prerank, args.upstream)
+            imp_cfg = up.impression_config(imp_cfg, args.window)
+        except ValueError as exc:  # DataError and CheckpointError are ValueErrors too: all the user's input
             raise UsageError(str(exc)) from None
-        holdout = int(load_checkpoint(args.upstream)[1].get("holdout") or 0) if args.upstream else 0
-        if args.window is not None and args.window < 0:
-            raise UsageError(f"--window must be >= 0, got {args.window}")
-        imp_cfg = replace(imp_cfg, holdout=holdout if args.window is None else args.window)
-    print(ds.describe())
-    with timed("impressions", timings):
-        # the training lists come from the upstream retriever (out of sample with a holdout); the
-        # exported item features and the end-to-end check use the served one
-        imp = im.build_impressions(upstream, loo, imp_cfg, progress)
-    desc = imp.describe()
+    print(up.ds.describe())
+    if not args.no_export:
+        quiet_onnx_exporter()
+    r = train_rerank(up, args.out, imp_cfg, hp, train_cfg, export=not args.no_export, progress=progress)
+    timings.update(r.timings)
+    desc = r.impressions
     print("impressions: " + ", ".join(f"{n} {desc[n]['lists']} lists ({desc[n]['with_click']} with a click)"
                                       for n in ("train", "valid", "test")))
-
-    # early stopping on what is served: the lists the service re-ranks for the leave-one-out
-    # validation users (served retriever + this pre-ranker), labelled with their next item
-    with timed("validation lists", timings):
-        stop_on = im.leave_one_out_lists(pipe, loo, "valid", imp.pv_stats, imp_cfg)
-    results: dict[str, dict[str, float]] = {"before": evaluate_lists(unchanged_scores(imp.test), imp.test)}
-    valid: dict[str, dict[str, float]] = {"before": evaluate_lists(unchanged_scores(imp.valid), imp.valid)}
-    fits: dict[str, Any] = {}
-    models = {}
-    out = Path(args.out)
-    for name in rr.RERANKERS:
-        with timed(f"train {name}", timings):
-            fit = rr.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
-        models[name] = fit.model
-        results[name] = evaluate_lists(score_lists(fit.model, imp.test), imp.test)
-        valid[name] = evaluate_lists(score_lists(fit.model, imp.valid), imp.valid)
-        fits[name] = fit.describe()
-        progress(f"{name}: best epoch {fit.best_epoch}, valid NDCG@10 {fit.best_valid_ndcg10:.4f}, "
-                 f"test NDCG@10 {results[name]['NDCG@10']:.4f}")
-        rr.save_reranker(out / f"{name}.pt", name, fit.model, imp.pv_stats, imp_cfg, fingerprint=ds.fingerprint,
-                         train=asdict(train_cfg))
-    artifacts: dict[str, Any] = {}
-    with timed("save", timings):
-        np.save(out / "rerank_items.npy", pipe.item_feats)
-        manifest = {
-            "model": "PRM", "onnx": "rerank.onnx", "item_features": "rerank_items.npy",
-            "item_feats": "rerank_items.npy[item] (N + 1, F): [retrieval embedding ; mean pre-rank item head ; "
-                          "log1p count], z-scored over the catalog; row 0 = padding",
-            "pv": "(pre-rank per (layer, user head) max over item heads of the dot product - pv_mean) / pv_std",
-            "pv_mean": list(imp.pv_stats.mean), "pv_std": list(imp.pv_stats.std),
-            "init_score": "pre-rank score z-scored within the list (real entries)"
-                          + ("; (1, n, 2) with the fused retrieval score z-scored the same way as [..., 1]"
-                             if imp_cfg.retrieval_score else ""),
-            "num_scores": 2 if imp_cfg.retrieval_score else 1, "upstream": args.upstream or args.retrieval,
-            "holdout": imp_cfg.holdout,
-            "list_len": imp_cfg.list_len, "config": models["prm"].config.to_dict(),
-        }
-        (out / "rerank_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if not args.no_export:
-            quiet_onnx_exporter()
-            path = export_rerank(models["prm"], out)
-            artifacts = {"onnx": str(path), "parity_max_abs_diff": rerank_parity(models["prm"], path),
-                         "real_lists_max_abs_diff": _real_list_parity(models["prm"], path, imp.test)}
-    with timed("end-to-end", timings):
-        e2e = {"retrieval": evaluate_retrieval(model_scorer(pipe.retrieval), loo, "test", ks=im.E2E_KS, progress=False)}
-        e2e.update(im.end_to_end(pipe, loo, models, imp.pv_stats, imp_cfg, progress=progress))
-
-    print(f"\ntest lists (N = {imp_cfg.list_len}, T = {imp_cfg.horizon}, {int(results['before']['lists'])} lists with a click)")
-    print(table({ORDER_NAMES[k]: v for k, v in results.items()}, LIST_COLUMNS))
-    print(f"\nend to end, leave-one-out test ({loo.eval_users.size} users)")
-    print(table(e2e, E2E_COLUMNS))
-    if artifacts:
-        print(f"\nrerank.onnx parity: max |onnx - eager| {artifacts['parity_max_abs_diff']:.2e} (random lists), "
-              f"{artifacts['real_lists_max_abs_diff']:.2e} (test lists)")
+    print(f"\ntest lists (N = {imp_cfg.list_len}, T = {imp_cfg.horizon}, {int(r.results['before']['lists'])} lists with a click)")
+    print(table({ORDER_NAMES[k]: v for k, v in r.results.items()}, LIST_COLUMNS))
+    print(f"\nend to end, leave-one-out test ({up.loo.eval_users.size} users)")
+    print(table(r.end_to_end, E2E_COLUMNS))
+    if r.artifacts:
+        print(f"\nrerank.onnx parity: max |onnx - eager| {r.artifacts['parity_max_abs_diff']:.2e} (random lists), "
+              f"{r.artifacts['real_lists_max_abs_diff']:.2e} (test lists)")
     if args.json:
         write_json(args.json, {
-            **results, "valid": valid, "end_to_end": e2e, "data": args.data, "fingerprint": ds.fingerprint,
-            "retrieval": args.retrieval, "prerank": args.prerank, "impressions": desc,
-            "hparams": asdict(hp), "train": asdict(train_cfg), "fits": fits, "artifacts": artifacts,
-            "seconds": timings,
+            **r.results, "valid": r.valid, "end_to_end": r.end_to_end, "data": args.data,
+            "fingerprint": up.ds.fingerprint, "retrieval": args.retrieval, "prerank": args.prerank,
+            "impressions": desc, "hparams": asdict(hp), "train": asdict(train_cfg), "fits": r.fits,
+            "artifacts": r.artifacts, "seconds": timings,
         })
     return 0
-
-
-def _real_list_parity(model: Any, path: Path, data: Any, n: int = 256) -> float:
-    """Max |ONNX - eager| over the real entries of the first n test lists (checked as rerank_parity does)."""
-    import onnxruntime as ort
-
-    from training.publish.onnx.rerank import OUTPUT_NAME, PARITY_ATOL, PARITY_RTOL, pv_width
-
-    part = data.take(slice(0, n))
-    pv = part.pv if model.config.pv_dim else np.zeros((*part.mask.shape, pv_width(model)), np.float32)
-    feeds = {"item_feats": part.item_feats, "pv": pv, "init_score": part.scores(), "mask": part.mask}
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], feeds)[0]
-    with torch.no_grad():
-        want = model(*part.tensors()).numpy()
-    np.testing.assert_allclose(got[part.mask], want[part.mask], atol=PARITY_ATOL, rtol=PARITY_RTOL)
-    return float(np.abs(got[part.mask] - want[part.mask]).max())

@@ -13,6 +13,7 @@ from models.sasrec import SASRecConfig
 from recsys_cli.commands.common import add_data_arg
 from recsys_cli.errors import UsageError
 from training import distributed
+from training.checkpoints import load_retrieval
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.stages.retrieval.encoders import ENCODERS, RetrievalConfig
@@ -22,7 +23,6 @@ from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     describe,
     evaluate_model,
-    load_checkpoint,
     save_checkpoint,
     train_retrieval,
 )
@@ -130,9 +130,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     source = None
     if args.init_from:
-        source, payload = load_checkpoint(args.init_from)
-        if payload["fingerprint"] != ds.fingerprint:
-            raise UsageError(f"{args.init_from} was trained on other data ({payload['data']})")
+        try:
+            source, _ = load_retrieval(args.init_from, ds, args.data)
+        except ValueError as exc:  # DataError / CheckpointError: the user's input
+            raise UsageError(f"--init-from: {exc}") from None
     with timed("train", timings) if rank0 else nullcontext():
         try:
             res = train_retrieval(

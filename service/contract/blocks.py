@@ -69,7 +69,8 @@ class Block:
 
 
 def _plain(v: Any) -> Any:
-    return v.to_dict() if isinstance(v, Block) else v
+    # a block, or a contract type of another module with its own to_dict (RerankServing)
+    return v.to_dict() if hasattr(v, "to_dict") else v
 
 
 def integer(d: dict[str, Any], key: str, where: str, minimum: int | None = None) -> int | None:

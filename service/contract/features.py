@@ -133,17 +133,6 @@ class UserFeatures:
         return {"user_sparse": s, "user_dense": d, "user_multi": m}
 
 
-def list_zscore(scores: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(..., L) scores z-scored over each list's real entries (`mask`, default all), float64; 0
-    elsewhere. The re-ranker's score inputs, in training and online."""
-    mask = np.ones(scores.shape, dtype=bool) if mask is None else mask
-    s = np.where(mask, scores, 0.0).astype(np.float64)
-    cnt = np.maximum(mask.sum(axis=-1, keepdims=True), 1)
-    mu = s.sum(axis=-1, keepdims=True) / cnt
-    sd = np.sqrt((np.where(mask, s - mu, 0.0) ** 2).sum(axis=-1, keepdims=True) / cnt)
-    return np.where(mask, (s - mu) / np.where(sd > 1e-8, sd, 1.0), 0.0)
-
-
 def raw_column(raw: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     if name not in raw:
         raise KeyError(f"feature '{name}' is declared but missing from the raw columns ({sorted(raw)})")

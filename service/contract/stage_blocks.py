@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.contract.blocks import Block, BlockError, integer, number, obj, optional
+from service.contract.rerank_inputs import RerankServing
 
 
 @dataclass(frozen=True)
@@ -90,35 +91,6 @@ class Prerank(Block):
 
 
 @dataclass(frozen=True)
-class RerankServing(Block):
-    """`rerank.serving`: the re-rank serving manifest training writes (RERANK_MANIFEST): the PV
-    statistics the list inputs are z-scored with, the number of init scores, the model config."""
-
-    model: str | None = None
-    onnx: str | None = None
-    item_features: str | None = None
-    item_feats: str | None = None
-    pv: str | None = None
-    pv_mean: list[float] = field(default_factory=list)
-    pv_std: list[float] = field(default_factory=list)
-    init_score: str | None = None
-    num_scores: int | None = None
-    upstream: str | None = None
-    holdout: int | None = None
-    list_len: int | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "rerank.serving") -> RerankServing:
-        if not isinstance(d, dict):
-            return cls._read(d, where)
-        for key in ("pv_mean", "pv_std"):
-            if not isinstance(d.get(key), list):
-                raise BlockError(f"{where}.{key}", f"must be a list of numbers, got {d.get(key)!r:.80}")
-        return cls._read(d, where, config=obj(d, "config", where))
-
-
-@dataclass(frozen=True)
 class Rerank(Block):
     """`rerank`: the re-ranker (PRM); `config` is its model config (max_len L, num_scores S)."""
 
@@ -126,7 +98,7 @@ class Rerank(Block):
     model: str | None = None
     train: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    serving: RerankServing = field(default_factory=RerankServing)
+    serving: RerankServing | None = None  # rerank_manifest.json (service/contract/rerank_inputs.py)
     parity_max_abs_diff: float | None = optional()
     config: dict[str, Any] | None = optional()
 

@@ -13,11 +13,11 @@ from training.eval.baselines import Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import evaluate_retrieval
+from training.checkpoints import load_retrieval
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     _training_pairs,
     evaluate_model,
-    load_checkpoint,
     train_retrieval,
 )
 
@@ -65,10 +65,11 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ml-sasrec(M=2,copy_last)") == 1  # rank 0 alone prints the table
-    model, payload = load_checkpoint(tmp_path)
-    assert payload["world_size"] == 2
-    assert not any(k.startswith("module.") for k in payload["state_dict"])
     split = LeaveOneOut(load(data))
+    model, ckpt = load_retrieval(tmp_path, split.dataset)
+    payload = ckpt.extra
+    assert payload["world_size"] == 2
+    assert not any(k.startswith("module.") for k in ckpt.state_dict)
     pop = evaluate_retrieval(Popularity(split), split, progress=False)["NDCG@10"]
     assert payload["metrics"]["NDCG@10"] > 2.0 * pop
     # without dropout the split batches give the one-process gradients: the same losses up to
@@ -91,6 +92,6 @@ def test_ranks_agree_to_stop_on_the_time_limit_with_an_empty_shard(tmp_path: Pat
         "--batch-size", str(batch_size), "--max-minutes", "1e-6",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, payload = load_checkpoint(tmp_path)
+    payload = load_retrieval(tmp_path, load(data))[1].extra
     assert payload["training"]["epochs_run"] == 1
     assert np.isfinite(payload["training"]["history"][0]["loss"])

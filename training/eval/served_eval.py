@@ -19,6 +19,10 @@ The retrieval cut also reports CandidateRecall: the share of users whose target 
 candidate set the pre-ranker sees (FAISS's top retrieval_k and the item-to-item route's items),
 and CandidateRecall_faiss for FAISS's alone (equal for a version without the route).
 
+This is the one end-to-end evaluation. Its eager-PyTorch reference, the same cascade run on the
+checkpoints before any ONNX file exists, is training/stages/rerank/end_to_end.py (`recsys train
+rerank` reports it); tests/training/eval/test_served_eval.py checks that the two agree.
+
 The gate (`choose_stages`) keeps a stage only while its cut's NDCG@10 is not worse than the
 previous served cut's by more than a tolerance; a version serves a prefix of STAGES, so a
 switched-off pre-rank switches off the re-rank too. Nothing here imports torch (the metrics of

@@ -60,14 +60,15 @@ from service.contract.layout import (
     valid_version,
 )
 from service.contract.manifest import FORMAT, Manifest, read_json
-from service.contract.stage_blocks import Checks, Item2Item, Prerank, PrerankServing, Rerank, RerankServing
+from service.contract.rerank_inputs import RerankServing
+from service.contract.stage_blocks import Checks, Item2Item, Prerank, PrerankServing, Rerank
 from service.index import index_params, save_index, set_faiss_threads
 from service.index_build import IndexSpec, build_index, choose_kind
 from training.stages.retrieval import item2item as i2i
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
 from training.stages.retrieval.encoders import served_vectors
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.publish.onnx.retrieval import PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
 from training.report import timed
@@ -238,15 +239,15 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         files=files,
         catalog=replace(items.info, max_popularity=int(items.catalog["popularity"].max())),
         retrieval=Retrieval(source=str(src.ret_dir), model=type(retrieval).__name__, config=cfg.to_dict(),
-                            metrics=src.payload.get("metrics", {}), parity_max_abs_diff=parity,
+                            metrics=src.ret_ckpt.extra.get("metrics", {}), parity_max_abs_diff=parity,
                             inputs={"item_seq": ["B", "L", "int64"]},
                             outputs={"user_vectors": ["B", served_vectors(cfg), cfg.dim, "float32"]}),
         index=Index(params=index_params(index), recall_k=f"recall@{k}", recall_at_k=recall, file=INDEX_FAISS,
                     min_recall=min_recall, recall=recall, queries=int(queries.shape[0] * queries.shape[1]),
                     nprobe_tuned=tuned or None),
-        prerank=Prerank(source=str(src.pre_dir), model=src.pre_ckpt.get("model"),
-                        config=src.prerank.cfg.to_dict(), objective=src.pre_ckpt.get("objective"),
-                        train=src.pre_ckpt.get("train"), metrics=src.pre_ckpt.get("metrics", {}),
+        prerank=Prerank(source=str(src.pre_dir), model=src.pre_ckpt.name,
+                        config=src.prerank.cfg.to_dict(), objective=src.pre_ckpt.extra.get("objective"),
+                        train=src.pre_ckpt.extra.get("train"), metrics=src.pre_ckpt.extra.get("metrics", {}),
                         parity_max_abs_diff=pre_parity, serving=pre_serving),
     )
     if items.item2item is not None:
@@ -257,8 +258,9 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_ONNX, out / RERANK_ONNX)
         np.save(out / RERANK_ITEMS, items.rerank_items.astype(np.float32, copy=False))
-        rerank = Rerank(source=str(src.re_dir), model=src.rerank_ckpt.get("name"),
-                        train=src.rerank_ckpt.get("train"), metrics=src.rerank_ckpt.get("metrics", {}),
+        rerank = Rerank(source=str(src.re_dir), model=src.rerank_ckpt.name,
+                        train=src.rerank_ckpt.extra.get("train"),
+                        metrics=src.rerank_ckpt.extra.get("metrics", {}),
                         serving=RerankServing.from_dict(read_json(src.re_dir / RERANK_MANIFEST), RERANK_MANIFEST))
         manifest = manifest.with_(files=replace(manifest.files, rerank_onnx=RERANK_ONNX, rerank_items=RERANK_ITEMS),
                                   rerank=rerank)

@@ -18,7 +18,7 @@ from service.artifacts import ORT_ERRORS
 from service.contract.layout import RERANK_ITEMS, RERANK_ONNX
 from service.contract.manifest import Manifest
 from service.index_build import ann_recall
-from training.checkpoints import RERANK_CHECKPOINT
+from service.contract.layout import RERANK_CHECKPOINT
 from training.publish.onnx.retrieval import PARITY_ATOL, PARITY_RTOL
 from training.publish.versions import PublishError
 

@@ -23,7 +23,7 @@ from service.artifacts import ORT_ERRORS, session
 from service.contract.layout import MANIFEST
 from service.contract.manifest import Manifest
 from service.contract.stage_blocks import RegressionCheck, Serving
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import mask_seen, ranking_metrics, target_ranks
 from training.eval.served_eval import ServingGate

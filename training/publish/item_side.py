@@ -17,9 +17,9 @@ from service.contract.catalog import ItemCatalog
 from service.contract.blocks import Catalog
 from training.stages.prerank import train as pr
 from training.publish.build import ItemSide
-from training.checkpoints import Sources
+from service.contract.rerank_inputs import rerank_item_features
+from training.publish.sources import Sources
 from training.data.features import RETRIEVAL_ITEM, retrieval_columns
-from training.stages.rerank.impressions import rerank_item_features
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def item_heads(src: Sources, raw: dict[str, np.ndarray],
                known: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N + 1, G, d) pre-rank item heads of every catalog item (row 0 zero, as export_prerank)
     from their item-tower inputs `raw` (head_inputs). known: (rows, heads) already computed with
-    the same inputs (the data set's items, training.stages.rerank.impressions.Pipeline): taken, not recomputed."""
+    the same inputs (the data set's items, training.stages.rerank.upstream.Pipeline): taken, not recomputed."""
     item_spec = src.spec.item
     n = next(iter(raw.values())).shape[0]
     reuse, known_heads = known if known is not None else (np.empty(0, dtype=np.int64), None)
@@ -150,7 +150,7 @@ def item_heads(src: Sources, raw: dict[str, np.ndarray],
 
 def rerank_features(pipe: Any, table: np.ndarray, heads: np.ndarray, popularity: np.ndarray) -> np.ndarray:
     """(N + 1, F) re-rank item features of every catalog item, z-scored with the statistics of the
-    data set's catalog (pipe: training.stages.rerank.impressions.Pipeline) the re-ranker was trained with."""
+    data set's catalog (pipe: training.stages.rerank.upstream.Pipeline) the re-ranker was trained with."""
     n = pipe.dataset.num_items
     log_count = np.log1p(popularity).astype(np.float32)
     reference = (pipe.retrieval.item_embedding.weight.detach().numpy(), pipe.item_heads.numpy(), log_count[: n + 1])

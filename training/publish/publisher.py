@@ -3,7 +3,7 @@ do to it, with every step's wall time kept.
 
     load     the data set and the checkpoints, each loaded once and checked against the data set,
              and the item arrays training exported recomputed from them (training/checkpoints.py);
-             the recomputation (training.stages.rerank.impressions.Pipeline) is kept as `upstream`, so reindex
+             the recomputation (training.stages.rerank.upstream.Pipeline) is kept as `upstream`, so reindex
              takes the data set's items' pre-rank heads from it instead of computing them again
     publish  the item side -> catalog, retrieval.onnx + parity, items.npy, index + recall,
              pre-rank / re-rank files + parity -> the stage gate and the regression gate against
@@ -28,7 +28,7 @@ from service.contract.stage_blocks import RegressionCheck
 from service.index_build import IndexSpec
 from training.stages.retrieval import item2item as i2i
 from training.publish.build import DEFAULT_MIN_RECALL, ItemSide, PublishResult, check_gates, dataset_items, publish_items
-from training.checkpoints import Sources, check_upstream, load_sources
+from training.publish.sources import Sources, check_upstream, load_sources
 from training.data.splits import LeaveOneOut
 from training.publish.gates import DEFAULT_MAX_REGRESSION, check_regression
 from training.report import timed
@@ -48,7 +48,7 @@ class Publisher:
         self.min_recall, self.max_regression = min_recall, max_regression
         self.index_spec, self.gate = index_spec, gate
         self.timings: dict[str, float] = {} if timings is None else timings
-        self.upstream: Any = None  # training.stages.rerank.impressions.Pipeline of the loaded checkpoints (None: CTR pre-ranker)
+        self.upstream: Any = None  # training.stages.rerank.upstream.Pipeline of the loaded checkpoints (None: CTR pre-ranker)
 
     def load(self, data_spec: str, retrieval_dir: str | Path, prerank_dir: str | Path,
              rerank_dir: str | Path | None) -> Sources:

@@ -24,7 +24,7 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 changed items (item id out of vocabulary for new items, log-count 0); the data
                 set's items with unchanged inputs keep the heads step 2 computed (not computed
                 twice). Re-rank item features: as
-                training.stages.rerank.impressions.Pipeline builds them, z-scored with the statistics of the
+                training.stages.rerank.upstream.Pipeline builds them, z-scored with the statistics of the
                 data set's catalog the re-ranker was trained with. Item-to-item table
                 (training/stages/retrieval/item2item.py): the data set's training part plus --events, each
                 user's new events after their training items, so new transitions are served;
@@ -74,7 +74,7 @@ from training.publish.build import DEFAULT_MIN_RECALL, PublishResult, check_gate
 from service.contract.catalog import ItemCatalog
 from training.publish.catalog import catalog_arrays, read_catalog_file
 from training.publish.item_side import grown_item_side
-from training.checkpoints import Sources
+from training.publish.sources import Sources
 from training.publish.gates import DEFAULT_MAX_REGRESSION
 from training.data.sources import load
 from training.publish.publisher import Publisher
@@ -149,7 +149,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
         pipe = publisher.upstream
         if pipe is None:
             raise PublishError(f"{src.pre_dir}: reindex needs a next-item pre-ranker to compute item heads, "
-                               f"this one was trained on {src.pre_ckpt.get('objective')!r}")
+                               f"this one was trained on {src.pre_ckpt.extra.get('objective')!r}")
         updates = make_catalog_updates(cfg.redis_url, root)
         try:
             with timed("catalog", timings):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.contract.features import OOV, PAD, TowerEncoder, UserFeatures, encode_codes, fit_width, list_zscore
+from service.contract.features import OOV, PAD, TowerEncoder, UserFeatures, encode_codes, fit_width
 
 # raw item 1 -> code 2, raw 2 -> 3, raw 3 -> OOV (never seen in training), raw 4 -> 4
 TABLE = [1, 2, 3, 1, 4]
@@ -74,9 +74,3 @@ def test_training_encodes_with_the_same_encoder() -> None:
     np.testing.assert_array_equal(got["user_multi"], want.multi)
     np.testing.assert_array_equal(got["user_dense"], want.dense)  # bit for bit: one encoder
 
-
-def test_list_zscore() -> None:
-    z = list_zscore(np.array([[1.0, 2.0, 3.0, 100.0], [5.0, 5.0, 0.0, 0.0]]),
-                    np.array([[True, True, True, False], [True, True, False, False]]))
-    np.testing.assert_allclose(z, [[-np.sqrt(1.5), 0.0, np.sqrt(1.5), 0.0], [0.0, 0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(list_zscore(np.array([1.0, 3.0])), [-1.0, 1.0])

@@ -45,7 +45,8 @@ def test_the_fixture_parses_into_the_values_it_holds(raw: dict[str, Any]) -> Non
     assert len(prior.launcher_bias) == 2 and m.prerank.objective == "next-item"
     assert m.has_rerank and m.rerank is not None
     assert (m.rerank.max_len, m.rerank.num_scores) == (30, 2)
-    assert m.rerank.serving.pv_mean == raw["rerank"]["serving"]["pv_mean"] and len(m.rerank.serving.pv_std) == 24
+    assert m.rerank.serving is not None
+    assert list(m.rerank.serving.pv.mean) == raw["rerank"]["serving"]["pv_mean"] and len(m.rerank.serving.pv.std) == 24
     assert m.rerank.serving.list_len == 30 and m.rerank.serving.num_scores == 2
     assert m.item2item is None
     assert m.served_stages() == ("retrieval", "prerank", "rerank")

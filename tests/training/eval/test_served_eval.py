@@ -27,9 +27,13 @@ from service.main import create_app
 from service.pipeline import STAGES, Recommender
 from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
-from training.stages.rerank import impressions as im
+from service.contract.layout import PRERANK_MANIFEST
+from service.contract.rerank_inputs import PVStats
+from training.checkpoints import load_reranker
+from training.stages.rerank.end_to_end import end_to_end
+from training.stages.rerank.sampling import ImpressionConfig
+from training.stages.rerank.upstream import Pipeline
 from training.stages.rerank import models as rr
-from training.stages.prerank import train as pr
 from training.eval import served_eval as se
 from training.publish.publisher import publish
 from training.publish.versions import CURRENT, PublishError, read_current
@@ -76,8 +80,8 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
     score: the pre-rank order, reversed."""
     ret, _, rer = ckpts
     ds = load(TINY)
-    pipe = im.Pipeline.load(ds, LeaveOneOut(ds), ret, pre)
-    heads = json.loads((pre / pr.MANIFEST).read_text())["outputs"]["user_heads"]
+    pipe = Pipeline.load(ds, LeaveOneOut(ds), ret, pre)
+    heads = json.loads((pre / PRERANK_MANIFEST).read_text())["outputs"]["user_heads"]
     pv_dim = heads[1] * heads[2]  # (layers, user heads), as make_checkpoints
     good = {**json.loads((rer / RERANK_MANIFEST).read_text()), "pv_mean": [0.0] * pv_dim,
             "pv_std": [1.0] * pv_dim}
@@ -90,10 +94,9 @@ def reversing_reranker(ckpts: tuple[Path, Path, Path], pre: Path, out: Path) -> 
         first.weight[0, -1], first.weight[1, -1] = 1.0, -1.0
         last.weight.copy_(torch.tensor([[-1.0, 1.0]]))
         last.bias.zero_()
-    stats = im.PVStats(tuple(good["pv_mean"]), tuple(good["pv_std"]))
-    rr.save_reranker(out / "prm.pt", "mlp", mlp, stats, im.ImpressionConfig(list_len=REVERSE_LEN, candidates=200,
-                                                                           retrieval_score=False),
-                     fingerprint=ds.fingerprint)
+    stats = PVStats(tuple(good["pv_mean"]), tuple(good["pv_std"]))
+    rr.save_reranker(out / "prm.pt", "mlp", mlp, stats,
+                     ImpressionConfig(list_len=REVERSE_LEN, candidates=200, retrieval_score=False), ds.fingerprint)
     export_rerank(mlp, out)
     np.save(out / RERANK_ITEMS, pipe.item_feats)
     (out / RERANK_MANIFEST).write_text(json.dumps({**good, "model": "MLP", "list_len": REVERSE_LEN,
@@ -152,11 +155,11 @@ def test_served_evaluation_agrees_with_the_torch_end_to_end_table(published: Pat
     loo = LeaveOneOut(ds)
     ret, pre, rer = ckpts
     ev = se.evaluate_served(load_current(published), ds, loo, "test", progress=False)
-    pipe = im.Pipeline.load(ds, loo, ret, pre)
-    model, ckpt = rr.load_reranker(rer / "prm.pt")
-    cfg = dataclasses.replace(im.ImpressionConfig(**ckpt["impressions"]), candidates=se.RETRIEVAL_K,
+    pipe = Pipeline.load(ds, loo, ret, pre)
+    model, ckpt = load_reranker(rer / "prm.pt", ds)
+    cfg = dataclasses.replace(ImpressionConfig(**ckpt.extra["impressions"]), candidates=se.RETRIEVAL_K,
                               retrieval_score=model.config.num_scores == 2)
-    e2e = im.end_to_end(pipe, loo, {"prm": model}, im.PVStats(**ckpt["pv_stats"]), cfg, ks=(10, 20))
+    e2e = end_to_end(pipe, loo, {"prm": model}, PVStats(**ckpt.extra["pv_stats"]), cfg, ks=(10, 20))
     e2e["retrieval"] = evaluate_retrieval(model_scorer(pipe.retrieval), loo, "test", ks=(10, 20), progress=False)
     # Retrieval: both exact full ranking, so equal up to float ties (one user at most).
     for key in ("HR@10", "NDCG@10", "HR@20"):

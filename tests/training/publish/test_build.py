@@ -23,7 +23,11 @@ from models.prm import PRM
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from service.artifacts import ArtifactError, load_current, load_version, smoke_run
 from recsys_cli import main as cli
-from training.stages.rerank import impressions as im
+from service.contract.layout import PRERANK_MANIFEST
+from service.contract.rerank_inputs import PVStats, RerankServing
+from training.checkpoints import load_retrieval
+from training.stages.rerank.sampling import ImpressionConfig
+from training.stages.rerank.upstream import Pipeline
 from training.stages.rerank import models as rr
 from training.stages.prerank import train as pr
 from training.publish.onnx.prerank import export_prerank
@@ -61,21 +65,20 @@ def make_checkpoints(spec: str, root: Path) -> tuple[Path, Path, Path]:
     scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
     data = build_next_item_data(ds, loo, scorers, history_len=10, candidates=5, max_train_examples=20)
     tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
-    pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", objective="next-item", fingerprint=ds.fingerprint)
+    pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", ds.fingerprint, objective="next-item")
     export_prerank(tower, data.spec, data.catalog, root / "pre")
-    pipe = im.Pipeline.load(ds, loo, root / "ret", root / "pre")
-    heads = json.loads((root / "pre" / pr.MANIFEST).read_text())["outputs"]["user_heads"]
+    pipe = Pipeline.load(ds, loo, root / "ret", root / "pre")
+    heads = json.loads((root / "pre" / PRERANK_MANIFEST).read_text())["outputs"]["user_heads"]
     pv_dim = heads[1] * heads[2]  # (layers, user heads)
     hp = rr.RerankerHParams(d_model=8, heads=1, layers=1, ffn_dim=16)
     prm = PRM(rr.reranker_config("prm", pipe.item_feats.shape[1], pv_dim, 8, hp)).eval()
-    imp_cfg = im.ImpressionConfig(list_len=8, candidates=20)
-    rr.save_reranker(root / "re" / "prm.pt", "prm", prm, im.PVStats((0.0,) * pv_dim, (1.0,) * pv_dim), imp_cfg,
-                     fingerprint=ds.fingerprint)
+    imp_cfg = ImpressionConfig(list_len=8, candidates=20)
+    stats = PVStats((0.0,) * pv_dim, (1.0,) * pv_dim)
+    rr.save_reranker(root / "re" / "prm.pt", "prm", prm, stats, imp_cfg, ds.fingerprint)
     export_rerank(prm, root / "re")
     np.save(root / "re" / RERANK_ITEMS, pipe.item_feats)
-    (root / "re" / RERANK_MANIFEST).write_text(json.dumps(
-        {"model": "PRM", "list_len": 8, "pv_mean": [0.0] * pv_dim, "pv_std": [1.0] * pv_dim,
-         "config": prm.config.to_dict()}))
+    serving = RerankServing(stats, upstream=str(root / "ret"), list_len=8, config=prm.config.to_dict())
+    (root / "re" / RERANK_MANIFEST).write_text(serving.to_json())
     return root / "ret", root / "pre", root / "re"
 
 
@@ -132,7 +135,7 @@ def test_publish_writes_a_version_that_loads(published: Path) -> None:
 
 def test_served_retrieval_matches_the_checkpoint(published: Path, ckpts: tuple[Path, Path, Path]) -> None:
     v = load_current(published)
-    model, _ = rt.load_checkpoint(ckpts[0])
+    model, _ = load_retrieval(ckpts[0], load(TINY))
     seq = np.array([[0, 0, 3, 7, 9], [1, 2, 3, 4, 5]], dtype=np.int64)
     got = v.retrieval.run(None, {"item_seq": seq})[0]
     with torch.no_grad():
@@ -209,7 +212,7 @@ def test_offline_metric_regression_against_the_live_version(published: Path, ckp
     root = tmp_path / "artifacts"
     shutil.copytree(published, root)
     worse = tmp_path / "ret"
-    model, payload = rt.load_checkpoint(ret)
+    model, _ = load_retrieval(ret, load(TINY))
     rt.save_checkpoint(worse, model, load(TINY), TINY, {"metrics": {"NDCG@10": 0.03}})  # live: 0.05
     # the live version records what it serves (manifest serving): the served NDCG@10 is compared
     live_path = root / "v1" / MANIFEST

@@ -25,7 +25,7 @@ from tests.service.conftest import redis_url  # noqa: F401  (real redis-server f
 from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
 from training.publish import reindex as ri
-from training.stages.retrieval import train as rt
+from training.checkpoints import load_retrieval
 from training.publish.build import publish_items
 from training.publish import publisher as publisher_module
 from training.publish.publisher import publish
@@ -126,7 +126,7 @@ def test_reindex_serves_new_items_and_keeps_old_indices(reindexed: tuple[Path, s
 def test_cold_start_rows_follow_the_rule(reindexed: tuple[Path, str], ckpts: tuple[Path, ...]) -> None:
     root, _ = reindexed
     v = load_current(root)
-    model, _ = rt.load_checkpoint(ckpts[0])
+    model, _ = load_retrieval(ckpts[0], load(TINY))
     trained = model.item_embedding.weight.detach().numpy()[1:81].astype(np.float64)  # (80, D)
     cats = v.item_features.categorical["category"][1:81]
     tags = v.item_features.multi["tags"][1:81]  # the catalog as updated: the changed item counts with its new values
@@ -154,7 +154,7 @@ def test_history_with_new_items_runs_through_the_new_onnx(reindexed: tuple[Path,
     v = load_current(root)
     seq = np.array([[0, 3, 81, 84], [1, 2, 82, 83]], dtype=np.int64)
     got = v.retrieval.run(None, {"item_seq": seq})[0]
-    grown = extend_retrieval(rt.load_checkpoint(ckpts[0])[0], np.concatenate([np.zeros((1, 16), np.float32), v.items]))
+    grown = extend_retrieval(load_retrieval(ckpts[0], load(TINY))[0], np.concatenate([np.zeros((1, 16), np.float32), v.items]))
     with torch.no_grad():
         want = grown.encode_user(torch.from_numpy(seq)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)  # training/publish/onnx/retrieval.py PARITY_ATOL

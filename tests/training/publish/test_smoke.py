@@ -78,24 +78,17 @@ class _Payload:
         return os.system, ("touch pwned-by-checkpoint",)
 
 
-@pytest.mark.parametrize("loader", ["training.stages.retrieval.train", "training.stages.prerank.train", "training.stages.rerank.models"])
-def test_checkpoints_load_with_weights_only(tmp_path: Path, loader: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-
+@pytest.mark.parametrize("stage", ["retrieval", "prerank", "rerank"])
+def test_checkpoints_load_with_weights_only(tmp_path: Path, stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from training.stages.prerank import train as pr
-    from training.stages.retrieval import train as rt
+    from training.checkpoints import FILES, CheckpointError, load_checkpoint
+    from training.data.sources import load
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    path = {"training.stages.retrieval.train": folder / rt.CHECKPOINT, "training.stages.prerank.train": folder / pr.CHECKPOINT,
-            "training.stages.rerank.models": folder / "prm.pt"}[loader]
-    torch.save({"kind": "retrieval", "model": "inttower", "evil": _Payload()}, path)
-    load = {"training.stages.retrieval.train": "load_checkpoint", "training.stages.prerank.train": "load_checkpoint",
-            "training.stages.rerank.models": "load_reranker"}[loader]
-    arg = path if loader == "training.stages.rerank.models" else folder
-    with pytest.raises(Exception, match="Weights only load failed"):
-        getattr(importlib.import_module(loader), load)(arg)
+    torch.save({"kind": "retrieval", "model": "inttower", "evil": _Payload()}, folder / FILES[stage])  # type: ignore[index]
+    with pytest.raises(CheckpointError, match="Weights only load failed"):
+        load_checkpoint(folder, stage, load("synthetic:users=40,items=30"))  # type: ignore[arg-type]
     assert not (tmp_path / "pwned-by-checkpoint").exists()

@@ -14,7 +14,9 @@ from models.prm import PRM, PointwiseMLP, PRMConfig
 from service.artifacts import load_current
 from service.pipeline import Recommender
 from recsys_cli import main as cli
-from training.stages.rerank import impressions as im
+from training.checkpoints import read_checkpoint
+from training.stages.rerank.sampling import ImpressionConfig
+from training.stages.rerank.upstream import Pipeline, rank_candidates
 from training.stages.rerank import models as rr
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -134,8 +136,8 @@ def fold_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fold_checkpoints_record_their_scheme(fold_version: Path) -> None:
-    up = torch.load(fold_version / "up" / "checkpoint.pt", weights_only=False)
-    pre = torch.load(fold_version / "pre" / "prerank.pt", weights_only=False)
+    up = read_checkpoint(fold_version / "up" / "checkpoint.pt").extra
+    pre = read_checkpoint(fold_version / "pre" / "prerank.pt").extra
     assert up["holdout"] == 4
     assert pre["retrieval"]["holdout"] == 4 and pre["retrieval"]["upstream"] == str(fold_version / "up")
     assert pre["prior"]["config"] == {"num_launchers": 2}
@@ -146,16 +148,16 @@ def test_served_prerank_and_rerank_inputs_match_training(fold_version: Path) -> 
     features) and the re-ranker's two scores exactly as the torch pipeline that trained them."""
     ds = load(TINY)
     loo = LeaveOneOut(ds)
-    pipe = im.Pipeline.load(ds, loo, fold_version / "ret", fold_version / "pre")
+    pipe = Pipeline.load(ds, loo, fold_version / "ret", fold_version / "pre")
     assert pipe.cascade and pipe.prior is not None
     version = load_current(fold_version / "art")
     assert version.manifest.to_dict()["prerank"]["serving"]["retrieval_prior"]["launcher_bias"].__len__() == 2
     assert version.manifest.to_dict()["rerank"]["config"]["num_scores"] == 2
     rec = Recommender(version, retrieval_k=30, prerank_n=10, stages=("retrieval", "prerank"))
     full = Recommender(version, retrieval_k=30, prerank_n=10)
-    cfg = im.ImpressionConfig(list_len=10, candidates=30)
+    cfg = ImpressionConfig(list_len=10, candidates=30)
     users, ends = loo.eval_users[:5], loo.history_end("test")[:5]
-    ranked = im.rank_candidates(pipe, users, ends, cfg)
+    ranked = rank_candidates(pipe, users, ends, cfg)
     for b, (u, end) in enumerate(zip(users, ends)):
         history = [str(x) for x in ds.item_ids[ds.items[ds.offsets[u]:end]]]
         out = rec.recommend(history, k=30, explain=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from models.prm import PAD_LOGIT, RerankModel
 from service.contract.layout import RERANK_ONNX
+from training.stages.rerank.train import ListData
 
 INPUT_NAMES = ("item_feats", "pv", "init_score", "mask")
 OUTPUT_NAME = "scores"
@@ -144,3 +145,17 @@ def rerank_parity(
         np.testing.assert_array_equal(want[~real], np.float32(PAD_LOGIT))
         worst = max(worst, float(np.abs(got[real] - want[real]).max()))
     return worst
+
+
+def list_parity(model: RerankModel, onnx_path: str | Path, data: ListData, n: int = 256) -> float:
+    """Max |ONNX - eager| over the real entries of the first n lists of `data` (real features, as
+    served); AssertionError outside PARITY_ATOL / PARITY_RTOL, as rerank_parity."""
+    part = data.take(slice(0, n))
+    pv = part.pv if model.config.pv_dim else np.zeros((*part.mask.shape, pv_width(model)), np.float32)
+    feeds = {"item_feats": part.item_feats, "pv": pv, "init_score": part.scores(), "mask": part.mask}
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], feeds)[0]
+    model.eval()
+    with torch.no_grad():
+        want = model(*part.tensors()).numpy()
+    np.testing.assert_allclose(got[part.mask], want[part.mask], atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    return float(np.abs(got[part.mask] - want[part.mask]).max())

@@ -26,25 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cascade import RetrievalPrior, RetrievalPriorConfig
-from models.dcnv2 import DCNv2, DCNv2Config
-from models.inttower import IntTower, IntTowerConfig
+from models.inttower import IntTower
 from models.layers import Fields
-from models.two_tower import TwoTower, TwoTowerConfig
-from service.contract.layout import PRERANK_FEATURES, PRERANK_ITEMS, PRERANK_MANIFEST, PRERANK_USER_ONNX
+from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES
+from training.checkpoints import Checkpoint, ModelKind, kind_of, save_checkpoint as save_payload, stage_kinds
 from training.data.splits import Split
 from training.data.features import EncodedFields, FeatureSpec
 from training.eval.metrics import auc, list_metrics, logloss
 from training.stages.prerank.data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
 from training.trainer import Bar, EpochResult, StepResult, fit
 
-MODELS: dict[str, tuple[type[nn.Module], type]] = {
-    "two-tower": (TwoTower, TwoTowerConfig),
-    "inttower": (IntTower, IntTowerConfig),
-    "dcnv2": (DCNv2, DCNv2Config),
-}
-CHECKPOINT = "prerank.pt"
-# the serving files written beside the checkpoint (names: service/contract/layout.py)
-FEATURES, USER_ONNX, ITEMS_NPY, MANIFEST = PRERANK_FEATURES, PRERANK_USER_ONNX, PRERANK_ITEMS, PRERANK_MANIFEST
+# name -> (config, model): the pre-rank part of the one checkpoint registry (training/checkpoints.py)
+MODELS: dict[str, ModelKind] = stage_kinds("prerank")
 
 
 @dataclass(frozen=True)
@@ -108,16 +101,14 @@ def cir_loss(
 
 def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> nn.Module:
     """A model over the spec's fields; hparams the model's config does not have are ignored."""
-    if name not in MODELS:
-        raise ValueError(f"unknown pre-ranking model '{name}' (expected one of {sorted(MODELS)})")
-    cls, cfg_cls = MODELS[name]
-    known = {f.name for f in fields(cfg_cls)}
-    cfg = cfg_cls(
+    kind = kind_of("prerank", name)
+    known = {f.name for f in fields(kind.config)}
+    cfg = kind.config(
         user_fields=spec.user.fields_config(),
         item_fields=spec.item.fields_config(),
         **{k: v for k, v in hparams.items() if k in known and v is not None},
     )
-    return cls(cfg)
+    return kind.build(cfg)
 
 
 def to_fields(enc: EncodedFields, rows: np.ndarray | None = None) -> Fields:
@@ -332,39 +323,25 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
 # --- checkpoints ---
 
 
-def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path,
+def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path, fingerprint: str,
                     prior: RetrievalPrior | None = None, **extra: Any) -> Path:
-    """`prerank.pt` (model name, config, weights, the retrieval prior, extra) + `prerank_features.json`."""
+    """`prerank.pt` in the one format (training/checkpoints.py; extra: the retrieval prior's config
+    and weights, then `extra`) + `prerank_features.json`; read them with load_prerank."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     saved_prior = None if prior is None else {"config": prior.cfg.to_dict(), "state_dict": prior.state_dict()}
-    torch.save({"model": name, "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                "prior": saved_prior, **extra}, out / CHECKPOINT)
-    spec.save(out / FEATURES)
-    return out / CHECKPOINT
+    path = save_payload(out / PRERANK_CHECKPOINT, f"prerank/{name}", model.cfg, model.state_dict(), fingerprint,
+                        {"prior": saved_prior, **extra})
+    spec.save(out / PRERANK_FEATURES)
+    return path
 
 
-def load_checkpoint(out_dir: str | Path) -> tuple[nn.Module, FeatureSpec, dict]:
-    out = Path(out_dir)
-    if not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{out / CHECKPOINT}: no pre-ranking checkpoint")
-    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-    cls, cfg_cls = MODELS[ckpt["model"]]
-    model = cls(cfg_cls.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, FeatureSpec.load(out / FEATURES), ckpt
-
-
-def load_prior(ckpt: dict) -> RetrievalPrior | None:
+def load_prior(ckpt: Checkpoint) -> RetrievalPrior | None:
     """The retrieval prior a pre-rank checkpoint holds (None for one trained without cascade inputs)."""
-    saved = ckpt.get("prior")
+    saved = ckpt.extra.get("prior")
     if not saved:
         return None
     prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
-    state = dict(saved["state_dict"])
-    state.setdefault("tower_weight", torch.ones(()))  # priors saved before the gate added the tower at weight 1
-    prior.load_state_dict(state)
+    prior.load_state_dict(saved["state_dict"])
     prior.eval()
     return prior
 

@@ -1,18 +1,21 @@
 """The three re-rankers (PRM, PRM-BASE, the pointwise MLP): their configs, fitting on the
-impressions (training/stages/rerank/impressions.py) and their checkpoints."""
+impressions (training/stages/rerank/impressions.py) and their checkpoints (the one format of
+training/checkpoints.py; read them with training.checkpoints.load_reranker)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from models.prm import PointwiseMLP, PointwiseMLPConfig, PRM, PRMConfig, RerankConfig, RerankModel
+from models.prm import PointwiseMLPConfig, PRMConfig, RerankConfig, RerankModel
+from service.contract.rerank_inputs import PVStats
+from training.checkpoints import kind_of, save_checkpoint
+from training.stages.rerank.impressions import Impressions
 from training.stages.rerank.sampling import ImpressionConfig
-from training.stages.rerank.impressions import Impressions, PVStats
 from training.stages.rerank.train import ListData, RerankTrainConfig, TrainResult, train_listwise
 
 
@@ -50,7 +53,7 @@ def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: Re
     cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores,
                           residual=hp.residual)
     torch.manual_seed(train_cfg.seed)
-    model: RerankModel = PRM(cfg) if isinstance(cfg, PRMConfig) else PointwiseMLP(cfg)
+    model = cast(RerankModel, kind_of("rerank", name).build(cfg))
     # lists without a click add nothing to the listwise loss or to the list metrics (both skip
     # them): leaving them out changes no number and saves most of the compute
     return train_listwise(model, with_clicks(imp.train), train_cfg,
@@ -63,26 +66,7 @@ def with_clicks(data: ListData) -> ListData:
 
 
 def save_reranker(path: str | Path, name: str, model: RerankModel, stats: PVStats, imp_cfg: ImpressionConfig,
-                  **extra: Any) -> Path:
-    """One checkpoint per model: kind, name, config type + dict, weights, PV statistics, list config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "rerank", "name": name, "config_type": type(model.config).__name__,
-                "config": model.config.to_dict(), "state_dict": model.state_dict(), "pv_stats": asdict(stats),
-                "impressions": asdict(imp_cfg), **extra}, path)
-    return path
-
-
-def load_reranker(path: str | Path) -> tuple[RerankModel, dict[str, Any]]:
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if ckpt.get("kind") != "rerank":
-        raise ValueError(f"{path}: not a re-rank checkpoint (kind={ckpt.get('kind')!r})")
-    c = dict(ckpt["config"])
-    if ckpt["config_type"] == "PointwiseMLPConfig":
-        c["hidden"] = tuple(c["hidden"])
-        model: RerankModel = PointwiseMLP(PointwiseMLPConfig(**c))
-    else:
-        model = PRM(PRMConfig(**c))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
+                  fingerprint: str, **extra: Any) -> Path:
+    """One checkpoint per model, kind rerank/<name>; extra: PV statistics, list config, then `extra`."""
+    return save_checkpoint(path, f"rerank/{name}", model.config, model.state_dict(), fingerprint,
+                           {"pv_stats": asdict(stats), "impressions": asdict(imp_cfg), **extra})

@@ -8,32 +8,18 @@ the trainer, the ONNX export, the item index and max-fusion serve any of them un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
-from models.hstu import HSTU, HSTUConfig
-from models.mind import MIND, MINDConfig
-from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from models.hstu import HSTUConfig
+from models.mind import MINDConfig
+from models.sasrec import SASRecConfig
+from training.checkpoints import ModelKind, RetrievalModel, stage_kinds
 
-RetrievalModel = Union[MultiLauncherSASRec, HSTU, MIND]
 RetrievalConfig = Union[SASRecConfig, HSTUConfig, MINDConfig]
+__all__ = ["ENCODERS", "RetrievalConfig", "RetrievalModel", "build_model", "encoder_of", "served_vectors"]
 
-
-@dataclass(frozen=True)
-class Encoder:
-    name: str
-    config: type
-    model: type
-
-
-ENCODERS: dict[str, Encoder] = {
-    e.name: e
-    for e in (
-        Encoder("sasrec", SASRecConfig, MultiLauncherSASRec),
-        Encoder("hstu", HSTUConfig, HSTU),
-        Encoder("mind", MINDConfig, MIND),
-    )
-}
+# name -> (config, model): the retrieval part of the one checkpoint registry (training/checkpoints.py)
+ENCODERS: dict[str, ModelKind] = stage_kinds("retrieval")
 
 
 def encoder_of(obj: Any) -> str:
@@ -52,12 +38,4 @@ def served_vectors(config: RetrievalConfig) -> int:
 
 def build_model(config: RetrievalConfig) -> RetrievalModel:
     """A fresh model for a config (the encoder is the config's type)."""
-    return ENCODERS[encoder_of(config)].model(config)
-
-
-def model_from_dict(encoder: str, config: dict[str, Any]) -> RetrievalModel:
-    """The model a checkpoint describes: its encoder name and its saved config."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"unknown retrieval encoder {encoder!r}; known: {sorted(ENCODERS)}")
-    e = ENCODERS[encoder]
-    return e.model(e.config(**config))
+    return cast(RetrievalModel, ENCODERS[encoder_of(config)].build(config))

@@ -32,7 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.sasrec import MultiLauncherSASRec
 from training import distributed
-from training.stages.retrieval.encoders import RetrievalConfig, build_model, encoder_of, model_from_dict, served_vectors
+from service.contract.layout import RETRIEVAL_CHECKPOINT
+from training.checkpoints import save_checkpoint as save_payload
+from training.stages.retrieval.encoders import RetrievalConfig, RetrievalModel, build_model, encoder_of, served_vectors
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
 from training.eval.metrics import KS, Scorer, evaluate_retrieval, mask_seen
@@ -40,8 +42,6 @@ from training.stages.retrieval.losses import SAMPLERS, NegativeSampler, Sampler,
 from training.trainer import Bar, EpochResult, StepResult, fit
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
 
 
-def model_scorer(model: MultiLauncherSASRec, batch_size: int = 512) -> Scorer:
+def model_scorer(model: RetrievalModel, batch_size: int = 512) -> Scorer:
     """Scorer over the whole catalog: max over launchers of <u_l, e_i> (B, N + 1)."""
 
     @torch.no_grad()
@@ -121,7 +121,7 @@ class FusedTop:
 
 
 @torch.no_grad()
-def fused_top(model: MultiLauncherSASRec, histories: np.ndarray, k: int, batch_size: int = 512) -> FusedTop:
+def fused_top(model: RetrievalModel, histories: np.ndarray, k: int, batch_size: int = 512) -> FusedTop:
     """Top-k of max_l <u_l, e_i> over the catalog with each row's history removed (the whole
     left-padded history (B, L), not only the encoder's last maxlen items)."""
     model.eval()
@@ -289,44 +289,10 @@ def launcher_entropy(model: MultiLauncherSASRec, split: LeaveOneOut, which: Spli
 def save_checkpoint(
     out_dir: str | Path, model: MultiLauncherSASRec, dataset: Dataset, data_spec: str, extra: dict[str, Any]
 ) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "kind": "retrieval",
-        "encoder": encoder_of(model),
-        "model_config": model.config.to_dict(),
-        "state_dict": model.state_dict(),
-        "data": data_spec,
-        "fingerprint": dataset.fingerprint,
-        "item_ids": dataset.item_ids.tolist(),
-        **extra,
-    }
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out / CHECKPOINT)
-    return out / CHECKPOINT
-
-
-def load_checkpoint(path: str | Path) -> tuple[MultiLauncherSASRec, dict[str, Any]]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no retrieval checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("kind") != "retrieval":
-        raise ValueError(f"{path}: not a retrieval checkpoint (kind={payload.get('kind')!r})")
-    # checkpoints from before the encoder choice are SASRec
-    model = model_from_dict(payload.get("encoder", "sasrec"), payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, payload
-
-
-def load_retrieval_scorer(path: str | Path) -> Scorer:
-    """Scorer over the catalog from a checkpoint folder (the metrics.Scorer contract)."""
-    model, _ = load_checkpoint(path)
-    return model_scorer(model)
+    """out_dir/checkpoint.pt in the one format (training/checkpoints.py); read it with load_retrieval."""
+    return save_payload(Path(out_dir) / RETRIEVAL_CHECKPOINT, f"retrieval/{encoder_of(model)}", model.config,
+                        model.state_dict(), dataset.fingerprint,
+                        {"data": data_spec, "item_ids": dataset.item_ids.tolist(), **extra})
 
 
 def encode_histories(model: MultiLauncherSASRec, histories: list[np.ndarray]) -> np.ndarray:

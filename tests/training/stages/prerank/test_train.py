@@ -14,6 +14,7 @@ from recsys_cli import main as cli
 from training.stages.prerank import train as pr
 from training.stages.prerank.data import build_ctr_data, build_next_item_data
 from training.eval.baselines import LastItem
+from training.checkpoints import load_prerank
 from training.data.sources import load
 from training.data.splits import CTRSplit, LeaveOneOut
 from training.eval.metrics import auc
@@ -112,8 +113,8 @@ def test_cli_ctr_writes_json_and_artifacts(tmp_path: Path, capsys: pytest.Captur
         assert (out / name).is_file(), name
     items = np.load(out / "prerank_items.npy")
     assert items.dtype == np.float32 and items.shape == (201, 2, 4)  # (N + 1, H, d)
-    model, spec, ckpt = pr.load_checkpoint(out)
-    assert ckpt["objective"] == "ctr" and model.cfg.heads == 2
+    model, spec, ckpt = load_prerank(out, load(TINY))
+    assert ckpt.extra["objective"] == "ctr" and ckpt.name == "inttower" and model.cfg.heads == 2
 
 
 def test_cli_next_item_json_has_list_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,8 @@ from models.mind import MIND, MINDConfig
 from models.sasrec import MultiLauncherSASRec, SASRecConfig
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.stages.retrieval.encoders import build_model, encoder_of, model_from_dict
+from training.checkpoints import REGISTRY, load_retrieval
+from training.stages.retrieval.encoders import build_model, encoder_of
 from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 from training.eval.metrics import evaluate_retrieval
 from training.eval.baselines import Popularity
@@ -25,7 +26,6 @@ from training.stages.retrieval.losses import NegativeSampler, label_aware_loss, 
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     evaluate_model,
-    load_checkpoint,
     save_checkpoint,
     train_retrieval,
 )
@@ -116,10 +116,9 @@ def test_registry_builds_each_encoder() -> None:
     for cfg, cls, name in zip(cfgs, (MultiLauncherSASRec, HSTU, MIND), ("sasrec", "hstu", "mind")):
         model = build_model(cfg)
         assert isinstance(model, cls) and encoder_of(model) == name == encoder_of(cfg)
-        again = model_from_dict(name, cfg.to_dict())
-        assert again.config == cfg
-    with pytest.raises(ValueError, match="unknown retrieval encoder 'bert4rec'"):
-        model_from_dict("bert4rec", {})
+        kind = REGISTRY[f"retrieval/{name}"]  # what a checkpoint of this encoder records
+        again = kind.build(kind.config_from_dict(cfg.to_dict()))
+        assert type(again) is cls and again.config == cfg
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +147,8 @@ def test_encoders_train_beat_popularity_and_round_trip(split, cfg_fn, train, tmp
     pop = evaluate_retrieval(Popularity(split), split, progress=False)
     assert metrics["NDCG@10"] > 1.5 * pop["NDCG@10"], (metrics["NDCG@10"], pop["NDCG@10"])
     save_checkpoint(tmp_path, res.model, split.dataset, "synthetic", {})
-    model, payload = load_checkpoint(tmp_path)
-    assert payload["encoder"] == encoder_of(cfg) and type(model) is type(res.model) and model.config == cfg
+    model, ckpt = load_retrieval(tmp_path, split.dataset)
+    assert ckpt.name == encoder_of(cfg) and type(model) is type(res.model) and model.config == cfg
     seq = torch.from_numpy(split.histories("test", maxlen=20)[:8])
     torch.testing.assert_close(model.encode_user(seq), res.model.encode_user(seq))
     # reindex grows the catalog of any encoder, keeping the trained rows
@@ -172,8 +171,8 @@ def test_cli_encoder_and_sampler(tmp_path: Path) -> None:
     payload = json.loads(js.read_text())
     assert payload["model"] == "mind(K=2)" and payload["model_config"]["num_interests"] == 2
     assert payload["train_config"]["sampler"] == "popularity" and payload["train_config"]["logq"] is True
-    model, ckpt = load_checkpoint(out)
-    assert isinstance(model, MIND) and ckpt["encoder"] == "mind"
+    model, ckpt = load_retrieval(out, load("synthetic:users=200,items=80"))
+    assert isinstance(model, MIND) and ckpt.kind.key == "retrieval/mind"
     assert retrieval_parity(model, export_retrieval(model, tmp_path / "onnx")[0]) < 1e-4
     bad = subprocess.run(
         [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",

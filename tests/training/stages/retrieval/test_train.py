@@ -17,10 +17,10 @@ from service.index import load_index, search_fused
 from training.publish.onnx.retrieval import INDEX_FAISS, export_retrieval, retrieval_parity
 from training.eval.metrics import evaluate_retrieval
 from training.stages.retrieval.losses import max_fusion_loss
+from training.checkpoints import CheckpointError, load_retrieval
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
     evaluate_model,
-    load_checkpoint,
     save_checkpoint,
     train_retrieval,
 )
@@ -94,8 +94,8 @@ def test_training_is_deterministic_per_seed(small_run) -> None:
 def test_checkpoint_and_onnx_round_trip(small_run, tmp_path: Path) -> None:
     split, res = small_run
     save_checkpoint(tmp_path, res.model, split.dataset, "synthetic:users=800,items=300,seed=5", {"metrics": {}})
-    model, payload = load_checkpoint(tmp_path)
-    assert payload["fingerprint"] == split.dataset.fingerprint
+    model, ckpt = load_retrieval(tmp_path, split.dataset)
+    assert ckpt.fingerprint == split.dataset.fingerprint and ckpt.kind.key == "retrieval/sasrec"
     for a, b in zip(model.state_dict().values(), res.model.state_dict().values()):
         assert torch.equal(a, b)
     onnx_path, items_path = export_retrieval(model, tmp_path)
@@ -125,12 +125,13 @@ def build_item_index(items: np.ndarray, user_vectors: np.ndarray, out_dir: Path,
     return {**index_params(index), f"recall@{min(k, items.shape[0])}": recall, "file": INDEX_FAISS}
 
 
-def test_bad_checkpoint_paths(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no retrieval checkpoint"):
-        load_checkpoint(tmp_path)
+def test_bad_checkpoint_paths(small_run, tmp_path: Path) -> None:
+    ds = small_run[0].dataset
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt there"):
+        load_retrieval(tmp_path, ds)
     torch.save({"kind": "prerank"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not a retrieval checkpoint"):
-        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint.pt: not a checkpoint layout this code knows"):
+        load_retrieval(tmp_path, ds)
 
 
 def test_train_retrieval_cli(tmp_path: Path) -> None:
