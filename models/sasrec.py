@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 
 from models.layers import init_sequence_encoder
+
+if TYPE_CHECKING:  # annotations only: hstu and mind import nothing from here at run time either
+    from models.hstu import HSTU
+    from models.mind import MIND
 
 LauncherInit = Literal["independent", "copy_last"]
 _NEG = -1e9  # additive mask value; finite so a row can never be all -inf
@@ -256,7 +260,7 @@ class MultiLauncherSASRec(nn.Module):
 class EncodeUser(nn.Module):
     """Wrapper whose forward is encode_user, for ONNX export."""
 
-    def __init__(self, model: MultiLauncherSASRec) -> None:
+    def __init__(self, model: MultiLauncherSASRec | HSTU | MIND) -> None:
         super().__init__()
         self.model = model
 

@@ -168,7 +168,7 @@ def summary(m: Manifest) -> str:
                  f"{reg.live_version}): {reg.result}")
     rr = m.rerank
     lines.append("rerank: none" if rr is None else
-                 f"rerank: {rr.model} list_len {rr.serving.list_len}, onnx parity {rr.parity_max_abs_diff:.1e}")
+                 f"rerank: {rr.model} list_len {rr.serving.list_len if rr.serving else None}, onnx parity {rr.parity_max_abs_diff:.1e}")
     return "\n".join(lines)
 
 

@@ -97,7 +97,9 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from training.stages.prerank import train as pr
     from training.publish.onnx.prerank import export_prerank
-    from training.stages.prerank.data import build_ctr_data, build_next_item_data, retrieval_prior
+    from training.stages.prerank.data import CTRData, NextItemData, build_ctr_data, build_next_item_data, retrieval_prior
+    from training.data.splits import Split
+    from training.eval.metrics import Scorer
     from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
 
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         ds = load(args.data)
     print(ds.describe())
     extra: dict = {}
+    data: CTRData | NextItemData
     with timed("features", timings):
         if args.objective == "ctr":
             data = build_ctr_data(ds, CTRSplit(ds), args.history_len)
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 if args.upstream or args.window is not None:
                     raise UsageError("--upstream and --window need --retrieval")
-                scorers = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
+                scorers: dict[Split, Scorer] = {"valid": LastItem(loo, "valid"), "test": LastItem(loo, "test")}
                 extra["retrieval"] = {"model": "last-item"}
                 data = build_next_item_data(ds, loo, scorers, args.history_len, args.candidates,
                                             args.max_train_examples, args.seed)
@@ -152,17 +155,17 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
-    prior = None if args.objective == "ctr" else retrieval_prior(data)
+    prior = retrieval_prior(data) if isinstance(data, NextItemData) else None
     if prior is not None and not pr.has_heads(model):
         raise UsageError(f"--model {args.model} cannot take the cascade inputs (no precomputable item side); "
                          "add --no-retrieval-features")
     with timed("train", timings):
-        if args.objective == "ctr":
+        if isinstance(data, CTRData):
             fit = pr.train_ctr(model, data, cfg, progress)
         else:
             fit = pr.train_next_item(model, data, cfg, progress, prior)
     with timed("evaluate", timings):
-        if args.objective == "ctr":
+        if isinstance(data, CTRData):
             metrics = pr.evaluate_ctr(model, data.test)
             columns: tuple[str, ...] = ("AUC", "LogLoss")
             rows = {args.model: metrics}

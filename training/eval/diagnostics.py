@@ -8,10 +8,12 @@ How much does a trained model depend on order, and on anything beyond the last i
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from models.sasrec import MultiLauncherSASRec
+from training.checkpoints import RetrievalModel
 from training.eval.baselines import LastItem, Popularity
 from training.data.splits import LeaveOneOut
 from training.eval.metrics import KS, Scorer, evaluate_retrieval
@@ -29,6 +31,10 @@ def shuffle_history(histories: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return out
 
 
+def _truncated(scorer: Scorer, k: int, histories: np.ndarray) -> np.ndarray:
+    return scorer(truncate_history(histories, k))
+
+
 def truncate_history(histories: np.ndarray, k: int) -> np.ndarray:
     """Keep only the last k items of each row (the rest becomes padding)."""
     out = histories.copy()
@@ -36,7 +42,7 @@ def truncate_history(histories: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def last_item_embedding_scorer(model: MultiLauncherSASRec) -> Scorer:
+def last_item_embedding_scorer(model: RetrievalModel) -> Scorer:
     items = model.item_embedding.weight.detach()  # (N + 1, D)
 
     def score(histories: np.ndarray) -> np.ndarray:
@@ -46,7 +52,7 @@ def last_item_embedding_scorer(model: MultiLauncherSASRec) -> Scorer:
     return score
 
 
-def diagnose(model: MultiLauncherSASRec, split: LeaveOneOut, seed: int = 0) -> dict[str, dict[str, float]]:
+def diagnose(model: RetrievalModel, split: LeaveOneOut, seed: int = 0) -> dict[str, dict[str, float]]:
     """Rows of test metrics keyed by variant name."""
     base = model_scorer(model)
     rng = np.random.default_rng(seed)
@@ -58,7 +64,7 @@ def diagnose(model: MultiLauncherSASRec, split: LeaveOneOut, seed: int = 0) -> d
     rows["model, history shuffled (last kept)"] = run(lambda h: base(shuffle_history(h, rng)))
     for k in MAXLEN_SWEEP:
         if k < model.config.maxlen:
-            rows[f"model, last {k} item(s) only"] = run(lambda h, k=k: base(truncate_history(h, k)))
+            rows[f"model, last {k} item(s) only"] = run(functools.partial(_truncated, base, k))
     rows["last-item  <e_last, e_i>"] = run(last_item_embedding_scorer(model))
     rows["last-item  transitions"] = run(LastItem(split, "test"))
     rows["popularity"] = run(Popularity(split, "test"))

@@ -202,7 +202,9 @@ def choose_stages(ev: ServedEval, tolerance: float | None) -> StageChoice:
     """Keep each later cut while its NDCG@10 >= the previous served cut's - tolerance and none
     of its requests fell back to the previous order; the stages served are a prefix of STAGES
     (no re-rank without pre-rank). tolerance None = keep all."""
-    stages, off, why = [STAGES[0]], [], []
+    stages = [STAGES[0]]
+    off: list[str] = []
+    why: list[str] = []
     for name in STAGES[1:]:
         if name not in ev.cuts:
             continue

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.sasrec import MultiLauncherSASRec
+from training.checkpoints import RetrievalModel
 from service.contract.blocks import Catalog, Data, Dims, Files, Index, Retrieval
 from service.contract.layout import (
     CATALOG,
@@ -100,7 +100,7 @@ class ItemSide:
     """
 
     catalog: dict[str, np.ndarray]
-    retrieval: MultiLauncherSASRec
+    retrieval: RetrievalModel
     prerank_items: np.ndarray
     rerank_items: np.ndarray | None
     info: Catalog

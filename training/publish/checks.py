@@ -47,8 +47,7 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray,
     Why downwards: nprobe is most of a request's search cost, and lists trained on lifted items
     (service/index_build.py) often reach the target at a few probes (100k items: nprobe 4).
     """
-    ivf = tune and isinstance(index, faiss.IndexIVF)
-    if not ivf:
+    if not tune or not isinstance(index, faiss.IndexIVF):
         return ann_recall(index, vectors, queries, k=k), None
     target = max(min_recall, TUNED_RECALL)
     start, nlist = int(index.nprobe), int(index.nlist)

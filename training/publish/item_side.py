@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.sasrec import MultiLauncherSASRec
+from training.checkpoints import RetrievalModel
 from service.contract.catalog import ItemCatalog
 from service.contract.blocks import Catalog
 from training.stages.prerank import train as pr
+from training.stages.retrieval.encoders import build_model
 from training.publish.build import ItemSide
 from service.contract.rerank_inputs import rerank_item_features
 from training.publish.sources import Sources
@@ -83,9 +84,9 @@ def cold_start_embeddings(table: np.ndarray, catalog: ItemCatalog, n_trained: in
     return out, n_global
 
 
-def extend_retrieval(model: MultiLauncherSASRec, table: np.ndarray) -> MultiLauncherSASRec:
+def extend_retrieval(model: RetrievalModel, table: np.ndarray) -> RetrievalModel:
     """A copy of `model` whose item embedding table is `table` (N + 1, D), row 0 padding."""
-    grown = type(model)(dataclasses.replace(model.config, num_items=table.shape[0] - 1))  # any encoder
+    grown = build_model(dataclasses.replace(model.config, num_items=table.shape[0] - 1))  # the same encoder
     state = model.state_dict()
     state["item_embedding.weight"] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
     grown.load_state_dict(state)

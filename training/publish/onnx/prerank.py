@@ -17,13 +17,13 @@ from service.contract.layout import PRERANK_ITEMS as ITEMS_NPY
 from service.contract.layout import PRERANK_MANIFEST as MANIFEST
 from service.contract.layout import PRERANK_USER_ONNX as USER_ONNX
 from training.data.features import EncodedFields, FeatureSpec
-from training.stages.prerank.train import has_heads, to_fields
+from training.stages.prerank.train import HeadTowers, has_heads, to_fields
 
 
 class UserPart(nn.Module):
     """The exported user side: (user_sparse, user_dense, user_multi) -> user_heads (B, L, H, d)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: HeadTowers) -> None:
         super().__init__()
         self.model = model
 

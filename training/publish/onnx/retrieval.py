@@ -10,7 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.sasrec import EncodeUser, MultiLauncherSASRec
+from training.checkpoints import RetrievalModel
+from models.sasrec import EncodeUser
 from service.contract.layout import ITEMS_NPY, RETRIEVAL_ONNX, onnx_data
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
 
 
-def export_retrieval(model: MultiLauncherSASRec, out_dir: str | Path) -> tuple[Path, Path]:
+def export_retrieval(model: RetrievalModel, out_dir: str | Path) -> tuple[Path, Path]:
     """Write retrieval.onnx (item_seq int64 (B, L) -> user_vectors float32 (B, M, D), dynamic B
     and 1 <= L <= maxlen) and items.npy ((N, D) float32, row r = item r + 1)."""
     out = Path(out_dir)
@@ -60,7 +61,7 @@ def export_retrieval(model: MultiLauncherSASRec, out_dir: str | Path) -> tuple[P
 
 
 def retrieval_parity(
-    model: MultiLauncherSASRec, onnx_path: str | Path, batches: tuple[tuple[int, int], ...] = ((1, 1), (1, 0), (7, 0)),
+    model: RetrievalModel, onnx_path: str | Path, batches: tuple[tuple[int, int], ...] = ((1, 1), (1, 0), (7, 0)),
     seed: int = 0,
 ) -> float:
     """Max |ONNX - eager| over random left-padded histories; (B, L) with L = 0 meaning maxlen.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.cascade import RetrievalPrior, RetrievalPriorConfig
-from models.sasrec import MultiLauncherSASRec
+from training.checkpoints import RetrievalModel
 from training.data.dataset import DataError, Dataset
 from training.stages.retrieval.encoders import served_vectors
 from training.data.splits import CTRSplit, LeaveOneOut, Split, pad_left
@@ -110,8 +110,8 @@ class Retrievers:
     every training position); features: the retrieval score, launcher and vectors as inputs.
     """
 
-    served: MultiLauncherSASRec
-    upstream: MultiLauncherSASRec
+    served: RetrievalModel
+    upstream: RetrievalModel
     holdout: int = 0
     window: int | None = None
     features: bool = True
@@ -251,12 +251,12 @@ def build_next_item_data(
     )
 
 
-def _table(model: MultiLauncherSASRec) -> np.ndarray:
+def _table(model: RetrievalModel) -> np.ndarray:
     """(N + 1, D) float32 item embeddings of a retriever."""
     return model.item_embedding.weight.detach().numpy().astype(np.float32)
 
 
-def _fused_rows(model: MultiLauncherSASRec, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> FusedTop:
+def _fused_rows(model: RetrievalModel, ds: Dataset, rows: np.ndarray, k: int, chunk: int = 2048) -> FusedTop:
     """fused_top for the histories ds.items[user start : row] of each row, built in chunks
     (whole histories, so every seen item is removed; the encoder keeps its maxlen)."""
     parts = []

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cascade import RetrievalPrior, RetrievalPriorConfig
+from models.dcnv2 import DCNv2
 from models.inttower import IntTower
+from models.two_tower import TwoTower
 from models.layers import Fields
 from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES
 from training.checkpoints import Checkpoint, ModelKind, kind_of, save_checkpoint as save_payload, stage_kinds
@@ -99,7 +101,10 @@ def cir_loss(
 # --- models ---
 
 
-def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> nn.Module:
+PrerankModel = IntTower | TwoTower | DCNv2  # what the registry builds (MODELS)
+
+
+def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> PrerankModel:
     """A model over the spec's fields; hparams the model's config does not have are ignored."""
     kind = kind_of("prerank", name)
     known = {f.name for f in fields(kind.config)}
@@ -108,7 +113,9 @@ def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> nn.Module:
         item_fields=spec.item.fields_config(),
         **{k: v for k, v in hparams.items() if k in known and v is not None},
     )
-    return kind.build(cfg)
+    model = kind.build(cfg)
+    assert isinstance(model, IntTower | TwoTower | DCNv2), type(model)
+    return model
 
 
 def to_fields(enc: EncodedFields, rows: np.ndarray | None = None) -> Fields:
@@ -116,9 +123,13 @@ def to_fields(enc: EncodedFields, rows: np.ndarray | None = None) -> Fields:
     return Fields(torch.from_numpy(e.sparse), torch.from_numpy(e.dense), torch.from_numpy(e.multi))
 
 
-def has_heads(model: nn.Module) -> bool:
-    """Towers whose item side is precomputable (TwoTower, IntTower)."""
-    return hasattr(model, "user_heads") and hasattr(model, "item_heads")
+# towers whose item side is precomputable: user_heads (B, L, H, d), item_heads (B, H, d), score
+HeadTowers = IntTower | TwoTower
+
+
+def has_heads(model: nn.Module) -> TypeGuard[HeadTowers]:
+    """Towers whose item side is precomputable (TwoTower, IntTower; not DCN-v2)."""
+    return isinstance(model, IntTower | TwoTower)
 
 
 # --- CTR objective ---
@@ -146,7 +157,7 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
+    cir_model = model if cfg.cir_weight > 0 and isinstance(model, IntTower) else None  # CIR needs the heads
     train = data.train
     history: list[dict[str, Any]] = []
 
@@ -157,9 +168,9 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
             idx = order[start : start + cfg.batch_size]
             u, i = to_fields(train.user, idx), to_fields(train.item, idx)
             y = torch.from_numpy(train.labels[idx])
-            if use_cir:
-                uh, ih = model.user_heads(u), model.item_heads(i)  # (B, L, H, d), (B, H, d)
-                logits = model.score(uh, ih)
+            if cir_model is not None:
+                uh, ih = cir_model.user_heads(u), cir_model.item_heads(i)  # (B, L, H, d), (B, H, d)
+                logits = cir_model.score(uh, ih)
                 pos = y > 0.5
                 # M_u^L, M_v^L: the concatenated heads of the last layer
                 cir = cir_loss(uh[pos, -1].flatten(1), ih[pos].flatten(1), cfg.temperature,
@@ -212,7 +223,7 @@ def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, c
             idx = np.arange(start, min(start + batch_size, B))
             cands = torch.from_numpy(candidates[idx].astype(np.int64))  # (b, C)
             u = to_fields(user, idx)
-            if item_heads is not None:
+            if item_heads is not None and has_heads(model):
                 uh = model.user_heads(u)  # (b, L, H, d)
                 out[idx] = model.score(uh[:, None], item_heads[cands]).numpy()
             else:

@@ -67,7 +67,13 @@ def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
     has_eval = last_eval >= 1
     U = n.size
     valid_user = rng.random(U) < cfg.valid_frac
-    tu, ts, vu, vs, su, ss = [], [], [], [], [], []
+    # per part (train, valid, test): the users and steps of its lists, one array per user
+    tu: list[np.ndarray] = []
+    ts: list[np.ndarray] = []
+    vu: list[np.ndarray] = []
+    vs: list[np.ndarray] = []
+    su: list[np.ndarray] = []
+    ss: list[np.ndarray] = []
     for u in range(U):
         if has_eval[u]:
             steps = np.arange(first_eval[u], last_eval[u] + 1)

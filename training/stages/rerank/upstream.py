@@ -33,6 +33,7 @@ from training.data.features import (
 )
 from training.data.splits import LeaveOneOut, pad_left
 from training.stages.prerank import train as pr
+from training.stages.prerank.train import HeadTowers
 from training.stages.rerank.sampling import ImpressionConfig
 from training.stages.retrieval import train as rt
 
@@ -43,7 +44,7 @@ class Pipeline:
 
     dataset: Dataset
     retrieval: RetrievalModel
-    prerank: nn.Module  # a tower with user_heads / item_heads (IntTower, TwoTower)
+    prerank: HeadTowers  # a tower with user_heads / item_heads
     spec: FeatureSpec  # of the pre-ranker
     user_log_count: np.ndarray  # (U,) float32 log1p training count (rank_candidates uses the history's length)
     item_heads: torch.Tensor  # (N + 1, G, d) pre-rank item heads of the catalog
@@ -82,7 +83,7 @@ class Pipeline:
         return cls(ds, retrieval, model, spec, user_cnt, heads, feats, pr.load_prior(ckpt))
 
 
-def prerank_item_heads(model: nn.Module, spec: FeatureSpec, ds: Dataset, table: np.ndarray, item_cnt: np.ndarray,
+def prerank_item_heads(model: HeadTowers, spec: FeatureSpec, ds: Dataset, table: np.ndarray, item_cnt: np.ndarray,
                        items: np.ndarray | None = None) -> torch.Tensor:
     """(N + 1, G, d) pre-rank item heads of the catalog (or of `items`) from raw item columns, the
     retriever's item table (N + 1, D) feeding the RETRIEVAL_ITEM fields when the spec has them."""

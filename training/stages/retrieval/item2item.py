@@ -117,7 +117,7 @@ def with_events(items: np.ndarray, users: np.ndarray, user_ids: np.ndarray, even
 def write_table(folder: Path, neighbours: np.ndarray, scores: np.ndarray) -> str:
     """Write ITEM2ITEM into a version folder; returns its name (the manifest's files.item2item)."""
     with open(Path(folder) / ITEM2ITEM, "wb") as f:
-        np.savez(f, **{NEIGHBOURS: neighbours.astype(np.int32), SCORES: scores.astype(np.float32)})
+        np.savez(f, **{NEIGHBOURS: neighbours.astype(np.int32), SCORES: scores.astype(np.float32)})  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return ITEM2ITEM
 
 

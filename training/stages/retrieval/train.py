@@ -84,7 +84,7 @@ class EpochStats:
 
 @dataclass
 class TrainResult:
-    model: MultiLauncherSASRec
+    model: RetrievalModel
     best_epoch: int
     history: list[EpochStats] = field(default_factory=list)
 
@@ -152,14 +152,14 @@ def _training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.nda
     return inputs, targets
 
 
-def warm_start(model: MultiLauncherSASRec, source: MultiLauncherSASRec, noise: float = 0.01) -> None:
+def warm_start(model: RetrievalModel, source: RetrievalModel, noise: float = 0.01) -> None:
     """Copy a trained model's item embeddings, positions and blocks into `model`.
 
     Launchers: with copy_last, launcher j starts as the source's launcher j mod M_src plus
     small noise (so the M routes start near the trained single route and can drift apart);
     with independent init, or a launcher-less source, they keep their fresh Xavier values.
     """
-    if encoder_of(model) != "sasrec" or encoder_of(source) != "sasrec":
+    if not isinstance(model, MultiLauncherSASRec) or not isinstance(source, MultiLauncherSASRec):
         raise ValueError(f"cannot warm-start {encoder_of(model)} from {encoder_of(source)}: only sasrec from sasrec")
     a, b = model.config, source.config
     for name in ("num_items", "maxlen", "dim", "num_blocks", "num_heads"):
@@ -179,7 +179,7 @@ def train_retrieval(
     model_cfg: RetrievalConfig,
     train_cfg: RetrievalTrainConfig,
     progress: bool = True,
-    init_from: MultiLauncherSASRec | None = None,
+    init_from: RetrievalModel | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start).
 
@@ -262,7 +262,7 @@ def train_retrieval(
     return TrainResult(model=model, best_epoch=result.best_epoch, history=history)
 
 
-def evaluate_model(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
+def evaluate_model(model: RetrievalModel, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
     """Test metrics, plus the launcher-assignment entropy of the test targets."""
     metrics = evaluate_retrieval(model_scorer(model), split, which, KS, progress=False)
     metrics["LauncherEntropy"] = launcher_entropy(model, split, which)
@@ -270,7 +270,7 @@ def evaluate_model(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split 
 
 
 @torch.no_grad()
-def launcher_entropy(model: MultiLauncherSASRec, split: LeaveOneOut, which: Split = "test") -> float:
+def launcher_entropy(model: RetrievalModel, split: LeaveOneOut, which: Split = "test") -> float:
     """Entropy (nats) of which launcher scores each held-out target highest (0 for M <= 1)."""
     if model.config.num_launchers <= 1:
         return 0.0
@@ -287,7 +287,7 @@ def launcher_entropy(model: MultiLauncherSASRec, split: LeaveOneOut, which: Spli
 
 
 def save_checkpoint(
-    out_dir: str | Path, model: MultiLauncherSASRec, dataset: Dataset, data_spec: str, extra: dict[str, Any]
+    out_dir: str | Path, model: RetrievalModel, dataset: Dataset, data_spec: str, extra: dict[str, Any]
 ) -> Path:
     """out_dir/checkpoint.pt in the one format (training/checkpoints.py); read it with load_retrieval."""
     return save_payload(Path(out_dir) / RETRIEVAL_CHECKPOINT, f"retrieval/{encoder_of(model)}", model.config,
@@ -295,7 +295,7 @@ def save_checkpoint(
                         {"data": data_spec, "item_ids": dataset.item_ids.tolist(), **extra})
 
 
-def encode_histories(model: MultiLauncherSASRec, histories: list[np.ndarray]) -> np.ndarray:
+def encode_histories(model: RetrievalModel, histories: list[np.ndarray]) -> np.ndarray:
     """Ragged item-id histories -> (B, M, D) float32 user vectors (eager reference)."""
     lengths = np.array([len(h) for h in histories])
     flat = np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64)

@@ -14,7 +14,8 @@ from training.eval.baselines import Popularity
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from service.index import load_index, search_fused
-from training.publish.onnx.retrieval import INDEX_FAISS, export_retrieval, retrieval_parity
+from service.contract.layout import INDEX_FAISS
+from training.publish.onnx.retrieval import export_retrieval, retrieval_parity
 from training.eval.metrics import evaluate_retrieval
 from training.stages.retrieval.losses import max_fusion_loss
 from training.checkpoints import CheckpointError, load_retrieval
