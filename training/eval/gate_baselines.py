@@ -153,7 +153,7 @@ def baseline_verdict(ev: ServedEval, bl: BaselineEval, served_cut: str) -> Verdi
 
 def baselines_block(bl: BaselineEval, v: Verdict, allowed_below: bool) -> Baselines:
     """The manifest's `serving.baselines`."""
-    rows = {name: {k: m[k] for k in BASELINE_COLUMNS} for name, m in bl.rows.items()}
+    rows = {name: {k: m[k] for k in BASELINE_COLUMNS if k in m} for name, m in bl.rows.items()}
     return Baselines(rows=rows, best=v.best, served_cut=v.served_cut, served_minus_best=v.diff,
                      paired_se=v.paired_se, rule="served - best > paired SE (per-user NDCG@10)",
                      beats=v.beats, allowed_below=allowed_below and not v.beats)
