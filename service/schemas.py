@@ -167,8 +167,14 @@ class VersionOut(BaseModel):
     stages: list[str] = Field(description="the stages this process serves, in order (a prefix of retrieval, "
                                           "prerank, rerank)")
     serving: dict[str, object] | None = Field(
-        default=None, description="the publish gate's record: split, users, tolerance, stages, switched_off, "
-                                  "reason; None for a version published before the gate")
+        default=None, description="the publish gate's record: split, users, rule, tolerance, stages, switched_off, "
+                                  "reason, baselines (the verdict); None for a version published before the gate")
     cuts: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per served cut (retrieval, prerank, rerank): HR/NDCG@10/20/50, "
                                           "Coverage@10, users, p50_ms on the gate's validation users")
+    baselines: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per trivial baseline (popularity, last-item, item2item: the "
+                                          "item-to-item route alone): HR@10, NDCG@10, Coverage@10 on the same "
+                                          "validation users; the verdict is serving.baselines (best, "
+                                          "served_minus_best, paired_se, beats, allowed_below); {} for a "
+                                          "version published before the baseline gate")

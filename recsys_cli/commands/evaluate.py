@@ -3,8 +3,11 @@ published version serves (`--artifacts`).
 
 --artifacts DIR replays leave-one-out users through the service's own pipeline
 (training/eval/served_eval.py) once per served cut: retrieval alone, + pre-rank, + re-rank. One row
-per cut on stdout (* = the cuts the version serves by default); --json FILE writes
-{"version", "data", "split", "cuts": {"retrieval": {...}, "prerank": {...}, "rerank": {...}}}.
+per cut on stdout (* = the cuts the version serves by default), then one per trivial baseline
+on the same users (training/eval/gate_baselines.py: popularity, last-item, the item-to-item route
+alone) and the served cut against the best of them; --json FILE writes {"version", "data",
+"split", "cuts": {"retrieval": {...}, "prerank": {...}, "rerank": {...}}, "baselines": {...},
+"verdict": {...}}.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def run_served(args: argparse.Namespace) -> int:
     from service.contract.layout import MANIFEST, ContractError
     from service.contract.manifest import Manifest
     from service.pipeline import served_stages
+    from training.eval import gate_baselines as gb
     from training.eval import served_eval as se
 
     if args.model is not None or args.keep_seen:
@@ -115,14 +119,22 @@ def run_served(args: argparse.Namespace) -> int:
     users = se.select_users(loo, args.users, args.seed)
     with timed("evaluate", timings):
         ev = se.evaluate_served(version, ds, loo, args.split, users, progress=sys.stderr.isatty())
+    with timed("baselines", timings):
+        bl = gb.evaluate_baselines(version, ds, loo, args.split, users)
     stages = served_stages(version)
-    print(f"version {version.version}: {ev.users} {args.split} users, served by default: {' -> '.join(stages)} (*)")
-    print(se.cut_table(ev.cuts, served=stages))
+    verdict = gb.baseline_verdict(ev, bl, stages[-1])
+    print(f"version {version.version}: {ev.users} {args.split} users, served by default: {' -> '.join(stages)} (*); "
+          "baselines on the same users")
+    print(se.cut_table(ev.cuts, served=stages, baselines=bl.rows))
+    print(verdict.line(ev.users, args.split))
     print(se.candidate_line(ev.cuts))
     if args.json:
         write_json(args.json, {"version": version.version, "data": spec, "split": args.split,
                                "fingerprint": ds.fingerprint, "users": ev.users, "seed": args.seed,
                                "served_stages": list(stages),
                                "settings": {"retrieval_k": se.RETRIEVAL_K, "prerank_n": se.PRERANK_N},
-                               "cuts": ev.cuts, "seconds": timings})
+                               "cuts": ev.cuts, "baselines": bl.rows,
+                               "verdict": {"best": verdict.best, "served_minus_best": verdict.diff,
+                                           "paired_se": verdict.paired_se, "beats": verdict.beats},
+                               "seconds": timings})
     return 0

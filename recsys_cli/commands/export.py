@@ -4,7 +4,9 @@ Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, in
 prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
 through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/publish/build.py.
 Before that, the stage gate replays validation users through every served cut and switches
-off (or, with --require-all-stages, refuses) a stage that makes the served list worse.
+off (or, with --require-all-stages, refuses) a stage that makes the served list worse, then
+refuses a served cut that does not beat the trivial baselines on the same users
+(--allow-below-baseline publishes it anyway, recorded in the manifest).
 """
 
 from __future__ import annotations
@@ -103,28 +105,31 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_stage_gate_args(p: argparse.ArgumentParser) -> None:
-    """--stage-tolerance / --require-all-stages / --gate-users, shared by export and reindex."""
-    from training.eval.served_eval import DEFAULT_STAGE_TOLERANCE, GATE_USERS
+    """--stage-tolerance / --require-all-stages / --allow-below-baseline / --gate-users, shared
+    by export and reindex."""
+    from training.eval.served_eval import GATE_USERS
 
-    p.add_argument("--stage-tolerance", type=float, default=DEFAULT_STAGE_TOLERANCE, metavar="T",
-                   help="a stage whose served cut's NDCG@10 (validation users) is more than T below the previous "
-                        f"cut's is switched off for this version (default {DEFAULT_STAGE_TOLERANCE}; inf = never)")
+    p.add_argument("--stage-tolerance", type=float, default=None, metavar="T",
+                   help="switch a stage off when its served cut's NDCG@10 (validation users) is more than T "
+                        "(absolute) below the previous cut's (default: when it is worse by more than the paired "
+                        "standard error of the difference; inf = never)")
     p.add_argument("--require-all-stages", action="store_true",
                    help="refuse to publish (exit 1, CURRENT unchanged) instead of switching a stage off")
+    p.add_argument("--allow-below-baseline", action="store_true",
+                   help="publish even when the served cut does not beat the best trivial baseline (popularity, "
+                        "last-item, the item-to-item route alone) by more than the paired SE; the manifest "
+                        "records it (serving.baselines.allowed_below)")
     p.add_argument("--gate-users", type=int, default=GATE_USERS, metavar="N",
                    help=f"validation users the stage gate replays (seeded sample; default {GATE_USERS})")
 
 
 def serving_gate(args: argparse.Namespace) -> Any:
     """The ServingGate the flags of add_stage_gate_args ask for (UsageError on a bad value)."""
-    import math
-
     from training.eval.served_eval import ServingGate
 
-    tol = args.stage_tolerance
     try:
-        return ServingGate(tolerance=None if math.isinf(tol) and tol > 0 else tol,
-                           require_all_stages=args.require_all_stages, users=args.gate_users)
+        return ServingGate(tolerance=args.stage_tolerance, require_all_stages=args.require_all_stages,
+                           allow_below_baseline=args.allow_below_baseline, users=args.gate_users)
     except ValueError as exc:
         raise UsageError(f"--stage-tolerance / --gate-users: {exc}") from None
 
@@ -163,6 +168,14 @@ def summary(m: Manifest) -> str:
         off = serving.switched_off
         lines.append(f"serving: {' -> '.join(serving.stages or [])}"
                      + (f" (SWITCHED OFF: {', '.join(off)}: {serving.reason})" if off else ""))
+        bl = serving.baselines
+        if bl is not None:
+            rows = ", ".join(f"{name} {r.get(NDCG10, float('nan')):.4f}" for name, r in bl.rows.items())
+            verdict = "beats it" if bl.beats else ("BELOW IT, published with --allow-below-baseline"
+                                                   if bl.allowed_below else "BELOW IT")
+            lines.append(f"baselines NDCG@10 ({serving.users} {serving.split} users): {rows}; served - best "
+                         f"({bl.best}) = {bl.served_minus_best or 0.0:+.4f}, paired SE {bl.paired_se or 0.0:.4f}: "
+                         f"{verdict}")
     reg = m.checks.regression if m.checks is not None else RegressionCheck()
     lines.append(f"regression check ({reg.compared if reg.compared is not None else reg.metric} vs live "
                  f"{reg.live_version}): {reg.result}")

@@ -1,5 +1,6 @@
 """The manifest blocks of the ranking stages and of the publish gate: prerank (+ its serving
-manifest and retrieval prior), rerank (+ its serving manifest), item2item, serving, checks.
+manifest and retrieval prior), rerank (+ its serving manifest), item2item, serving (+ its
+baselines), checks.
 The base class and the item-side blocks: service/contract/blocks.py."""
 
 from __future__ import annotations
@@ -149,9 +150,45 @@ class Item2Item(Block):
                          alpha=number(d, "alpha", where))
 
 
+def flag(d: dict[str, Any], key: str, where: str) -> bool | None:
+    """d[key] as a bool (None when absent); BlockError for anything else (0, "false")."""
+    v = d.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise BlockError(f"{where}.{key}", f"must be true or false, got {v!r:.80}")
+    return v
+
+
+@dataclass(frozen=True)
+class Baselines(Block):
+    """`serving.baselines`: the trivial baselines on the gate's users (training/eval/gate_baselines.py)
+    and the verdict. rows: per baseline HR@10, NDCG@10, Coverage@10; beats: the served cut's
+    NDCG@10 minus the best baseline's is more than its paired SE; allowed_below: published
+    anyway (--allow-below-baseline)."""
+
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    best: str | None = None
+    served_cut: str | None = None
+    served_minus_best: float | None = None
+    paired_se: float | None = None
+    rule: str | None = None
+    beats: bool = False
+    allowed_below: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "serving.baselines") -> Baselines:
+        if not isinstance(d, dict):
+            return cls._read(d, where)
+        beats, allowed = flag(d, "beats", where), flag(d, "allowed_below", where)
+        return cls._read(d, where, rows=obj(d, "rows", where), served_minus_best=number(d, "served_minus_best", where),
+                         paired_se=number(d, "paired_se", where), beats=bool(beats), allowed_below=bool(allowed))
+
+
 @dataclass(frozen=True)
 class Serving(Block):
-    """`serving`: what the publish gate measured on the served path and which stages it serves."""
+    """`serving`: what the publish gate measured on the served path and which stages it serves.
+
+    rule: how a stage was switched off ("paired-se", "absolute" with `tolerance`, "off"; absent
+    in versions published before the paired-SE rule, which used the absolute `tolerance`)."""
 
     split: str | None = None
     users: int | None = None
@@ -164,12 +201,16 @@ class Serving(Block):
     stages: list[str] | None = None  # a non-empty prefix of STAGES (checked in manifest.py)
     switched_off: list[str] | None = None
     reason: str | None = None
+    rule: str | None = optional()
+    baselines: Baselines | None = optional()  # absent in versions published before the baseline gate
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "serving") -> Serving:
         if not isinstance(d, dict):
             raise BlockError(where, f"must be an object, got {type(d).__name__}")
-        return cls._read(d, where, cuts=obj(d, "cuts", where))
+        bl = d.get("baselines")
+        return cls._read(d, where, cuts=obj(d, "cuts", where),
+                         baselines=None if bl is None else Baselines.from_dict(bl, f"{where}.baselines"))
 
     def served_metric(self, metric: str) -> float | None:
         """`metric` (NDCG@10) of the last served cut; None when not recorded."""

@@ -43,7 +43,7 @@ API_KEY = "test-key"
 def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from tests.training.publish.test_build import make_checkpoints
+    from tests.training.publish.test_build import BELOW_OK, make_checkpoints
     from training.publish.publisher import publish
 
     torch.set_num_threads(1)
@@ -51,7 +51,7 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ret, pre, rer = make_checkpoints(TINY, tmp_path_factory.mktemp("ckpt"))
     root = tmp_path_factory.mktemp("artifacts")
-    publish(TINY, ret, pre, rer, root, version="v1")
+    publish(TINY, ret, pre, rer, root, version="v1", gate=BELOW_OK)
     return root
 
 

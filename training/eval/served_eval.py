@@ -24,13 +24,16 @@ checkpoints before any ONNX file exists, is training/stages/rerank/end_to_end.py
 rerank` reports it); tests/training/eval/test_served_eval.py checks that the two agree.
 
 The gate (`choose_stages`) keeps a stage only while its cut's NDCG@10 is not worse than the
-previous served cut's by more than a tolerance; a version serves a prefix of STAGES, so a
-switched-off pre-rank switches off the re-rank too. Nothing here imports torch (the metrics of
+previous served cut's by more than its paired standard error (or an explicit absolute
+tolerance); a version serves a prefix of STAGES, so a switched-off pre-rank switches off the
+re-rank too. The served cut is then compared with the trivial baselines on the same users
+(training/eval/gate_baselines.py). Nothing here imports torch (the metrics of
 training/eval/metrics.py are NumPy; only its evaluate_retrieval imports torch, when called).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ from tqdm import tqdm
 
 from service.artifacts import LoadedVersion
 from service.contract.manifest import STAGES, Manifest
-from service.contract.stage_blocks import Serving
+from service.contract.stage_blocks import Baselines, Serving
 from service.core.config import Settings
 from service.pipeline import Recommender
 from training.data.dataset import DataError, Dataset
@@ -58,13 +61,16 @@ PRERANK_N = int(Settings.model_fields["prerank_n"].default)
 # Validation users the publish gate replays (seeded sample beyond that): ~1000 requests per cut
 # take seconds, and the standard error of NDCG@10 is then ~0.006-0.012 (ml-100k, synthetic).
 GATE_USERS = 1000
-# Default tolerance of the stage gate: a later cut may be at most this much (absolute NDCG@10)
-# below the previous served cut. Over GATE_USERS validation users one cut's NDCG@10 has a
-# standard error of 0.006-0.008 (measured: 0.0064 at NDCG 0.07 on the synthetic demo, 0.0083
-# at 0.12 on ml-100k's 943 users) and the paired difference of two cuts 0.0045-0.0077, so 0.01
-# is one to two standard errors, the same size as the live-version check
-# (training.publish.gates.DEFAULT_MAX_REGRESSION): a stage that costs more than noise is switched
-# off, one within noise keeps serving. The manifest records each difference's paired SE.
+# The stage gate's default rule ("paired-se"): a later cut is switched off when it is worse than
+# the previous served cut by more than one paired standard error, i.e. when
+#     mean_u(d_u) < -STAGE_SE_FACTOR * std(d, ddof=1) / sqrt(U),  d_u = NDCG@10_u(cut) - NDCG@10_u(previous)
+# over the same GATE_USERS validation users. The absolute 0.01 it replaces is one to two SEs at
+# ~1000 users but several at 10k and none at 100: it kept a pre-rank cut 0.0006 below retrieval
+# on ml-100k as readily as one 0.009 below. An explicit absolute tolerance (--stage-tolerance T)
+# still overrides it.
+STAGE_SE_FACTOR = 1.0
+RULE_SE, RULE_ABSOLUTE, RULE_OFF = "paired-se", "absolute", "off"
+# The former default, kept as the value tests and scripts may pass as an absolute override.
 DEFAULT_STAGE_TOLERANCE = 0.01
 _MISS = np.iinfo(np.int64).max // 4  # rank of a target outside the returned list
 
@@ -73,22 +79,38 @@ _MISS = np.iinfo(np.int64).max // 4  # rank of a target outside the returned lis
 class ServingGate:
     """The publish gate on the served path (`recsys export` / `recsys reindex`).
 
-    tolerance: largest NDCG@10 drop of a cut against the previous served cut before its stage
-    is switched off; None measures and records without switching anything off.
+    tolerance: None (default) switches a stage off when its cut is worse than the previous
+    served cut by more than its paired SE (the "paired-se" rule above); a number T >= 0 when it
+    is more than T (absolute NDCG@10) below; math.inf never (measure and record only).
     require_all_stages: a switched-off stage refuses the version instead (PublishError).
+    allow_below_baseline: publish a served cut that does not beat the best trivial baseline
+    (training/eval/gate_baselines.py) with a banner instead of refusing it.
     users: validation users replayed (a sample seeded with `seed` when there are more).
     """
 
-    tolerance: float | None = DEFAULT_STAGE_TOLERANCE
+    tolerance: float | None = None
     require_all_stages: bool = False
+    allow_below_baseline: bool = False
     users: int = GATE_USERS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.tolerance is not None and not self.tolerance >= 0:
-            raise ValueError(f"stage tolerance must be >= 0 or None (no stage gate), got {self.tolerance}")
+            raise ValueError(f"stage tolerance must be >= 0 (inf: no stage gate) or None (the paired-SE rule), "
+                             f"got {self.tolerance}")
         if self.users < 1:
             raise ValueError(f"gate users must be >= 1, got {self.users}")
+
+    @property
+    def rule(self) -> str:
+        return stage_rule(self.tolerance)
+
+
+def stage_rule(tolerance: float | None) -> str:
+    """The stage gate's rule for a tolerance: None -> paired-se, inf -> off, a number -> absolute."""
+    if tolerance is None:
+        return RULE_SE
+    return RULE_OFF if math.isinf(tolerance) else RULE_ABSOLUTE
 
 
 def version_cuts(version: LoadedVersion) -> list[tuple[str, ...]]:
@@ -199,9 +221,11 @@ class StageChoice:
 
 
 def choose_stages(ev: ServedEval, tolerance: float | None) -> StageChoice:
-    """Keep each later cut while its NDCG@10 >= the previous served cut's - tolerance and none
-    of its requests fell back to the previous order; the stages served are a prefix of STAGES
-    (no re-rank without pre-rank). tolerance None = keep all."""
+    """Keep each later cut while it is not worse than the previous served cut (the rule of
+    `tolerance`, see ServingGate: None = by more than its paired SE, T = by more than T, inf =
+    keep all) and none of its requests fell back to the previous order; the stages served are a
+    prefix of STAGES (no re-rank without pre-rank)."""
+    rule = stage_rule(tolerance)
     stages = [STAGES[0]]
     off: list[str] = []
     why: list[str] = []
@@ -214,28 +238,44 @@ def choose_stages(ev: ServedEval, tolerance: float | None) -> StageChoice:
             why.append(f"{name} needs {STAGES[STAGES.index(name) - 1]}")
             continue
         after, before = ev.cuts[name][METRIC], ev.cuts[prev][METRIC]
+        se = ev.paired_se(name, prev)
         failed = int(ev.cuts[name].get("failed", 0))
-        if tolerance is not None and failed:
+        users = f"{ev.users} {ev.split} users"
+        if rule != RULE_OFF and failed:
             off.append(name)
             why.append(f"{name} failed on {failed} of {ev.users} requests (served the previous order)")
-        elif tolerance is not None and after < before - tolerance:
+        elif rule == RULE_ABSOLUTE and after < before - float(tolerance or 0.0):
             off.append(name)
             why.append(f"{name} {METRIC} {after:.4f} < {prev} {before:.4f} - tolerance {tolerance} "
-                       f"(paired SE {ev.paired_se(name, prev):.4f}, {ev.users} {ev.split} users)")
+                       f"(paired SE {se:.4f}, {users})")
+        elif rule == RULE_SE and _mean_diff(ev, name, prev) < -STAGE_SE_FACTOR * se:
+            off.append(name)
+            why.append(f"{name} {METRIC} {after:.4f} is worse than {prev} {before:.4f} by more than its paired SE: "
+                       f"{name} - {prev} = {_mean_diff(ev, name, prev):+.4f}, paired SE {se:.4f} ({users})")
         else:
             stages.append(name)
     return StageChoice(stages, off, "; ".join(why) or None)
 
 
+def _mean_diff(ev: ServedEval, cut: str, previous: str) -> float:
+    """mean_u(NDCG@10_u[cut] - NDCG@10_u[previous]): the cut means' difference, paired."""
+    return float((ev.ndcg[cut] - ev.ndcg[previous]).mean())
+
+
 def serving_block(ev: ServedEval, choice: StageChoice, tolerance: float | None, seed: int,
-                  retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N) -> Serving:
-    """The manifest's `serving` block."""
+                  retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N,
+                  baselines: Baselines | None = None) -> Serving:
+    """The manifest's `serving` block (`tolerance` recorded as None for the paired-SE rule and
+    for inf, which JSON cannot hold; `rule` says which)."""
     names = list(ev.cuts)
     deltas = {b: {"vs": a, METRIC: ev.cuts[b][METRIC] - ev.cuts[a][METRIC], "paired_se": ev.paired_se(b, a)}
               for a, b in zip(names, names[1:])}
-    return Serving(split=ev.split, users=ev.users, seed=seed, metric=METRIC, tolerance=tolerance,
+    rule = stage_rule(tolerance)
+    return Serving(split=ev.split, users=ev.users, seed=seed, metric=METRIC,
+                   tolerance=tolerance if rule == RULE_ABSOLUTE else None,
                    settings={"retrieval_k": retrieval_k, "prerank_n": prerank_n}, cuts=ev.cuts, deltas=deltas,
-                   stages=choice.stages, switched_off=choice.switched_off, reason=choice.reason)
+                   stages=choice.stages, switched_off=choice.switched_off, reason=choice.reason, rule=rule,
+                   baselines=baselines)
 
 
 def served_metric(manifest: Manifest) -> float | None:
@@ -244,15 +284,17 @@ def served_metric(manifest: Manifest) -> float | None:
 
 
 def cut_table(cuts: dict[str, dict[str, float]], columns: Iterable[str] = COLUMNS,
-              served: Sequence[str] | None = None) -> str:
-    """One row per cut; `*` marks the last stage of `served` (what is served by default)."""
+              served: Sequence[str] | None = None, baselines: dict[str, dict[str, float]] | None = None) -> str:
+    """One row per cut, then one per baseline (`baseline <name>`, same users); `*` marks the
+    last stage of `served` (what is served by default)."""
     labels = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
     rows = {}
     for name, m in cuts.items():
         mark = " *" if served is not None and name == served[-1] else ""
         rows[labels.get(name, name) + mark] = m
+    for name, m in (baselines or {}).items():
+        rows[f"baseline {name}"] = m
     return table(rows, tuple(columns) + ("p50_ms",))
-
 
 
 def candidate_line(cuts: dict[str, dict[str, float]]) -> str:

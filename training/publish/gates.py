@@ -1,8 +1,8 @@
 """The quality gates of a version being built, measured on the built artifact.
 
 serving_gate     the stage gate: the version loaded as the service loads it, validation users
-                 replayed through every served cut, a stage that hurts switched off (manifest
-                 `serving`)
+                 replayed through every served cut, a stage that hurts switched off, and the
+                 served cut against the trivial baselines on the same users (manifest `serving`)
 check_regression against the live version: the served NDCG@10 at most max_regression lower;
                  a live version without a serving block is compared on retrieval's training
                  NDCG@10 (`recsys export`) or on catalog NDCG@10 measured here on both
@@ -49,12 +49,17 @@ the live one beyond the tolerance."""
 
 def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
     """The manifest's `serving` block: load the temp version as the service does, replay up to
-    gate.users validation users through every served cut (training/eval/served_eval.py) and switch
-    off a stage whose cut is worse than the previous served cut beyond gate.tolerance.
+    gate.users validation users through every served cut (training/eval/served_eval.py), switch
+    off a stage whose cut is worse than the previous served cut (gate.rule), then replay the
+    same users through the trivial baselines (training/eval/gate_baselines.py) and refuse the
+    version when the served cut does not beat the best of them by more than the paired SE.
 
     A switched-off stage is printed on stderr; with gate.require_all_stages it is a PublishError.
+    A served cut below the best baseline is a PublishError, or with gate.allow_below_baseline a
+    banner on stderr and `serving.baselines.allowed_below` in the manifest.
     """
     from service.artifacts import ArtifactError, load_version
+    from training.eval import gate_baselines as gb
     from training.eval import served_eval as se
 
     try:
@@ -64,17 +69,29 @@ def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
     users = se.select_users(src.loo, gate.users, gate.seed)
     ev = se.evaluate_served(version, src.ds, src.loo, "valid", users, progress=sys.stderr.isatty())
     choice = se.choose_stages(ev, gate.tolerance)
-    print(f"served cuts, {ev.users} validation users (* = served):\n"
-          f"{se.cut_table(ev.cuts, served=choice.stages)}", file=sys.stderr)
+    bl = gb.evaluate_baselines(version, src.ds, src.loo, "valid", users)
+    verdict = gb.baseline_verdict(ev, bl, choice.stages[-1])
+    print(f"served cuts and baselines, {ev.users} validation users (* = served; stage rule {gate.rule}):\n"
+          f"{se.cut_table(ev.cuts, served=choice.stages, baselines=bl.rows)}\n{verdict.line(ev.users, ev.split)}",
+          file=sys.stderr)
+    banner = "!" * 78
     if choice.switched_off:
         off = ", ".join(choice.switched_off)
         if gate.require_all_stages:
             raise PublishError(f"--require-all-stages: the stage gate switched off {off}: {choice.reason}")
-        banner = "!" * 78
         print(f"{banner}\nSTAGE GATE: {off} SWITCHED OFF for version {version.version}; it serves "
               f"{' -> '.join(choice.stages)}.\n{choice.reason}\n{banner}", file=sys.stderr)
         log.warning("stage gate: %s switched off for %s (%s)", off, version.version, choice.reason)
-    return se.serving_block(ev, choice, gate.tolerance, gate.seed)
+    if not verdict.beats:
+        if not gate.allow_below_baseline:
+            raise PublishError(f"below baseline: {verdict.line(ev.users, ev.split)}; "
+                               "--allow-below-baseline publishes it anyway")
+        print(f"{banner}\nBELOW BASELINE: version {version.version} is published with --allow-below-baseline.\n"
+              f"{verdict.line(ev.users, ev.split)}\n{banner}", file=sys.stderr)
+        log.warning("baseline gate: %s published below baseline (%s)", version.version,
+                    verdict.line(ev.users, ev.split))
+    return se.serving_block(ev, choice, gate.tolerance, gate.seed,
+                            baselines=gb.baselines_block(bl, verdict, gate.allow_below_baseline))
 
 
 def served_comparison(old: Manifest, new: Manifest) -> tuple[str, float, float] | None:

@@ -112,8 +112,9 @@ def publish(
     Checks: ONNX parity of the three graphs against their checkpoints, index recall@100 (k
     capped at N) >= min_recall, the exported pre-rank item heads and re-rank item features
     recomputed from these checkpoints, the stage gate on validation users (`gate`: a stage
-    worse than the previous served cut beyond its tolerance is switched off, or refused with
-    require_all_stages), served NDCG@10 at most max_regression below the live version's (same
+    worse than the previous served cut by more than its paired SE, or an absolute tolerance, is
+    switched off, or refused with require_all_stages; a served cut that does not beat the best
+    trivial baseline by more than the paired SE is refused unless allow_below_baseline), served NDCG@10 at most max_regression below the live version's (same
     data only; None turns that check off), and a load + smoke run through service.artifacts.
     item2item: build the item-to-item route's table with these settings (None: no route).
     index_spec=None picks the kind from the catalog size (service.index) and, for IVF, the

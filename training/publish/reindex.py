@@ -32,7 +32,8 @@ version's checkpoints, through the same build / check / rename / flip steps as `
  5. publish     training/publisher.Publisher.publish: ONNX parity, index (kind by size unless
                 given) + recall against exact search, the stage gate on the served path (as
                 for export: validation users through every served cut, a stage that hurts
-                switched off in manifest `serving`), then the gate against the live version:
+                switched off in manifest `serving`, a version below the trivial baselines
+                refused: the live one stays), then the gate against the live version:
                 the served NDCG@10 (each version's last served cut, validation users) at most
                 max_regression lower. A live version without a serving block is compared on
                 NDCG@10 of the new catalog against its own, both measured here on the same

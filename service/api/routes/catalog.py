@@ -29,7 +29,11 @@ def get_item(item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN, p
 def get_version(rec: RecommenderDep) -> VersionOut:
     m = rec.v.manifest
     serving = m.serving.to_dict() if m.serving is not None else None  # the gate's record as written
+    baselines = m.serving.baselines if m.serving is not None else None
+    if serving and isinstance(serving.get("baselines"), dict):  # its rows are `baselines` below, as cuts
+        serving["baselines"] = {k: v for k, v in serving["baselines"].items() if k != "rows"}
     return VersionOut(model_version=rec.v.version, created_at=str(m.created_at), item_count=rec.v.num_items,
                       data=m.data.to_dict(), rerank=rec.v.rerank is not None, stages=list(rec.stages),
                       serving={k: v for k, v in serving.items() if k != "cuts"} if serving else None,
-                      cuts=dict(m.serving.cuts) if m.serving is not None and serving else {})
+                      cuts=dict(m.serving.cuts) if m.serving is not None and serving else {},
+                      baselines=dict(baselines.rows) if baselines is not None else {})

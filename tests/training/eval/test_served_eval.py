@@ -25,7 +25,7 @@ from service.artifacts import load_current, load_version
 from service.core.config import Settings
 from service.main import create_app
 from service.pipeline import STAGES, Recommender
-from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
+from tests.training.publish.test_build import BELOW_OK, BELOW_OK_FLAG, TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
 from service.contract.layout import PRERANK_MANIFEST
 from service.contract.rerank_inputs import PVStats
@@ -58,7 +58,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def published(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    publish(TINY, *ckpts, root, version="v1")
+    publish(TINY, *ckpts, root, version="v1", gate=BELOW_OK)
     return root
 
 
@@ -112,7 +112,7 @@ def broken(ckpts: tuple[Path, Path, Path], trained_pre: Path, published: Path,
     root = tmp_path_factory.mktemp("broken") / "artifacts"
     shutil.copytree(published, root)
     rev = reversing_reranker(ckpts, trained_pre, tmp_path_factory.mktemp("rev"))
-    publish(TINY, ckpts[0], trained_pre, rev, root, version="v2")
+    publish(TINY, ckpts[0], trained_pre, rev, root, version="v2", gate=BELOW_OK)
     return root, rev
 
 
@@ -182,7 +182,7 @@ def test_data_of_another_data_set_is_refused(published: Path) -> None:
 def test_publish_records_the_served_cuts_in_the_manifest(published: Path) -> None:
     m = load_current(published).manifest.to_dict()
     s = m["serving"]
-    assert s["split"] == "valid" and s["users"] == 199 and s["tolerance"] == se.DEFAULT_STAGE_TOLERANCE
+    assert s["split"] == "valid" and s["users"] == 199 and s["rule"] == "paired-se" and s["tolerance"] is None
     assert s["settings"] == {"retrieval_k": 200, "prerank_n": 30}
     assert list(s["cuts"]) == list(STAGES) and s["switched_off"] == [] and s["reason"] is None
     # the gate's numbers are the served evaluation of the validation users
@@ -192,8 +192,9 @@ def test_publish_records_the_served_cuts_in_the_manifest(published: Path) -> Non
         assert s["cuts"][cut]["NDCG@10"] == pytest.approx(ev.cuts[cut]["NDCG@10"], abs=1e-12)
     assert s["deltas"]["rerank"]["NDCG@10"] == pytest.approx(
         s["cuts"]["rerank"]["NDCG@10"] - s["cuts"]["prerank"]["NDCG@10"], abs=1e-12)
-    # nothing fell off: every stage is within the tolerance of the cut before it
-    assert s["cuts"]["rerank"]["NDCG@10"] >= s["cuts"]["prerank"]["NDCG@10"] - s["tolerance"]
+    # nothing fell off: no stage is worse than the cut before it by more than its paired SE
+    for cut in STAGES[1:]:
+        assert s["deltas"][cut]["NDCG@10"] >= -s["deltas"][cut]["paired_se"] > -0.1, cut
     assert s["stages"] == list(STAGES) and Recommender(load_current(published)).stages == STAGES
 
 
@@ -204,9 +205,11 @@ def test_a_reversing_reranker_is_switched_off(broken: tuple[Path, Path], publish
     s = v.manifest.to_dict()["serving"]
     ret, pre, rev = (s["cuts"][c]["NDCG@10"] for c in STAGES)
     assert pre > ret + 0.01  # the trained pre-ranker beats the random retrieval order: kept
-    assert rev < pre - 0.01  # reversing its top 30 costs more than the tolerance: switched off
+    se_rev = s["deltas"]["rerank"]["paired_se"]
+    assert 0 < se_rev and rev - pre < -se_rev  # reversing its top 30 costs more than its paired SE: switched off
     assert s["stages"] == ["retrieval", "prerank"] and s["switched_off"] == ["rerank"]
-    assert s["reason"].startswith(f"rerank NDCG@10 {rev:.4f} < prerank {pre:.4f} - tolerance 0.01")
+    assert s["reason"] == (f"rerank NDCG@10 {rev:.4f} is worse than prerank {pre:.4f} by more than its paired SE: "
+                           f"rerank - prerank = {rev - pre:+.4f}, paired SE {se_rev:.4f} (199 valid users)")
     # the check against v1 compared what each serves: v2's pre-rank cut, v1's re-rank cut
     v1 = load_version(published / "v1").manifest.to_dict()["serving"]["cuts"]["rerank"]["NDCG@10"]
     assert v.manifest.to_dict()["checks"]["regression"] == {
@@ -237,16 +240,16 @@ def test_require_all_stages_refuses_the_broken_reranker(broken: tuple[Path, Path
     rev = broken[1]
     with pytest.raises(PublishError, match=r"--require-all-stages: the stage gate switched off rerank: rerank NDCG@10 "):
         publish(TINY, ckpts[0], trained_pre, rev, root, version="v3",
-                        gate=se.ServingGate(require_all_stages=True))
+                        gate=se.ServingGate(require_all_stages=True, allow_below_baseline=True))
     assert read_current(root) == "v2" and sorted(p.name for p in root.iterdir()) == [CURRENT, "v1", "v2"]
     code = cli.main(["export", "--data", TINY, "--retrieval", str(ckpts[0]), "--prerank", str(trained_pre),
-                     "--rerank", str(rev), "--out", str(root), "--version", "v3", "--require-all-stages"])
+                     "--rerank", str(rev), "--out", str(root), "--version", "v3", "--require-all-stages", BELOW_OK_FLAG])
     err = capsys.readouterr().err
     assert code == 1 and "check failed, CURRENT unchanged (v2): --require-all-stages: the stage gate switched off rerank" in err
     assert read_current(root) == "v2" and not (root / "v3").exists()
     # without the flag the CLI publishes and says so loudly
     code = cli.main(["export", "--data", TINY, "--retrieval", str(ckpts[0]), "--prerank", str(trained_pre),
-                     "--rerank", str(rev), "--out", str(root), "--version", "v3"])
+                     "--rerank", str(rev), "--out", str(root), "--version", "v3", BELOW_OK_FLAG])
     out = capsys.readouterr()
     assert code == 0 and read_current(root) == "v3"
     assert "STAGE GATE: rerank SWITCHED OFF for version v3; it serves retrieval -> prerank." in out.err
@@ -255,14 +258,14 @@ def test_require_all_stages_refuses_the_broken_reranker(broken: tuple[Path, Path
     # what each serves: v4's re-rank cut with v3's pre-rank cut, and refuses
     v3 = load_current(root).manifest.to_dict()["serving"]["cuts"]
     argv = ["export", "--data", TINY, "--retrieval", str(ckpts[0]), "--prerank", str(trained_pre), "--rerank", str(rev),
-            "--out", str(root), "--version", "v4", "--stage-tolerance", "inf"]
+            "--out", str(root), "--version", "v4", "--stage-tolerance", "inf", BELOW_OK_FLAG]
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 1 and (f"served NDCG@10 (retrieval+prerank+rerank) {v3['rerank']['NDCG@10']:.4f} is worse than "
                           f"the live version v3 ({v3['prerank']['NDCG@10']:.4f}) by more than 0.01") in err
     assert cli.main([*argv, "--no-regression-check"]) == 0
     s = load_current(root).manifest.to_dict()["serving"]
-    assert s["stages"] == list(STAGES) and s["tolerance"] is None and s["switched_off"] == []
+    assert s["stages"] == list(STAGES) and s["tolerance"] is None and s["rule"] == "off" and s["switched_off"] == []
     assert Recommender(load_current(root)).recommend(["x"] + [str(i) for i in load(TINY).item_ids[1:4]]).served_by == "rerank"
 
 
@@ -281,12 +284,12 @@ def test_choose_stages_keeps_a_prefix() -> None:
     # within the tolerance: kept; the next cut is compared with the last one served
     c = se.choose_stages(_eval({"retrieval": 0.20, "prerank": 0.195, "rerank": 0.18}), 0.01)
     assert c.stages == ["retrieval", "prerank"] and c.switched_off == ["rerank"]
-    assert se.choose_stages(_eval({"retrieval": 0.2, "prerank": 0.1}), None).stages == ["retrieval", "prerank"]
+    assert se.choose_stages(_eval({"retrieval": 0.2, "prerank": 0.1}), float("inf")).stages == ["retrieval", "prerank"]
     assert se.choose_stages(_eval({"retrieval": 0.2, "prerank": 0.25}), 0.0).stages == ["retrieval", "prerank"]
     # a stage that raised on some requests served the previous order there: off
     c = se.choose_stages(_eval({"retrieval": 0.2, "prerank": 0.25, "rerank": 0.25}, {"rerank": 2}), 0.01)
     assert c.switched_off == ["rerank"] and c.reason == "rerank failed on 2 of 4 requests (served the previous order)"
-    with pytest.raises(ValueError, match="stage tolerance must be >= 0 or None"):
+    with pytest.raises(ValueError, match=r"stage tolerance must be >= 0 \(inf: no stage gate\) or None \(the paired-SE rule\), got -0.1"):
         se.ServingGate(tolerance=-0.1)
 
 

@@ -22,7 +22,7 @@ from service.artifacts import load_current, load_version, smoke_run
 from service.catalog_updates import REDIS_KEY, FileCatalogUpdates, RedisCatalogUpdates, validate_item
 from service.notify import VERSION_CHANNEL
 from tests.service.conftest import redis_url  # noqa: F401  (real redis-server fixture)
-from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
+from tests.training.publish.test_build import BELOW_OK, BELOW_OK_FLAG, TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
 from training.publish import reindex as ri
 from training.checkpoints import load_retrieval
@@ -50,7 +50,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 def live(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifacts root whose CURRENT is v1 (with a re-ranker), published by `recsys export`."""
     root = tmp_path_factory.mktemp("live")
-    publish(TINY, *ckpts, root, version="v1")
+    publish(TINY, *ckpts, root, version="v1", gate=BELOW_OK)
     return root
 
 
@@ -89,7 +89,7 @@ def reindexed(live: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     catalog = write_catalog(root.parent / "catalog.jsonl", [
         *NEW, {"item_id": changed, "features": {"category": "cat0", "tags": ["tag1"], "price": 3.0}}])
     FileCatalogUpdates(root / PENDING_ITEMS).put([validate_item({"item_id": "n4", "features": {}})])
-    assert cli.main(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--version", "v2"]) == 0
+    assert cli.main(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--version", "v2", BELOW_OK_FLAG]) == 0
     return root, changed
 
 
@@ -183,7 +183,7 @@ def test_next_reindex_keeps_added_items_prunes_and_announces(
     sub = client.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(VERSION_CHANNEL)
     code, out, err = run_cli(["reindex", "--artifacts", str(root), "--redis-url", redis_url, "--keep", "1",
-                              "--version", "v3"], capsys)
+                              "--version", "v3", BELOW_OK_FLAG], capsys)
     assert code == 0, err
     v = load_current(root)
     assert v.version == "v3" and v.id_to_index["n1"] == 81 and v.id_to_index["n5"] == 85  # earlier additions kept
@@ -213,7 +213,7 @@ def test_updates_arriving_during_a_reindex_stay_pending(live: Path, tmp_path: Pa
 
     monkeypatch.setattr(publisher_module, "publish_items", publish_while_updates_arrive)
     # random-init models: a cold item can cost the served NDCG@10 more than 0.01; not the point here
-    res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None))
+    res = ri.reindex(ri.ReindexConfig(artifacts=root, version="v2", max_regression=None, gate=BELOW_OK))
     assert res.cleared == 1 and res.published.manifest.to_dict()["catalog"]["added_ids"] == ["early"]
     left = {u.item_id: u.features for u in pending.snapshot().items}
     assert left == {"early": {"category": "cat5"}, "late": {}}  # the newer ones wait for the next run
@@ -241,7 +241,7 @@ def test_failed_regression_gate_leaves_current(live: Path, tmp_path: Path, capsy
              for i in range(300)]
     catalog = write_catalog(tmp_path / "flood.jsonl", flood)
     code, _, err = run_cli(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--max-regression", "0",
-                            "--version", "v2"], capsys)
+                            "--version", "v2", BELOW_OK_FLAG], capsys)
     assert code == 1
     # v1 records what it serves, so the served NDCG@10 of each is compared (validation users)
     live = json.loads((root / "v1" / MANIFEST).read_text())["serving"]
@@ -254,7 +254,7 @@ def test_failed_regression_gate_leaves_current(live: Path, tmp_path: Path, capsy
     del m["serving"]
     (root / "v1" / MANIFEST).write_text(json.dumps(m))
     code, _, err = run_cli(["reindex", "--artifacts", str(root), "--catalog", str(catalog), "--max-regression", "0",
-                            "--version", "v2"], capsys)
+                            "--version", "v2", BELOW_OK_FLAG], capsys)
     assert code == 1
     assert "check failed, CURRENT unchanged (v1): catalog NDCG@10 0." in err and "(199 test users)" in err
     assert read_current(root) == "v1" and listing(root) == ["v1"]
@@ -346,7 +346,7 @@ def test_reindex_with_no_catalog_changes_rebuilds(live: Path, tmp_path: Path,
     root = tmp_path / "artifacts"
     shutil.copytree(live, root)
     before = load_current(root)
-    code, out, err = run_cli(["reindex", "--artifacts", str(root), "--version", "v-plain"], capsys)
+    code, out, err = run_cli(["reindex", "--artifacts", str(root), "--version", "v-plain", BELOW_OK_FLAG], capsys)
     assert code == 0, err
     after = load_current(root)
     assert after.version == "v-plain" and after.num_items == before.num_items

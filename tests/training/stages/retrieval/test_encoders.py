@@ -190,7 +190,7 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
     import logging
 
     from service.artifacts import load_current, smoke_run
-    from tests.training.publish.test_build import TINY, make_checkpoints
+    from tests.training.publish.test_build import BELOW_OK, TINY, make_checkpoints
     from training.publish.publisher import publish
 
     torch.set_num_threads(1)
@@ -203,7 +203,7 @@ def test_publish_and_serve_any_encoder(encoder: str, tmp_path: Path) -> None:
            "sasrec-plain": SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=0),
            }[encoder]
     save_checkpoint(ret, build_model(cfg), ds, TINY, {"metrics": {"NDCG@10": 0.05}})
-    publish(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None)
+    publish(TINY, ret, pre, None, tmp_path / "artifacts", version="v1", max_regression=None, gate=BELOW_OK)
     v = load_current(tmp_path / "artifacts")
     M = max(cfg.num_launchers, 1)
     assert v.manifest.to_dict()["dims"]["num_launchers"] == M and v.manifest.to_dict()["retrieval"]["model"] == type(build_model(cfg)).__name__

@@ -17,7 +17,7 @@ from service.core.config import Settings
 from service.contract.layout import ITEM2ITEM as FILE
 from service.main import create_app
 from service.pipeline import Recommender
-from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
+from tests.training.publish.test_build import BELOW_OK, BELOW_OK_FLAG, TINY, make_checkpoints, one_thread  # noqa: F401
 from recsys_cli import main as cli
 from training.publish.publisher import publish
 from training.data.sources import load
@@ -76,7 +76,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def root(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
-    publish(TINY, *ckpts, root, version="v1", item2item=Item2ItemConfig())
+    publish(TINY, *ckpts, root, version="v1", item2item=Item2ItemConfig(), gate=BELOW_OK)
     return root
 
 
@@ -151,7 +151,7 @@ def test_reindex_rebuilds_the_table_with_new_events(root: Path, tmp_path: Path) 
     events = tmp_path / "events.txt"  # seqtxt: one new user who watches a then b, five times over
     events.write_text("".join(f"new{j} {ds.item_ids[a]} {ds.item_ids[b]}\n" for j in range(5)))
     assert cli.main(["reindex", "--artifacts", str(live), "--events", f"seqtxt:{events}", "--version", "v2",
-                     "--max-regression", "1", "--stage-tolerance", "1"]) == 0
+                     "--max-regression", "1", "--stage-tolerance", "1", BELOW_OK_FLAG]) == 0
     assert read_current(live) == "v2"
     v2 = load_version(live / "v2")
     smoke_run(v2)
