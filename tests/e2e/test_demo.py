@@ -18,13 +18,31 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "popularity" in proc.stdout and "ml-sasrec(M=2)" in proc.stdout
+    assert "popularity" in proc.stdout and "sasrec(M=1) alone" in proc.stdout  # M = 1 by default
     version = load_current(art)
     assert version.manifest.to_dict()["item_count"] == 80
-    # it ends with the served-cut table of the published version (test users), `*` on what is served
-    table = proc.stdout[proc.stdout.rindex("$ recsys evaluate --artifacts"):]
+    # evaluate prints the served-cut table of the published version (test users), `*` on what is served
+    evaluated = proc.stdout[proc.stdout.rindex("$ recsys evaluate --artifacts"):proc.stdout.rindex("\n== ")]
     stages = version.manifest.to_dict()["serving"]["stages"]
-    assert f"199 test users, served by default: {' -> '.join(stages)} (*)" in table
-    rows = [line for line in table.splitlines() if line.startswith(("retrieval", "+ prerank", "+ rerank"))]
+    assert f"199 test users, served by default: {' -> '.join(stages)} (*)" in evaluated
+    rows = [line for line in evaluated.splitlines() if line.startswith(("retrieval", "+ prerank", "+ rerank"))]
     assert len(rows) == 3 and sum("*" in r for r in rows) == 1
     assert "*" in rows[len(stages) - 1]
+    # then ONE table: baselines, SASRec alone, every served cut; and the verdict against the baselines
+    final = proc.stdout[proc.stdout.rindex("\n== "):]
+    assert f"== {version.version}: 199 test users ==" in final
+    ndcg = {}
+    for line in final.splitlines():
+        name = line.split("  ")[0]
+        if name in ("popularity", "last-item", "retrieval", "+ prerank", "+ rerank", "+ rerank (served)",
+                    "retrieval (served)", "+ prerank (served)", "sasrec(M=1) alone"):
+            ndcg[name] = float(line.split()[-4])  # columns: HR@10 NDCG@10 HR@50 NDCG@50 Coverage@10
+    served = next(name for name in ndcg if name.endswith("(served)"))
+    assert served.startswith({"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}[stages[-1]])
+    best = max(("popularity", "last-item"), key=ndcg.__getitem__)
+    (line,) = [line for line in final.splitlines() if line.startswith("verdict:")]
+    if ndcg[served] > ndcg[best]:
+        assert f"beats every baseline; best {best} {ndcg[best]:.4f}" in line
+    else:
+        gap = float(line.split(f"does not beat {best} ({ndcg[best]:.4f}, ")[1].split(")")[0])
+        assert line.startswith("verdict: BELOW BASELINE") and abs(gap - (ndcg[served] - ndcg[best])) <= 2e-4

@@ -16,7 +16,7 @@ from training.eval.metrics import evaluate_retrieval
 from training.checkpoints import load_retrieval
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
-    _training_pairs,
+    training_pairs,
     evaluate_model,
     train_retrieval,
 )
@@ -85,7 +85,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
 
 def test_ranks_agree_to_stop_on_the_time_limit_with_an_empty_shard(tmp_path: Path) -> None:
     data = "synthetic:users=400,items=100,seed=1"
-    n = len(_training_pairs(LeaveOneOut(load(data)), 10)[0])
+    n = len(training_pairs(LeaveOneOut(load(data)), 10)[0])
     batch_size = next(b for b in range(16, n) if n % b == 1)  # the last global batch leaves rank 1 empty
     proc = torchrun(
         "--data", data, "--out", str(tmp_path), "--maxlen", "10", "--dim", "8", "--epochs", "50",

@@ -87,6 +87,7 @@ class TrainResult:
     model: RetrievalModel
     best_epoch: int
     history: list[EpochStats] = field(default_factory=list)
+    stopped: str = "epochs"  # why training ended: "epochs", "early stop" or "max minutes" (trainer.FitResult)
 
 
 def model_scorer(model: RetrievalModel, batch_size: int = 512) -> Scorer:
@@ -142,7 +143,7 @@ def fused_top(model: RetrievalModel, histories: np.ndarray, k: int, batch_size: 
     return FusedTop(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
 
 
-def _training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.ndarray]:
+def training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.ndarray]:
     """(U', L) inputs and next-item targets from each user's training sequence (last window)."""
     seqs = split.train_sequences(maxlen + 1)  # (U, maxlen + 1), left-padded
     keep = (seqs[:, -2:] != 0).all(axis=1)  # at least one (input, target) pair
@@ -200,7 +201,7 @@ def train_retrieval(
         net = DistributedDataParallel(model)
         torch.manual_seed(train_cfg.seed + rank)  # different dropout masks per rank
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    inputs, targets = _training_pairs(split, model_cfg.maxlen)
+    inputs, targets = training_pairs(split, model_cfg.maxlen)
     sampler = None
     if train_cfg.num_negatives or train_cfg.sampler == "in-batch":
         counts = np.bincount(targets.ravel(), minlength=model_cfg.num_items + 1)
@@ -259,7 +260,7 @@ def train_retrieval(
 
     result = fit(model, train_cfg.epochs, train_cfg.patience, train_step, validate, start_score=-1.0,
                  max_minutes=train_cfg.max_minutes, progress=progress and rank == 0, sync=sync, on_epoch=record)
-    return TrainResult(model=model, best_epoch=result.best_epoch, history=history)
+    return TrainResult(model=model, best_epoch=result.best_epoch, history=history, stopped=result.stopped)
 
 
 def evaluate_model(model: RetrievalModel, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
