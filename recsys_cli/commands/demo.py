@@ -91,16 +91,16 @@ def run(args: argparse.Namespace) -> int:
     budgets = [budget_for(fold_split, cfg.maxlen), budget_for(split, cfg.maxlen)]
     if args.minutes is not None:  # an explicit override of the time ceiling (tests, a quick look)
         budgets = [RetrievalBudget(100, FOLD_SHARE * args.minutes), RetrievalBudget(100, (1 - FOLD_SHARE) * args.minutes)]
-    runs = [("ranking fold", fold_split, None), ("continued on all the data", split, "upstream")]
+    runs = [("upstream", "ranking fold", fold_split), ("retrieval", "continued on all the data", split)]
     models: dict[str, Any] = {}
-    for (what, part, init), budget in zip(runs, budgets):
+    for (name, what, part), budget in zip(runs, budgets):
         tcfg = RetrievalTrainConfig(epochs=budget.epochs, lr=2e-3, patience=5, max_minutes=budget.minutes)
         print(f"train retrieval ({what}): {budget.describe()}, early stopping on validation {METRIC} "
               f"(patience {tcfg.patience})", flush=True)
-        res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", models.get(init or ""))
+        res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", models.get("upstream"))
         print(f"  {len(res.history)} epochs, best {res.best_epoch} (valid {METRIC} "
               f"{max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f}), stopped: {res.stopped}")
-        models["upstream" if init is None else "retrieval"] = res.model
+        models[name] = res.model
     save_checkpoint(out / "upstream", models["upstream"], ds, args.data, {"holdout": args.holdout})
     save_checkpoint(out / "retrieval", models["retrieval"], ds, args.data, {"init_from": str(out / "upstream")})
     sasrec = f"sasrec(M={args.launchers}) alone"
@@ -175,7 +175,10 @@ def final_report(baselines: Mapping[str, Mapping[str, float]], sasrec: str, sasr
 
     `served`: `recsys evaluate --artifacts --json`'s payload ("cuts", "served_stages", "users";
     "baselines" too once evaluate reports them, which then replace the demo's own)."""
-    from_evaluate: Mapping[str, Mapping[str, float]] = served.get("baselines") or {}
+    reported = served.get("baselines")
+    from_evaluate: Mapping[str, Mapping[str, float]] = (
+        reported if isinstance(reported, Mapping) and reported
+        and all(isinstance(m, Mapping) and METRIC in m for m in reported.values()) else {})
     base = dict(from_evaluate) if from_evaluate else dict(baselines)
     stages: Sequence[str] = served["served_stages"]
     rows: dict[str, Mapping[str, float]] = {**base, sasrec: sasrec_row}

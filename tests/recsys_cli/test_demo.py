@@ -56,3 +56,8 @@ def test_export_flag_is_read_from_the_parser() -> None:
     assert export_accepts("--no-regression-check")
     assert not export_accepts("--no-such-flag")
     assert isinstance(export_accepts(ALLOW_BELOW), bool)
+
+
+def test_baselines_of_another_shape_fall_back_to_the_demos_own() -> None:
+    text = final_report(BASE, "sasrec(M=1) alone", SASREC, served(0.0712, {"popularity": {"se": 0.01}}))
+    assert "popularity, last-item: the demo" in text and "does not beat last-item" in text
