@@ -32,7 +32,7 @@ from training.report import table, timed
 METRIC = "NDCG@10"  # what the verdict compares (the gates' metric)
 COLUMNS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "Coverage@10")
 CUT_LABELS = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
-I2I_ROW = "item2item alone"
+BASELINE_LABELS = {"item2item": "item2item alone"}  # evaluate's row names -> the table's
 ALLOW_BELOW = "--allow-below-baseline"  # `recsys export`'s flag to publish below a baseline
 FOLD_SHARE = 0.6  # of an explicit --minutes: the ranking fold; the continued run gets the rest
 
@@ -155,31 +155,32 @@ def export_accepts(flag: str) -> bool:
 
 def gate_verdict(root: Path, served: Mapping[str, Any]) -> str | None:
     """The publish gate's baseline verdict recorded in the version's manifest
-    (`serving.baselines.beats` / `.allowed_below`), as a short clause; None when the manifest has none."""
+    (`serving.baselines`, validation users) as a short clause; None for a version without one."""
     from service.contract.layout import MANIFEST
     from service.contract.manifest import Manifest
 
-    manifest = Manifest.load(root / str(served["version"]) / MANIFEST)
-    recorded = getattr(manifest.serving, "baselines", None)
+    serving = Manifest.load(root / str(served["version"]) / MANIFEST).serving
+    recorded = None if serving is None else serving.baselines
     if recorded is None:
         return None
-    if getattr(recorded, "beats", None):
+    if recorded.beats:
         return "the publish gate (validation users) found it beats them"
-    below = " and published it with --allow-below-baseline" if getattr(recorded, "allowed_below", False) else ""
-    return f"the publish gate (validation users) found it below a baseline{below}"
+    below = ", published with --allow-below-baseline" if recorded.allowed_below else ""
+    return f"the publish gate (validation users) found it below {recorded.best}{below}"
 
 
 def final_report(baselines: Mapping[str, Mapping[str, float]], sasrec: str, sasrec_row: Mapping[str, float],
                  served: Mapping[str, Any], gate: str | None = None) -> str:
     """The demo's one table on the test users, where each row comes from, and the verdict line.
 
-    `served`: `recsys evaluate --artifacts --json`'s payload ("cuts", "served_stages", "users";
-    "baselines" too once evaluate reports them, which then replace the demo's own)."""
+    `served`: `recsys evaluate --artifacts --json`'s payload ("cuts", "served_stages", "users",
+    and, since the baseline gate, "baselines" and "verdict", which then replace the demo's own
+    baselines and comparison)."""
     reported = served.get("baselines")
     from_evaluate: Mapping[str, Mapping[str, float]] = (
         reported if isinstance(reported, Mapping) and reported
         and all(isinstance(m, Mapping) and METRIC in m for m in reported.values()) else {})
-    base = dict(from_evaluate) if from_evaluate else dict(baselines)
+    base = {BASELINE_LABELS.get(k, k): v for k, v in (from_evaluate or baselines).items()}
     stages: Sequence[str] = served["served_stages"]
     rows: dict[str, Mapping[str, float]] = {**base, sasrec: sasrec_row}
     served_label = ""
@@ -187,26 +188,35 @@ def final_report(baselines: Mapping[str, Mapping[str, float]], sasrec: str, sasr
         label = CUT_LABELS.get(cut, cut) + (" (served)" if cut == stages[-1] else "")
         served_label = label if cut == stages[-1] else served_label
         rows[label] = metrics
-    where = ("baselines: recsys evaluate --artifacts" if from_evaluate else
+    where = (f"{', '.join(base)}: recsys evaluate --artifacts (same users and lists)" if from_evaluate else
              f"{', '.join(base)}: the demo (training.eval.baselines, full catalog)")
+    paired = served.get("verdict") if from_evaluate else None
     lines = [f"\n== {served['version']}: {served['users']} test users ==", table(rows, COLUMNS),
              f"rows: {where}; {sasrec}: the demo (exact full-catalog scores); retrieval / + prerank / + rerank: "
              "recsys evaluate --artifacts (the served pipeline, top 50)",
-             verdict(rows, served_label, list(base), gate)]
+             verdict(rows, served_label, list(base), gate, paired if isinstance(paired, Mapping) else None)]
     return "\n".join(lines)
 
 
 def verdict(rows: Mapping[str, Mapping[str, float]], served: str, baselines: Sequence[str],
-            gate: str | None = None) -> str:
-    """One line: does the served cut beat every baseline on METRIC (best baseline, gap)?"""
+            gate: str | None = None, paired: Mapping[str, Any] | None = None) -> str:
+    """One line: does the served cut beat every baseline on METRIC (best baseline, gap)?
+
+    paired: evaluate's {"best", "served_minus_best", "paired_se", "beats"} (training/eval/gate_baselines.py:
+    it beats by more than the paired SE); without it, the served mean above the best mean."""
     best = max(baselines, key=lambda name: rows[name][METRIC])
     ours, theirs = rows[served][METRIC], rows[best][METRIC]
+    gap, beats, se = ours - theirs, ours > theirs, ""
+    if paired is not None and {"best", "served_minus_best", "paired_se", "beats"} <= set(paired):
+        best = BASELINE_LABELS.get(str(paired["best"]), str(paired["best"]))
+        theirs, gap, beats = rows[best][METRIC], float(paired["served_minus_best"]), bool(paired["beats"])
+        se = f", paired SE {float(paired['paired_se']):.4f}"
     tail = f"; {gate}" if gate else ""
-    if ours > theirs:
+    if beats:
         return (f"verdict: the served cut ({served}, {METRIC} {ours:.4f}) beats every baseline; best {best} "
-                f"{theirs:.4f}, +{ours - theirs:.4f}{tail}")
+                f"{theirs:.4f}, {gap:+.4f}{se}{tail}")
     return (f"verdict: BELOW BASELINE: the served cut ({served}, {METRIC} {ours:.4f}) does not beat {best} "
-            f"({theirs:.4f}, {ours - theirs:+.4f}); the demo published it anyway, train longer (--minutes) "
+            f"({theirs:.4f}, {gap:+.4f}{se}); the demo published it anyway, train longer (--minutes) "
             f"or on more data{tail}")
 
 

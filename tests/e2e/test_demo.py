@@ -34,15 +34,16 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     ndcg = {}
     for line in final.splitlines():
         name = line.split("  ")[0]
-        if name in ("popularity", "last-item", "retrieval", "+ prerank", "+ rerank", "+ rerank (served)",
-                    "retrieval (served)", "+ prerank (served)", "sasrec(M=1) alone"):
+        if name in ("popularity", "last-item", "item2item alone", "retrieval", "+ prerank", "+ rerank",
+                    "+ rerank (served)", "retrieval (served)", "+ prerank (served)", "sasrec(M=1) alone"):
             ndcg[name] = float(line.split()[-4])  # columns: HR@10 NDCG@10 HR@50 NDCG@50 Coverage@10
     served = next(name for name in ndcg if name.endswith("(served)"))
     assert served.startswith({"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}[stages[-1]])
-    best = max(("popularity", "last-item"), key=ndcg.__getitem__)
+    best = max((n for n in ("popularity", "last-item", "item2item alone") if n in ndcg), key=ndcg.__getitem__)
     (line,) = [line for line in final.splitlines() if line.startswith("verdict:")]
-    if ndcg[served] > ndcg[best]:
-        assert f"beats every baseline; best {best} {ndcg[best]:.4f}" in line
-    else:
-        gap = float(line.split(f"does not beat {best} ({ndcg[best]:.4f}, ")[1].split(")")[0])
-        assert line.startswith("verdict: BELOW BASELINE") and abs(gap - (ndcg[served] - ndcg[best])) <= 2e-4
+    # evaluate's paired rule: a win needs more than one paired SE, so only a lower mean fixes the verdict
+    assert f"{best} {ndcg[best]:.4f}" in line or f"{best} ({ndcg[best]:.4f}" in line
+    if ndcg[served] <= ndcg[best]:
+        assert line.startswith(f"verdict: BELOW BASELINE: the served cut ({served}, NDCG@10 {ndcg[served]:.4f}) "
+                               f"does not beat {best} ({ndcg[best]:.4f}, ")
+    assert "the publish gate (validation users) found it" in line  # the manifest's serving.baselines

@@ -46,10 +46,21 @@ def test_the_table_has_every_row_once_and_says_where_each_comes_from() -> None:
 
 
 def test_baselines_from_evaluate_replace_the_demos_own() -> None:
-    evaluated = {**BASE, "item2item alone": {"NDCG@10": 0.09}}
+    evaluated = {**BASE, "item2item": {"NDCG@10": 0.09}}
     text = final_report(BASE, "sasrec(M=1) alone", SASREC, served(0.0712, evaluated))
-    assert "baselines: recsys evaluate --artifacts" in text
+    assert "popularity, last-item, item2item alone: recsys evaluate --artifacts (same users and lists)" in text
     assert "does not beat item2item alone (0.0900, -0.0188)" in text
+
+
+def test_evaluates_paired_verdict_decides_and_its_se_is_shown() -> None:
+    # served above the best mean but within one paired SE: below, as the publish gate rules
+    payload = {**served(0.0850, dict(BASE)),
+               "verdict": {"best": "last-item", "served_minus_best": 0.0050, "paired_se": 0.0061, "beats": False}}
+    text = final_report(BASE, "sasrec(M=1) alone", SASREC, payload, gate="the publish gate said so")
+    (line,) = [line for line in text.splitlines() if line.startswith("verdict:")]
+    assert line == ("verdict: BELOW BASELINE: the served cut (+ rerank (served), NDCG@10 0.0850) does not beat "
+                    "last-item (0.0800, +0.0050, paired SE 0.0061); the demo published it anyway, train longer "
+                    "(--minutes) or on more data; the publish gate said so")
 
 
 def test_export_flag_is_read_from_the_parser() -> None:
