@@ -21,8 +21,8 @@ def test_a_losing_served_cut_gets_one_line_naming_the_best_baseline_and_the_gap(
     text = final_report(BASE, "sasrec(M=1) alone", SASREC, served(0.0712))
     lines = [line for line in text.splitlines() if line.startswith("verdict:")]
     assert lines == ["verdict: BELOW BASELINE: the served cut (+ rerank (served), NDCG@10 0.0712) does not beat "
-                     "last-item (0.0800, -0.0088); the demo published it anyway, train longer (--minutes) or on "
-                     "more data"]
+                     "last-item (0.0800, -0.0088); the demo published it anyway (the best "
+                     "path it has)"]
 
 
 def test_a_winning_served_cut_says_by_how_much() -> None:
@@ -59,8 +59,8 @@ def test_evaluates_paired_verdict_decides_and_its_se_is_shown() -> None:
     text = final_report(BASE, "sasrec(M=1) alone", SASREC, payload, gate="the publish gate said so")
     (line,) = [line for line in text.splitlines() if line.startswith("verdict:")]
     assert line == ("verdict: BELOW BASELINE: the served cut (+ rerank (served), NDCG@10 0.0850) does not beat "
-                    "last-item (0.0800, +0.0050, paired SE 0.0061); the demo published it anyway, train longer "
-                    "(--minutes) or on more data; the publish gate said so")
+                    "last-item (0.0800, +0.0050, paired SE 0.0061); the demo published it anyway (the "
+                    "best path it has); the publish gate said so")
 
 
 def test_export_flag_is_read_from_the_parser() -> None:
