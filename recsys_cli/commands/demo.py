@@ -1,7 +1,8 @@
 """`recsys demo`: the whole job on the embedded synthetic data.
 
 synthetic data -> baselines table -> multi-launcher SASRec (bounded time) -> IntTower next-item
-pre-ranker -> PRM re-ranker -> `recsys export` (ONNX, FAISS index, checks, the stage gate,
+pre-ranker -> PRM re-ranker -> `recsys export` (ONNX, FAISS index, the item-to-item route with
+its request settings chosen on validation users unless --no-item2item, checks, the stage gate,
 CURRENT) -> `recsys evaluate --artifacts` (the served-cut table of the published version on the
 leave-one-out test users) -> `recsys serve` on :8000 with a sample request printed. Each step is the same CLI command a user
 would run; `--no-serve` stops after publishing.
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from recsys_cli.commands.common import add_data_arg
+from recsys_cli.commands.export import add_item2item_arg
 from training.eval.baselines import BASELINES
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -33,6 +35,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="ranking fold: each user's last H training items the rankers learn on (default: 6)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
+    add_item2item_arg(p)
     p.set_defaults(func=run)
 
 
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
          "--upstream", str(out / "upstream"), "--prerank", str(out / "prerank"), "--out", str(out / "rerank"),
          "--epochs", str(args.epochs)],
         ["export", "--data", args.data, "--retrieval", str(out / "retrieval"), "--prerank", str(out / "prerank"),
-         "--rerank", str(out / "rerank"), "--out", args.artifacts],
+         "--rerank", str(out / "rerank"), "--out", args.artifacts, *(["--no-item2item"] if args.no_item2item else [])],
         ["evaluate", "--artifacts", args.artifacts, "--data", args.data],
     ]
     for step in steps:
