@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,12 +77,13 @@ class RouteTuning:
     seed: int
     split: str
     grid: dict[str, tuple[float, ...]]
+    seconds: float  # wall time of the search
 
     def record(self) -> dict[str, Any]:
         """The manifest's item2item.tuning."""
         return {"metric": METRIC, "cut": STAGES[0], "split": self.split, "users": self.users, "seed": self.seed,
                 "search": "coordinate", "grid": {k: list(v) for k, v in self.grid.items()},
-                "chosen": dict(self.serving), "tried": self.tried}
+                "chosen": dict(self.serving), "tried": self.tried, "seconds": round(self.seconds, 2)}
 
 
 def check_grid(grid: Mapping[str, Sequence[float]], start: Setting) -> None:
@@ -182,10 +184,12 @@ def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut,
 def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
                grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid") -> RouteTuning:
     """Choose the route's request settings of `version` on `users` of `split` (see the module doc)."""
+    t0 = time.perf_counter()
     best, tried = coordinate_search(served_retrieval_ndcg(version, ds, loo, users, split), grid)
     serving = {name: (int(best[name]) if name in ("recent", "candidates") else float(best[name]))
                for name in ("recent", "decay", "candidates", "beta")}  # the key order of DEFAULT_SERVING
-    return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER})
+    return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER},
+                       time.perf_counter() - t0)
 
 
 def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifest) -> Manifest:
