@@ -17,9 +17,8 @@ union by
     merged(i) = r(i) + beta * sd(r) * i2i(i) / max_j i2i(j)
 
 where sd(r) is the standard deviation of FAISS's fused scores in this request (1 with fewer than
-two), so beta is free of the retriever's score scale (tuned on validation by
-benchmarks/quality/item2item_route.py)
-and the pre-ranker's retrieval prior reads merged(i) as its retrieval score. `routes` in
+two), so beta is free of the retriever's score scale (chosen per version on its validation users
+at publish: training/publish/route_tuning.py) and the pre-ranker's retrieval prior reads merged(i) as its retrieval score. `routes` in
 `explain` says which route returned an item and with which score.
 """
 
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 
 NEIGHBOURS, SCORES = "neighbours", "scores"
-# request-time settings written into the manifest (item2item.serving): the best merge on ml-100k
+# request-time settings of a version whose manifest has none (item2item.serving; publish chooses them
+# per version, training/publish/route_tuning.py, starting from these): the best merge on ml-100k
 # validation (benchmarks/quality/item2item_route.py); candidates 50 rather than 20 (same NDCG@10 there,
 # the pre-ranker's candidate set gains recall: 0.779 vs 0.767 at 200 + route on test)
 DEFAULT_SERVING: dict[str, float] = {"recent": 8, "decay": 1.0, "candidates": 50, "beta": 4.0}

@@ -3,7 +3,8 @@
 synthetic data -> baselines -> SASRec retriever (upstream fold + continued, each until validation
 NDCG@10 stops improving, under a ceiling from the data's size: training/stages/retrieval/budget.py)
 -> IntTower next-item pre-ranker -> PRM re-ranker (both with early stopping) -> `recsys export`
-(ONNX, FAISS index, checks, the gates, CURRENT) -> `recsys evaluate --artifacts` (the served cuts
+(ONNX, FAISS index, the item-to-item route with its request settings chosen on validation
+users unless --no-item2item, checks, the gates, CURRENT) -> `recsys evaluate --artifacts` (the served cuts
 of the published version on the leave-one-out test users) -> one table: the baselines, SASRec
 alone and every served cut, with a one-line verdict against the baselines -> `recsys serve` on
 :8000 with sample requests printed. Each step is the same CLI command a user would run;
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_cli.commands.common import add_data_arg
+from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -56,6 +58,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="ranking fold: each user's last H training items the rankers learn on (default: 6)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
+    add_item2item_arg(p)
     p.set_defaults(func=run)
 
 
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     served_json = out / "served.json"
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     export = ["export", "--data", args.data, "--retrieval", str(out / "retrieval"), "--prerank", str(out / "prerank"),
-              "--rerank", str(out / "rerank"), "--out", args.artifacts]
+              "--rerank", str(out / "rerank"), "--out", args.artifacts, *(["--no-item2item"] if args.no_item2item else [])]
     if export_accepts(ALLOW_BELOW):  # the demo publishes regardless, and says below how it compares
         export.append(ALLOW_BELOW)
     steps = [

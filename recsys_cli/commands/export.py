@@ -3,8 +3,10 @@
 Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, index.faiss,
 prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
 through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/publish/build.py.
-Before that, the stage gate replays validation users through every served cut and switches
-off (or, with --require-all-stages, refuses) a stage that makes the served list worse, then
+With the item-to-item recall route by default (--no-item2item: without), its request settings
+chosen on validation users (training/publish/route_tuning.py). Then the stage gate replays
+validation users through every served cut and switches off (or, with --require-all-stages,
+refuses) a stage that makes the served list worse, then
 refuses a served cut that does not beat the trivial baselines on the same users
 (--allow-below-baseline publishes it anyway, recorded in the manifest).
 """
@@ -42,8 +44,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-regression-check", action="store_true", help="publish even if worse than the live version")
     add_index_args(p)
     add_stage_gate_args(p)
+    add_item2item_arg(p)
     p.add_argument("--item2item", action="store_true",
-                   help="publish the item-to-item recall route (training/stages/retrieval/item2item.py) with the version")
+                   help="accepted for compatibility and ignored: the route is published by default")
     p.add_argument("--i2i-window", type=int, default=None, metavar="W", help="following items counted (default "
                    "from training/stages/retrieval/item2item.py)")
     p.add_argument("--i2i-alpha", type=float, default=None, metavar="A", help="popularity exponent of the follower")
@@ -123,6 +126,13 @@ def add_stage_gate_args(p: argparse.ArgumentParser) -> None:
                    help=f"validation users the stage gate replays (seeded sample; default {GATE_USERS})")
 
 
+def add_item2item_arg(p: argparse.ArgumentParser) -> None:
+    """--no-item2item, shared by export, reindex and demo."""
+    p.add_argument("--no-item2item", action="store_true",
+                   help="publish without the item-to-item recall route (by default its table is built from the "
+                        "training part and its request settings chosen on the stage gate's validation users)")
+
+
 def serving_gate(args: argparse.Namespace) -> Any:
     """The ServingGate the flags of add_stage_gate_args ask for (UsageError on a bad value)."""
     from training.eval.served_eval import ServingGate
@@ -161,6 +171,7 @@ def summary(m: Manifest) -> str:
         f"prerank: {pre.model} ({pre.objective}), item heads "
         f"{tuple(dims.prerank_item_heads or ())}, onnx parity {pre.parity_max_abs_diff:.1e}",
     ]
+    lines.append(item2item_line(m))
     serving = m.serving
     if serving is not None:
         cuts = ", ".join(f"{name} {c[NDCG10]:.4f}" for name, c in serving.cuts.items())
@@ -185,15 +196,28 @@ def summary(m: Manifest) -> str:
     return "\n".join(lines)
 
 
+def item2item_line(m: Manifest) -> str:
+    """One line on the item-to-item route: its table and the request settings it serves with."""
+    r = m.item2item
+    if r is None:
+        return "item2item: none"
+    settings = " ".join(f"{k}={v}" for k, v in (r.serving or {}).items())
+    t = r.tuning or {}
+    how = (f"chosen from {len(t.get('tried', []))} settings on {t.get('users')} {t.get('split')} users"
+           if t else "not tuned")
+    return f"item2item: R={r.neighbours} window={r.window} alpha={r.alpha}; serving {settings} ({how})"
+
+
 def _item2item(args: argparse.Namespace) -> Any:
-    """--item2item and its settings -> an Item2ItemConfig, or None (no route)."""
+    """--no-item2item and the table's settings -> an Item2ItemConfig, or None (no route)."""
     from training.stages.retrieval.item2item import Item2ItemConfig
 
     given = {k: v for k, v in (("window", args.i2i_window), ("alpha", args.i2i_alpha),
                                ("neighbours", args.i2i_neighbours)) if v is not None}
-    if not args.item2item:
-        if given:
-            raise UsageError(f"--i2i-{next(iter(given))} needs --item2item")
+    if args.no_item2item:
+        if given or args.item2item:
+            what = f"--i2i-{next(iter(given))}" if given else "--item2item"
+            raise UsageError(f"{what} contradicts --no-item2item")
         return None
     try:
         return Item2ItemConfig(**given)

@@ -21,7 +21,7 @@ from training.report import timed
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from recsys_cli.commands.export import add_index_args, add_stage_gate_args
+    from recsys_cli.commands.export import add_index_args, add_item2item_arg, add_stage_gate_args
     from training.publish.gates import DEFAULT_MAX_REGRESSION
     from training.publish.versions import DEFAULT_KEEP
 
@@ -40,6 +40,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         p.add_argument(f"--{stage}", type=Path, metavar="DIR", help=f"{stage} folder (default: the live version's)")
     add_index_args(p)
     add_stage_gate_args(p)
+    add_item2item_arg(p)
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
                    help="largest drop in served NDCG@10 (catalog NDCG@10 for a live version without a serving "
                         "record) allowed against the live version "
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_onnx_exporter()
     try:
         cfg = ReindexConfig(
-            artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, events=args.events, redis_url=args.redis_url,
+            artifacts=Path(args.artifacts), data=args.data, catalog=args.catalog, events=args.events,
+            item2item=not args.no_item2item, redis_url=args.redis_url,
             retrieval=args.retrieval, prerank=args.prerank, rerank=args.rerank, index_spec=_index_spec(args),
             min_recall=args.min_recall, max_regression=args.max_regression, keep=args.keep, version=args.version,
             gate=serving_gate(args))

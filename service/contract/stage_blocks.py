@@ -130,7 +130,9 @@ class Rerank(Block):
 @dataclass(frozen=True)
 class Item2Item(Block):
     """`item2item`: the item-to-item route's table (its settings, how it was built) and the
-    request-time settings (`serving`: recent, decay, candidates, beta)."""
+    request-time settings (`serving`: recent, decay, candidates, beta), chosen at publish on the
+    version's validation users (`tuning`: the grid, each setting tried with its NDCG@10, the users
+    and seed; training/publish/route_tuning.py; absent in older versions)."""
 
     file: str | None = None
     neighbours: int | None = None
@@ -141,6 +143,7 @@ class Item2Item(Block):
     events: int | None = None
     items_with_neighbours: int | None = None
     serving: dict[str, float] | None = None
+    tuning: dict[str, Any] | None = optional()
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "item2item") -> Item2Item:

@@ -17,7 +17,9 @@ share every step, driven by training/publisher.Publisher:
                      parity against eager PyTorch, items.npy, index.faiss + recall against
                      exact search (an IVF chosen by size gets the nprobe that reaches the
                      threshold), pre-rank / re-rank files + parity (training/publish/checks.py);
-                     then the stage gate and the caller's offline-metric gate against the live
+                     then the item-to-item route's request settings chosen on validation
+                     users (training/publish/route_tuning.py), the stage gate and the caller's
+                     offline-metric gate against the live
                      version (training/publish/gates.py), a full load + smoke run through
                      service.artifacts, fsync and a rename into place
     set_current      CURRENT replaced atomically (temp file + os.replace), only after all that
@@ -71,6 +73,7 @@ from training.stages.retrieval.encoders import served_vectors
 from training.publish.sources import Sources
 from training.publish.onnx.retrieval import PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
+from training.publish.route_tuning import tune_published
 from training.report import timed
 from training.eval.served_eval import ServingGate
 from training.publish.versions import PublishError, fsync_dir, fsync_tree, set_current, smoke
@@ -141,7 +144,8 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
     """Write, check and rename artifacts_root/<version>, then make it CURRENT (see the module doc).
 
     gate: the stage gate on the served path (serving_gate), which writes manifest `serving`
-    before `regression` runs. Raises ValueError for a bad version name and PublishError when a
+    before `regression` runs; a version with the item-to-item route first gets the route's
+    request settings chosen on the gate's validation users (training/publish/route_tuning.py). Raises ValueError for a bad version name and PublishError when a
     check fails; on any error the temp folder is removed and CURRENT is unchanged.
     """
     timings = {} if timings is None else timings
@@ -162,6 +166,10 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
             if src.rerank is not None:
                 manifest = check_rerank(tmp, src.rerank, manifest)
             manifest.write(tmp / MANIFEST)  # the service loads the folder from its manifest
+            if manifest.item2item is not None:  # the route's settings, before the gate measures with them
+                with timed("route", timings):
+                    manifest = tune_published(tmp, src, gate, manifest)
+                manifest.write(tmp / MANIFEST)
             with timed("served", timings):
                 manifest = manifest.with_(serving=serving_gate(tmp, src, gate))
             entry, manifest = regression(tmp, manifest)

@@ -6,7 +6,8 @@ do to it, with every step's wall time kept.
              the recomputation (training.stages.rerank.upstream.Pipeline) is kept as `upstream`, so reindex
              takes the data set's items' pre-rank heads from it instead of computing them again
     publish  the item side -> catalog, retrieval.onnx + parity, items.npy, index + recall,
-             pre-rank / re-rank files + parity -> the stage gate and the regression gate against
+             pre-rank / re-rank files + parity -> the item-to-item route's request settings
+             (training/publish/route_tuning.py) -> the stage gate and the regression gate against
              the live version (training/publish/gates.py) -> load + smoke run -> rename -> CURRENT
              (training/artifacts.publish_items)
     rollback CURRENT back to an older version once it loads and passes a smoke run
@@ -79,8 +80,9 @@ class Publisher:
 
     def export(self, data_spec: str, retrieval_dir: str | Path, prerank_dir: str | Path,
                rerank_dir: str | Path | None, version: str | None = None,
-               item2item: i2i.Item2ItemConfig | None = None) -> PublishResult:
-        """`recsys export`: publish the data set's items from trained checkpoints."""
+               item2item: i2i.Item2ItemConfig | None = i2i.Item2ItemConfig()) -> PublishResult:
+        """`recsys export`: publish the data set's items from trained checkpoints, with the
+        item-to-item route's table built with `item2item` (None: no route)."""
         src = self.load(data_spec, retrieval_dir, prerank_dir, rerank_dir)
         version = version or default_version(src.ds.fingerprint, src.checkpoints)
         with timed("arrays", self.timings):
@@ -105,7 +107,7 @@ def publish(
     index_spec: IndexSpec | None = None,
     timings: dict[str, float] | None = None,
     gate: ServingGate = ServingGate(),
-    item2item: i2i.Item2ItemConfig | None = None,
+    item2item: i2i.Item2ItemConfig | None = i2i.Item2ItemConfig(),
 ) -> PublishResult:
     """Build, check and publish a version (now CURRENT); fills `timings` with each step's seconds.
 
@@ -116,7 +118,9 @@ def publish(
     switched off, or refused with require_all_stages; a served cut that does not beat the best
     trivial baseline by more than the paired SE is refused unless allow_below_baseline), served NDCG@10 at most max_regression below the live version's (same
     data only; None turns that check off), and a load + smoke run through service.artifacts.
-    item2item: build the item-to-item route's table with these settings (None: no route).
+    item2item: build the item-to-item route's table with these settings (default: the defaults of
+    training/stages/retrieval/item2item.py; None: no route); its request settings are then chosen on
+    the gate's validation users (training/publish/route_tuning.py).
     index_spec=None picks the kind from the catalog size (service.index) and, for IVF, the
     smallest doubling of nprobe that reaches min_recall.
 

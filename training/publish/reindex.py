@@ -28,7 +28,9 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 data set's catalog the re-ranker was trained with. Item-to-item table
                 (training/stages/retrieval/item2item.py): the data set's training part plus --events, each
                 user's new events after their training items, so new transitions are served;
-                built when the live version has the route (its settings) or --events is given.
+                built unless --no-item2item (the live version's table settings, else the
+                defaults), its request settings chosen again on validation users
+                (training/publish/route_tuning.py).
  5. publish     training/publisher.Publisher.publish: ONNX parity, index (kind by size unless
                 given) + recall against exact search, the stage gate on the served path (as
                 for export: validation users through every served cut, a stage that hurts
@@ -108,6 +110,7 @@ class ReindexConfig:
     data: str | None = None
     catalog: Path | None = None
     events: str | None = None  # data spec of new interactions for the item-to-item table
+    item2item: bool = True  # False: publish without the item-to-item route
     redis_url: str | None = None
     retrieval: Path | None = None
     prerank: Path | None = None
@@ -123,6 +126,9 @@ class ReindexConfig:
         check_gates(self.min_recall, self.max_regression)
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.events is not None and not self.item2item:
+            raise ValueError(f"--events {self.events} only feeds the item-to-item route's table; "
+                             "it contradicts --no-item2item")
 
 
 @dataclass
@@ -164,7 +170,7 @@ def reindex(cfg: ReindexConfig, timings: dict[str, float] | None = None) -> Rein
                      catalog.num_items, len(added), len(changed), len(pending), len(rejected))
             with timed("embeddings", timings):
                 items = grown_item_side(src, pipe, catalog, ItemCatalog.from_arrays(dataset))
-            items.item2item = _item2item_config(live_manifest, cfg.events)
+            items.item2item = _item2item_config(live_manifest, cfg.item2item)
             if items.item2item is not None:
                 items.item2item_rows = _item2item_rows(src, catalog, cfg.events)
             items.info = replace(items.info, base=base, catalog_file=str(cfg.catalog) if cfg.catalog else None,
@@ -252,15 +258,17 @@ def _pending(snapshot: PendingSnapshot, schema: dict[str, FeatureKind]
 
 
 
-def _item2item_config(live: Manifest | None, events: str | None) -> i2i.Item2ItemConfig | None:
-    """The live version's table settings; the defaults when it has none but --events is given;
-    None (no route) otherwise."""
+def _item2item_config(live: Manifest | None, route: bool) -> i2i.Item2ItemConfig | None:
+    """None (no route) when route is False; else the live version's table settings, or the
+    defaults when it has none. The request settings are chosen again for the new version."""
+    if not route:
+        return None
     entry = live.item2item if live is not None else None
     if entry is not None:
         if entry.neighbours is None or entry.window is None or entry.alpha is None:
             raise PublishError("the live manifest's item2item block lacks its table settings (neighbours, window, alpha)")
         return i2i.Item2ItemConfig(entry.neighbours, entry.window, entry.alpha)
-    return i2i.Item2ItemConfig() if events is not None else None
+    return i2i.Item2ItemConfig()
 
 
 def _item2item_rows(src: Sources, catalog: ItemCatalog, events: str | None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -127,8 +127,11 @@ def fold_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["train", "rerank", *common, "--retrieval", str(root / "ret"), "--upstream", str(root / "up"), "--prerank",
          str(root / "pre"), "--epochs", "1", "--d-model", "8", "--list-len", "10", "--candidates", "30",
          "--out", str(root / "re")],
+        # without the route: the served pre-rank / re-rank inputs are compared with training's,
+        # whose candidate lists come from the encoder alone
         ["export", *common, "--retrieval", str(root / "ret"), "--prerank", str(root / "pre"), "--rerank",
-         str(root / "re"), "--out", str(root / "art"), "--allow-below-baseline"],  # a 3-epoch tiny model; about folds
+         str(root / "re"), "--out", str(root / "art"), "--no-item2item",
+         "--allow-below-baseline"],  # a 3-epoch tiny model; about folds
     ]
     for step in steps:
         assert cli.main(step) == 0, step

@@ -196,7 +196,9 @@ def test_a_version_without_the_table_still_serves(root: Path, tmp_path: Path) ->
 
 def test_export_cli_route_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["export", "--data", TINY, "--retrieval", "r", "--prerank", "p", "--out", str(tmp_path / "a")]
-    assert cli.main([*base, "--i2i-window", "3"]) == 2
-    assert "--i2i-window needs --item2item" in capsys.readouterr().err
-    assert cli.main([*base, "--item2item", "--i2i-alpha", "2"]) == 2
+    assert cli.main([*base, "--no-item2item", "--i2i-window", "3"]) == 2
+    assert "--i2i-window contradicts --no-item2item" in capsys.readouterr().err
+    assert cli.main([*base, "--no-item2item", "--item2item"]) == 2
+    assert "--item2item contradicts --no-item2item" in capsys.readouterr().err
+    assert cli.main([*base, "--item2item", "--i2i-alpha", "2"]) == 2  # --item2item: accepted, the default
     assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err

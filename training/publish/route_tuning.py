@@ -1,0 +1,213 @@
+"""The item-to-item route's request settings, chosen per version at publish (issue 22).
+
+The route's table is built from the version's training part (training/stages/retrieval/item2item.py);
+how much it should weigh against the encoder (beta), how many recent items it reads (recent,
+decay) and how many candidates it adds (candidates) depend on the data and on how well that
+version's encoder was trained, so they are measured on the version itself, not fixed once:
+
+    for settings s in GRID (coordinate search, below):
+        NDCG@10(s) = the served retrieval cut, service.pipeline.Recommender(version with the
+                     route's settings replaced by s, stages=("retrieval",)), replayed over the
+                     validation users the stage gate uses (served_eval.select_users, gate.users,
+                     gate.seed), each user's whole history removed as the service does
+    chosen = argmax NDCG@10; ties -> the cheaper setting: the smaller beta, then the fewer
+             candidates, the fewer recent items, then no decay (the larger decay)
+
+beta = 0 orders the retrieval cut by the encoder alone (with an exact index, FAISS's own top-10),
+so the route must earn its weight on the version's own validation users. The chosen settings go
+into the manifest's item2item.serving; item2item.tuning records the grid, every setting tried
+with its NDCG@10, the users and the seed. The stage gate (training/publish/gates.serving_gate)
+then runs with the chosen settings.
+
+Coordinate search: from START, sweep one setting at a time over its GRID values with the others
+fixed and move to the best, until no single setting improves on it (at most MAX_PASSES passes).
+Typically 10 to 25 of the 84 settings are measured, each measured once; each costs one retrieval
+request per validation user, the encoder run once per user for the whole grid (its output does
+not depend on the route's settings).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnxruntime as ort
+
+from service.artifacts import LoadedVersion
+from service.contract.manifest import STAGES, Manifest
+from service.item2item import DEFAULT_SERVING
+from service.pipeline import Recommender
+from training.data.dataset import Dataset
+from training.data.splits import LeaveOneOut, Split
+from training.eval.served_eval import METRIC, RETRIEVAL_K, ServingGate, select_users
+from training.publish.sources import Sources
+from training.publish.versions import PublishError
+
+Setting = dict[str, float]
+# the values tried per setting, swept in ORDER. beta reaches 16:
+# where the encoder is far weaker than the route (an under-trained one), the cut may follow the route
+GRID: dict[str, tuple[float, ...]] = {
+    "beta": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    "candidates": (20, 50),
+    "recent": (1, 3, 8),
+    "decay": (0.6, 1.0),
+}
+ORDER = ("beta", "candidates", "recent", "decay")
+START: Setting = {k: float(v) for k, v in DEFAULT_SERVING.items()}  # the ml-100k choice: a sensible start
+MAX_PASSES = 3
+TOP = 10  # NDCG@10: ranks past this are misses
+
+Measure = Callable[[Setting], float]
+"""settings -> NDCG@10 of the retrieval cut served with them."""
+
+
+@dataclass(frozen=True)
+class RouteTuning:
+    """What the tuning chose (`serving`: the manifest's item2item.serving) and its record."""
+
+    serving: Setting
+    tried: list[dict[str, float]]  # each setting measured, in order, with its NDCG@10
+    users: int
+    seed: int
+    split: str
+    grid: dict[str, tuple[float, ...]]
+    seconds: float  # wall time of the search
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's item2item.tuning."""
+        return {"metric": METRIC, "cut": STAGES[0], "split": self.split, "users": self.users, "seed": self.seed,
+                "search": "coordinate", "grid": {k: list(v) for k, v in self.grid.items()},
+                "chosen": dict(self.serving), "tried": self.tried, "seconds": round(self.seconds, 2)}
+
+
+def check_grid(grid: Mapping[str, Sequence[float]], start: Setting) -> None:
+    """ValueError naming a setting that is missing, unknown, empty or whose start is not in it."""
+    if set(grid) != set(ORDER):
+        raise ValueError(f"route tuning grid must set exactly {sorted(ORDER)}, got {sorted(grid)}")
+    for name in ORDER:
+        if not grid[name]:
+            raise ValueError(f"route tuning grid: {name} has no values")
+        if start[name] not in grid[name]:
+            raise ValueError(f"route tuning start {name}={start[name]} is not among its grid values {list(grid[name])}")
+
+
+def coordinate_search(measure: Measure, grid: Mapping[str, Sequence[float]] = GRID,
+                      start: Setting | None = None) -> tuple[Setting, list[dict[str, float]]]:
+    """The best setting found (see the module doc) and every setting measured with its NDCG@10.
+    Each setting is measured once; the best is the highest NDCG@10 of all measured, ties to the
+    cheaper setting (rank below)."""
+    start = dict(START if start is None else start)
+    check_grid(grid, start)
+    seen: dict[tuple[float, ...], float] = {}
+    tried: list[dict[str, float]] = []
+
+    def key(s: Setting) -> tuple[float, ...]:
+        return tuple(float(s[name]) for name in ORDER)
+
+    def rank(s: Setting) -> tuple[float, ...]:  # smaller is better: NDCG@10, then the cheaper setting
+        return (-seen[key(s)], s["beta"], s["candidates"], s["recent"], -s["decay"])
+
+    def score(s: Setting) -> float:
+        if key(s) not in seen:
+            seen[key(s)] = float(measure(s))
+            tried.append({**s, METRIC: seen[key(s)]})
+        return seen[key(s)]
+
+    best = start
+    score(best)
+    settled: set[str] = set()  # settings swept at the current best without a move
+    for name in itertools.islice(itertools.cycle(ORDER), MAX_PASSES * len(ORDER)):
+        moved = False
+        for value in grid[name]:
+            s = {**best, name: float(value)}
+            score(s)
+            if rank(s) < rank(best):
+                best, moved = s, True
+        settled = {name} if moved else settled | {name}
+        if settled == set(ORDER):  # no single setting improves on best
+            break
+    return best, tried
+
+
+class _EncodeOnce:
+    """The version's retrieval session, each distinct item_seq run once (the grid replays the
+    same histories once per setting; the user vectors (1, M, D) do not depend on the route)."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.seen: dict[bytes, list[Any]] = {}
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[Any]:
+        seq = np.ascontiguousarray(feeds["item_seq"])
+        key = f"{seq.shape}{output_names}".encode() + seq.tobytes()
+        if key not in self.seen:
+            self.seen[key] = self.session.run(output_names, feeds)
+        return self.seen[key]
+
+
+def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray,
+                          split: Split = "valid") -> Measure:
+    """A Measure over the served retrieval cut: each call builds a Recommender on `version` with
+    the route's settings replaced and replays `users` (positions into loo.eval_users) on `split`."""
+    route = version.item2item
+    if route is None:
+        raise ValueError(f"version {version.version} has no item-to-item route to tune")
+    starts = ds.offsets[loo.eval_users[users]]
+    ends = loo.history_end(split)[users]
+    ids = ds.item_ids.astype(str)
+    histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
+    targets = ids[loo.targets(split)[users]].tolist()
+
+    encoder = cast(ort.InferenceSession, _EncodeOnce(version.retrieval))
+
+    def measure(s: Setting) -> float:
+        tuned = replace(route, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
+                        beta=float(s["beta"]))
+        rec = Recommender(replace(version, item2item=tuned, retrieval=encoder), retrieval_k=RETRIEVAL_K,
+                          stages=STAGES[:1])
+        gain = 0.0
+        for history, target in zip(histories, targets):
+            got = [it.item_id for it in rec.recommend(history, k=TOP, explain=False).items]
+            if target in got:
+                gain += 1.0 / np.log2(got.index(target) + 2.0)
+        return gain / max(len(histories), 1)
+
+    return measure
+
+
+def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
+               grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid") -> RouteTuning:
+    """Choose the route's request settings of `version` on `users` of `split` (see the module doc)."""
+    t0 = time.perf_counter()
+    best, tried = coordinate_search(served_retrieval_ndcg(version, ds, loo, users, split), grid)
+    serving = {name: (int(best[name]) if name in ("recent", "candidates") else float(best[name]))
+               for name in ("recent", "decay", "candidates", "beta")}  # the key order of DEFAULT_SERVING
+    return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER},
+                       time.perf_counter() - t0)
+
+
+def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifest) -> Manifest:
+    """`manifest` (already written in the temp version folder `tmp`, with an item2item block)
+    with the route's settings chosen on the stage gate's validation users (tune_route) and the
+    record in item2item.tuning. The chosen settings are printed on stderr."""
+    from service.artifacts import ArtifactError, load_version
+
+    assert manifest.item2item is not None  # called only for a version with the route
+    try:
+        version = load_version(tmp)
+    except ArtifactError as exc:
+        raise PublishError(f"the new version does not load: {exc}") from None
+    users = select_users(src.loo, gate.users, gate.seed)
+    tuning = tune_route(version, src.ds, src.loo, users, gate.seed)
+    best = next(t[METRIC] for t in tuning.tried if all(t[k] == v for k, v in tuning.serving.items()))
+    off = next((t[METRIC] for t in tuning.tried if t["beta"] == 0.0), None)
+    print(f"item-to-item route: {len(tuning.tried)} settings on {tuning.users} validation users; chosen "
+          + " ".join(f"{k}={v}" for k, v in tuning.serving.items())
+          + f", retrieval {METRIC} {best:.4f}" + ("" if off is None else f" (beta 0: {off:.4f})"), file=sys.stderr)
+    return manifest.with_(item2item=replace(manifest.item2item, serving=tuning.serving, tuning=tuning.record()))
