@@ -71,7 +71,9 @@ def test_a_version_below_last_item_is_refused_then_allowed(below: tuple[Path, st
     assert bl.served_minus_best is not None and bl.paired_se is not None
     served = s.cuts[bl.served_cut][se.METRIC]
     assert bl.served_minus_best == pytest.approx(served - bl.rows["last-item"][se.METRIC], abs=1e-12)
-    assert bl.served_minus_best < -0.1 < 0 < bl.paired_se < 0.05  # random models: far below, SE ~0.03
+    # random rankers behind the tuned item-to-item route: the route lifts the cut to about last-item's
+    # level (-0.0067 here), still below it, and within one SE is not a win
+    assert bl.served_minus_best < 0 < bl.paired_se < 0.05
     # the refusal: exit 1, CURRENT unchanged, one message with both numbers and the SE
     assert (f"check failed, CURRENT unchanged (None): below baseline: served NDCG@10 {served:.4f} "
             f"({bl.served_cut} cut) does not beat the best baseline last-item "
