@@ -1,6 +1,8 @@
 """`recsys demo`: the whole job on the embedded synthetic data (or any `--data`).
 
-synthetic data -> baselines -> SASRec retriever (upstream fold + continued, each until validation
+synthetic data -> baselines -> SASRec retrievers (the upstream of the rankers' lists, --ranking-data:
+one without each user's last items, or K without one fold of the users each, or none for in-sample
+lists; then the served one, continuing the first upstream; each until validation
 NDCG@10 stops improving, under a ceiling from the data's size: training/stages/retrieval/budget.py)
 -> IntTower next-item pre-ranker -> PRM re-ranker (both with early stopping) -> `recsys export`
 (ONNX, FAISS index, the item-to-item route with its request settings chosen on validation
@@ -29,6 +31,7 @@ from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.eval.baselines import BASELINES
+from training.stages.prerank.folds import RANKING_DATA, FoldMap, RankingData
 from training.report import table, timed
 
 METRIC = "NDCG@10"  # what the verdict compares (the gates' metric)
@@ -36,7 +39,8 @@ COLUMNS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "Coverage@10")
 CUT_LABELS = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
 BASELINE_LABELS = {"item2item": "item2item alone"}  # evaluate's row names -> the table's
 ALLOW_BELOW = "--allow-below-baseline"  # `recsys export`'s flag to publish below a baseline
-FOLD_SHARE = 0.6  # of an explicit --minutes: the ranking fold; the continued run gets the rest
+FOLD_SHARE = 0.6  # of an explicit --minutes: the upstream run(s); the served run gets the rest
+DEFAULT_RANKING_DATA: RankingData = "holdout"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -54,8 +58,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "NDCG@10 stops improving")
     p.add_argument("--epochs", type=int, default=None,
                    help="pre-rank and re-rank epoch cap (default: the trainers' own, with early stopping)")
+    p.add_argument("--ranking-data", choices=RANKING_DATA, default=DEFAULT_RANKING_DATA,
+                   help="where the rankers' training lists come from (training/stages/prerank/folds.py): in-sample "
+                        "(the served retriever's own lists), holdout (a retriever without each user's last --holdout "
+                        "training items; the served one continues it), kfold (--folds retrievers, each without one "
+                        "fold of the users; lists of every training position) (default: %(default)s)")
     p.add_argument("--holdout", type=int, default=6,
-                   help="ranking fold: each user's last H training items the rankers learn on (default: 6)")
+                   help="--ranking-data holdout: each user's last H training items the rankers learn on (default: 6)")
+    p.add_argument("--folds", type=int, default=3, metavar="K",
+                   help="--ranking-data kfold: upstream retrievers, each trained without 1/K of the users (default: 3)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
     add_item2item_arg(p)
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from recsys_cli.main import main as cli
     from training.eval.metrics import evaluate_retrieval
     from training.stages.retrieval.budget import RetrievalBudget, budget_for
+    from training.stages.prerank.upstreams import train_fold_set
     from training.stages.retrieval.train import RetrievalTrainConfig, evaluate_model, save_checkpoint
 
     started = time.perf_counter()
@@ -88,24 +100,48 @@ def run(args: argparse.Namespace) -> int:
         for name, cls in BASELINES.items():
             baselines[name] = evaluate_retrieval(cls(split, "test"), split, "test", progress=False)
     cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers)
-    # the ranking fold (training/stages/prerank/folds.py): an upstream retriever without each user's last
-    # --holdout training items makes the rankers' lists; the served one is it continued on everything
-    fold_split = LeaveOneOut(ds, holdout=args.holdout)
-    budgets = [budget_for(fold_split, cfg.maxlen), budget_for(split, cfg.maxlen)]
+    scheme = args.ranking_data
+    # where the rankers' lists come from (training/stages/prerank/folds.py). holdout: an upstream retriever
+    # without each user's last --holdout training items, the served one is it continued on everything;
+    # kfold: --folds upstream retrievers, each without one fold of the users, the served one is fold 0's
+    # continued on everything; in-sample: the served retriever alone
+    parts: list[tuple[str, str, LeaveOneOut]] = []
+    fmap = None
+    if scheme == "holdout":
+        parts.append(("upstream", "ranking fold", LeaveOneOut(ds, holdout=args.holdout)))
+    elif scheme == "kfold":
+        try:
+            fmap = FoldMap.assign(ds, args.folds)
+        except ValueError as exc:
+            raise UsageError(f"--folds: {exc}") from None
+        parts += [(f"fold-{k}", f"fold {k} of {args.folds}: without its users", fmap.split(ds, k))
+                  for k in range(args.folds)]
+    parts.append(("retrieval", "all the data" if scheme == "in-sample" else "continued on all the data", split))
+    budgets = [budget_for(part, cfg.maxlen) for _, _, part in parts]
     if args.minutes is not None:  # an explicit override of the time ceiling (tests, a quick look)
-        budgets = [RetrievalBudget(100, FOLD_SHARE * args.minutes), RetrievalBudget(100, (1 - FOLD_SHARE) * args.minutes)]
-    runs = [("upstream", "ranking fold", fold_split), ("retrieval", "continued on all the data", split)]
-    models: dict[str, Any] = {}
-    for (name, what, part), budget in zip(runs, budgets):
+        share = FOLD_SHARE if len(parts) > 1 else 0.0
+        budgets = [RetrievalBudget(100, share * args.minutes / (len(parts) - 1)) for _ in parts[:-1]]
+        budgets.append(RetrievalBudget(100, (1 - share) * args.minutes))
+    results: dict[str, Any] = {}
+    for (name, what, part), budget in zip(parts, budgets):
         tcfg = RetrievalTrainConfig(epochs=budget.epochs, lr=2e-3, patience=5, max_minutes=budget.minutes)
         print(f"train retrieval ({what}): {budget.describe()}, early stopping on validation {METRIC} "
               f"(patience {tcfg.patience})", flush=True)
-        res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", models.get("upstream"))
+        # only the served run warm-starts (a fold retriever must never start from one that saw its users)
+        init = results.get("upstream", results.get("fold-0")) if name == "retrieval" else None
+        res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", None if init is None else init.model)
         print(f"  {len(res.history)} epochs, best {res.best_epoch} (valid {METRIC} "
               f"{max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f}), stopped: {res.stopped}")
-        models[name] = res.model
-    save_checkpoint(out / "upstream", models["upstream"], ds, args.data, {"holdout": args.holdout})
-    save_checkpoint(out / "retrieval", models["retrieval"], ds, args.data, {"init_from": str(out / "upstream")})
+        results[name] = res
+    upstream = [] if scheme == "in-sample" else ["--upstream", str(out / "upstream")]
+    if scheme == "holdout":
+        save_checkpoint(out / "upstream", results["upstream"].model, ds, args.data, {"holdout": args.holdout})
+    elif fmap is not None:
+        done = iter(results[f"fold-{k}"] for k in range(fmap.folds))
+        train_fold_set(ds, args.data, out / "upstream", fmap, lambda k, part: next(done))
+    init_from = {"init_from": str(out / "upstream" / ("fold-0" if fmap is not None else ""))} if upstream else {}
+    save_checkpoint(out / "retrieval", results["retrieval"].model, ds, args.data, {**init_from, "ranking_data": scheme})
+    models = {"retrieval": results["retrieval"].model}
     sasrec = f"sasrec(M={args.launchers}) alone"
     models_rows = {**baselines, sasrec: evaluate_model(models["retrieval"], split)}
     print(table(models_rows))
@@ -118,21 +154,22 @@ def run(args: argparse.Namespace) -> int:
         export.append(ALLOW_BELOW)
     steps = [
         ["train", "prerank", "--data", args.data, "--model", "inttower", "--objective", "next-item",
-         "--retrieval", str(out / "retrieval"), "--upstream", str(out / "upstream"), "--out", str(out / "prerank"),
-         *epochs],
+         "--retrieval", str(out / "retrieval"), *upstream, "--out", str(out / "prerank"), *epochs],
         ["train", "rerank", "--data", args.data, "--retrieval", str(out / "retrieval"),
-         "--upstream", str(out / "upstream"), "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), *epochs],
+         *upstream, "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), *epochs],
         export,
         ["evaluate", "--artifacts", args.artifacts, "--data", args.data, "--json", str(served_json)],
     ]
     for step in steps:
         print(f"\n$ recsys {' '.join(step)}", flush=True)
-        code = cli(step)
+        with timed(f"recsys {step[0]} {step[1] if step[0] == 'train' else ''}".strip(), timings):
+            code = cli(step)
         if code:
             return code
     served = json.loads(served_json.read_text())
     print(final_report(baselines, sasrec, models_rows[sasrec], served, gate_verdict(Path(args.artifacts), served)))
-    print(f"\ndemo: {time.perf_counter() - started:.0f}s to a published version", flush=True)
+    print(f"\ndemo ({scheme} ranking data): {time.perf_counter() - started:.0f}s to a published version; "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     if args.no_serve:
         return 0
     return _serve(args, ds, split, cli)

@@ -75,22 +75,26 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
     """training.stages.prerank.data.Retrievers from --retrieval / --upstream, both checked against the data."""
     from training.checkpoints import load_retrieval
     from training.stages.prerank.data import Retrievers
+    from training.stages.prerank.upstreams import load_upstreams
 
-    loaded = []
     # one load per flag, --upstream defaulting to --retrieval: building each model draws from torch's
     # generator, which the pre-ranker's initial weights draw from next
-    for flag, path in (("--retrieval", args.retrieval), ("--upstream", args.upstream or args.retrieval)):
-        try:
-            loaded.append(load_retrieval(path, ds, args.data))
-        except (FileNotFoundError, ValueError) as exc:  # DataError / CheckpointError are ValueErrors
-            raise UsageError(f"{flag}: {exc}") from None
-    (served, served_ckpt), (upstream, up_ckpt) = loaded
+    try:
+        served, served_ckpt = load_retrieval(args.retrieval, ds, args.data)
+    except (FileNotFoundError, ValueError) as exc:  # DataError / CheckpointError are ValueErrors
+        raise UsageError(f"--retrieval: {exc}") from None
+    try:
+        ups = load_upstreams(args.upstream or args.retrieval, ds, args.data, served)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--upstream: {exc}") from None
     if args.upstream is None and served_ckpt.extra.get("holdout"):
         raise UsageError(f"--retrieval {args.retrieval} was trained with --holdout {served_ckpt.extra['holdout']}: "
                          "serve the retriever continued on all the data and pass this one as --upstream")
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
-    return Retrievers(served, upstream, holdout=int(up_ckpt.extra.get("holdout") or 0), window=args.window,
+    if ups.ranking == "kfold":  # the training table and catalog are the served ones (the folds are aligned to it)
+        return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups)
+    return Retrievers(served, ups.models[0], holdout=ups.holdout, window=args.window,
                       features=not args.no_retrieval_features)
 
 
@@ -138,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
                                       "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
                                       "window": rets.holdout if args.window is None else args.window,
                                       "cascade_inputs": rets.features}
+                if rets.fold_set is not None:
+                    extra["retrieval"].update(rets.fold_set.describe(), window=args.window)
                 data = build_next_item_data(ds, loo, None, args.history_len, args.candidates,
                                             args.max_train_examples, args.seed, retrievers=rets)
+                extra["retrieval"]["train_examples"] = int(data.train_targets.size)
+                print(f"pre-rank training examples: {data.train_targets.size} "
+                      f"({extra['retrieval'].get('ranking_data', 'holdout' if rets.holdout else 'in-sample')} lists)")
             else:
                 if args.upstream or args.window is not None:
                     raise UsageError("--upstream and --window need --retrieval")

@@ -27,6 +27,7 @@ from recsys_cli.commands.common import (
 from recsys_cli.errors import UsageError
 from service.contract.layout import PRERANK_CHECKPOINT, RETRIEVAL_CHECKPOINT
 from training.report import table, timed, write_json
+from training.stages.prerank.folds import FOLD_MAP, is_fold_set
 
 LIST_COLUMNS = ("NDCG@5", "NDCG@10", "MAP@10", "P@5", "slate_acc")
 E2E_COLUMNS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     imp_cfg, hp, train_cfg = _configs(args)
     _check_dir("--retrieval", args.retrieval, RETRIEVAL_CHECKPOINT)
     _check_dir("--prerank", args.prerank, PRERANK_CHECKPOINT)
-    if args.upstream:
-        _check_dir("--upstream", args.upstream, RETRIEVAL_CHECKPOINT)
+    if args.upstream:  # one retriever, or a K-fold set (its fold map; load_upstreams checks the folds)
+        _check_dir("--upstream", args.upstream, FOLD_MAP if is_fold_set(args.upstream) else RETRIEVAL_CHECKPOINT)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr)

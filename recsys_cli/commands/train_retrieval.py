@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from typing import Any
 
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
@@ -79,6 +80,12 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         "can learn on lists this model did not train on (training/stages/prerank/folds.py); the served retriever "
         "is then this one continued on all the data with --init-from (default: 0)",
     )
+    p.add_argument(
+        "--folds", type=int, default=0, metavar="K",
+        help="K-fold ranking data: train K retrievers, each without one fold of the users, into OUT/fold-k "
+        "(+ OUT/folds.json, folds dealt with --seed); pass OUT as the rankers' --upstream, and serve a "
+        "retriever trained on all the data (training/stages/prerank/folds.py) (default: 0, one retriever)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=None,
@@ -128,6 +135,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.folds:
+        if args.holdout:
+            raise UsageError("--folds and --holdout are two ranking-data schemes: give one")
+        if distributed.world_size() > 1:
+            raise UsageError("--folds trains in one process (not under torchrun)")
+        return _run_folds(args, ds, model_cfg, train_cfg, timings)
     source = None
     if args.init_from:
         try:
@@ -161,4 +174,31 @@ def _run(args: argparse.Namespace) -> int:
             args.json,
             result(name, args.data, metrics, fingerprint=ds.fingerprint, model_config=model_cfg.to_dict(), **extra),
         )
+    return 0
+
+
+def _run_folds(args: argparse.Namespace, ds: Any, model_cfg: RetrievalConfig, train_cfg: RetrievalTrainConfig,
+               timings: dict[str, float]) -> int:
+    """--folds K: the K fold retrievers and the fold map under --out (training/stages/prerank/upstreams.py)."""
+    from training.stages.prerank.folds import FoldMap
+    from training.stages.prerank.upstreams import train_fold_set
+
+    try:
+        fmap = FoldMap.assign(ds, args.folds, args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--folds: {exc}") from None
+
+    def train(k: int, split: LeaveOneOut) -> Any:
+        with timed(f"train fold {k}", timings):
+            res = train_retrieval(split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty())
+        print(f"fold {k}/{args.folds}: {len(res.history)} epochs, best {res.best_epoch} "
+              f"(valid NDCG@10 {max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f})", flush=True)
+        return res
+
+    results = train_fold_set(ds, args.data, args.out, fmap, train, {"train_config": train_cfg.__dict__,
+                                                                    "seconds": timings})
+    if args.json:
+        write_json(args.json, {"data": args.data, "fingerprint": ds.fingerprint, "folds": args.folds,
+                               "model_config": model_cfg.to_dict(), "seconds": timings,
+                               "training": [describe(r) for r in results]})
     return 0

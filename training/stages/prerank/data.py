@@ -36,6 +36,7 @@ from training.data.features import (
 )
 from training.eval.metrics import Scorer, mask_seen
 from training.stages.prerank.folds import prerank_rows
+from training.stages.prerank.upstreams import UpstreamSet, by_fold
 from training.stages.retrieval.train import FusedTop, fused_top
 
 
@@ -115,6 +116,24 @@ class Retrievers:
     holdout: int = 0
     window: int | None = None
     features: bool = True
+    # K-fold lists (training/stages/prerank/folds.py): user u's training lists come from
+    # fold_set.models[fold_of_user[u]] (in the served basis); `upstream` is then the served one
+    fold_set: UpstreamSet | None = None
+
+    def rows(self, loo: LeaveOneOut) -> np.ndarray:
+        """(E,) the pre-rank training targets of this scheme (prerank_rows); an explicit `window`
+        is a holdout window whatever the scheme."""
+        if self.window is None and self.fold_set is not None and self.fold_set.folds:
+            return prerank_rows(loo, 0, kfold=True)
+        return prerank_rows(loo, self.holdout if self.window is None else self.window)
+
+    def training_lists(self, ds: Dataset, rows: np.ndarray, k: int) -> FusedTop:
+        """The top-k of each training row's history from the retriever that makes that user's lists."""
+        fs = self.fold_set
+        if fs is None:
+            return _fused_rows(self.upstream, ds, rows, k)
+        return by_fold(fs.fold_of_user[ds.users[rows]], len(fs.models),
+                       lambda f, sel: _fused_rows(fs.models[f], ds, rows[sel], k))
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -182,8 +201,7 @@ def build_next_item_data(
         raise ValueError("build_next_item_data needs scorers or retrievers")
     cascade = retrievers if retrievers is not None and retrievers.features else None
     decl = declare_features(ds, "next-item", history_len, cascade.dims if cascade else None)
-    window = 0 if retrievers is None else (retrievers.holdout if retrievers.window is None else retrievers.window)
-    rows = prerank_rows(loo, window)
+    rows = prerank_rows(loo, 0) if retrievers is None else retrievers.rows(loo)
     if max_train_examples is not None and rows.size > max_train_examples:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_train_examples, replace=False))
     if rows.size == 0:
@@ -213,7 +231,7 @@ def build_next_item_data(
     targets = ds.items[rows]
     users_vec: np.ndarray | None = None
     if retrievers is not None:
-        top = _fused_rows(retrievers.upstream, ds, rows, candidates)
+        top = retrievers.training_lists(ds, rows, candidates)
         train_cands, users_vec = top.items, top.users
     else:
         assert scorers is not None

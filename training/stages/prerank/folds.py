@@ -22,15 +22,47 @@ and user vectors live in the space the rankers learned from (a retriever trained
 would be a rotation of it, and the vectors the rankers read as features would mean nothing).
 Without a holdout (H = 0) the lists are in-sample: every training position, as before; the
 comparison of the two is in the issue-11 note.
+
+K-fold over users (`recsys train retrieval --folds K`, the demo's `--ranking-data kfold`): the
+users are dealt into K folds (assign_folds, seeded); retriever k trains on every training
+position of the users outside fold k and on none of fold k's (FoldOut). A sequential encoder has
+no user embedding, so fold k's lists at every position are out of sample for retriever k, and
+every user's lists come from the retriever of their fold (FoldMap, saved beside the K
+checkpoints: fold_of_user). The rankers then share the training positions instead of a tail:
+
+    pre-rank examples   targets at positions [1, n - R), R = RERANK_POSITIONS
+    re-rank lists       steps t in [n - R, n): out of sample for the fold's retriever and for
+                        the pre-ranker, which never trained on them
+
+The K retrievers are K independent trainings, so their vectors are K different bases of the
+embedding space; the rankers read the served retriever's vectors as features, so each fold's
+vectors are turned into the served retriever's basis by the orthogonal map that best carries
+its item table onto the served one (training/stages/prerank/upstreams.py: orthogonal
+Procrustes; dot products, hence the fold's own scores and lists, are unchanged by it).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut
+
+RankingData = Literal["in-sample", "holdout", "kfold"]
+RANKING_DATA: tuple[RankingData, ...] = ("in-sample", "holdout", "kfold")
+FOLD_MAP = "folds.json"  # beside the K fold retrievers: which fold each user is in
+RERANK_POSITIONS = 5  # R: the last R training positions of each user are the re-ranker's (K-fold)
+
+
+def fold_dir(root: str | Path, k: int) -> Path:
+    """Where fold k's retriever is saved under a K-fold upstream folder."""
+    return Path(root) / f"fold-{k}"
 
 
 def prerank_positions(holdout: int) -> int:
@@ -38,13 +70,16 @@ def prerank_positions(holdout: int) -> int:
     return math.ceil(holdout / 2)
 
 
-def prerank_rows(loo: LeaveOneOut, holdout: int) -> np.ndarray:
+def prerank_rows(loo: LeaveOneOut, holdout: int, kfold: bool = False) -> np.ndarray:
     """(E,) data-set rows that are pre-rank training targets; the history is the user's rows
-    before each. holdout 0: every training row with at least one item of history."""
+    before each. holdout 0: every training row with at least one item of history; kfold: those
+    before each user's re-rank window (kfold_rerank_window)."""
     ds = loo.dataset
     n = loo.full_train_lengths()  # (U,)
     pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
     inside = loo.full_train_mask()
+    if kfold:
+        return np.flatnonzero(inside & (pos >= 1) & (pos < kfold_rerank_window(loo)[0][ds.users]))
     if holdout == 0:
         return np.flatnonzero(inside & (pos >= 1))
     first = np.maximum(n - holdout, 1)[ds.users]
@@ -57,3 +92,90 @@ def rerank_window(loo: LeaveOneOut, holdout: int) -> tuple[np.ndarray, np.ndarra
     n = loo.full_train_lengths()
     first = np.minimum(np.maximum(n - holdout, 1) + prerank_positions(holdout), n)
     return first, n
+
+
+def kfold_rerank_window(loo: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
+    """(U,) first and (U,) last + 1 step of each user's K-fold re-rank window [n - R, n), at least
+    step 1 and, for n > R + 1, after a pre-rank example (so a short user gives the pre-ranker its
+    positions first)."""
+    n = loo.full_train_lengths()
+    return np.minimum(np.maximum(n - RERANK_POSITIONS, 2), n), n
+
+
+def assign_folds(num_users: int, folds: int, seed: int = 0) -> np.ndarray:
+    """(U,) fold of each user in [0, folds): a seeded shuffle dealt round-robin, so the folds'
+    sizes differ by at most one. ValueError for folds < 2 or more folds than users."""
+    if folds < 2:
+        raise ValueError(f"K-fold ranking data needs folds >= 2, got {folds}")
+    if folds > num_users:
+        raise ValueError(f"folds ({folds}) must be <= the number of users ({num_users})")
+    fold = np.empty(num_users, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(num_users)] = np.arange(num_users) % folds
+    return fold
+
+
+@dataclass
+class FoldOut(LeaveOneOut):
+    """LeaveOneOut whose training part has none of `held_out`'s users (K-fold retriever k: the
+    users of fold k, (U,) bool); their validation and test targets stay, as inputs to evaluate."""
+
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def train_lengths(self) -> np.ndarray:
+        lengths = super().train_lengths()
+        if self.held_out.size == 0:
+            return lengths
+        return np.where(self.held_out, 0, lengths)
+
+
+@dataclass(frozen=True)
+class FoldMap:
+    """Which of the K fold retrievers makes each user's lists (the one that never trained on them)."""
+
+    folds: int
+    seed: int
+    fold_of_user: np.ndarray  # (U,) int64 in [0, folds), by the data set's user index
+
+    @classmethod
+    def assign(cls, ds: Dataset, folds: int, seed: int = 0) -> FoldMap:
+        return cls(folds, seed, assign_folds(ds.num_users, folds, seed))
+
+    def split(self, ds: Dataset, k: int) -> FoldOut:
+        """The training split of fold k's retriever: every user but fold k's."""
+        return FoldOut(ds, held_out=self.fold_of_user == k)
+
+    def users_of(self, ds: Dataset, k: int) -> list[str]:
+        """External ids of fold k's users (what fold k's checkpoint records as held out)."""
+        return [str(u) for u in ds.user_ids[self.fold_of_user == k]]
+
+    def save(self, root: str | Path, ds: Dataset) -> Path:
+        path = Path(root) / FOLD_MAP
+        path.parent.mkdir(parents=True, exist_ok=True)
+        users = {str(u): int(f) for u, f in zip(ds.user_ids, self.fold_of_user)}
+        path.write_text(json.dumps({"folds": self.folds, "seed": self.seed, "fingerprint": ds.fingerprint,
+                                    "users": users}))
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path, ds: Dataset) -> FoldMap:
+        """The fold map of a K-fold upstream folder, checked against `ds` (DataError: another data
+        set, or a user without a fold)."""
+        path = Path(root) / FOLD_MAP
+        raw = json.loads(path.read_text())
+        if raw.get("fingerprint") != ds.fingerprint:
+            raise DataError(f"{path}: written for another data set (fingerprint {raw.get('fingerprint')}, "
+                            f"this one {ds.fingerprint})")
+        users = raw["users"]
+        missing = [str(u) for u in ds.user_ids if str(u) not in users]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} users have no fold (e.g. {missing[0]!r})")
+        folds = int(raw["folds"])
+        fold = np.array([users[str(u)] for u in ds.user_ids], dtype=np.int64)
+        if fold.min() < 0 or fold.max() >= folds:
+            raise DataError(f"{path}: a fold outside [0, {folds})")
+        return cls(folds, int(raw["seed"]), fold)
+
+
+def is_fold_set(root: str | Path) -> bool:
+    """Whether an upstream folder holds K fold retrievers (a fold map) rather than one retriever."""
+    return (Path(root) / FOLD_MAP).is_file()

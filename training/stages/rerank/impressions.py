@@ -24,7 +24,8 @@ With a ranking fold (training/stages/prerank/folds.py: the upstream retriever tr
 `--holdout H`) the lists are out of sample instead: every step comes from the user's re-rank
 window [n - H + P, n), the retriever never trained on those positions and the pre-ranker only on
 earlier ones; the window's users are split train / valid / test (`valid_frac` / 2 each for the
-two evaluation sides). Without one (H = 0) the steps are sampled as above from the whole
+two evaluation sides). With K-fold lists (`folds` K) the same, over each user's last R training
+positions, the lists of a user coming from the retriever of their fold (FoldLists). Without one (H = 0) the steps are sampled as above from the whole
 training part, in-sample for both upstream stages.
 
 Per candidate (what models/prm.py reads; all fixed, no label enters a feature):
@@ -53,6 +54,7 @@ from service.contract.rerank_inputs import PVStats, list_zscore
 from training.data.splits import LeaveOneOut, Split
 from training.stages.rerank.sampling import ImpressionConfig, Steps, click_labels, sample_steps
 from training.stages.rerank.train import ListData
+from training.stages.prerank.upstreams import by_fold
 from training.stages.rerank.upstream import Pipeline, Ranked, rank_candidates
 
 
@@ -90,14 +92,32 @@ class Impressions:
         return out
 
 
+@dataclass(eq=False)
+class FoldLists:
+    """K-fold lists (training/stages/prerank/folds.py): pipes[k] (fold k's retriever, in the served
+    basis, + the pre-ranker) ranks the steps of fold k's users."""
+
+    pipes: list[Pipeline]
+    fold_of_user: np.ndarray  # (U,)
+
+    def rank(self, users: np.ndarray, ends: np.ndarray, cfg: ImpressionConfig,
+             progress: Callable[[str], None] | None = None) -> Ranked:
+        users, ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+        return by_fold(self.fold_of_user[users], len(self.pipes),
+                       lambda k, sel: rank_candidates(self.pipes[k], users[sel], ends[sel], cfg, progress))
+
+
 def build_impressions(pipe: Pipeline, loo: LeaveOneOut, cfg: ImpressionConfig,
-                      progress: Callable[[str], None] | None = None) -> Impressions:
-    """Sample steps, generate candidates with the real stages, label clicks, assemble ListData."""
+                      progress: Callable[[str], None] | None = None, folds: FoldLists | None = None) -> Impressions:
+    """Sample steps, generate candidates with the real stages, label clicks, assemble ListData.
+    With `folds` each step's list comes from its user's fold pipeline, and `pipe` (the served
+    one) gives the item features."""
     ds = pipe.dataset
     steps = sample_steps(loo, cfg)
     ranked, labels = {}, {}
     for name, st in steps.items():
-        ranked[name] = rank_candidates(pipe, st.users, st.ends(ds), cfg, progress)
+        ranked[name] = (rank_candidates(pipe, st.users, st.ends(ds), cfg, progress) if folds is None
+                        else folds.rank(st.users, st.ends(ds), cfg, progress))
         labels[name] = click_labels(ds, loo, st, ranked[name].items[:, : cfg.list_len], cfg.horizon)
     top = ranked["train"].items[:, : cfg.list_len] > 0
     stats = PVStats.fit(ranked["train"].pv[:, : cfg.list_len], top)

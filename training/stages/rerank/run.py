@@ -29,7 +29,8 @@ from training.eval.metrics import evaluate_retrieval
 from training.report import timed
 from training.stages.rerank import models as rr
 from training.stages.rerank.end_to_end import E2E_KS, end_to_end
-from training.stages.rerank.impressions import Impressions, build_impressions, leave_one_out_lists
+from training.stages.prerank.upstreams import load_upstreams
+from training.stages.rerank.impressions import FoldLists, Impressions, build_impressions, leave_one_out_lists
 from training.stages.rerank.sampling import ImpressionConfig
 from training.stages.rerank.train import RerankTrainConfig, evaluate_lists, score_lists, unchanged_scores
 from training.stages.rerank.upstream import Pipeline
@@ -43,7 +44,8 @@ Progress = Callable[[str], None]
 class Upstream:
     """The stages the re-ranker sits on, loaded and checked once: `served` (the served retriever +
     the pre-ranker) and `lists` (the retriever that makes the training lists: the upstream of a
-    ranking fold, training/stages/prerank/folds.py, else the served one)."""
+    ranking fold, training/stages/prerank/folds.py, else the served one), or with a K-fold
+    upstream `folds` (one pipeline per fold retriever)."""
 
     data_spec: str
     ds: Dataset
@@ -52,12 +54,16 @@ class Upstream:
     lists: Pipeline
     source: str  # the retriever folder the training lists came from (the manifest's `upstream`)
     holdout: int  # that retriever's ranking fold (0: in-sample lists)
+    folds: FoldLists | None = None  # K-fold lists: each user's from their fold's retriever (`lists` = `served`)
 
     def impression_config(self, cfg: ImpressionConfig, window: int | None = None) -> ImpressionConfig:
-        """`cfg` with the re-rank window of H = `window` (default: the upstream's holdout); ValueError for H < 0."""
+        """`cfg` with the re-rank window of H = `window` (default: the upstream's scheme: its holdout,
+        or the K-fold window); ValueError for H < 0."""
         if window is not None and window < 0:
             raise ValueError(f"--window must be >= 0, got {window}")
-        return replace(cfg, holdout=self.holdout if window is None else window)
+        if window is None and self.folds is not None:
+            return replace(cfg, holdout=0, folds=len(self.folds.pipes))
+        return replace(cfg, holdout=self.holdout if window is None else window, folds=0)
 
 
 def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | Path,
@@ -71,9 +77,12 @@ def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | 
     served = Pipeline.from_models(ds, loo, retrieval, prerank, spec, pre_ckpt)
     if upstream_dir is None:
         return Upstream(data_spec, ds, loo, served, served, str(retrieval_dir), 0)
-    upstream, up_ckpt = load_retrieval(upstream_dir, ds, data_spec)
-    lists = Pipeline.from_models(ds, loo, upstream, prerank, spec, pre_ckpt)
-    return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), int(up_ckpt.extra.get("holdout") or 0))
+    ups = load_upstreams(upstream_dir, ds, data_spec, retrieval)
+    if ups.ranking == "kfold":
+        pipes = [Pipeline.from_models(ds, loo, m, prerank, spec, pre_ckpt) for m in ups.models]
+        return Upstream(data_spec, ds, loo, served, served, str(upstream_dir), 0, FoldLists(pipes, ups.fold_of_user))
+    lists = Pipeline.from_models(ds, loo, ups.models[0], prerank, spec, pre_ckpt)
+    return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), ups.holdout)
 
 
 @dataclass
@@ -102,7 +111,7 @@ def train_rerank(up: Upstream, out_dir: str | Path, imp_cfg: ImpressionConfig, h
     with timed("impressions", timings):
         # the training lists come from the upstream retriever (out of sample with a holdout); the
         # exported item features and the end-to-end check use the served one
-        imp = build_impressions(up.lists, up.loo, imp_cfg, progress)
+        imp = build_impressions(up.lists, up.loo, imp_cfg, progress, up.folds)
     with timed("validation lists", timings):
         stop_on = leave_one_out_lists(up.served, up.loo, "valid", imp.pv_stats, imp_cfg)
     results = {"before": evaluate_lists(unchanged_scores(imp.test), imp.test)}

@@ -9,7 +9,7 @@ import numpy as np
 
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut
-from training.stages.prerank.folds import rerank_window
+from training.stages.prerank.folds import kfold_rerank_window, rerank_window
 
 MAX_LIST_LEN = 100
 
@@ -26,6 +26,7 @@ class ImpressionConfig:
     batch_size: int = 256  # histories per candidate-generation batch
     retrieval_score: bool = True  # the fused retrieval score as a second score input
     holdout: int = 0  # the upstream retriever's ranking fold (0 = in-sample steps)
+    folds: int = 0  # K > 0: K-fold lists, steps from each user's K-fold re-rank window (holdout 0)
 
     def __post_init__(self) -> None:
         if not 1 <= self.list_len <= MAX_LIST_LEN:
@@ -39,6 +40,8 @@ class ImpressionConfig:
             raise ValueError(f"valid_frac must be in (0, 1), got {self.valid_frac}")
         if self.holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {self.holdout}")
+        if self.folds < 0 or (self.folds and self.holdout):
+            raise ValueError(f"folds must be >= 0 and exclude a holdout, got folds {self.folds}, holdout {self.holdout}")
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Steps:
 
 def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
     """Training / validation / test steps inside each user's training part (see the module doc)."""
-    if cfg.holdout > 0:
+    if cfg.holdout > 0 or cfg.folds > 0:
         return _fold_steps(loo, cfg)
     n = loo.train_lengths()  # (U,)
     T, E = cfg.horizon, cfg.eval_steps
@@ -99,9 +102,10 @@ def sample_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
 
 
 def _fold_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
-    """Every step of each user's re-rank window (training/stages/prerank/folds.py); users split at random
-    into train / valid / test (valid_frac / 2 each for the evaluation sides)."""
-    first, end = rerank_window(loo, cfg.holdout)
+    """Every step of each user's re-rank window (training/stages/prerank/folds.py: of the holdout, or
+    of K-fold lists); users split at random into train / valid / test (valid_frac / 2 each for the
+    evaluation sides)."""
+    first, end = kfold_rerank_window(loo) if cfg.folds else rerank_window(loo, cfg.holdout)
     side = np.random.default_rng(cfg.seed).random(first.size)  # (U,)
     groups = {"train": side >= cfg.valid_frac, "valid": side < cfg.valid_frac / 2,
               "test": (side >= cfg.valid_frac / 2) & (side < cfg.valid_frac)}
@@ -113,8 +117,8 @@ def _fold_steps(loo: LeaveOneOut, cfg: ImpressionConfig) -> dict[str, Steps]:
         t = np.repeat(first[users], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
         out[name] = Steps(u.astype(np.int64), t.astype(np.int64))
         if len(out[name]) == 0:
-            raise DataError(f"{loo.dataset.name}: no {name} impression list in the re-rank window of holdout "
-                            f"{cfg.holdout}")
+            raise DataError(f"{loo.dataset.name}: no {name} impression list in the re-rank window of "
+                            + (f"{cfg.folds}-fold lists" if cfg.folds else f"holdout {cfg.holdout}"))
     return out
 
 
