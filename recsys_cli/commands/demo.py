@@ -39,7 +39,7 @@ COLUMNS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "Coverage@10")
 CUT_LABELS = {"retrieval": "retrieval", "prerank": "+ prerank", "rerank": "+ rerank"}
 BASELINE_LABELS = {"item2item": "item2item alone"}  # evaluate's row names -> the table's
 ALLOW_BELOW = "--allow-below-baseline"  # `recsys export`'s flag to publish below a baseline
-FOLD_SHARE = 0.6  # of an explicit --minutes: the upstream run(s); the served run gets the rest
+FOLD_SHARE = 0.6  # of an explicit --minutes: each upstream run; the served (continued) run gets the rest
 DEFAULT_RANKING_DATA: RankingData = "holdout"
 
 
@@ -53,7 +53,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "scored lower NDCG@10 at equal epochs on the synthetic data, issue 13; --launchers 2 "
                         "trains the multi-launcher model)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="retrieval time ceiling, both runs together (default: from the data's size, "
+                   help="retrieval time ceiling of the served retriever and its upstream together (K-fold: each "
+                        "fold retriever as long as that upstream) (default: from the data's size, "
                         "training/stages/retrieval/budget.py); training stops earlier once validation "
                         "NDCG@10 stops improving")
     p.add_argument("--epochs", type=int, default=None,
@@ -119,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
     parts.append(("retrieval", "all the data" if scheme == "in-sample" else "continued on all the data", split))
     budgets = [budget_for(part, cfg.maxlen) for _, _, part in parts]
     if args.minutes is not None:  # an explicit override of the time ceiling (tests, a quick look)
+        # the served retriever's lineage (its upstream, then its continuation) gets --minutes; each other
+        # fold retriever as long as that upstream (so K-fold trains about K - 1 more of them)
         share = FOLD_SHARE if len(parts) > 1 else 0.0
-        budgets = [RetrievalBudget(100, share * args.minutes / (len(parts) - 1)) for _ in parts[:-1]]
+        budgets = [RetrievalBudget(100, share * args.minutes) for _ in parts[:-1]]
         budgets.append(RetrievalBudget(100, (1 - share) * args.minutes))
     results: dict[str, Any] = {}
     for (name, what, part), budget in zip(parts, budgets):

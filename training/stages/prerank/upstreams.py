@@ -85,10 +85,12 @@ class UpstreamSet:
         return out
 
 
-def load_upstreams(path: str | Path, ds: Dataset, data_spec: str | None, served: RetrievalModel) -> UpstreamSet:
+def load_upstreams(path: str | Path, ds: Dataset, data_spec: str | None, served: RetrievalModel,
+                   align: bool = True) -> UpstreamSet:
     """The upstream folder as an UpstreamSet (FileNotFoundError / DataError / CheckpointError name
     the bad file; CheckpointError for a fold whose checkpoint does not record its held-out users
-    or disagrees with the fold map)."""
+    or disagrees with the fold map). align=False keeps each fold's own basis (the measurement of
+    what the alignment is worth: benchmarks/quality/kfold_alignment.py)."""
     if not is_fold_set(path):
         model, ckpt = load_retrieval(path, ds, data_spec)
         holdout = int(ckpt.extra.get("holdout") or 0)
@@ -106,7 +108,7 @@ def load_upstreams(path: str | Path, ds: Dataset, data_spec: str | None, served:
             raise CheckpointError(f"{ckpt.path}: not fold {k} of {path} (its recorded fold or held-out users "
                                   "differ from the fold map)")
         source = model.item_embedding.weight.detach().numpy()[1:]
-        R = procrustes(source, target)
+        R = procrustes(source, target) if align else np.eye(source.shape[1], dtype=np.float32)
         residual.append(float(np.linalg.norm(source @ R - target)) / max(float(np.linalg.norm(target)), 1e-12))
         models.append(cast(RetrievalModel, AlignedRetriever(model, R).eval()))
         held.append(recorded)
