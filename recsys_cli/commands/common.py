@@ -27,6 +27,8 @@ def quiet_onnx_exporter() -> None:
 def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:
     """--upstream / --window: where a ranker's training lists come from (training/stages/prerank/folds.py)."""
     p.add_argument("--upstream", metavar="DIR",
-                   help="the retriever trained with --holdout H that makes the training lists (out of sample, "
-                        "training/stages/prerank/folds.py); default: --retrieval (in-sample lists)")
+                   help="what makes the training lists (out of sample, training/stages/prerank/folds.py): the "
+                        "retriever trained with --holdout H, or the K fold retrievers of `recsys train retrieval "
+                        "--folds K` (each user's lists from the one that never trained on them); default: "
+                        "--retrieval (in-sample lists)")
     p.add_argument("--window", type=int, default=None, metavar="H", help=window_help)
