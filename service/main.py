@@ -23,7 +23,7 @@ from service.compute import ComputeThread
 from service.core.config import Settings
 from service.fast_path import RecommendFastPath
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
 from service.schemas import EventIn
@@ -105,7 +105,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # innermost: inside the body limit and the metrics
     app.add_middleware(RecommendFastPath, api=app, router=recommend.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # 413s are counted too
+
+    def cors_origins() -> tuple[str, ...]:
+        s: Settings | None = app.state.settings
+        return () if s is None else s.cors_origins
+
+    app.add_middleware(CorsMiddleware, origins=cors_origins)  # preflights answered before anything else
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has the id
     return app
 
 

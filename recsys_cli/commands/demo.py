@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import add_data_arg
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
@@ -40,7 +41,7 @@ FOLD_SHARE = 0.6  # of an explicit --minutes: the ranking fold; the continued ru
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("demo", help="train, export and serve the whole pipeline on synthetic data")
+    p = sub.add_parser("demo", help=COMMANDS["demo"])
     add_data_arg(p, default="synthetic")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the checkpoints go")
     p.add_argument("--artifacts", default="artifacts", metavar="DIR", help="where versions are published")

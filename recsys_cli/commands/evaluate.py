@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.errors import UsageError
 from training.eval.baselines import BASELINES
 from training.data.dataset import DataError
@@ -25,7 +26,7 @@ from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("evaluate", help="evaluate a baseline, or a published version through its served path")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--data", metavar="SPEC",
                    help=f"data source: {SOURCES} (default: synthetic for a baseline; the version's own data "
                         "with --artifacts)")

@@ -1,17 +1,33 @@
-"""Service settings from RECSYS_* environment variables (DESIGN.md §6), validated at start-up."""
+"""Service settings from RECSYS_* environment variables (DESIGN.md §6), validated at start-up.
+
+Also read from a `.env` file in the working directory (environment variables win over it);
+`recsys config` prints every setting with its default, current value and source
+(service/core/reference.py), and the README's table is rendered from these fields.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_FILE = ".env"
+
+
+def _comma_list(value: object) -> object:
+    """"a, b" -> ("a", "b"): a list setting is written comma-separated, not as JSON."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
 
 
 class Settings(BaseSettings):
     """All service configuration; a bad value fails `Settings()` with the field named."""
 
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True,
+                                      env_file=ENV_FILE, env_file_encoding="utf-8")
 
     artifacts: Path = Field(default=Path("artifacts"), description="artifact root holding CURRENT")
     redis_url: str | None = Field(default=None, description="Redis URL; unset = in-process store")
@@ -43,6 +59,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")
     reload_poll_s: float = Field(default=5.0, ge=0, le=3600,
                                  description="how often CURRENT is checked for a new version (0 = never)")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="log lines as text or as one JSON object per line (all on stderr, each "
+                                    "request's lines with its request id)")
+    cors_origins: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = Field(
+        default=(), description="comma-separated origins a browser may call the API from (e.g. "
+                                "https://shop.example.com, or * for any); empty = no CORS headers")
 
     @field_validator("redis_url", "api_key", "read_key")
     @classmethod
