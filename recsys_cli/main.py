@@ -31,7 +31,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings:
+        if (action.default is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings
+                or action.required):
             return text
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return f"{text} (default: {'on' if action.default else 'off'})"

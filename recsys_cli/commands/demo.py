@@ -57,7 +57,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="pre-rank and re-rank epoch cap (default: the trainers' own, with early stopping)")
     p.add_argument("--holdout", type=int, default=6,
                    help="ranking fold: each user's last H training items the rankers learn on (default: 6)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port the demo server listens on")
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
     add_item2item_arg(p)
     p.set_defaults(func=run)

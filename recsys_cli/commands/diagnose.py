@@ -18,7 +18,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_data_arg(p, default=None)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="retrieval checkpoint folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the history shuffle")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the diagnostics as JSON")
     p.set_defaults(func=run)
 
 

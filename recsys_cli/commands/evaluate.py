@@ -37,7 +37,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--users", type=int, metavar="N",
                    help="with --artifacts: a seeded sample of N leave-one-out users (default all)")
     p.add_argument("--seed", type=int, default=0, help="with --users: the sample's seed")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--split", choices=("valid", "test"), default="test",
+                   help="leave-one-out split to score (valid: second-to-last item)")
     p.add_argument("--keep-seen", action="store_true", help="do not remove already-seen items (baselines)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=run)

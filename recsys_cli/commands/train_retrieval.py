@@ -50,19 +50,20 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", metavar="FILE", help="write test metrics as JSON")
     p.add_argument("--launchers", type=int, default=1, metavar="M", help="launcher tokens (0 = plain SASRec)")
-    p.add_argument("--launcher-init", choices=("independent", "copy_last"), default="copy_last")
-    p.add_argument("--maxlen", type=int, default=50)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--launcher-init", choices=("independent", "copy_last"), default="copy_last",
+                   help="launcher token initialisation: learned independently, or launcher + last-item embedding")
+    p.add_argument("--maxlen", type=int, default=50, help="history items the encoder reads (the most recent)")
+    p.add_argument("--dim", type=int, default=64, help="embedding width D")
+    p.add_argument("--blocks", type=int, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=1, help="attention heads per block")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    p.add_argument("--epochs", type=int, default=200, help="epoch cap (training stops earlier on --patience)")
     p.add_argument(
         "--batch-size", type=int, default=128,
         help="global batch; under torchrun each of the W ranks trains on batch/W of it (default: 128)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     p.add_argument("--num-negatives", type=int, default=0, help="sampled softmax with K negatives (0 = full)")
     p.add_argument(
         "--sampler", choices=SAMPLERS, default="uniform",
@@ -79,7 +80,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         "can learn on lists this model did not train on (training/stages/prerank/folds.py); the served retriever "
         "is then this one continued on all the data with --init-from (default: 0)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--threads", type=int, default=None,
         help="torch intra-op threads per process (default: all cores; under torchrun cores / ranks)",

@@ -61,7 +61,7 @@ def _kind(info: FieldInfo) -> str:
     elif get_origin(ann) is Literal:
         base = " \\| ".join(get_args(ann))
     else:
-        named = args[0] if args else ann
+        named: Any = args[0] if args else ann
         base = {bool: "bool", int: "int", float: "float", str: "str", Path: "path"}.get(named, str(named))
     bounds = []
     for m in info.metadata:
