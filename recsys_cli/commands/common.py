@@ -18,10 +18,19 @@ def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthet
     )
 
 
+def _not_torchvision(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
 def quiet_onnx_exporter() -> None:
-    """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings."""
+    """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings. It also
+    warns "torchvision is not installed. Skipping torchvision::..." once per torchvision op it
+    would register (four lines per export): we export no torchvision op, so those are dropped."""
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if _not_torchvision not in registration.filters:
+        registration.addFilter(_not_torchvision)
 
 
 def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:

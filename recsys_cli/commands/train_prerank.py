@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args
+from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args, quiet_onnx_exporter
 from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.report import result, table, timed, write_json
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from training.eval.metrics import Scorer
     from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
+
+    quiet_onnx_exporter()  # this command exports its ONNX user tower
 
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
