@@ -148,4 +148,5 @@ def _serve(ctx: RecommendContext, req: RecommendRequest, history: History, loc: 
     timings = {"store": round(history.store_ms, 3), **result.timings_ms}
     timings["total"] = round(history.store_ms + result.timings_ms["total"], 3)
     ctx.metrics.observe_recommendation(served_by, timings, result.unknown_items)
-    return recommend_json(result.items, result.model_version, served_by, timings, result.unknown_items, req.explain)
+    return recommend_json(result.items, result.model_version, served_by, result.scored_by, timings, result.unknown_items,
+                          req.explain)
