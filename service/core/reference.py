@@ -124,7 +124,7 @@ def env_example() -> str:
 
 def text_table(settings: Settings, env: Mapping[str, str] | None = None, env_file: str | Path = ENV_FILE) -> str:
     """`recsys config`: every setting, its default, its current value and its source."""
-    table = [("SETTING", "DEFAULT", "CURRENT", "SOURCE")]
+    table = [("SETTING", "DEFAULT", "VALUE", "SOURCE")]
     table += [(r.variable, r.default or "-", r.current or "-", r.source.value) for r in rows(settings, env, env_file)]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:3], widths)), row[3]]) for row in table) + "\n"
