@@ -84,7 +84,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API; `settings=None` reads RECSYS_* at start-up."""
-    app = FastAPI(title="recsys", version="1", lifespan=lifespan)
+    # operation ids are the route functions' names (recommend, post_events...): what a client
+    # generated from /openapi.json names its calls
+    app = FastAPI(title="recsys", version="1", lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.recommender = None

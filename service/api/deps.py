@@ -10,8 +10,9 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from service.catalog_updates import CatalogUpdates, Schema
@@ -72,12 +73,24 @@ async def get_item_schema(request: Request) -> Schema | None:
     return None if rec is None else rec.v.item_features.schema()
 
 
+# The two keys as OpenAPI security schemes (one header, X-API-Key): FastAPI lists them under
+# components.securitySchemes and on each operation; auto_error=False because the checks below
+# decide (a key is only needed when the service has one configured).
+WRITE_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                         description="The service's write key (RECSYS_API_KEY): needed to send events, update "
+                                     "items and reload the model.")
+READ_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ReadKey", auto_error=False,
+                        description="The read key (RECSYS_READ_KEY) or the write key: needed to read a user's "
+                                    "stored history (their history, or a recommendation by user_id alone) when "
+                                    "the service has a read key; otherwise not needed.")
+
+
 def _key_matches(given: str | None, *keys: str | None) -> bool:
     return given is not None and any(k is not None and secrets.compare_digest(given.encode(), k.encode()) for k in keys)
 
 
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
-                          x_api_key: Annotated[str | None, Header()] = None) -> None:
+                          x_api_key: Annotated[str | None, Security(WRITE_KEY)]) -> None:
     """Writes and admin: 401 unless X-API-Key matches RECSYS_API_KEY; without a key configured,
     403 (writes disabled) unless RECSYS_ALLOW_ANONYMOUS_WRITES is set."""
     if settings.api_key is None:
@@ -99,7 +112,7 @@ def check_read_key(settings: Settings, x_api_key: str | None) -> None:
 
 
 async def require_read_key(settings: Annotated[Settings, Depends(get_settings)],
-                           x_api_key: Annotated[str | None, Header()] = None) -> None:
+                           x_api_key: Annotated[str | None, Security(READ_KEY)]) -> None:
     check_read_key(settings, x_api_key)
 
 
@@ -109,7 +122,7 @@ StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
 ReadKeyDep = Annotated[None, Depends(require_read_key)]
 ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
-ApiKeyHeader = Annotated[str | None, Header()]  # name the parameter x_api_key
+ReadKeyHeader = Annotated[str | None, Security(READ_KEY)]  # the X-API-Key a route checks itself
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
 CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from service.api.deps import (ApiKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
+from service.api.deps import (ReadKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
                               check_read_key)
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.compute import ComputeBusy, ComputeThread
@@ -39,7 +39,7 @@ JSON = "application/json"
 
 @router.post("/recommend", response_model=RecommendResponse, responses=RESPONSES)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ApiKeyHeader = None) -> Response:
+                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ReadKeyHeader) -> Response:
     """Top-k for the request history, else the stored history of user_id, else popularity."""
     if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
@@ -50,7 +50,7 @@ async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
 async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
                           settings: SettingsDep, metrics: MetricsDep, compute: ComputeDep,
-                          x_api_key: ApiKeyHeader = None) -> Response:
+                          x_api_key: ReadKeyHeader) -> Response:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters and batch limits included) before any is served; the
     first bad one gives a 422 naming `body.requests.<i>.<field>`. RECSYS_TIMEOUT_MS covers the
