@@ -218,8 +218,9 @@ def test_training_commands_without_torch_say_what_to_install() -> None:
 def test_pyproject_base_dependencies_are_the_serving_set() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]}
+    # + httpx: the Python client's (recsys_client/), installed with the package; the service does not import it
     assert names == {"numpy", "faiss-cpu", "onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "pydantic",
-                     "pydantic-settings", "redis", "prometheus-client", "threadpoolctl"}
+                     "pydantic-settings", "redis", "prometheus-client", "threadpoolctl", "httpx"}
     assert "torch==2.13.0" in project["optional-dependencies"]["train"]
     assert "install --quiet -e '.[train,test,bench]'" in (ROOT / "Makefile").read_text()
 
