@@ -201,7 +201,7 @@ def test_the_answer_is_the_response_model_with_store_and_total_timings(rec: Reco
                                                                        catalog: list[str]) -> None:  # noqa: F811
     ctx = _ctx(rec, store)
     out = recommend(ctx, RecommendRequest(history=catalog[:3] + ["unknown-1"], k=3, explain=True))
-    assert list(out) == ["items", "model_version", "served_by", "timings_ms", "unknown_items"]
+    assert list(out) == ["items", "model_version", "served_by", "scored_by", "timings_ms", "unknown_items"]
     assert out["model_version"] == "v1" and out["unknown_items"] == 1 and [it["rank"] for it in out["items"]] == [1, 2, 3]
     assert all(set(it["stages"]) == {"retrieval", "prerank", "rerank"} for it in out["items"])
     timings = out["timings_ms"]
