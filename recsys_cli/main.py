@@ -105,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     from service.core.logs import configure, format_from_env
 
-    configure(format_from_env(), logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        log_format = format_from_env()
+    except ValueError as exc:
+        print(f"recsys {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    configure(log_format, logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (UsageError, FileNotFoundError) as exc:

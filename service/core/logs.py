@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("text", "json")
-TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+TEXT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"  # request_tag: " [<id>]" in a request
 # third-party loggers whose INFO lines are start-up noise (faiss.loader: one line per AVX
 # module it tries); their warnings still show
 QUIET = ("faiss.loader", "faiss")
@@ -28,10 +28,12 @@ request_id: ContextVar[str | None] = ContextVar("recsys_request_id", default=Non
 
 
 class RequestIdFilter(logging.Filter):
-    """Sets `record.request_id` ("-" outside a request)."""
+    """Sets `record.request_id` ("-" outside a request) and `record.request_tag` (" [<id>]", or "")."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get() or "-"
+        rid = request_id.get()
+        record.request_id = rid or "-"
+        record.request_tag = f" [{rid}]" if rid else ""
         return True
 
 
