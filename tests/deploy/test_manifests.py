@@ -27,7 +27,7 @@ from service.core.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: recsys, torchrun
 K8S = ROOT / "deploy" / "k8s"
-TRAIN_EXTRA = {"torch", "onnx", "onnxscript", "tqdm"}  # pyproject's `train` extra, by import name
+TRAIN_EXTRA = {"torch", "onnx", "onnxscript", "tqdm", "matplotlib"}  # pyproject's `train` extra, by import name
 
 
 # ---------------------------------------------------------------- loading
