@@ -138,6 +138,9 @@ def test_serve_applies_the_connection_limits_in_every_worker(artifacts_root: Pat
         for _ in range(8):  # new connections, hashed over both workers' sockets
             assert httpx.get(f"{base}/healthz", headers={"X-Pad": "a" * 1000}).status_code == 200
             assert httpx.get(f"{base}/healthz", headers={"X-Pad": "a" * 4000}).status_code == 431
+        # counted per worker: some /metrics answer (new connections, hashed anew) shows them
+        assert any('recsys_connections_closed_total{reason="header_too_large"}' in httpx.get(f"{base}/metrics").text
+                   for _ in range(12))
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
         t0 = time.monotonic()
         for s in idle:
