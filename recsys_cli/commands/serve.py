@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.artifacts import ArtifactError, current_version
+    from service.connection_limits import PROTOCOL as CONNECTION_PROTOCOL
     from service.core.config import Settings
     from service.smoke import load_checked
     from service.supervisor import Supervisor, bind_group, reuse_port_supported
@@ -56,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
         # each worker process would keep its own in-process history: events sent to one
         # worker would be invisible to requests served by another
         raise UsageError("--workers > 1 needs --redis-url (RECSYS_REDIS_URL): the in-process store is per process")
-    config = {"app": "service.main:app", "host": args.host, "port": args.port, "log_level": args.log_level}
+    # the connection limits (RECSYS_KEEP_ALIVE_S ... RECSYS_MAX_HEADER_BYTES) live in the protocol,
+    # named by its import path: spawned workers import it and read the same environment
+    config = {"app": "service.main:app", "host": args.host, "port": args.port, "log_level": args.log_level,
+              "http": CONNECTION_PROTOCOL}
     if args.workers > 1 and not args.shared_socket and reuse_port_supported():
         try:
             sockets = bind_group(args.host, args.port, args.workers)
