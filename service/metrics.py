@@ -49,6 +49,11 @@ class Metrics:
         self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
                                  multiprocess_mode="liveall")
         self._evictions_seen = 0
+        self.connections_closed = Counter("recsys_connections_closed_total",
+                                          "Connections the HTTP server closed by a limit (service/connection_limits.py): "
+                                          "idle, header_timeout, body_timeout, max_connections, header_too_large",
+                                          ["reason"], registry=r)
+        self._closed_seen: dict[str, int] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
                              registry=r, multiprocess_mode="liveall")
@@ -87,6 +92,15 @@ class Metrics:
             self._evictions_seen = evictions
         if users is not None:
             self.store_users.set(users)
+
+    def observe_connections(self, closed: Mapping[str, int]) -> None:
+        """Bring recsys_connections_closed_total up to `closed`, this process's running totals
+        per reason (called when /metrics is read)."""
+        for reason, total in closed.items():
+            seen = self._closed_seen.get(reason, 0)
+            if total > seen:
+                self.child(self.connections_closed, reason).inc(total - seen)
+                self._closed_seen[reason] = total
 
     def set_version(self, version: str) -> None:
         self.version.clear()

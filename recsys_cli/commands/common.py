@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from training.data.sources import SOURCES
 
@@ -16,6 +17,23 @@ def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthet
         metavar="SPEC",
         help=f"data source: {SOURCES} (default: {default})",
     )
+
+
+def add_plot_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    """--plot [PNG]: also draw `what` as a PNG (training/plots.py, matplotlib)."""
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                        help=f"also draw {what} as a PNG (needs matplotlib) at PNG (default: {default})")
+
+
+def plot_path(args: argparse.Namespace, default: str | Path) -> Path | None:
+    """Where --plot writes (None without --plot); matplotlib is imported here, so a missing one
+    stops the command before it trains, not after."""
+    if args.plot is None:
+        return None
+    from training.plots import require
+
+    require()
+    return Path(args.plot or default)
 
 
 def _not_torchvision(record: logging.LogRecord) -> bool:

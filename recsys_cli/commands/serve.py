@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.artifacts import ArtifactError, current_version
+    from service.connection_limits import PROTOCOL as CONNECTION_PROTOCOL
     from service.core.config import Settings
     from service.core.logs import uvicorn_config
     from service.smoke import load_checked
@@ -61,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
         # each worker process would keep its own in-process history: events sent to one
         # worker would be invisible to requests served by another
         raise UsageError("--workers > 1 needs --redis-url (RECSYS_REDIS_URL): the in-process store is per process")
+    # the connection limits (RECSYS_KEEP_ALIVE_S ... RECSYS_MAX_HEADER_BYTES) live in the protocol,
+    # named by its import path: spawned workers import it and read the same environment
     config = {"app": "service.main:app", "host": args.host, "port": args.port, "log_level": args.log_level,
-              "log_config": uvicorn_config(settings.log_format)}
+              "http": CONNECTION_PROTOCOL, "log_config": uvicorn_config(settings.log_format)}
     if args.workers > 1 and not args.shared_socket and reuse_port_supported():
         try:
             sockets = bind_group(args.host, args.port, args.workers)

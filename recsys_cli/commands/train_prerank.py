@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args, quiet_onnx_exporter
+from recsys_cli.commands.common import add_data_arg, add_plot_arg, add_ranking_fold_args, plot_path, quiet_onnx_exporter
 from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.report import result, table, timed, write_json
@@ -34,6 +34,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="ctr: rating > 3 labels; next-item: the held-out next item against negatives")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
     p.add_argument("--json", metavar="FILE", help="also write the test metrics as JSON")
+    add_plot_arg(p, "OUT/training.png", "the loss and validation metrics per epoch")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epoch cap (training stops earlier on --patience)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.history_len < 1:
         raise UsageError(f"--history-len must be >= 1, got {args.history_len}")
 
+    png = plot_path(args, Path(args.out) / "training.png")
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
     with timed("load", timings):
@@ -187,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         if pr.has_heads(model):
             extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
     print(table(rows, columns))
+    if png is not None:
+        from training.plots import history_figure, save
+
+        title = f"{args.model} ({args.objective}) on {args.data}"
+        print(f"wrote {save(history_figure({args.model: fit['history']}, title), png)}")
     if args.json:
         write_json(args.json, result(
             args.model, args.data, metrics, objective=args.objective, split="test", fingerprint=ds.fingerprint,

@@ -21,7 +21,9 @@ import torch
 
 from recsys_cli.commands.common import (
     add_data_arg,
+    add_plot_arg,
     add_ranking_fold_args,
+    plot_path,
     quiet_onnx_exporter,
 )
 from recsys_cli.errors import UsageError
@@ -51,6 +53,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="the re-ranker sees only the pre-rank score, not also the fused retrieval score")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    add_plot_arg(p, "OUT/training.png", "each re-ranker's loss and validation metrics per epoch")
     p.add_argument("--list-len", type=int, default=d.list_len,
                    help=f"pre-rank top N per list (<= 100; default {d.list_len})")
     p.add_argument("--candidates", type=int, default=d.candidates, help="retrieval top C")
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if args.upstream:
         _check_dir("--upstream", args.upstream, RETRIEVAL_CHECKPOINT)
 
+    png = plot_path(args, Path(args.out) / "training.png")
+
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -138,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     if r.artifacts:
         print(f"\nrerank.onnx parity: max |onnx - eager| {r.artifacts['parity_max_abs_diff']:.2e} (random lists), "
               f"{r.artifacts['real_lists_max_abs_diff']:.2e} (test lists)")
+    if png is not None:
+        from training.plots import history_figure, save
+
+        runs = {name: f["history"] for name, f in r.fits.items()}
+        print(f"wrote {save(history_figure(runs, f're-rankers on {args.data}'), png)}")
     if args.json:
         write_json(args.json, {
             **r.results, "valid": r.valid, "end_to_end": r.end_to_end, "data": args.data,

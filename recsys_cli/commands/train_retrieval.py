@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
-from recsys_cli.commands.common import add_data_arg
+from recsys_cli.commands.common import add_data_arg, add_plot_arg, plot_path
 from recsys_cli.errors import UsageError
 from training import distributed
 from training.checkpoints import load_retrieval
@@ -49,6 +50,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--head-dim", type=int, default=32, help="hstu: per-head width of Q, K, V, U (default: 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", metavar="FILE", help="write test metrics as JSON")
+    add_plot_arg(p, "OUT/training.png", "the loss and validation NDCG@10 per epoch")
     p.add_argument("--launchers", type=int, default=1, metavar="M", help="launcher tokens (0 = plain SASRec)")
     p.add_argument("--launcher-init", choices=("independent", "copy_last"), default="copy_last",
                    help="launcher token initialisation: learned independently, or launcher + last-item embedding")
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     rank0 = distributed.is_rank0()
+    png = plot_path(args, Path(args.out) / "training.png")
     timings: dict[str, float] = {}
     with timed("load", timings) if rank0 else nullcontext():
         ds = load(args.data)
@@ -157,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
         "world_size": distributed.world_size(), "holdout": args.holdout,
     }
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
+    if png is not None:
+        from training.plots import history_figure, save
+
+        print(f"wrote {save(history_figure({name: summary['history']}, f'{name} on {args.data}'), png)}")
     if args.json:
         write_json(
             args.json,

@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     timeout_ms: float = Field(default=100.0, gt=0, le=60_000,
                               description="request budget: a stage not started within it is skipped (previous order)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413")
+    # connection limits, enforced by the HTTP server (service/connection_limits.py, README
+    # "Connection limits"); the defaults are safe for a service behind a pooling gateway
+    keep_alive_s: float = Field(default=5.0, gt=0, le=3600,
+                                description="an open connection with no request in progress (new, or between "
+                                            "requests) is closed after this long; keep it above the idle timeout "
+                                            "of a proxy that pools connections to the service")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
+                                    description="a request's head must arrive within this long of its first byte "
+                                                "(else 408 and the connection closed)")
+    body_timeout_s: float = Field(default=20.0, gt=0, le=3600,
+                                  description="a request's body must arrive within this long of the end of its "
+                                              "head (else 408 and the connection closed)")
+    max_connections: int = Field(default=512, ge=1, le=1_000_000,
+                                 description="open connections per worker process beyond which a new one is "
+                                             "answered 503 and closed")
+    max_header_bytes: int = Field(default=16 << 10, ge=1024, le=1 << 20,
+                                  description="request line + headers larger than this get 431 and the connection "
+                                              "closed")
     reload_poll_s: float = Field(default=5.0, ge=0, le=3600,
                                  description="how often CURRENT is checked for a new version (0 = never)")
     log_format: Literal["text", "json"] = Field(

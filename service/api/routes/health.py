@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response, status
 
 from service.api.deps import MetricsDep
+from service.connection_limits import closed_counts
 
 router = APIRouter(tags=["health"])
 
@@ -39,5 +40,6 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     stats = getattr(getattr(request.app.state, "store", None), "stats", None)
     if stats is not None:
         m.observe_store(*stats())
+    m.observe_connections(closed_counts())
     body, content_type = m.render()
     return Response(body, media_type=content_type)
