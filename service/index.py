@@ -363,6 +363,7 @@ def _stored_vectors(index: faiss.Index) -> Iterator[tuple[str, np.ndarray | None
             return
         if isinstance(index, faiss.IndexIVFFlat):
             inv = index.invlists
+            assert inv is not None  # an IVF index read from a file has its lists
             for lst in range(int(index.nlist)):
                 size = int(inv.list_size(lst))
                 if size:

@@ -13,10 +13,12 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
+from service.api.strict import ServerErrorLog, validation_error
 from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
@@ -94,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog_updates = None
     for module in (health, recommend, events, catalog, items, admin):
         app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
     openapi.install(app, [EventIn, items.ItemIn],
                     lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # innermost: inside the body limit and the metrics
     app.add_middleware(RecommendFastPath, api=app, router=recommend.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    app.add_middleware(ServerErrorLog)  # an escaping exception: a 500 and one bounded log record
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
     return app
 
