@@ -97,7 +97,9 @@ def _names_a_user(body: bytes) -> bool:
         obj = json.loads(body)
     except (ValueError, RecursionError):
         return False
-    requests = obj.get("requests") if isinstance(obj, dict) and isinstance(obj.get("requests"), list) else [obj]
+    requests: list[Any] = [obj]
+    if isinstance(obj, dict) and isinstance(obj.get("requests"), list):
+        requests = obj["requests"]
     return any(isinstance(r, dict) and r.get("user_id") is not None and r.get("history") is None for r in requests)
 
 
