@@ -50,7 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
     version = recommender.v
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
-                       settings.history_ttl_s)
+                       settings.history_ttl_s, settings.max_store_bytes)
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "

@@ -48,6 +48,8 @@ class Metrics:
                                        "(in-process) or Redis maxmemory evictions (evicted_keys)", registry=r)
         self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
                                  multiprocess_mode="liveall")
+        self.store_bytes = Gauge("recsys_store_bytes", "Bytes held by the in-process history store (capped by "
+                                 "RECSYS_MAX_STORE_BYTES)", registry=r, multiprocess_mode="liveall")
         self._evictions_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
@@ -76,7 +78,7 @@ class Metrics:
         if unknown_items:
             self.unknown_items.inc(unknown_items)
 
-    def observe_store(self, evictions: int | None, users: int | None) -> None:
+    def observe_store(self, evictions: int | None, users: int | None, nbytes: int | None = None) -> None:
         """Bring the store counters up to date (called when /metrics is read): `evictions` is
         the store's running total, None when it cannot say."""
         if evictions is not None and evictions >= self._evictions_seen:
@@ -87,6 +89,8 @@ class Metrics:
             self._evictions_seen = evictions
         if users is not None:
             self.store_users.set(users)
+        if nbytes is not None:
+            self.store_bytes.set(nbytes)
 
     def set_version(self, version: str) -> None:
         self.version.clear()
