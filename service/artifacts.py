@@ -109,10 +109,20 @@ def current_version(artifacts_root: str | Path) -> str:
     return name
 
 
+def version_folder(artifacts_root: str | Path, name: str) -> Path:
+    """artifacts_root/name resolved to its real path, which must be a folder inside the real
+    artifacts root (a version folder that is a symlink to elsewhere is refused)."""
+    root = Path(artifacts_root).resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:
+        raise ArtifactError(f"{Path(artifacts_root) / name}: version {name} resolves outside the artifacts root")
+    return folder
+
+
 def load_current(artifacts_root: str | Path, mmap: bool = True) -> LoadedVersion:
     """Load the version that artifacts_root/CURRENT names."""
     root = Path(artifacts_root)
-    return load_version(root / current_version(root), mmap=mmap)
+    return load_version(version_folder(root, current_version(root)), mmap=mmap)
 
 
 def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
@@ -144,6 +154,7 @@ def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
 def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mmap: bool) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
+    _confined(folder, "manifest", MANIFEST)
     try:
         manifest = Manifest.load(folder / MANIFEST)
     except ContractError as exc:
@@ -287,7 +298,8 @@ def _read_json(path: Path) -> Any:
 def _confined(folder: Path, key: str, name: str) -> None:
     """files.<key> (a plain file name: checked by the manifest) must not be a symlink out of `folder`."""
     if (folder / name).resolve().parent != folder.resolve():
-        raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
+        what = MANIFEST if key == "manifest" else f"{MANIFEST}: files.{key} = {name!r}"
+        raise ArtifactError(f"{folder}/{what} resolves outside the version folder")
 
 
 def _load_catalog(path: Path, n: int, mmap: bool) -> CatalogArrays:

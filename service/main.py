@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
 from service.api.strict import ServerErrorLog, validation_error
-from service.artifacts import current_version
+from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
@@ -47,7 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     compute = ComputeThread(settings.compute_threads, settings.compute_queue)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
-    recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
+    recommender = load_checked(version_folder(settings.artifacts, current_version(settings.artifacts)),
+                               make_recommender)
     version = recommender.v
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
                        settings.history_ttl_s, settings.max_store_bytes)

@@ -54,6 +54,12 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
                              registry=r, multiprocess_mode="liveall")
+        self.current_version = Gauge("recsys_current_version_info", "The version artifacts/CURRENT names, as this "
+                                     "worker last read it (value 1)", ["version"], registry=r,
+                                     multiprocess_mode="liveall")
+        self.drift = Gauge("recsys_version_drift", "1 when this worker serves another version than CURRENT names "
+                           "(a version that failed to load, or a swap not yet done)", registry=r,
+                           multiprocess_mode="liveall")
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """metric.labels(*labels), kept: labels() validates and locks on every call (about as
@@ -95,6 +101,14 @@ class Metrics:
     def set_version(self, version: str) -> None:
         self.version.clear()
         self.version.labels(version).set(1)
+
+    def set_current(self, current: str | None, served: str) -> None:
+        """The version CURRENT names (no series when it cannot be read) and whether this worker
+        serves another one (recsys_version_drift 1)."""
+        self.current_version.clear()
+        if current is not None:
+            self.current_version.labels(current).set(1)
+        self.drift.set(int(current != served))
 
     def render(self) -> tuple[bytes, str]:
         """(exposition text, content type) for GET /metrics."""
