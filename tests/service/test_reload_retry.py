@@ -54,25 +54,40 @@ def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def test_a_failed_version_is_retried_when_its_folder_changes_and_drift_is_reported(root: Path,
-                                                                                  tmp_path: Path) -> None:
+def _incomplete_v2(root: Path, tmp_path: Path) -> Path:
+    """v2 published before its index is written; returns where the index waits."""
     copy_version(root, root / "v1", "v2")
     aside = tmp_path / "index.faiss.aside"
-    shutil.move(root / "v2" / INDEX_FAISS, aside)  # v2 is published before its index is written
+    shutil.move(root / "v2" / INDEX_FAISS, aside)
+    return aside
+
+
+def test_a_failed_version_is_retried_when_its_folder_changes(root: Path, tmp_path: Path) -> None:
+    aside = _incomplete_v2(root, tmp_path)
     with TestClient(create_app(Settings(artifacts=root, reload_poll_s=POLL))) as c:
-        assert c.get("/readyz").json() | {"store": None} == {"status": "ready", "model_version": "v1", "store": None,
-                                                            "current": "v1", "drift": False}
         set_current(root, "v2")
         _wait(lambda: _metric(c, FAILED) >= 1, 30, "the incomplete v2 fails")
         time.sleep(3 * POLL)
         assert _metric(c, FAILED) == 1  # an unchanged folder is not loaded again at every poll
-        ready = c.get("/readyz").json()
-        assert (ready["model_version"], ready["current"], ready["drift"]) == ("v1", "v2", True)
-        assert _metric(c, "recsys_version_drift") == 1
-        assert _metric(c, 'recsys_current_version_info{version="v2"}') == 1
         shutil.move(aside, root / "v2" / INDEX_FAISS)  # the folder is completed in place
         took = _wait(lambda: c.get("/v1/version").json()["model_version"] == "v2", 30, "v2 served once complete")
         assert took < POLL + 3.0, f"took {took:.1f} s with a poll every {POLL} s"
+
+
+def test_the_version_current_names_and_drift_are_reported(root: Path, tmp_path: Path) -> None:
+    aside = _incomplete_v2(root, tmp_path)
+    with TestClient(create_app(Settings(artifacts=root, reload_poll_s=POLL))) as c:
+        ready = c.get("/readyz").json()
+        assert (ready["model_version"], ready["current"], ready["drift"]) == ("v1", "v1", False)
+        set_current(root, "v2")
+        _wait(lambda: _metric(c, FAILED) >= 1, 30, "the incomplete v2 fails")
+        ready = c.get("/readyz").json()
+        assert (ready["status"], ready["model_version"], ready["current"], ready["drift"]) == ("ready", "v1", "v2",
+                                                                                               True)
+        assert _metric(c, "recsys_version_drift") == 1
+        assert _metric(c, 'recsys_current_version_info{version="v2"}') == 1
+        shutil.move(aside, root / "v2" / INDEX_FAISS)
+        _wait(lambda: c.get("/v1/version").json()["model_version"] == "v2", 30, "v2 served once complete")
         ready = c.get("/readyz").json()
         assert (ready["model_version"], ready["current"], ready["drift"]) == ("v2", "v2", False)
         assert _metric(c, "recsys_version_drift") == 0
