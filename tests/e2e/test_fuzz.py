@@ -5,7 +5,7 @@ must answer each with a status below 500 (or close the connection on broken fram
 few seconds, its RSS must stay flat across rounds, and its log must stay small (no traceback,
 never a body).
 
-A seeded mix of fixed hostile cases and mutations of valid bodies; about 1,700 requests per round,
+A seeded mix of fixed hostile cases and mutations of valid bodies; about 740 requests per round,
 three rounds, under a minute on loopback.
 """
 
@@ -203,7 +203,7 @@ def test_hostile_input_on_every_route_no_5xx_no_hang_flat_rss(
             assert client.get("/healthz").status_code == 200
             rss.append(_rss_mib(proc.pid))
     assert proc.poll() is None, "the server died"
-    assert sent > 4000 and {200, 202, 401, 422} <= statuses, (sent, statuses)
+    assert sent > 2000 and {200, 202, 401, 422} <= statuses, (sent, statuses)
     # the first round warms caches and allocators; later rounds must not keep growing
     assert rss[-1] - rss[1] < 15, f"RSS per round (MiB): {rss}"
     print(f"fuzz: {sent} requests, statuses {sorted(statuses)}, RSS per round (MiB) {rss}")
