@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
 from service.api.routes import admin, catalog, events, health, items, recommend
-from service.artifacts import current_version
+from service.api.strict import ServerErrorLog, validation_error
+from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
@@ -45,10 +47,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     compute = ComputeThread(settings.compute_threads, settings.compute_queue)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
-    recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
+    recommender = load_checked(version_folder(settings.artifacts, current_version(settings.artifacts)),
+                               make_recommender)
     version = recommender.v
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
-                       settings.history_ttl_s)
+                       settings.history_ttl_s, settings.max_store_bytes)
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
@@ -97,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog_updates = None
     for module in (health, recommend, events, catalog, items, admin):
         app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
     openapi.install(app, [EventIn, items.ItemIn],
                     lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default
@@ -108,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # innermost: inside the body limit and the metrics
     app.add_middleware(RecommendFastPath, api=app, router=recommend.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    app.add_middleware(ServerErrorLog)  # an escaping exception: a 500 and one bounded log record
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # 413s are counted too
 
     def cors_origins() -> tuple[str, ...]:

@@ -48,6 +48,8 @@ class Metrics:
                                        "(in-process) or Redis maxmemory evictions (evicted_keys)", registry=r)
         self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
                                  multiprocess_mode="liveall")
+        self.store_bytes = Gauge("recsys_store_bytes", "Bytes held by the in-process history store (capped by "
+                                 "RECSYS_MAX_STORE_BYTES)", registry=r, multiprocess_mode="liveall")
         self._evictions_seen = 0
         self.connections_closed = Counter("recsys_connections_closed_total",
                                           "Connections the HTTP server closed by a limit (service/connection_limits.py): "
@@ -57,6 +59,12 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
                              registry=r, multiprocess_mode="liveall")
+        self.current_version = Gauge("recsys_current_version_info", "The version artifacts/CURRENT names, as this "
+                                     "worker last read it (value 1)", ["version"], registry=r,
+                                     multiprocess_mode="liveall")
+        self.drift = Gauge("recsys_version_drift", "1 when this worker serves another version than CURRENT names "
+                           "(a version that failed to load, or a swap not yet done)", registry=r,
+                           multiprocess_mode="liveall")
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """metric.labels(*labels), kept: labels() validates and locks on every call (about as
@@ -81,7 +89,7 @@ class Metrics:
         if unknown_items:
             self.unknown_items.inc(unknown_items)
 
-    def observe_store(self, evictions: int | None, users: int | None) -> None:
+    def observe_store(self, evictions: int | None, users: int | None, nbytes: int | None = None) -> None:
         """Bring the store counters up to date (called when /metrics is read): `evictions` is
         the store's running total, None when it cannot say."""
         if evictions is not None and evictions >= self._evictions_seen:
@@ -92,6 +100,8 @@ class Metrics:
             self._evictions_seen = evictions
         if users is not None:
             self.store_users.set(users)
+        if nbytes is not None:
+            self.store_bytes.set(nbytes)
 
     def observe_connections(self, closed: Mapping[str, int]) -> None:
         """Bring recsys_connections_closed_total up to `closed`, this process's running totals
@@ -105,6 +115,14 @@ class Metrics:
     def set_version(self, version: str) -> None:
         self.version.clear()
         self.version.labels(version).set(1)
+
+    def set_current(self, current: str | None, served: str) -> None:
+        """The version CURRENT names (no series when it cannot be read) and whether this worker
+        serves another one (recsys_version_drift 1)."""
+        self.current_version.clear()
+        if current is not None:
+            self.current_version.labels(current).set(1)
+        self.drift.set(int(current != served))
 
     def render(self) -> tuple[bytes, str]:
         """(exposition text, content type) for GET /metrics."""

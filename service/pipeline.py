@@ -6,7 +6,9 @@ history -> retrieval ONNX (1, M, D) -> one FAISS search of the M vectors with ma
 re-rank (PRM ONNX) -> top k. Items past the re-ranked N keep the pre-rank order.
 
 Fallbacks: no usable history -> catalog popularity; a stage that raises -> the previous
-stage's order, and `served_by` says so (e.g. "retrieval;prerank_failed").
+stage's order, and `served_by` says so (e.g. "retrieval;prerank_failed"); a stage whose scores
+are not all finite (NaN / inf from a model on an input its load-time checks did not cover) ->
+the same, flagged "<stage>_nonfinite" (e.g. "retrieval;prerank_nonfinite"), never a NaN served.
 
 Scores: one meaning per answer, named by `scored_by`: the score of the stage that ordered the
 list (retrieval: the fused inner product; prerank: the pre-ranker's logit; rerank: the
@@ -60,6 +62,19 @@ class RecommendResult:
     timings_ms: dict[str, float]
     unknown_items: int = 0
     scored_by: str = "popularity"  # the stage whose score `score` is (module docstring)
+
+
+class NonFiniteScores(ValueError):
+    """A stage produced NaN or inf scores; the previous stage's order is served instead."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"{stage} produced non-finite scores")
+        self.stage = stage
+
+
+def _finite(stage: str, scores: np.ndarray) -> None:
+    if not np.isfinite(scores).all():
+        raise NonFiniteScores(stage)
 
 
 class FilterError(ValueError):
@@ -183,6 +198,9 @@ class Recommender:
 
         try:
             cand, scores, launchers, user_vectors, routes = self._retrieve(history, k, banned, timer)
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving popularity", exc)
+            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_nonfinite")
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
             return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_failed")
@@ -213,6 +231,10 @@ class Recommender:
             return served(everything, scores, "retrieval;timeout")
         try:
             order, pre_scores, pv = self._prerank(history, cand, scores, launchers, user_vectors)
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving the retrieval order", exc)
+            timer.lap("prerank")
+            return served(everything, scores, "retrieval;prerank_nonfinite")
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
@@ -228,6 +250,10 @@ class Recommender:
         head = order[:n]
         try:
             re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head])
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving the pre-rank order", exc)
+            timer.lap("rerank")
+            return served(order, pre_scores[order], "prerank;rerank_nonfinite")
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
@@ -323,10 +349,12 @@ class Recommender:
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
+        _finite("retrieval", scores)
         if self.item2item is None:
             return cand, scores, launchers, users[0], {"faiss": scores}
         m = merge_routes(cand, scores, launchers, self.item2item, history, banned, users[0], self.v.items)
         timer.lap("item2item")
+        _finite("retrieval", m.merged)
         routes = {"faiss": np.where(m.by_faiss, m.retrieval, np.nan), "i2i": np.where(m.i2i > 0, m.i2i, np.nan)}
         return m.items, m.merged, m.launchers, users[0], routes
 
@@ -341,6 +369,7 @@ class Recommender:
             # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
             scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
+        _finite("prerank", scores)
         return np.argsort(-scores, kind="stable"), scores, pv
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
@@ -358,8 +387,9 @@ class Recommender:
             "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),
         })[0][0]  # (n,)
-        if out.shape != items.shape or not np.isfinite(out).all():
-            raise ValueError(f"{self.v.manifest.files.rerank_onnx} returned shape {out.shape} / non-finite scores for {items.size} items")
+        if out.shape != items.shape:
+            raise ValueError(f"{self.v.manifest.files.rerank_onnx} returned shape {out.shape} for {items.size} items")
+        _finite("rerank", out)
         return np.argsort(-out, kind="stable"), out.astype(np.float32)
 
     # --- output ---

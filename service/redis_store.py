@@ -19,6 +19,7 @@ from redis.typing import EncodableT
 from service.stores import (
     DEFAULT_HISTORY_TTL_S,
     DEFAULT_MAX_HISTORY,
+    DEFAULT_MAX_STORE_BYTES,
     DEFAULT_MAX_USERS,
     DEFAULT_SOCKET_TIMEOUT_S,
     Event,
@@ -175,16 +176,16 @@ class RedisStore:
             feats = self._client.hgetall(self._feat_key(user_id))
         return cast(dict[str, str], feats)
 
-    def stats(self) -> tuple[int | None, int | None]:
-        """(keys Redis evicted under maxmemory since it started, None): (None, None) when Redis
-        does not answer (never raises)."""
+    def stats(self) -> tuple[int | None, int | None, int | None]:
+        """(keys Redis evicted under maxmemory since it started, None, None): (None, None, None)
+        when Redis does not answer (never raises). Redis bounds its bytes itself (maxmemory)."""
         try:
             with self._errors("stats"):
                 info = cast(dict[str, object], self._client.info("stats"))
         except StoreError:
-            return None, None
+            return None, None, None
         evicted = info.get("evicted_keys")
-        return (int(evicted) if isinstance(evicted, int | str) else None), None
+        return (int(evicted) if isinstance(evicted, int | str) else None), None, None
 
     def ping(self) -> bool:
         """Whether Redis answers now (always tried; a success ends a cooldown)."""
@@ -227,10 +228,12 @@ return added
 
 
 def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY, cooldown_s: float = 0.0,
-               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S) -> HistoryStore:
+               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
+               max_bytes: int = DEFAULT_MAX_STORE_BYTES) -> HistoryStore:
     """A :class:`RedisStore` for a non-empty URL, else an :class:`InMemoryStore`."""
     if redis_url:
         logger.info("history store: redis (max_history=%d, history_ttl_s=%d)", max_history, history_ttl_s)
         return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s, history_ttl_s=history_ttl_s)
-    logger.info("history store: in-memory (max_history=%d, max_users=%d)", max_history, max_users)
-    return InMemoryStore(max_history=max_history, max_users=max_users)
+    logger.info("history store: in-memory (max_history=%d, max_users=%d, max_bytes=%d)", max_history, max_users,
+                max_bytes)
+    return InMemoryStore(max_history=max_history, max_users=max_users, max_bytes=max_bytes)

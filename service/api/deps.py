@@ -93,6 +93,11 @@ async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
                           x_api_key: Annotated[str | None, Security(WRITE_KEY)]) -> None:
     """Writes and admin: 401 unless X-API-Key matches RECSYS_API_KEY; without a key configured,
     403 (writes disabled) unless RECSYS_ALLOW_ANONYMOUS_WRITES is set."""
+    check_api_key(settings, x_api_key)
+
+
+def check_api_key(settings: Settings, x_api_key: str | None) -> None:
+    """require_api_key's check, for a caller that is not a dependency (service/api/strict.py)."""
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             return

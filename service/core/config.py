@@ -22,6 +22,8 @@ def _comma_list(value: object) -> object:
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
 
+from service.stores import DEFAULT_MAX_STORE_BYTES, MIN_STORE_BYTES
+
 
 class Settings(BaseSettings):
     """All service configuration; a bad value fails `Settings()` with the field named."""
@@ -39,6 +41,9 @@ class Settings(BaseSettings):
                                                            "by user_id) need X-API-Key = read_key or api_key")
     max_users: int = Field(default=100_000, ge=1, le=100_000_000,
                            description="users kept by the in-process store (least recently used evicted)")
+    max_store_bytes: int = Field(default=DEFAULT_MAX_STORE_BYTES, ge=MIN_STORE_BYTES, le=1 << 40,
+                                 description="bytes the in-process store may hold (ids as Python holds them; least "
+                                             "recently used users evicted beyond)")
     history_ttl_s: int = Field(default=30 * 24 * 3600, ge=0, le=10 * 365 * 24 * 3600,
                                description="Redis history keys expire this long after the user's last event (0 = never)")
     batch_max_total_k: int = Field(default=2000, ge=1, le=1_000_000, description="most sum of k over one batch")

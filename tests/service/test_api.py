@@ -199,7 +199,8 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         assert out["served_by"] == "rerank"
         assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}).status_code == 503
         assert c.get(f"/v1/users/{user}/history").status_code == 503
-        assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable"}
+        assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable",
+                                           "current": "v1", "drift": False}
         redis_server.start()  # same port, empty (no persistence in tests): new events are used again
         event = {"user_id": user, "item_id": catalog[2]}
         _eventually(lambda: c.post("/v1/events", json=event).status_code, lambda code: code == 202)

@@ -26,12 +26,13 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from service.api.deps import (ReadKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
                               check_read_key)
+from service.api.strict import StrictJSONRoute
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.compute import ComputeBusy, ComputeThread
 from service import recommend as usecase
 from service.schemas import RecommendBatchRequest, RecommendBatchResponse, RecommendRequest, RecommendResponse
 
-router = APIRouter(prefix="/v1", tags=["recommend"])
+router = APIRouter(prefix="/v1", tags=["recommend"], route_class=StrictJSONRoute)
 
 RESPONSES = {**BAD_BODY, **READ_AUTH, **NOT_LOADED}
 JSON = "application/json"
