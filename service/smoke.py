@@ -41,8 +41,9 @@ def check_version(version: LoadedVersion,
         out = rec.recommend(history, k=MAX_K, explain=True)
         if out.served_by == "popularity" or ";" in out.served_by:
             raise ArtifactError(f"a request with history was served by {out.served_by!r}: a stage failed (see the log)")
-        bad = next((it for it in out.items if not all(map(math.isfinite, (it.score, *it.stages.values(),
-                                                                          *it.routes.values())))), None)
+        # an item the ordering stage did not score has score None (pipeline.py "Scores")
+        bad = next((it for it in out.items if not all(map(math.isfinite, (
+            *(() if it.score is None else (it.score,)), *it.stages.values(), *it.routes.values())))), None)
         if bad is not None:
             raise ArtifactError(f"item {bad.item_id!r} was served with a non-finite score at k={MAX_K}")
     except ArtifactError as exc:
