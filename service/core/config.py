@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.stores import DEFAULT_MAX_STORE_BYTES, MIN_STORE_BYTES
+
 ENV_FILE = ".env"
 
 
@@ -21,8 +23,6 @@ def _comma_list(value: object) -> object:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
-
-from service.stores import DEFAULT_MAX_STORE_BYTES, MIN_STORE_BYTES
 
 
 class Settings(BaseSettings):
