@@ -39,5 +39,9 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     stats = getattr(getattr(request.app.state, "store", None), "stats", None)
     if stats is not None:
         m.observe_store(*stats())
+    online = getattr(request.app.state, "online", None)
+    if online is not None:
+        online.refresh()
+        m.observe_online(online.snapshot())
     body, content_type = m.render()
     return Response(body, media_type=content_type)
