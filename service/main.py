@@ -17,13 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
-from service.api.routes import admin, catalog, events, health, items, recommend
+from service.api.routes import admin, catalog, events, health, items, online, recommend
 from service.api.strict import ServerErrorLog, validation_error
 from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
 from service.fast_path import RecommendFastPath
+from service.feedback import build_feedback
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.pipeline import Recommender
@@ -50,8 +51,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     recommender = load_checked(version_folder(settings.artifacts, current_version(settings.artifacts)),
                                make_recommender)
     version = recommender.v
+    metrics: Metrics = app.state.metrics
+    feedback = build_feedback(settings, lambda reason, n: metrics.child(metrics.log_errors, reason).inc(n))
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
-                       settings.history_ttl_s, settings.max_store_bytes)
+                       settings.history_ttl_s, settings.max_store_bytes, feedback.stream_bound, feedback.event_log)
+    app.state.impressions = feedback.impressions
+    app.state.online = feedback.online
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
@@ -79,6 +84,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.impressions = None
+        app.state.online = None
+        feedback.close()
         app.state.compute = None
         compute.close()
         app.state.catalog_updates = None
@@ -98,7 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.compute = None
     app.state.watcher = None
     app.state.catalog_updates = None
-    for module in (health, recommend, events, catalog, items, admin):
+    app.state.impressions = None
+    app.state.online = None
+    for module in (health, recommend, events, catalog, items, admin, online):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
     openapi.install(app, [EventIn, items.ItemIn],

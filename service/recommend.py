@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec
 
+from service.core.logs import request_id as current_request_id
 from service.metrics import Metrics
+from service.online_log import ImpressionLog
 from service.pipeline import FilterError, Recommender
 from service.schemas import RecommendRequest, encode_json, recommend_json
 from service.stores import HistoryStore, StoreError
@@ -45,6 +48,9 @@ class RecommendContext:
     store: HistoryStore
     metrics: Metrics
     timeout_ms: float  # the budget of one HTTP request, a batch included
+    impressions: ImpressionLog | None = None  # where served lists are recorded (None: not recorded)
+    experiment: str | None = None  # the experiment and arm this request was assigned to, if any
+    arm: str | None = None
 
 
 @dataclass
@@ -82,7 +88,7 @@ def recommend(ctx: RecommendContext, req: RecommendRequest) -> dict[str, Any]:
             logger.warning("history of %r unavailable, serving without it: %s", req.user_id, exc)
             history.flags.append(STORE_FLAG)
     history.store_ms = (time.perf_counter() - start) * 1000.0
-    return _serve(ctx, req, history, ())
+    return _serve(ctx, req, history, (), _request_id())
 
 
 def recommend_batch(ctx: RecommendContext, reqs: list[RecommendRequest], started: float) -> dict[str, Any]:
@@ -95,12 +101,13 @@ def recommend_batch(ctx: RecommendContext, reqs: list[RecommendRequest], started
     stored, flags = _stored_histories(ctx.store, [r.user_id for r in reqs if r.history is None and r.user_id])
     store_ms = (time.perf_counter() - t0) * 1000.0
     results = []
+    rid = _request_id()
     for i, r in enumerate(reqs):
         by_store = r.history is None and bool(r.user_id)
         history = History(r.history if r.history is not None else stored.get(r.user_id or "", []),
                           list(flags if by_store else []), store_ms)
         left_ms = ctx.timeout_ms - (time.perf_counter() - started) * 1000.0
-        results.append(_serve(ctx, r, history, ("requests", i), budget_ms=left_ms))
+        results.append(_serve(ctx, r, history, ("requests", i), f"{rid}-{i}", budget_ms=left_ms))
     return {"results": results}
 
 
@@ -130,10 +137,16 @@ def _check_filters(rec: Recommender, req: RecommendRequest, loc: Loc) -> None:
             raise InvalidRequest((*loc, "filters", exc.field), exc.message) from None
 
 
-def _serve(ctx: RecommendContext, req: RecommendRequest, history: History, loc: Loc,
+def _request_id() -> str:
+    """The HTTP request's id (X-Request-ID, service/middleware.py); a new one outside a request."""
+    return current_request_id.get() or uuid.uuid4().hex
+
+
+def _serve(ctx: RecommendContext, req: RecommendRequest, history: History, loc: Loc, request_id: str,
            budget_ms: float | None = None) -> dict[str, Any]:
-    """RecommendResponse as a JSON-ready dict. budget_ms: what is left of the HTTP request's
-    budget (a batch); None = timeout_ms - store_ms."""
+    """RecommendResponse as a JSON-ready dict, recorded in the impression log under request_id
+    (a batch's i-th list: <request id>-<i>). budget_ms: what is left of the HTTP request's budget
+    (a batch); None = timeout_ms - store_ms."""
     rec = ctx.recommender
     left = max(ctx.timeout_ms - history.store_ms, 0.0) if budget_ms is None else budget_ms
     try:
@@ -148,5 +161,8 @@ def _serve(ctx: RecommendContext, req: RecommendRequest, history: History, loc: 
     timings = {"store": round(history.store_ms, 3), **result.timings_ms}
     timings["total"] = round(history.store_ms + result.timings_ms["total"], 3)
     ctx.metrics.observe_recommendation(served_by, timings, result.unknown_items)
+    if ctx.impressions is not None:
+        ctx.impressions.record(request_id, req.user_id, result.model_version,
+                               [(it.item_id, it.score, None) for it in result.items], ctx.experiment, ctx.arm)
     return recommend_json(result.items, result.model_version, served_by, result.scored_by, timings, result.unknown_items,
-                          req.explain)
+                          req.explain, request_id)

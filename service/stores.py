@@ -31,7 +31,9 @@ history or popularity instead of answering 5xx.
 
 Ordering: events are appended in the order given; the store does not sort by timestamp. The
 service sorts a batch by ``timestamp`` before calling :meth:`HistoryStore.append_events`.
-Only item ids are stored; ``timestamp`` and ``type`` are validated but not persisted.
+The histories keep only item ids; the durable event log (service/online_log.py) keeps every
+appended event whole: a Redis Stream appended by the same script as the history, or, for the
+in-process store, the ``event_log`` sink written under the store's lock (duplicates are in neither).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Event:
     timestamp: float
     type: str = "view"
     event_id: str | None = None  # client-chosen; a repeat within the user's history window is dropped
+    request_id: str | None = None  # the served list the event answers (online metrics' attribution)
 
 
 def id_problem(value: object) -> str | None:
@@ -126,6 +129,8 @@ def validate_events(events: Sequence[Event]) -> dict[str, list[tuple[str, str | 
         validate_id(ev.type, f"events[{i}].type")
         if ev.event_id is not None:
             validate_id(ev.event_id, f"events[{i}].event_id")
+        if ev.request_id is not None:
+            validate_id(ev.request_id, f"events[{i}].request_id")
         ts = ev.timestamp
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
             raise ValueError(f"events[{i}].timestamp: must be a finite number, got {ts!r}")
@@ -157,6 +162,12 @@ def check_max_history(max_history: int) -> int:
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
         raise ValueError(f"max_history: must be a positive integer, got {max_history!r}")
     return max_history
+
+
+class EventSink(Protocol):
+    """The durable event log of the in-process store (service.online_log.EventFileLog)."""
+
+    def write_events(self, events: Sequence[Event]) -> None: ...
 
 
 @runtime_checkable
@@ -239,11 +250,12 @@ class InMemoryStore:
     Bytes are counted as Python holds them: ``sys.getsizeof`` of every id string (a 256-character
     id of four-byte characters takes 1,100 bytes), of each deque and the per-user overhead, so
     ``nbytes`` is an upper bound of what the store holds (a string shared by two users is counted
-    twice)."""
+    twice). With ``event_log``, every appended event is written there first (service/online_log.py)."""
 
     def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS,
-                 max_bytes: int = DEFAULT_MAX_STORE_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_STORE_BYTES, event_log: EventSink | None = None) -> None:
         self.max_history = check_max_history(max_history)
+        self.event_log = event_log
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise ValueError(f"max_users: must be a positive integer, got {max_users!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < MIN_STORE_BYTES:
@@ -310,23 +322,34 @@ class InMemoryStore:
             self.evictions += 1
 
     def append_events(self, events: Sequence[Event]) -> int:
-        by_user = validate_events(events)
-        added = 0
+        validate_events(events)
         with self._lock:
-            for user_id, pairs in by_user.items():
-                entry = self._user(user_id)
-                grew = 0
-                for item, event_id in pairs:
-                    if event_id is not None:
-                        if event_id in entry.ids:
-                            continue
-                        grew += self._push(entry.ids, event_id)
-                    grew += self._push(entry.items, item)
-                    added += 1
+            # retries (an event id the user's last ids hold, or an earlier event of this call) left out
+            appended: list[Event] = []
+            seen: dict[str, set[str]] = {}
+            for ev in events:
+                if ev.event_id is not None:
+                    entry = self._hist.get(ev.user_id)
+                    ids = seen.setdefault(ev.user_id, set(entry.ids) if entry is not None else set())
+                    if ev.event_id in ids:
+                        continue
+                    ids.add(ev.event_id)
+                appended.append(ev)
+            if self.event_log is not None:
+                # the log first: the histories and the log hold the same events in the same order
+                try:
+                    self.event_log.write_events(appended)
+                except OSError as exc:
+                    raise StoreUnavailable(f"event log not writable, nothing was appended: {exc}") from exc
+            for ev in appended:
+                entry = self._user(ev.user_id)
+                grew = self._push(entry.items, ev.item_id)
+                if ev.event_id is not None:
+                    grew += self._push(entry.ids, ev.event_id)
                 entry.nbytes += grew
                 self.nbytes += grew
             self._evict()
-        return added
+        return len(appended)
 
     def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
         validate_id(user_id, "user_id")

@@ -47,5 +47,9 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     watcher = getattr(request.app.state, "watcher", None)
     if watcher is not None:
         watcher.drift()  # recsys_current_version_info / recsys_version_drift as of now
+    online = getattr(request.app.state, "online", None)
+    if online is not None:
+        online.refresh()
+        m.observe_online(online.snapshot())
     body, content_type = m.render()
     return Response(body, media_type=content_type)
