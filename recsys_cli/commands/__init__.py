@@ -5,4 +5,4 @@ serve` imports no training/ module and no torch), and a command that runs others
 import recsys_cli.main without an import cycle.
 """
 
-COMMANDS = ("demo", "train", "evaluate", "diagnose", "export", "reindex", "rollback", "serve")
+COMMANDS = ("demo", "train", "evaluate", "diagnose", "export", "reindex", "rollback", "serve", "data")
