@@ -164,8 +164,9 @@ def _read_csv(path: Path, key: str, positional: Sequence[str]) -> Table:
             raise DataError(f"{path}: not utf-8 text ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    first = f"line {lines[0]}" if lines else ""
     if rows and key in rows[0]:
-        header, rows, lines = rows[0], rows[1:], lines[1:]
+        header, rows, lines, first = rows[0], rows[1:], lines[1:], "the header"
         if len(set(header)) != len(header):
             dup = next(h for h in header if header.count(h) > 1)
             raise DataError(f"{path}: column '{dup}' appears twice in the header")
@@ -179,7 +180,7 @@ def _read_csv(path: Path, key: str, positional: Sequence[str]) -> Table:
         raise DataError(f"{path}: no header row naming '{key}'" if rows else f"{path}: empty table")
     for row, line in zip(rows, lines):
         if len(row) != len(header):
-            raise DataError(f"{path}:{line}: {len(row)} fields where the header has {len(header)}")
+            raise DataError(f"{path}:{line}: {len(row)} fields where {first} has {len(header)}")
     return Table(path, {name: [r[j] for r in rows] for j, name in enumerate(header)}, lines)
 
 
