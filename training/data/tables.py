@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.contract.features import HISTORY, LAST_ITEM, USER_LOG_COUNT
 from training.data.dataset import DataError, FeatureTable, RawLog, encode_categorical, encode_multi, fill_median
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ TABLE_NAMES = ("interactions", "items", "users")  # the files a folder holds, wi
 EXTENSIONS: dict[Format, str] = {"csv": ".csv", "parquet": ".parquet"}
 COLUMNS = {"user": "user_id", "item": "item_id", "time": "timestamp", "rating": "rating", "event": "event_type"}
 POSITIONAL = ("user_id", "item_id", "timestamp", "rating")  # a CSV without a header
+# columns the pre-ranker adds to each side itself (training/data/features.py): a feature may not take their names
+RESERVED = {"items": {"item_id", "item_log_count", "item_mean_label"},
+            "users": {"user_id", HISTORY, LAST_ITEM, USER_LOG_COUNT, "user_mean_label"}}
 
 
 @dataclass
@@ -348,9 +352,13 @@ def _multi_cell(table: Table, row: int, name: str, v: Any) -> list[str]:
     return [x.strip() for x in str(v).split(MULTI_SEP) if x.strip()]
 
 
-def read_features(table: Table, key: str, spec: TableSpec) -> tuple[list[str], FeatureTable]:
-    """(ids, features in the table's row order) of an items or users table; logs the columns' kinds."""
+def read_features(table: Table, key: str, spec: TableSpec, side: str) -> tuple[list[str], FeatureTable]:
+    """(ids, features in the table's row order) of the items or users table (`side`); logs the columns' kinds."""
     ids = _ids(table, key, key)
+    taken = sorted(RESERVED[side] & (set(table.columns) - {key} - spec.skip))
+    if taken:
+        raise DataError(f"{table.path}: column '{taken[0]}' has the name of a feature the pipeline adds itself; "
+                        f"rename it, or leave it out with skip={taken[0]}")
     seen: dict[str, int] = {}
     for row, e in enumerate(ids):
         if seen.setdefault(e, row) != row:
@@ -398,8 +406,8 @@ def read_tables(kind: Format, arg: str) -> RawLog:
     if stray:  # a declared column that no feature table has is most likely a typo
         raise DataError(f"{kind}: declared column '{stray[0]}' is in no feature table "
                         f"({', '.join(str(p) for p in read) or 'none given'})")
-    item_table = read_features(read[spec.items], spec.columns["item"], spec) if spec.items else None
-    user_table = read_features(read[spec.users], spec.columns["user"], spec) if spec.users else None
+    item_table = read_features(read[spec.items], spec.columns["item"], spec, "items") if spec.items else None
+    user_table = read_features(read[spec.users], spec.columns["user"], spec, "users") if spec.users else None
     name = spec.interactions.parent.name if spec.interactions.stem == "interactions" else spec.interactions.name
     return RawLog(name, users, items, times, ratings, events=events, weights=weights,
                   user_table=user_table, item_table=item_table)

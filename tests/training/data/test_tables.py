@@ -216,6 +216,8 @@ def _bad(tmp_path: Path, name: str, text: str) -> Path:
     ("users.csv", "gender,user_id\nF,u1\n", "weight.view=-1", "csv: weight.view must be a number > 0, got '-1'"),
     ("users.csv", "gender,user_id\nF,u1\n", "colour=red", "csv: unknown option 'colour' (keys: items, users, user"),
     ("users.csv", "gender\nF\n", "", "users.csv: no header row naming 'user_id'"),
+    ("users.csv", "user_id,history\nu1,x\n", "", "users.csv: column 'history' has the name of a feature the pipeline "
+                                                  "adds itself; rename it, or leave it out with skip=history"),
 ])
 def test_bad_rows_are_one_line_errors_naming_file_row_and_column(tmp_path: Path, name: str, text: str, spec: str,
                                                                   message: str) -> None:
