@@ -136,6 +136,9 @@ class Table:
             return f"{self.path}:{self.lines[row]}: column '{column}'"
         return f"{self.path}: row {row + 1}, column '{column}'"
 
+    def row_name(self, row: int) -> str:
+        return f"line {self.lines[row]}" if self.lines is not None else f"row {row + 1}"
+
     def error(self, row: int, column: str, message: str) -> DataError:
         return DataError(f"{self.where(row, column)}: {message}")
 
@@ -345,11 +348,10 @@ def _multi_cell(table: Table, row: int, name: str, v: Any) -> list[str]:
     if v is None:
         return []
     if isinstance(v, list):
-        out = [_text(x) for x in v]
-        return [x for x in out if x]
-    if table.parquet_types.get(name) not in (None, "other") and not isinstance(v, str):
+        return [x for x in map(_text, v) if x]
+    if not isinstance(v, str):
         raise table.error(row, name, f"expected a list or '{MULTI_SEP}'-separated text, got {v!r}")
-    return [x.strip() for x in str(v).split(MULTI_SEP) if x.strip()]
+    return [x.strip() for x in v.split(MULTI_SEP) if x.strip()]
 
 
 def read_features(table: Table, key: str, spec: TableSpec, side: str) -> tuple[list[str], FeatureTable]:
@@ -362,7 +364,7 @@ def read_features(table: Table, key: str, spec: TableSpec, side: str) -> tuple[l
     seen: dict[str, int] = {}
     for row, e in enumerate(ids):
         if seen.setdefault(e, row) != row:
-            raise table.error(row, key, f"'{e}' appears again (first at {table.where(seen[e], key).split(': column')[0]})")
+            raise table.error(row, key, f"'{e}' appears again (first on {table.row_name(seen[e])})")
     out = FeatureTable()
     described = []
     for name, raw in table.columns.items():
@@ -376,8 +378,9 @@ def read_features(table: Table, key: str, spec: TableSpec, side: str) -> tuple[l
                 raise table.error(bad, name, f"expected a finite number, got {raw[bad]!r}")
             col = np.array([math.nan if n is None else n for n in nums], dtype=np.float32)
             out.numeric[name] = fill_median(col)
-            gaps = int(np.isnan(col).sum())
-            described.append(f"{name} (numeric" + (f", {gaps} missing -> median {out.numeric[name][np.isnan(col)][0]:g})" if gaps else ")"))
+            gaps = np.isnan(col)
+            filled = f", {int(gaps.sum())} missing -> median {out.numeric[name][gaps][0]:g}" if gaps.any() else ""
+            described.append(f"{name} (numeric{filled})")
         elif kind == "multi":
             out.multi[name], out.vocab[name] = encode_multi([_multi_cell(table, r, name, v) for r, v in enumerate(raw)])
             described.append(f"{name} (multi-valued, {len(out.vocab[name])} values)")

@@ -209,7 +209,7 @@ def _bad(tmp_path: Path, name: str, text: str) -> Path:
     ("interactions.csv", "user_id,item_id,time\nu1,a,1\n", "",
      "interactions.csv: no column 'timestamp' (time; columns: user_id, item_id, time)"),
     ("items.csv", "item_id,year\na,1999\nb,soon\n", "num=year", "items.csv:3: column 'year': expected a finite number, got 'soon'"),
-    ("items.csv", "item_id,year\na,1999\na,2001\n", "", "items.csv:3: column 'item_id': 'a' appears again (first at"),
+    ("items.csv", "item_id,year\na,1999\na,2001\n", "", "items.csv:3: column 'item_id': 'a' appears again (first on line 2)"),
     ("items.csv", "item_id,year\na,1999\n,2001\n", "", "items.csv:3: column 'item_id': empty item_id"),
     ("users.csv", "gender,user_id\nF,u1\n", "weight.buy=2", "weight.buy: no row has event type 'buy' (types: purchase, view)"),
     ("users.csv", "gender,user_id\nF,u1\n", "num=age", "csv: declared column 'age' is in no feature table"),
