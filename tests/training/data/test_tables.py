@@ -248,3 +248,33 @@ def test_a_file_that_is_not_parquet(tmp_path: Path) -> None:
     (tmp_path / "items.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="items.parquet: not a readable Parquet file"):
         load(f"parquet:{tmp_path}")
+
+
+def test_weights_change_what_the_retriever_learns(tmp_path: Path) -> None:
+    from models.sasrec import SASRecConfig
+    from training.stages.retrieval.train import RetrievalTrainConfig, train_retrieval
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    rows = "".join(f"u{u},i{rng.integers(20)},{t},{'purchase' if t % 3 == 0 else 'view'}\n"
+                   for u in range(30) for t in range(8))
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp,event_type\n" + rows)
+
+    def trained(spec: str) -> torch.Tensor:
+        split = LeaveOneOut(load(spec))
+        cfg = SASRecConfig(num_items=split.num_items, maxlen=8, dim=8, num_blocks=1, num_heads=1)
+        res = train_retrieval(split, cfg, RetrievalTrainConfig(epochs=1, batch_size=8, seed=0), progress=False)
+        return res.model.item_embedding.weight.detach()
+
+    plain = trained(f"csv:{tmp_path}")
+    assert torch.equal(plain, trained(f"csv:{tmp_path},weight.view=1"))  # all weights 1: the unweighted run
+    assert not torch.allclose(plain, trained(f"csv:{tmp_path},weight.purchase=5"))
+
+
+def test_ml100k_tables_are_the_movielens_data_set(ml100k_path: Path, tmp_path: Path) -> None:
+    raw = read(f"movielens:{ml100k_path}")
+    source = raw.build()
+    for fmt in ("csv", "parquet"):
+        _, spec = write_tables(raw, tmp_path, fmt)  # type: ignore[arg-type]
+        assert spec == f"{fmt}:{tmp_path}"  # nothing to declare: every kind is inferred right
+        assert_same(source, load(spec))
