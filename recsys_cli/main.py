@@ -23,7 +23,7 @@ from recsys_cli.commands import COMMANDS
 from recsys_cli.errors import UsageError
 
 # top-level modules of the `train` extra (pyproject.toml); the serving install has none of them
-TRAIN_EXTRA = frozenset({"torch", "onnx", "onnxscript", "tqdm", "matplotlib"})
+TRAIN_EXTRA = frozenset({"torch", "onnx", "onnxscript", "tqdm", "matplotlib", "pyarrow"})
 
 
 class DefaultsFormatter(argparse.HelpFormatter):

@@ -14,5 +14,6 @@ COMMANDS = {
     "reindex": "re-index the current catalog into a new artifact version and flip CURRENT",
     "rollback": "point CURRENT at an older artifact version",
     "serve": "serve /v1/recommend over the published artifacts",
+    "data": "data-set tools: write any --data source out as CSV / Parquet tables",
     "config": "print every RECSYS_* setting: its default, current value and source",
 }  # name -> the one-line help `recsys --help` shows without importing the command

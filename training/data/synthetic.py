@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from training.data.dataset import DataError, Dataset, FeatureTable, build_dataset
+from training.data.dataset import DataError, Dataset, FeatureTable, RawLog
 
 AGE_BUCKETS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 GENDERS = ["F", "M"]
@@ -90,6 +90,10 @@ def _by_popularity_sampler(category: np.ndarray, popularity: np.ndarray, num_cat
 
 
 def generate(cfg: SyntheticConfig) -> Dataset:
+    return synthetic_log(cfg).build()
+
+
+def synthetic_log(cfg: SyntheticConfig) -> RawLog:
     rng = np.random.default_rng(cfg.seed)
     N, U, C = cfg.items, cfg.users, cfg.categories
 
@@ -179,7 +183,7 @@ def generate(cfg: SyntheticConfig) -> Dataset:
         numeric={"price": price},
         vocab={"category": [f"cat{c}" for c in range(C)], "tags": [f"tag{j}" for j in range(cfg.tags)]},
     )
-    return build_dataset(
+    return RawLog(
         f"synthetic(seed={cfg.seed},users={U},items={N})",
         u_flat[log_order],  # integer ids: external ids are their decimal strings
         i_flat[log_order],
