@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from service.catalog_updates import CatalogUpdates, Schema
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.experiments import Experiment, ExperimentHolder
 from service.metrics import Metrics
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
@@ -60,6 +61,17 @@ async def get_metrics(request: Request) -> Metrics:
 async def get_watcher(request: Request) -> VersionWatcher:
     watcher: VersionWatcher = _loaded(request, "watcher", "artifacts are not loaded yet")
     return watcher
+
+
+async def get_experiment(request: Request) -> Experiment | None:
+    """The running experiment, None when there is none."""
+    exp: Experiment | None = getattr(request.app.state, "experiment", None)
+    return exp
+
+
+async def get_experiments(request: Request) -> ExperimentHolder:
+    holder: ExperimentHolder = _loaded(request, "experiments", "artifacts are not loaded yet")
+    return holder
 
 
 async def get_catalog_updates(request: Request) -> CatalogUpdates:
@@ -125,6 +137,8 @@ ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
 ReadKeyHeader = Annotated[str | None, Security(READ_KEY)]  # the X-API-Key a route checks itself
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
+ExperimentDep = Annotated[Experiment | None, Depends(get_experiment)]
+ExperimentsDep = Annotated[ExperimentHolder, Depends(get_experiments)]
 CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
 ItemSchemaDep = Annotated[Schema | None, Depends(get_item_schema)]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 
+from service import experiments
 from service.api.deps import MetricsDep
 
 router = APIRouter(tags=["health"])
@@ -39,5 +40,9 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     stats = getattr(getattr(request.app.state, "store", None), "stats", None)
     if stats is not None:
         m.observe_store(*stats())
+    m.observe_process_memory()
+    rec = getattr(request.app.state, "recommender", None)
+    if rec is not None:
+        experiments.report(m, rec, getattr(request.app.state, "experiment", None))
     body, content_type = m.render()
     return Response(body, media_type=content_type)
