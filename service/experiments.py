@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from service.artifacts import ArtifactError
 from service.contract.layout import EXPERIMENT, MANIFEST, VERSION_RE, write_atomic
@@ -74,27 +74,25 @@ class ExperimentConfig(BaseModel):
 
     @field_validator("arms")
     @classmethod
-    def _unique_names(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
+    def _arms(cls, arms: list[ArmConfig], info: ValidationInfo) -> list[ArmConfig]:
+        """Unique names; interleave: exactly 2 arms; ab: every arm has a share and they sum to 1.
+        (A failure's loc is `arms`; the message names the arm's field.)"""
         seen: dict[str, int] = {}
         for i, arm in enumerate(arms):
             if arm.name in seen:
                 raise ValueError(f"arms.{i}.name {arm.name!r} repeats arms.{seen[arm.name]}.name")
             seen[arm.name] = i
-        return arms
-
-    @model_validator(mode="after")
-    def _shares(self) -> ExperimentConfig:
-        if self.mode == "interleave":
-            if len(self.arms) != 2:
-                raise ValueError(f"arms: interleave merges exactly 2 arms, got {len(self.arms)}")
-            return self
-        missing = [i for i, a in enumerate(self.arms) if a.share is None]
+        if info.data.get("mode") == "interleave":
+            if len(arms) != 2:
+                raise ValueError(f"interleave merges exactly 2 arms, got {len(arms)}")
+            return arms
+        missing = [i for i, a in enumerate(arms) if a.share is None]
         if missing:
-            raise ValueError(f"arms.{missing[0]}.share: mode ab needs a share for every arm")
-        total = sum(a.share or 0.0 for a in self.arms)
+            raise ValueError(f"arms.{missing[0]}.share is missing: mode ab needs a share for every arm")
+        total = sum(a.share or 0.0 for a in arms)
         if abs(total - 1.0) > SHARE_TOLERANCE:
-            raise ValueError(f"arms.share: the shares sum to {total:g}, not 1")
-        return self
+            raise ValueError(f"arms.*.share sum to {total:g}, not 1")
+        return arms
 
 
 class ExperimentError(ValueError):

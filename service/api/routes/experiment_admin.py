@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Body
 
 from service.api.deps import ApiKeyDep, ExperimentDep, ExperimentsDep, RecommenderDep, SettingsDep
 from service.api.errors import AUTH, INVALID, NOT_LOADED, unprocessable
-from service.experiments import ExperimentConfig, ExperimentError, parse_config, share_summary
+from service.experiments import ExperimentConfig, ExperimentError, share_summary
 from service.notify import notify_version
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ async def get_experiment(exp: ExperimentDep, live: RecommenderDep) -> dict[str, 
 
 @router.put("/experiment", responses={**AUTH, **INVALID, **NOT_LOADED})
 async def put_experiment(holder: ExperimentsDep, live: RecommenderDep, settings: SettingsDep, _auth: ApiKeyDep,
-                         body: dict[str, Any] = Body(openapi_examples={"ab": {"value": EXAMPLE}})) -> dict[str, Any]:
+                         config: Annotated[ExperimentConfig, Body(openapi_examples={"ab": {"value": EXAMPLE}})],
+                         ) -> dict[str, Any]:
     """Start the experiment (replacing a running one) once every arm's version has loaded."""
     try:
-        config: ExperimentConfig = parse_config(body)
         exp = await holder.apply(config)
     except ExperimentError as exc:
         raise unprocessable(("body", *exc.loc), exc.message) from None
