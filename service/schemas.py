@@ -182,6 +182,25 @@ class ReloadOut(BaseModel):
     changed: bool
 
 
+class ArmOut(BaseModel):
+    name: str
+    version: str = Field(description="the version this arm serves now")
+    pinned: bool = Field(description="false: the arm follows the live version (CURRENT)")
+    share: float | Absent = Field(default=None, json_schema_extra=_no_default,
+                                  description="its share of users (mode ab); left out for interleave")
+
+
+class ExperimentOut(BaseModel):
+    """Fields other than `experiment` are left out when no experiment runs."""
+
+    experiment: str | None = Field(description="the running experiment's name; null when none runs")
+    mode: Literal["ab", "interleave"] | Absent = Field(default=None, json_schema_extra=_no_default)
+    seed: int | Absent = Field(default=None, json_schema_extra=_no_default)
+    arms: list[ArmOut] | Absent = Field(default=None, json_schema_extra=_no_default)
+    config: dict[str, Any] | Absent = Field(default=None, json_schema_extra=_no_default,
+                                            description="the configuration as given")
+
+
 class EventIn(BaseModel):
     """One interaction; `timestamp` is Unix seconds (defaults to the time received)."""
 

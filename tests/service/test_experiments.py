@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.contract.layout import CURRENT, EXPERIMENT
+from service.schemas import RecommendResponse
 from service.experiments import Experiment, ExperimentConfig, ExperimentError, bucket, parse_config, read_config
 from tests.service.test_api import API_KEY, _app, artifacts_root, catalog, copy_version  # noqa: F401
 
@@ -132,6 +133,12 @@ def _metric(c: TestClient, name: str) -> dict[str, float]:
     return out
 
 
+def _renders_as_the_model(out: dict) -> None:
+    """The fast encoding is the response model's own rendering, keys in the model's order."""
+    model = RecommendResponse.model_validate(out).model_dump(mode="json", exclude_none=True)
+    assert json.dumps(model) == json.dumps(out)
+
+
 def _wait(cond: object, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -163,6 +170,7 @@ def test_ab_experiment_serves_each_user_from_their_arm(client: TestClient, root:
         assert (out["experiment"], out["arm"]) == ("exp1", arm.name)
         assert out["model_version"] == {"control": "v1", "candidate": "v2"}[arm.name]
         assert "score" in out["items"][0] and "source" not in out["items"][0]
+        _renders_as_the_model(out)
         seen[arm.name] += 1
     assert min(seen.values()) >= 8  # both arms served
     # a request without user_id is outside the experiment: the live version, no arm
@@ -210,6 +218,7 @@ def test_interleaved_experiment_merges_both_arms_and_marks_each_item(client: Tes
         per = Counter(it["source"] for it in out["items"])
         assert per["old"] == per["new"] == 5
         assert all("score" not in it for it in out["items"])
+        _renders_as_the_model(out)
         again = client.post("/v1/recommend", json={"user_id": f"u{i}", "history": catalog[:5], "k": 10},
                             headers={"X-Request-ID": f"req-{i}"}).json()
         assert [it["source"] for it in again["items"]] == [it["source"] for it in out["items"]]  # seeded per request

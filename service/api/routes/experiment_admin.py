@@ -11,42 +11,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any
-
 import redis
-from fastapi import APIRouter, Body
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiKeyDep, ExperimentDep, ExperimentsDep, RecommenderDep, SettingsDep
 from service.api.errors import AUTH, INVALID, NOT_LOADED, unprocessable
-from service.experiments import ExperimentConfig, ExperimentError, share_summary
+from service.experiments import Experiment, ExperimentConfig, ExperimentError, share_summary
+from service.pipeline import Recommender
+from service.schemas import ArmOut, ExperimentOut
 from service.notify import notify_version
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
-EXAMPLE = {"name": "exp1", "mode": "ab", "seed": 0,
-           "arms": [{"name": "control", "share": 0.5}, {"name": "candidate", "version": "v2", "share": 0.5}]}
+def _describe(exp: Experiment | None, live: Recommender | None) -> JSONResponse:
+    """ExperimentOut with absent fields left out (`experiment` is always there, null when none runs)."""
+    if exp is None or live is None:
+        return JSONResponse({"experiment": None})
+    out = ExperimentOut(experiment=exp.name, mode=exp.config.mode, seed=exp.config.seed,
+                        arms=[ArmOut(**a) for a in share_summary(exp, live)],
+                        config=exp.config.model_dump(exclude_none=True))
+    return JSONResponse(out.model_dump(mode="json", exclude_none=True))
 
 
-def _describe(exp: Any, live: Any) -> dict[str, Any]:
-    if exp is None:
-        return {"experiment": None}
-    return {"experiment": exp.name, "mode": exp.config.mode, "seed": exp.config.seed,
-            "arms": share_summary(exp, live), "config": exp.config.model_dump(exclude_none=True)}
-
-
-@router.get("/experiment", responses=NOT_LOADED)
-async def get_experiment(exp: ExperimentDep, live: RecommenderDep) -> dict[str, Any]:
+@router.get("/experiment", response_model=ExperimentOut, responses=NOT_LOADED)
+async def get_experiment(exp: ExperimentDep, live: RecommenderDep) -> JSONResponse:
     """The running experiment: its arms, the version each serves now and its share; {"experiment": null}
     when none runs."""
     return _describe(exp, live)
 
 
-@router.put("/experiment", responses={**AUTH, **INVALID, **NOT_LOADED})
-async def put_experiment(holder: ExperimentsDep, live: RecommenderDep, settings: SettingsDep, _auth: ApiKeyDep,
-                         config: Annotated[ExperimentConfig, Body(openapi_examples={"ab": {"value": EXAMPLE}})],
-                         ) -> dict[str, Any]:
+@router.put("/experiment", response_model=ExperimentOut,
+            responses={**AUTH, **INVALID, **NOT_LOADED})
+async def put_experiment(config: ExperimentConfig, holder: ExperimentsDep, live: RecommenderDep,
+                         settings: SettingsDep, _auth: ApiKeyDep) -> JSONResponse:
     """Start the experiment (replacing a running one) once every arm's version has loaded."""
     try:
         exp = await holder.apply(config)
@@ -56,12 +56,12 @@ async def put_experiment(holder: ExperimentsDep, live: RecommenderDep, settings:
     return _describe(exp, live)
 
 
-@router.delete("/experiment", responses={**AUTH, **NOT_LOADED})
-async def delete_experiment(holder: ExperimentsDep, settings: SettingsDep, _auth: ApiKeyDep) -> dict[str, Any]:
+@router.delete("/experiment", response_model=ExperimentOut, responses={**AUTH, **NOT_LOADED})
+async def delete_experiment(holder: ExperimentsDep, settings: SettingsDep, _auth: ApiKeyDep) -> JSONResponse:
     """End the running experiment: every request is served by the live version again."""
     await holder.apply(None)
     await asyncio.to_thread(_announce, settings.redis_url, "experiment ended")
-    return {"experiment": None}
+    return _describe(None, None)
 
 
 def _announce(redis_url: str | None, what: str) -> None:
