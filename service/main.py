@@ -16,13 +16,14 @@ from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
-from service.api.routes import admin, catalog, events, experiment_admin, health, items, recommend
+from service.api.routes import admin, catalog, events, experiment_admin, health, items, online, recommend
 from service.artifacts import current_version
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
 from service.experiments import ExperimentHolder
 from service.fast_path import RecommendFastPath
+from service.feedback import build_feedback
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.pipeline import Recommender
@@ -48,8 +49,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
     recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
     version = recommender.v
+    metrics: Metrics = app.state.metrics
+    feedback = build_feedback(settings, lambda reason, n: metrics.child(metrics.log_errors, reason).inc(n))
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
-                       settings.history_ttl_s)
+                       settings.history_ttl_s, feedback.stream_bound, feedback.event_log)
+    app.state.impressions = feedback.impressions
+    app.state.online = feedback.online
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
@@ -82,6 +87,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.impressions = None
+        app.state.online = None
+        feedback.close()
         app.state.compute = None
         compute.close()
         app.state.catalog_updates = None
@@ -103,7 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.experiments = None
     app.state.experiment = None  # the running Experiment (service/experiments.py), None when none
     app.state.catalog_updates = None
-    for module in (health, recommend, events, catalog, items, admin, experiment_admin):
+    app.state.impressions = None
+    app.state.online = None
+    for module in (health, recommend, events, catalog, items, admin, online, experiment_admin):
         app.include_router(module.router)
     openapi.install(app, [EventIn, items.ItemIn],
                     lambda: None if app.state.recommender is None else app.state.recommender.v)

@@ -49,6 +49,21 @@ class Metrics:
                                        "(in-process) or Redis maxmemory evictions (evicted_keys)", registry=r)
         self.store_users = Gauge("recsys_store_users", "Users held by the in-process history store", registry=r,
                                  multiprocess_mode="liveall")
+        self.log_errors = Counter("recsys_online_log_errors_total",
+                                  "Impression records not logged, by reason (queue_full, write_failed)", ["reason"],
+                                  registry=r)
+        online = ["experiment", "arm", "version"]
+        self.online_impressions = Gauge("recsys_online_impressions", "Impressions in the log read so far, per "
+                                        "experiment, arm and version (the same on every replica: use max)", online,
+                                        registry=r, multiprocess_mode="max")
+        self.online_ctr = Gauge("recsys_online_ctr_at_k", "Clicked / shown among the first k positions", [*online, "k"],
+                                registry=r, multiprocess_mode="max")
+        self.online_ctr_position = Gauge("recsys_online_ctr_at_position", "Clicked / shown at a 0-based position",
+                                         [*online, "position"], registry=r, multiprocess_mode="max")
+        self.online_hit_rate = Gauge("recsys_online_hit_rate_at_k", "Impressions with a click among their first k "
+                                     "/ impressions", [*online, "k"], registry=r, multiprocess_mode="max")
+        self.online_items = Gauge("recsys_online_served_items", "Distinct items served (coverage)", online,
+                                  registry=r, multiprocess_mode="max")
         self._evictions_seen = 0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.version = Gauge("recsys_model_version_info", "The served artifact version (value 1)", ["version"],
@@ -131,6 +146,21 @@ class Metrics:
             key, _, value = line.partition(":")
             if key in kinds:
                 self.process_memory.labels(kinds[key]).set(int(value.split()[0]) * 1024)
+
+    def observe_online(self, snapshot: Mapping[str, Any]) -> None:
+        """Set the online series from OnlineMetrics.snapshot() (rates without data are left out)."""
+        for g in (self.online_impressions, self.online_ctr, self.online_ctr_position, self.online_hit_rate,
+                  self.online_items):
+            g.clear()
+        for grp in snapshot["groups"]:
+            labels = (str(grp["experiment"] or ""), str(grp["arm"] or ""), grp["version"])
+            self.online_impressions.labels(*labels).set(grp["impressions"])
+            self.online_items.labels(*labels).set(grp["coverage"]["items"])
+            for gauge, key in ((self.online_ctr, "ctr_at_k"), (self.online_ctr_position, "ctr_at_position"),
+                               (self.online_hit_rate, "hit_rate_at_k")):
+                for at, ci in grp[key].items():
+                    if ci["rate"] is not None:
+                        gauge.labels(*labels, at).set(ci["rate"])
 
     def set_version(self, version: str) -> None:
         self.version.clear()

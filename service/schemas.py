@@ -103,6 +103,9 @@ class RecommendResponse(BaseModel):
                     "interactions)")
     timings_ms: dict[str, float] = Field(description="milliseconds per step; total is the whole request")
     unknown_items: int = Field(default=0, description="history items the model version does not know (skipped)")
+    request_id: str = Field(description="this list's id in the impression log: the X-Request-ID (a batch's i-th "
+                                        "list: <X-Request-ID>-<i>); send it with the events the list led to "
+                                        "(POST /v1/events request_id) for exact attribution")
     experiment: str | Absent = Field(default=None, json_schema_extra=_no_default,
                                      description="the experiment this answer belongs to; left out when none runs "
                                                  "or the request has no user_id")
@@ -142,7 +145,7 @@ def _item_json(it: ScoredItem, rank: int, explain: bool, source: str | None = No
 
 def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: str, scored_by: str,
                    timings_ms: Mapping[str, float], unknown_items: int, explain: bool,
-                   experiment: str | None = None, arm: str | None = None,
+                   request_id: str, experiment: str | None = None, arm: str | None = None,
                    sources: list[str] | None = None) -> dict[str, Any]:
     """RecommendResponse as the plain dict its model renders with exclude_none (same keys, same
     order, absent fields left out), built without a pydantic object per item and without FastAPI
@@ -154,7 +157,7 @@ def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: s
     else:
         listed = [_item_json(it, rank, explain, src) for rank, (it, src) in enumerate(zip(items, sources), start=1)]
     out = {"items": listed, "model_version": model_version, "served_by": served_by, "scored_by": scored_by,
-           "timings_ms": dict(timings_ms), "unknown_items": unknown_items}
+           "timings_ms": dict(timings_ms), "unknown_items": unknown_items, "request_id": request_id}
     if experiment is not None:
         out["experiment"], out["arm"] = experiment, arm
     return out
@@ -212,6 +215,9 @@ class EventIn(BaseModel):
     type: Id | None = None
     event_id: Id | None = Field(default=None, description="client-chosen id: an event whose id is among the "
                                 "user's last max_history event ids is a retry and is not stored again")
+    request_id: Id | None = Field(default=None, description="the request_id of the recommended list this event "
+                                  "answers (exact attribution in the online metrics); without it the event goes to "
+                                  "the user's latest list that showed the item within RECSYS_ATTRIBUTION_WINDOW_S")
 
 
 EventsList = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS)]

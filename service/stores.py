@@ -31,7 +31,9 @@ history or popularity instead of answering 5xx.
 
 Ordering: events are appended in the order given; the store does not sort by timestamp. The
 service sorts a batch by ``timestamp`` before calling :meth:`HistoryStore.append_events`.
-Only item ids are stored; ``timestamp`` and ``type`` are validated but not persisted.
+The histories keep only item ids; the durable event log (service/online_log.py) keeps every
+appended event whole: a Redis Stream appended by the same script as the history, or, for the
+in-process store, the ``event_log`` sink written under the store's lock (duplicates are in neither).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Event:
     timestamp: float
     type: str = "view"
     event_id: str | None = None  # client-chosen; a repeat within the user's history window is dropped
+    request_id: str | None = None  # the served list the event answers (online metrics' attribution)
 
 
 def id_problem(value: object) -> str | None:
@@ -120,6 +123,8 @@ def validate_events(events: Sequence[Event]) -> dict[str, list[tuple[str, str | 
         validate_id(ev.type, f"events[{i}].type")
         if ev.event_id is not None:
             validate_id(ev.event_id, f"events[{i}].event_id")
+        if ev.request_id is not None:
+            validate_id(ev.request_id, f"events[{i}].request_id")
         ts = ev.timestamp
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
             raise ValueError(f"events[{i}].timestamp: must be a finite number, got {ts!r}")
@@ -151,6 +156,12 @@ def check_max_history(max_history: int) -> int:
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
         raise ValueError(f"max_history: must be a positive integer, got {max_history!r}")
     return max_history
+
+
+class EventSink(Protocol):
+    """The durable event log of the in-process store (service.online_log.EventFileLog)."""
+
+    def write_events(self, events: Sequence[Event]) -> None: ...
 
 
 @runtime_checkable
@@ -195,8 +206,10 @@ class InMemoryStore:
     """In-process store: a lock and, per user, a bounded deque of items (and one of event ids),
     for at most ``max_users`` users: the least recently used user is evicted beyond that."""
 
-    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS) -> None:
+    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS,
+                 event_log: EventSink | None = None) -> None:
         self.max_history = check_max_history(max_history)
+        self.event_log = event_log
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise ValueError(f"max_users: must be a positive integer, got {max_users!r}")
         self.max_users = max_users
@@ -234,6 +247,8 @@ class InMemoryStore:
 
     def append_events(self, events: Sequence[Event]) -> int:
         by_user = validate_events(events)
+        if self.event_log is not None:
+            return self._append_logged(events)  # one user's events in order: the same result as below
         added = 0
         with self._lock:
             for user_id, pairs in by_user.items():
@@ -249,11 +264,46 @@ class InMemoryStore:
                         ids.append(event_id)
                     items.append(item)
                     added += 1
-            while len(self._hist) > self.max_users:
-                old, _ = self._hist.popitem(last=False)
-                self._feat.pop(old, None)
-                self.evictions += 1
+            self._evict()
         return added
+
+    def _append_logged(self, events: Sequence[Event]) -> int:
+        """append_events with the log written first, under the lock: the events the histories
+        will take (retries left out) go to event_log, then to the histories, so both hold the
+        same events in the same order. A log that cannot be written raises StoreUnavailable and
+        nothing is appended."""
+        assert self.event_log is not None
+        with self._lock:
+            appended: list[Event] = []
+            seen: dict[str, set[str]] = {}
+            for ev in events:
+                if ev.event_id is not None:
+                    ids = seen.setdefault(ev.user_id, set(self._hist[ev.user_id][1]) if ev.user_id in self._hist
+                                          else set())
+                    if ev.event_id in ids:
+                        continue
+                    ids.add(ev.event_id)
+                appended.append(ev)
+            try:
+                self.event_log.write_events(appended)
+            except OSError as exc:
+                raise StoreUnavailable(f"event log not writable, nothing was appended: {exc}") from exc
+            for ev in appended:
+                entry = self._hist.get(ev.user_id)
+                if entry is None:
+                    entry = self._hist[ev.user_id] = (deque(maxlen=self.max_history), deque(maxlen=self.max_history))
+                self._hist.move_to_end(ev.user_id)
+                entry[0].append(ev.item_id)
+                if ev.event_id is not None:
+                    entry[1].append(ev.event_id)
+            self._evict()
+        return len(appended)
+
+    def _evict(self) -> None:
+        while len(self._hist) > self.max_users:
+            old, _ = self._hist.popitem(last=False)
+            self._feat.pop(old, None)
+            self.evictions += 1
 
     def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
         validate_id(user_id, "user_id")

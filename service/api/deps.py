@@ -20,6 +20,8 @@ from service.compute import ComputeThread
 from service.core.config import Settings
 from service.experiments import Experiment, ExperimentHolder
 from service.metrics import Metrics
+from service.online_log import ImpressionLog
+from service.online_metrics import OnlineMetrics
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
 from service.stores import HistoryStore
@@ -56,6 +58,17 @@ async def get_compute(request: Request) -> ComputeThread:
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
+
+
+async def get_impressions(request: Request) -> ImpressionLog | None:
+    """The impression log; None when the service logs no impressions."""
+    log: ImpressionLog | None = getattr(request.app.state, "impressions", None)
+    return log
+
+
+async def get_online(request: Request) -> OnlineMetrics:
+    online: OnlineMetrics = _loaded(request, "online", "no online log: set RECSYS_REDIS_URL or RECSYS_LOG_DIR")
+    return online
 
 
 async def get_watcher(request: Request) -> VersionWatcher:
@@ -136,6 +149,8 @@ ReadKeyDep = Annotated[None, Depends(require_read_key)]
 ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
 ReadKeyHeader = Annotated[str | None, Security(READ_KEY)]  # the X-API-Key a route checks itself
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ImpressionsDep = Annotated[ImpressionLog | None, Depends(get_impressions)]
+OnlineDep = Annotated[OnlineMetrics, Depends(get_online)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
 ExperimentDep = Annotated[Experiment | None, Depends(get_experiment)]
 ExperimentsDep = Annotated[ExperimentHolder, Depends(get_experiments)]

@@ -35,17 +35,17 @@ _RECOMMENDATION = {
               {"item_id": "i77", "score": 3.12, "rank": 2, "launcher": 1}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "rerank", "scored_by": "rerank",
     "timings_ms": {"store": 0.21, "encode": 0.9, "search": 0.3, "prerank": 0.4, "rerank": 1.1, "total": 3.2},
-    "unknown_items": 0}
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
 _POPULAR = {
     "items": [{"item_id": "i12", "score": 0.0131, "rank": 1}, {"item_id": "i5", "score": 0.0118, "rank": 2}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "popularity", "scored_by": "popularity",
-    "timings_ms": {"store": 0.0, "popularity": 0.05, "total": 0.07}, "unknown_items": 0}
+    "timings_ms": {"store": 0.0, "popularity": 0.05, "total": 0.07}, "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
 _EXPLAINED = {
     "items": [{"item_id": "i1042", "score": 3.81, "rank": 1, "launcher": 0,
                "stages": {"retrieval": 12.4, "prerank": 2.2, "rerank": 3.81}, "routes": {"faiss": 12.4}}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "rerank", "scored_by": "rerank",
     "timings_ms": {"store": 0.2, "encode": 0.9, "search": 0.3, "prerank": 0.4, "rerank": 1.1, "total": 3.2},
-    "unknown_items": 0}
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
 
 _EXPERIMENT = {
     "experiment": "exp1", "mode": "ab", "seed": 0,
@@ -58,7 +58,8 @@ _INTERLEAVED = {
               {"item_id": "i77", "rank": 2, "launcher": 1, "source": "live"}],
     "model_version": "v1+v2", "served_by": "rerank+rerank", "scored_by": "rerank",
     "timings_ms": {"store": 0.2, "live.total": 3.1, "candidate.total": 3.3, "interleave": 0.02, "total": 6.6},
-    "unknown_items": 0, "experiment": "il1", "arm": "live+candidate"}
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3b", "experiment": "il1",
+    "arm": "live+candidate"}
 
 
 def _examples(**named: tuple[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,24 @@ class Settings(BaseSettings):
         default=(), description="comma-separated origins a browser may call the API from (e.g. "
                                 "https://shop.example.com, or * for any); empty = no CORS headers")
 
+    log_dir: Path | None = Field(default=None, description="without Redis: folder of the durable event and "
+                                                           "impression logs (rotated JSON Lines); unset = no log")
+    log_file_max_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 40,
+                                    description="a log file this large is closed and a new one started")
+    log_fsync: bool = Field(default=False, description="fsync the log file after every write (survives a host "
+                                                       "crash, not only a worker crash)")
+    log_stream_maxlen: int = Field(default=1_000_000, ge=1, le=1_000_000_000,
+                                   description="with Redis: entries kept per log stream (approximate MAXLEN)")
+    log_stream_max_age_s: float = Field(default=0.0, ge=0, le=10 * 365 * 24 * 3600,
+                                        description="with Redis: when > 0, log stream entries older than this are "
+                                                    "trimmed (MINID) instead of by log_stream_maxlen")
+    impression_sample_rate: float = Field(default=1.0, ge=0, le=1,
+                                          description="share of served lists recorded in the impression log "
+                                                      "(0 = none)")
+    attribution_window_s: float = Field(default=1800.0, gt=0, le=30 * 24 * 3600,
+                                        description="an event without request_id is credited to the user's latest "
+                                                    "impression showing the item at most this long before it")
+
     @field_validator("redis_url", "api_key", "read_key")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:

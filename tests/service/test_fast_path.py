@@ -87,8 +87,11 @@ def test_batch_bytes_are_what_the_response_model_renders(client: TestClient, cat
     _validator(client, "RecommendBatchResponse").validate(out)
     assert encode_json(RecommendBatchResponse.model_validate(out).model_dump(mode="json", exclude_none=True)) == r.content
     singles = [client.post("/v1/recommend", json=b).json() for b in _bodies(catalog)]
-    strip = [{k: v for k, v in o.items() if k != "timings_ms"} for o in out["results"]]
-    assert strip == [{k: v for k, v in o.items() if k != "timings_ms"} for o in singles]
+    rid = r.headers["x-request-id"]
+    assert [o["request_id"] for o in out["results"]] == [f"{rid}-{i}" for i in range(len(singles))]
+    per_request = ("timings_ms", "request_id")
+    strip = [{k: v for k, v in o.items() if k not in per_request} for o in out["results"]]
+    assert strip == [{k: v for k, v in o.items() if k not in per_request} for o in singles]
 
 
 def test_the_openapi_schema_still_names_the_response_models(client: TestClient) -> None:
@@ -210,6 +213,7 @@ def test_the_fast_path_answers_what_the_route_answers_and_leaves_errors_to_it(
     def strip(r: Any) -> dict[str, Any]:
         out = r.json()
         out.pop("timings_ms")
+        assert out.pop("request_id") == r.headers["x-request-id"]
         return out
 
     for body in _bodies(catalog):

@@ -4,6 +4,9 @@
 - `movielens:<dir>`            ml-100k (u.data, u.item, u.user) or ml-1m (*.dat)
 - `seqtxt:<file>`              one user per line: `user item item ...` in time order
 - `csv:<file>`                 `user_id,item_id,timestamp[,rating]`, optional header
+- `log:<folder>` / `log:redis://host:port[/db][?key=<stream>]`
+                               the service's durable event log (service/online_log.py): every
+                               accepted event, in log order, timestamps floored to seconds
 
 Every parse error is a DataError naming the file and line.
 """
@@ -11,15 +14,19 @@ Every parse error is a DataError naming the file and line.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import redis
+
+from service.online_log import read_events
 
 from training.data.dataset import DataError, Dataset, FeatureTable, build_dataset, encode_categorical
 from training.data.synthetic import generate, parse_synthetic_spec
 
-SOURCES = "synthetic[:key=value,...], movielens:<dir>, seqtxt:<file>, csv:<file>"
+SOURCES = "synthetic[:key=value,...], movielens:<dir>, seqtxt:<file>, csv:<file>, log:<dir>|log:redis://..."
 
 # ml-1m's age codes; ml-100k's raw ages are bucketed onto the same scale
 ML_AGE_BUCKETS = [(1, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+")]
@@ -29,7 +36,7 @@ def load(spec: str) -> Dataset:
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         return generate(parse_synthetic_spec(arg))
-    if kind in ("movielens", "seqtxt", "csv") and not arg:
+    if kind in ("movielens", "seqtxt", "csv", "log") and not arg:
         raise DataError(f"data source '{kind}' needs a path: {kind}:<path>")
     if kind == "movielens":
         return load_movielens(Path(arg))
@@ -37,6 +44,8 @@ def load(spec: str) -> Dataset:
         return load_seqtxt(Path(arg))
     if kind == "csv":
         return load_csv(Path(arg))
+    if kind == "log":
+        return load_log(arg)
     raise DataError(f"unknown data source '{spec}' (expected {SOURCES})")
 
 
@@ -248,3 +257,20 @@ def load_csv(path: Path) -> Dataset:
     return build_dataset(
         path.name, users, items, np.array(times), np.array(ratings) if ratings else None
     )
+
+
+def load_log(spec: str) -> Dataset:
+    """The events the service logged (a folder of JSON Lines or a Redis stream), exactly as logged."""
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    try:
+        for ev in read_events(spec):
+            users.append(ev.user_id)
+            items.append(ev.item_id)
+            times.append(math.floor(ev.ts))
+    except (ValueError, OSError, redis.RedisError) as exc:
+        raise DataError(f"log:{spec}: {exc}") from None
+    if not users:
+        raise DataError(f"log:{spec}: no events")
+    return build_dataset(f"log:{spec}", users, items, np.array(times, dtype=np.int64))

@@ -68,4 +68,4 @@ def get_history(user_id: UserIdPath, store: StoreDep, _read: ReadKeyDep) -> Hist
 
 def _event(e: EventIn, now: float) -> Event:
     return Event(user_id=e.user_id, item_id=e.item_id, timestamp=now if e.timestamp is None else e.timestamp,
-                 type=e.type or DEFAULT_EVENT_TYPE, event_id=e.event_id)
+                 type=e.type or DEFAULT_EVENT_TYPE, event_id=e.event_id, request_id=e.request_id)

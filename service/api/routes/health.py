@@ -44,5 +44,9 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     rec = getattr(request.app.state, "recommender", None)
     if rec is not None:
         experiments.report(m, rec, getattr(request.app.state, "experiment", None))
+    online = getattr(request.app.state, "online", None)
+    if online is not None:
+        online.refresh()
+        m.observe_online(online.snapshot())
     body, content_type = m.render()
     return Response(body, media_type=content_type)
