@@ -170,6 +170,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "description": "Every request is served by the live version again.",
         "response": _examples(ended=("Ended", {"experiment": None})),
     },
+    ("get", "/v1/experiments/{name}"): {
+        "summary": "An experiment's results",
+        "description": "The experiment's arms while it runs, and its online metrics from the impression and "
+                       "event logs: per arm and version, impressions, click-through at each position and @k, hit "
+                       "rate and coverage, each rate with its 95% interval; for an interleaved experiment, the "
+                       "clicks and wins credited to each arm. 404 when it neither runs nor has logged impressions.",
+    },
     ("get", "/healthz"): {"summary": "Liveness", "description": "200 while the process answers."},
     ("get", "/readyz"): {
         "summary": "Readiness",

@@ -259,3 +259,30 @@ def test_experiment_file_is_read_at_start_and_followed(root: Path, catalog: list
         assert c.get("/v1/admin/experiment").json()["experiment"] == "exp2"
         (root / EXPERIMENT).unlink()
         _wait(lambda: c.get("/v1/admin/experiment").json() == {"experiment": None})
+
+
+def test_clicks_are_credited_to_the_arm_in_the_experiments_online_metrics(root: Path, tmp_path: Path,
+                                                                          catalog: list[str]) -> None:  # noqa: F811
+    """Through the impression and event logs (RECSYS_LOG_DIR): an A/B experiment's impressions are
+    grouped by arm, and a click on an interleaved list is credited to the arm that contributed the
+    clicked item (GET /v1/experiments/{name})."""
+    with TestClient(_app(root, api_key=API_KEY, log_dir=tmp_path / "log")) as c:
+        assert c.get("/v1/experiments/il").status_code == 404
+        body = {"name": "il", "mode": "interleave", "arms": [{"name": "old"}, {"name": "new", "version": "v2"}]}
+        assert c.put("/v1/admin/experiment", json=body, headers=AUTH).status_code == 200
+        clicks = {"old": 0, "new": 0}
+        events = []
+        for i in range(6):
+            out = c.post("/v1/recommend", json={"user_id": f"u{i}", "history": catalog[:5], "k": 6}).json()
+            # user i clicks the first item the arm "new" contributed (i even) or "old" (i odd)
+            want = "new" if i % 2 == 0 else "old"
+            item = next(it["item_id"] for it in out["items"] if it["source"] == want)
+            events.append({"user_id": f"u{i}", "item_id": item, "request_id": out["request_id"], "event_id": f"e{i}"})
+            clicks[want] += 1
+        assert c.post("/v1/events", json=events, headers=AUTH).status_code in (200, 202)
+        res = c.get("/v1/experiments/il").json()
+        assert res["running"] and [a["name"] for a in res["arms"]] == ["old", "new"]
+        inter = res["online"]["interleaving"]["il"]["sources"]
+        assert {s: inter[s]["clicks"] for s in ("old", "new")} == clicks
+        assert {s: inter[s]["wins"] for s in ("old", "new")} == clicks  # one click per list: it decides the list
+        assert res["online"]["groups"][0]["arm"] == "old+new" and res["online"]["groups"][0]["impressions"] == 6
