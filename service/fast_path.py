@@ -78,7 +78,8 @@ class RecommendFastPath:
             if req.history is None and req.user_id is not None:
                 key = headers.get(b"x-api-key")
                 check_read_key(settings, None if key is None else key.decode("latin-1"))
-            ctx = RecommendContext(rec, store, state.metrics, settings.timeout_ms, state.impressions)
+            ctx = RecommendContext(rec, store, state.metrics, settings.timeout_ms, state.impressions,
+                                   state.experiment)
             return Response(await compute.run(as_json, recommend, ctx, req), media_type=JSON)
         except (HTTPException, InvalidRequest, ComputeBusy):  # FastAPI gives the 4xx / 503
             return None

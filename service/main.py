@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
-from service.api.routes import admin, catalog, events, health, items, online, recommend
+from service.api.routes import admin, catalog, events, experiment_admin, health, items, online, recommend
 from service.api.strict import ServerErrorLog, validation_error
 from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.experiments import ExperimentHolder
 from service.fast_path import RecommendFastPath
 from service.feedback import build_feedback
 from service.metrics import Metrics
@@ -70,8 +71,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.catalog_updates = updates
     app.state.recommender = recommender
     app.state.metrics.set_version(version.version)
+    experiments = ExperimentHolder(app.state, settings.artifacts, make_recommender)
+    experiments.start_sync()  # artifacts/EXPERIMENT.json, when there is one: every arm's version loaded
+    app.state.experiments = experiments
     watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
-                             settings.reload_poll_s, settings.redis_url)
+                             settings.reload_poll_s, settings.redis_url, experiments)
     app.state.watcher = watcher
     watcher.start()
     logger.info("serving version %s (retrieval_k=%d, prerank_n=%d)", version.version, settings.retrieval_k,
@@ -81,6 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await watcher.stop()
         app.state.watcher = None
+        app.state.experiments = None
+        app.state.experiment = None
         app.state.recommender = None
         app.state.store = None
         store.close()
@@ -105,10 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = None
     app.state.compute = None
     app.state.watcher = None
+    app.state.experiments = None
+    app.state.experiment = None  # the running Experiment (service/experiments.py), None when none
     app.state.catalog_updates = None
     app.state.impressions = None
     app.state.online = None
-    for module in (health, recommend, events, catalog, items, admin, online):
+    for module in (health, recommend, events, catalog, items, admin, online, experiment_admin):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
     openapi.install(app, [EventIn, items.ItemIn],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,6 +81,20 @@ class Metrics:
         self.drift = Gauge("recsys_version_drift", "1 when this worker serves another version than CURRENT names "
                            "(a version that failed to load, or a swap not yet done)", registry=r,
                            multiprocess_mode="liveall")
+        self.arm_requests = Counter("recsys_experiment_requests_total",
+                                    "Recommendations served by each experiment arm (an interleaved request counts "
+                                    "for both arms)", ["experiment", "arm"], registry=r)
+        self.arms = Gauge("recsys_experiment_arm_info", "The running experiment's arms: value = traffic share "
+                          "(1 for interleave)", ["experiment", "mode", "arm", "version"], registry=r,
+                          multiprocess_mode="liveall")
+        self.versions_loaded = Gauge("recsys_versions_loaded", "Artifact versions this worker holds (the live one "
+                                     "and every experiment arm's)", registry=r, multiprocess_mode="liveall")
+        self.version_bytes = Gauge("recsys_version_file_bytes", "Size of each held version's files: the most its "
+                                   "memory-mapped arrays and sessions can bring into memory", ["version"],
+                                   registry=r, multiprocess_mode="liveall")
+        self.process_memory = Gauge("recsys_process_memory_bytes", "This worker's memory from /proc/self/status "
+                                    "at scrape time: rss, anon (private), file (mapped file pages, shared)",
+                                    ["kind"], registry=r, multiprocess_mode="liveall")
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """metric.labels(*labels), kept: labels() validates and locks on every call (about as
@@ -126,6 +141,35 @@ class Metrics:
             if total > seen:
                 self.child(self.connections_closed, reason).inc(total - seen)
                 self._closed_seen[reason] = total
+
+    def observe_arm(self, experiment: str, arm: str) -> None:
+        self.child(self.arm_requests, experiment, arm).inc()
+
+    def set_experiment(self, experiment: str | None, mode: str, arms: Mapping[str, tuple[str, float]]) -> None:
+        """The arms gauge: arm -> (version, share); experiment None clears it."""
+        self.arms.clear()
+        for arm, (version, share) in arms.items():
+            if experiment is not None:
+                self.arms.labels(experiment, mode, arm, version).set(share)
+
+    def set_loaded(self, version_bytes: Mapping[str, int]) -> None:
+        """The versions this worker holds now and the bytes of each one's files."""
+        self.versions_loaded.set(len(version_bytes))
+        self.version_bytes.clear()
+        for version, size in version_bytes.items():
+            self.version_bytes.labels(version).set(size)
+
+    def observe_process_memory(self) -> None:
+        """Read VmRSS / RssAnon / RssFile of this process (Linux; elsewhere nothing is set)."""
+        try:
+            lines = Path("/proc/self/status").read_text().splitlines()
+        except OSError:
+            return
+        kinds = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in kinds:
+                self.process_memory.labels(kinds[key]).set(int(value.split()[0]) * 1024)
 
     def observe_online(self, snapshot: Mapping[str, Any]) -> None:
         """Set the online series from OnlineMetrics.snapshot() (rates without data are left out)."""

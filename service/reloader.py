@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from service.artifacts import ArtifactError, current_version, version_folder
 from service.contract.layout import CURRENT
+from service.experiments import ExperimentHolder
 from service.metrics import Metrics
 from service.notify import VERSION_CHANNEL
 from service.pipeline import Recommender
@@ -93,7 +94,10 @@ class VersionWatcher:
     """Owns the swap of `state.recommender`; one reload at a time."""
 
     def __init__(self, state: Any, root: Path, make_recommender: Callable[[Any], Recommender], metrics: Metrics,
-                 poll_s: float, redis_url: str | None) -> None:
+                 poll_s: float, redis_url: str | None, experiments: ExperimentHolder | None = None) -> None:
+        """experiments: refreshed after every poll and notice (artifacts/EXPERIMENT.json changed, or
+        a pinned arm's version is gone)."""
+        self.experiments = experiments
         self.state = state
         self.root = root
         self.make_recommender = make_recommender
@@ -201,6 +205,11 @@ class VersionWatcher:
                 logger.exception("%s", msg)
                 self.metrics.reloads.labels("failed").inc()
             self._last_error = msg
+        if self.experiments is not None:
+            try:
+                await self.experiments.refresh()
+            except Exception:  # noqa: BLE001  the loop must outlive any bug
+                logger.exception("experiment refresh failed")
 
     async def _poll(self) -> None:
         while True:

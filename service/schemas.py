@@ -71,7 +71,8 @@ class RecommendedItemOut(BaseModel):
                     "answer only (a model score has no fixed scale); for `popularity`, the item's share of the "
                     "training interactions (0 to 1). Left out for an item that stage did not score: one past the "
                     "re-ranked top RECSYS_PRERANK_N, or a popular item added when filters left too few; those "
-                    "follow the scored items in `rank` order")
+                    "follow the scored items in `rank` order; and for every item of an interleaved answer (two "
+                    "arms' scores do not compare)")
     rank: int = Field(description="1-based position in the list")
     launcher: int | Absent = Field(
         default=None, json_schema_extra=_no_default,
@@ -85,6 +86,10 @@ class RecommendedItemOut(BaseModel):
         description="with explain only: the score of each recall route that found the item: faiss (the "
                     "sequence model's nearest neighbours), i2i (items that followed the user's recent items); {} for "
                     "a popular item")
+    source: str | Absent = Field(
+        default=None, json_schema_extra=_no_default,
+        description="in an interleaved experiment only: the arm whose list contributed this item (a click on it "
+                    "is credited to that arm)")
 
 
 class RecommendResponse(BaseModel):
@@ -101,6 +106,12 @@ class RecommendResponse(BaseModel):
     request_id: str = Field(description="this list's id in the impression log: the X-Request-ID (a batch's i-th "
                                         "list: <X-Request-ID>-<i>); send it with the events the list led to "
                                         "(POST /v1/events request_id) for exact attribution")
+    experiment: str | Absent = Field(default=None, json_schema_extra=_no_default,
+                                     description="the experiment this answer belongs to; left out when none runs "
+                                                 "or the request has no user_id")
+    arm: str | Absent = Field(default=None, json_schema_extra=_no_default,
+                              description="the experiment arm that served it; in an interleaved experiment both "
+                                          "arms joined by '+' (each item's `source` says whose it is)")
 
 
 class ScoredItem(Protocol):
@@ -118,29 +129,38 @@ class ScoredItem(Protocol):
     def routes(self) -> dict[str, float]: ...
 
 
-def _item_json(it: ScoredItem, rank: int, explain: bool) -> dict[str, Any]:
+def _item_json(it: ScoredItem, rank: int, explain: bool, source: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"item_id": it.item_id}
-    if it.score is not None:
+    if it.score is not None and source is None:  # two arms' scores do not compare: an interleaved answer has none
         out["score"] = it.score
     out["rank"] = rank
     if it.launcher is not None:
         out["launcher"] = it.launcher
     if explain:
         out["stages"], out["routes"] = it.stages, it.routes
+    if source is not None:
+        out["source"] = source
     return out
 
 
 def recommend_json(items: Iterable[ScoredItem], model_version: str, served_by: str, scored_by: str,
                    timings_ms: Mapping[str, float], unknown_items: int, explain: bool,
-                   request_id: str) -> dict[str, Any]:
+                   request_id: str, experiment: str | None = None, arm: str | None = None,
+                   sources: list[str] | None = None) -> dict[str, Any]:
     """RecommendResponse as the plain dict its model renders with exclude_none (same keys, same
     order, absent fields left out), built without a pydantic object per item and without FastAPI
     validating the response a second time (the saving was below the noise of the shared 2-core
     machine: app_overhead_100k_compare.txt). Keys must follow RecommendedItemOut /
     RecommendResponse (tests/service/test_fast_path.py)."""
-    return {"items": [_item_json(it, rank, explain) for rank, it in enumerate(items, start=1)],
-            "model_version": model_version, "served_by": served_by, "scored_by": scored_by,
-            "timings_ms": dict(timings_ms), "unknown_items": unknown_items, "request_id": request_id}
+    if sources is None:
+        listed = [_item_json(it, rank, explain) for rank, it in enumerate(items, start=1)]
+    else:
+        listed = [_item_json(it, rank, explain, src) for rank, (it, src) in enumerate(zip(items, sources), start=1)]
+    out = {"items": listed, "model_version": model_version, "served_by": served_by, "scored_by": scored_by,
+           "timings_ms": dict(timings_ms), "unknown_items": unknown_items, "request_id": request_id}
+    if experiment is not None:
+        out["experiment"], out["arm"] = experiment, arm
+    return out
 
 
 def encode_json(content: Any) -> bytes:
@@ -163,6 +183,25 @@ class ReloadOut(BaseModel):
     previous: str
     model_version: str
     changed: bool
+
+
+class ArmOut(BaseModel):
+    name: str
+    version: str = Field(description="the version this arm serves now")
+    pinned: bool = Field(description="false: the arm follows the live version (CURRENT)")
+    share: float | Absent = Field(default=None, json_schema_extra=_no_default,
+                                  description="its share of users (mode ab); left out for interleave")
+
+
+class ExperimentOut(BaseModel):
+    """Fields other than `experiment` are left out when no experiment runs."""
+
+    experiment: str | None = Field(description="the running experiment's name; null when none runs")
+    mode: Literal["ab", "interleave"] | Absent = Field(default=None, json_schema_extra=_no_default)
+    seed: int | Absent = Field(default=None, json_schema_extra=_no_default)
+    arms: list[ArmOut] | Absent = Field(default=None, json_schema_extra=_no_default)
+    config: dict[str, Any] | Absent = Field(default=None, json_schema_extra=_no_default,
+                                            description="the configuration as given")
 
 
 class EventIn(BaseModel):

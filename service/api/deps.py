@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from service.catalog_updates import CatalogUpdates, Schema
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.experiments import Experiment, ExperimentHolder
 from service.metrics import Metrics
 from service.online_log import ImpressionLog
 from service.online_metrics import OnlineMetrics
@@ -73,6 +74,17 @@ async def get_online(request: Request) -> OnlineMetrics:
 async def get_watcher(request: Request) -> VersionWatcher:
     watcher: VersionWatcher = _loaded(request, "watcher", "artifacts are not loaded yet")
     return watcher
+
+
+async def get_experiment(request: Request) -> Experiment | None:
+    """The running experiment, None when there is none."""
+    exp: Experiment | None = getattr(request.app.state, "experiment", None)
+    return exp
+
+
+async def get_experiments(request: Request) -> ExperimentHolder:
+    holder: ExperimentHolder = _loaded(request, "experiments", "artifacts are not loaded yet")
+    return holder
 
 
 async def get_catalog_updates(request: Request) -> CatalogUpdates:
@@ -145,6 +157,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ImpressionsDep = Annotated[ImpressionLog | None, Depends(get_impressions)]
 OnlineDep = Annotated[OnlineMetrics, Depends(get_online)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
+ExperimentDep = Annotated[Experiment | None, Depends(get_experiment)]
+ExperimentsDep = Annotated[ExperimentHolder, Depends(get_experiments)]
 CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
 ItemSchemaDep = Annotated[Schema | None, Depends(get_item_schema)]
 

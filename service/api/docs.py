@@ -35,17 +35,31 @@ _RECOMMENDATION = {
               {"item_id": "i77", "score": 3.12, "rank": 2, "launcher": 1}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "rerank", "scored_by": "rerank",
     "timings_ms": {"store": 0.21, "encode": 0.9, "search": 0.3, "prerank": 0.4, "rerank": 1.1, "total": 3.2},
-    "unknown_items": 0}
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
 _POPULAR = {
     "items": [{"item_id": "i12", "score": 0.0131, "rank": 1}, {"item_id": "i5", "score": 0.0118, "rank": 2}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "popularity", "scored_by": "popularity",
-    "timings_ms": {"store": 0.0, "popularity": 0.05, "total": 0.07}, "unknown_items": 0}
+    "timings_ms": {"store": 0.0, "popularity": 0.05, "total": 0.07}, "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
 _EXPLAINED = {
     "items": [{"item_id": "i1042", "score": 3.81, "rank": 1, "launcher": 0,
                "stages": {"retrieval": 12.4, "prerank": 2.2, "rerank": 3.81}, "routes": {"faiss": 12.4}}],
     "model_version": "20250101T000000Z-3f2a9c1", "served_by": "rerank", "scored_by": "rerank",
     "timings_ms": {"store": 0.2, "encode": 0.9, "search": 0.3, "prerank": 0.4, "rerank": 1.1, "total": 3.2},
-    "unknown_items": 0}
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3a"}
+
+_EXPERIMENT = {
+    "experiment": "exp1", "mode": "ab", "seed": 0,
+    "arms": [{"name": "control", "version": "v1", "pinned": False, "share": 0.5},
+             {"name": "candidate", "version": "v2", "pinned": True, "share": 0.5}],
+    "config": {"name": "exp1", "mode": "ab", "seed": 0,
+               "arms": [{"name": "control", "share": 0.5}, {"name": "candidate", "version": "v2", "share": 0.5}]}}
+_INTERLEAVED = {
+    "items": [{"item_id": "i1042", "rank": 1, "launcher": 0, "source": "candidate"},
+              {"item_id": "i77", "rank": 2, "launcher": 1, "source": "live"}],
+    "model_version": "v1+v2", "served_by": "rerank+rerank", "scored_by": "rerank",
+    "timings_ms": {"store": 0.2, "live.total": 3.1, "candidate.total": 3.3, "interleave": 0.02, "total": 6.6},
+    "unknown_items": 0, "request_id": "6f1d2c0a9b8e4f3b", "experiment": "il1",
+    "arm": "live+candidate"}
 
 
 def _examples(**named: tuple[str, Any]) -> dict[str, Any]:
@@ -66,7 +80,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             explain=("With each stage's score", {"history": ["i5", "i77"], "k": 3, "explain": True})),
         "response": _examples(model=("Ranked by the model", _RECOMMENDATION),
                               popular=("No history: the most popular items", _POPULAR),
-                              explained=("With explain", _EXPLAINED)),
+                              explained=("With explain", _EXPLAINED),
+                              ab=("A user in an A/B experiment", {**_RECOMMENDATION, "experiment": "exp1",
+                                                                  "arm": "candidate"}),
+                              interleaved=("A user in an interleaved experiment", _INTERLEAVED)),
     },
     ("post", "/v1/recommend/batch"): {
         "summary": "Recommend for several requests",
@@ -127,6 +144,38 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                        "passed its checks; 409 (the served version is kept) when it does not load. Versions "
                        "are also picked up on their own every RECSYS_RELOAD_POLL_S.",
         "response": _examples(reloaded=("Reloaded", {"previous": "v1", "model_version": "v2", "changed": True})),
+    },
+    ("get", "/v1/admin/experiment"): {
+        "summary": "The running experiment",
+        "description": "Its arms, the model version each serves now and each one's share of users; "
+                       "`{\"experiment\": null}` when none runs.",
+        "response": _examples(running=("An A/B experiment", _EXPERIMENT), none=("None", {"experiment": None})),
+    },
+    ("put", "/v1/admin/experiment"): {
+        "summary": "Start an experiment between model versions",
+        "description": "Replaces the running experiment once every arm's version has loaded. `ab`: each user "
+                       "(by `user_id`) is served by one arm, picked by a stable hash of the experiment name, the "
+                       "seed and the user, in the arms' shares. `interleave`: exactly two arms; each answer "
+                       "merges both arms' lists (team draft) and each item's `source` names the arm that "
+                       "contributed it. An arm without `version` serves the live version and follows new "
+                       "publications. Requests without `user_id` are not in the experiment. A 422 names the "
+                       "field: e.g. `arms.1.version` for a version that is not published or does not load.",
+        "request": _examples(ab=("A/B, half the users each", _EXPERIMENT["config"]),
+                             interleave=("Interleaving", {"name": "il1", "mode": "interleave", "arms": [
+                                 {"name": "live"}, {"name": "candidate", "version": "v2"}]})),
+        "response": _examples(started=("Started", _EXPERIMENT)),
+    },
+    ("delete", "/v1/admin/experiment"): {
+        "summary": "End the experiment",
+        "description": "Every request is served by the live version again.",
+        "response": _examples(ended=("Ended", {"experiment": None})),
+    },
+    ("get", "/v1/experiments/{name}"): {
+        "summary": "An experiment's results",
+        "description": "The experiment's arms while it runs, and its online metrics from the impression and "
+                       "event logs: per arm and version, impressions, click-through at each position and @k, hit "
+                       "rate and coverage, each rate with its 95% interval; for an interleaved experiment, the "
+                       "clicks and wins credited to each arm. 404 when it neither runs nor has logged impressions.",
     },
     ("get", "/healthz"): {"summary": "Liveness", "description": "200 while the process answers."},
     ("get", "/readyz"): {

@@ -24,6 +24,7 @@ from pathlib import Path
 CURRENT = "CURRENT"  # the name of the live version, replaced atomically
 LOCK = ".reindex.lock"  # flock: one reindex / rollback / export publish at a time
 PENDING_ITEMS = "catalog_pending.jsonl"  # catalog updates waiting for the next reindex (no Redis)
+EXPERIMENT = "EXPERIMENT.json"  # the running experiment (service/experiments.py); absent = none
 
 # --- one version folder ---
 MANIFEST = "manifest.json"

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 
+from service import experiments
 from service.api.deps import MetricsDep
 from service.connection_limits import closed_counts
 
@@ -47,6 +48,10 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     watcher = getattr(request.app.state, "watcher", None)
     if watcher is not None:
         watcher.drift()  # recsys_current_version_info / recsys_version_drift as of now
+    m.observe_process_memory()
+    rec = getattr(request.app.state, "recommender", None)
+    if rec is not None:
+        experiments.report(m, rec, getattr(request.app.state, "experiment", None))
     online = getattr(request.app.state, "online", None)
     if online is not None:
         online.refresh()

@@ -20,7 +20,11 @@ router = APIRouter(prefix="/v1", tags=["online"])
 def catalog_sizes(request: Request) -> dict[str, int]:
     """Catalog size of every version this process has loaded (for coverage shares)."""
     rec = getattr(request.app.state, "recommender", None)
-    return {} if rec is None else {rec.v.version: rec.v.num_items}
+    if rec is None:
+        return {}
+    exp = getattr(request.app.state, "experiment", None)
+    held = exp.loaded(rec) if exp is not None else [rec]  # every experiment arm's version too
+    return {r.v.version: r.v.num_items for r in held}
 
 
 async def online_metrics_json(online: OnlineMetrics, sizes: dict[str, int], experiment: str | None = None,

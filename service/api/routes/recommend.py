@@ -24,8 +24,8 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from service.api.deps import (ReadKeyHeader, ComputeDep, ImpressionsDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
-                              check_read_key)
+from service.api.deps import (ReadKeyHeader, ComputeDep, ExperimentDep, ImpressionsDep, MetricsDep, RecommenderDep,
+                              SettingsDep, StoreDep, check_read_key)
 from service.api.strict import StrictJSONRoute
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.compute import ComputeBusy, ComputeThread
@@ -41,18 +41,19 @@ JSON = "application/json"
 @router.post("/recommend", response_model=RecommendResponse, responses=RESPONSES)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
                     metrics: MetricsDep, compute: ComputeDep, x_api_key: ReadKeyHeader,
-                    impressions: ImpressionsDep) -> Response:
+                    impressions: ImpressionsDep, experiment: ExperimentDep) -> Response:
     """Top-k for the request history, else the stored history of user_id, else popularity."""
     if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
-    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions)
+    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions, experiment)
     return await _on_compute(compute, usecase.recommend, ctx, body)
 
 
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
 async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
                           settings: SettingsDep, metrics: MetricsDep, compute: ComputeDep,
-                          x_api_key: ReadKeyHeader, impressions: ImpressionsDep) -> Response:
+                          x_api_key: ReadKeyHeader, impressions: ImpressionsDep,
+                          experiment: ExperimentDep) -> Response:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters and batch limits included) before any is served; the
     first bad one gives a 422 naming `body.requests.<i>.<field>`. RECSYS_TIMEOUT_MS covers the
@@ -68,7 +69,7 @@ async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, stor
                             f"{settings.batch_max_total_history} (RECSYS_BATCH_MAX_TOTAL_HISTORY)")
     if any(r.history is None and r.user_id for r in body.requests):
         check_read_key(settings, x_api_key)
-    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions)
+    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions, experiment)
     return await _on_compute(compute, usecase.recommend_batch, ctx, body.requests, start)
 
 
