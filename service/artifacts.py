@@ -33,10 +33,11 @@ from service.contract.catalog import CatalogArrays, CatalogError, ItemFeatures
 from service.contract.layout import CURRENT, MANIFEST, ContractError, read_current
 from service.contract.manifest import Manifest, needed_files, read_json
 from service.ids import ItemIndex
-from service.index import load_index, search_fused
+from service.index import load_index, nonfinite_vector, search_fused
 from service.item2item import Item2ItemRoute
 from service.npz_map import map_npz
 from service.prerank import score_candidates
+from service.strict_json import first_nonfinite, first_nonfinite_row
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,20 @@ def current_version(artifacts_root: str | Path) -> str:
     return name
 
 
+def version_folder(artifacts_root: str | Path, name: str) -> Path:
+    """artifacts_root/name resolved to its real path, which must be a folder inside the real
+    artifacts root (a version folder that is a symlink to elsewhere is refused)."""
+    root = Path(artifacts_root).resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:
+        raise ArtifactError(f"{Path(artifacts_root) / name}: version {name} resolves outside the artifacts root")
+    return folder
+
+
 def load_current(artifacts_root: str | Path, mmap: bool = True) -> LoadedVersion:
     """Load the version that artifacts_root/CURRENT names."""
     root = Path(artifacts_root)
-    return load_version(root / current_version(root), mmap=mmap)
+    return load_version(version_folder(root, current_version(root)), mmap=mmap)
 
 
 def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
@@ -143,10 +154,12 @@ def load_version(path: str | Path, mmap: bool = True) -> LoadedVersion:
 def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mmap: bool) -> LoadedVersion:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such version folder")
+    _confined(folder, "manifest", MANIFEST)
     try:
         manifest = Manifest.load(folder / MANIFEST)
     except ContractError as exc:
         raise ArtifactError(str(exc)) from None
+    _finite_json(folder, MANIFEST, manifest.to_dict())
     files, dims, n = manifest.files, manifest.dims, manifest.item_count
     # retrieval.onnx.data (optional): the graph's weights, which ONNX Runtime maps from there
     for role in needed_files(manifest):
@@ -168,9 +181,14 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         if int(index.ntotal) != n or int(index.d) != items.shape[1]:
             raise ArtifactError(f"{folder}: {index_file} holds {index.ntotal} vectors of D={index.d}, "
                                 f"expected item_count={n} of D={items.shape[1]}")
+        bad = nonfinite_vector(index)
+        if bad is not None:
+            raise ArtifactError(f"{folder}: {index_file} holds a non-finite vector (NaN or inf) at {bad}")
     with file(files.name("catalog")):
         catalog = _load_catalog(folder / files.name("catalog"), n, mmap)
         item_ids, popularity = catalog.item_ids, catalog.popularity
+        for name, col in catalog.features.numeric.items():
+            _finite_rows(folder, f"{files.name('catalog')} num:{name}", col)
 
     with file(files.name("prerank_items")):
         heads = dims.prerank_item_heads or (None, None)
@@ -184,6 +202,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
     features_file = files.name("prerank_features")
     with file(features_file):
         prerank_features = _read_json(folder / features_file)
+        _finite_json(folder, features_file, prerank_features)
         missing = [k for k in ("user", "history_len") if not isinstance(prerank_features, dict) or k not in prerank_features]
         if missing:
             raise ArtifactError(f"{folder}: {features_file} is not a feature spec (missing {missing})")
@@ -193,6 +212,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
             with np.load(folder / files.name("item2item"), allow_pickle=False) as z:
                 settings = manifest.item2item.serving if manifest.item2item is not None else None
                 item2item = Item2ItemRoute.from_arrays(dict(z), n, settings)
+            _finite_rows(folder, f"{files.name('item2item')} scores", item2item.scores)
     with file(files.name("retrieval_onnx")):
         retrieval = _session(folder, files.name("retrieval_onnx"))
     with file(files.name("prerank_user_onnx")):
@@ -210,19 +230,27 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
 
 
 def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
-    """Run every stage once on a short made-up history; raise ArtifactError on a shape problem.
+    """Run every stage once on a short made-up history with `k` candidates (the service's
+    largest, service/smoke.py); raise ArtifactError on a shape problem or a non-finite output.
 
     Returns the output shape of each stage (for logs and the publish report).
     """
     n, dims, files = v.num_items, v.manifest.dims, v.manifest.files
     hist = (np.arange(min(3, n), dtype=np.int64) + 1)[None, :]  # (1, L)
     shapes: dict[str, tuple[int, ...]] = {}
+
+    def finite(what: str, out: np.ndarray) -> None:
+        if not np.isfinite(out).all():
+            raise ArtifactError(f"{v.path}: {what} returned non-finite values (NaN or inf) at k={min(k, n)}")
+
     try:
         users = v.retrieval.run(None, {"item_seq": hist})[0]  # (1, M, D)
         _expect(f"{files.retrieval_onnx} user_vectors", users.shape, (1, dims.num_launchers, dims.retrieval_dim))
+        finite(f"{files.retrieval_onnx} user_vectors", users)
         hits = search_fused(v.index, users, min(k, n))
         shapes["retrieval"] = tuple(users.shape)
         cand = hits.user(0)[0]
+        finite(f"{files.index} search", hits.user(0)[1])
         feeds = {}
         for inp in v.prerank_user.get_inputs():
             width = inp.shape[1]
@@ -230,7 +258,9 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             feeds[inp.name] = np.zeros((1, width if isinstance(width, int) else 1), dtype=dtype)
         heads = v.prerank_user.run(None, feeds)[0]  # (1, L, H, d)
         _expect(f"{files.prerank_user_onnx} user_heads", heads.shape[:1] + heads.shape[-1:], (1, v.prerank_items.shape[-1]))
+        finite(f"{files.prerank_user_onnx} user_heads", heads)
         scores = score_candidates(heads[0], v.prerank_items, cand)  # (C,)
+        finite(f"{files.prerank_user_onnx} x {files.prerank_items} scores", scores)
         shapes["prerank"] = tuple(heads.shape)
         if v.rerank is not None and v.rerank_items is not None and v.manifest.rerank is not None:
             pv_width = int(v.rerank.get_inputs()[1].shape[2])
@@ -246,8 +276,7 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
                 "mask": np.ones((1, L), bool),
             })[0]
             _expect(f"{files.rerank_onnx} scores", out.shape, (1, L))
-            if not np.isfinite(out).all():
-                raise ArtifactError(f"{v.path}: {files.rerank_onnx} returned non-finite scores")
+            finite(f"{files.rerank_onnx} scores", out)
             shapes["rerank"] = tuple(out.shape)
     except ArtifactError:
         raise
@@ -269,7 +298,8 @@ def _read_json(path: Path) -> Any:
 def _confined(folder: Path, key: str, name: str) -> None:
     """files.<key> (a plain file name: checked by the manifest) must not be a symlink out of `folder`."""
     if (folder / name).resolve().parent != folder.resolve():
-        raise ArtifactError(f"{folder / MANIFEST}: files.{key} = {name!r} resolves outside the version folder")
+        what = MANIFEST if key == "manifest" else f"{MANIFEST}: files.{key} = {name!r}"
+        raise ArtifactError(f"{folder}/{what} resolves outside the version folder")
 
 
 def _load_catalog(path: Path, n: int, mmap: bool) -> CatalogArrays:
@@ -297,7 +327,23 @@ def _load_npy(folder: Path, name: str, shape: tuple[int | None, ...], mmap: bool
     if arr.ndim != len(shape) or any(w is not None and a != w for a, w in zip(arr.shape, shape)):
         want = "(" + ", ".join("?" if w is None else str(w) for w in shape) + ")"
         raise ArtifactError(f"{folder}: {name} has shape {arr.shape}, expected {want} from the manifest")
+    _finite_rows(folder, name, arr)
     return arr
+
+
+def _finite_rows(folder: Path, what: str, arr: np.ndarray) -> None:
+    """ArtifactError naming the file and the first row of `arr` that holds NaN or inf."""
+    row = first_nonfinite_row(arr)
+    if row is not None:
+        raise ArtifactError(f"{folder}: {what} holds a non-finite value (NaN or inf) in row {row}")
+
+
+def _finite_json(folder: Path, name: str, obj: Any) -> None:
+    """ArtifactError naming the file and the field of the first non-finite number in `obj`."""
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        path, value = bad
+        raise ArtifactError(f"{folder}: {name}: {'.'.join(map(str, path))} = {value} is not a finite number")
 
 
 def _session(folder: Path, name: str) -> ort.InferenceSession:

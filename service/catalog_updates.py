@@ -13,9 +13,10 @@ One interface, :class:`CatalogUpdates`, two implementations:
   an item's earlier update.
 - :class:`FileCatalogUpdates` (no Redis): JSON Lines ``<artifacts>/catalog_pending.jsonl``,
   one update per line, appended (one ``write`` per batch) under an exclusive ``flock`` on a
-  side file ``catalog_pending.jsonl.lock``; the latest line of an item wins. For one host, or a
-  shared volume whose ``flock`` works, and the thousands of updates between re-indexes (each
-  ``put`` re-reads the file to count); use Redis across machines or for more.
+  side file ``catalog_pending.jsonl.lock``; the latest line of an item wins. ``put`` reads only
+  the lines appended since its last call to count, and compacts the file (latest line per item)
+  once it holds several lines per item. For one host, or a shared volume whose ``flock`` works;
+  use Redis across machines.
 
 Consuming: ``snapshot()`` reads every pending entry with its entry ``id`` (a fresh UUID per
 update). After a successful publish, ``recsys reindex`` calls ``clear(snapshot)``, which removes
@@ -187,11 +188,25 @@ class RedisCatalogUpdates:
 
 
 class FileCatalogUpdates:
-    """Pending updates appended to a JSON Lines file next to the artifact versions."""
+    """Pending updates appended to a JSON Lines file next to the artifact versions.
+
+    `put` appends and counts pending items from an index it keeps of the file (the item ids seen
+    and how far it has read): each call reads only the lines appended since its last call, by
+    this process or another, and re-reads the whole file only when it was replaced (`clear`, a
+    compaction). When the file holds more than COMPACT_RATIO lines per pending item (and at least
+    COMPACT_MIN_LINES), `put` rewrites it with the latest line of each item only.
+    """
+
+    COMPACT_MIN_LINES = 10_000
+    COMPACT_RATIO = 4
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file indexed
+        self._offset = 0  # bytes of it read into the index
+        self._lines = 0
+        self._ids: set[str] = set()
 
     @contextmanager
     def _locked(self, shared: bool = False) -> Iterator[None]:
@@ -210,6 +225,28 @@ class FileCatalogUpdates:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def _catch_up(self) -> int:
+        """Bring the index up to the file (lock held); the number of pending items."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._file, self._offset, self._lines, self._ids = None, 0, 0, set()
+            return 0
+        ident = (st.st_dev, st.st_ino)
+        if ident != self._file or st.st_size < self._offset:  # replaced or truncated: index it anew
+            self._file, self._offset, self._lines, self._ids = ident, 0, 0, set()
+        if st.st_size > self._offset:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(st.st_size - self._offset)
+            data = data[: data.rfind(b"\n") + 1]  # whole lines only
+            for line in data.splitlines():
+                if line.strip():
+                    self._ids.add(str(json.loads(line)["item_id"]))
+                    self._lines += 1
+            self._offset += len(data)
+        return len(self._ids)
+
     def put(self, items: Sequence[ItemUpdate]) -> int:
         now = time.time()
         data = "".join(json.dumps(_entry(u, now, seq)) + "\n" for seq, u in enumerate(items)).encode()
@@ -221,11 +258,23 @@ class FileCatalogUpdates:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            return len({e["item_id"] for e in self._read()})
+            pending = self._catch_up()
+            if self._lines >= self.COMPACT_MIN_LINES and self._lines > self.COMPACT_RATIO * pending:
+                self._compact()
+            return pending
+
+    def _compact(self) -> None:
+        """Rewrite the file with the latest line of each item, in the order those arrived (lock held)."""
+        latest: dict[str, dict[str, object]] = {}
+        for e in self._read():
+            latest.pop(str(e["item_id"]), None)
+            latest[str(e["item_id"])] = e
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in latest.values()))
+        self._catch_up()
 
     def count(self) -> int:
-        with self._locked(shared=True):
-            return len({e["item_id"] for e in self._read()})
+        with self._locked():  # exclusive: the index is updated
+            return self._catch_up()
 
     def snapshot(self) -> PendingSnapshot:
         with self._locked(shared=True):

@@ -12,6 +12,7 @@ instead of a growing backlog.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,9 @@ class ComputeThread:
             raise ComputeBusy(f"{self.pending} requests already waiting for compute")
         self.pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+            # in a copy of the caller's context: the request id reaches the thread's log lines
+            job = functools.partial(contextvars.copy_context().run, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, job)
         finally:
             self.pending -= 1
 

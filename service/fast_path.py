@@ -10,13 +10,12 @@ missing read key, a full compute queue, a field the use case refuses (InvalidReq
 there). FastAPI then produces exactly the response it always did, so errors have one source and
 the OpenAPI schema is FastAPI's.
 
-The body is validated as FastAPI validates it (json.loads, then the model in Python mode), so a
-body is accepted here exactly when the route would accept it.
+The body is validated as FastAPI's route validates it (service.strict_json.loads, as its
+StrictJSONRoute does, then the model in Python mode), so a body is accepted here exactly when the
+route would accept it.
 """
 
 from __future__ import annotations
-
-import json
 
 from fastapi import FastAPI, HTTPException
 from fastapi.routing import APIRoute, APIRouter
@@ -28,6 +27,7 @@ from service.api.deps import check_read_key
 from service.compute import ComputeBusy
 from service.recommend import InvalidRequest, RecommendContext, as_json, recommend
 from service.schemas import RecommendRequest
+from service.strict_json import loads
 
 PATH = "/v1/recommend"
 JSON = "application/json"
@@ -71,14 +71,15 @@ class RecommendFastPath:
         if rec is None or store is None or compute is None or settings is None:
             return None
         try:
-            req = RecommendRequest.model_validate(json.loads(body))
-        except (ValueError, ValidationError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            req = RecommendRequest.model_validate(loads(body))
+        except (ValueError, ValidationError):  # strict_json.BodyError is a ValueError: FastAPI's route refuses it too
             return None
         try:
             if req.history is None and req.user_id is not None:
                 key = headers.get(b"x-api-key")
                 check_read_key(settings, None if key is None else key.decode("latin-1"))
-            ctx = RecommendContext(rec, store, state.metrics, settings.timeout_ms)
+            ctx = RecommendContext(rec, store, state.metrics, settings.timeout_ms, state.impressions,
+                                   state.experiment)
             return Response(await compute.run(as_json, recommend, ctx, req), media_type=JSON)
         except (HTTPException, InvalidRequest, ComputeBusy):  # FastAPI gives the 4xx / 503
             return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -310,3 +310,71 @@ def load_index(path: str | Path, num_threads: int | None = SEARCH_THREADS, mmap:
         set_faiss_threads(num_threads)
     logger.info("loaded index from %s: %s", p, index_params(index))
     return index
+
+
+_VECTORS_PER_CHUNK = 1 << 16  # vectors checked at a time by nonfinite_vector (a bounded temporary)
+
+
+def nonfinite_vector(index: faiss.Index) -> str | None:
+    """Where the first stored vector of ``index`` holding NaN or inf is ("row 41" = label 41,
+    "IVF centroid 3", ...), or None when every float the index stores is finite.
+
+    A NaN vector scores NaN against every query and FAISS never returns it: the item is silently
+    never recommended. Flat storage (Flat, HNSW's storage, RFlat's refinement), IVF lists and
+    centroids and PQ codebooks are read in place (a memory-mapped index is not copied); any
+    other kind is reconstructed a chunk at a time.
+    """
+    first_row: int | None = None  # IVF lists hold rows out of order: the smallest bad one is reported
+    for what, labels, vectors in _stored_vectors(index):
+        ok = np.isfinite(vectors).all(axis=1)
+        if ok.all():
+            continue
+        if labels is None:
+            return f"{what} {int(np.argmin(ok))}"
+        bad = int(labels[~ok].min())
+        first_row = bad if first_row is None else min(first_row, bad)
+    return None if first_row is None else f"row {first_row}"
+
+
+def _stored_vectors(index: faiss.Index) -> Iterator[tuple[str, np.ndarray | None, np.ndarray]]:
+    """(what, labels or None = position, (n, d) float32 vectors) chunks of everything ``index`` stores."""
+    index = faiss.downcast_index(index)
+    d = int(index.d)
+    if isinstance(index, faiss.IndexRefine):
+        yield from _stored_vectors(index.base_index)
+        yield from _stored_vectors(index.refine_index)
+        return
+    if isinstance(index, faiss.IndexHNSW):
+        yield from _stored_vectors(index.storage)
+        return
+    if isinstance(index, faiss.IndexFlat):
+        n = int(index.ntotal)
+        if n:
+            xb = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
+            for start in range(0, n, _VECTORS_PER_CHUNK):
+                yield "row", np.arange(start, min(start + _VECTORS_PER_CHUNK, n)), xb[start:start + _VECTORS_PER_CHUNK]
+        return
+    if isinstance(index, faiss.IndexIVF):
+        for what, _, vectors in _stored_vectors(index.quantizer):
+            yield f"IVF centroid ({what})", None, vectors
+        pq = getattr(index, "pq", None)
+        if pq is not None:  # PQ codes are small integers; the floats are the codebooks
+            yield "PQ centroid", None, faiss.vector_to_array(pq.centroids).reshape(-1, int(pq.dsub))
+            return
+        if isinstance(index, faiss.IndexIVFFlat):
+            inv = index.invlists
+            assert inv is not None  # an IVF index read from a file has its lists
+            for lst in range(int(index.nlist)):
+                size = int(inv.list_size(lst))
+                if size:
+                    codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * d * 4)
+                    labels = faiss.rev_swig_ptr(inv.get_ids(lst), size)
+                    yield "row", np.asarray(labels), np.frombuffer(codes, np.float32).reshape(size, d)
+        return
+    n = int(index.ntotal)  # any other kind: what reconstruct gives back
+    try:
+        for start in range(0, n, _VECTORS_PER_CHUNK):
+            stop = min(start + _VECTORS_PER_CHUNK, n)
+            yield "row", np.arange(start, stop), index.reconstruct_n(start, stop - start)
+    except RuntimeError as exc:  # a kind that cannot reconstruct: nothing more to read
+        logger.warning("index %s: stored vectors not checked for NaN / inf (%s)", type(index).__name__, exc)

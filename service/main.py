@@ -13,17 +13,21 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
-from service.api.routes import admin, catalog, events, health, items, recommend
-from service.artifacts import current_version
+from service.api.routes import admin, catalog, events, experiment_admin, health, items, online, recommend
+from service.api.strict import ServerErrorLog, validation_error
+from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.experiments import ExperimentHolder
 from service.fast_path import RecommendFastPath
+from service.feedback import build_feedback
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, CorsMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
 from service.schemas import EventIn
@@ -45,10 +49,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     compute = ComputeThread(settings.compute_threads, settings.compute_queue)
     make_recommender = partial(Recommender, retrieval_k=settings.retrieval_k, prerank_n=settings.prerank_n)
     # the same load + smoke check as a hot swap and `recsys rollback`: ArtifactError names the file
-    recommender = load_checked(settings.artifacts / current_version(settings.artifacts), make_recommender)
+    recommender = load_checked(version_folder(settings.artifacts, current_version(settings.artifacts)),
+                               make_recommender)
     version = recommender.v
+    metrics: Metrics = app.state.metrics
+    feedback = build_feedback(settings, lambda reason, n: metrics.child(metrics.log_errors, reason).inc(n))
     store = make_store(settings.redis_url, settings.max_history, settings.store_cooldown_s, settings.max_users,
-                       settings.history_ttl_s)
+                       settings.history_ttl_s, settings.max_store_bytes, feedback.stream_bound, feedback.event_log)
+    app.state.impressions = feedback.impressions
+    app.state.online = feedback.online
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             logger.warning("!!! RECSYS_ALLOW_ANONYMOUS_WRITES is set and RECSYS_API_KEY is not: ANYONE who reaches "
@@ -62,8 +71,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.catalog_updates = updates
     app.state.recommender = recommender
     app.state.metrics.set_version(version.version)
+    experiments = ExperimentHolder(app.state, settings.artifacts, make_recommender)
+    experiments.start_sync()  # artifacts/EXPERIMENT.json, when there is one: every arm's version loaded
+    app.state.experiments = experiments
     watcher = VersionWatcher(app.state, settings.artifacts, make_recommender, app.state.metrics,
-                             settings.reload_poll_s, settings.redis_url)
+                             settings.reload_poll_s, settings.redis_url, experiments)
     app.state.watcher = watcher
     watcher.start()
     logger.info("serving version %s (retrieval_k=%d, prerank_n=%d)", version.version, settings.retrieval_k,
@@ -73,9 +85,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await watcher.stop()
         app.state.watcher = None
+        app.state.experiments = None
+        app.state.experiment = None
         app.state.recommender = None
         app.state.store = None
         store.close()
+        app.state.impressions = None
+        app.state.online = None
+        feedback.close()
         app.state.compute = None
         compute.close()
         app.state.catalog_updates = None
@@ -84,16 +101,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API; `settings=None` reads RECSYS_* at start-up."""
-    app = FastAPI(title="recsys", version="1", lifespan=lifespan)
+    # operation ids are the route functions' names (recommend, post_events...): what a client
+    # generated from /openapi.json names its calls
+    app = FastAPI(title="recsys", version="1", lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.recommender = None
     app.state.store = None
     app.state.compute = None
     app.state.watcher = None
+    app.state.experiments = None
+    app.state.experiment = None  # the running Experiment (service/experiments.py), None when none
     app.state.catalog_updates = None
-    for module in (health, recommend, events, catalog, items, admin):
+    app.state.impressions = None
+    app.state.online = None
+    for module in (health, recommend, events, catalog, items, admin, online, experiment_admin):
         app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
     openapi.install(app, [EventIn, items.ItemIn],
                     lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default
@@ -105,7 +130,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # innermost: inside the body limit and the metrics
     app.add_middleware(RecommendFastPath, api=app, router=recommend.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: 413s are counted too
+    app.add_middleware(ServerErrorLog)  # an escaping exception: a 500 and one bounded log record
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # 413s are counted too
+
+    def cors_origins() -> tuple[str, ...]:
+        s: Settings | None = app.state.settings
+        return () if s is None else s.cors_origins
+
+    app.add_middleware(CorsMiddleware, origins=cors_origins)  # preflights answered before anything else
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has the id
     return app
 
 

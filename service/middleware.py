@@ -1,4 +1,4 @@
-"""ASGI middleware: request-body size limit (413) and per-request Prometheus timing.
+"""ASGI middleware: request ids, CORS, request-body size limit (413) and per-request Prometheus timing.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware: no extra task or body copy per request.
 """
@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core.logs import request_id
 from service.metrics import Metrics
 
 
@@ -99,3 +102,69 @@ class MetricsMiddleware:
             m.child(m.request_seconds, template, scope["method"], str(status)).observe(time.perf_counter() - start)
             if status >= 400:
                 m.child(m.errors, template, str(status)).inc()
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:")
+MAX_REQUEST_ID = 128
+
+
+def _valid_request_id(value: bytes) -> bool:
+    """1-128 of [A-Za-z0-9-_.:]: a client's id is logged as sent, so nothing that could forge a line."""
+    return 0 < len(value) <= MAX_REQUEST_ID and all(c in _ID_CHARS for c in value)
+
+
+class RequestIdMiddleware:
+    """Every request gets an id: the client's X-Request-ID when it is a plain token, else a new
+    one (32 hex digits). It is echoed in the response's X-Request-ID header and set in
+    service.core.logs.request_id for every log line of the request (uvicorn's access line too)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        rid = given.decode("ascii") if given is not None and _valid_request_id(given) else uuid.uuid4().hex
+        raw = rid.encode("ascii")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, raw)]}
+            await send(message)
+
+        token = request_id.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+class CorsMiddleware:
+    """Starlette's CORSMiddleware for the origins `origins()` names once the settings are known
+    (RECSYS_CORS_ORIGINS, read at start-up); no origins: requests pass through untouched, and a
+    preflight (OPTIONS) gets the API's 405."""
+
+    def __init__(self, app: ASGIApp, origins: Callable[[], tuple[str, ...]]) -> None:
+        self.app = app
+        self.origins = origins
+        self._built: tuple[tuple[str, ...], ASGIApp] | None = None
+
+    def _inner(self) -> ASGIApp:
+        origins = self.origins()
+        if self._built is None or self._built[0] != origins:
+            inner = self.app if not origins else CORSMiddleware(
+                self.app, allow_origins=list(origins), allow_methods=["GET", "POST", "PUT"],
+                allow_headers=["Content-Type", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"],
+                max_age=600)
+            self._built = (origins, inner)
+        return self._built[1]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self._inner()(scope, receive, send)

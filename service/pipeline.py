@@ -6,14 +6,22 @@ history -> retrieval ONNX (1, M, D) -> one FAISS search of the M vectors with ma
 re-rank (PRM ONNX) -> top k. Items past the re-ranked N keep the pre-rank order.
 
 Fallbacks: no usable history -> catalog popularity; a stage that raises -> the previous
-stage's order, and `served_by` says so (e.g. "retrieval;prerank_failed").
+stage's order, and `served_by` says so (e.g. "retrieval;prerank_failed"); a stage whose scores
+are not all finite (NaN / inf from a model on an input its load-time checks did not cover) ->
+the same, flagged "<stage>_nonfinite" (e.g. "retrieval;prerank_nonfinite"), never a NaN served.
+
+Scores: one meaning per answer, named by `scored_by`: the score of the stage that ordered the
+list (retrieval: the fused inner product; prerank: the pre-ranker's logit; rerank: the
+re-ranker's list score), or for popularity answers the item's share of the version's training
+interactions (0..1). An item that stage did not score (past the re-ranked top N, or a popularity
+top-up after filters) has no score (None) and follows the scored ones.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,11 +43,12 @@ FILTER_CACHE_SIZE = 256  # (feature, values) masks kept per loaded version
 
 @dataclass(frozen=True)
 class RecommendedItem:
-    """One result; `score` is from the last stage that ordered it, `launcher` None for popularity;
-    with explain, `routes` holds the score of each recall route that returned it (faiss, i2i)."""
+    """One result; `score` is the answer's `scored_by` stage's (None when that stage did not
+    score it), `launcher` None for popularity; with explain, `stages` holds each stage's score
+    and `routes` the score of each recall route that returned it (faiss, i2i)."""
 
     item_id: str
-    score: float
+    score: float | None
     launcher: int | None
     stages: dict[str, float] = field(default_factory=dict)
     routes: dict[str, float] = field(default_factory=dict)
@@ -52,6 +61,20 @@ class RecommendResult:
     served_by: str
     timings_ms: dict[str, float]
     unknown_items: int = 0
+    scored_by: str = "popularity"  # the stage whose score `score` is (module docstring)
+
+
+class NonFiniteScores(ValueError):
+    """A stage produced NaN or inf scores; the previous stage's order is served instead."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"{stage} produced non-finite scores")
+        self.stage = stage
+
+
+def _finite(stage: str, scores: np.ndarray) -> None:
+    if not np.isfinite(scores).all():
+        raise NonFiniteScores(stage)
 
 
 class FilterError(ValueError):
@@ -114,6 +137,9 @@ class Recommender:
             raise ValueError(f"version {version.version} has no re-ranker to serve")
         self.user_features = UserFeatures(version.prerank_features)
         self._popular = (np.argsort(-version.popularity[1:], kind="stable") + 1).astype(np.int64)  # (N,)
+        total = float(version.popularity[1:].sum())
+        # (N + 1,) popularity answers' score: the item's share of the training interactions
+        self._popularity_share = version.popularity.astype(np.float64) / max(total, 1.0)
         self._filter_cache: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
         self._pv: PVStats | None = None
         self._rerank_len = 0
@@ -146,8 +172,9 @@ class Recommender:
         pool = self._popular if allowed is None else self._popular[allowed[self._popular]]
         pool = pool[: k + banned.size]  # at most banned.size of these are dropped: no O(N) isin
         order = pool[~np.isin(pool, banned)][:k]
-        return [RecommendedItem(str(self.v.item_ids[i]), float(self.v.popularity[i]), None,
-                                {"popularity": float(self.v.popularity[i])}) for i in order]
+        share = self._popularity_share
+        return [RecommendedItem(str(self.v.item_ids[i]), float(share[i]), None, {"popularity": float(share[i])})
+                for i in order]
 
     def recommend(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None,
                   explain: bool = True, filters: dict[str, list[str]] | None = None,
@@ -171,6 +198,9 @@ class Recommender:
 
         try:
             cand, scores, launchers, user_vectors, routes = self._retrieve(history, k, banned, timer)
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving popularity", exc)
+            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_nonfinite")
         except STAGE_ERRORS:
             logger.exception("retrieval failed; serving popularity")
             return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_failed")
@@ -187,9 +217,10 @@ class Recommender:
             items = self._items(cand[top], pos_scores[:k], launchers[top], explained,
                                 {name: r[top] for name, r in routes.items()} if explain else {})
             if allowed is not None and len(items) < k:  # filtered list came out short: top it up
-                items += self.popularity(k - len(items), np.concatenate([banned, cand[top]]), allowed)
+                extra = self.popularity(k - len(items), np.concatenate([banned, cand[top]]), allowed)
+                items += [replace(it, score=None) for it in extra]  # not scored by this answer's stage
                 path += ";filter_backfill"
-            return self._result(items, path, timer, unknown)
+            return self._result(items, path, timer, unknown, scored_by=path.split(";")[0])
 
         everything = np.arange(cand.size)
         if cand.size == 0:  # everything seen, excluded or filtered out
@@ -200,6 +231,10 @@ class Recommender:
             return served(everything, scores, "retrieval;timeout")
         try:
             order, pre_scores, pv = self._prerank(history, cand, scores, launchers, user_vectors)
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving the retrieval order", exc)
+            timer.lap("prerank")
+            return served(everything, scores, "retrieval;prerank_nonfinite")
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
@@ -215,6 +250,10 @@ class Recommender:
         head = order[:n]
         try:
             re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head])
+        except NonFiniteScores as exc:
+            logger.warning("%s; serving the pre-rank order", exc)
+            timer.lap("rerank")
+            return served(order, pre_scores[order], "prerank;rerank_nonfinite")
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
@@ -224,7 +263,9 @@ class Recommender:
         rerank_scores[head] = re_scores
         stage_scores["rerank"] = rerank_scores
         final = np.concatenate([head[re_order], order[n:]])
-        return served(final, np.concatenate([re_scores[re_order], pre_scores[order[n:]]]), "rerank")
+        # items past the re-ranked top n keep the pre-rank order, with no re-rank score
+        return served(final, np.concatenate([re_scores[re_order], np.full(order.size - n, np.nan, np.float32)]),
+                      "rerank")
 
     def recommend_popular(self, history_item_ids: list[str], k: int = 10, exclude: list[str] | None = None,
                           filters: dict[str, list[str]] | None = None, reason: str = "") -> RecommendResult:
@@ -308,10 +349,12 @@ class Recommender:
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
+        _finite("retrieval", scores)
         if self.item2item is None:
             return cand, scores, launchers, users[0], {"faiss": scores}
         m = merge_routes(cand, scores, launchers, self.item2item, history, banned, users[0], self.v.items)
         timer.lap("item2item")
+        _finite("retrieval", m.merged)
         routes = {"faiss": np.where(m.by_faiss, m.retrieval, np.nan), "i2i": np.where(m.i2i > 0, m.i2i, np.nan)}
         return m.items, m.merged, m.launchers, users[0], routes
 
@@ -326,6 +369,7 @@ class Recommender:
             # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
             scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
+        _finite("prerank", scores)
         return np.argsort(-scores, kind="stable"), scores, pv
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
@@ -343,8 +387,9 @@ class Recommender:
             "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),
         })[0][0]  # (n,)
-        if out.shape != items.shape or not np.isfinite(out).all():
-            raise ValueError(f"{self.v.manifest.files.rerank_onnx} returned shape {out.shape} / non-finite scores for {items.size} items")
+        if out.shape != items.shape:
+            raise ValueError(f"{self.v.manifest.files.rerank_onnx} returned shape {out.shape} for {items.size} items")
+        _finite("rerank", out)
         return np.argsort(-out, kind="stable"), out.astype(np.float32)
 
     # --- output ---
@@ -354,12 +399,13 @@ class Recommender:
         """items, scores, launchers (k,) and, with explain, each stage's and each route's scores
         of these items (k,) (NaN where a stage / route did not score an item) -> result items."""
         per_item, per_route = _per_item(stages, items.size), _per_item(routes, items.size)
-        return [RecommendedItem(str(self.v.item_ids[i]), float(s), int(m), st, ro)
+        return [RecommendedItem(str(self.v.item_ids[i]), None if s != s else float(s), int(m), st, ro)  # NaN: None
                 for i, s, m, st, ro in zip(items.tolist(), scores.tolist(), launchers.tolist(), per_item, per_route)]
 
-    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int) -> RecommendResult:
+    def _result(self, items: list[RecommendedItem], served_by: str, timer: _Timer, unknown: int,
+                scored_by: str = "popularity") -> RecommendResult:
         timer.ms["total"] = round(timer.elapsed_ms(), 3)
-        return RecommendResult(items, self.v.version, served_by, timer.ms, unknown)
+        return RecommendResult(items, self.v.version, served_by, timer.ms, unknown, scored_by)
 
 
 def _per_item(columns: dict[str, np.ndarray], n: int) -> list[dict[str, float]]:

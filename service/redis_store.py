@@ -16,12 +16,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT
 
+from service.contract.online_log import RECORD_FIELD
+from service.online_log import StreamBound, event_record, events_stream
 from service.stores import (
     DEFAULT_HISTORY_TTL_S,
     DEFAULT_MAX_HISTORY,
+    DEFAULT_MAX_STORE_BYTES,
     DEFAULT_MAX_USERS,
     DEFAULT_SOCKET_TIMEOUT_S,
     Event,
+    EventSink,
     HistoryStore,
     InMemoryStore,
     StoreError,
@@ -57,7 +61,10 @@ class RedisStore:
         key_prefix: str = "recsys:",
         cooldown_s: float = 0.0,
         history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
+        event_log: StreamBound | None = None,
     ) -> None:
+        """event_log: append every appended event to the ``<key_prefix>log:events`` stream, in
+        the same script as the history (service/online_log.py), trimmed to this bound."""
         if not url:
             raise ValueError("url: must not be empty")
         if not socket_timeout > 0:
@@ -70,6 +77,8 @@ class RedisStore:
         self.key_prefix = key_prefix
         self.cooldown_s = cooldown_s
         self.history_ttl_s = history_ttl_s
+        self.event_log = event_log
+        self.events_stream = events_stream(key_prefix)
         self._skip_until = 0.0  # monotonic time before which calls fail fast (after an outage)
         self._client = redis.Redis.from_url(
             url,
@@ -149,12 +158,17 @@ class RedisStore:
         if not by_user:
             return 0
         keys: list[str] = []
-        args: list[EncodableT] = [self.max_history, self.history_ttl_s]
+        trim = [] if self.event_log is None else self.event_log.args()
+        args: list[EncodableT] = [self.max_history, self.history_ttl_s, len(trim), *trim]
+        records = _records_by_user(events) if self.event_log is not None else {}
         for user_id, pairs in by_user.items():
             keys += [self._hist_key(user_id), self._ids_key(user_id)]
             args.append(len(pairs))
-            for item, event_id in pairs:
-                args += [item, event_id or ""]
+            logged = records.get(user_id)
+            for j, (item, event_id) in enumerate(pairs):
+                args += [item, event_id or "", "" if logged is None else logged[j]]
+        if self.event_log is not None:
+            keys.append(self.events_stream)
         with self._write_errors("append_events"):
             added = self._append(keys=keys, args=args)
         return int(cast(int, added))
@@ -175,16 +189,16 @@ class RedisStore:
             feats = self._client.hgetall(self._feat_key(user_id))
         return cast(dict[str, str], feats)
 
-    def stats(self) -> tuple[int | None, int | None]:
-        """(keys Redis evicted under maxmemory since it started, None): (None, None) when Redis
-        does not answer (never raises)."""
+    def stats(self) -> tuple[int | None, int | None, int | None]:
+        """(keys Redis evicted under maxmemory since it started, None, None): (None, None, None)
+        when Redis does not answer (never raises). Redis bounds its bytes itself (maxmemory)."""
         try:
             with self._errors("stats"):
                 info = cast(dict[str, object], self._client.info("stats"))
         except StoreError:
-            return None, None
+            return None, None, None
         evicted = info.get("evicted_keys")
-        return (int(evicted) if isinstance(evicted, int | str) else None), None
+        return (int(evicted) if isinstance(evicted, int | str) else None), None, None
 
     def ping(self) -> bool:
         """Whether Redis answers now (always tried; a success ends a cooldown)."""
@@ -201,18 +215,26 @@ class RedisStore:
 
 
 # One script per append: every user's events land together (a script runs atomically), event ids
-# already in the user's window are skipped, both lists are capped and their TTL refreshed.
-# KEYS: hist, evid per user. ARGV: max_history, ttl_s (0 = none), then per user: n, n x (item, event_id or "").
+# already in the user's window are skipped, both lists are capped and their TTL refreshed, and each
+# appended event's record goes to the events stream (the last key, when logging) in the same step.
+# KEYS: hist, evid per user[, events stream]. ARGV: max_history, ttl_s (0 = none), t = number of trim
+# args (0 or 3: MAXLEN ~ n | MINID ~ id), then per user: n, n x (item, event_id or "", record or "").
 _APPEND_LUA = """
-local maxh, ttl, a, added = tonumber(ARGV[1]), tonumber(ARGV[2]), 3, 0
-for u = 1, #KEYS, 2 do
+local maxh, ttl, t = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local trim, a, added = {}, 4 + t, 0
+for i = 1, t do trim[i] = ARGV[3 + i] end
+local users = #KEYS
+local stream = nil
+if t > 0 then stream = KEYS[#KEYS]; users = users - 1 end
+for u = 1, users, 2 do
   local hist, ids = KEYS[u], KEYS[u + 1]
   local n = tonumber(ARGV[a]); a = a + 1
   for i = 1, n do
-    local item, eid = ARGV[a], ARGV[a + 1]; a = a + 2
+    local item, eid, rec = ARGV[a], ARGV[a + 1], ARGV[a + 2]; a = a + 3
     if eid == '' or not redis.call('LPOS', ids, eid) then
       redis.call('RPUSH', hist, item); added = added + 1
       if eid ~= '' then redis.call('RPUSH', ids, eid) end
+      if stream then redis.call('XADD', stream, trim[1], trim[2], trim[3], '*', '%s', rec) end
     end
   end
   redis.call('LTRIM', hist, -maxh, -1)
@@ -223,14 +245,28 @@ for u = 1, #KEYS, 2 do
   end
 end
 return added
-"""
+""" % RECORD_FIELD
+
+def _records_by_user(events: Sequence[Event]) -> dict[str, list[str]]:
+    """Each event's log record, grouped by user in order (as validate_events groups the events)."""
+    out: dict[str, list[str]] = {}
+    for e in events:
+        out.setdefault(e.user_id, []).append(
+            event_record(e.user_id, e.item_id, e.type, e.timestamp, e.event_id, e.request_id))
+    return out
 
 
 def make_store(redis_url: str | None, max_history: int = DEFAULT_MAX_HISTORY, cooldown_s: float = 0.0,
-               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S) -> HistoryStore:
-    """A :class:`RedisStore` for a non-empty URL, else an :class:`InMemoryStore`."""
+               max_users: int = DEFAULT_MAX_USERS, history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
+               max_bytes: int = DEFAULT_MAX_STORE_BYTES, stream_bound: StreamBound | None = None,
+               event_log: EventSink | None = None) -> HistoryStore:
+    """A :class:`RedisStore` for a non-empty URL (logging events to its stream under
+    stream_bound), else an :class:`InMemoryStore` (logging events to event_log)."""
     if redis_url:
-        logger.info("history store: redis (max_history=%d, history_ttl_s=%d)", max_history, history_ttl_s)
-        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s, history_ttl_s=history_ttl_s)
-    logger.info("history store: in-memory (max_history=%d, max_users=%d)", max_history, max_users)
-    return InMemoryStore(max_history=max_history, max_users=max_users)
+        logger.info("history store: redis (max_history=%d, history_ttl_s=%d, event stream %s)", max_history,
+                    history_ttl_s, "off" if stream_bound is None else stream_bound)
+        return RedisStore(redis_url, max_history=max_history, cooldown_s=cooldown_s, history_ttl_s=history_ttl_s,
+                          event_log=stream_bound)
+    logger.info("history store: in-memory (max_history=%d, max_users=%d, max_bytes=%d, event log %s)", max_history,
+                max_users, max_bytes, "off" if event_log is None else "on")
+    return InMemoryStore(max_history=max_history, max_users=max_users, max_bytes=max_bytes, event_log=event_log)

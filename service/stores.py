@@ -14,8 +14,8 @@ Layout (Redis keys carry ``key_prefix``, default ``recsys:``):
   that carried one (same TTL): an event whose id is there is a retry and is not appended again.
 - ``feat:<user>`` — hash of user features, str -> str.
 
-Bounded state: the in-process store keeps at most ``max_users`` users (least recently used
-evicted, counted in ``evictions``); Redis bounds itself with ``maxmemory`` + ``volatile-lru``
+Bounded state: the in-process store keeps at most ``max_users`` users taking at most ``max_bytes``
+bytes (least recently used evicted beyond either, counted in ``evictions``); Redis bounds itself with ``maxmemory`` + ``volatile-lru``
 (deploy/), which evicts only keys with a TTL, i.e. histories, never pending catalog updates.
 
 Write outcomes: :class:`StoreUnavailable` from ``append_events`` means nothing was written (no
@@ -31,13 +31,16 @@ history or popularity instead of answering 5xx.
 
 Ordering: events are appended in the order given; the store does not sort by timestamp. The
 service sorts a batch by ``timestamp`` before calling :meth:`HistoryStore.append_events`.
-Only item ids are stored; ``timestamp`` and ``type`` are validated but not persisted.
+The histories keep only item ids; the durable event log (service/online_log.py) keeps every
+appended event whole: a Redis Stream appended by the same script as the history, or, for the
+in-process store, the ``event_log`` sink written under the store's lock (duplicates are in neither).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import unicodedata
 from collections import OrderedDict, deque
@@ -53,6 +56,11 @@ MAX_FEATURE_VALUE_LEN = 4096
 DEFAULT_MAX_HISTORY = 200
 DEFAULT_MAX_USERS = 100_000
 DEFAULT_HISTORY_TTL_S = 30 * 24 * 3600
+# The in-process store's byte cap (RECSYS_MAX_STORE_BYTES). A user with max_history = 200 events of
+# worst-case ids (256 characters of four-byte characters, an event id each) takes ~440 KB, so
+# the user cap alone allowed ~44 GB; 256 MiB holds ~600 such users, or ~140k users of short ids.
+DEFAULT_MAX_STORE_BYTES = 256 << 20
+MIN_STORE_BYTES = 1 << 20
 # Fail fast: the request path's whole budget is tens of ms, and a dead Redis must turn into a
 # fallback answer, not a hung worker.
 DEFAULT_SOCKET_TIMEOUT_S = 0.2
@@ -84,6 +92,7 @@ class Event:
     timestamp: float
     type: str = "view"
     event_id: str | None = None  # client-chosen; a repeat within the user's history window is dropped
+    request_id: str | None = None  # the served list the event answers (online metrics' attribution)
 
 
 def id_problem(value: object) -> str | None:
@@ -120,6 +129,8 @@ def validate_events(events: Sequence[Event]) -> dict[str, list[tuple[str, str | 
         validate_id(ev.type, f"events[{i}].type")
         if ev.event_id is not None:
             validate_id(ev.event_id, f"events[{i}].event_id")
+        if ev.request_id is not None:
+            validate_id(ev.request_id, f"events[{i}].request_id")
         ts = ev.timestamp
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
             raise ValueError(f"events[{i}].timestamp: must be a finite number, got {ts!r}")
@@ -151,6 +162,12 @@ def check_max_history(max_history: int) -> int:
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
         raise ValueError(f"max_history: must be a positive integer, got {max_history!r}")
     return max_history
+
+
+class EventSink(Protocol):
+    """The durable event log of the in-process store (service.online_log.EventFileLog)."""
+
+    def write_events(self, events: Sequence[Event]) -> None: ...
 
 
 @runtime_checkable
@@ -191,34 +208,79 @@ class HistoryStore(Protocol):
     def close(self) -> None: ...
 
 
+class _User:
+    """One user of the in-process store: items and event ids (bounded deques), features, and
+    the bytes all of it takes (`nbytes`, kept up to date by the store)."""
+
+    __slots__ = ("items", "ids", "features", "nbytes")
+
+    def __init__(self, max_history: int) -> None:
+        self.items: deque[str] = deque(maxlen=max_history)
+        self.ids: deque[str] = deque(maxlen=max_history)
+        self.features: dict[str, str] = {}
+        self.nbytes = 0
+
+
+# What one user costs beyond its strings and deques: the OrderedDict entry (hash table slot and
+# linked-list node), the _User object and its empty features dict; measured with tracemalloc
+# (tests/service/test_store_bytes.py checks the whole count against tracemalloc).
+_USER_OVERHEAD = 48 + 72 + sys.getsizeof(_User(1)) + sys.getsizeof({})
+
+
+def _size(s: str) -> int:
+    """What `s` may take: a non-ASCII string also caches its UTF-8 form once something reads it
+    as UTF-8 (a pydantic response, a regex), and sys.getsizeof counts that cache; count it always."""
+    if s.isascii():
+        return sys.getsizeof(s)
+    utf8 = len(s.encode("utf-8", "surrogatepass"))
+    return sys.getsizeof(s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")) + utf8 + 1
+
+
+def _own(s: str) -> str:
+    """A copy of a non-ASCII string without a cached UTF-8 form (the request's parser may have
+    left one), so the store holds no more than `_size` counts; ASCII strings keep no cache."""
+    return s if s.isascii() else s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+
+
 class InMemoryStore:
     """In-process store: a lock and, per user, a bounded deque of items (and one of event ids),
-    for at most ``max_users`` users: the least recently used user is evicted beyond that."""
+    for at most ``max_users`` users taking at most ``max_bytes`` bytes together: the least
+    recently used users are evicted beyond either.
 
-    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS) -> None:
+    Bytes are counted as Python holds them: ``sys.getsizeof`` of every id string (a 256-character
+    id of four-byte characters takes 1,100 bytes), of each deque and the per-user overhead, so
+    ``nbytes`` is an upper bound of what the store holds (a string shared by two users is counted
+    twice). With ``event_log``, every appended event is written there first (service/online_log.py)."""
+
+    def __init__(self, max_history: int = DEFAULT_MAX_HISTORY, max_users: int = DEFAULT_MAX_USERS,
+                 max_bytes: int = DEFAULT_MAX_STORE_BYTES, event_log: EventSink | None = None) -> None:
         self.max_history = check_max_history(max_history)
+        self.event_log = event_log
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             raise ValueError(f"max_users: must be a positive integer, got {max_users!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < MIN_STORE_BYTES:
+            raise ValueError(f"max_bytes: must be an integer >= {MIN_STORE_BYTES}, got {max_bytes!r}")
         self.max_users = max_users
-        self.evictions = 0  # users dropped to stay within max_users
+        self.max_bytes = max_bytes
+        self.evictions = 0  # users dropped to stay within max_users / max_bytes
+        self.nbytes = 0  # what every user together takes (see the class docstring)
         self._lock = threading.Lock()
-        # user -> (items, event ids); order = recency of use, oldest first
-        self._hist: OrderedDict[str, tuple[deque[str], deque[str]]] = OrderedDict()
-        self._feat: dict[str, dict[str, str]] = {}
+        # user -> its state; order = recency of use, oldest first
+        self._hist: OrderedDict[str, _User] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._hist)
 
-    def stats(self) -> tuple[int | None, int | None]:
-        """(users evicted so far, users held)."""
-        return self.evictions, len(self._hist)
+    def stats(self) -> tuple[int | None, int | None, int | None]:
+        """(users evicted so far, users held, bytes held)."""
+        return self.evictions, len(self._hist), self.nbytes
 
     def _tail(self, user_id: str, limit: int | None) -> list[str]:
         entry = self._hist.get(user_id)
         if entry is None or limit == 0:
             return []
         self._hist.move_to_end(user_id)
-        out = list(entry[0])
+        out = list(entry.items)
         return out if limit is None else out[-limit:]
 
     def get_history(self, user_id: str, limit: int | None = None) -> list[str]:
@@ -232,39 +294,80 @@ class InMemoryStore:
         with self._lock:
             return {u: self._tail(u, None) for u in ids}
 
+    def _user(self, user_id: str) -> _User:
+        """The user's entry, created when new, moved to most recently used (lock held)."""
+        entry = self._hist.get(user_id)
+        if entry is None:
+            entry = self._hist[user_id] = _User(self.max_history)
+            entry.nbytes = _size(user_id) + _USER_OVERHEAD + sys.getsizeof(entry.items) + sys.getsizeof(entry.ids)
+            self.nbytes += entry.nbytes
+        self._hist.move_to_end(user_id)
+        return entry
+
+    @staticmethod
+    def _push(dq: deque[str], value: str) -> int:
+        """Append to a bounded deque; the change in bytes (the string dropped off the front, the
+        deque's own blocks)."""
+        before = sys.getsizeof(dq) + (_size(dq[0]) if len(dq) == dq.maxlen else 0)
+        value = _own(value)
+        dq.append(value)
+        return _size(value) + sys.getsizeof(dq) - before
+
+    def _evict(self) -> None:
+        """Drop least recently used users beyond max_users or max_bytes (lock held); the most
+        recent user is kept (it fits: max_bytes >= MIN_STORE_BYTES, far above one user's cap)."""
+        while len(self._hist) > self.max_users or (self.nbytes > self.max_bytes and len(self._hist) > 1):
+            _, old = self._hist.popitem(last=False)
+            self.nbytes -= old.nbytes
+            self.evictions += 1
+
     def append_events(self, events: Sequence[Event]) -> int:
-        by_user = validate_events(events)
-        added = 0
+        validate_events(events)
         with self._lock:
-            for user_id, pairs in by_user.items():
-                entry = self._hist.get(user_id)
-                if entry is None:
-                    entry = self._hist[user_id] = (deque(maxlen=self.max_history), deque(maxlen=self.max_history))
-                self._hist.move_to_end(user_id)
-                items, ids = entry
-                for item, event_id in pairs:
-                    if event_id is not None:
-                        if event_id in ids:
-                            continue
-                        ids.append(event_id)
-                    items.append(item)
-                    added += 1
-            while len(self._hist) > self.max_users:
-                old, _ = self._hist.popitem(last=False)
-                self._feat.pop(old, None)
-                self.evictions += 1
-        return added
+            # retries (an event id the user's last ids hold, or an earlier event of this call) left out
+            appended: list[Event] = []
+            seen: dict[str, set[str]] = {}
+            for ev in events:
+                if ev.event_id is not None:
+                    entry = self._hist.get(ev.user_id)
+                    ids = seen.setdefault(ev.user_id, set(entry.ids) if entry is not None else set())
+                    if ev.event_id in ids:
+                        continue
+                    ids.add(ev.event_id)
+                appended.append(ev)
+            if self.event_log is not None:
+                # the log first: the histories and the log hold the same events in the same order
+                try:
+                    self.event_log.write_events(appended)
+                except OSError as exc:
+                    raise StoreUnavailable(f"event log not writable, nothing was appended: {exc}") from exc
+            for ev in appended:
+                entry = self._user(ev.user_id)
+                grew = self._push(entry.items, ev.item_id)
+                if ev.event_id is not None:
+                    grew += self._push(entry.ids, ev.event_id)
+                entry.nbytes += grew
+                self.nbytes += grew
+            self._evict()
+        return len(appended)
 
     def set_user_features(self, user_id: str, features: Mapping[str, str]) -> None:
         validate_id(user_id, "user_id")
         clean = validate_features(features)
         with self._lock:
-            self._feat.setdefault(user_id, {}).update(clean)
+            entry = self._user(user_id)
+            before = sys.getsizeof(entry.features) + sum(_size(k) + _size(v) for k, v in entry.features.items())
+            entry.features.update(clean)
+            grew = sys.getsizeof(entry.features) + sum(_size(k) + _size(v) for k, v in entry.features.items()) - before
+            entry.nbytes += grew
+            self.nbytes += grew
+            self._evict()
 
     def get_user_features(self, user_id: str) -> dict[str, str]:
         validate_id(user_id, "user_id")
         with self._lock:
-            return dict(self._feat.get(user_id, {}))
+            entry = self._hist.get(user_id)
+            return {} if entry is None else dict(entry.features)
 
     def ping(self) -> bool:
         return True

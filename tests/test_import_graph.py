@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("service", "models", "training", "recsys_cli")
+PACKAGES = ("service", "models", "training", "recsys_cli", "recsys_client")
 
 
 def _modules() -> dict[str, Path]:
@@ -105,6 +105,9 @@ def test_no_import_cycle() -> None:
     ("service", ("training", "models", "recsys_cli")),
     ("models", ("training", "service", "recsys_cli")),
     ("training", ("recsys_cli",)),
+    # the Python client ships to the API's callers: it needs nothing of the server side
+    ("recsys_client", ("service", "models", "training", "recsys_cli")),
+    ("service", ("recsys_client",)),
 ])
 def test_dependency_direction(pkg: str, forbidden: tuple[str, ...]) -> None:
     bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if m.split(".")[0] == pkg

@@ -5,4 +5,15 @@ serve` imports no training/ module and no torch), and a command that runs others
 import recsys_cli.main without an import cycle.
 """
 
-COMMANDS = ("demo", "train", "evaluate", "diagnose", "export", "reindex", "rollback", "serve")
+COMMANDS = {
+    "demo": "train, export and serve the whole pipeline on synthetic data",
+    "train": "train a model stage (retrieval, prerank, rerank)",
+    "evaluate": "evaluate a baseline, or a published version through its served path",
+    "diagnose": "last-item, history-shuffle and maxlen diagnostics of a retriever",
+    "export": "publish checkpoints as an artifact version (ONNX, index, catalog)",
+    "reindex": "re-index the current catalog into a new artifact version and flip CURRENT",
+    "rollback": "point CURRENT at an older artifact version",
+    "serve": "serve /v1/recommend over the published artifacts",
+    "data": "data-set tools: write any --data source out as CSV / Parquet tables",
+    "config": "print every RECSYS_* setting: its default, current value and source",
+}  # name -> the one-line help `recsys --help` shows without importing the command

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from training.data.sources import SOURCES
 
@@ -18,10 +19,36 @@ def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthet
     )
 
 
+def add_plot_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    """--plot [PNG]: also draw `what` as a PNG (training/plots.py, matplotlib)."""
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                        help=f"also draw {what} as a PNG (needs matplotlib) at PNG (default: {default})")
+
+
+def plot_path(args: argparse.Namespace, default: str | Path) -> Path | None:
+    """Where --plot writes (None without --plot); matplotlib is imported here, so a missing one
+    stops the command before it trains, not after."""
+    if args.plot is None:
+        return None
+    from training.plots import require
+
+    require()
+    return Path(args.plot or default)
+
+
+def _not_torchvision(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
 def quiet_onnx_exporter() -> None:
-    """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings."""
+    """The torch ONNX exporter logs every pass at INFO: keep its loggers to warnings. It also
+    warns "torchvision is not installed. Skipping torchvision::..." once per torchvision op it
+    would register (four lines per export): we export no torchvision op, so those are dropped."""
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if _not_torchvision not in registration.filters:
+        registration.addFilter(_not_torchvision)
 
 
 def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import add_data_arg
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
@@ -48,7 +49,7 @@ DEFAULT_RANKING_DATA: RankingData = "in-sample"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("demo", help="train, export and serve the whole pipeline on synthetic data")
+    p = sub.add_parser("demo", help=COMMANDS["demo"])
     add_data_arg(p, default="synthetic")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the checkpoints go")
     p.add_argument("--artifacts", default="artifacts", metavar="DIR", help="where versions are published")
@@ -72,7 +73,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="--ranking-data holdout: each user's last H training items the rankers learn on (default: 6)")
     p.add_argument("--folds", type=int, default=3, metavar="K",
                    help="--ranking-data kfold: upstream retrievers, each trained without 1/K of the users (default: 3)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port the demo server listens on")
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the artifacts")
     add_item2item_arg(p)
     p.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import add_data_arg
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -13,11 +14,11 @@ COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "NDCG@50")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("diagnose", help="last-item, history-shuffle and maxlen diagnostics of a retriever")
+    p = sub.add_parser("diagnose", help=COMMANDS["diagnose"])
     add_data_arg(p, default=None)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="retrieval checkpoint folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the history shuffle")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the diagnostics as JSON")
     p.set_defaults(func=run)
 
 

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from recsys_cli.commands import COMMANDS
+from recsys_cli.commands.common import add_plot_arg, plot_path
 from recsys_cli.errors import UsageError
 from training.eval.baselines import BASELINES
 from training.data.dataset import DataError
@@ -25,7 +27,7 @@ from training.report import result, table, timed, write_json
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("evaluate", help="evaluate a baseline, or a published version through its served path")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--data", metavar="SPEC",
                    help=f"data source: {SOURCES} (default: synthetic for a baseline; the version's own data "
                         "with --artifacts)")
@@ -36,9 +38,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--users", type=int, metavar="N",
                    help="with --artifacts: a seeded sample of N leave-one-out users (default all)")
     p.add_argument("--seed", type=int, default=0, help="with --users: the sample's seed")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--split", choices=("valid", "test"), default="test",
+                   help="leave-one-out split to score (valid: second-to-last item)")
     p.add_argument("--keep-seen", action="store_true", help="do not remove already-seen items (baselines)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    add_plot_arg(p, "served_cuts_VERSION.png with --artifacts, else evaluate_MODEL.png",
+                 "the served cuts beside the baselines (--artifacts), or HR@K and NDCG@K (a baseline)")
     p.set_defaults(func=run)
 
 
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.data = args.data or "synthetic"
     model = args.model or "popularity"
+    png = plot_path(args, f"evaluate_{model}.png")
     timings: dict[str, float] = {}
     with timed("load", timings):
         ds = load(args.data)
@@ -63,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         scorer = BASELINES[model](split, args.split)
         metrics = evaluate_retrieval(scorer, split, args.split, KS, remove_seen=not args.keep_seen)
     print(table({model: metrics}))
+    if png is not None:
+        from training.plots import at_k_figure, save
+
+        print(f"wrote {save(at_k_figure({model: metrics}, f'{model} on {args.data} ({args.split})'), png)}")
     if args.json:
         write_json(
             args.json,
@@ -92,6 +102,7 @@ def run_served(args: argparse.Namespace) -> int:
         raise UsageError("--model / --keep-seen evaluate a baseline; drop them with --artifacts")
     if args.users is not None and args.users < 1:
         raise UsageError(f"--users must be >= 1, got {args.users}")
+    plot_path(args, "")  # matplotlib present before the replay, when --plot asks for it
     root = Path(args.artifacts)
     if not root.is_dir():
         raise UsageError(f"--artifacts {root}: no such folder")
@@ -128,6 +139,12 @@ def run_served(args: argparse.Namespace) -> int:
     print(se.cut_table(ev.cuts, served=stages, baselines=bl.rows))
     print(verdict.line(ev.users, args.split))
     print(se.candidate_line(ev.cuts))
+    png = plot_path(args, f"served_cuts_{version.version}.png")
+    if png is not None:
+        from training.plots import save, served_figure
+
+        title = f"version {version.version}: {ev.users} {args.split} users"
+        print(f"wrote {save(served_figure(ev.cuts, bl.rows, stages, title), png)}")
     if args.json:
         write_json(args.json, {"version": version.version, "data": spec, "split": args.split,
                                "fingerprint": ds.fingerprint, "users": ev.users, "seed": args.seed,

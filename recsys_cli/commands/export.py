@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import add_data_arg, quiet_onnx_exporter
 from recsys_cli.errors import UsageError
 from service.contract.manifest import Manifest
@@ -30,7 +31,7 @@ NDCG10 = "NDCG@10"  # the metric the summary shows (a metric name, not a manifes
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from training.publish.gates import DEFAULT_MAX_REGRESSION
 
-    p = sub.add_parser("export", help="publish checkpoints as an artifact version (ONNX, index, catalog)")
+    p = sub.add_parser("export", help=COMMANDS["export"])
     add_data_arg(p, default=None)
     p.add_argument("--retrieval", required=True, metavar="DIR", help="retrieval checkpoint folder")
     p.add_argument("--prerank", required=True, metavar="DIR", help="pre-rank checkpoint + export folder")

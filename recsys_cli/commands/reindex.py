@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import quiet_onnx_exporter
 from recsys_cli.errors import UsageError
 from training.data.sources import SOURCES
@@ -25,7 +26,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     from training.publish.gates import DEFAULT_MAX_REGRESSION
     from training.publish.versions import DEFAULT_KEEP
 
-    p = sub.add_parser("reindex", help="re-index the current catalog into a new artifact version and flip CURRENT")
+    p = sub.add_parser("reindex", help=COMMANDS["reindex"])
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
     p.add_argument("--data", metavar="SPEC", help=f"data source: {SOURCES} (default: the live version's)")
     p.add_argument("--catalog", metavar="FILE", type=Path,

@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 
+from recsys_cli.commands import COMMANDS
 from recsys_cli.errors import UsageError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("rollback", help="point CURRENT at an older artifact version")
+    p = sub.add_parser("rollback", help=COMMANDS["rollback"])
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
     p.add_argument("--to", metavar="VERSION", help="target version (default: the one before CURRENT)")
     p.add_argument("--redis-url", default=os.environ.get("RECSYS_REDIS_URL") or None, metavar="URL",

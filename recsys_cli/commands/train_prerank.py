@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from recsys_cli.commands.common import add_data_arg, add_ranking_fold_args
+from recsys_cli.commands.common import add_data_arg, add_plot_arg, add_ranking_fold_args, plot_path, quiet_onnx_exporter
 from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.report import result, table, timed, write_json
@@ -29,28 +29,32 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d = TrainConfig()
     p = sub.add_parser("prerank", help="train a pre-ranker (two-tower, IntTower, DCN-v2) and export it")
     add_data_arg(p)
-    p.add_argument("--model", choices=sorted(MODELS), default="inttower")
-    p.add_argument("--objective", choices=("ctr", "next-item"), default="ctr")
+    p.add_argument("--model", choices=sorted(MODELS), default="inttower", help="pre-ranker architecture")
+    p.add_argument("--objective", choices=("ctr", "next-item"), default="ctr",
+                   help="ctr: rating > 3 labels; next-item: the held-out next item against negatives")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
     p.add_argument("--json", metavar="FILE", help="also write the test metrics as JSON")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--embed-dim", type=int, default=None)
+    add_plot_arg(p, "OUT/training.png", "the loss and validation metrics per epoch")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epoch cap (training stops earlier on --patience)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    p.add_argument("--patience", type=int, default=d.patience, help="epochs without a validation gain before stopping")
+    p.add_argument("--embed-dim", type=int, default=None, help="feature embedding width (default: the model's own)")
     p.add_argument("--hidden", default=None, metavar="H1,H2,...", help="hidden layer sizes")
-    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's own)")
     p.add_argument("--heads", type=int, default=None, help="IntTower heads per layer")
     p.add_argument("--head-dim", type=int, default=None, help="IntTower head size")
     p.add_argument("--no-lightse", action="store_true", help="IntTower without LightSE")
     p.add_argument("--cir-weight", type=float, default=None, help="IntTower CIR weight (default 0.1; 0 = off)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="CIR temperature")
-    p.add_argument("--history-len", type=int, default=50)
+    p.add_argument("--history-len", type=int, default=50, help="history items the user tower reads")
     p.add_argument("--candidates", type=int, default=d.candidates, help="next-item: retrieval top-C")
-    p.add_argument("--random-negatives", type=int, default=d.random_negatives)
-    p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
+    p.add_argument("--random-negatives", type=int, default=d.random_negatives,
+                   help="next-item: uniformly sampled negatives per positive")
+    p.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
+                   help="next-item: negatives taken from the retriever's candidates per positive")
     p.add_argument("--retrieval", metavar="DIR", help="next-item: the served SASRec checkpoint (default: last-item)")
     add_ranking_fold_args(p, "next-item: learn on the pre-rank window of a ranking fold of H (default: the "
                              "upstream's holdout; 0 = every training position)")
@@ -107,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
 
+    quiet_onnx_exporter()  # this command exports its ONNX user tower
+
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -124,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.history_len < 1:
         raise UsageError(f"--history-len must be >= 1, got {args.history_len}")
 
+    png = plot_path(args, Path(args.out) / "training.png")
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
     with timed("load", timings):
@@ -191,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
         if pr.has_heads(model):
             extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
     print(table(rows, columns))
+    if png is not None:
+        from training.plots import history_figure, save
+
+        title = f"{args.model} ({args.objective}) on {args.data}"
+        print(f"wrote {save(history_figure({args.model: fit['history']}, title), png)}")
     if args.json:
         write_json(args.json, result(
             args.model, args.data, metrics, objective=args.objective, split="test", fingerprint=ds.fingerprint,

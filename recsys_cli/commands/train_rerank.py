@@ -21,7 +21,9 @@ import torch
 
 from recsys_cli.commands.common import (
     add_data_arg,
+    add_plot_arg,
     add_ranking_fold_args,
+    plot_path,
     quiet_onnx_exporter,
 )
 from recsys_cli.errors import UsageError
@@ -52,20 +54,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="the re-ranker sees only the pre-rank score, not also the fused retrieval score")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint and artifact folder")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--list-len", type=int, default=d.list_len, help=f"pre-rank top N per list (<= 100; default {d.list_len})")
+    add_plot_arg(p, "OUT/training.png", "each re-ranker's loss and validation metrics per epoch")
+    p.add_argument("--list-len", type=int, default=d.list_len,
+                   help=f"pre-rank top N per list (<= 100; default {d.list_len})")
     p.add_argument("--candidates", type=int, default=d.candidates, help="retrieval top C")
     p.add_argument("--horizon", type=int, default=d.horizon, help="T: clicked = met within the next T steps")
     p.add_argument("--lists-per-user", type=int, default=d.lists_per_user, help="training lists per user")
     p.add_argument("--eval-steps", type=int, default=d.eval_steps, help="last steps per user for valid/test lists")
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--patience", type=int, default=t.patience)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    p.add_argument("--d-model", type=int, default=h.d_model)
-    p.add_argument("--layers", type=int, default=h.layers)
-    p.add_argument("--heads", type=int, default=h.heads)
-    p.add_argument("--dropout", type=float, default=h.dropout)
+    p.add_argument("--epochs", type=int, default=t.epochs, help="epoch cap (training stops earlier on --patience)")
+    p.add_argument("--patience", type=int, default=t.patience, help="epochs without a validation gain before stopping")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="lists per training batch")
+    p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay, help="weight decay")
+    p.add_argument("--d-model", type=int, default=h.d_model, help="transformer width")
+    p.add_argument("--layers", type=int, default=h.layers, help="transformer encoder layers")
+    p.add_argument("--heads", type=int, default=h.heads, help="attention heads")
+    p.add_argument("--dropout", type=float, default=h.dropout, help="dropout rate")
     p.add_argument("--seed", type=int, default=0, help="re-ranker init and shuffling (the impressions use --data-seed)")
     p.add_argument("--data-seed", type=int, default=d.seed, help="step sampling and the valid/test user split")
     p.add_argument("--no-export", action="store_true", help="skip rerank.onnx")
@@ -113,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.upstream:  # one retriever, or a K-fold set (its fold map; load_upstreams checks the folds)
         _check_dir("--upstream", args.upstream, FOLD_MAP if is_fold_set(args.upstream) else RETRIEVAL_CHECKPOINT)
 
+    png = plot_path(args, Path(args.out) / "training.png")
+
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -138,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if r.artifacts:
         print(f"\nrerank.onnx parity: max |onnx - eager| {r.artifacts['parity_max_abs_diff']:.2e} (random lists), "
               f"{r.artifacts['real_lists_max_abs_diff']:.2e} (test lists)")
+    if png is not None:
+        from training.plots import history_figure, save
+
+        runs = {name: f["history"] for name, f in r.fits.items()}
+        print(f"wrote {save(history_figure(runs, f're-rankers on {args.data}'), png)}")
     if args.json:
         write_json(args.json, {
             **r.results, "valid": r.valid, "end_to_end": r.end_to_end, "data": args.data,

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
-from recsys_cli.commands.common import add_data_arg
+from recsys_cli.commands.common import add_data_arg, add_plot_arg, plot_path
 from recsys_cli.errors import UsageError
 from training import distributed
 from training.checkpoints import load_retrieval
@@ -50,20 +51,22 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--head-dim", type=int, default=32, help="hstu: per-head width of Q, K, V, U (default: 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", metavar="FILE", help="write test metrics as JSON")
+    add_plot_arg(p, "OUT/training.png", "the loss and validation NDCG@10 per epoch")
     p.add_argument("--launchers", type=int, default=1, metavar="M", help="launcher tokens (0 = plain SASRec)")
-    p.add_argument("--launcher-init", choices=("independent", "copy_last"), default="copy_last")
-    p.add_argument("--maxlen", type=int, default=50)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--launcher-init", choices=("independent", "copy_last"), default="copy_last",
+                   help="launcher token initialisation: learned independently, or launcher + last-item embedding")
+    p.add_argument("--maxlen", type=int, default=50, help="history items the encoder reads (the most recent)")
+    p.add_argument("--dim", type=int, default=64, help="embedding width D")
+    p.add_argument("--blocks", type=int, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=1, help="attention heads per block")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    p.add_argument("--epochs", type=int, default=200, help="epoch cap (training stops earlier on --patience)")
     p.add_argument(
         "--batch-size", type=int, default=128,
         help="global batch; under torchrun each of the W ranks trains on batch/W of it (default: 128)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     p.add_argument("--num-negatives", type=int, default=0, help="sampled softmax with K negatives (0 = full)")
     p.add_argument(
         "--sampler", choices=SAMPLERS, default="uniform",
@@ -86,7 +89,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         "(+ OUT/folds.json, folds dealt with --seed); pass OUT as the rankers' --upstream, and serve a "
         "retriever trained on all the data (training/stages/prerank/folds.py) (default: 0, one retriever)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (and the K-fold deal)")
     p.add_argument(
         "--threads", type=int, default=None,
         help="torch intra-op threads per process (default: all cores; under torchrun cores / ranks)",
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     rank0 = distributed.is_rank0()
+    png = plot_path(args, Path(args.out) / "training.png")
     timings: dict[str, float] = {}
     with timed("load", timings) if rank0 else nullcontext():
         ds = load(args.data)
@@ -169,6 +173,10 @@ def _run(args: argparse.Namespace) -> int:
         "world_size": distributed.world_size(), "holdout": args.holdout,
     }
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
+    if png is not None:
+        from training.plots import history_figure, save
+
+        print(f"wrote {save(history_figure({name: summary['history']}, f'{name} on {args.data}'), png)}")
     if args.json:
         write_json(
             args.json,

@@ -10,14 +10,18 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from service.catalog_updates import CatalogUpdates, Schema
 from service.compute import ComputeThread
 from service.core.config import Settings
+from service.experiments import Experiment, ExperimentHolder
 from service.metrics import Metrics
+from service.online_log import ImpressionLog
+from service.online_metrics import OnlineMetrics
 from service.pipeline import Recommender
 from service.reloader import VersionWatcher
 from service.stores import HistoryStore
@@ -56,9 +60,31 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_impressions(request: Request) -> ImpressionLog | None:
+    """The impression log; None when the service logs no impressions."""
+    log: ImpressionLog | None = getattr(request.app.state, "impressions", None)
+    return log
+
+
+async def get_online(request: Request) -> OnlineMetrics:
+    online: OnlineMetrics = _loaded(request, "online", "no online log: set RECSYS_REDIS_URL or RECSYS_LOG_DIR")
+    return online
+
+
 async def get_watcher(request: Request) -> VersionWatcher:
     watcher: VersionWatcher = _loaded(request, "watcher", "artifacts are not loaded yet")
     return watcher
+
+
+async def get_experiment(request: Request) -> Experiment | None:
+    """The running experiment, None when there is none."""
+    exp: Experiment | None = getattr(request.app.state, "experiment", None)
+    return exp
+
+
+async def get_experiments(request: Request) -> ExperimentHolder:
+    holder: ExperimentHolder = _loaded(request, "experiments", "artifacts are not loaded yet")
+    return holder
 
 
 async def get_catalog_updates(request: Request) -> CatalogUpdates:
@@ -72,14 +98,31 @@ async def get_item_schema(request: Request) -> Schema | None:
     return None if rec is None else rec.v.item_features.schema()
 
 
+# The two keys as OpenAPI security schemes (one header, X-API-Key): FastAPI lists them under
+# components.securitySchemes and on each operation; auto_error=False because the checks below
+# decide (a key is only needed when the service has one configured).
+WRITE_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                         description="The service's write key (RECSYS_API_KEY): needed to send events, update "
+                                     "items and reload the model.")
+READ_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ReadKey", auto_error=False,
+                        description="The read key (RECSYS_READ_KEY) or the write key: needed to read a user's "
+                                    "stored history (their history, or a recommendation by user_id alone) when "
+                                    "the service has a read key; otherwise not needed.")
+
+
 def _key_matches(given: str | None, *keys: str | None) -> bool:
     return given is not None and any(k is not None and secrets.compare_digest(given.encode(), k.encode()) for k in keys)
 
 
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
-                          x_api_key: Annotated[str | None, Header()] = None) -> None:
+                          x_api_key: Annotated[str | None, Security(WRITE_KEY)]) -> None:
     """Writes and admin: 401 unless X-API-Key matches RECSYS_API_KEY; without a key configured,
     403 (writes disabled) unless RECSYS_ALLOW_ANONYMOUS_WRITES is set."""
+    check_api_key(settings, x_api_key)
+
+
+def check_api_key(settings: Settings, x_api_key: str | None) -> None:
+    """require_api_key's check, for a caller that is not a dependency (service/api/strict.py)."""
     if settings.api_key is None:
         if settings.allow_anonymous_writes:
             return
@@ -99,7 +142,7 @@ def check_read_key(settings: Settings, x_api_key: str | None) -> None:
 
 
 async def require_read_key(settings: Annotated[Settings, Depends(get_settings)],
-                           x_api_key: Annotated[str | None, Header()] = None) -> None:
+                           x_api_key: Annotated[str | None, Security(READ_KEY)]) -> None:
     check_read_key(settings, x_api_key)
 
 
@@ -109,9 +152,13 @@ StoreDep = Annotated[HistoryStore, Depends(get_store)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
 ReadKeyDep = Annotated[None, Depends(require_read_key)]
 ComputeDep = Annotated[ComputeThread, Depends(get_compute)]
-ApiKeyHeader = Annotated[str | None, Header()]  # name the parameter x_api_key
+ReadKeyHeader = Annotated[str | None, Security(READ_KEY)]  # the X-API-Key a route checks itself
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ImpressionsDep = Annotated[ImpressionLog | None, Depends(get_impressions)]
+OnlineDep = Annotated[OnlineMetrics, Depends(get_online)]
 WatcherDep = Annotated[VersionWatcher, Depends(get_watcher)]
+ExperimentDep = Annotated[Experiment | None, Depends(get_experiment)]
+ExperimentsDep = Annotated[ExperimentHolder, Depends(get_experiments)]
 CatalogUpdatesDep = Annotated[CatalogUpdates, Depends(get_catalog_updates)]
 ItemSchemaDep = Annotated[Schema | None, Depends(get_item_schema)]
 

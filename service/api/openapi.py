@@ -3,6 +3,8 @@
 - POST /v1/events and PUT /v1/items take "one object or a list" (validated by hand for clean
   422 locations, service/api/deps.one_or_many): their EventIn / ItemIn schemas are added to
   components here (FastAPI only lists models that a route declares).
+- What a caller reads: summaries, descriptions, request and response examples, and that a read
+  key is needed only when one is configured (service/api/docs.py).
 - Request filters and item features are only valid for names (and filter values) the served
   catalog has. Once a version is loaded the document says so (an enum of names and values per
   served version), so a request the schema calls valid is one the service accepts.
@@ -18,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from service.api import docs
 from service.schemas import ID_SCHEMA, MAX_FILTER_VALUES, MAX_FILTERS
 
 REF = "#/components/schemas/{model}"
@@ -60,6 +63,7 @@ def install(app: FastAPI, models: list[type[BaseModel]], version_of: Callable[[]
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in models:
                 _add_model(schemas, model)
+            docs.apply(doc)
             generic.append(doc)
         return generic[0]
 

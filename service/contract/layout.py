@@ -24,6 +24,7 @@ from pathlib import Path
 CURRENT = "CURRENT"  # the name of the live version, replaced atomically
 LOCK = ".reindex.lock"  # flock: one reindex / rollback / export publish at a time
 PENDING_ITEMS = "catalog_pending.jsonl"  # catalog updates waiting for the next reindex (no Redis)
+EXPERIMENT = "EXPERIMENT.json"  # the running experiment (service/experiments.py); absent = none
 
 # --- one version folder ---
 MANIFEST = "manifest.json"
@@ -77,12 +78,17 @@ def read_current(artifacts_root: str | Path) -> str | None:
     path = Path(artifacts_root) / CURRENT
     if not path.is_file():
         return None
+    # the message never quotes the content: CURRENT may have been pointed at a file that is not ours
     try:
-        name = path.read_bytes()[:256].decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ContractError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raw = path.read_bytes()[:256]
+    except OSError as exc:
+        raise ContractError(f"{path}: unreadable ({type(exc).__name__})") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ContractError(f"{path}: unreadable (not UTF-8 text)") from None
     if not valid_version(name):
-        raise ContractError(f"{path}: invalid version name {name!r} (must match {VERSION_RE.pattern})")
+        raise ContractError(f"{path}: invalid version name ({len(raw)} bytes; must match {VERSION_RE.pattern})")
     return name
 
 

@@ -27,7 +27,7 @@ from service.core.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: recsys, torchrun
 K8S = ROOT / "deploy" / "k8s"
-TRAIN_EXTRA = {"torch", "onnx", "onnxscript", "tqdm"}  # pyproject's `train` extra, by import name
+TRAIN_EXTRA = {"torch", "onnx", "onnxscript", "tqdm", "matplotlib"}  # pyproject's `train` extra, by import name
 
 
 # ---------------------------------------------------------------- loading
@@ -218,8 +218,9 @@ def test_training_commands_without_torch_say_what_to_install() -> None:
 def test_pyproject_base_dependencies_are_the_serving_set() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]}
+    # + httpx: the Python client's (recsys_client/), installed with the package; the service does not import it
     assert names == {"numpy", "faiss-cpu", "onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "pydantic",
-                     "pydantic-settings", "redis", "prometheus-client", "threadpoolctl"}
+                     "pydantic-settings", "redis", "prometheus-client", "threadpoolctl", "httpx"}
     assert "torch==2.13.0" in project["optional-dependencies"]["train"]
     assert "install --quiet -e '.[train,test,bench]'" in (ROOT / "Makefile").read_text()
 
@@ -505,3 +506,18 @@ def test_prometheus_scrapes_the_api_metrics_route() -> None:
     for rule in keep:
         assert re.fullmatch(rule["regex"], ";".join(meta[s] for s in rule["source_labels"]))
 
+
+
+def test_redis_fsync_is_explicit_everysec_by_default_and_always_is_accepted() -> None:
+    """Both Redis deployments say how often the AOF is fsynced (README "Event durability"), and
+    redis-server accepts the setting each offers."""
+    compose = _as_argv(_compose()["services"]["redis"]["command"])
+    k8s = _as_argv(next(c for c in _containers(_k8s("StatefulSet", "redis")) if c["name"] == "redis")["command"])
+    for argv in (compose, k8s):
+        assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert compose[compose.index("--appendfsync") + 1] == "${REDIS_APPENDFSYNC:-everysec}"
+    assert k8s[k8s.index("--appendfsync") + 1] == "everysec"
+    for value in ("everysec", "always"):  # a bad value makes redis-server exit at once
+        proc = subprocess.run(["redis-server", "--port", "0", "--appendfsync", value, "--appendonly", "yes",
+                               "--dir", "/nonexistent-recsys"], capture_output=True, text=True, timeout=30)
+        assert "appendfsync" not in proc.stdout + proc.stderr, (value, proc.stdout[-500:])

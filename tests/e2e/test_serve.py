@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -119,3 +120,33 @@ def test_serve_workers_have_their_own_sockets_and_a_dead_one_is_replaced(artifac
         proc.wait(timeout=40)
     assert proc.returncode == 0
     assert not worker_pids(proc.pid)
+
+
+def test_serve_applies_the_connection_limits_in_every_worker(artifacts_root: Path, redis_url: str) -> None:  # noqa: F811
+    """RECSYS_MAX_HEADER_BYTES and RECSYS_KEEP_ALIVE_S reach the spawned workers (main: a head of
+    any size answered 200, an idle connection held for ever)."""
+    port = free_port()
+    env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_MAX_HEADER_BYTES": "2048", "RECSYS_KEEP_ALIVE_S": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--redis-url", redis_url,
+         "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, 90)
+        for _ in range(8):  # new connections, hashed over both workers' sockets
+            assert httpx.get(f"{base}/healthz", headers={"X-Pad": "a" * 1000}).status_code == 200
+            assert httpx.get(f"{base}/healthz", headers={"X-Pad": "a" * 4000}).status_code == 431
+        # counted per worker: some /metrics answer (new connections, hashed anew) shows them
+        assert any('recsys_connections_closed_total{reason="header_too_large"}' in httpx.get(f"{base}/metrics").text
+                   for _ in range(12))
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+        t0 = time.monotonic()
+        for s in idle:
+            with s:
+                assert s.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < 1 + 2.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)

@@ -101,13 +101,20 @@ def test_recommend_by_history_filters_and_launchers(client: TestClient, catalog:
     # without explain no stage scores; unknown history ids are skipped and counted
     plain = _recommend(client, history=["no-such-item", *history], k=10, exclude=exclude)
     assert [it["item_id"] for it in plain["items"]] == ids and plain["unknown_items"] == 1
-    assert plain["items"][0]["stages"] is None
+    assert all("stages" not in it and "routes" not in it for it in plain["items"])
+    assert out["scored_by"] == plain["scored_by"] == "rerank"
 
 
 def test_k_larger_than_prerank_n_still_returns_k(client: TestClient, catalog: list[str]) -> None:
     out = _recommend(client, history=catalog[:3], k=50)  # re-ranked top 30, then pre-rank order
     ids = [it["item_id"] for it in out["items"]]
     assert len(ids) == 50 == len(set(ids)) and not set(ids) & set(catalog[:3])
+    # one meaning of score per answer: the re-ranker's; the items past its top n (<= 30) have none
+    assert out["scored_by"] == "rerank"
+    n = sum("score" in it for it in out["items"])
+    assert 1 <= n <= 30 and all("score" in it for it in out["items"][:n])
+    scores = [it["score"] for it in out["items"][:n]]
+    assert scores == sorted(scores, reverse=True)
     big = _recommend(client, history=catalog[:3], k=1000)  # more than the catalog: all unseen items
     assert len(big["items"]) == len(catalog) - 3
 
@@ -118,8 +125,11 @@ def test_no_history_serves_popularity(client: TestClient, artifacts_root: Path, 
     out = _recommend(client, k=5)
     assert out["served_by"] == "popularity"
     assert [it["item_id"] for it in out["items"]] == want[:5]
-    assert [it["score"] for it in out["items"]] == [float(v.popularity[v.id_to_index[i]]) for i in want[:5]]
-    assert all(it["launcher"] is None for it in out["items"])
+    # popularity answers score on a stated scale: the item's share of the training interactions
+    total = float(v.popularity[1:].sum())
+    assert out["scored_by"] == "popularity"
+    assert [it["score"] for it in out["items"]] == [float(v.popularity[v.id_to_index[i]]) / total for i in want[:5]]
+    assert all(0.0 < it["score"] <= 1.0 and "launcher" not in it for it in out["items"])
     # only unknown ids, or a user with no stored history: popularity too, minus exclude
     assert _recommend(client, history=["nope"], k=5)["served_by"] == "popularity"
     out = _recommend(client, user_id=_user(), k=5, exclude=want[:2])
@@ -189,7 +199,8 @@ def test_redis_stopped_mid_test_falls_back(artifacts_root: Path, redis_server: R
         assert out["served_by"] == "rerank"
         assert c.post("/v1/events", json={"user_id": user, "item_id": catalog[1]}).status_code == 503
         assert c.get(f"/v1/users/{user}/history").status_code == 503
-        assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable"}
+        assert c.get("/readyz").json() == {"status": "ready", "model_version": "v1", "store": "unavailable",
+                                           "current": "v1", "drift": False}
         redis_server.start()  # same port, empty (no persistence in tests): new events are used again
         event = {"user_id": user, "item_id": catalog[2]}
         _eventually(lambda: c.post("/v1/events", json=event).status_code, lambda code: code == 202)

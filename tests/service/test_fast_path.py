@@ -66,11 +66,16 @@ def test_recommend_bytes_are_what_the_response_model_renders(client: TestClient,
         out = r.json()
         validate.validate(out)
         # the pydantic model's own rendering of the same content, as FastAPI would have sent it
-        assert encode_json(RecommendResponse.model_validate(out).model_dump(mode="json")) == r.content
-        assert list(out) == list(RecommendResponse.model_fields)
-        assert all(list(it) == ["item_id", "score", "rank", "launcher", "stages", "routes"] for it in out["items"])
+        assert encode_json(RecommendResponse.model_validate(out).model_dump(mode="json", exclude_none=True)) == r.content
+        # experiment / arm only during an experiment (tests/service/test_experiments.py)
+        assert list(out) == [f for f in RecommendResponse.model_fields if f not in ("experiment", "arm")]
+        # absent fields are left out, never null (issue 24): stages / routes only with explain,
+        # launcher only for a model-found item; score on every item these lists have
+        fields = [*(["item_id", "score", "rank"]), *(["launcher"] if out["scored_by"] != "popularity" else []),
+                  *(["stages", "routes"] if body.get("explain") else [])]
+        assert all(list(it) == fields for it in out["items"]), (body, out)
+        assert "null" not in r.text
         assert [it["rank"] for it in out["items"]] == list(range(1, len(out["items"]) + 1))
-        assert all((it["stages"] is not None) == bool(body.get("explain")) for it in out["items"])
         served.add(out["served_by"])
     assert "popularity" in served and len(served) > 1
 
@@ -80,10 +85,13 @@ def test_batch_bytes_are_what_the_response_model_renders(client: TestClient, cat
     assert r.status_code == 200, r.text
     out = r.json()
     _validator(client, "RecommendBatchResponse").validate(out)
-    assert encode_json(RecommendBatchResponse.model_validate(out).model_dump(mode="json")) == r.content
+    assert encode_json(RecommendBatchResponse.model_validate(out).model_dump(mode="json", exclude_none=True)) == r.content
     singles = [client.post("/v1/recommend", json=b).json() for b in _bodies(catalog)]
-    strip = [{k: v for k, v in o.items() if k != "timings_ms"} for o in out["results"]]
-    assert strip == [{k: v for k, v in o.items() if k != "timings_ms"} for o in singles]
+    rid = r.headers["x-request-id"]
+    assert [o["request_id"] for o in out["results"]] == [f"{rid}-{i}" for i in range(len(singles))]
+    per_request = ("timings_ms", "request_id")
+    strip = [{k: v for k, v in o.items() if k not in per_request} for o in out["results"]]
+    assert strip == [{k: v for k, v in o.items() if k not in per_request} for o in singles]
 
 
 def test_the_openapi_schema_still_names_the_response_models(client: TestClient) -> None:
@@ -205,6 +213,7 @@ def test_the_fast_path_answers_what_the_route_answers_and_leaves_errors_to_it(
     def strip(r: Any) -> dict[str, Any]:
         out = r.json()
         out.pop("timings_ms")
+        assert out.pop("request_id") == r.headers["x-request-id"]
         return out
 
     for body in _bodies(catalog):

@@ -137,6 +137,15 @@ def test_a_short_filtered_list_is_topped_up_with_popular_passing_items(version: 
     out = rec.recommend(catalog[:3], k=len(passing) + 5, filters={"category": [wanted]})
     assert out.served_by.endswith(";filter_backfill")
     assert {it.item_id for it in out.items} == passing  # every passing unseen item, nothing else
+    # one meaning of score: the ordering stage's; the popular top-ups (few candidates: retrieval_k
+    # 5) have none and come last
+    few = Recommender(version, retrieval_k=5, prerank_n=5).recommend(catalog[:3], k=len(passing) + 5,
+                                                                     filters={"category": [wanted]})
+    assert few.served_by.endswith(";filter_backfill") and {it.item_id for it in few.items} == passing
+    assert few.scored_by == few.served_by.split(";")[0] != "popularity"
+    scored = [it for it in few.items if it.score is not None]
+    assert few.items[:len(scored)] == scored and len(scored) < len(few.items)
+    assert all(set(it.stages) == {"popularity"} for it in few.items[len(scored):])
 
 
 # --- fallback paths ---

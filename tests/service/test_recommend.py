@@ -98,7 +98,7 @@ def test_no_history_anywhere_serves_popularity(rec: Recommender, store: InMemory
     for req in (RecommendRequest(k=5), RecommendRequest(user_id="nobody", k=5), RecommendRequest(history=[], k=5)):
         out = recommend(ctx, req)
         assert _ids(out) == popular and out["served_by"] == "popularity", req
-        assert [it["launcher"] for it in out["items"]] == [None] * 5
+        assert all("launcher" not in it for it in out["items"]) and out["scored_by"] == "popularity"
     assert _count(ctx, "recsys_fallbacks_total", {"reason": "no_history"}) == 3
 
 
@@ -201,7 +201,8 @@ def test_the_answer_is_the_response_model_with_store_and_total_timings(rec: Reco
                                                                        catalog: list[str]) -> None:  # noqa: F811
     ctx = _ctx(rec, store)
     out = recommend(ctx, RecommendRequest(history=catalog[:3] + ["unknown-1"], k=3, explain=True))
-    assert list(out) == ["items", "model_version", "served_by", "timings_ms", "unknown_items"]
+    assert list(out) == ["items", "model_version", "served_by", "scored_by", "timings_ms", "unknown_items",
+                         "request_id"]
     assert out["model_version"] == "v1" and out["unknown_items"] == 1 and [it["rank"] for it in out["items"]] == [1, 2, 3]
     assert all(set(it["stages"]) == {"retrieval", "prerank", "rerank"} for it in out["items"])
     timings = out["timings_ms"]
@@ -213,7 +214,8 @@ def test_the_answer_is_the_response_model_with_store_and_total_timings(rec: Reco
     body = as_json(recommend, ctx, req)  # what the entry points send
     assert isinstance(body, bytes) and body.startswith(b'{"items":[{"item_id":')
     again = recommend(ctx, req)
-    assert json.loads(body) | {"timings_ms": None} == again | {"timings_ms": None}  # timings aside
+    aside = {"timings_ms": None, "request_id": None}  # new each call (outside a request: a fresh id)
+    assert json.loads(body) | aside == again | aside
     assert encode_json(again) == json.dumps(again, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -435,5 +435,5 @@ def test_eviction_metrics_follow_the_store(redis_url: str) -> None:
     m.observe_store(*store.stats())  # read twice: counted once
     text = m.render()[0].decode()
     assert "recsys_store_evictions_total 2.0" in text and "recsys_store_users 2.0" in text
-    evicted, users = RedisStore(redis_url).stats()
+    evicted, users, _ = RedisStore(redis_url).stats()
     assert isinstance(evicted, int) and evicted >= 0 and users is None

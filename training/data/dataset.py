@@ -58,6 +58,24 @@ def encode_categorical(values: list[str]) -> tuple[np.ndarray, list[str]]:
     return codes, list(vocab)
 
 
+def encode_multi(rows: list[list[str]]) -> tuple[np.ndarray, list[str]]:
+    """(n, K) codes right-padded with 0, K = the longest row (at least 1); codes 1.. in order of
+    first appearance, row by row."""
+    vocab: dict[str, int] = {}
+    codes = np.zeros((len(rows), max(1, max((len(r) for r in rows), default=0))), dtype=np.int64)
+    for row, names in enumerate(rows):
+        for col, v in enumerate(names):
+            codes[row, col] = vocab.setdefault(v, len(vocab) + 1)
+    return codes, list(vocab)
+
+
+def fill_median(values: np.ndarray) -> np.ndarray:
+    """float32 copy with NaN (missing) replaced by the median of the rest (0 when none is known)."""
+    out = np.asarray(values, dtype=np.float32)
+    known = np.isfinite(out)
+    return np.where(known, out, np.median(out[known]) if known.any() else 0.0).astype(np.float32)
+
+
 @dataclass
 class Dataset:
     """Interaction log plus id maps and optional feature tables."""
@@ -69,6 +87,9 @@ class Dataset:
     items: np.ndarray  # (E,) int64 in 1..N
     timestamps: np.ndarray  # (E,) int64
     ratings: np.ndarray | None = None  # (E,) float32
+    # (E,) float32 training weight of each interaction, from its event type (None: all 1); where
+    # training uses it: training/stages/retrieval/train.py (loss) and item2item.py (route counts)
+    weights: np.ndarray | None = None
     user_features: FeatureTable | None = None
     item_features: FeatureTable | None = None
     offsets: np.ndarray = field(init=False)  # (U + 1,) CSR offsets into the sorted log
@@ -103,6 +124,9 @@ class Dataset:
             h.update(np.ascontiguousarray(arr).tobytes())
         if self.ratings is not None:
             h.update(np.ascontiguousarray(self.ratings).tobytes())
+        if self.weights is not None:  # absent from the hash when None: older fingerprints stay valid
+            h.update(b"weights")
+            h.update(np.ascontiguousarray(self.weights).tobytes())
         h.update("\x1f".join(self.user_ids.tolist()).encode())
         h.update("\x1f".join(self.item_ids.tolist()).encode())
         for table in (self.user_features, self.item_features):
@@ -127,6 +151,7 @@ def build_dataset(
     time_col: np.ndarray,
     rating_col: np.ndarray | None = None,
     *,
+    weight_col: np.ndarray | None = None,
     user_table: tuple[list[str], FeatureTable] | None = None,
     item_table: tuple[list[str], FeatureTable] | None = None,
 ) -> Dataset:
@@ -164,6 +189,7 @@ def build_dataset(
     by_time = np.argsort(ts, kind="stable")
     order = by_time[np.argsort(users[by_time], kind="stable")]
     ratings = None if rating_col is None else np.asarray(rating_col, dtype=np.float32)[order]
+    weights = None if weight_col is None else np.asarray(weight_col, dtype=np.float32)[order]
 
     return Dataset(
         name=name,
@@ -173,9 +199,34 @@ def build_dataset(
         items=items[order],
         timestamps=ts[order],
         ratings=ratings,
+        weights=weights,
         user_features=_align(user_table, user_ids, pad=False),
         item_features=_align(item_table, item_ids, pad=True),
     )
+
+
+@dataclass
+class RawLog:
+    """A data set as read from its source, before ids are mapped: build_dataset's inputs, and what
+    `recsys data convert` writes back out as tables (training/data/tables.py), row for row.
+
+    events: the event type of each row (None: the source has none); weights: the training weight
+    each row's event type maps to (None: all 1).
+    """
+
+    name: str
+    users: list[str] | np.ndarray
+    items: list[str] | np.ndarray
+    timestamps: np.ndarray
+    ratings: np.ndarray | None = None
+    events: list[str] | None = None
+    weights: np.ndarray | None = None
+    user_table: tuple[list[str], FeatureTable] | None = None
+    item_table: tuple[list[str], FeatureTable] | None = None
+
+    def build(self) -> Dataset:
+        return build_dataset(self.name, self.users, self.items, self.timestamps, self.ratings, weight_col=self.weights,
+                             user_table=self.user_table, item_table=self.item_table)
 
 
 def _factorize(values: list[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,40 +3,59 @@
 - `synthetic[:key=value,...]`  the embedded, deterministic generator
 - `movielens:<dir>`            ml-100k (u.data, u.item, u.user) or ml-1m (*.dat)
 - `seqtxt:<file>`              one user per line: `user item item ...` in time order
-- `csv:<file>`                 `user_id,item_id,timestamp[,rating]`, optional header
+- `csv:<file or dir>[,key=value,...]`      an interactions table, optional items= / users= feature
+- `parquet:<file or dir>[,key=value,...]`  tables and event types with weights (training/data/tables.py)
+- `log:<folder>` / `log:redis://host:port[/db][?key=<stream>]`
+                               the service's durable event log (service/online_log.py): every
+                               accepted event, in log order, timestamps floored to seconds
 
-Every parse error is a DataError naming the file and line.
+Every parse error is a DataError naming the file and line (and the column, for tables).
+`read` gives the data set as read (a RawLog, which `recsys data convert` writes out as tables);
+`load` builds it into a Dataset.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import redis
 
-from training.data.dataset import DataError, Dataset, FeatureTable, build_dataset, encode_categorical
-from training.data.synthetic import generate, parse_synthetic_spec
+from service.online_log import read_events
 
-SOURCES = "synthetic[:key=value,...], movielens:<dir>, seqtxt:<file>, csv:<file>"
+from training.data import tables
+from training.data.dataset import (DataError, Dataset, FeatureTable, RawLog, encode_categorical, encode_multi,
+                                   fill_median)
+from training.data.synthetic import parse_synthetic_spec, synthetic_log
+
+SOURCES = ("synthetic[:key=value,...], movielens:<dir>, seqtxt:<file>, csv:<file|dir>[,...], "
+           "parquet:<file|dir>[,...], log:<dir>|log:redis://...")
 
 # ml-1m's age codes; ml-100k's raw ages are bucketed onto the same scale
 ML_AGE_BUCKETS = [(1, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+")]
 
 
 def load(spec: str) -> Dataset:
+    return read(spec).build()
+
+
+def read(spec: str) -> RawLog:
+    """The data set of `spec` as read, before ids are mapped."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
-        return generate(parse_synthetic_spec(arg))
-    if kind in ("movielens", "seqtxt", "csv") and not arg:
+        return synthetic_log(parse_synthetic_spec(arg))
+    if kind in ("movielens", "seqtxt", *tables.FORMATS, "log") and not arg:
         raise DataError(f"data source '{kind}' needs a path: {kind}:<path>")
     if kind == "movielens":
-        return load_movielens(Path(arg))
+        return read_movielens(Path(arg))
     if kind == "seqtxt":
-        return load_seqtxt(Path(arg))
-    if kind == "csv":
-        return load_csv(Path(arg))
+        return read_seqtxt(Path(arg))
+    if kind in tables.FORMATS:
+        return tables.read_tables(kind, arg)
+    if kind == "log":
+        return read_log(arg)
     raise DataError(f"unknown data source '{spec}' (expected {SOURCES})")
 
 
@@ -96,7 +115,7 @@ def _age_bucket(age: int) -> str:
     return label
 
 
-def load_movielens(root: Path) -> Dataset:
+def read_movielens(root: Path) -> RawLog:
     if (root / "u.data").is_file():
         return _load_ml100k(root)
     if (root / "ratings.dat").is_file():
@@ -106,7 +125,7 @@ def load_movielens(root: Path) -> Dataset:
     raise DataError(f"{root}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found")
 
 
-def _load_ml100k(root: Path) -> Dataset:
+def _load_ml100k(root: Path) -> RawLog:
     users, items, times, ratings = _ratings_log(root / "u.data", "\t")
     user_table = _ml_user_table(root / "u.user", "|", ml1m=False)
     genres = [line.split("|")[0] for _, line in _lines(root / "u.genre", "latin-1")] if (root / "u.genre").is_file() else []
@@ -125,12 +144,11 @@ def _load_ml100k(root: Path) -> Dataset:
             item_genres.append([g for g, f in zip(names, flags) if f.strip() == "1"])
             years.append(_year(parts[2]))
     item_table = _ml_item_table(item_ids, item_genres, years) if item_ids else None
-    return build_dataset(
-        "ml-100k", users, items, np.array(times), np.array(ratings), user_table=user_table, item_table=item_table
-    )
+    return RawLog("ml-100k", users, items, np.array(times), np.array(ratings), user_table=user_table,
+                  item_table=item_table)
 
 
-def _load_ml1m(root: Path) -> Dataset:
+def _load_ml1m(root: Path) -> RawLog:
     users, items, times, ratings = _ratings_log(root / "ratings.dat", "::", "latin-1")
     user_table = _ml_user_table(root / "users.dat", "::", ml1m=True)
     item_ids: list[str] = []
@@ -147,9 +165,8 @@ def _load_ml1m(root: Path) -> Dataset:
             title = parts[1].rstrip()
             years.append(float(title[-5:-1]) if title.endswith(")") and title[-5:-1].isdigit() else np.nan)
     item_table = _ml_item_table(item_ids, item_genres, years) if item_ids else None
-    return build_dataset(
-        "ml-1m", users, items, np.array(times), np.array(ratings), user_table=user_table, item_table=item_table
-    )
+    return RawLog("ml-1m", users, items, np.array(times), np.array(ratings), user_table=user_table,
+                  item_table=item_table)
 
 
 def _year(date: str) -> float:
@@ -183,19 +200,12 @@ def _ml_user_table(path: Path, sep: str, *, ml1m: bool) -> tuple[list[str], Feat
 
 
 def _ml_item_table(ids: list[str], genres: list[list[str]], years: list[float]) -> tuple[list[str], FeatureTable]:
-    vocab: dict[str, int] = {}
-    width = max(1, max(len(g) for g in genres))
-    codes = np.zeros((len(ids), width), dtype=np.int64)
-    for row, names in enumerate(genres):
-        for col, g in enumerate(names):
-            codes[row, col] = vocab.setdefault(g, len(vocab) + 1)
-    year = np.array(years, dtype=np.float32)
-    year = np.where(np.isnan(year), np.nanmedian(year) if np.isfinite(year).any() else 0.0, year)
-    table = FeatureTable(multi={"genres": codes}, numeric={"year": year.astype(np.float32)}, vocab={"genres": list(vocab)})
+    codes, vocab = encode_multi(genres)
+    table = FeatureTable(multi={"genres": codes}, numeric={"year": fill_median(np.array(years))}, vocab={"genres": vocab})
     return ids, table
 
 
-def load_seqtxt(path: Path) -> Dataset:
+def read_seqtxt(path: Path) -> RawLog:
     users: list[str] = []
     items: list[str] = []
     for lineno, line in _lines(path):
@@ -207,44 +217,21 @@ def load_seqtxt(path: Path) -> Dataset:
     if not users:
         raise DataError(f"{path}: no interactions")
     # the file order is the time order
-    return build_dataset(path.name, users, items, np.arange(len(users), dtype=np.int64))
+    return RawLog(path.name, users, items, np.arange(len(users), dtype=np.int64))
 
 
-def load_csv(path: Path) -> Dataset:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+def read_log(spec: str) -> RawLog:
+    """The events the service logged (a folder of JSON Lines or a Redis stream), exactly as logged."""
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
-    ratings: list[float] = []
-    width = 0
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            for row in reader:
-                lineno = reader.line_num
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if lineno == 1 and row[0].strip().lower() in ("user_id", "user", "userid"):
-                    continue  # header
-                if len(row) not in (3, 4):
-                    raise DataError(f"{path}:{lineno}: expected user_id,item_id,timestamp[,rating], got {len(row)} fields")
-                if width and len(row) != width:
-                    raise DataError(f"{path}:{lineno}: {len(row)} fields where earlier lines have {width}")
-                width = len(row)
-                if not row[0].strip() or not row[1].strip():
-                    raise DataError(f"{path}:{lineno}: empty user_id or item_id")
-                users.append(row[0].strip())
-                items.append(row[1].strip())
-                times.append(_int(row[2].strip(), path, lineno, "timestamp"))
-                if width == 4:
-                    ratings.append(_float(row[3], path, lineno, "rating"))
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not utf-8 text ({exc.reason})") from None
-        except csv.Error as exc:
-            raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    try:
+        for ev in read_events(spec):
+            users.append(ev.user_id)
+            items.append(ev.item_id)
+            times.append(math.floor(ev.ts))
+    except (ValueError, OSError, redis.RedisError) as exc:
+        raise DataError(f"log:{spec}: {exc}") from None
     if not users:
-        raise DataError(f"{path}: no interactions")
-    return build_dataset(
-        path.name, users, items, np.array(times), np.array(ratings) if ratings else None
-    )
+        raise DataError(f"log:{spec}: no events")
+    return RawLog(f"log:{spec}", users, items, np.array(times, dtype=np.int64))

@@ -83,11 +83,12 @@ class LeaveOneOut:
         ends = self.history_end(split)[sel]
         return pad_left(self.dataset.items, starts, ends, maxlen)
 
-    def train_sequences(self, maxlen: int | None = None) -> np.ndarray:
-        """(U, L) left-padded training sequences of every user (used for training loops)."""
+    def train_sequences(self, maxlen: int | None = None, values: np.ndarray | None = None) -> np.ndarray:
+        """(U, L) left-padded training sequences of every user (used for training loops); with
+        `values` (E,), those per-interaction values (e.g. Dataset.weights) in the same layout."""
         starts = self.dataset.offsets[:-1]
         ends = starts + self.train_lengths()
-        return pad_left(self.dataset.items, starts, ends, maxlen)
+        return pad_left(self.dataset.items if values is None else values, starts, ends, maxlen)
 
     def known_mask(self, which: Split) -> np.ndarray:
         """(E,) rows a model may learn from when it is evaluated on `which`.
@@ -118,7 +119,7 @@ def pad_left(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: in
     idx = ends[:, None] + cols[None, :]  # (B, L)
     valid = idx >= starts[:, None]
     out = np.where(valid, items[np.clip(idx, 0, None)], 0)
-    return out.astype(np.int64)
+    return out.astype(np.int64) if items.dtype.kind in "iub" else out  # float values (weights) stay float
 
 
 @dataclass

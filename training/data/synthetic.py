@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from training.data.dataset import DataError, Dataset, FeatureTable, build_dataset
+from training.data.dataset import DataError, Dataset, FeatureTable, RawLog
 
 AGE_BUCKETS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 GENDERS = ["F", "M"]
@@ -89,7 +89,52 @@ def _by_popularity_sampler(category: np.ndarray, popularity: np.ndarray, num_cat
     return sample
 
 
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """The generator's hidden state: what a simulated user really prefers (0-based item and user
+    indices; the data set's external ids are their decimal strings).
+
+    item_category (N,), item_popularity (N,) (the within-category sampling weight), successors
+    (N, S), affinity (U, C): each user's interest weights over categories (rows sum to 1)."""
+
+    config: SyntheticConfig
+    item_category: np.ndarray
+    item_popularity: np.ndarray
+    successors: np.ndarray
+    affinity: np.ndarray
+
+    def next_item_probs(self, user: int, last_item: int | None) -> np.ndarray:
+        """(N,) the generator's own distribution of the user's next item after `last_item`
+        (before the repeat filter): successors with probability `markov`, else an interest (or,
+        with probability `explore`, any category) and an item by popularity within it."""
+        cfg, cat, pop = self.config, self.item_category, self.item_popularity
+        cat_total = np.bincount(cat, weights=pop, minlength=cfg.categories)
+        in_cat = pop / cat_total[cat]  # P(item | its category)
+        cat_p = (1.0 - cfg.explore) * self.affinity[user] + cfg.explore / cfg.categories
+        probs = cat_p[cat] * in_cat
+        if last_item is not None:
+            succ = np.bincount(self.successors[last_item], minlength=cat.size) / self.successors.shape[1]
+            probs = (1.0 - cfg.markov) * probs + cfg.markov * succ
+        return probs
+
+
 def generate(cfg: SyntheticConfig) -> Dataset:
+    return synthetic_log(cfg).build()
+
+
+def synthetic_log(cfg: SyntheticConfig) -> RawLog:
+    """The data set as read (before ids are mapped)."""
+    return synthetic_world(cfg)[0]
+
+
+def generate_world(cfg: SyntheticConfig) -> tuple[Dataset, SyntheticTruth]:
+    """The data set and the ground truth it was drawn from (for simulated users)."""
+    raw, truth = synthetic_world(cfg)
+    return raw.build(), truth
+
+
+def synthetic_world(cfg: SyntheticConfig) -> tuple[RawLog, SyntheticTruth]:
+    """The generator: the data set as read and the hidden state it was drawn from."""
     rng = np.random.default_rng(cfg.seed)
     N, U, C = cfg.items, cfg.users, cfg.categories
 
@@ -179,7 +224,8 @@ def generate(cfg: SyntheticConfig) -> Dataset:
         numeric={"price": price},
         vocab={"category": [f"cat{c}" for c in range(C)], "tags": [f"tag{j}" for j in range(cfg.tags)]},
     )
-    return build_dataset(
+    truth = SyntheticTruth(cfg, item_cat, popularity, succ, affinity)
+    return RawLog(
         f"synthetic(seed={cfg.seed},users={U},items={N})",
         u_flat[log_order],  # integer ids: external ids are their decimal strings
         i_flat[log_order],
@@ -187,4 +233,4 @@ def generate(cfg: SyntheticConfig) -> Dataset:
         ratings[log_order],
         user_table=([str(j) for j in range(U)], user_table),
         item_table=([str(j) for j in range(N)], item_table),
-    )
+    ), truth

@@ -108,9 +108,9 @@ class ItemSide:
     rerank_items: np.ndarray | None
     info: Catalog
     # the item-to-item route (training/stages/retrieval/item2item.py): its table's settings (None: no route) and
-    # (items, users, events) rows (None: the data set's training part)
+    # rows (None: the data set's training part)
     item2item: i2i.Item2ItemConfig | None = None
-    item2item_rows: tuple[np.ndarray, np.ndarray, int] | None = None
+    item2item_rows: i2i.Rows | None = None
 
     @property
     def num_items(self) -> int:
@@ -259,8 +259,8 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                         parity_max_abs_diff=pre_parity, serving=pre_serving),
     )
     if items.item2item is not None:
-        i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
-        table = Item2Item.from_dict(i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item))
+        i2i_rows = items.item2item_rows or i2i.dataset_rows(ds, loo.train_mask)
+        table = Item2Item.from_dict(i2i.publish_table(out, n, i2i_rows, cfg=items.item2item))
         manifest = manifest.with_(item2item=table, files=replace(manifest.files, item2item=table.file))
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None

@@ -271,13 +271,13 @@ def _item2item_config(live: Manifest | None, route: bool) -> i2i.Item2ItemConfig
     return i2i.Item2ItemConfig()
 
 
-def _item2item_rows(src: Sources, catalog: ItemCatalog, events: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _item2item_rows(src: Sources, catalog: ItemCatalog, events: str | None) -> i2i.Rows:
     """The item-to-item table's rows: the data set's training part, then each user's --events."""
-    items, users = i2i.training_rows(src.ds, src.loo.train_mask)
+    rows = i2i.dataset_rows(src.ds, src.loo.train_mask)
     if events is None:
-        return items, users, 0
+        return rows
     index = {x: i for i, x in enumerate(catalog.item_ids) if i > 0}
-    return i2i.with_events(items, users, src.ds.user_ids, load(events), index)
+    return i2i.with_events(rows, src.ds.user_ids, load(events), index)
 
 
 def _snapshot(updates: CatalogUpdates) -> PendingSnapshot:

@@ -115,9 +115,19 @@ def previous_version(root: Path, current: str) -> str | None:
 
 
 def prune_versions(root: Path, keep: int, protect: set[str]) -> list[str]:
-    """Delete version folders beyond the newest `keep`, never one in `protect`; returns their names."""
+    """Delete version folders beyond the newest `keep`, never one in `protect` nor one an experiment
+    arm is pinned to (root/EXPERIMENT.json); returns their names. An experiment file that cannot
+    be read prunes nothing (the workers may still serve the versions it named before)."""
+    from service.experiments import ExperimentError, read_config
+
+    try:
+        config = read_config(root)
+    except ExperimentError as exc:
+        log.warning("nothing pruned: %s", exc)
+        return []
+    pinned = {a.version for a in config.arms if a.version is not None} if config is not None else set()
     names = [name for name, _ in list_versions(root)]
-    doomed = [n for n in names[: max(0, len(names) - keep)] if n not in protect]
+    doomed = [n for n in names[: max(0, len(names) - keep)] if n not in protect | pinned]
     for name in doomed:
         shutil.rmtree(root / name)
         log.info("pruned version %s", name)

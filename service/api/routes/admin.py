@@ -19,5 +19,5 @@ async def reload(watcher: WatcherDep, _auth: ApiKeyDep) -> ReloadOut:
     try:
         res = await watcher.reload(force=True)
     except ReloadError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        raise HTTPException(status.HTTP_409_CONFLICT, exc.public) from None  # no absolute path, no file content
     return ReloadOut(previous=res.previous, model_version=res.current, changed=res.changed)

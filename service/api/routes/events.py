@@ -17,12 +17,13 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
 from service.api.deps import ApiKeyDep, ReadKeyDep, StoreDep, one_or_many, one_or_many_body
+from service.api.strict import StrictJSONRoute
 from service.api.errors import AUTH, BAD_BODY, INVALID, NOT_LOADED, READ_AUTH, UNKNOWN_OUTCOME, unprocessable
 from service.schemas import ID_PATTERN, MAX_EVENTS, EventIn, EventsAccepted, EventsList, HistoryOut
 from service.stores import MAX_ID_LEN, Event, StoreError, StoreOutcomeUnknown, StoreUnavailable
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["events"])
+router = APIRouter(prefix="/v1", tags=["events"], route_class=StrictJSONRoute)
 
 DEFAULT_EVENT_TYPE = "view"
 _EVENTS = TypeAdapter(EventsList)
@@ -68,4 +69,4 @@ def get_history(user_id: UserIdPath, store: StoreDep, _read: ReadKeyDep) -> Hist
 
 def _event(e: EventIn, now: float) -> Event:
     return Event(user_id=e.user_id, item_id=e.item_id, timestamp=now if e.timestamp is None else e.timestamp,
-                 type=e.type or DEFAULT_EVENT_TYPE, event_id=e.event_id)
+                 type=e.type or DEFAULT_EVENT_TYPE, event_id=e.event_id, request_id=e.request_id)

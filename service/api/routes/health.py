@@ -1,4 +1,4 @@
-"""GET /healthz (the process answers), GET /readyz (artifacts loaded: 503 until then) and
+"""GET /healthz (the process answers), GET /readyz (artifacts loaded: 503 until then; the version CURRENT names beside the served one) and
 GET /metrics (Prometheus exposition)."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 
+from service import experiments
 from service.api.deps import MetricsDep
+from service.connection_limits import closed_counts
 
 router = APIRouter(tags=["health"])
 
@@ -26,11 +28,14 @@ def readyz(request: Request, response: Response) -> dict[str, Any]:
     (recommend falls back without it)."""
     rec = getattr(request.app.state, "recommender", None)
     store = getattr(request.app.state, "store", None)
+    watcher = getattr(request.app.state, "watcher", None)
     if rec is None:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "loading"}
+    # current / drift: the version CURRENT names, and whether this worker serves another one
     return {"status": "ready", "model_version": rec.model_version,
-            "store": "ok" if store is not None and store.ping() else "unavailable"}
+            "store": "ok" if store is not None and store.ping() else "unavailable",
+            **(watcher.drift() if watcher is not None else {})}
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -39,5 +44,17 @@ def metrics(request: Request, m: MetricsDep) -> Response:
     stats = getattr(getattr(request.app.state, "store", None), "stats", None)
     if stats is not None:
         m.observe_store(*stats())
+    m.observe_connections(closed_counts())
+    watcher = getattr(request.app.state, "watcher", None)
+    if watcher is not None:
+        watcher.drift()  # recsys_current_version_info / recsys_version_drift as of now
+    m.observe_process_memory()
+    rec = getattr(request.app.state, "recommender", None)
+    if rec is not None:
+        experiments.report(m, rec, getattr(request.app.state, "experiment", None))
+    online = getattr(request.app.state, "online", None)
+    if online is not None:
+        online.refresh()
+        m.observe_online(online.snapshot())
     body, content_type = m.render()
     return Response(body, media_type=content_type)

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from service.api.deps import ApiKeyDep, CatalogUpdatesDep, ItemSchemaDep, one_or_many, one_or_many_body
+from service.api.strict import StrictJSONRoute
 from service.api.errors import AUTH, BAD_BODY, NOT_LOADED
 from service.catalog_updates import MAX_FEATURES, MAX_VALUES, ItemError, validate_item
 from service.contract.catalog import ItemUpdate
@@ -28,7 +29,7 @@ from service.schemas import ID_SCHEMA, Id
 from service.stores import StoreError
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["items"])
+router = APIRouter(prefix="/v1", tags=["items"], route_class=StrictJSONRoute)
 
 MAX_ITEMS_PER_REQUEST = 1000
 

@@ -24,14 +24,15 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from service.api.deps import (ApiKeyHeader, ComputeDep, MetricsDep, RecommenderDep, SettingsDep, StoreDep,
-                              check_read_key)
+from service.api.deps import (ReadKeyHeader, ComputeDep, ExperimentDep, ImpressionsDep, MetricsDep, RecommenderDep,
+                              SettingsDep, StoreDep, check_read_key)
+from service.api.strict import StrictJSONRoute
 from service.api.errors import BAD_BODY, NOT_LOADED, READ_AUTH, unprocessable
 from service.compute import ComputeBusy, ComputeThread
 from service import recommend as usecase
 from service.schemas import RecommendBatchRequest, RecommendBatchResponse, RecommendRequest, RecommendResponse
 
-router = APIRouter(prefix="/v1", tags=["recommend"])
+router = APIRouter(prefix="/v1", tags=["recommend"], route_class=StrictJSONRoute)
 
 RESPONSES = {**BAD_BODY, **READ_AUTH, **NOT_LOADED}
 JSON = "application/json"
@@ -39,18 +40,20 @@ JSON = "application/json"
 
 @router.post("/recommend", response_model=RecommendResponse, responses=RESPONSES)
 async def recommend(body: RecommendRequest, rec: RecommenderDep, store: StoreDep, settings: SettingsDep,
-                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ApiKeyHeader = None) -> Response:
+                    metrics: MetricsDep, compute: ComputeDep, x_api_key: ReadKeyHeader,
+                    impressions: ImpressionsDep, experiment: ExperimentDep) -> Response:
     """Top-k for the request history, else the stored history of user_id, else popularity."""
     if body.history is None and body.user_id is not None:
         check_read_key(settings, x_api_key)
-    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms)
+    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions, experiment)
     return await _on_compute(compute, usecase.recommend, ctx, body)
 
 
 @router.post("/recommend/batch", response_model=RecommendBatchResponse, responses=RESPONSES)
 async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, store: StoreDep,
                           settings: SettingsDep, metrics: MetricsDep, compute: ComputeDep,
-                          x_api_key: ApiKeyHeader = None) -> Response:
+                          x_api_key: ReadKeyHeader, impressions: ImpressionsDep,
+                          experiment: ExperimentDep) -> Response:
     """Up to 100 requests in one call; stored histories are fetched in one store round trip.
     Every request is validated (filters and batch limits included) before any is served; the
     first bad one gives a 422 naming `body.requests.<i>.<field>`. RECSYS_TIMEOUT_MS covers the
@@ -66,7 +69,7 @@ async def recommend_batch(body: RecommendBatchRequest, rec: RecommenderDep, stor
                             f"{settings.batch_max_total_history} (RECSYS_BATCH_MAX_TOTAL_HISTORY)")
     if any(r.history is None and r.user_id for r in body.requests):
         check_read_key(settings, x_api_key)
-    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms)
+    ctx = usecase.RecommendContext(rec, store, metrics, settings.timeout_ms, impressions, experiment)
     return await _on_compute(compute, usecase.recommend_batch, ctx, body.requests, start)
 
 

@@ -73,7 +73,8 @@ def trained_pre(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPat
     assert cli.main(["train", "prerank", "--data", TINY, "--model", "inttower", "--objective", "next-item",
                      "--retrieval", str(ckpts[0]), "--out", str(out), "--epochs", "15", "--lr", "0.01",
                      "--embed-dim", "8", "--hidden", "16,8", "--heads", "2", "--head-dim", "4",
-                     "--history-len", "10"]) == 0
+                     "--history-len", "10", "--plot", str(out / "curves.png")]) == 0
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"  # --plot PNG: the path given
     return out
 
 
@@ -299,9 +300,10 @@ def test_choose_stages_keeps_a_prefix() -> None:
 def test_cli_evaluate_artifacts_table_and_json(published: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["evaluate", "--artifacts", str(published), "--data", TINY, "--users", "60",
-                     "--json", str(tmp_path / "e.json")])
+                     "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "cuts.png")])
     out = capsys.readouterr().out
     assert code == 0
+    assert f"wrote {tmp_path / 'cuts.png'}" in out and (tmp_path / "cuts.png").read_bytes()[:4] == b"\x89PNG"
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["version"] == "v1" and r["data"] == TINY and r["split"] == "test" and r["users"] == 60
     assert list(r["cuts"]) == list(STAGES) and r["served_stages"] == list(STAGES)

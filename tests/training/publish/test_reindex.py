@@ -32,7 +32,7 @@ from training.publish.publisher import publish
 from training.publish.item_side import extend_retrieval
 from training.publish.versions import CURRENT, list_versions, previous_version, prune_versions, read_current
 from training.data.sources import load
-from service.contract.layout import INDEX_FAISS, MANIFEST, PENDING_ITEMS, PRERANK_ITEMS
+from service.contract.layout import EXPERIMENT, INDEX_FAISS, MANIFEST, PENDING_ITEMS, PRERANK_ITEMS
 
 NEW = [  # n1: known category + tags; n2: unseen values only -> global mean; n3: tags only
     {"item_id": "n1", "features": {"category": "cat3", "tags": ["tag7", "tag9"], "price": 12.5}},
@@ -325,6 +325,19 @@ def test_prune_keeps_current_and_previous(tmp_path: Path) -> None:
     (tmp_path / CURRENT).write_text("v3\n")
     with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
         ri.ReindexConfig(artifacts=tmp_path, keep=0)
+
+
+def test_prune_keeps_the_versions_an_experiment_pins(tmp_path: Path) -> None:
+    for i in range(4):
+        (tmp_path / f"v{i}").mkdir()
+        (tmp_path / f"v{i}" / MANIFEST).write_text(json.dumps({"created_at": f"2024-01-0{i + 1}T00:00:00"}))
+    (tmp_path / EXPERIMENT).write_text(json.dumps({"name": "e", "arms": [
+        {"name": "live", "share": 0.5}, {"name": "old", "version": "v0", "share": 0.5}]}))
+    assert prune_versions(tmp_path, keep=1, protect={"v3"}) == ["v1", "v2"]
+    (tmp_path / EXPERIMENT).write_text("{broken")  # unreadable: the workers may still pin anything
+    assert prune_versions(tmp_path, keep=1, protect={"v3"}) == []
+    (tmp_path / EXPERIMENT).unlink()
+    assert prune_versions(tmp_path, keep=1, protect={"v3"}) == ["v0"]
 
 
 def test_an_ivf_chosen_by_size_gets_the_nprobe_that_reaches_min_recall() -> None:

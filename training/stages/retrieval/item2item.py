@@ -7,6 +7,10 @@ that follows it within `window` positions (distance d = 1 is the transition i ->
     pop(x)    = occurrences of x in the sequences
     s(i, j)   = c(i, j) / (pop(i) ** (1 - alpha) * pop(j) ** alpha)
 
+With event weights (Dataset.weights, from csv: / parquet: event types) each occurrence counts its
+event's weight w instead of 1: c(i, j) sums w(j) / d over the occurrences of the follower j (a
+purchase after i counts w_purchase / w_view times a view), and pop(x) sums w(x).
+
 alpha = 0 ranks a row by c(i, j) (popular followers win); alpha = 1 divides by the follower's
 popularity, so rare items that always follow i win; 0.5 is the cosine-like middle. The row
 factor pop(i) ** (1 - alpha) only sets the scale of a row against the others, which matters
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,29 +60,43 @@ class Item2ItemConfig:
         return asdict(self)
 
 
+class Rows(NamedTuple):
+    """The table's input: items (E,) ids in 1..N, users (E,) sequence keys, weights (E,) each row's
+    event weight (None: all 1), events: how many rows came from `recsys reindex --events`."""
+
+    items: np.ndarray
+    users: np.ndarray
+    weights: np.ndarray | None = None
+    events: int = 0
+
+
 def build_table(items: np.ndarray, users: np.ndarray, num_items: int,
-                cfg: Item2ItemConfig = Item2ItemConfig()) -> tuple[np.ndarray, np.ndarray]:
+                cfg: Item2ItemConfig = Item2ItemConfig(), weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """items (E,) int item ids in 1..N and users (E,) any int keys: consecutive rows with the
-    same key are one sequence, in time order. -> neighbours (N + 1, R) int32, scores (N + 1, R)
-    float32 (see the module doc)."""
+    same key are one sequence, in time order; weights (E,) > 0 per row (None: all 1). ->
+    neighbours (N + 1, R) int32, scores (N + 1, R) float32 (see the module doc)."""
     items = np.asarray(items, np.int64)
     users = np.asarray(users, np.int64)
     if items.shape != users.shape or items.ndim != 1:
         raise ValueError(f"items and users must be 1-D of one length, got {items.shape} and {users.shape}")
+    w = None if weights is None else np.asarray(weights, np.float64)
+    if w is not None and (w.shape != items.shape or not (w > 0).all()):
+        raise ValueError(f"weights must be > 0 and of the items' shape {items.shape}, got shape {w.shape}")
     if items.size and (items.min() < 1 or items.max() > num_items):
         raise ValueError(f"item ids must be in 1..{num_items}, got {items.min()}..{items.max()}")
     n1 = num_items + 1
-    keys, weights = [], []
+    keys: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for d in range(1, cfg.window + 1):
         src, dst = items[:-d], items[d:]
         ok = (users[:-d] == users[d:]) & (src != dst)
         keys.append(src[ok] * n1 + dst[ok])
-        weights.append(np.full(int(ok.sum()), 1.0 / d))
+        parts.append(np.full(int(ok.sum()), 1.0 / d) if w is None else w[d:][ok] / d)  # the follower's weight
     key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
     pairs, inv = np.unique(key, return_inverse=True)
-    count = np.bincount(inv, weights=np.concatenate(weights) if weights else None, minlength=pairs.size)
+    count = np.bincount(inv, weights=np.concatenate(parts) if parts else None, minlength=pairs.size)
     src, dst = pairs // n1, pairs % n1
-    pop = np.bincount(items, minlength=n1).astype(np.float64)
+    pop = np.bincount(items, weights=w, minlength=n1).astype(np.float64)
     score = count / (pop[src] ** (1.0 - cfg.alpha) * pop[dst] ** cfg.alpha)
     order = np.lexsort((dst, -score, src))  # by row, score descending, smaller id first
     src, dst, score = src[order], dst[order], score[order]
@@ -97,12 +115,18 @@ def training_rows(ds: Dataset, train_mask: np.ndarray) -> tuple[np.ndarray, np.n
     return ds.items[train_mask], ds.users[train_mask]
 
 
-def with_events(items: np.ndarray, users: np.ndarray, user_ids: np.ndarray, events: Dataset,
-                id_to_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
+def dataset_rows(ds: Dataset, mask: np.ndarray) -> Rows:
+    """Rows of the data set's interactions in `mask` (the leave-one-out train mask), in order, with
+    their event weights."""
+    return Rows(ds.items[mask], ds.users[mask], None if ds.weights is None else ds.weights[mask])
+
+
+def with_events(rows: Rows, user_ids: np.ndarray, events: Dataset, id_to_index: dict[str, int]) -> Rows:
     """Training rows plus a log of new events (a data set of its own, time-ordered per user):
     each user's events follow that user's training rows (same external user id), a new user's
-    events are a sequence of their own. Events of items outside the catalog are dropped.
-    -> (items, users, events used)."""
+    events are a sequence of their own. Events of items outside the catalog are dropped; event
+    weights are kept (1 for the side without them). Rows.events: the events used."""
+    items, users = rows.items, rows.users
     ev_items = np.asarray([id_to_index.get(str(x), 0) for x in events.item_ids], np.int64)[events.items]
     known = ev_items > 0
     keys = {str(u): k for k, u in enumerate(user_ids.tolist())}
@@ -111,7 +135,12 @@ def with_events(items: np.ndarray, users: np.ndarray, user_ids: np.ndarray, even
     all_items = np.concatenate([items, ev_items[known]])
     all_users = np.concatenate([users, ev_keys[known]])
     order = np.argsort(all_users, kind="stable")  # training rows first within a user, then events
-    return all_items[order], all_users[order], int(known.sum())
+    weights = None
+    if rows.weights is not None or events.weights is not None:
+        ones = np.ones(items.size, np.float32) if rows.weights is None else rows.weights
+        ev_w = np.ones(events.items.size, np.float32) if events.weights is None else events.weights
+        weights = np.concatenate([ones, ev_w[known]])[order]
+    return Rows(all_items[order], all_users[order], weights, int(known.sum()))
 
 
 def write_table(folder: Path, neighbours: np.ndarray, scores: np.ndarray) -> str:
@@ -129,9 +158,8 @@ def manifest_entry(cfg: Item2ItemConfig, interactions: int, events: int, neighbo
             "serving": dict(DEFAULT_SERVING if serving is None else serving)}
 
 
-def publish_table(folder: Path, num_items: int, items: np.ndarray, users: np.ndarray, events: int = 0,
-                  cfg: Item2ItemConfig = Item2ItemConfig()) -> dict[str, Any]:
-    """Build the table from (items, users) rows, write it into `folder`, return the manifest block."""
-    neighbours, scores = build_table(items, users, num_items, cfg)
+def publish_table(folder: Path, num_items: int, rows: Rows, cfg: Item2ItemConfig = Item2ItemConfig()) -> dict[str, Any]:
+    """Build the table from `rows`, write it into `folder`, return the manifest block."""
+    neighbours, scores = build_table(rows.items, rows.users, num_items, cfg, rows.weights)
     write_table(folder, neighbours, scores)
-    return manifest_entry(cfg, int(items.size), events, neighbours)
+    return manifest_entry(cfg, int(rows.items.size), rows.events, neighbours)

@@ -25,19 +25,21 @@ def max_fusion_loss(
     target: torch.Tensor,
     negatives: torch.Tensor | None = None,
     log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-fusion cross-entropy.
 
     user (P, M, D) launcher vectors, items (N + 1, D) embeddings with row 0 = padding,
     target (P,) item ids, negatives (K',) sampled item ids or None for the full catalog,
-    log_q (K',) the logQ correction subtracted from each negative's logit (None: none).
+    log_q (K',) the logQ correction subtracted from each negative's logit (None: none),
+    weight (P,) each position's weight in the mean (None: all 1; the targets' event weights).
     Returns (mean loss, (P,) index of the launcher that matched the target best).
     """
     if user.shape[1] == 1 and negatives is None:
         # M = 1: the same loss as plain full-softmax cross-entropy, computed more cheaply
         logits = user[:, 0] @ items.T  # (P, N + 1)
         logits = logits.index_fill(1, torch.tensor([0], device=logits.device), float("-inf"))
-        return F.cross_entropy(logits, target), torch.zeros_like(target)
+        return weighted_cross_entropy(logits, target, weight), torch.zeros_like(target)
     pos = torch.einsum("pmd,pd->pm", user, items[target])  # (P, M)
     best = pos.detach().argmax(dim=1)
     if negatives is None:
@@ -50,7 +52,14 @@ def max_fusion_loss(
             neg = neg - log_q[None, :]
         neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg], dim=1)
-    return F.cross_entropy(logits, best), best
+    return weighted_cross_entropy(logits, best, weight), best
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """mean_p w_p CE(logits_p, target_p); weight None: the plain mean (the same operation as before weights)."""
+    if weight is None:
+        return F.cross_entropy(logits, target)
+    return (F.cross_entropy(logits, target, reduction="none") * weight).mean()
 
 
 def label_aware_loss(
@@ -60,12 +69,14 @@ def label_aware_loss(
     power: float,
     negatives: torch.Tensor | None = None,
     log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MIND's training loss: label-aware attention over the K interests, then cross-entropy.
 
     user (P, K, D) interests, items (N + 1, D), target (P,); v = sum_k a_k u_k with
     a = softmax_k(power * <u_k, e_y>) (MIND eq. 9), logits <v, e_i> over the catalog or over
-    [target, negatives] with the logQ correction. Returns (mean loss, (P,) argmax_k a_k).
+    [target, negatives] with the logQ correction; weight (P,) as in max_fusion_loss. Returns
+    (mean loss, (P,) argmax_k a_k).
     """
     att = (torch.einsum("pkd,pd->pk", user, items[target]) * power).softmax(dim=1)  # (P, K)
     v = torch.einsum("pk,pkd->pd", att, user)  # (P, D)
@@ -73,14 +84,14 @@ def label_aware_loss(
     if negatives is None:
         logits = v @ items.T  # (P, N + 1)
         logits = logits.index_fill(1, torch.tensor([0], device=logits.device), float("-inf"))
-        return F.cross_entropy(logits, target), best
+        return weighted_cross_entropy(logits, target, weight), best
     pos = (v * items[target]).sum(dim=1, keepdim=True)  # (P, 1)
     neg = v @ items[negatives].T  # (P, K')
     if log_q is not None:
         neg = neg - log_q[None, :]
     neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(target)), best
+    return weighted_cross_entropy(logits, torch.zeros_like(target), weight), best
 
 
 class NegativeSampler:
@@ -123,11 +134,12 @@ def encoder_loss(
     target: torch.Tensor,
     negatives: torch.Tensor | None = None,
     log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of `model`'s encoder: label-aware for MIND, max-fusion otherwise."""
     table = model.item_embedding
     assert isinstance(table, nn.Embedding), type(table)
     items = table.weight  # (N + 1, D)
     if isinstance(model, MIND):
-        return label_aware_loss(user, items, target, model.config.label_power, negatives, log_q)
-    return max_fusion_loss(user, items, target, negatives, log_q)
+        return label_aware_loss(user, items, target, model.config.label_power, negatives, log_q, weight)
+    return max_fusion_loss(user, items, target, negatives, log_q, weight)

@@ -13,6 +13,11 @@ so sum_i c(i) exp(s(i) - log(K q(i) / c(i))) = sum_draws exp(s) / (K q) is the i
 estimate of the full softmax's sum over the catalog (Bengio & Senecal 2008; Yi et al. 2019 for
 in-batch negatives); the positive is not corrected.
 
+Event weights (Dataset.weights, from the event types of csv: / parquet: data): each position's
+loss is weighted by its target's weight, normalised to mean 1 over the training targets (a
+purchase that follows counts w_purchase / w_view times a view; the loss keeps its scale and the
+learning rate its meaning): mean_p w_p loss_p. The negatives and the logQ counts are unweighted.
+
 MIND (training.stages.retrieval.encoders) trains with label-aware attention instead of max-fusion
 (label_aware_loss); SASRec, multi-launcher SASRec and HSTU with max_fusion_loss.
 """
@@ -153,6 +158,20 @@ def training_pairs(split: LeaveOneOut, maxlen: int) -> tuple[np.ndarray, np.ndar
     return inputs, targets
 
 
+def training_weights(split: LeaveOneOut, maxlen: int) -> np.ndarray | None:
+    """(U', L) float32 weight of each of training_pairs' targets, 0 where there is no target,
+    normalised to mean 1 over the targets; None when the data set has no event weights."""
+    weights = split.dataset.weights
+    if weights is None:
+        return None
+    seqs = split.train_sequences(maxlen + 1)
+    keep = (seqs[:, -2:] != 0).all(axis=1)  # as training_pairs
+    w = split.train_sequences(maxlen + 1, values=weights)[keep][:, 1:].astype(np.float32)
+    valid = (seqs[keep][:, :-1] != 0) & (seqs[keep][:, 1:] != 0)
+    w = np.where(valid, w, 0.0).astype(np.float32)
+    return w / w[valid].mean()
+
+
 def warm_start(model: RetrievalModel, source: RetrievalModel, noise: float = 0.01) -> None:
     """Copy a trained model's item embeddings, positions and blocks into `model`.
 
@@ -202,6 +221,7 @@ def train_retrieval(
         torch.manual_seed(train_cfg.seed + rank)  # different dropout masks per rank
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     inputs, targets = training_pairs(split, model_cfg.maxlen)
+    weights = training_weights(split, model_cfg.maxlen)  # (U', L) or None: every target counts 1
     sampler = None
     if train_cfg.num_negatives or train_cfg.sampler == "in-batch":
         counts = np.bincount(targets.ravel(), minlength=model_cfg.num_items + 1)
@@ -224,7 +244,8 @@ def train_retrieval(
             if sampler is not None:  # the same draw on every rank (in-batch: the global batch's targets)
                 negatives, log_q = sampler.draw(rng, targets[order[start : start + train_cfg.batch_size]])
             if valid.any():
-                loss, best = encoder_loss(model, user[valid], y[valid], negatives, log_q)
+                w = None if weights is None else torch.from_numpy(weights[idx])[valid]
+                loss, best = encoder_loss(model, user[valid], y[valid], negatives, log_q, w)
                 loss = loss * (int(valid.sum()) / global_valid)  # this rank's share of the batch mean
                 assign += np.bincount(best.numpy(), minlength=M)
             else:  # an empty shard still joins DDP's gradient all-reduce, with zero gradients

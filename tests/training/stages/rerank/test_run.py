@@ -32,9 +32,12 @@ def test_cli_writes_json_checkpoints_and_onnx(tiny, tmp_path: Path, capsys: pyte
     code, stdout, _ = _cli(["train", "rerank", "--data", TINY, "--retrieval", str(ret), "--prerank", str(pre),
                             "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"), "--list-len", "8",
                             "--candidates", "20", "--epochs", "1", "--d-model", "8", "--layers", "1",
-                            "--lists-per-user", "2"], capsys)
+                            "--lists-per-user", "2", "--plot"], capsys)
     assert code == 0
     r = json.loads((tmp_path / "r.json").read_text())
+    # --plot: each re-ranker's curves, beside the checkpoints
+    assert f"wrote {tmp_path / 'out' / 'training.png'}" in stdout
+    assert (tmp_path / "out" / "training.png").read_bytes()[:4] == b"\x89PNG"
     for key in ("before", "prm", "prm_base", "mlp"):
         assert {"NDCG@5", "NDCG@10", "MAP@10", "P@5"} <= set(r[key]), key
         assert 0.0 < r[key]["NDCG@10"] <= 1.0

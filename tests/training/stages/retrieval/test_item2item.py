@@ -22,7 +22,7 @@ from recsys_cli import main as cli
 from training.publish.publisher import publish
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.stages.retrieval.item2item import Item2ItemConfig, build_table, training_rows, with_events
+from training.stages.retrieval.item2item import Item2ItemConfig, Rows, build_table, dataset_rows, training_rows, with_events
 from training.publish.versions import read_current
 
 
@@ -46,6 +46,19 @@ def test_table_on_hand_made_sequences() -> None:
     assert nb0[2].tolist() == [3, 4, 0] and sc0[2].tolist() == pytest.approx([0.5, 0.5, 0])
 
 
+def test_event_weights_count_the_followers_event() -> None:
+    # one user: 1 2 1 3 with the last event a purchase (weight 5); window 1, alpha 0: s = c / pop(i)
+    items, users = np.array([1, 2, 1, 3]), np.zeros(4, np.int64)
+    cfg = Item2ItemConfig(neighbours=2, window=1, alpha=0.0)
+    nb, sc = build_table(items, users, 3, cfg)
+    assert nb[1].tolist() == [2, 3] and sc[1].tolist() == pytest.approx([0.5, 0.5])  # a tie: the smaller id
+    nb, sc = build_table(items, users, 3, cfg, weights=np.array([1.0, 1.0, 1.0, 5.0]))
+    # c(1,3) = w(3) = 5, c(1,2) = 1; pop(1) = 2 (two weight-1 events)
+    assert nb[1].tolist() == [3, 2] and sc[1].tolist() == pytest.approx([2.5, 0.5])
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        build_table(items, users, 3, cfg, weights=np.array([1.0, 0.0, 1.0, 1.0]))
+
+
 def test_events_follow_each_users_training_rows() -> None:
     ds = load(TINY)
     loo = LeaveOneOut(ds)
@@ -54,7 +67,8 @@ def test_events_follow_each_users_training_rows() -> None:
     a, b = str(ds.item_ids[7]), str(ds.item_ids[9])
     events = _events_ds([(u0, a), (u0, b), ("someone-new", b), ("someone-new", "not-in-catalog")])
     index = {str(x): i for i, x in enumerate(ds.item_ids.tolist()) if i > 0}
-    all_items, all_users, used = with_events(items, users, ds.user_ids, events, index)
+    all_items, all_users, weights, used = with_events(dataset_rows(ds, loo.train_mask), ds.user_ids, events, index)
+    assert weights is None  # neither side has event weights
     assert used == 3 and all_items.size == items.size + 3
     n0 = int(loo.train_lengths()[0])
     assert all_items[: n0 + 2].tolist() == [*ds.items[:n0].tolist(), 7, 9]  # user 0's events after their rows
@@ -62,10 +76,24 @@ def test_events_follow_each_users_training_rows() -> None:
     assert all_items[-1] == 9 and all_users[-1] == ds.num_users  # the new user: a sequence of its own
 
 
-def _events_ds(rows: list[tuple[str, str]]):  # type: ignore[no-untyped-def]
+def test_event_weights_of_new_events_are_kept() -> None:
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    u0, a = str(ds.user_ids[0]), str(ds.item_ids[7])
+    events = _events_ds([(u0, a), ("someone-new", a)], weights=[4.0, 2.0])
+    index = {str(x): i for i, x in enumerate(ds.item_ids.tolist()) if i > 0}
+    rows = with_events(dataset_rows(ds, loo.train_mask), ds.user_ids, events, index)
+    assert isinstance(rows, Rows) and rows.weights is not None and rows.events == 2
+    n0 = int(loo.train_lengths()[0])
+    assert rows.weights[: n0 + 1].tolist() == [1.0] * n0 + [4.0]  # the training rows count 1
+    assert rows.weights[-1] == 2.0
+
+
+def _events_ds(rows: list[tuple[str, str]], weights: list[float] | None = None):  # type: ignore[no-untyped-def]
     from training.data.dataset import build_dataset
 
-    return build_dataset("events", [u for u, _ in rows], [i for _, i in rows], np.arange(len(rows)))
+    return build_dataset("events", [u for u, _ in rows], [i for _, i in rows], np.arange(len(rows)),
+                         weight_col=None if weights is None else np.array(weights))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +165,7 @@ def test_a_known_last_item_pulls_its_neighbour_in(root: Path, tmp_path: Path) ->
     # the service's retrieval_k (200) covers the 80 items: FAISS found it too, and it keeps both scores
     assert got[str(v.item_ids[far])]["routes"].keys() == {"faiss", "i2i"}
     assert got[str(v.item_ids[far])]["routes"]["i2i"] == pytest.approx(5.0)
-    assert all(it["routes"] is None for it in plain_body["items"])
+    assert all("routes" not in it for it in plain_body["items"])
     assert "item2item" in body["timings_ms"]
 
 
