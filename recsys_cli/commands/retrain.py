@@ -32,8 +32,9 @@ from pathlib import Path
 from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
+from training.data.tables import Format
 
-SNAPSHOT_FORMAT = "parquet"
+SNAPSHOT_FORMAT: Format = "parquet"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
