@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": "evaluate a baseline, or a published version through its served path",
     "diagnose": "last-item, history-shuffle and maxlen diagnostics of a retriever",
     "export": "publish checkpoints as an artifact version (ONNX, index, catalog)",
+    "retrain": "retrain every stage on the base data plus the event log and publish through the gate",
     "reindex": "re-index the current catalog into a new artifact version and flip CURRENT",
     "rollback": "point CURRENT at an older artifact version",
     "serve": "serve /v1/recommend over the published artifacts",

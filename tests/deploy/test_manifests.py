@@ -157,7 +157,7 @@ def test_every_command_is_a_real_cli_command_with_real_flags(where: str, argv: l
 def test_the_command_lines_cover_every_place_that_runs_one() -> None:
     wheres = {w.split(":")[0] + ":" + w.split(":")[1] for w, _ in COMMAND_LINES}
     assert {"docker-compose.yml:api", "docker-compose.yml:train", "docker-compose.yml:reindex",
-            "docker-compose.yml:redis", "Dockerfile:serve", "Dockerfile:train"} <= wheres
+            "docker-compose.yml:retrain", "deploy/k8s:CronJob/recsys-retrain", "docker-compose.yml:redis", "Dockerfile:serve", "Dockerfile:train"} <= wheres
     programs = {argv[0] for _, argv in COMMAND_LINES}
     assert programs == {"recsys", "torchrun", "redis-server"}
 
@@ -264,7 +264,7 @@ def test_dockerfile_pulls_only_its_base_images_and_keeps_no_secret() -> None:
 def test_compose_services_healthchecks_and_volumes() -> None:
     compose = _compose()
     svc = compose["services"]
-    assert {"redis", "api", "train", "reindex"} <= set(svc)
+    assert {"redis", "api", "train", "reindex", "retrain"} <= set(svc)
 
     redis = svc["redis"]
     assert redis["image"] == "${REDIS_IMAGE:-redis:7}"  # public default, overridable without Docker Hub
@@ -286,12 +286,12 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     argv = _as_argv(api["command"])
     assert argv[argv.index("--port") + 1] == "8000" and argv[argv.index("--host") + 1] == "0.0.0.0"
 
-    for job in ("train", "reindex"):
+    for job in ("train", "reindex", "retrain"):
         assert svc[job]["profiles"] == ["jobs"]
         assert svc[job]["build"]["target"] == "train"
 
     # one named volume at /data for the API and the jobs; every named volume is declared
-    for name in ("api", "train", "reindex"):
+    for name in ("api", "train", "reindex", "retrain"):
         assert any(v.split(":")[:2] == ["recsys-data", "/data"] for v in svc[name]["volumes"]), name
     for s in svc.values():
         for v in s.get("volumes", []):
@@ -424,6 +424,37 @@ def test_reindex_cronjob() -> None:
     assert c["command"][:2] == ["recsys", "reindex"]
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data/artifacts")
     assert not mount.get("readOnly", False)
+
+
+def test_retrain_cronjob_reads_the_apis_log_and_keeps_its_snapshots() -> None:
+    cron = _k8s("CronJob", "recsys-retrain")
+    fields = cron["spec"]["schedule"].split()
+    assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields)
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # two publishers must not race on CURRENT
+    (c,) = _pod_spec(cron)["containers"]
+    argv = _as_argv(c["command"])
+    assert argv[:2] == ["recsys", "retrain"]
+    config = _k8s("ConfigMap", "recsys-config")["data"]
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    # the log the API writes: the Redis stream of the URL the API is configured with
+    assert value("--log") == f"log:{config['RECSYS_REDIS_URL']}"
+    assert value("--artifacts") == config["RECSYS_ARTIFACTS"]
+    export = next(_as_argv(e["command"]) for e in _containers(_k8s("Job", "recsys-train-")) if e["name"] == "export")
+    assert value("--data") == export[export.index("--data") + 1]  # the base data the first version was trained on
+    # the work folder (the data snapshots the versions record) and the artifacts both persist
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod_spec(cron)["volumes"]}
+    for path in (value("--artifacts"), value("--work")):
+        m = mounts[path]
+        assert not m.get("readOnly", False) and "persistentVolumeClaim" in volumes[m["name"]], path
+    # compose: the same command on the API's Redis, its work on the shared volume
+    svc = _compose()["services"]["retrain"]
+    cargv = _as_argv(svc["command"])
+    assert cargv[:2] == ["recsys", "retrain"] and cargv[cargv.index("--log") + 1] == "log:redis://redis:6379/0"
+    assert cargv[cargv.index("--work") + 1].startswith("/data/")
 
 
 def test_training_job_steps_chain_their_outputs() -> None:

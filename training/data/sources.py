@@ -235,3 +235,31 @@ def read_log(spec: str) -> RawLog:
     if not users:
         raise DataError(f"log:{spec}: no events")
     return RawLog(f"log:{spec}", users, items, np.array(times, dtype=np.int64))
+
+
+def with_log(base: RawLog, logged: RawLog) -> RawLog:
+    """The base data followed by the logged events (`recsys retrain`): users and items the base data
+    does not know are new ids like any other (build_dataset maps every id it sees; a new item or
+    user has no row in the base feature tables and gets zero features, as any id missing from a
+    table does). The logged rows come after the base rows in time: a logged time earlier than the
+    base data's last one (a base set whose clock is ahead, e.g. the synthetic generator's) is moved
+    to just after it, gaps kept, so each user's sequence is their base history, then what they
+    did online. Ratings are kept only when both have them; event types with their weights are
+    kept from the base data, a logged row's type being "logged" (weight 1)."""
+    base_ts = np.asarray(base.timestamps, dtype=np.int64)
+    log_ts = np.asarray(logged.timestamps, dtype=np.int64)
+    floor = int(base_ts.max()) + 1 if base_ts.size else 0
+    if log_ts.size and int(log_ts.min()) < floor:
+        log_ts = floor + (log_ts - int(log_ts.min()))
+    ratings = (None if base.ratings is None or logged.ratings is None
+               else np.concatenate([np.asarray(base.ratings), np.asarray(logged.ratings)]))
+    events = None if base.events is None else [*base.events, *([LOGGED_EVENT] * log_ts.size)]
+    weights = (None if base.weights is None or base.events is None
+               else np.concatenate([np.asarray(base.weights, dtype=np.float64), np.ones(log_ts.size)]))
+    return RawLog(f"{base.name}+{logged.name}",
+                  [*map(str, np.asarray(base.users).tolist()), *map(str, np.asarray(logged.users).tolist())],
+                  [*map(str, np.asarray(base.items).tolist()), *map(str, np.asarray(logged.items).tolist())],
+                  np.concatenate([base_ts, log_ts]), ratings, events, weights, base.user_table, base.item_table)
+
+
+LOGGED_EVENT = "logged"  # the event type of a logged row merged after a base set with event types

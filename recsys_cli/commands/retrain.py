@@ -1,0 +1,125 @@
+"""`recsys retrain`: retrain every stage on the base data plus the service's event log and publish
+through the same gate as `recsys export` (issue 25, "Retrain from the log").
+
+    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR]
+
+1. The data: `--data` (default: the live version's data spec, which must then not be an earlier
+   retrain's snapshot) followed by every event of `--log` (training/data/sources.py with_log: new
+   users and items get ids like any other, the log's rows after the base data's), written once as
+   Parquet tables under WORK/data/<stamp>/ (the spec the new version records, so `recsys evaluate`
+   and the next gate read back exactly the data it was trained on; keep WORK as long as the versions).
+2. The stages, each the CLI command a user would run, as `recsys demo` chains them: the retriever on
+   the ranking fold (`train retrieval --holdout`), continued on all the data (`--init-from`), the
+   next-item pre-ranker, the re-ranker.
+3. `recsys export` into --artifacts: the stage gate, the baseline gate (a version below the trivial
+   baselines is refused, exit 1, CURRENT unchanged) and the regression check against the live
+   version; a serving process picks the new CURRENT up on its next poll or POST /v1/admin/reload.
+
+Every run trains anew: continuing from the live version's checkpoints needs the item table to grow
+for new items and rows remapped by external id, which the checkpoint format does not do yet; and the
+regression check compares versions on the same data fingerprint only, so across a retrain (new data)
+it is recorded as skipped and the baseline gate is the one that refuses a worse version.
+Exit 0 published, 1 a gate refused it, 2 a usage or data error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+from recsys_cli.commands import COMMANDS
+from recsys_cli.commands.export import add_item2item_arg
+from recsys_cli.errors import UsageError
+from training.data.tables import Format
+
+SNAPSHOT_FORMAT: Format = "parquet"
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from training.data.sources import SOURCES
+    from training.publish.gates import DEFAULT_MAX_REGRESSION
+
+    p = sub.add_parser("retrain", help=COMMANDS["retrain"])
+    p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts root (holds <version>/ and CURRENT)")
+    p.add_argument("--data", metavar="SPEC", help=f"base data: {SOURCES} (default: the live version's)")
+    p.add_argument("--log", metavar="SPEC", help="the service's event log: log:<folder> (RECSYS_LOG_DIR) or "
+                                                 "log:redis://host:port[/db][?key=<stream>] (default: none, base only)")
+    p.add_argument("--work", default="runs/retrain", metavar="DIR",
+                   help="checkpoints and the data snapshots the versions record (default runs/retrain)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E",
+                   help="epoch cap of every stage (default: the trainers' own, with early stopping)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="retrieval time ceiling per run (the fold and the continued run each)")
+    p.add_argument("--holdout", type=int, default=6, help="ranking fold: each user's last H items (default 6)")
+    p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
+                   help=f"passed to `recsys export` (default {DEFAULT_MAX_REGRESSION})")
+    p.add_argument("--allow-below-baseline", action="store_true",
+                   help="passed to `recsys export`: publish even below the trivial baselines")
+    p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
+    add_item2item_arg(p)
+    p.set_defaults(func=run)
+    p.description = (__doc__ or "").split("\n\n")[0]
+
+
+def snapshot(base_spec: str, log_spec: str | None, work: Path) -> str:
+    """Write base + log as tables under work/data/<stamp>/; returns the spec that reads them."""
+    from training.data.convert import write_tables
+    from training.data.sources import read, with_log
+
+    if log_spec is not None and not log_spec.startswith("log:"):
+        raise UsageError(f"--log must be a log: spec (log:<folder> or log:redis://...), got {log_spec!r}")
+    raw = read(base_spec)
+    if log_spec is not None:
+        raw = with_log(raw, read(log_spec))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    digest = hashlib.sha256(f"{base_spec}\0{log_spec}\0{len(raw.users)}\0{time.time_ns()}".encode()).hexdigest()[:8]
+    _files, spec = write_tables(raw, work / "data" / f"{stamp}-{digest}", SNAPSHOT_FORMAT)
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from recsys_cli.main import main as cli
+    from service.contract.layout import MANIFEST
+    from service.contract.manifest import Manifest
+    from training.publish.versions import read_current
+
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.minutes is not None and not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    root, work = Path(args.artifacts), Path(args.work)
+    base = args.data
+    if base is None:
+        live = read_current(root)
+        if live is None:
+            raise UsageError(f"--data is needed: {root} has no live version")
+        base = Manifest.load(root / live / MANIFEST).data.spec
+        if not base or Path(base.partition(":")[2].split(",")[0]).is_relative_to(work / "data"):
+            raise UsageError(f"--data is needed: the live version's data ({base!r}) is a retrain's snapshot "
+                             "(base + log); give the base data")
+    spec = snapshot(base, args.log, work)
+    print(f"data: {base} + {args.log or 'no log'} -> {spec}", flush=True)
+    epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
+    minutes = [] if args.minutes is None else ["--max-minutes", str(args.minutes)]
+    ret = ["--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet", *epochs, *minutes]
+    fold = ["--retrieval", str(work / "retrieval"), "--upstream", str(work / "upstream")]
+    steps = [
+        ["train", "retrieval", *ret, "--holdout", str(args.holdout), "--out", str(work / "upstream")],
+        ["train", "retrieval", *ret, "--init-from", str(work / "upstream"), "--out", str(work / "retrieval")],
+        ["train", "prerank", "--data", spec, "--model", "inttower", "--objective", "next-item", *fold,
+         "--out", str(work / "prerank"), *epochs],
+        ["train", "rerank", "--data", spec, *fold, "--prerank", str(work / "prerank"), "--out", str(work / "rerank"),
+         *epochs],
+        ["export", "--data", spec, "--retrieval", str(work / "retrieval"), "--prerank", str(work / "prerank"),
+         "--rerank", str(work / "rerank"), "--out", str(root), "--max-regression", str(args.max_regression),
+         *(["--allow-below-baseline"] if args.allow_below_baseline else []),
+         *(["--no-item2item"] if args.no_item2item else []), *(["--version", args.version] if args.version else [])],
+    ]
+    for step in steps:
+        print(f"\n$ recsys {' '.join(step)}", flush=True)
+        code = int(cli(step))
+        if code:
+            return code
+    return 0
