@@ -124,7 +124,8 @@ def fit(
             stopped = "early stop"
             break
         if out_of_time:
-            log.info("stopping: --max-minutes %.1f reached", max_minutes)
+            # the time ceiling (sync: rank 0's, which this rank may not have been given)
+            log.info("stopping: the time ceiling (--max-minutes %s) reached", "?" if max_minutes is None else max_minutes)
             stopped = "max minutes"
             break
     model.eval()
