@@ -14,11 +14,12 @@ from functools import partial
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from service.api import openapi
 from service.api.routes import admin, catalog, events, experiment_admin, health, items, online, recommend
-from service.api.strict import ServerErrorLog, validation_error
+from service.api.strict import ServerErrorLog, method_not_allowed, validation_error
 from service.artifacts import current_version, version_folder
 from service.catalog_updates import make_catalog_updates
 from service.compute import ComputeThread
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, recommend, events, catalog, items, admin, online, experiment_admin):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, validation_error)  # a 422 that always renders
+    app.add_exception_handler(StarletteHTTPException, method_not_allowed)  # a 405's Allow: every method of the path
     openapi.install(app, [EventIn, items.ItemIn],
                     lambda: None if app.state.recommender is None else app.state.recommender.v)
     default_limit = Settings.model_fields["max_body_bytes"].default

@@ -186,7 +186,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
 
 # operations whose key is needed only when the service has a read key: security lists "no key" too
 OPTIONAL_KEY = frozenset({("post", "/v1/recommend"), ("post", "/v1/recommend/batch"),
-                          ("get", "/v1/users/{user_id}/history")})
+                          ("get", "/v1/users/{user_id}/history"), ("get", "/v1/online-metrics"),
+                          ("get", "/v1/experiments/{name}")})
 
 
 def apply(doc: dict[str, Any]) -> None:
@@ -200,5 +201,7 @@ def apply(doc: dict[str, Any]) -> None:
             op["requestBody"]["content"]["application/json"]["examples"] = spec["request"]
         if "response" in spec:
             op["responses"][spec.get("status", "200")]["content"]["application/json"]["examples"] = spec["response"]
-        if (method, path) in OPTIONAL_KEY and "security" in op:
+    for method, path in OPTIONAL_KEY:
+        op = doc["paths"].get(path, {}).get(method)
+        if op is not None and "security" in op:
             op["security"] = [*op["security"], {}]

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import check_api_key, check_read_key, require_api_key
@@ -170,3 +173,30 @@ class ServerErrorLog:
                 await send({"type": "http.response.start", "status": 500,
                             "headers": [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
+
+
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, included routers' routes flattened (FastAPI wraps an included router)."""
+    for route in routes:
+        sub = getattr(route, "original_router", None)
+        if sub is not None:
+            yield from _leaf_routes(sub.routes)
+        else:
+            yield route
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    """HTTP errors as FastAPI renders them, except that a 405's `Allow` lists every method of the
+    path: FastAPI keeps one route per method, and Starlette names only the first route's methods
+    (GET for GET / PUT / DELETE /v1/admin/experiment)."""
+    assert isinstance(exc, StarletteHTTPException)
+    response = await http_exception_handler(request, exc)
+    if exc.status_code == 405:
+        path = request.url.path
+        methods: set[str] = set()
+        for route in _leaf_routes(request.app.routes):
+            if isinstance(route, Route | APIRoute) and route.methods and route.path_regex.match(path):
+                methods |= route.methods
+        if methods:
+            response.headers["Allow"] = ", ".join(sorted(methods))
+    return response

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.responses import JSONResponse
 
+from service.api.strict import StrictJSONRoute
 from service.api.deps import ApiKeyDep, ExperimentDep, ExperimentsDep, ReadKeyDep, RecommenderDep, SettingsDep
 from service.api.errors import AUTH, INVALID, NOT_FOUND, NOT_LOADED, READ_AUTH, unprocessable
 from service.api.routes.online import catalog_sizes, online_metrics_json
@@ -29,7 +30,7 @@ from service.notify import notify_version
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], route_class=StrictJSONRoute)  # bad JSON: a 422 naming the field
 
 def _describe(exp: Experiment | None, live: Recommender | None) -> JSONResponse:
     """ExperimentOut with absent fields left out (`experiment` is always there, null when none runs)."""
