@@ -34,7 +34,9 @@ from service.contract.layout import CURRENT, MANIFEST, ContractError, read_curre
 from service.contract.manifest import Manifest, needed_files, read_json
 from service.ids import ItemIndex
 from service.index import load_index, search_fused
+from service.contract.pair_features import PAIR_ITEMS_COLUMNS
 from service.item2item import Item2ItemRoute
+from service.pair_features import PairTables, category_codes
 from service.npz_map import map_npz
 from service.prerank import score_candidates
 
@@ -77,6 +79,7 @@ class LoadedVersion:
     rerank: ort.InferenceSession | None = None
     rerank_items: np.ndarray | None = None
     item2item: Item2ItemRoute | None = None  # None: a version without the route (files.item2item)
+    pair_tables: PairTables | None = None  # None: a version without pair features (files.pair_items)
 
     @property
     def num_items(self) -> int:
@@ -193,6 +196,13 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
             with np.load(folder / files.name("item2item"), allow_pickle=False) as z:
                 settings = manifest.item2item.serving if manifest.item2item is not None else None
                 item2item = Item2ItemRoute.from_arrays(dict(z), n, settings)
+    pair_tables = None
+    if files.has("pair_items"):  # optional: versions before the pair features
+        with file(files.name("pair_items")):
+            pair_items = _load_npy(folder, files.name("pair_items"), (n + 1, len(PAIR_ITEMS_COLUMNS)), mmap)
+            pair_tables = PairTables(pair_items, category_codes(catalog.features, n),
+                                     None if item2item is None else item2item.neighbours,
+                                     None if item2item is None else item2item.scores)
     with file(files.name("retrieval_onnx")):
         retrieval = _session(folder, files.name("retrieval_onnx"))
     with file(files.name("prerank_user_onnx")):
@@ -204,6 +214,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
         prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items, item2item=item2item,
+        pair_tables=pair_tables,
     )
     logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n, manifest.index.kind)
     return loaded

@@ -49,6 +49,7 @@ from service.contract.layout import (
     CURRENT,
     INDEX_FAISS,
     MANIFEST,
+    PAIR_ITEMS,
     PRERANK_FEATURES,
     PRERANK_ITEMS,
     PRERANK_MANIFEST,
@@ -66,6 +67,7 @@ from service.contract.rerank_inputs import RerankServing
 from service.contract.stage_blocks import Checks, Item2Item, Prerank, PrerankServing, Rerank
 from service.index import index_params, save_index, set_faiss_threads
 from service.index_build import IndexSpec, build_index, choose_kind
+from service.pair_features import item_popularity
 from training.stages.retrieval import item2item as i2i
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
@@ -258,10 +260,14 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                         train=src.pre_ckpt.extra.get("train"), metrics=src.pre_ckpt.extra.get("metrics", {}),
                         parity_max_abs_diff=pre_parity, serving=pre_serving),
     )
+    i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
     if items.item2item is not None:
-        i2i_rows = items.item2item_rows or (*i2i.training_rows(ds, loo.train_mask), 0)
         table = Item2Item.from_dict(i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item))
         manifest = manifest.with_(item2item=table, files=replace(manifest.files, item2item=table.file))
+    if pre_serving.pair_prior is not None:
+        # the pair features' item columns, from the same interactions as the route's table
+        np.save(out / PAIR_ITEMS, item_popularity(i2i_rows[0], i2i_rows[1], n))
+        manifest = manifest.with_(files=replace(manifest.files, pair_items=PAIR_ITEMS))
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_ONNX, out / RERANK_ONNX)

@@ -72,8 +72,11 @@ def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | 
     if upstream_dir is None:
         return Upstream(data_spec, ds, loo, served, served, str(retrieval_dir), 0)
     upstream, up_ckpt = load_retrieval(upstream_dir, ds, data_spec)
-    lists = Pipeline.from_models(ds, loo, upstream, prerank, spec, pre_ckpt)
-    return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), int(up_ckpt.extra.get("holdout") or 0))
+    holdout = int(up_ckpt.extra.get("holdout") or 0)
+    # the route and pair tables of the training lists: from the rows the upstream retriever trained on
+    lists = Pipeline.from_models(ds, loo, upstream, prerank, spec, pre_ckpt,
+                                 route_mask=LeaveOneOut(ds, holdout=holdout).train_mask)
+    return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), holdout)
 
 
 @dataclass
