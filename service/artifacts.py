@@ -250,8 +250,11 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             n_scores = v.manifest.rerank.num_scores
             # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
             init = np.repeat(scores[None, :, None], n_scores, axis=2) if n_scores > 1 else scores[None]
+            feats = v.rerank_items[cand].astype(np.float32)  # (L, F); zeros for pair features (F + P wide)
+            width = int(v.rerank.get_inputs()[0].shape[2])
+            feats = np.concatenate([feats, np.zeros((feats.shape[0], max(width - feats.shape[1], 0)), np.float32)], 1)
             out = v.rerank.run(None, {
-                "item_feats": v.rerank_items[cand][None].astype(np.float32),
+                "item_feats": feats[None],
                 "pv": np.zeros((1, L, pv_width), np.float32),
                 "init_score": init.astype(np.float32),
                 "mask": np.ones((1, L), bool),

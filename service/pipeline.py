@@ -119,17 +119,21 @@ class Recommender:
         self._pv: PVStats | None = None
         self._rerank_len = 0
         self._rerank_scores = 1  # 1: pre-rank score; 2: + fused retrieval score
+        self._rerank_pair = False  # the re-ranker's item_feats end with the pair features
         rerank = version.manifest.rerank
         if version.rerank is not None and rerank is not None and rerank.serving is not None:
             self._pv = rerank.serving.pv
             self._rerank_len = rerank.max_len
             self._rerank_scores = rerank.num_scores
+            self._rerank_pair = rerank.serving.pair_features
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
         serving = version.manifest.prerank.serving
         prior = serving.retrieval_prior if serving is not None else None
         # or its learned prior over the pair features (service/pair_features.py), which replaces it
         pair = serving.pair_prior if serving is not None else None
         self._pair = pair.arrays() if pair is not None and version.pair_tables is not None else None
+        if self._rerank_pair and self._pair is None:
+            raise ValueError(f"version {version.version}: the re-ranker reads pair features but the pre-ranker has no pair prior")
         self._has_prior = prior is not None
         self._prior_weight = float(prior.weight) if prior else 0.0
         self._tower_weight = np.float32(1.0 if prior is None or prior.tower_weight is None else prior.tower_weight)
@@ -204,7 +208,7 @@ class Recommender:
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
             return served(everything, scores, "retrieval;timeout")
         try:
-            order, pre_scores, pv = self._prerank(history, merged, user_vectors)
+            order, pre_scores, pv, feats = self._prerank(history, merged, user_vectors)
         except STAGE_ERRORS:
             logger.exception("pre-rank failed; serving the retrieval order")
             timer.lap("prerank")
@@ -219,7 +223,8 @@ class Recommender:
         n = min(self.prerank_n, self._rerank_len, order.size)
         head = order[:n]
         try:
-            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head])
+            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head],
+                                               None if feats is None else feats[head])
         except STAGE_ERRORS:
             logger.exception("re-rank failed; serving the pre-rank order")
             timer.lap("rerank")
@@ -322,13 +327,15 @@ class Recommender:
         return m, users[0], routes
 
     def _prerank(self, history: np.ndarray, m: Merged,
-                 user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pre-rank order of m.items, scores (C,) and the raw PV (C, L * H) of every candidate."""
+                 user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Pre-rank order of m.items, scores (C,), the raw PV (C, L * H) and the raw pair
+        features (C, F) (None without a pair prior) of every candidate."""
         cand, ret_scores, launchers = m.items, m.merged, m.launchers
         feeds = self.user_features.feeds(history, user_vectors)
         heads = self.v.prerank_user.run(None, feeds)[0][0]  # (L, H, d)
         pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
         scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
+        feats = None
         if self._pair is not None:
             assert self.v.pair_tables is not None
             feats = pair_features(self.v.pair_tables, history, m)  # (C, F), as the training lists
@@ -337,10 +344,10 @@ class Recommender:
             # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
             scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
-        return np.argsort(-scores, kind="stable"), scores, pv
+        return np.argsort(-scores, kind="stable"), scores, pv, feats
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
-                ret_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                ret_scores: np.ndarray, feats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""
         assert self._pv is not None and self.v.rerank_items is not None
         init = list_zscore(scores)  # (n,) z-scored within the list, as in training
@@ -348,8 +355,12 @@ class Recommender:
             init = np.stack([init, list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
         else:
             init = init[None]  # (1, n)
+        item_feats = self.v.rerank_items[items].astype(np.float32)  # (n, F)
+        if self._rerank_pair:  # (n, F + P): the pair features z-scored as the pre-ranker's prior reads them
+            assert self._pair is not None and feats is not None
+            item_feats = np.concatenate([item_feats, self._pair.normalize(feats)], axis=1)
         out = self.v.rerank.run(None, {  # type: ignore[union-attr]
-            "item_feats": self.v.rerank_items[items][None].astype(np.float32),  # (1, n, F)
+            "item_feats": item_feats[None],  # (1, n, F) or (1, n, F + P)
             "pv": self._pv.normalize(pv)[None].astype(np.float32),  # (1, n, L * H), as in training
             "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),

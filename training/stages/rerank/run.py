@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from models.cascade import PairPrior
 from models.prm import RerankModel
 from service.contract.layout import CHECKPOINT_SUFFIX, RERANK_ITEMS, RERANK_MANIFEST
 from service.contract.rerank_inputs import RerankServing
@@ -141,7 +142,8 @@ def save_serving_files(out: Path, up: Upstream, imp: Impressions, model: RerankM
     np.save(out / RERANK_ITEMS, up.served.item_feats)
     cfg = imp.config
     serving = RerankServing(imp.pv_stats, num_scores=2 if cfg.retrieval_score else 1, upstream=up.source,
-                            holdout=cfg.holdout, list_len=cfg.list_len, config=model.config.to_dict())
+                            holdout=cfg.holdout, list_len=cfg.list_len, config=model.config.to_dict(),
+                            pair_features=isinstance(up.served.prior, PairPrior))
     (out / RERANK_MANIFEST).write_text(serving.to_json())
     return serving
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from models.cascade import PairPrior, RetrievalPrior
+from service.contract.pair_features import PAIR_FEATURES
+from service.contract.pair_features import PairPrior as PairPriorBlock
 from service.contract.rerank_inputs import rerank_item_features
 from training.checkpoints import Checkpoint, RetrievalModel, load_prerank, load_retrieval
 from training.data.dataset import Dataset
@@ -59,6 +61,12 @@ class Pipeline:
     def cascade(self) -> bool:
         """The pre-ranker reads the retriever's vectors (RETRIEVAL_USER / RETRIEVAL_ITEM fields)."""
         return any(name.startswith(RETRIEVAL_USER + ":") for name in self.spec.user.dense)
+
+    def pair_normalize(self, feats: np.ndarray) -> np.ndarray:
+        """(..., P) raw pair features -> z-scored with the pair prior's statistics, by the service's
+        own formula (PriorArrays.normalize over the exported numbers)."""
+        assert isinstance(self.prior, PairPrior)
+        return PairPriorBlock.from_dict(self.prior.serving(PAIR_FEATURES)).arrays().normalize(feats)
 
     @classmethod
     def load(cls, ds: Dataset, loo: LeaveOneOut, retrieval_dir: str | Path, prerank_dir: str | Path,
