@@ -54,6 +54,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--retrieval", metavar="DIR", help="next-item: the served SASRec checkpoint (default: last-item)")
     add_ranking_fold_args(p, "next-item: learn on the pre-rank window of a ranking fold of H (default: the "
                              "upstream's holdout; 0 = every training position)")
+    p.add_argument("--no-pair-features", action="store_true",
+                   help="lists of the retriever alone and the retrieval prior (before the pair features): by default "
+                        "the lists are merged with the item-to-item route as served and the prior is learned over "
+                        "the pair features (training/stages/prerank/lists.py)")
     p.add_argument("--no-retrieval-features", action="store_true",
                    help="next-item: without the cascade inputs (fused retrieval score, launcher, retriever vectors)")
     p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")
@@ -91,7 +95,7 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
     return Retrievers(served, upstream, holdout=int(up_ckpt.extra.get("holdout") or 0), window=args.window,
-                      features=not args.no_retrieval_features)
+                      features=not args.no_retrieval_features, pair=not args.no_pair_features)
 
 
 def run(args: argparse.Namespace) -> int:
