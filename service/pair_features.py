@@ -25,6 +25,9 @@ from service.contract.pair_features import (
 from service.item2item import Merged
 
 NUM_FEATURES = len(PAIR_FEATURES)
+# up to this many items / category codes a lookup is one bincount over all of them (a few
+# microseconds); past it, sort the request's keys instead (no O(N) work per request)
+DENSE_MAX = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,8 +101,9 @@ def pair_features(tables: PairTables, history: np.ndarray, m: Merged) -> np.ndar
         recent = hist[-COOC_RECENT:][::-1]  # (A,) latest first
         nb = tables.neighbours[recent].astype(np.int64)  # (A, R)
         sc = tables.scores[recent] * (COOC_DECAY ** np.arange(recent.size, dtype=np.float32))[:, None]
-        out[:, 8] = _lookup(nb[0], tables.scores[recent[0]], items)
-        out[:, 9] = _lookup(nb.ravel(), sc.ravel(), items)
+        n1 = tables.items.shape[0]
+        out[:, 8] = _lookup(nb[0], tables.scores[recent[0]], items, n1)
+        out[:, 9] = _lookup(nb.ravel(), sc.ravel(), items, n1)
     else:
         out[:, 8:10] = 0.0
     out[:, 10] = _category_overlap(tables.categories, hist[-CATEGORY_HISTORY:], items)
@@ -107,28 +111,36 @@ def pair_features(tables: PairTables, history: np.ndarray, m: Merged) -> np.ndar
     return out
 
 
-def _lookup(keys: np.ndarray, weights: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """(C,) the summed weights of each item among keys (0 = padding key, ignored)."""
+def _lookup(keys: np.ndarray, weights: np.ndarray, items: np.ndarray, n1: int) -> np.ndarray:
+    """(C,) the summed weights of each item among keys (0 = padding key, ignored); n1 = N + 1."""
+    if n1 <= DENSE_MAX:  # one bincount over the catalog: faster than sorting the keys for small catalogs
+        total = np.bincount(keys, weights=weights, minlength=n1)
+        total[0] = 0.0
+        return total[items].astype(np.float32)
     keep = keys > 0
     u, inv = np.unique(keys[keep], return_inverse=True)
     if u.size == 0:
         return np.zeros(items.size, np.float32)
-    total = np.bincount(inv, weights=weights[keep], minlength=u.size)
+    summed = np.bincount(inv, weights=weights[keep], minlength=u.size)
     pos = np.minimum(np.searchsorted(u, items), u.size - 1)
-    return np.where(u[pos] == items, total[pos], 0.0).astype(np.float32)
+    return np.where(u[pos] == items, summed[pos], 0.0).astype(np.float32)
 
 
 def _category_overlap(cats: np.ndarray, hist: np.ndarray, items: np.ndarray) -> np.ndarray:
     """(C,) mean over each candidate's codes of the share of hist's items holding that code."""
     if cats.shape[1] == 0 or hist.size == 0:
         return np.zeros(items.size, np.float32)
-    hc = cats[hist]  # (L, K)
-    # an item counts once per code even if two of its features share a code value (they cannot: offsets)
-    u, cnt = np.unique(hc[hc > 0], return_counts=True)
+    hc = cats[hist].ravel()  # (L * K,); codes are offset per feature, so one item holds a code once
     ic = cats[items]  # (C, K)
+    n = np.maximum((ic > 0).sum(axis=1), 1)
+    top = int(max(hc.max(), ic.max())) + 1
+    if top <= DENSE_MAX:
+        cnt = np.bincount(hc, minlength=top)
+        cnt[0] = 0
+        return (cnt[ic].sum(axis=1) / (hist.size * n)).astype(np.float32)
+    u, c = np.unique(hc[hc > 0], return_counts=True)
     if u.size == 0:
         return np.zeros(items.size, np.float32)
     pos = np.minimum(np.searchsorted(u, ic), u.size - 1)
-    share = np.where((u[pos] == ic) & (ic > 0), cnt[pos], 0) / hist.size  # (C, K)
-    n = np.maximum((ic > 0).sum(axis=1), 1)
-    return (share.sum(axis=1) / n).astype(np.float32)
+    share = np.where((u[pos] == ic) & (ic > 0), c[pos], 0)  # (C, K)
+    return (share.sum(axis=1) / (hist.size * n)).astype(np.float32)

@@ -114,3 +114,12 @@ def test_the_prior_block_round_trips_and_scores_by_its_formula() -> None:
 def test_a_bad_prior_block_names_its_field(change: dict, message: str) -> None:
     with pytest.raises(BlockError, match=message):
         PairPrior.from_dict({**prior_block(), **change})
+
+
+def test_large_catalogs_take_the_sorting_path_with_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.pair_features as pf
+
+    tables = PairTables(POP, CATS, NB, SC)
+    dense = pair_features(tables, np.array([5, 1, 3]), merged())
+    monkeypatch.setattr(pf, "DENSE_MAX", 0)  # as for a catalog (or code space) past DENSE_MAX
+    np.testing.assert_allclose(pair_features(tables, np.array([5, 1, 3]), merged()), dense, atol=1e-7)
