@@ -6,7 +6,10 @@
   hard negatives are the retrieval candidates of its history; evaluation lists are the
   retrieval top-C of each leave-one-out user. With `Retrievers` the lists come from the ranking
   fold (training/stages/prerank/folds.py) and carry the cascade inputs (the retriever's scores,
-  launchers and vectors).
+  launchers and vectors); with `Retrievers.pair` (the default) every list is the served one,
+  merged with the item-to-item route and carrying the pair features (lists.py make_lists: the
+  training lists from the upstream retriever with the route built from its own rows, the
+  validation / test lists from the served retriever with the route of the training part).
 """
 
 from __future__ import annotations
