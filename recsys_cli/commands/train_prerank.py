@@ -180,11 +180,14 @@ def run(args: argparse.Namespace) -> int:
             columns = ("NDCG@10", "MAP@10", "P@10", "NDCG@10_all", f"Recall@{args.candidates}")
             rows = {f"retrieval order ({extra['retrieval']['model']})": base, args.model: metrics}
     out = Path(args.out)
+    if isinstance(data, NextItemData) and data.route_serving is not None:
+        extra["retrieval"]["route_serving"] = data.route_serving  # the lists' route settings (Pipeline reads them)
     with timed("save", timings):
         pr.save_checkpoint(model, args.model, data.spec, out, ds.fingerprint, prior, objective=args.objective,
                            train=pr.train_config_dict(cfg), retrieval=extra.get("retrieval"))
         if pr.has_heads(model):
-            extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
+            extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior,
+                                                route=data.route_serving if isinstance(data, NextItemData) else None)
     print(table(rows, columns))
     if args.json:
         write_json(args.json, result(

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from service.contract.blocks import Block, BlockError, number
+from service.contract.blocks import Block, BlockError, number, optional
 
 PAIR_FEATURES: tuple[str, ...] = (
     "retrieval", "route_term", "faiss_rank", "faiss_missing", "i2i_rank", "i2i_missing",
@@ -57,7 +57,9 @@ class PairPrior(Block):
 
     features: PAIR_FEATURES as trained (must equal today's: the service computes these); mean, std
     (F,): the training lists' statistics; weight (F,); launcher_bias (M,); hidden_weight (F, H),
-    hidden_bias (H,), out_weight (H,): the residual MLP (H may be 0)."""
+    hidden_bias (H,), out_weight (H,): the residual MLP (H may be 0); route: the item-to-item
+    route's request settings the training lists were made with, which publish serves (absent:
+    publish tunes them)."""
 
     features: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
@@ -68,6 +70,7 @@ class PairPrior(Block):
     hidden_weight: list[list[float]] = field(default_factory=list)
     hidden_bias: list[float] = field(default_factory=list)
     out_weight: list[float] = field(default_factory=list)
+    route: dict[str, float] | None = optional()
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "prerank.serving.pair_prior") -> PairPrior:

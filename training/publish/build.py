@@ -168,7 +168,13 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
             if src.rerank is not None:
                 manifest = check_rerank(tmp, src.rerank, manifest)
             manifest.write(tmp / MANIFEST)  # the service loads the folder from its manifest
-            if manifest.item2item is not None:  # the route's settings, before the gate measures with them
+            pair = manifest.prerank.serving.pair_prior if manifest.prerank.serving is not None else None
+            if manifest.item2item is not None and pair is not None and pair.route:
+                # the settings the rankers' lists were made with (tuned then, on the same validation users)
+                manifest = manifest.with_(item2item=replace(manifest.item2item, serving=dict(pair.route), tuning={
+                    "from": "prerank.serving.pair_prior.route: the rankers' training lists were made with it"}))
+                manifest.write(tmp / MANIFEST)
+            elif manifest.item2item is not None:  # the route's settings, before the gate measures with them
                 with timed("route", timings):
                     manifest = tune_published(tmp, src, gate, manifest)
                 manifest.write(tmp / MANIFEST)

@@ -33,7 +33,8 @@ class UserPart(nn.Module):
 
 
 def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, out_dir: str | Path,
-                   prior: RetrievalPrior | PairPrior | None = None) -> dict[str, str]:
+                   prior: RetrievalPrior | PairPrior | None = None,
+                   route: dict[str, float] | None = None) -> dict[str, str]:
     """Write prerank_user.onnx, prerank_items.npy and prerank_manifest.json.
 
     prerank_user.onnx: user_sparse int64 (B, S), user_dense float32 (B, Dn), user_multi int64
@@ -79,7 +80,8 @@ def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, 
                  + ((" + pair prior over the pair features (service/contract/pair_features.py)" if pair else
                      " + weight * fused retrieval score + launcher_bias[launcher]") if prior is not None else ""),
         "retrieval_prior": None if prior is None or pair else prior.serving(),
-        **({"pair_prior": prior.serving(PAIR_FEATURES)} if isinstance(prior, PairPrior) else {}),
+        **({"pair_prior": {**prior.serving(PAIR_FEATURES), **({"route": route} if route else {})}}
+           if isinstance(prior, PairPrior) else {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"user_onnx": str(out / USER_ONNX), "items": str(out / ITEMS_NPY), "manifest": str(out / MANIFEST)}

@@ -41,7 +41,7 @@ from training.data.features import (
 )
 from training.eval.metrics import Scorer, mask_seen
 from training.stages.prerank.folds import prerank_rows
-from training.stages.prerank.lists import MergedLists, list_routes, make_lists
+from training.stages.prerank.lists import MergedLists, list_routes, make_lists, tune_route_settings, with_settings
 from training.stages.retrieval.item2item import Item2ItemConfig
 from training.stages.retrieval.train import FusedTop, fused_top
 
@@ -153,6 +153,9 @@ class NextItemData:
     # the training lists merged with the route, with pair features (Retrievers.pair); rows whose
     # target is not in its list are left out (nothing to order)
     train_lists: MergedLists | None = None
+    # the route's request settings the lists were made with (tuned on the validation users as
+    # publish does; publish then serves them: prerank.serving.pair_prior.route)
+    route_serving: dict[str, float] | None = None
 
     @property
     def cascade(self) -> bool:
@@ -228,9 +231,16 @@ def build_next_item_data(
     pair = cascade is not None and cascade.pair
     train_lists: MergedLists | None = None
     served_routes = list_routes(ds, loo.train_mask, cascade.item2item) if pair and cascade else None
+    route_serving: dict[str, float] | None = None
     if pair and cascade:
+        assert served_routes is not None
+        if served_routes.route is not None:  # the route's settings as publish would choose them, then served as such
+            route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
+                                                   loo.history_end("valid"), loo.targets("valid"), candidates)
+            served_routes.route = with_settings(served_routes.route, route_serving)
         # the route's table and popularity from the rows the upstream retriever trained on only
-        up_routes = list_routes(ds, LeaveOneOut(ds, holdout=cascade.holdout).train_mask, cascade.item2item)
+        up_routes = list_routes(ds, LeaveOneOut(ds, holdout=cascade.holdout).train_mask, cascade.item2item,
+                                route_serving)
         train_lists = make_lists(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]], rows, candidates)
         found = (train_lists.items == ds.items[rows][:, None]).any(axis=1)
         if not found.any():
@@ -283,6 +293,7 @@ def build_next_item_data(
         train_table=up_table,
         train_catalog=spec.item.encode(i_up) if cascade else None,
         train_lists=train_lists,
+        route_serving=route_serving,
     )
 
 

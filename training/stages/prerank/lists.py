@@ -9,15 +9,16 @@ from the interactions the list-making retriever trained on (`list_routes(ds, tha
 train mask)`): the route's co-occurrence counts and the popularity columns then never contain
 a list's target (the ranking fold, folds.py; a K-fold calls it once per fold).
 
-The route's request settings are service/item2item.py DEFAULT_SERVING: the served ones are
-chosen at publish (training/publish/route_tuning.py), after the rankers are trained; the pair
-features keep the route's score apart from FAISS's (route_term, i2i_rank), so the learned prior
-does not depend on the served beta.
+The route's request settings: `tune_route_settings` chooses them as publish does (the same
+coordinate search, training/stages/retrieval/route_search.py) on the merged retrieval cut of the
+validation users; the pre-ranker records them (prerank.serving.pair_prior.route) and publish
+serves them instead of tuning again, so the rankers' lists are the served ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from training.data.dataset import Dataset
 from training.data.splits import pad_left
 from training.publish.catalog import item_features_of
 from training.stages.retrieval.item2item import Item2ItemConfig, build_table
+from training.stages.retrieval.route_search import TOP, Setting, coordinate_search
 from training.stages.retrieval.train import fused_top
 
 
@@ -40,18 +42,52 @@ class ListRoutes:
     tables: PairTables
 
 
-def list_routes(ds: Dataset, train_mask: np.ndarray, item2item: Item2ItemConfig | None = Item2ItemConfig()) -> ListRoutes:
+def list_routes(ds: Dataset, train_mask: np.ndarray, item2item: Item2ItemConfig | None = Item2ItemConfig(),
+                serving: Mapping[str, float] | None = None) -> ListRoutes:
     """The route's table and the popularity columns from ds's rows in `train_mask` (the rows the
-    list-making retriever trained on), the category codes from the catalog."""
+    list-making retriever trained on), the category codes from the catalog; `serving`: the
+    route's request settings (default DEFAULT_SERVING)."""
     items, users = ds.items[train_mask], ds.users[train_mask]
     cats = category_codes(item_features_of(ds), ds.num_items)
     pop = item_popularity(items, users, ds.num_items)
     if item2item is None:
         return ListRoutes(None, PairTables(pop, cats))
     nb, sc = build_table(items, users, ds.num_items, item2item)
-    route = Item2ItemRoute(nb, sc, int(DEFAULT_SERVING["recent"]), float(DEFAULT_SERVING["decay"]),
-                           int(DEFAULT_SERVING["candidates"]), float(DEFAULT_SERVING["beta"]))
-    return ListRoutes(route, PairTables(pop, cats, nb, sc))
+    return ListRoutes(with_settings(Item2ItemRoute(nb, sc), serving), PairTables(pop, cats, nb, sc))
+
+
+def with_settings(route: Item2ItemRoute, serving: Mapping[str, float] | None) -> Item2ItemRoute:
+    """`route` with the request settings `serving` (recent, decay, candidates, beta; default DEFAULT_SERVING)."""
+    s = {**DEFAULT_SERVING, **(serving or {})}
+    return replace(route, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
+                   beta=float(s["beta"]))
+
+
+def tune_route_settings(model: RetrievalModel, routes: ListRoutes, ds: Dataset, starts: np.ndarray,
+                        ends: np.ndarray, targets: np.ndarray, candidates: int = 200) -> tuple[Setting, list[dict[str, float]]]:
+    """The route's request settings as publish chooses them (route_search.coordinate_search over
+    NDCG@10 of the merged retrieval cut) for the histories ds.items[starts : ends] and their
+    `targets`; the encoder runs once. -> (settings, every setting tried with its NDCG@10)."""
+    assert routes.route is not None
+    table = model.item_embedding.weight.detach().numpy().astype(np.float32)
+    top = fused_top(model, pad_left(ds.items, np.asarray(starts), np.asarray(ends), None), candidates)
+    hists = [ds.items[s:e].astype(np.int64) for s, e in zip(starts, ends)]
+    banned = [np.unique(h) for h in hists]
+
+    def measure(setting: Setting) -> float:
+        route = with_settings(routes.route, setting)  # type: ignore[arg-type]
+        gain = 0.0
+        for j, h in enumerate(hists):
+            real = top.items[j] > 0
+            m = merge_routes(top.items[j][real], top.scores[j][real], top.launchers[j][real], route, h, banned[j],
+                             top.users[j], table[1:])
+            hit = np.flatnonzero(m.items[:TOP] == targets[j])
+            gain += 1.0 / np.log2(hit[0] + 2.0) if hit.size else 0.0
+        return gain / max(len(hists), 1)
+
+    best, tried = coordinate_search(measure)
+    serving = {k: (int(best[k]) if k in ("recent", "candidates") else float(best[k])) for k in DEFAULT_SERVING}
+    return serving, tried
 
 
 @dataclass

@@ -97,9 +97,9 @@ class Pipeline:
         prior = pr.load_prior(ckpt)
         routes = None
         if isinstance(prior, PairPrior):
-            cfg = ckpt.extra.get("retrieval", {}).get("item2item")
-            routes = list_routes(ds, loo.train_mask if route_mask is None else route_mask,
-                                 None if cfg is False else Item2ItemConfig(**cfg) if isinstance(cfg, dict) else Item2ItemConfig())
+            made = ckpt.extra.get("retrieval") or {}
+            routes = list_routes(ds, loo.train_mask if route_mask is None else route_mask, Item2ItemConfig(),
+                                 made.get("route_serving"))  # the route settings its lists were made with
         return cls(ds, retrieval, model, spec, user_cnt, heads, feats, prior, routes)
 
 
