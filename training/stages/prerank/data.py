@@ -325,7 +325,8 @@ def retrieval_prior(data: NextItemData, hidden: int = 16) -> RetrievalPrior | Pa
     # z . w = retrieval + beta * route_term - const = the merged score the lists are ordered by
     w = np.zeros(len(PAIR_FEATURES))
     w[feature_index("retrieval")] = sd[feature_index("retrieval")]
-    w[feature_index("route_term")] = DEFAULT_SERVING["beta"] * sd[feature_index("route_term")]
+    beta = (data.route_serving or DEFAULT_SERVING)["beta"]  # the beta the lists were merged with
+    w[feature_index("route_term")] = beta * sd[feature_index("route_term")]
     return PairPrior(PairPriorConfig(len(PAIR_FEATURES), data.num_launchers, hidden, tuple(map(float, w)),
                                      tuple(map(float, mean)), tuple(map(float, sd))))
 

@@ -7,7 +7,6 @@ same request (one definition: service/pair_features.py, service/item2item.py).""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +100,10 @@ def published(tiny: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     with torch.no_grad():
         for p in prior.parameters():
             p.normal_(0.0, 0.5)
-    pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", ds.fingerprint, prior, objective="next-item")
-    export_prerank(tower, data.spec, data.catalog, root / "pre", prior)
+    assert data.route_serving is not None  # the route's settings the lists were made with
+    pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", ds.fingerprint, prior, objective="next-item",
+                       retrieval={"route_serving": data.route_serving})  # as recsys train prerank records them
+    export_prerank(tower, data.spec, data.catalog, root / "pre", prior, route=data.route_serving)
     pipe = Pipeline.load(ds, loo, root / "ret", root / "pre")
     pv_dim = 2 * 2  # IntTower: 2 layers x 2 user heads
     hp = rr.RerankerHParams(d_model=8, heads=1, layers=1, ffn_dim=16)
@@ -125,9 +126,10 @@ def test_training_and_serving_compute_the_same_lists_and_scores(tiny: tuple,
     version = load_current(art)
     assert version.pair_tables is not None and version.manifest.files.pair_items
     assert version.item2item is not None
-    # the training lists use the route's default request settings; serve the same ones
-    route = replace(version.item2item, **{k: type(getattr(version.item2item, k))(v) for k, v in DEFAULT_SERVING.items()})
-    version = replace(version, item2item=route)
+    # publish serves the route's settings the lists were made with (not tuned again)
+    route = version.item2item
+    assert {k: getattr(route, k) for k in DEFAULT_SERVING} == tiny[3].route_serving
+    assert version.manifest.item2item is not None and "from" in (version.manifest.item2item.tuning or {})
     users = loo.eval_users[:12]
     ends = loo.history_end("test")[:12]
     pipe = Pipeline.load(ds, loo, ret, pre)
