@@ -209,12 +209,13 @@ async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: 
 
 
 def floor(artifacts: Path, histories: list[list[str]], reps: int,
-          route_candidates: int | None = None) -> dict[str, np.ndarray]:
+          route_candidates: int | None = None, retrieval_k: int = 200) -> dict[str, np.ndarray]:
     """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store
     (the stages as Recommender.recommend runs them, without its filters and result objects).
     item2item: the route's merge (0 for a version without it); pairfeat: service/pair_features.py
     alone on the same candidates (a part of prerank, timed again apart; not in sum; 0 without).
-    route_candidates: override the version's item2item.serving candidates (longer lists)."""
+    route_candidates: override the version's item2item.serving candidates; retrieval_k: FAISS's
+    candidates (the service's default 200); both make longer lists."""
     from dataclasses import replace
 
     from threadpoolctl import threadpool_limits
@@ -226,7 +227,7 @@ def floor(artifacts: Path, histories: list[list[str]], reps: int,
     from service.pipeline import Recommender
 
     threadpool_limits(1)  # as a worker runs (RECSYS_COMPUTE_THREADS=1)
-    rec = Recommender(load_current(artifacts))
+    rec = Recommender(load_current(artifacts), retrieval_k=retrieval_k)
     v = rec.v
     if route_candidates is not None and rec.item2item is not None:
         rec.item2item = replace(rec.item2item, candidates=route_candidates)

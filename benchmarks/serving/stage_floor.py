@@ -1,7 +1,7 @@
 """Per-stage compute of several versions on the same histories, interleaved in one run.
 
     python benchmarks/serving/stage_floor.py --artifacts A B ... --data SPEC [--reps 2000] [--rounds 3]
-        [--route-candidates N]
+        [--route-candidates N] [--retrieval-k K]
 
 The floor of benchmarks/serving/load_test.py (encode, search, fuse, the item-to-item merge, pre-rank
 (with the pair features and their prior where the version has them), re-rank; one thread, no HTTP
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--route-candidates", type=int, help="override item2item.serving candidates (e.g. 50: ~250 per list)")
+    ap.add_argument("--retrieval-k", type=int, default=200, help="FAISS candidates per request (the service's default 200)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     ds = load(a.data)
@@ -44,7 +45,7 @@ def main() -> int:
     runs: dict[Path, dict[str, list[np.ndarray]]] = {p: {s: [] for s in STAGES} for p in a.artifacts}
     for _ in range(a.rounds):
         for p in a.artifacts:
-            for stage, ms in floor(p, histories, a.reps, a.route_candidates).items():
+            for stage, ms in floor(p, histories, a.reps, a.route_candidates, a.retrieval_k).items():
                 runs[p][stage].append(ms)
     lines = [f"# python {' '.join(shlex.quote(x) for x in sys.argv)}",
              f"# p50 ms per stage ({a.rounds} interleaved rounds x {a.reps} requests, one thread)",
