@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -270,6 +271,10 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
     if items.item2item is not None:
         table = Item2Item.from_dict(i2i.publish_table(out, n, *i2i_rows, cfg=items.item2item))
         manifest = manifest.with_(item2item=table, files=replace(manifest.files, item2item=table.file))
+    if pre_serving.pair_prior is not None and pre_serving.pair_prior.route and items.item2item is None:
+        print("warning: the pre-ranker's lists were merged with the item-to-item route, which this version is "
+              "published without: its pair features will see no route (train it with --no-pair-features to match)",
+              file=sys.stderr)
     if pre_serving.pair_prior is not None:
         # the pair features' item columns, from the same interactions as the route's table
         np.save(out / PAIR_ITEMS, item_popularity(i2i_rows[0], i2i_rows[1], n))
