@@ -34,7 +34,9 @@ from service.contract.layout import CURRENT, MANIFEST, ContractError, read_curre
 from service.contract.manifest import Manifest, needed_files, read_json
 from service.ids import ItemIndex
 from service.index import load_index, nonfinite_vector, search_fused
+from service.contract.pair_features import PAIR_ITEMS_COLUMNS
 from service.item2item import Item2ItemRoute
+from service.pair_features import PairTables, category_codes
 from service.npz_map import map_npz
 from service.prerank import score_candidates
 from service.strict_json import first_nonfinite, first_nonfinite_row
@@ -78,6 +80,7 @@ class LoadedVersion:
     rerank: ort.InferenceSession | None = None
     rerank_items: np.ndarray | None = None
     item2item: Item2ItemRoute | None = None  # None: a version without the route (files.item2item)
+    pair_tables: PairTables | None = None  # None: a version without pair features (files.pair_items)
 
     @property
     def num_items(self) -> int:
@@ -213,6 +216,13 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
                 settings = manifest.item2item.serving if manifest.item2item is not None else None
                 item2item = Item2ItemRoute.from_arrays(dict(z), n, settings)
             _finite_rows(folder, f"{files.name('item2item')} scores", item2item.scores)
+    pair_tables = None
+    if files.has("pair_items"):  # optional: versions before the pair features
+        with file(files.name("pair_items")):
+            pair_items = _load_npy(folder, files.name("pair_items"), (n + 1, len(PAIR_ITEMS_COLUMNS)), mmap)
+            pair_tables = PairTables(pair_items, category_codes(catalog.features, n),
+                                     None if item2item is None else item2item.neighbours,
+                                     None if item2item is None else item2item.scores)
     with file(files.name("retrieval_onnx")):
         retrieval = _session(folder, files.name("retrieval_onnx"))
     with file(files.name("prerank_user_onnx")):
@@ -224,6 +234,7 @@ def _load(folder: Path, file: Callable[[str], AbstractContextManager[None]], mma
         retrieval=retrieval, items=items, index=index,
         prerank_user=prerank_user, prerank_items=prerank_items,
         prerank_features=prerank_features, rerank=rerank, rerank_items=rerank_items, item2item=item2item,
+        pair_tables=pair_tables,
     )
     logger.info("loaded version %s from %s: %d items, index %s", loaded.version, folder, n, manifest.index.kind)
     return loaded
@@ -269,8 +280,11 @@ def smoke_run(v: LoadedVersion, k: int = 10) -> dict[str, tuple[int, ...]]:
             n_scores = v.manifest.rerank.num_scores
             # (1, L), or (1, L, S) for a re-ranker that also reads the retrieval score
             init = np.repeat(scores[None, :, None], n_scores, axis=2) if n_scores > 1 else scores[None]
+            feats = v.rerank_items[cand].astype(np.float32)  # (L, F); zeros for pair features (F + P wide)
+            width = int(v.rerank.get_inputs()[0].shape[2])
+            feats = np.concatenate([feats, np.zeros((feats.shape[0], max(width - feats.shape[1], 0)), np.float32)], 1)
             out = v.rerank.run(None, {
-                "item_feats": v.rerank_items[cand][None].astype(np.float32),
+                "item_feats": feats[None],
                 "pv": np.zeros((1, L, pv_width), np.float32),
                 "init_score": init.astype(np.float32),
                 "mask": np.ones((1, L), bool),

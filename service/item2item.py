@@ -97,7 +97,11 @@ class Merged:
 
     items: internal ids; merged: the retrieval stage's score; retrieval: the fused score
     max_l <u_l, e_i>; launchers: the launcher of it; i2i: the route score (0 = no recent
-    item has it among its neighbours); by_faiss: FAISS returned it."""
+    item has it among its neighbours); by_faiss: FAISS returned it; route_term: sd(r) * i2i / max
+    i2i, so merged = retrieval + beta * route_term; faiss_rank / i2i_rank: the position in FAISS's
+    list / among every item the route reached by route score (-1: not there); faiss_count /
+    reached_count: those lists' lengths. The last five feed the pair features
+    (service/pair_features.py)."""
 
     items: np.ndarray
     merged: np.ndarray
@@ -105,6 +109,25 @@ class Merged:
     launchers: np.ndarray
     i2i: np.ndarray
     by_faiss: np.ndarray
+    route_term: np.ndarray
+    faiss_rank: np.ndarray
+    i2i_rank: np.ndarray
+    faiss_count: int
+    reached_count: int
+
+    def take(self, keep: np.ndarray) -> Merged:
+        """The candidates at `keep` (a (C,) mask or positions), order kept; the counts unchanged."""
+        return Merged(self.items[keep], self.merged[keep], self.retrieval[keep], self.launchers[keep], self.i2i[keep],
+                      self.by_faiss[keep], self.route_term[keep], self.faiss_rank[keep], self.i2i_rank[keep],
+                      self.faiss_count, self.reached_count)
+
+    @classmethod
+    def faiss_only(cls, cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray) -> Merged:
+        """FAISS's candidates (C,) in its order, for a version without the route."""
+        c = cand.size
+        zeros = np.zeros(c, np.float32)
+        return cls(np.asarray(cand, np.int64), np.asarray(fused, np.float32), np.asarray(fused, np.float32),
+                   np.asarray(launchers, np.int64), zeros, np.ones(c, bool), zeros, np.arange(c), np.full(c, -1), c, 0)
 
 
 def merge_routes(cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray, route: Item2ItemRoute,
@@ -125,8 +148,13 @@ def merge_routes(cand: np.ndarray, fused: np.ndarray, launchers: np.ndarray, rou
     top = float(top_scores[0]) if top_scores.size else 0.0
     spread = float(fused.std()) if fused.size > 1 else 0.0
     scale = spread if spread > 0 else 1.0
-    merged = retrieval + (route.beta * scale * i2i / top if top > 0 else 0.0)
+    term = (scale * i2i / top if top > 0 else np.zeros_like(i2i)).astype(np.float32)  # (C,)
+    merged = retrieval + route.beta * term
     order = np.argsort(-merged, kind="stable")
     by_faiss = np.arange(items.size) < cand.size
+    reached_rank = np.empty(reached.size, np.int64)
+    reached_rank[np.lexsort((reached, -reached_scores))] = np.arange(reached.size)
+    i2i_rank = np.where(hit, reached_rank[pos] if reached.size else -1, -1)
+    faiss_rank = np.where(by_faiss, np.arange(items.size), -1)
     return Merged(items[order], merged[order].astype(np.float32), retrieval[order], launch[order], i2i[order],
-                  by_faiss[order])
+                  by_faiss[order], term[order], faiss_rank[order], i2i_rank[order], int(cand.size), int(reached.size))

@@ -30,7 +30,8 @@ from service.contract.features import UserFeatures
 from service.contract.manifest import STAGES
 from service.contract.rerank_inputs import PVStats, list_zscore
 from service.index import search_fused
-from service.item2item import merge_routes
+from service.item2item import Merged, merge_routes
+from service.pair_features import pair_features
 from service.prerank import head_interactions
 
 logger = logging.getLogger(__name__)
@@ -144,14 +145,21 @@ class Recommender:
         self._pv: PVStats | None = None
         self._rerank_len = 0
         self._rerank_scores = 1  # 1: pre-rank score; 2: + fused retrieval score
+        self._rerank_pair = False  # the re-ranker's item_feats end with the pair features
         rerank = version.manifest.rerank
         if version.rerank is not None and rerank is not None and rerank.serving is not None:
             self._pv = rerank.serving.pv
             self._rerank_len = rerank.max_len
             self._rerank_scores = rerank.num_scores
+            self._rerank_pair = rerank.serving.pair_features
         # the pre-ranker's retrieval prior (models/cascade.py): weight * fused score + bias[launcher]
         serving = version.manifest.prerank.serving
         prior = serving.retrieval_prior if serving is not None else None
+        # or its learned prior over the pair features (service/pair_features.py), which replaces it
+        pair = serving.pair_prior if serving is not None else None
+        self._pair = pair.arrays() if pair is not None and version.pair_tables is not None else None
+        if self._rerank_pair and self._pair is None:
+            raise ValueError(f"version {version.version}: the re-ranker reads pair features but the pre-ranker has no pair prior")
         self._has_prior = prior is not None
         self._prior_weight = float(prior.weight) if prior else 0.0
         self._tower_weight = np.float32(1.0 if prior is None or prior.tower_weight is None else prior.tower_weight)
@@ -197,7 +205,7 @@ class Recommender:
             return self._popularity_result(k, banned, allowed, timer, unknown, "popularity")
 
         try:
-            cand, scores, launchers, user_vectors, routes = self._retrieve(history, k, banned, timer)
+            merged, user_vectors, routes = self._retrieve(history, k, banned, timer)
         except NonFiniteScores as exc:
             logger.warning("%s; serving popularity", exc)
             return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_nonfinite")
@@ -205,9 +213,10 @@ class Recommender:
             logger.exception("retrieval failed; serving popularity")
             return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_failed")
         if allowed is not None:
-            passing = allowed[cand]
-            cand, scores, launchers = cand[passing], scores[passing], launchers[passing]
+            passing = allowed[merged.items]
+            merged = merged.take(passing)
             routes = {name: r[passing] for name, r in routes.items()}
+        cand, scores, launchers = merged.items, merged.merged, merged.launchers
         # Each stage orders positions into cand (C,); per-stage scores stay aligned with cand.
         stage_scores: dict[str, np.ndarray] = {"retrieval": scores}
 
@@ -230,7 +239,7 @@ class Recommender:
         if timeout_ms is not None and timer.elapsed_ms() > timeout_ms:
             return served(everything, scores, "retrieval;timeout")
         try:
-            order, pre_scores, pv = self._prerank(history, cand, scores, launchers, user_vectors)
+            order, pre_scores, pv, feats = self._prerank(history, merged, user_vectors)
         except NonFiniteScores as exc:
             logger.warning("%s; serving the retrieval order", exc)
             timer.lap("prerank")
@@ -249,7 +258,8 @@ class Recommender:
         n = min(self.prerank_n, self._rerank_len, order.size)
         head = order[:n]
         try:
-            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head])
+            re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head],
+                                               None if feats is None else feats[head])
         except NonFiniteScores as exc:
             logger.warning("%s; serving the pre-rank order", exc)
             timer.lap("rerank")
@@ -286,7 +296,7 @@ class Recommender:
         history, _ = self.to_indices(history_item_ids)
         if history.size == 0:
             return np.zeros(0, np.int64)
-        return self._retrieve(history, 1, np.unique(history), _Timer())[0]
+        return self._retrieve(history, 1, np.unique(history), _Timer())[0].items
 
     def _request(self, history_item_ids: list[str], exclude: list[str] | None, filters: dict[str, list[str]] | None
                  ) -> tuple[np.ndarray | None, np.ndarray, int, np.ndarray]:
@@ -340,9 +350,10 @@ class Recommender:
     # --- stages ---
 
     def _retrieve(self, history: np.ndarray, k: int, banned: np.ndarray,
-                  timer: _Timer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Candidates (C,), retrieval scores (C,), launchers (C,), the user vectors (M, D) and each
-        route's score per candidate (C,) (NaN where the route did not return it)."""
+                  timer: _Timer) -> tuple[Merged, np.ndarray, dict[str, np.ndarray]]:
+        """The candidates (C,) with their retrieval scores, launchers and route ranks (Merged),
+        the user vectors (M, D) and each route's score per candidate (C,) (NaN where the route
+        did not return it)."""
         seq = history[-self.v.maxlen:][None]  # (1, L)
         users = self.v.retrieval.run(None, {"item_seq": seq})[0]  # (1, M, D)
         timer.lap("encode")
@@ -351,29 +362,36 @@ class Recommender:
         cand, scores, launchers = hits.user(0)
         _finite("retrieval", scores)
         if self.item2item is None:
-            return cand, scores, launchers, users[0], {"faiss": scores}
+            return Merged.faiss_only(cand, scores, launchers), users[0], {"faiss": scores}
         m = merge_routes(cand, scores, launchers, self.item2item, history, banned, users[0], self.v.items)
         timer.lap("item2item")
         _finite("retrieval", m.merged)
         routes = {"faiss": np.where(m.by_faiss, m.retrieval, np.nan), "i2i": np.where(m.i2i > 0, m.i2i, np.nan)}
-        return m.items, m.merged, m.launchers, users[0], routes
+        return m, users[0], routes
 
-    def _prerank(self, history: np.ndarray, cand: np.ndarray, ret_scores: np.ndarray, launchers: np.ndarray,
-                 user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pre-rank order of cand, scores (C,) and the raw PV (C, L * H) of every candidate."""
+    def _prerank(self, history: np.ndarray, m: Merged,
+                 user_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Pre-rank order of m.items, scores (C,), the raw PV (C, L * H) and the raw pair
+        features (C, F) (None without a pair prior) of every candidate."""
+        cand, ret_scores, launchers = m.items, m.merged, m.launchers
         feeds = self.user_features.feeds(history, user_vectors)
         heads = self.v.prerank_user.run(None, feeds)[0][0]  # (L, H, d)
         pv = head_interactions(heads, self.v.prerank_items, cand)  # (C, L * H), the re-ranker's PV
         scores = pv.sum(axis=1, dtype=np.float32)  # (C,) the IntTower score, from the same products
-        if self._has_prior:
+        feats = None
+        if self._pair is not None:
+            assert self.v.pair_tables is not None
+            feats = pair_features(self.v.pair_tables, history, m)  # (C, F), as the training lists
+            scores = self._pair.score(scores, feats, launchers)
+        elif self._has_prior:
             # the retrieval prior (models/cascade.py): a * tower + w * fused score + b[launcher]
             bias = self._prior_bias[np.minimum(launchers, self._prior_bias.size - 1)]
             scores = (self._tower_weight * scores + self._prior_weight * ret_scores + bias).astype(np.float32)
         _finite("prerank", scores)
-        return np.argsort(-scores, kind="stable"), scores, pv
+        return np.argsort(-scores, kind="stable"), scores, pv, feats
 
     def _rerank(self, items: np.ndarray, scores: np.ndarray, pv: np.ndarray,
-                ret_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                ret_scores: np.ndarray, feats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """PRM over the top n: order (n,) into items and the re-rank scores (n,)."""
         assert self._pv is not None and self.v.rerank_items is not None
         init = list_zscore(scores)  # (n,) z-scored within the list, as in training
@@ -381,8 +399,12 @@ class Recommender:
             init = np.stack([init, list_zscore(ret_scores)], axis=1)[None]  # (1, n, 2)
         else:
             init = init[None]  # (1, n)
+        item_feats = self.v.rerank_items[items].astype(np.float32)  # (n, F)
+        if self._rerank_pair:  # (n, F + P): the pair features z-scored as the pre-ranker's prior reads them
+            assert self._pair is not None and feats is not None
+            item_feats = np.concatenate([item_feats, self._pair.normalize(feats)], axis=1)
         out = self.v.rerank.run(None, {  # type: ignore[union-attr]
-            "item_feats": self.v.rerank_items[items][None].astype(np.float32),  # (1, n, F)
+            "item_feats": item_feats[None],  # (1, n, F) or (1, n, F + P)
             "pv": self._pv.normalize(pv)[None].astype(np.float32),  # (1, n, L * H), as in training
             "init_score": init.astype(np.float32),
             "mask": np.ones((1, items.size), bool),

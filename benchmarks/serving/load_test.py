@@ -208,40 +208,63 @@ async def open_loop(client: Client, bodies: list[bytes], rate: float, duration: 
 # --- the in-process floor ---
 
 
-def floor(artifacts: Path, histories: list[list[str]], reps: int) -> dict[str, np.ndarray]:
+def floor(artifacts: Path, histories: list[list[str]], reps: int,
+          route_candidates: int | None = None, retrieval_k: int = 200) -> dict[str, np.ndarray]:
     """Per-stage compute of the pipeline on these histories, one thread, no HTTP or store
-    (the stages as Recommender.recommend runs them, without its filters and result objects)."""
+    (the stages as Recommender.recommend runs them, without its filters and result objects).
+    item2item: the route's merge (0 for a version without it); pairfeat: service/pair_features.py
+    alone on the same candidates (a part of prerank, timed again apart; not in sum; 0 without).
+    route_candidates: override the version's item2item.serving candidates; retrieval_k: FAISS's
+    candidates (the service's default 200); both make longer lists."""
+    from dataclasses import replace
+
     from threadpoolctl import threadpool_limits
 
     from service.artifacts import load_current
     from service.index import search_fused
+    from service.item2item import Merged, merge_routes
+    from service.pair_features import pair_features
     from service.pipeline import Recommender
 
     threadpool_limits(1)  # as a worker runs (RECSYS_COMPUTE_THREADS=1)
-    rec = Recommender(load_current(artifacts))
+    rec = Recommender(load_current(artifacts), retrieval_k=retrieval_k)
     v = rec.v
-    times: dict[str, list[float]] = {s: [] for s in ("encode", "search", "fuse", "prerank", "rerank", "sum")}
+    if route_candidates is not None and rec.item2item is not None:
+        rec.item2item = replace(rec.item2item, candidates=route_candidates)
+    times: dict[str, list[float]] = {s: [] for s in ("encode", "search", "fuse", "item2item", "prerank", "rerank",
+                                                      "sum", "pairfeat", "candidates")}
     for r in range(reps):
         hist, _ = rec.to_indices(histories[r % len(histories)])
+        banned = np.unique(hist)
         t0 = time.perf_counter()
         users = v.retrieval.run(None, {"item_seq": hist[-v.maxlen:][None]})[0]
         t1 = time.perf_counter()
         stage: dict[str, float] = {}
-        hits = search_fused(v.index, users[0], rec.retrieval_k, exclude=np.unique(hist), timings_ms=stage)
+        hits = search_fused(v.index, users[0], rec.retrieval_k, exclude=banned, timings_ms=stage)
         cand, ret_scores, launchers = hits.user(0)
         t2 = time.perf_counter()
-        order, scores, pv = rec._prerank(hist, cand, ret_scores, launchers, users[0])
+        m = (Merged.faiss_only(cand, ret_scores, launchers) if rec.item2item is None else
+             merge_routes(cand, ret_scores, launchers, rec.item2item, hist, banned, users[0], v.items))
         t3 = time.perf_counter()
-        n = min(rec.prerank_n, rec._rerank_len, cand.size)
-        if v.rerank is not None and n:
-            rec._rerank(cand[order[:n]], scores[order[:n]], pv[order[:n]], ret_scores[order[:n]])
+        order, scores, pv, feats = rec._prerank(hist, m, users[0])
         t4 = time.perf_counter()
+        n = min(rec.prerank_n, rec._rerank_len, m.items.size)
+        if v.rerank is not None and n:
+            head = order[:n]
+            rec._rerank(m.items[head], scores[head], pv[head], m.merged[head], None if feats is None else feats[head])
+        t5 = time.perf_counter()
+        if v.pair_tables is not None:
+            pair_features(v.pair_tables, hist, m)
+        t6 = time.perf_counter()
         times["encode"].append((t1 - t0) * 1e3)
         times["search"].append(stage["search"])
         times["fuse"].append(stage["fuse"])
-        times["prerank"].append((t3 - t2) * 1e3)
-        times["rerank"].append((t4 - t3) * 1e3)
-        times["sum"].append((t4 - t0) * 1e3)
+        times["item2item"].append((t3 - t2) * 1e3)
+        times["prerank"].append((t4 - t3) * 1e3)
+        times["rerank"].append((t5 - t4) * 1e3)
+        times["sum"].append((t5 - t0) * 1e3)
+        times["pairfeat"].append((t6 - t5) * 1e3 if v.pair_tables is not None else 0.0)
+        times["candidates"].append(float(m.items.size))
     return {k: np.asarray(v[reps // 10:]) for k, v in times.items()}  # first 10% is warm-up
 
 

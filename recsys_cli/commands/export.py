@@ -204,7 +204,8 @@ def item2item_line(m: Manifest) -> str:
         return "item2item: none"
     settings = " ".join(f"{k}={v}" for k, v in (r.serving or {}).items())
     t = r.tuning or {}
-    how = (f"chosen from {len(t.get('tried', []))} settings on {t.get('users')} {t.get('split')} users"
+    how = ("as the rankers' training lists, chosen when they were made" if "from" in t else
+           f"chosen from {len(t.get('tried', []))} settings on {t.get('users')} {t.get('split')} users"
            if t else "not tuned")
     return f"item2item: R={r.neighbours} window={r.window} alpha={r.alpha}; serving {settings} ({how})"
 

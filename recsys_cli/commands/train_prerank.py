@@ -58,6 +58,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--retrieval", metavar="DIR", help="next-item: the served SASRec checkpoint (default: last-item)")
     add_ranking_fold_args(p, "next-item: learn on the pre-rank window of a ranking fold of H (default: the "
                              "upstream's holdout; 0 = every training position)")
+    p.add_argument("--no-pair-features", action="store_true",
+                   help="lists of the retriever alone and the retrieval prior (before the pair features): by default "
+                        "the lists are merged with the item-to-item route as served and the prior is learned over "
+                        "the pair features (training/stages/prerank/lists.py)")
     p.add_argument("--no-retrieval-features", action="store_true",
                    help="next-item: without the cascade inputs (fused retrieval score, launcher, retriever vectors)")
     p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")
@@ -97,9 +101,10 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
     if ups.ranking == "kfold":  # the training table and catalog are the served ones (the folds are aligned to it)
-        return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups)
+        return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups,
+                          pair=not args.no_pair_features)
     return Retrievers(served, ups.models[0], holdout=ups.holdout, window=args.window,
-                      features=not args.no_retrieval_features)
+                      features=not args.no_retrieval_features, pair=not args.no_pair_features)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,11 +197,14 @@ def run(args: argparse.Namespace) -> int:
             columns = ("NDCG@10", "MAP@10", "P@10", "NDCG@10_all", f"Recall@{args.candidates}")
             rows = {f"retrieval order ({extra['retrieval']['model']})": base, args.model: metrics}
     out = Path(args.out)
+    if isinstance(data, NextItemData) and data.route_serving is not None:
+        extra["retrieval"]["route_serving"] = data.route_serving  # the lists' route settings (Pipeline reads them)
     with timed("save", timings):
         pr.save_checkpoint(model, args.model, data.spec, out, ds.fingerprint, prior, objective=args.objective,
                            train=pr.train_config_dict(cfg), retrieval=extra.get("retrieval"))
         if pr.has_heads(model):
-            extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior)
+            extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior,
+                                                route=data.route_serving if isinstance(data, NextItemData) else None)
     print(table(rows, columns))
     if png is not None:
         from training.plots import history_figure, save

@@ -158,6 +158,7 @@ class Files(Block):
     prerank_features: str | None = None
     retrieval_onnx_data: str | None = optional()
     item2item: str | None = optional()
+    pair_items: str | None = optional()
     rerank_onnx: str | None = optional()
     rerank_items: str | None = optional()
 

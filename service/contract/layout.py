@@ -41,6 +41,7 @@ PRERANK_MANIFEST = "prerank_manifest.json"
 RERANK_ONNX = "rerank.onnx"
 RERANK_ITEMS = "rerank_items.npy"
 RERANK_MANIFEST = "rerank_manifest.json"
+PAIR_ITEMS = "pair_items.npy"  # (N + 1, 2) float32 per-item columns of the pair features (contract/pair_features.py)
 
 # --- stage folders written by `recsys train` ---
 RETRIEVAL_CHECKPOINT = "checkpoint.pt"

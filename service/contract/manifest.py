@@ -33,7 +33,7 @@ REQUIRED_KEYS = ("format", "version", "created_at", "data", "item_count", "dims"
 REQUIRED_FILES = ("catalog", "retrieval_onnx", "items", "index", "prerank_user_onnx", "prerank_items",
                   "prerank_features")
 RERANK_FILES = ("rerank_onnx", "rerank_items")
-OPTIONAL_FILES = ("retrieval_onnx_data", "item2item")  # checked when named
+OPTIONAL_FILES = ("retrieval_onnx_data", "item2item", "pair_items")  # checked when named
 # the served cuts in order; a version serves a non-empty prefix (`serving.stages`, set by the publish gate)
 STAGES = ("retrieval", "prerank", "rerank")
 
@@ -122,6 +122,9 @@ def _parse(d: Any, source: str) -> Manifest:
     _check_stages(source, serving, rerank is not None)
     files = Files.from_dict(d["files"])
     _check_files(source, files, rerank is not None)
+    prerank = Prerank.from_dict(d["prerank"])
+    if prerank.serving is not None and prerank.serving.pair_prior is not None and not files.has("pair_items"):
+        raise ContractError(f"{source}: prerank.serving.pair_prior needs files.pair_items (the pair features' item columns)")
     item2item, checks = d.get("item2item"), d.get("checks")
     known = {"format", "version", "created_at", "data", "item_count", "dims", "files", "catalog", "retrieval",
              "index", "prerank", "rerank", "item2item", "serving", "checks"}
@@ -130,7 +133,7 @@ def _parse(d: Any, source: str) -> Manifest:
         item_count=n, dims=Dims.from_dict(d["dims"]), files=files,
         catalog=None if d.get("catalog") is None else Catalog.from_dict(d["catalog"]),
         retrieval=Retrieval.from_dict(d["retrieval"]), index=Index.from_dict(d["index"]),
-        prerank=Prerank.from_dict(d["prerank"]), rerank=rerank,
+        prerank=prerank, rerank=rerank,
         item2item=None if not item2item else Item2Item.from_dict(item2item),  # {}: none, as always
         serving=serving, checks=None if checks is None else Checks.from_dict(checks),
         extra={k: v for k, v in d.items() if k not in known} | ({"item2item": item2item} if item2item == {} else {}),

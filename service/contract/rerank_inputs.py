@@ -1,7 +1,8 @@
 """The re-ranker's inputs, written by training and read by the service: one definition of each.
 
 Per candidate of a list of n (the order the pre-ranker gave):
-    item_feats (n, F)   rerank_items.npy[item]: rerank_item_features, computed once per catalog
+    item_feats (n, F)   rerank_items.npy[item]: rerank_item_features, computed once per catalog;
+                        with pair_features, (n, F + P): then the pair features, z-scored (PAIR_FEATS_DOC)
     pv (n, L * H)       the pre-ranker's (layer, user head) interactions, PVStats.normalize'd with
                         the training lists' statistics
     init_score (n,)     the pre-rank score, list_zscore'd; with num_scores = 2 also the fused
@@ -87,7 +88,9 @@ def list_zscore(scores: np.ndarray, mask: np.ndarray | None = None) -> np.ndarra
 
 
 _SERVING_KEYS = ("model", "onnx", "item_features", "item_feats", "pv", "pv_mean", "pv_std", "init_score", "num_scores",
-                 "upstream", "holdout", "list_len", "config")  # what RerankServing.to_dict writes
+                 "upstream", "holdout", "list_len", "config", "pair_features")
+PAIR_FEATS_DOC = ("; then the candidate's pair features (service/pair_features.py) z-scored with the pre-ranker's "
+                  "pair_prior mean / std: item_feats (n, F + P)")  # what RerankServing.to_dict writes
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class RerankServing:
     """rerank_manifest.json: how the service builds the re-ranker's inputs (a version's rerank.serving).
 
     pv: the PV statistics; num_scores 1 (pre-rank score) or 2 (+ fused retrieval score); upstream /
-    holdout: the retriever the training lists came from; list_len: N; config: the PRM's config dict.
+    holdout: the retriever the training lists came from; list_len: N; config: the PRM's config dict;
+    pair_features: item_feats also carry the pair features (PAIR_FEATS_DOC; absent before them: False).
     Blocks written before the cascade inputs have no num_scores / upstream / holdout (1 / None / 0).
     """
 
@@ -108,6 +112,7 @@ class RerankServing:
     model: str = "PRM"
     onnx: str = RERANK_ONNX
     item_features: str = RERANK_ITEMS
+    pair_features: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer writer, written back unchanged
 
     def __post_init__(self) -> None:
@@ -118,11 +123,12 @@ class RerankServing:
         """Exactly the JSON `recsys train rerank` writes (key order included)."""
         return {
             "model": self.model, "onnx": self.onnx, "item_features": self.item_features,
-            "item_feats": ITEM_FEATS_DOC, "pv": PV_DOC,
+            "item_feats": ITEM_FEATS_DOC + (PAIR_FEATS_DOC if self.pair_features else ""), "pv": PV_DOC,
             "pv_mean": list(self.pv.mean), "pv_std": list(self.pv.std),
             "init_score": INIT_SCORE_DOC + (RETRIEVAL_SCORE_DOC if self.num_scores == 2 else ""),
             "num_scores": self.num_scores, "upstream": self.upstream, "holdout": self.holdout,
-            "list_len": self.list_len, "config": self.config, **self.extra,
+            "list_len": self.list_len, "config": self.config,
+            **({"pair_features": True} if self.pair_features else {}), **self.extra,
         }
 
     def to_json(self) -> str:
@@ -142,6 +148,7 @@ class RerankServing:
                        holdout=int(d.get("holdout", 0)), list_len=int(d.get("list_len", 30)),
                        config=dict(d.get("config", {})), model=str(d.get("model", "PRM")),
                        onnx=str(d.get("onnx", RERANK_ONNX)), item_features=str(d.get("item_features", RERANK_ITEMS)),
+                       pair_features=d.get("pair_features") is True,
                        extra={k: v for k, v in d.items() if k not in _SERVING_KEYS})
         except (TypeError, ValueError) as exc:
             raise BlockError(where, f"is invalid: {exc}") from None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.contract.blocks import Block, BlockError, integer, number, obj, optional
+from service.contract.pair_features import PairPrior
 from service.contract.rerank_inputs import RerankServing
 
 
@@ -48,18 +49,20 @@ class PrerankServing(Block):
     features: str | None = None
     score: str | None = None
     retrieval_prior: RetrievalPrior | None = optional()
+    pair_prior: PairPrior | None = optional()  # the learned prior over the pair features; absent before them
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "prerank.serving") -> PrerankServing:
         if not isinstance(d, dict):
             return cls._read(d, where)
-        prior = d.get("retrieval_prior")
+        prior, pair = d.get("retrieval_prior"), d.get("pair_prior")
+        pair_prior = None if pair is None else PairPrior.from_dict(pair, f"{where}.pair_prior")
         if prior or prior is None:
             return cls._read(d, where, inputs=obj(d, "inputs", where), outputs=obj(d, "outputs", where),
                              items=obj(d, "items", where), retrieval_prior=None if prior is None else
-                             RetrievalPrior.from_dict(prior, f"{where}.retrieval_prior"))
+                             RetrievalPrior.from_dict(prior, f"{where}.retrieval_prior"), pair_prior=pair_prior)
         # an empty prior ({} / false) means none; kept as written
-        block = cls._read({k: v for k, v in d.items() if k != "retrieval_prior"}, where)
+        block = cls._read({k: v for k, v in d.items() if k != "retrieval_prior"}, where, pair_prior=pair_prior)
         return PrerankServing(**{**block.__dict__, "extra": {**block.extra, "retrieval_prior": prior},
                                  "keys": tuple(d)})
 

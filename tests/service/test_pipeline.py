@@ -13,6 +13,7 @@ import pytest
 
 from service.artifacts import LoadedVersion, load_current, load_version
 from service.contract.manifest import STAGES
+from service.item2item import Merged
 from service.pipeline import FilterError, Recommender, _Timer, served_stages
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -231,6 +232,8 @@ def test_pv_columns_sum_to_the_pre_rank_score(artifacts_root: Path) -> None:  # 
     hist = np.array([1, 2, 3])
     users = v.retrieval.run(None, {"item_seq": hist[None]})[0][0]  # (M, D)
     ret_scores = (v.items[cand - 1] @ users.T).max(axis=1)  # fused retrieval score of each candidate
-    order, scores, pv = rec._prerank(hist, cand, ret_scores, np.zeros(cand.size, np.int64), users)
+    merged = Merged.faiss_only(cand, ret_scores, np.zeros(cand.size, np.int64))
+    order, scores, pv, feats = rec._prerank(hist, merged, users)
+    assert feats is None  # a version without the pair features
     np.testing.assert_allclose(pv.sum(axis=1), scores, rtol=1e-5, atol=1e-5)
     assert scores[order].tolist() == sorted(scores.tolist(), reverse=True)

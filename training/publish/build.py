@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ from service.contract.layout import (
     CURRENT,
     INDEX_FAISS,
     MANIFEST,
+    PAIR_ITEMS,
     PRERANK_FEATURES,
     PRERANK_ITEMS,
     PRERANK_MANIFEST,
@@ -66,6 +68,7 @@ from service.contract.rerank_inputs import RerankServing
 from service.contract.stage_blocks import Checks, Item2Item, Prerank, PrerankServing, Rerank
 from service.index import index_params, save_index, set_faiss_threads
 from service.index_build import IndexSpec, build_index, choose_kind
+from service.pair_features import item_popularity
 from training.stages.retrieval import item2item as i2i
 from training.publish.checks import CHECK_ERRORS, check_rerank, measure_recall, prerank_parity
 from training.publish.catalog import catalog_arrays
@@ -166,7 +169,13 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
             if src.rerank is not None:
                 manifest = check_rerank(tmp, src.rerank, manifest)
             manifest.write(tmp / MANIFEST)  # the service loads the folder from its manifest
-            if manifest.item2item is not None:  # the route's settings, before the gate measures with them
+            pair = manifest.prerank.serving.pair_prior if manifest.prerank.serving is not None else None
+            if manifest.item2item is not None and pair is not None and pair.route:
+                # the settings the rankers' lists were made with (tuned then, on the same validation users)
+                manifest = manifest.with_(item2item=replace(manifest.item2item, serving=dict(pair.route), tuning={
+                    "from": "prerank.serving.pair_prior.route: the rankers' training lists were made with it"}))
+                manifest.write(tmp / MANIFEST)
+            elif manifest.item2item is not None:  # the route's settings, before the gate measures with them
                 with timed("route", timings):
                     manifest = tune_published(tmp, src, gate, manifest)
                 manifest.write(tmp / MANIFEST)
@@ -258,10 +267,18 @@ def _build(out: Path, version: str, src: Sources, items: ItemSide, min_recall: f
                         train=src.pre_ckpt.extra.get("train"), metrics=src.pre_ckpt.extra.get("metrics", {}),
                         parity_max_abs_diff=pre_parity, serving=pre_serving),
     )
+    i2i_rows = items.item2item_rows or i2i.dataset_rows(ds, loo.train_mask)
     if items.item2item is not None:
-        i2i_rows = items.item2item_rows or i2i.dataset_rows(ds, loo.train_mask)
         table = Item2Item.from_dict(i2i.publish_table(out, n, i2i_rows, cfg=items.item2item))
         manifest = manifest.with_(item2item=table, files=replace(manifest.files, item2item=table.file))
+    if pre_serving.pair_prior is not None and pre_serving.pair_prior.route and items.item2item is None:
+        print("warning: the pre-ranker's lists were merged with the item-to-item route, which this version is "
+              "published without: its pair features will see no route (train it with --no-pair-features to match)",
+              file=sys.stderr)
+    if pre_serving.pair_prior is not None:
+        # the pair features' item columns, from the same interactions as the route's table
+        np.save(out / PAIR_ITEMS, item_popularity(i2i_rows.items, i2i_rows.users, n))
+        manifest = manifest.with_(files=replace(manifest.files, pair_items=PAIR_ITEMS))
     if src.re_dir is not None:
         assert src.rerank_ckpt is not None and items.rerank_items is not None
         shutil.copy2(src.re_dir / RERANK_ONNX, out / RERANK_ONNX)

@@ -20,14 +20,18 @@ def catalog_arrays(ds: Dataset, loo: LeaveOneOut) -> dict[str, np.ndarray]:
     training part's interaction counts, the item features (codes int64, numbers float32)."""
     popularity = np.bincount(ds.items[loo.train_mask], minlength=ds.num_items + 1).astype(np.int64)
     popularity[0] = 0
+    return CatalogArrays(ds.item_ids.astype(str), popularity, item_features_of(ds)).arrays()
+
+
+def item_features_of(ds: Dataset) -> ItemFeatures:
+    """The data set's item features as the catalog ships them (codes int64, numbers float32)."""
     table = ds.item_features
-    features = ItemFeatures() if table is None else ItemFeatures(
+    return ItemFeatures() if table is None else ItemFeatures(
         categorical={name: col.astype(np.int64) for name, col in table.categorical.items()},
         multi={name: col.astype(np.int64) for name, col in table.multi.items()},
         numeric={name: col.astype(np.float32) for name, col in table.numeric.items()},
         vocab=dict(table.vocab),
     )
-    return CatalogArrays(ds.item_ids.astype(str), popularity, features).arrays()
 
 
 def read_catalog_file(path: str | Path, schema: dict[str, FeatureKind]) -> list[ItemUpdate]:

@@ -17,6 +17,7 @@ from models.layers import Fields
 from service.artifacts import ORT_ERRORS
 from service.contract.layout import RERANK_ITEMS, RERANK_ONNX
 from service.contract.manifest import Manifest
+from service.contract.pair_features import PAIR_FEATURES
 from service.index_build import ann_recall
 from service.contract.layout import RERANK_CHECKPOINT
 from training.publish.onnx.retrieval import PARITY_ATOL, PARITY_RTOL
@@ -108,8 +109,13 @@ def check_rerank(out: Path, model: Any, manifest: Manifest) -> Manifest:
     assert manifest.rerank is not None and manifest.dims.prerank_user_heads is not None
     feats = np.load(out / RERANK_ITEMS, mmap_mode="r")
     n = manifest.item_count + 1
-    if feats.shape != (n, model.config.item_dim):
-        raise PublishError(f"{RERANK_ITEMS} has shape {feats.shape}, expected ({n}, {model.config.item_dim})")
+    serving = manifest.rerank.serving
+    pair = len(PAIR_FEATURES) if serving is not None and serving.pair_features else 0  # appended per request
+    if pair and (manifest.prerank.serving is None or manifest.prerank.serving.pair_prior is None):
+        raise PublishError("the re-ranker reads pair features but the pre-ranker has no pair prior")
+    item_dim = model.config.item_dim - pair
+    if feats.shape != (n, item_dim):
+        raise PublishError(f"{RERANK_ITEMS} has shape {feats.shape}, expected ({n}, {item_dim})")
     layers, heads, _ = manifest.dims.prerank_user_heads
     pv = layers * heads  # one PV column per (layer, user head)
     if model.config.pv_dim not in (0, pv):
@@ -120,4 +126,4 @@ def check_rerank(out: Path, model: Any, manifest: Manifest) -> Manifest:
     except CHECK_ERRORS as exc:
         raise PublishError(f"{RERANK_ONNX} does not match {RERANK_CHECKPOINT}: {exc}") from None
     return manifest.with_(rerank=replace(manifest.rerank, parity_max_abs_diff=parity, config=model.config.to_dict()),
-                          dims=replace(manifest.dims, rerank_item_dim=model.config.item_dim))
+                          dims=replace(manifest.dims, rerank_item_dim=item_dim))

@@ -171,3 +171,38 @@ def test_load_checks_the_file_and_the_folder(raw: dict[str, Any], tmp_path: Path
     building = tmp_path / ".tmp-v1"  # a publish checks its temp folder before the rename
     other.rename(building)
     assert Manifest.load(building / MANIFEST).version == "v1"
+
+
+def _with_pair_features(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fixture as a version with the pair features: the prior, its file and the re-ranker reading them."""
+    from service.contract.rerank_inputs import PAIR_FEATS_DOC
+    from tests.service.test_pair_features import prior_block
+
+    raw["prerank"]["serving"]["pair_prior"] = prior_block()
+    raw["files"]["pair_items"] = "pair_items.npy"
+    raw["rerank"]["serving"]["pair_features"] = True
+    raw["rerank"]["serving"]["item_feats"] += PAIR_FEATS_DOC  # as the writer documents them
+    return raw
+
+
+def test_a_manifest_with_pair_features_round_trips(raw: dict[str, Any]) -> None:
+    raw = _with_pair_features(raw)
+    m = Manifest.from_dict(json.loads(json.dumps(raw)))
+    assert m.to_dict() == raw and list(m.to_dict()) == list(raw)
+    assert m.prerank.serving is not None and m.prerank.serving.pair_prior is not None
+    assert m.prerank.serving.pair_prior.launcher_bias == [0.0, 0.25]
+    assert m.files.pair_items == "pair_items.npy" and m.rerank is not None and m.rerank.serving is not None
+    assert m.rerank.serving.pair_features
+    assert not Manifest.from_dict(json.loads(FIXTURE.read_text())).rerank.serving.pair_features  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set("files.pair_items", _DELETE), "prerank.serving.pair_prior needs files.pair_items"),
+    (_set("prerank.serving.pair_prior.features", ["retrieval"]), "prerank.serving.pair_prior.features must be"),
+    (_set("prerank.serving.pair_prior.std", [1.0]), "prerank.serving.pair_prior.std must be a list of 12 numbers"),
+])
+def test_a_bad_pair_prior_is_refused_naming_the_field(raw: dict[str, Any], edit: Any, message: str) -> None:
+    raw = _with_pair_features(raw)
+    edit(raw)
+    with pytest.raises(ContractError, match=message):
+        Manifest.from_dict(raw, "v1/manifest.json")

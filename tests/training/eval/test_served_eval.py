@@ -71,7 +71,8 @@ def trained_pre(ckpts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPat
     about twice the random retrieval order's."""
     out = tmp_path_factory.mktemp("trained") / "pre"
     assert cli.main(["train", "prerank", "--data", TINY, "--model", "inttower", "--objective", "next-item",
-                     "--retrieval", str(ckpts[0]), "--out", str(out), "--epochs", "15", "--lr", "0.01",
+                     "--retrieval", str(ckpts[0]), "--no-pair-features",  # served without the route below
+                     "--out", str(out), "--epochs", "15", "--lr", "0.01",
                      "--embed-dim", "8", "--hidden", "16,8", "--heads", "2", "--head-dim", "4",
                      "--history-len", "10", "--plot", str(out / "curves.png")]) == 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"  # --plot PNG: the path given

@@ -121,8 +121,10 @@ def fold_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     steps = [
         ["train", "retrieval", *common, *small, "--holdout", "4", "--out", str(root / "up")],
         ["train", "retrieval", *common, *small, "--init-from", str(root / "up"), "--out", str(root / "ret")],
+        # the retrieval prior over lists of the encoder alone (the pair prior over lists merged with
+        # the route: tests/training/stages/prerank/test_pair_lists.py)
         ["train", "prerank", *common, "--objective", "next-item", "--retrieval", str(root / "ret"), "--upstream",
-         str(root / "up"), "--epochs", "2", "--hidden", "16,8", "--heads", "2", "--head-dim", "4", "--embed-dim", "8",
+         str(root / "up"), "--no-pair-features", "--epochs", "2", "--hidden", "16,8", "--heads", "2", "--head-dim", "4", "--embed-dim", "8",
          "--history-len", "10", "--candidates", "30", "--out", str(root / "pre")],
         ["train", "rerank", *common, "--retrieval", str(root / "ret"), "--upstream", str(root / "up"), "--prerank",
          str(root / "pre"), "--epochs", "1", "--d-model", "8", "--list-len", "10", "--candidates", "30",

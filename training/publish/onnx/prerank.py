@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cascade import RetrievalPrior
+from models.cascade import PairPrior, RetrievalPrior
 from models.layers import Fields
 from service.contract.layout import PRERANK_FEATURES as FEATURES
 from service.contract.layout import PRERANK_ITEMS as ITEMS_NPY
 from service.contract.layout import PRERANK_MANIFEST as MANIFEST
 from service.contract.layout import PRERANK_USER_ONNX as USER_ONNX
+from service.contract.pair_features import PAIR_FEATURES
 from training.data.features import EncodedFields, FeatureSpec
 from training.stages.prerank.train import HeadTowers, has_heads, to_fields
 
@@ -32,7 +33,8 @@ class UserPart(nn.Module):
 
 
 def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, out_dir: str | Path,
-                   prior: RetrievalPrior | None = None) -> dict[str, str]:
+                   prior: RetrievalPrior | PairPrior | None = None,
+                   route: dict[str, float] | None = None) -> dict[str, str]:
     """Write prerank_user.onnx, prerank_items.npy and prerank_manifest.json.
 
     prerank_user.onnx: user_sparse int64 (B, S), user_dense float32 (B, Dn), user_multi int64
@@ -65,6 +67,7 @@ def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, 
     np.save(out / ITEMS_NPY, items)
     with torch.no_grad():
         uh = model.user_heads(Fields(*example))
+    pair = isinstance(prior, PairPrior)
     manifest = {
         "model": type(model).__name__,
         "inputs": {"user_sparse": ["B", example[0].shape[1], "int64"], "user_dense": ["B", example[1].shape[1], "float32"],
@@ -74,8 +77,11 @@ def export_prerank(model: nn.Module, spec: FeatureSpec, catalog: EncodedFields, 
         "features": FEATURES,
         "score": ("tower_weight * " if prior is not None else "")
                  + "(sum over layers and user heads of the max over item heads of the dot product)"
-                 + (" + weight * fused retrieval score + launcher_bias[launcher]" if prior is not None else ""),
-        "retrieval_prior": None if prior is None else prior.serving(),
+                 + ((" + pair prior over the pair features (service/contract/pair_features.py)" if pair else
+                     " + weight * fused retrieval score + launcher_bias[launcher]") if prior is not None else ""),
+        "retrieval_prior": None if prior is None or pair else prior.serving(),
+        **({"pair_prior": {**prior.serving(PAIR_FEATURES), **({"route": route} if route else {})}}
+           if isinstance(prior, PairPrior) else {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"user_onnx": str(out / USER_ONNX), "items": str(out / ITEMS_NPY), "manifest": str(out / MANIFEST)}

@@ -6,17 +6,22 @@
   hard negatives are the retrieval candidates of its history; evaluation lists are the
   retrieval top-C of each leave-one-out user. With `Retrievers` the lists come from the ranking
   fold (training/stages/prerank/folds.py) and carry the cascade inputs (the retriever's scores,
-  launchers and vectors).
+  launchers and vectors); with `Retrievers.pair` (the default) every list is the served one,
+  merged with the item-to-item route and carrying the pair features (lists.py make_lists: the
+  training lists from the upstream retriever with the route built from its own rows, the
+  validation / test lists from the served retriever with the route of the training part).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from models.cascade import RetrievalPrior, RetrievalPriorConfig
+from models.cascade import PairPrior, PairPriorConfig, RetrievalPrior, RetrievalPriorConfig
+from service.contract.pair_features import PAIR_FEATURES, STD_FLOOR, feature_index
+from service.item2item import DEFAULT_SERVING
 from training.checkpoints import RetrievalModel
 from training.data.dataset import DataError, Dataset
 from training.stages.retrieval.encoders import served_vectors
@@ -37,6 +42,8 @@ from training.data.features import (
 from training.eval.metrics import Scorer, mask_seen
 from training.stages.prerank.folds import prerank_rows
 from training.stages.prerank.upstreams import UpstreamSet, by_fold
+from training.stages.prerank.lists import MergedLists, list_routes, make_lists, tune_route_settings, with_settings
+from training.stages.retrieval.item2item import Item2ItemConfig
 from training.stages.retrieval.train import FusedTop, fused_top
 
 
@@ -99,6 +106,7 @@ class CandidateLists:
     retrieval_scores: np.ndarray  # (B, C)
     targets: np.ndarray  # (B,)
     launchers: np.ndarray | None = None  # (B, C) int64 launcher of each fused score (cascade inputs)
+    features: np.ndarray | None = None  # (B, C, F) pair features (lists merged with the route; 0 = padding item)
 
 
 @dataclass(eq=False)
@@ -108,7 +116,10 @@ class Retrievers:
     served: the retriever the version serves (validation / test lists, export); upstream: the one
     that made the training lists, trained with `holdout` (the same model and 0 for in-sample
     lists); window: held-out positions the training examples come from (default: holdout; 0 =
-    every training position); features: the retrieval score, launcher and vectors as inputs.
+    every training position); features: the retrieval score, launcher and vectors as inputs;
+    pair: the lists merged with the item-to-item route as served, with pair features and the
+    learned pair prior (training/stages/prerank/lists.py; needs `features`); item2item: the
+    route's table settings (None: lists of FAISS alone, still with pair features).
     """
 
     served: RetrievalModel
@@ -134,6 +145,8 @@ class Retrievers:
             return _fused_rows(self.upstream, ds, rows, k)
         return by_fold(fs.fold_of_user[ds.users[rows]], len(fs.models),
                        lambda f, sel: _fused_rows(fs.models[f], ds, rows[sel], k))
+    pair: bool = True
+    item2item: Item2ItemConfig | None = field(default_factory=Item2ItemConfig)
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -156,6 +169,12 @@ class NextItemData:
     train_users: np.ndarray | None = None
     train_table: np.ndarray | None = None
     train_catalog: EncodedFields | None = None
+    # the training lists merged with the route, with pair features (Retrievers.pair); rows whose
+    # target is not in its list are left out (nothing to order)
+    train_lists: MergedLists | None = None
+    # the route's request settings the lists were made with (tuned on the validation users as
+    # publish does; publish then serves them: prerank.serving.pair_prior.route)
+    route_serving: dict[str, float] | None = None
 
     @property
     def cascade(self) -> bool:
@@ -227,10 +246,34 @@ def build_next_item_data(
             i.update(retrieval_columns(RETRIEVAL_ITEM, table))
         return i
 
+    pair = cascade is not None and cascade.pair
+    train_lists: MergedLists | None = None
+    served_routes = list_routes(ds, loo.train_mask, cascade.item2item) if pair and cascade else None
+    route_serving: dict[str, float] | None = None
+    if pair and cascade:
+        assert served_routes is not None
+        if cascade.fold_set is not None and cascade.fold_set.folds:
+            raise ValueError("K-fold ranking data with pair features is not built yet (each fold would need its "
+                             "own route table): train the pre-ranker with --no-pair-features, or use in-sample / "
+                             "holdout ranking data")
+        if served_routes.route is not None:  # the route's settings as publish would choose them, then served as such
+            route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
+                                                   loo.history_end("valid"), loo.targets("valid"), candidates)
+            served_routes.route = with_settings(served_routes.route, route_serving)
+        # the route's table and popularity from the rows the upstream retriever trained on only
+        up_routes = list_routes(ds, LeaveOneOut(ds, holdout=cascade.holdout).train_mask, cascade.item2item,
+                                route_serving)
+        train_lists = make_lists(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]], rows, candidates)
+        found = (train_lists.items == ds.items[rows][:, None]).any(axis=1)
+        if not found.any():
+            raise DataError(f"{ds.name}: no training list holds its target")
+        rows, train_lists = rows[found], train_lists.take(np.flatnonzero(found))
     hist = recent_histories(ds, rows, history_len)
     targets = ds.items[rows]
     users_vec: np.ndarray | None = None
-    if retrievers is not None:
+    if train_lists is not None:
+        train_cands, users_vec = train_lists.items, train_lists.users
+    elif retrievers is not None:
         top = retrievers.training_lists(ds, rows, candidates)
         train_cands, users_vec = top.items, top.users
     else:
@@ -251,6 +294,11 @@ def build_next_item_data(
             cands, scores = top_candidates(scorers[which], loo.histories(which), candidates)
             return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, None, loo.history_end(which))),
                                   cands, scores, loo.targets(which))
+        if served_routes is not None:
+            ml = make_lists(retrievers.served, served_routes, ds, ds.offsets[loo.eval_users], loo.history_end(which),
+                            candidates)
+            return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, ml.users, loo.history_end(which))),
+                                  ml.items, ml.merged, loo.targets(which), ml.launchers, ml.features)
         top = fused_top(retrievers.served, loo.histories(which), candidates)
         return CandidateLists(spec.user.encode(users_raw(loo.eval_users, h, top.users, loo.history_end(which))),
                               top.items, top.scores, loo.targets(which), top.launchers)
@@ -266,6 +314,8 @@ def build_next_item_data(
         train_users=users_vec if cascade else None,
         train_table=up_table,
         train_catalog=spec.item.encode(i_up) if cascade else None,
+        train_lists=train_lists,
+        route_serving=route_serving,
     )
 
 
@@ -284,9 +334,23 @@ def _fused_rows(model: RetrievalModel, ds: Dataset, rows: np.ndarray, k: int, ch
     return FusedTop(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "launchers", "users")))
 
 
-def retrieval_prior(data: NextItemData) -> RetrievalPrior | None:
-    """A fresh prior for cascade data (None without cascade inputs)."""
-    return RetrievalPrior(RetrievalPriorConfig(data.num_launchers)) if data.cascade else None
+def retrieval_prior(data: NextItemData, hidden: int = 16) -> RetrievalPrior | PairPrior | None:
+    """A fresh prior for cascade data (None without cascade inputs): the pair prior for lists
+    with pair features, started at the merged-retrieval order, else the retrieval prior."""
+    if not data.cascade:
+        return None
+    if data.train_lists is None:
+        return RetrievalPrior(RetrievalPriorConfig(data.num_launchers))
+    x = data.train_lists.features[data.train_lists.mask]  # (R, F) real entries
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > STD_FLOOR, sd, 1.0)
+    # z . w = retrieval + beta * route_term - const = the merged score the lists are ordered by
+    w = np.zeros(len(PAIR_FEATURES))
+    w[feature_index("retrieval")] = sd[feature_index("retrieval")]
+    beta = (data.route_serving or DEFAULT_SERVING)["beta"]  # the beta the lists were merged with
+    w[feature_index("route_term")] = beta * sd[feature_index("route_term")]
+    return PairPrior(PairPriorConfig(len(PAIR_FEATURES), data.num_launchers, hidden, tuple(map(float, w)),
+                                     tuple(map(float, mean)), tuple(map(float, sd))))
 
 
 def fused_pair(users: np.ndarray, table: np.ndarray, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cascade import RetrievalPrior, RetrievalPriorConfig
+from models.cascade import PairPrior, PairPriorConfig, RetrievalPrior, RetrievalPriorConfig
 from models.dcnv2 import DCNv2
 from models.inttower import IntTower
 from models.two_tower import TwoTower
@@ -206,7 +206,7 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: TrainConfig, progress: Calla
 
 
 def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, catalog: EncodedFields,
-                batch_size: int = 256, prior: RetrievalPrior | None = None,
+                batch_size: int = 256, prior: RetrievalPrior | PairPrior | None = None,
                 lists: CandidateLists | None = None) -> np.ndarray:
     """(B,) users x (B, C) candidate items -> (B, C) scores (eval mode, no grad).
 
@@ -230,7 +230,14 @@ def score_lists(model: nn.Module, user: EncodedFields, candidates: np.ndarray, c
                 rep = np.repeat(idx, C)
                 flat = candidates[idx].ravel().astype(np.int64)
                 out[idx] = model(to_fields(user, rep), to_fields(catalog, flat)).view(-1, C).numpy()
-        if prior is not None:
+        if isinstance(prior, PairPrior):
+            if lists is None or lists.launchers is None or lists.features is None:
+                raise ValueError("a pair prior needs lists with pair features and launchers")
+            prior.eval()
+            out = prior(torch.from_numpy(out), torch.from_numpy(lists.features),
+                        torch.from_numpy(lists.launchers.astype(np.int64))).numpy()
+            out = np.where(candidates > 0, out, -np.inf).astype(np.float32)  # padding never ranks
+        elif prior is not None:
             if lists is None or lists.launchers is None:
                 raise ValueError("a retrieval prior needs lists with fused retrieval scores and launchers")
             prior.eval()
@@ -256,20 +263,26 @@ def list_quality(scores: np.ndarray, lists: CandidateLists, ks: tuple[int, ...] 
 
 
 def evaluate_next_item(model: nn.Module, data: NextItemData, which: Split = "test",
-                       prior: RetrievalPrior | None = None) -> dict[str, float]:
+                       prior: RetrievalPrior | PairPrior | None = None) -> dict[str, float]:
     lists = data.valid if which == "valid" else data.test
     return list_quality(score_lists(model, lists.user, lists.candidates, data.catalog, prior=prior, lists=lists), lists)
 
 
 def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
-                    progress: Callable[[str], None] | None = None, prior: RetrievalPrior | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None,
+                    prior: RetrievalPrior | PairPrior | None = None) -> dict:
     """Sampled softmax over [positive, hard negatives from the retrieval candidates, random
     items] (+ cir_weight * in-batch CIR); early stopping on validation NDCG@10. With a prior
-    (cascade data) every logit gets its pair term from the upstream retriever's fused score."""
+    (cascade data) every logit gets its pair term from the upstream retriever's fused score.
+    With a pair prior (lists merged with the route, data.train_lists): softmax over each whole
+    list instead (the positive is the target's entry; random and sampled negatives unused),
+    each logit = the prior over the tower score, the pair features and the launcher."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if prior is not None and not data.cascade:
         raise ValueError("a retrieval prior needs data built with cascade inputs")
+    if isinstance(prior, PairPrior) and data.train_lists is None:
+        raise ValueError("a pair prior needs data built with pair features (Retrievers.pair)")
     both = nn.ModuleDict({"tower": model, **({"prior": prior} if prior is not None else {})})
     opt = torch.optim.Adam(both.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_cir = cfg.cir_weight > 0 and isinstance(model, IntTower)
@@ -283,6 +296,33 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
         start_metrics = evaluate_next_item(model, data, "valid", prior)
         start_score = start_metrics["NDCG@10"]
         history.append({"epoch": 0, "valid_NDCG@10": start_score, "prior": prior.serving()})
+
+    def list_step(epoch: int, bar: Bar) -> StepResult:
+        assert isinstance(prior, PairPrior) and data.train_lists is not None and has_heads(model)
+        tl = data.train_lists
+        total = 0.0
+        order = rng.permutation(E)
+        for start in range(0, E, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            b = idx.size
+            items = tl.items[idx]  # (b, W)
+            target = torch.from_numpy((items == data.train_targets[idx, None]).argmax(axis=1))  # (b,) in the list
+            uniq, inv = np.unique(items, return_inverse=True)
+            uh = model.user_heads(to_fields(data.train_user, idx))  # (b, L, H, d)
+            ih = model.item_heads(to_fields(catalog, uniq))[torch.from_numpy(inv.reshape(items.shape))]
+            logits = prior(model.score(uh[:, None], ih), torch.from_numpy(tl.features[idx]),
+                           torch.from_numpy(tl.launchers[idx]))  # (b, W)
+            logits = logits.masked_fill(torch.from_numpy(items == 0), float("-inf"))
+            loss = F.cross_entropy(logits, target)
+            if use_cir:
+                pos = ih[torch.arange(b), target]  # (b, H, d)
+                loss = loss + cfg.cir_weight * cir_loss(uh[:, -1].flatten(1), pos.flatten(1), cfg.temperature,
+                                                        torch.from_numpy(data.train_targets[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.detach().item() * b
+        return StepResult(total / E, E)
 
     def train_step(epoch: int, bar: Bar) -> StepResult:
         total = 0.0
@@ -304,6 +344,7 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                 logits = model(to_fields(data.train_user, np.repeat(idx, items.shape[1])),
                                to_fields(catalog, items.ravel())).view(b, -1)
             if prior is not None:
+                assert isinstance(prior, RetrievalPrior)
                 assert data.train_users is not None and data.train_table is not None
                 logits = prior(logits, *fused_pair(data.train_users[idx], data.train_table, items))
             logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(collide, float("-inf"))], dim=1)
@@ -326,7 +367,8 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
         if progress:
             progress(f"epoch {r.epoch}: loss {r.step.loss:.4f} valid NDCG@10 {r.score:.4f}")
 
-    result = fit(both, cfg.epochs, cfg.patience, train_step, validate, start_score=start_score, progress=False,
+    step = list_step if isinstance(prior, PairPrior) else train_step
+    result = fit(both, cfg.epochs, cfg.patience, step, validate, start_score=start_score, progress=False,
                  on_epoch=record)
     return {"history": history, "best_valid_NDCG@10": result.best_score}
 
@@ -335,23 +377,30 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
 
 
 def save_checkpoint(model: nn.Module, name: str, spec: FeatureSpec, out_dir: str | Path, fingerprint: str,
-                    prior: RetrievalPrior | None = None, **extra: Any) -> Path:
+                    prior: RetrievalPrior | PairPrior | None = None, **extra: Any) -> Path:
     """`prerank.pt` in the one format (training/checkpoints.py; extra: the retrieval prior's config
     and weights, then `extra`) + `prerank_features.json`; read them with load_prerank."""
     out = Path(out_dir)
-    saved_prior = None if prior is None else {"config": prior.cfg.to_dict(), "state_dict": prior.state_dict()}
+    saved_prior = None if prior is None else {"config": prior.cfg.to_dict(), "state_dict": prior.state_dict(),
+                                              "kind": "pair" if isinstance(prior, PairPrior) else "retrieval"}
     path = save_payload(out / PRERANK_CHECKPOINT, f"prerank/{name}", model.cfg, model.state_dict(), fingerprint,
                         {"prior": saved_prior, **extra})
     spec.save(out / PRERANK_FEATURES)
     return path
 
 
-def load_prior(ckpt: Checkpoint) -> RetrievalPrior | None:
-    """The retrieval prior a pre-rank checkpoint holds (None for one trained without cascade inputs)."""
+def load_prior(ckpt: Checkpoint) -> RetrievalPrior | PairPrior | None:
+    """The prior a pre-rank checkpoint holds (None for one trained without cascade inputs)."""
     saved = ckpt.extra.get("prior")
     if not saved:
         return None
-    prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
+    prior: RetrievalPrior | PairPrior
+    if saved.get("kind") == "pair":
+        c = saved["config"]
+        prior = PairPrior(PairPriorConfig(int(c["num_features"]), int(c["num_launchers"]), int(c["hidden"]),
+                                          tuple(c["init_weight"]), tuple(c["mean"]), tuple(c["std"])))
+    else:
+        prior = RetrievalPrior(RetrievalPriorConfig(**saved["config"]))
     prior.load_state_dict(saved["state_dict"])
     prior.eval()
     return prior

@@ -31,7 +31,8 @@ training part, in-sample for both upstream stages.
 Per candidate (what models/prm.py reads; all fixed, no label enters a feature):
     item_feats (F)  [retrieval item embedding (D) ; pre-rank item heads mean-pooled (d) ;
                      log1p training count], each column z-scored over the catalog
-                     (rerank_item_features)
+                     (rerank_item_features); with a pair prior then the pair features (P),
+                     z-scored with its statistics (service/contract/rerank_inputs.py)
     pv (L * H)      the IntTower interactions: for every user layer l and user head h,
                     max over item heads g of <m_u^{l,h}, m_v^{g}>; z-scored per column with
                     training-list statistics. Their sum is the pre-rank score.
@@ -67,7 +68,10 @@ def list_data(pipe: Pipeline, ranked: Ranked, labels: np.ndarray, stats: PVStats
     pv = stats.normalize(ranked.pv[:, :list_len])  # (B, N, L * H), as the service does
     init = list_zscore(ranked.scores[:, :list_len], mask)  # z-score within the list
     ret = list_zscore(ranked.ret_scores[:, :list_len], mask) if retrieval_score else None
-    return ListData(pipe.item_feats[items] * mask[..., None], pv * mask[..., None], init, labels * mask, mask, ret)
+    feats = pipe.item_feats[items]  # (B, N, F)
+    if ranked.pair is not None:  # (B, N, F + P): the pair features, z-scored as the service does
+        feats = np.concatenate([feats, pipe.pair_normalize(ranked.pair[:, :list_len])], axis=-1)
+    return ListData(feats * mask[..., None], pv * mask[..., None], init, labels * mask, mask, ret)
 
 
 @dataclass

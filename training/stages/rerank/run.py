@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from models.cascade import PairPrior
 from models.prm import RerankModel
 from service.contract.layout import CHECKPOINT_SUFFIX, RERANK_ITEMS, RERANK_MANIFEST
 from service.contract.rerank_inputs import RerankServing
@@ -81,7 +82,9 @@ def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | 
     if ups.ranking == "kfold":
         pipes = [Pipeline.from_models(ds, loo, m, prerank, spec, pre_ckpt) for m in ups.models]
         return Upstream(data_spec, ds, loo, served, served, str(upstream_dir), 0, FoldLists(pipes, ups.fold_of_user))
-    lists = Pipeline.from_models(ds, loo, ups.models[0], prerank, spec, pre_ckpt)
+    # the route and pair tables of the training lists: from the rows the upstream retriever trained on
+    lists = Pipeline.from_models(ds, loo, ups.models[0], prerank, spec, pre_ckpt,
+                                 route_mask=LeaveOneOut(ds, holdout=ups.holdout).train_mask)
     return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), ups.holdout)
 
 
@@ -147,7 +150,8 @@ def save_serving_files(out: Path, up: Upstream, imp: Impressions, model: RerankM
     np.save(out / RERANK_ITEMS, up.served.item_feats)
     cfg = imp.config
     serving = RerankServing(imp.pv_stats, num_scores=2 if cfg.retrieval_score else 1, upstream=up.source,
-                            holdout=cfg.holdout, list_len=cfg.list_len, config=model.config.to_dict())
+                            holdout=cfg.holdout, list_len=cfg.list_len, config=model.config.to_dict(),
+                            pair_features=isinstance(up.served.prior, PairPrior))
     (out / RERANK_MANIFEST).write_text(serving.to_json())
     return serving
 

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cascade import RetrievalPrior
+from models.cascade import PairPrior, RetrievalPrior
+from service.contract.pair_features import PAIR_FEATURES
+from service.contract.pair_features import PairPrior as PairPriorBlock
 from service.contract.rerank_inputs import rerank_item_features
 from training.checkpoints import Checkpoint, RetrievalModel, load_prerank, load_retrieval
 from training.data.dataset import Dataset
@@ -33,7 +35,9 @@ from training.data.features import (
 )
 from training.data.splits import LeaveOneOut, pad_left
 from training.stages.prerank import train as pr
+from training.stages.prerank.lists import ListRoutes, list_routes, make_lists
 from training.stages.prerank.train import HeadTowers
+from training.stages.retrieval.item2item import Item2ItemConfig
 from training.stages.rerank.sampling import ImpressionConfig
 from training.stages.retrieval import train as rt
 
@@ -49,12 +53,20 @@ class Pipeline:
     user_log_count: np.ndarray  # (U,) float32 log1p training count (rank_candidates uses the history's length)
     item_heads: torch.Tensor  # (N + 1, G, d) pre-rank item heads of the catalog
     item_feats: np.ndarray  # (N + 1, F) float32 z-scored item features; row 0 = zeros
-    prior: RetrievalPrior | None = None  # the pre-ranker's pair term (cascade inputs)
+    prior: RetrievalPrior | PairPrior | None = None  # the pre-ranker's pair term (cascade inputs)
+    # with a pair prior: the route and pair tables the lists are made with (training/stages/prerank/lists.py)
+    routes: ListRoutes | None = None
 
     @property
     def cascade(self) -> bool:
         """The pre-ranker reads the retriever's vectors (RETRIEVAL_USER / RETRIEVAL_ITEM fields)."""
         return any(name.startswith(RETRIEVAL_USER + ":") for name in self.spec.user.dense)
+
+    def pair_normalize(self, feats: np.ndarray) -> np.ndarray:
+        """(..., P) raw pair features -> z-scored with the pair prior's statistics, by the service's
+        own formula (PriorArrays.normalize over the exported numbers)."""
+        assert isinstance(self.prior, PairPrior)
+        return PairPriorBlock.from_dict(self.prior.serving(PAIR_FEATURES)).arrays().normalize(feats)
 
     @classmethod
     def load(cls, ds: Dataset, loo: LeaveOneOut, retrieval_dir: str | Path, prerank_dir: str | Path,
@@ -66,9 +78,11 @@ class Pipeline:
 
     @classmethod
     def from_models(cls, ds: Dataset, loo: LeaveOneOut, retrieval: RetrievalModel, model: nn.Module,
-                    spec: FeatureSpec, ckpt: Checkpoint) -> Pipeline:
+                    spec: FeatureSpec, ckpt: Checkpoint, route_mask: np.ndarray | None = None) -> Pipeline:
         """From checkpoints loaded and checked already (load_retrieval / load_prerank); ValueError
-        for a pre-ranker that cannot feed the re-ranker."""
+        for a pre-ranker that cannot feed the re-ranker. route_mask: the rows the route's table
+        and the pair tables are built from, for a pre-ranker with a pair prior (default: the
+        training part; the ranking fold's upstream: the rows it trained on)."""
         if not pr.has_heads(model):
             raise ValueError(f"{ckpt.path}: pre-ranker {ckpt.name!r} has no item heads (need inttower or two-tower)")
         objective = ckpt.extra.get("objective")
@@ -80,7 +94,13 @@ class Pipeline:
         model.eval()
         heads = prerank_item_heads(model, spec, ds, retrieval.item_embedding.weight.detach().numpy(), item_cnt)
         feats = rerank_item_features(retrieval.item_embedding.weight.detach().numpy(), heads.numpy(), item_cnt)
-        return cls(ds, retrieval, model, spec, user_cnt, heads, feats, pr.load_prior(ckpt))
+        prior = pr.load_prior(ckpt)
+        routes = None
+        if isinstance(prior, PairPrior):
+            made = ckpt.extra.get("retrieval") or {}
+            routes = list_routes(ds, loo.train_mask if route_mask is None else route_mask, Item2ItemConfig(),
+                                 made.get("route_serving"))  # the route settings its lists were made with
+        return cls(ds, retrieval, model, spec, user_cnt, heads, feats, prior, routes)
 
 
 def prerank_item_heads(model: HeadTowers, spec: FeatureSpec, ds: Dataset, table: np.ndarray, item_cnt: np.ndarray,
@@ -102,13 +122,16 @@ class Ranked:
 
     items (B, C) int64 in pre-rank order (0 = no candidate), scores (B, C) float32 pre-rank
     scores (-inf where no candidate), pv (B, N, L * H) float32 raw head interactions of the top N,
-    ret_scores (B, C) float32 the fused retrieval scores in the same order.
+    ret_scores (B, C) float32 the fused retrieval scores in the same order (the merged ones for
+    lists merged with the route); pair (B, N, F) float32 the raw pair features of the top N
+    (None without a pair prior).
     """
 
     items: np.ndarray
     scores: np.ndarray
     pv: np.ndarray
     ret_scores: np.ndarray
+    pair: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -129,37 +152,51 @@ def rank_candidates(pipe: Pipeline, users: np.ndarray, ends: np.ndarray, cfg: Im
     if (ends <= starts).any() or (ends > ds.offsets[users + 1]).any():
         raise ValueError("every history needs at least one item and must end inside its user's log")
     B, C, N = users.size, min(cfg.candidates, ds.num_items), cfg.list_len
-    items = np.zeros((B, C), dtype=np.int64)
-    scores = np.full((B, C), -np.inf, dtype=np.float32)
-    ret_scores = np.full((B, C), -np.inf, dtype=np.float32)
+    pair = isinstance(pipe.prior, PairPrior)
+    W = C + (pipe.routes.route.candidates if pair and pipe.routes is not None and pipe.routes.route is not None else 0)
+    items = np.zeros((B, W), dtype=np.int64)
+    scores = np.full((B, W), -np.inf, dtype=np.float32)
+    ret_scores = np.full((B, W), -np.inf, dtype=np.float32)
     pv_parts: list[np.ndarray] = []
+    pair_parts: list[np.ndarray] = []
     pipe.prerank.eval()
     for b0 in range(0, B, cfg.batch_size):
         sl = slice(b0, b0 + cfg.batch_size)
-        hist = pad_left(ds.items, starts[sl], ends[sl], None)  # (b, Lmax) whole history; the encoder keeps maxlen
-        top = rt.fused_top(pipe.retrieval, hist, C)
-        cand = torch.from_numpy(top.items)  # (b, C)
+        if pair:
+            assert pipe.routes is not None
+            ml = make_lists(pipe.retrieval, pipe.routes, ds, starts[sl], ends[sl], C)  # merged with the route, as served
+            cand, r = torch.from_numpy(ml.items), torch.from_numpy(ml.merged)
+            launch, user_vectors, feats = torch.from_numpy(ml.launchers), ml.users, torch.from_numpy(ml.features)
+        else:
+            hist = pad_left(ds.items, starts[sl], ends[sl], None)  # (b, Lmax) whole history; the encoder keeps maxlen
+            top = rt.fused_top(pipe.retrieval, hist, C)
+            cand, r = torch.from_numpy(top.items), torch.from_numpy(top.scores)  # (b, C)
+            launch, user_vectors = torch.from_numpy(top.launchers), top.users
         # the pre-ranker's history field: left-padded, latest last (its LAST_ITEM is column -1)
         raw = user_columns(ds, users[sl], pad_left(ds.items, starts[sl], ends[sl], pipe.spec.history_len))
         raw["user_log_count"] = np.log1p(ends[sl] - starts[sl]).astype(np.float32)  # as the service: history length
         if pipe.cascade:
-            raw.update(retrieval_columns(RETRIEVAL_USER, top.users))
+            raw.update(retrieval_columns(RETRIEVAL_USER, user_vectors))
         with torch.no_grad():
             uh = pipe.prerank.user_heads(pr.to_fields(pipe.spec.user.encode(raw)))  # (b, L, H, d)
             sims = torch.einsum("blhd,bcgd->bclhg", uh, pipe.item_heads[cand]).amax(dim=-1)  # (b, C, L, H)
             ps = sims.sum(dim=(-1, -2))  # (b, C) = IntTower score
-            r = torch.from_numpy(top.scores)
-            if pipe.prior is not None:
-                ps = pipe.prior(ps, torch.where(torch.isfinite(r), r, torch.zeros_like(r)),
-                                torch.from_numpy(top.launchers))
+            if isinstance(pipe.prior, PairPrior):
+                ps = pipe.prior(ps, feats, launch)
+            elif pipe.prior is not None:
+                ps = pipe.prior(ps, torch.where(torch.isfinite(r), r, torch.zeros_like(r)), launch)
             ps = ps.masked_fill(cand == 0, -math.inf)
             order = torch.sort(ps, dim=1, descending=True, stable=True).indices  # (b, C)
-            items[sl] = torch.gather(cand, 1, order).numpy()
-            scores[sl] = torch.gather(ps, 1, order).numpy()
-            ret_scores[sl] = torch.gather(r, 1, order).numpy()
+            width = cand.shape[1]
+            items[sl, :width] = torch.gather(cand, 1, order).numpy()
+            scores[sl, :width] = torch.gather(ps, 1, order).numpy()
+            ret_scores[sl, :width] = torch.gather(r, 1, order).numpy()
             top_n = order[:, :N]
             pv = torch.gather(sims.flatten(2), 1, top_n[..., None].expand(-1, -1, sims.shape[2] * sims.shape[3]))
             pv_parts.append(pv.numpy())  # (b, N, L * H)
+            if pair:
+                pair_parts.append(torch.gather(feats, 1, top_n[..., None].expand(-1, -1, feats.shape[-1])).numpy())
         if progress and (b0 // cfg.batch_size) % 10 == 0:
             progress(f"candidates {min(b0 + cfg.batch_size, B)}/{B}")
-    return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32), ret_scores)
+    return Ranked(items, scores, np.concatenate(pv_parts).astype(np.float32), ret_scores,
+                  np.concatenate(pair_parts).astype(np.float32) if pair else None)

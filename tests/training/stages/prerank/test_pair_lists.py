@@ -1,0 +1,160 @@
+"""The rankers' lists merged with the item-to-item route, their pair features and the learned pair
+prior (training/stages/prerank/lists.py, models/cascade.py PairPrior): the prior starts at the
+merged-retrieval order, the training lists' route never counts their targets, and training and
+the published service compute the same lists, pair features, pre-rank and re-rank scores for the
+same request (one definition: service/pair_features.py, service/item2item.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.cascade import PairPrior
+from models.prm import PRM
+from models.sasrec import MultiLauncherSASRec, SASRecConfig
+from service.artifacts import load_current
+from service.contract.layout import RERANK_ITEMS, RERANK_MANIFEST
+from service.contract.manifest import STAGES
+from service.contract.pair_features import PAIR_FEATURES
+from service.contract.rerank_inputs import PVStats, RerankServing
+from service.item2item import DEFAULT_SERVING
+from service.pipeline import Recommender
+from training.data.sources import load
+from training.data.splits import LeaveOneOut
+from training.eval.served_eval import ServingGate
+from training.publish.onnx.prerank import export_prerank
+from training.publish.onnx.rerank import export_rerank
+from training.publish.publisher import publish
+from training.stages.prerank import train as pr
+from training.stages.prerank.data import Retrievers, build_next_item_data, retrieval_prior
+from training.stages.prerank.lists import list_routes, make_lists
+from training.stages.rerank import models as rr
+from training.stages.rerank.impressions import list_data
+from training.stages.rerank.sampling import ImpressionConfig
+from training.stages.rerank.train import score_lists as rerank_scores
+from training.stages.rerank.upstream import Pipeline, rank_candidates
+from training.stages.retrieval import train as rt
+
+TINY = "synthetic:users=200,items=80,seed=0"
+CANDIDATES, LIST_LEN = 20, 8
+# ONNX Runtime vs eager PyTorch float32 (user vectors, heads): ~1e-6 per number, summed over the
+# prior's 12 features and the tower's heads
+ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple:
+    torch.set_num_threads(1)
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    torch.manual_seed(0)
+    sasrec = MultiLauncherSASRec(SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=2))
+    data = build_next_item_data(ds, loo, None, history_len=10, candidates=CANDIDATES, max_train_examples=60,
+                                retrievers=Retrievers(sasrec, sasrec))
+    return ds, loo, sasrec, data
+
+
+def test_the_pair_prior_starts_at_the_merged_retrieval_order(tiny: tuple) -> None:
+    ds, loo, sasrec, data = tiny
+    assert data.train_lists is not None and data.valid.features is not None
+    assert data.valid.features.shape[-1] == len(PAIR_FEATURES)
+    # every kept training row's target is in its list (the listwise softmax needs it)
+    assert (data.train_lists.items == data.train_targets[:, None]).any(axis=1).all()
+    prior = retrieval_prior(data)
+    assert isinstance(prior, PairPrior)
+    tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
+    s = pr.score_lists(tower, data.valid.user, data.valid.candidates, data.catalog, prior=prior, lists=data.valid)
+    real = data.valid.candidates > 0
+    # the same order as the merged score the lists come in (ties aside: compare the scores' ranks)
+    merged = np.where(real, data.valid.retrieval_scores, -np.inf)
+    np.testing.assert_allclose(np.where(real, s - s[:, :1], 0), np.where(real, merged - merged[:, :1], 0), atol=1e-4)
+
+
+def test_the_training_route_never_counts_the_lists_targets() -> None:
+    ds = load(TINY)
+    fold = LeaveOneOut(ds, holdout=3)
+    routes = list_routes(ds, fold.train_mask)
+    seen = np.bincount(ds.items[fold.train_mask], minlength=ds.num_items + 1)
+    # popularity columns are the upstream's rows only: the held-out targets are not in them
+    assert np.expm1(routes.tables.items[:, 0]).round().astype(int).tolist() == seen.tolist()
+    assert routes.tables.items[:, 0].sum() < list_routes(ds, LeaveOneOut(ds).train_mask).tables.items[:, 0].sum()
+
+
+@pytest.fixture(scope="module")
+def published(tiny: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, PRM]:
+    """Checkpoints with a pair prior (weights randomised, so every feature counts) and a PRM that
+    reads the pair features, published with the route."""
+    ds, loo, sasrec, data = tiny
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = tmp_path_factory.mktemp("pair")
+    rt.save_checkpoint(root / "ret", sasrec, ds, TINY, {"metrics": {"NDCG@10": 0.05}})
+    tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
+    prior = retrieval_prior(data)
+    assert isinstance(prior, PairPrior)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.normal_(0.0, 0.5)
+    assert data.route_serving is not None  # the route's settings the lists were made with
+    pr.save_checkpoint(tower, "inttower", data.spec, root / "pre", ds.fingerprint, prior, objective="next-item",
+                       retrieval={"route_serving": data.route_serving})  # as recsys train prerank records them
+    export_prerank(tower, data.spec, data.catalog, root / "pre", prior, route=data.route_serving)
+    pipe = Pipeline.load(ds, loo, root / "ret", root / "pre")
+    pv_dim = 2 * 2  # IntTower: 2 layers x 2 user heads
+    hp = rr.RerankerHParams(d_model=8, heads=1, layers=1, ffn_dim=16)
+    prm = PRM(rr.reranker_config("prm", pipe.item_feats.shape[1] + len(PAIR_FEATURES), pv_dim, LIST_LEN, hp)).eval()
+    stats = PVStats((0.0,) * pv_dim, (1.0,) * pv_dim)
+    rr.save_reranker(root / "re" / "prm.pt", "prm", prm, stats, ImpressionConfig(list_len=LIST_LEN), ds.fingerprint)
+    export_rerank(prm, root / "re")
+    np.save(root / "re" / RERANK_ITEMS, pipe.item_feats)
+    serving = RerankServing(stats, list_len=LIST_LEN, config=prm.config.to_dict(), pair_features=True)
+    (root / "re" / RERANK_MANIFEST).write_text(serving.to_json())
+    publish(TINY, root / "ret", root / "pre", root / "re", root / "art", version="v1",
+            gate=ServingGate(allow_below_baseline=True))
+    return root / "ret", root / "pre", root / "art", prm
+
+
+def test_training_and_serving_compute_the_same_lists_and_scores(tiny: tuple,
+                                                                published: tuple[Path, Path, Path, PRM]) -> None:
+    ds, loo, _, _ = tiny
+    ret, pre, art, prm = published
+    version = load_current(art)
+    assert version.pair_tables is not None and version.manifest.files.pair_items
+    assert version.item2item is not None
+    # publish serves the route's settings the lists were made with (not tuned again)
+    route = version.item2item
+    assert {k: getattr(route, k) for k in DEFAULT_SERVING} == tiny[3].route_serving
+    assert version.manifest.item2item is not None and "from" in (version.manifest.item2item.tuning or {})
+    users = loo.eval_users[:12]
+    ends = loo.history_end("test")[:12]
+    pipe = Pipeline.load(ds, loo, ret, pre)
+    ranked = rank_candidates(pipe, users, ends, ImpressionConfig(list_len=LIST_LEN, candidates=CANDIDATES))
+    lists = list_data(pipe, ranked, np.zeros((users.size, LIST_LEN), np.float32), PVStats((0.0,) * 4, (1.0,) * 4),
+                      LIST_LEN)
+    assert lists.item_feats.shape[-1] == pipe.item_feats.shape[1] + len(PAIR_FEATURES)
+    pre_rec = Recommender(version, retrieval_k=CANDIDATES, stages=STAGES[:2])
+    full_rec = Recommender(version, retrieval_k=CANDIDATES, prerank_n=LIST_LEN, stages=STAGES)
+    for b, (u, end) in enumerate(zip(users.tolist(), ends.tolist())):
+        hist = [str(x) for x in ds.item_ids[ds.items[ds.offsets[u]:end]].tolist()]
+        # the lists: make_lists (training) vs the service's retrieval stage, as sets of items
+        ml = make_lists(pipe.retrieval, pipe.routes, ds, ds.offsets[u:u + 1], np.array([end]), CANDIDATES)  # type: ignore[arg-type]
+        trained = {str(ds.item_ids[i]): float(s) for i, s in zip(ranked.items[b], ranked.scores[b]) if i > 0}
+        assert {str(ds.item_ids[i]) for i in ml.items[0] if i > 0} == set(trained)
+        assert pre_rec.candidates(hist).size == len(trained)  # FAISS's 20 + the route's, as trained
+        # k = CANDIDATES keeps FAISS at the trained 20 (it fetches max(retrieval_k, k)): the top 20 pre-ranked
+        served = pre_rec.recommend(hist, k=CANDIDATES)
+        assert served.served_by == "prerank"
+        assert [it.item_id for it in served.items] == list(trained)[:CANDIDATES]
+        assert {it.item_id: it.stages["prerank"] for it in served.items} == pytest.approx(
+            {i: trained[i] for i in list(trained)[:CANDIDATES]}, abs=ATOL)
+        # the re-ranker: PRM over the top LIST_LEN with the pair features as item features
+        top = full_rec.recommend(hist, k=LIST_LEN)
+        assert top.served_by == "rerank"
+        eager = rerank_scores(prm, lists)[b]
+        want = {str(ds.item_ids[i]): float(s) for i, s in zip(ranked.items[b, :LIST_LEN], eager)}
+        assert {it.item_id: it.stages["rerank"] for it in top.items} == pytest.approx(want, abs=ATOL)
