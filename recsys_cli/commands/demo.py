@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         export.append(ALLOW_BELOW)
     steps = [
         ["train", "prerank", "--data", args.data, "--model", "inttower", "--objective", "next-item",
-         "--retrieval", str(out / "retrieval"), *upstream, "--out", str(out / "prerank"), *epochs],
+         "--retrieval", str(out / "retrieval"), *upstream, "--out", str(out / "prerank"), *epochs,
+         *(["--no-pair-features"] if args.no_item2item else [])],  # pair features read the route
         ["train", "rerank", "--data", args.data, "--retrieval", str(out / "retrieval"),
          *upstream, "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), *epochs],
         export,

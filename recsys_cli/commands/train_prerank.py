@@ -101,8 +101,11 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
     if ups.ranking == "kfold":  # the training table and catalog are the served ones (the folds are aligned to it)
+        if not args.no_pair_features:  # one route table per fold is not built yet (training/stages/prerank/data.py)
+            print("train prerank: K-fold ranking data: without pair features (the plain retrieval prior)",
+                  file=sys.stderr)
         return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups,
-                          pair=not args.no_pair_features)
+                          pair=False)
     return Retrievers(served, ups.models[0], holdout=ups.holdout, window=args.window,
                       features=not args.no_retrieval_features, pair=not args.no_pair_features)
 

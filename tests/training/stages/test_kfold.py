@@ -163,7 +163,7 @@ def test_no_users_lists_come_from_a_retriever_that_trained_on_them(fold_set: Pat
         assert str(uid) in ups.held_out[int(ups.fold_of_user[u])]
     # the pre-ranker's training lists: each row's from its user's fold retriever (aligned = same lists)
     loo = LeaveOneOut(ds)
-    rets = Retrievers(served, served, fold_set=ups)
+    rets = Retrievers(served, served, fold_set=ups, pair=False)
     rows = rets.rows(loo)
     assert (rows == prerank_rows(loo, 0, kfold=True)).all()
     top = rets.training_lists(ds, rows[:40], 30)
@@ -174,7 +174,7 @@ def test_no_users_lists_come_from_a_retriever_that_trained_on_them(fold_set: Pat
         own = fused_top(model.inner, hist, 30)
         assert (top.items[j] == own.items[0]).all()  # the rotation keeps the fold's own scores and list
         np.testing.assert_allclose(top.scores[j], own.scores[0], rtol=1e-4, atol=1e-4)
-    data = build_next_item_data(ds, loo, None, 10, 30, retrievers=Retrievers(served, served, fold_set=ups))
+    data = build_next_item_data(ds, loo, None, 10, 30, retrievers=Retrievers(served, served, fold_set=ups, pair=False))
     assert data.train_targets.size == rows.size
     pre = read_checkpoint(fold_set / "pre" / "prerank.pt").extra["retrieval"]
     assert pre["ranking_data"] == "kfold" and pre["folds"] == 3 and pre["train_examples"] == rows.size

@@ -124,9 +124,12 @@ def by_fold(fold_of_rows: np.ndarray, folds: int, make: Callable[[int, np.ndarra
         return make(0, order)
     first = parts[0][1]
     assert is_dataclass(first) and not isinstance(first, type), type(first)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray | None] = {}
     for f in fields(first):
         proto = getattr(first, f.name)
+        if proto is None:  # an optional field every part leaves out (e.g. Ranked.pair without pair features)
+            out[f.name] = None
+            continue
         arr = np.empty((order.size, *proto.shape[1:]), dtype=proto.dtype)
         for sel, part in parts:
             arr[sel] = getattr(part, f.name)
