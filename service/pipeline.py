@@ -78,6 +78,16 @@ def _finite(stage: str, scores: np.ndarray) -> None:
         raise NonFiniteScores(stage)
 
 
+def _stage_fallback(stage: str, exc: Exception, serving: str) -> str:
+    """Log a stage that raised (one warning line for non-finite scores, the traceback for any
+    other error) and return its `served_by` flag: "<stage>_nonfinite" or "<stage>_failed"."""
+    if isinstance(exc, NonFiniteScores):
+        logger.warning("%s; serving %s", exc, serving)
+        return f"{stage}_nonfinite"
+    logger.exception("%s failed; serving %s", stage, serving)
+    return f"{stage}_failed"
+
+
 class FilterError(ValueError):
     """A request filter the loaded version cannot apply; `field` is the filter's name."""
 
@@ -206,12 +216,9 @@ class Recommender:
 
         try:
             merged, user_vectors, routes = self._retrieve(history, k, banned, timer)
-        except NonFiniteScores as exc:
-            logger.warning("%s; serving popularity", exc)
-            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_nonfinite")
-        except STAGE_ERRORS:
-            logger.exception("retrieval failed; serving popularity")
-            return self._popularity_result(k, banned, allowed, timer, unknown, "popularity;retrieval_failed")
+        except STAGE_ERRORS as exc:
+            return self._popularity_result(k, banned, allowed, timer, unknown,
+                                           "popularity;" + _stage_fallback("retrieval", exc, "popularity"))
         if allowed is not None:
             passing = allowed[merged.items]
             merged = merged.take(passing)
@@ -240,14 +247,9 @@ class Recommender:
             return served(everything, scores, "retrieval;timeout")
         try:
             order, pre_scores, pv, feats = self._prerank(history, merged, user_vectors)
-        except NonFiniteScores as exc:
-            logger.warning("%s; serving the retrieval order", exc)
+        except STAGE_ERRORS as exc:
             timer.lap("prerank")
-            return served(everything, scores, "retrieval;prerank_nonfinite")
-        except STAGE_ERRORS:
-            logger.exception("pre-rank failed; serving the retrieval order")
-            timer.lap("prerank")
-            return served(everything, scores, "retrieval;prerank_failed")
+            return served(everything, scores, "retrieval;" + _stage_fallback("prerank", exc, "the retrieval order"))
         timer.lap("prerank")
         stage_scores["prerank"] = pre_scores
         if "rerank" not in self.stages or self._rerank_len == 0:
@@ -260,14 +262,9 @@ class Recommender:
         try:
             re_order, re_scores = self._rerank(cand[head], pre_scores[head], pv[head], scores[head],
                                                None if feats is None else feats[head])
-        except NonFiniteScores as exc:
-            logger.warning("%s; serving the pre-rank order", exc)
+        except STAGE_ERRORS as exc:
             timer.lap("rerank")
-            return served(order, pre_scores[order], "prerank;rerank_nonfinite")
-        except STAGE_ERRORS:
-            logger.exception("re-rank failed; serving the pre-rank order")
-            timer.lap("rerank")
-            return served(order, pre_scores[order], "prerank;rerank_failed")
+            return served(order, pre_scores[order], "prerank;" + _stage_fallback("rerank", exc, "the pre-rank order"))
         timer.lap("rerank")
         rerank_scores = np.full(cand.size, np.nan, np.float32)  # only the top n are re-ranked
         rerank_scores[head] = re_scores
@@ -360,12 +357,12 @@ class Recommender:
         hits = search_fused(self.v.index, users[0], max(self.retrieval_k, k), exclude=banned, timings_ms=timer.ms)
         timer.restart()
         cand, scores, launchers = hits.user(0)
-        _finite("retrieval", scores)
         if self.item2item is None:
+            _finite("retrieval", scores)
             return Merged.faiss_only(cand, scores, launchers), users[0], {"faiss": scores}
         m = merge_routes(cand, scores, launchers, self.item2item, history, banned, users[0], self.v.items)
         timer.lap("item2item")
-        _finite("retrieval", m.merged)
+        _finite("retrieval", m.merged)  # FAISS's scores plus the route's term: one check covers both
         routes = {"faiss": np.where(m.by_faiss, m.retrieval, np.nan), "i2i": np.where(m.i2i > 0, m.i2i, np.nan)}
         return m, users[0], routes
 
