@@ -53,20 +53,28 @@ class PairTables:
 
 
 def item_popularity(items: np.ndarray, users: np.ndarray, num_items: int) -> np.ndarray:
-    """(N + 1, 2) float32 [log1p count, log1p count among each user's last RECENT_PER_USER rows]
-    from interactions items (E,) in 1..N and users (E,): consecutive equal keys are one
-    sequence in time order (as the item-to-item table reads them)."""
+    """(N + 1, 2) float32 PAIR_ITEMS_COLUMNS of the interactions (item_counts)."""
+    return popularity_columns(item_counts(items, users, num_items))
+
+
+def popularity_columns(counts: np.ndarray) -> np.ndarray:
+    """(..., 2) counts from item_counts -> (..., 2) float32 PAIR_ITEMS_COLUMNS (log1p)."""
+    return np.log1p(counts).astype(np.float32)
+
+
+def item_counts(items: np.ndarray, users: np.ndarray, num_items: int) -> np.ndarray:
+    """(N + 1, 2) int64 [count, count among each user's last RECENT_PER_USER rows] from
+    interactions items (E,) in 1..N and users (E,): consecutive equal keys are one sequence in
+    time order (as the item-to-item table reads them)."""
     items = np.asarray(items, np.int64)
     users = np.asarray(users, np.int64)
     n1 = num_items + 1
     if items.size == 0:
-        return np.zeros((n1, 2), np.float32)
+        return np.zeros((n1, 2), np.int64)
     last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # (S,) last row of each sequence
     end = np.repeat(last, np.diff(np.r_[-1, last]))  # (E,) each row's sequence end
     recent = (end - np.arange(items.size)) < RECENT_PER_USER
-    pop = np.bincount(items, minlength=n1)
-    pop_recent = np.bincount(items[recent], minlength=n1)
-    return np.log1p(np.stack([pop, pop_recent], axis=1)).astype(np.float32)
+    return np.stack([np.bincount(items, minlength=n1), np.bincount(items[recent], minlength=n1)], axis=1)
 
 
 def category_codes(features: ItemFeatures, num_items: int) -> np.ndarray:

@@ -17,14 +17,16 @@ serves them instead of tuning again, so the rankers' lists are the served ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from service.contract.pair_features import PAIR_FEATURES
 from service.item2item import DEFAULT_SERVING, Item2ItemRoute, Merged, merge_routes
-from service.pair_features import PairTables, category_codes, item_popularity, pair_features
+from service.contract.pair_features import COOC_RECENT, RECENT_PER_USER
+from service.pair_features import PairTables, category_codes, item_counts, pair_features, popularity_columns
 from training.checkpoints import RetrievalModel
 from training.data.dataset import Dataset
 from training.data.splits import pad_left
@@ -36,10 +38,17 @@ from training.stages.retrieval.train import fused_top
 
 @dataclass(eq=False)
 class ListRoutes:
-    """The item-to-item route (None: lists without it) and the pair tables, from one set of interactions."""
+    """The item-to-item route (None: lists without it) and the pair tables, from one set of
+    interactions. counted_end (U,): the exclusive end of each user's rows those tables counted
+    (a prefix of the user's rows); counts (N + 1, 2): the popularity columns before log1p;
+    config: the table's settings. With them make_lists takes each list's own future out of the
+    tables (`without_future`); without them the tables are used as they are."""
 
     route: Item2ItemRoute | None
     tables: PairTables
+    counted_end: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    config: Item2ItemConfig | None = None
 
 
 def list_routes(ds: Dataset, train_mask: np.ndarray, item2item: Item2ItemConfig | None = Item2ItemConfig(),
@@ -49,11 +58,82 @@ def list_routes(ds: Dataset, train_mask: np.ndarray, item2item: Item2ItemConfig 
     route's request settings (default DEFAULT_SERVING)."""
     items, users = ds.items[train_mask], ds.users[train_mask]
     cats = category_codes(item_features_of(ds), ds.num_items)
-    pop = item_popularity(items, users, ds.num_items)
+    counts = item_counts(items, users, ds.num_items)
+    pop = popularity_columns(counts)
+    counted_end = ds.offsets[:-1] + np.bincount(users, minlength=ds.num_users)  # the mask is a prefix per user
     if item2item is None:
-        return ListRoutes(None, PairTables(pop, cats))
+        return ListRoutes(None, PairTables(pop, cats), counted_end, counts)
     nb, sc = build_table(items, users, ds.num_items, item2item)
-    return ListRoutes(with_settings(Item2ItemRoute(nb, sc), serving), PairTables(pop, cats, nb, sc))
+    return ListRoutes(with_settings(Item2ItemRoute(nb, sc), serving), PairTables(pop, cats, nb, sc), counted_end,
+                      counts, item2item)
+
+
+@contextmanager
+def without_future(routes: ListRoutes, seq: np.ndarray, cut: int) -> Iterator[None]:
+    """Inside the block, `routes`' tables read as if built without the rows seq[cut:] (seq: one
+    user's rows that the tables counted, in time order; cut: where a list's history ends), i.e.
+    without the list's target and what follows it, which a served request's tables never hold
+    (the in-sample lists' leak otherwise: the route would always reach the target through the
+    target's own transition). Patched in place and restored on exit; only what a request with
+    history seq[:cut] reads: the popularity rows of the touched items, and the table rows of the
+    last max(recent, COOC_RECENT) history items (an entry whose count falls to zero is dropped;
+    an item that would newly enter a row's top R is not added)."""
+    seq = np.asarray(seq, np.int64)
+    future = seq[cut:]
+    tables = routes.tables
+    if routes.counts is None or future.size == 0 or cut <= 0:
+        yield
+        return
+    saved: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    fut_items, fut_n = np.unique(future, return_counts=True)
+    old_recent, new_recent = seq[-RECENT_PER_USER:], seq[:cut][-RECENT_PER_USER:]
+    touched = np.unique(np.concatenate([fut_items, old_recent, new_recent]))
+    cnt = routes.counts[touched].copy()  # (T, 2)
+    cnt[np.searchsorted(touched, fut_items), 0] -= fut_n
+    np.subtract.at(cnt[:, 1], np.searchsorted(touched, old_recent), 1)
+    np.add.at(cnt[:, 1], np.searchsorted(touched, new_recent), 1)
+    saved.append((tables.items, touched, tables.items[touched].copy()))
+    nb, sc, cfg = tables.neighbours, tables.scores, routes.config
+    if routes.route is not None and (routes.route.neighbours is not nb or routes.route.scores is not sc):
+        raise ValueError("the route and the pair tables must share one item-to-item table")
+    if nb is not None and sc is not None and cfg is not None:
+        reach = max(routes.route.recent if routes.route is not None else 0, COOC_RECENT)
+        rows = np.unique(seq[:cut][-reach:])  # the rows a request reads
+        # the user's own pairs the table counted with the follower at cut or later: p < q <= p + window
+        p = np.concatenate([np.arange(max(cut - d, 0), seq.size - d) for d in range(1, cfg.window + 1)])
+        q = np.concatenate([np.arange(max(cut - d, 0), seq.size - d) + d for d in range(1, cfg.window + 1)])
+        src, dst = seq[p], seq[q]
+        ok = (src != dst) & np.isin(src, rows)
+        n1 = nb.shape[0]
+        leak_keys, inv = np.unique(src[ok] * n1 + dst[ok], return_inverse=True)
+        leak = np.bincount(inv, weights=1.0 / (q[ok] - p[ok]), minlength=leak_keys.size)
+        block = nb[rows].astype(np.int64)  # (A, R)
+        hit = (block > 0) & (np.isin(block, fut_items) | np.isin(rows, fut_items)[:, None])
+        if hit.any():
+            ai, ri = np.nonzero(hit)
+            a, b = rows[ai], block[ai, ri]
+            pop = routes.counts[:, 0].astype(np.float64)
+            pa, pb = pop[a], pop[b]
+            c = sc[a, ri].astype(np.float64) * pa ** (1.0 - cfg.alpha) * pb ** cfg.alpha  # the counts back
+            key = a * n1 + b
+            at = np.minimum(np.searchsorted(leak_keys, key), max(leak_keys.size - 1, 0))
+            left = c - (np.where(leak_keys[at] == key, leak[at], 0.0) if leak_keys.size else 0.0)
+
+            def future_count(x: np.ndarray) -> np.ndarray:
+                i = np.minimum(np.searchsorted(fut_items, x), fut_items.size - 1)
+                return np.where(fut_items[i] == x, fut_n[i], 0)
+
+            pa, pb = pa - future_count(a), pb - future_count(b)
+            keep = (left > 1e-5 * c) & (pa > 0) & (pb > 0)
+            saved += [(nb, rows, nb[rows].copy()), (sc, rows, sc[rows].copy())]
+            nb[a, ri] = np.where(keep, b, 0)
+            sc[a, ri] = np.where(keep, left / (np.maximum(pa, 1) ** (1.0 - cfg.alpha) * np.maximum(pb, 1) ** cfg.alpha), 0.0)
+    tables.items[touched] = popularity_columns(cnt)
+    try:
+        yield
+    finally:
+        for arr, idx, old in reversed(saved):
+            arr[idx] = old
 
 
 def with_settings(route: Item2ItemRoute, serving: Mapping[str, float] | None) -> Item2ItemRoute:
@@ -139,12 +219,14 @@ def make_lists(model: RetrievalModel, routes: ListRoutes, ds: Dataset, starts: n
             hist = ds.items[starts[b]:ends[b]].astype(np.int64)
             real = top.items[j] > 0
             cand, fused, launch = top.items[j][real], top.scores[j][real], top.launchers[j][real]
-            if route is None:
-                m = Merged.faiss_only(cand, fused, launch)
-            else:
-                m = merge_routes(cand, fused, launch, route, hist, np.unique(hist), top.users[j], table[1:])
+            stop = ends[b] if routes.counted_end is None else max(int(routes.counted_end[ds.users[starts[b]]]), ends[b])
+            with without_future(routes, ds.items[starts[b]:stop], int(ends[b] - starts[b])):
+                if route is None:
+                    m = Merged.faiss_only(cand, fused, launch)
+                else:
+                    m = merge_routes(cand, fused, launch, route, hist, np.unique(hist), top.users[j], table[1:])
+                feats[b, :m.items.size] = pair_features(routes.tables, hist, m)
             n = m.items.size
             items[b, :n], merged[b, :n], retrieval[b, :n], launchers[b, :n] = m.items, m.merged, m.retrieval, m.launchers
-            feats[b, :n] = pair_features(routes.tables, hist, m)
     return MergedLists(items, merged, retrieval, launchers, feats, np.concatenate(users) if users else
                        np.zeros((0, 1, table.shape[1]), np.float32))

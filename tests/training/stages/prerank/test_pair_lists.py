@@ -84,6 +84,48 @@ def test_the_training_route_never_counts_the_lists_targets() -> None:
     assert routes.tables.items[:, 0].sum() < list_routes(ds, LeaveOneOut(ds).train_mask).tables.items[:, 0].sum()
 
 
+@pytest.mark.parametrize("cut", [1, 2, 5, 9])
+def test_a_list_reads_tables_without_its_own_future(cut: int) -> None:
+    """In-sample lists: inside without_future the route, the co-occurrence features and the
+    popularity columns are those of tables rebuilt without the user's rows from the list's target
+    on (R > N, so no row is cut to its top R), and everything is restored after."""
+    from service.item2item import Merged
+    from service.pair_features import pair_features
+    from training.stages.prerank.lists import without_future
+    from training.stages.retrieval.item2item import Item2ItemConfig
+
+    ds = load(TINY)
+    cfg = Item2ItemConfig(neighbours=ds.num_items + 5, window=4)
+    mask = LeaveOneOut(ds).train_mask
+    u = int(np.argmax(np.diff(ds.offsets)))  # the longest user: futures of several rows
+    start = int(ds.offsets[u])
+    served = {"recent": 3, "decay": 0.7, "candidates": 30, "beta": 2.0}
+    full = list_routes(ds, mask, cfg, served)
+    stop = int(full.counted_end[u])  # type: ignore[index]
+    assert stop - start > cut + 3
+    cut_mask = mask.copy()
+    cut_mask[start + cut:stop] = False
+    rebuilt = list_routes(ds, cut_mask, cfg, served)
+    hist = ds.items[start:start + cut].astype(np.int64)
+    cands = np.arange(1, ds.num_items + 1)
+    m = Merged.faiss_only(cands, np.zeros(cands.size, np.float32), np.zeros(cands.size, np.int64))
+    before = [a.copy() for a in (full.tables.items, full.tables.neighbours, full.tables.scores)]
+    assert full.route is not None and rebuilt.route is not None
+    with without_future(full, ds.items[start:stop], cut):
+        got_route = full.route.score(hist, np.unique(hist))
+        got_feats = pair_features(full.tables, hist, m)
+    want_route = rebuilt.route.score(hist, np.unique(hist))
+    np.testing.assert_array_equal(got_route[0], want_route[0])
+    np.testing.assert_allclose(got_route[1], want_route[1], rtol=1e-5)
+    want_feats = pair_features(rebuilt.tables, hist, m)
+    cols = [PAIR_FEATURES.index(c) for c in ("pop_all", "pop_recent", "cooc_last", "cooc_recent")]
+    np.testing.assert_allclose(got_feats[:, cols], want_feats[:, cols], rtol=1e-5, atol=1e-6)
+    # the leak it removes is real: the full table reaches the target through its own transition
+    assert not np.allclose(pair_features(full.tables, hist, m)[:, cols], want_feats[:, cols])
+    for a, b in zip(before, (full.tables.items, full.tables.neighbours, full.tables.scores)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def published(tiny: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, PRM]:
     """Checkpoints with a pair prior (weights randomised, so every feature counts) and a PRM that
