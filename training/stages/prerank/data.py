@@ -260,9 +260,9 @@ def build_next_item_data(
             route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
                                                    loo.history_end("valid"), loo.targets("valid"), candidates)
             served_routes.route = with_settings(served_routes.route, route_serving)
-        # the route's table and popularity from the rows the upstream retriever trained on only
-        up_routes = list_routes(ds, LeaveOneOut(ds, holdout=cascade.holdout).train_mask, cascade.item2item,
-                                route_serving)
+        # the route's table and popularity as the service counts them (the whole training part), each
+        # list without its own target and what follows it (lists.py without_future)
+        up_routes = list_routes(ds, loo.train_mask, cascade.item2item, route_serving)
         train_lists = make_lists(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]], rows, candidates)
         found = (train_lists.items == ds.items[rows][:, None]).any(axis=1)
         if not found.any():

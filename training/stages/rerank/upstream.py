@@ -78,11 +78,11 @@ class Pipeline:
 
     @classmethod
     def from_models(cls, ds: Dataset, loo: LeaveOneOut, retrieval: RetrievalModel, model: nn.Module,
-                    spec: FeatureSpec, ckpt: Checkpoint, route_mask: np.ndarray | None = None) -> Pipeline:
+                    spec: FeatureSpec, ckpt: Checkpoint) -> Pipeline:
         """From checkpoints loaded and checked already (load_retrieval / load_prerank); ValueError
-        for a pre-ranker that cannot feed the re-ranker. route_mask: the rows the route's table
-        and the pair tables are built from, for a pre-ranker with a pair prior (default: the
-        training part; the ranking fold's upstream: the rows it trained on)."""
+        for a pre-ranker that cannot feed the re-ranker. A pre-ranker with a pair prior gets the
+        route's table and the pair tables of the training part (its lists: make_lists, each
+        without its own future)."""
         if not pr.has_heads(model):
             raise ValueError(f"{ckpt.path}: pre-ranker {ckpt.name!r} has no item heads (need inttower or two-tower)")
         objective = ckpt.extra.get("objective")
@@ -98,7 +98,7 @@ class Pipeline:
         routes = None
         if isinstance(prior, PairPrior):
             made = ckpt.extra.get("retrieval") or {}
-            routes = list_routes(ds, loo.train_mask if route_mask is None else route_mask, Item2ItemConfig(),
+            routes = list_routes(ds, loo.train_mask, Item2ItemConfig(),
                                  made.get("route_serving"))  # the route settings its lists were made with
         return cls(ds, retrieval, model, spec, user_cnt, heads, feats, prior, routes)
 
