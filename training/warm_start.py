@@ -32,7 +32,7 @@ from torch import nn
 
 from models.layers import FieldEmbedding
 from service.contract.features import HISTORY, LAST_ITEM
-from training.checkpoints import Checkpoint, RetrievalModel, Stage
+from training.checkpoints import Checkpoint, RetrievalModel, Stage, checkpoint_path, read_checkpoint
 from training.data.dataset import Dataset
 from training.data.features import FeatureSpec, TowerSpec
 
@@ -48,10 +48,9 @@ class Incompatible(ValueError):
 
 @dataclass(frozen=True)
 class WarmStart:
-    """What a warm start copied: rows of the id-indexed tables by key (`copied` of the keys both
+    """What a warm start copied (`attempt` adds where from): rows of the id-indexed tables by key (`copied` of the keys both
     data sets have, `new` fresh rows, `dropped` rows of keys gone), counted over `keys`."""
 
-    source: str
     keys: str = ""  # what the counted rows are ("items"); "" for a model without id-indexed tables
     copied: int = 0
     new: int = 0
@@ -65,7 +64,7 @@ class WarmStart:
 
     def record(self) -> dict[str, Any]:
         """What the new checkpoint keeps (extra `warm_start`)."""
-        return dataclasses.asdict(self) | {"from": self.source}
+        return {"keys": self.keys, "copied": self.copied, "new": self.new, "dropped": self.dropped}
 
 
 def attempt(command: str, source: str | Path, start: Callable[[], WarmStart]) -> tuple[dict[str, Any], str]:
@@ -77,7 +76,14 @@ def attempt(command: str, source: str | Path, start: Callable[[], WarmStart]) ->
     except (OSError, ValueError, KeyError) as exc:  # Incompatible, CheckpointError, DataError: the input's fault
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         return {"from": str(source), "skipped": reason}, f"{command}: no warm start from {source} ({reason}); training anew"
-    return ws.record(), f"{command}: warm start from {source}: {ws.describe()}"
+    return {"from": str(source), **ws.record()}, f"{command}: warm start from {source}: {ws.describe()}"
+
+
+def read_stage(path: str | Path, stage: Stage) -> Checkpoint:
+    """The stage's checkpoint in a folder (or a checkpoint file); FileNotFoundError naming what is missing."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such folder")
+    return read_checkpoint(checkpoint_path(path, stage))
 
 
 # --- rows by key ---
@@ -168,7 +174,7 @@ def warm_retrieval(model: RetrievalModel, ckpt: Checkpoint, item_ids: Sequence[s
     load_checked(model, ckpt.state_dict, {RETRIEVAL_TABLE: table})
     with torch.no_grad():
         model.item_embedding.weight[0].zero_()  # padding (both tables have it at row 0)
-    return WarmStart(str(ckpt.path), "items", copied - 1, len(ids) - copied, dropped)  # padding not counted
+    return WarmStart("items", copied - 1, len(ids) - copied, dropped)  # padding not counted
 
 
 def field_domain(tower: str, name: str) -> str:
@@ -234,7 +240,7 @@ def warm_prerank(model: nn.Module, spec: FeatureSpec, keys: Mapping[str, Sequenc
                     f"{gone or 'none'} gone, {new or 'none'} new" if gone or new else "in another order"
                 raise Incompatible(f"the {tower} tower's {kind} fields differ ({what})")
     tables: dict[str, torch.Tensor] = {}
-    counts = WarmStart(str(ckpt.path), "items")
+    counts = WarmStart("items")
     fresh = model.state_dict()
     same_names(ckpt.state_dict, fresh)
     for prefix, module in model.named_modules():
@@ -257,7 +263,7 @@ def warm_prerank(model: nn.Module, spec: FeatureSpec, keys: Mapping[str, Sequenc
                 vocab_row_keys(old_vocab.table, old_vocab.size, old_keys[dom]), f"{side} field {name!r}")
             tables[param] = table
             if side == "item" and name == "item_id":
-                counts = WarmStart(str(ckpt.path), "items", copied - 2, vocab.size - copied, dropped)  # pad, OOV
+                counts = WarmStart("items", copied - 2, vocab.size - copied, dropped)  # pad, OOV
     load_checked(model, ckpt.state_dict, tables)
     return counts
 
@@ -267,6 +273,6 @@ def warm_rerank(model: nn.Module, ckpt: Checkpoint) -> WarmStart:
     _check_stage(ckpt, "rerank", model)
     same_config(ckpt.config, getattr(model, "config"), sized=())
     load_checked(model, ckpt.state_dict, {})
-    return WarmStart(str(ckpt.path))
+    return WarmStart()
 
 

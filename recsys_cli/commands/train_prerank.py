@@ -124,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
     from service.contract.layout import PRERANK_FEATURES
-    from training.checkpoints import checkpoint_path, read_checkpoint
     from training.data.features import FeatureSpec
-    from training.warm_start import attempt, domain_keys, warm_prerank
+    from training.warm_start import attempt, domain_keys, read_stage, warm_prerank
 
     quiet_onnx_exporter()  # this command exports its ONNX user tower
 
@@ -189,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     warm = None
     if args.warm_from:
         warm, line = attempt("train prerank", args.warm_from, lambda: warm_prerank(
-            model, data.spec, keys, read_checkpoint(checkpoint_path(args.warm_from, "prerank")),
+            model, data.spec, keys, read_stage(args.warm_from, "prerank"),
             FeatureSpec.load(Path(args.warm_from) / PRERANK_FEATURES)))
         print(line, flush=True)
 

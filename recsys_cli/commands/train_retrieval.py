@@ -17,12 +17,12 @@ from models.sasrec import SASRecConfig
 from recsys_cli.commands.common import add_data_arg, add_plot_arg, plot_path
 from recsys_cli.errors import UsageError
 from training import distributed
-from training.checkpoints import RetrievalModel, checkpoint_path, load_retrieval, read_checkpoint
+from training.checkpoints import RetrievalModel, load_retrieval
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.stages.retrieval.encoders import ENCODERS, RetrievalConfig, build_model
 from training.report import result, table, timed, write_json
-from training.warm_start import attempt, warm_retrieval
+from training.warm_start import attempt, read_stage, warm_retrieval
 from training.stages.retrieval.losses import SAMPLERS
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
@@ -208,7 +208,7 @@ def _warm(args: argparse.Namespace, ds: Any, model_cfg: RetrievalConfig,
     torch.manual_seed(args.seed)
     model = build_model(model_cfg)
     record, line = attempt("train retrieval", args.warm_from, lambda: warm_retrieval(
-        model, read_checkpoint(checkpoint_path(args.warm_from, "retrieval")), ds.item_ids.tolist()))
+        model, read_stage(args.warm_from, "retrieval"), ds.item_ids.tolist()))
     if rank0:
         print(line, flush=True)
     return (None if "skipped" in record else model), record

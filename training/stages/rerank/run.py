@@ -164,7 +164,7 @@ def _warm_all(folder: str | Path, imp: Impressions, hp: rr.RerankerHParams, trai
         model = rr.new_reranker(name, imp, hp, train_cfg)
         warm_rerank(model, read_checkpoint(Path(folder) / f"{name}{CHECKPOINT_SUFFIX}"))
         starts[name] = model
-    return WarmStart(str(folder))
+    return WarmStart()
 
 
 def save_serving_files(out: Path, up: Upstream, imp: Impressions, model: RerankModel) -> RerankServing:
