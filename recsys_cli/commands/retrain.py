@@ -1,24 +1,39 @@
-"""`recsys retrain`: retrain every stage on the base data plus the service's event log and publish
-through the same gate as `recsys export` (issue 25, "Retrain from the log").
+"""`recsys retrain`: retrain every stage on the base data plus the service's event log, by default
+continuing from the live version's checkpoints, and publish through the same gate as `recsys export`
+(issue 25, "Retrain from the log").
 
-    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR]
+    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR] [--from-scratch]
 
 1. The data: `--data` (default: the live version's data spec, which must then not be an earlier
    retrain's snapshot) followed by every event of `--log` (training/data/sources.py with_log: new
    users and items get ids like any other, the log's rows after the base data's), written once as
-   Parquet tables under WORK/data/<stamp>/ (the spec the new version records, so `recsys evaluate`
+   Parquet tables under WORK/data/<run>/ (the spec the new version records, so `recsys evaluate`
    and the next gate read back exactly the data it was trained on; keep WORK as long as the versions).
-2. The stages, each the CLI command a user would run, as `recsys demo` chains them: the retriever on
+2. The stages, each the CLI command a user would run, as `recsys demo` chains them, into
+   WORK/checkpoints/<run>/ (a folder per run: the live version's checkpoints, which its manifest
+   names as its sources, are never overwritten, even by a run the gate refuses): the retriever on
    the ranking fold (`train retrieval --holdout`), continued on all the data (`--init-from`), the
    next-item pre-ranker, the re-ranker.
+   Warm start (the default): the fold retriever, the pre-ranker and the re-ranker each start from
+   the live version's (`--warm-from`: its manifest's prerank / rerank `source`, and the fold
+   retriever its pre-ranker recorded as upstream; the served retriever continues from this run's
+   fold retriever as before). Item ids are internal to a data set, so every table indexed by one is
+   copied row by row through the external id: the retriever's item embedding, each pre-rank
+   field's embedding (items, users, feature values); rows of new items are initialised as a fresh
+   model initialises them, items gone from the data are dropped (training/warm_start.py). A stage
+   whose checkpoint does not fit (another encoder, launcher count, dims or feature set; missing;
+   written before the ids were recorded) trains anew, after one line saying why; a live version
+   without a fold retriever (its pre-ranker learned in-sample, or on K folds) has its fold
+   retriever trained anew. The fold retriever warm-starts from the live fold retriever, not the
+   served one: as the log only appends to each user's sequence, the events of the new ranking fold
+   (each user's last H training events) were never training events of that chain, so the rankers'
+   lists stay out of sample. `--from-scratch`: every stage anew.
 3. `recsys export` into --artifacts: the stage gate, the baseline gate (a version below the trivial
    baselines is refused, exit 1, CURRENT unchanged) and the regression check against the live
    version; a serving process picks the new CURRENT up on its next poll or POST /v1/admin/reload.
 
-Every run trains anew: continuing from the live version's checkpoints needs the item table to grow
-for new items and rows remapped by external id, which the checkpoint format does not do yet; and the
-regression check compares versions on the same data fingerprint only, so across a retrain (new data)
-it is recorded as skipped and the baseline gate is the one that refuses a worse version.
+The regression check compares versions on the same data fingerprint only, so across a retrain (new
+data) it is recorded as skipped and the baseline gate is the one that refuses a worse version.
 Exit 0 published, 1 a gate refused it, 2 a usage or data error.
 """
 
