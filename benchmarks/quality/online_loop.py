@@ -2,7 +2,7 @@
 serve -> log -> retrain from the log -> publish -> hot swap, several rounds.
 
     python benchmarks/quality/online_loop.py --data synthetic:users=400,items=300 --rounds 4 \
-        --requests 1500 --work DIR [--minutes 0.5] [--out FILE]
+        --requests 1500 --work DIR [--minutes 0.5] [--modes warm,scratch] [--out FILE]
 
 The world: the synthetic generator's own truth (benchmarks/quality/experiment_ab.py world and
 clicked_positions): a simulated user is one of the generator's users, asks with their history
@@ -18,11 +18,14 @@ the new CURRENT by POST /v1/admin/reload.
 Round 0 serves a deliberately weak version: `recsys retrain` on the base data alone with one epoch
 per stage, no item-to-item route, published below the baselines (--allow-below-baseline).
 Round r >= 1 serves the version `recsys retrain --data BASE --log log:WORK/log` published after
-round r - 1 (every stage trained anew on the base data plus every event logged so far, through
-the gate). Per round: the online click-through of the served version from GET /v1/online-metrics
-(hit rate@10 = impressions with a click; CTR@10 = clicks / slots shown in the first 10, each with
-its 95% Wilson interval), and the offline served NDCG@10 of the version retrained after it
-(`recsys evaluate --artifacts`, its own data's leave-one-out test users).
+round r - 1 (every stage trained on the base data plus every event logged so far, through the
+gate): with --modes warm (retrain's default) each stage starts from the live version's
+checkpoints, with scratch (`--from-scratch`) anew; `--modes warm,scratch` runs the whole loop once
+per mode, from the same seed, in WORK/<mode>. Per round: the online click-through of the served
+version from GET /v1/online-metrics (hit rate@10 = impressions with a click; CTR@10 = clicks /
+slots shown in the first 10, each with its 95% Wilson interval), the offline served NDCG@10 of the
+version retrained after it (`recsys evaluate --artifacts`, its own data's leave-one-out test
+users) and the retrain's wall time.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Round:
     retrained: str | None = None  # the version published after this round (None: refused or last round)
     retrained_ndcg10: float | None = None
     retrain_exit: int | None = None
+    retrain_s: float | None = None  # wall time of that `recsys retrain`
     seconds: float = 0.0
 
 
@@ -136,7 +140,9 @@ def run_loop(base: str, work: Path, rounds: int, requests: int, retrain_args: li
             logged = sum(1 for _ in read_events(f"{log_dir}"))
             row = Round(rnd, version, impressions, events, hit, ctr, logged)
             if rnd < rounds - 1:
+                t1 = time.perf_counter()
                 row.retrain_exit = retrain(root, work, base, f"log:{log_dir}", retrain_args)
+                row.retrain_s = time.perf_counter() - t1
                 live = read_current(root)
                 if row.retrain_exit == 0 and live != version:
                     row.retrained = live
@@ -151,7 +157,8 @@ def run_loop(base: str, work: Path, rounds: int, requests: int, retrain_args: li
 
 
 HEADER = (f"{'round':>5}  {'served version':<26}  {'impr':>5}  {'clicks':>6}  {'hit rate@10 (95% CI)':>24}  "
-          f"{'CTR@10 (95% CI)':>24}  {'log':>6}  {'retrained -> NDCG@10 (served, test)':<44}  {'wall s':>6}")
+          f"{'CTR@10 (95% CI)':>24}  {'log':>6}  {'retrained -> NDCG@10 (served, test)':<44}  {'retrain s':>9}  "
+          f"{'wall s':>6}")
 
 
 def _ci(w: dict[str, Any]) -> str:
@@ -162,7 +169,27 @@ def format_row(r: Round) -> str:
     after = ("-" if r.retrain_exit is None else f"refused (exit {r.retrain_exit}), CURRENT stays" if r.retrained is None
              else f"{r.retrained} -> {r.retrained_ndcg10:.4f}")
     return (f"{r.round:>5}  {r.served:<26}  {r.impressions:>5}  {r.events:>6}  {_ci(r.hit_rate10):>24}  "
-            f"{_ci(r.ctr10):>24}  {r.logged_events:>6}  {after:<44}  {r.seconds:>6.0f}")
+            f"{_ci(r.ctr10):>24}  {r.logged_events:>6}  {after:<44}  "
+            f"{'-' if r.retrain_s is None else f'{r.retrain_s:.0f}':>9}  {r.seconds:>6.0f}")
+
+
+MODES = {"warm": [], "scratch": ["--from-scratch"]}  # the retrain flags of each mode
+
+
+def summary(runs: dict[str, list[Round]]) -> list[str]:
+    """One line per round: each mode's CTR@10 and the NDCG@10 / retrain time of what it retrained."""
+    lines = [f"{'round':>5}  " + "  ".join(f"{m + ' CTR@10':>14}  {m + ' NDCG@10':>15}  {m + ' retrain s':>17}"
+                                           for m in runs)]
+    for i in range(max(len(r) for r in runs.values())):
+        cells = []
+        for rows in runs.values():
+            r = rows[i]
+            ndcg = "-" if r.retrained_ndcg10 is None else f"{r.retrained_ndcg10:.4f}"
+            secs = "-" if r.retrain_s is None else f"{r.retrain_s:.0f}"
+            rate = "-" if r.ctr10["rate"] is None else f"{r.ctr10['rate']:.4f}"
+            cells.append(f"{rate:>14}  {ndcg:>15}  {secs:>17}")
+        lines.append(f"{i:>5}  " + "  ".join(cells))
+    return lines
 
 
 def main() -> int:
@@ -173,25 +200,39 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=1500, help="requests per round")
     p.add_argument("--minutes", type=float, default=None, help="retrain's retrieval time ceiling per run")
     p.add_argument("--epochs", type=int, default=None, help="retrain's epoch cap per stage")
+    p.add_argument("--modes", default="warm", help="comma-separated: warm (retrain's default) and/or scratch "
+                                                   "(--from-scratch), one loop each in WORK/<mode> (default: warm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    modes = args.modes.split(",")
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        p.error(f"--modes: comma-separated, each one of {sorted(MODES)}, got {args.modes!r}")
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     extra = [*(["--minutes", str(args.minutes)] if args.minutes else []),
              *(["--epochs", str(args.epochs)] if args.epochs else [])]
     weak = ["--epochs", "1", "--no-item2item", "--allow-below-baseline"]
-    print(HEADER, flush=True)
-    rows = run_loop(args.data, args.work, args.rounds, args.requests, extra, weak, args.seed)
+    runs: dict[str, list[Round]] = {}
+    for mode in modes:
+        print(f"mode {mode}\n{HEADER}", flush=True)
+        work = args.work / mode if len(modes) > 1 else args.work
+        runs[mode] = run_loop(args.data, work, args.rounds, args.requests, [*extra, *MODES[mode]], weak, args.seed)
     lines = [f"$ python {shlex.join(sys.argv)}", "",
              f"base data {args.data}; k = {K}; {args.requests} requests per round; round 0 serves "
              f"`recsys retrain {' '.join(weak)}` on the base data alone; round r >= 1 the version "
              f"`recsys retrain --data BASE --log log:WORK/log{' ' + ' '.join(extra) if extra else ''}` published "
-             "after round r - 1", "", HEADER, *map(format_row, rows), "",
-             "hit rate@10: impressions with a click / impressions; CTR@10: clicked slots / slots shown in the first 10 "
-             "(GET /v1/online-metrics, 95% Wilson intervals); log: events in the durable log after the round; "
-             "NDCG@10: recsys evaluate --artifacts on the retrained version's own data (base + log), served cut",
-             f"wall time {time.perf_counter() - t0:.0f} s"]
+             "after round r - 1 (mode warm: its default, each stage from the live version's checkpoints; "
+             "scratch: with --from-scratch)", ""]
+    for mode, rows in runs.items():
+        lines += [f"mode {mode}", HEADER, *map(format_row, rows), ""]
+    if len(runs) > 1:
+        lines += ["per round, side by side (NDCG@10, retrain s: the version retrained after the round)", *summary(runs), ""]
+    lines += ["hit rate@10: impressions with a click / impressions; CTR@10: clicked slots / slots shown in the first 10 "
+              "(GET /v1/online-metrics, 95% Wilson intervals); log: events in the durable log after the round; "
+              "NDCG@10: recsys evaluate --artifacts on the retrained version's own data (base + log), served cut; "
+              "retrain s: wall time of that recsys retrain",
+              f"wall time {time.perf_counter() - t0:.0f} s"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -1,24 +1,39 @@
-"""`recsys retrain`: retrain every stage on the base data plus the service's event log and publish
-through the same gate as `recsys export` (issue 25, "Retrain from the log").
+"""`recsys retrain`: retrain every stage on the base data plus the service's event log, by default
+continuing from the live version's checkpoints, and publish through the same gate as `recsys export`
+(issue 25, "Retrain from the log").
 
-    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR]
+    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR] [--from-scratch]
 
 1. The data: `--data` (default: the live version's data spec, which must then not be an earlier
    retrain's snapshot) followed by every event of `--log` (training/data/sources.py with_log: new
    users and items get ids like any other, the log's rows after the base data's), written once as
-   Parquet tables under WORK/data/<stamp>/ (the spec the new version records, so `recsys evaluate`
+   Parquet tables under WORK/data/<run>/ (the spec the new version records, so `recsys evaluate`
    and the next gate read back exactly the data it was trained on; keep WORK as long as the versions).
-2. The stages, each the CLI command a user would run, as `recsys demo` chains them: the retriever on
+2. The stages, each the CLI command a user would run, as `recsys demo` chains them, into
+   WORK/checkpoints/<run>/ (a folder per run: the live version's checkpoints, which its manifest
+   names as its sources, are never overwritten, even by a run the gate refuses): the retriever on
    the ranking fold (`train retrieval --holdout`), continued on all the data (`--init-from`), the
    next-item pre-ranker, the re-ranker.
+   Warm start (the default): the fold retriever, the pre-ranker and the re-ranker each start from
+   the live version's (`--warm-from`: its manifest's prerank / rerank `source`, and the fold
+   retriever its pre-ranker recorded as upstream; the served retriever continues from this run's
+   fold retriever as before). Item ids are internal to a data set, so every table indexed by one is
+   copied row by row through the external id: the retriever's item embedding, each pre-rank
+   field's embedding (items, users, feature values); rows of new items are initialised as a fresh
+   model initialises them, items gone from the data are dropped (training/warm_start.py). A stage
+   whose checkpoint does not fit (another encoder, launcher count, dims or feature set; missing;
+   written before the ids were recorded) trains anew, after one line saying why; a live version
+   without a fold retriever (its pre-ranker learned in-sample, or on K folds) has its fold
+   retriever trained anew. The fold retriever warm-starts from the live fold retriever, not the
+   served one: as the log only appends to each user's sequence, the events of the new ranking fold
+   (each user's last H training events) were never training events of that chain, so the rankers'
+   lists stay out of sample. `--from-scratch`: every stage anew.
 3. `recsys export` into --artifacts: the stage gate, the baseline gate (a version below the trivial
    baselines is refused, exit 1, CURRENT unchanged) and the regression check against the live
    version; a serving process picks the new CURRENT up on its next poll or POST /v1/admin/reload.
 
-Every run trains anew: continuing from the live version's checkpoints needs the item table to grow
-for new items and rows remapped by external id, which the checkpoint format does not do yet; and the
-regression check compares versions on the same data fingerprint only, so across a retrain (new data)
-it is recorded as skipped and the baseline gate is the one that refuses a worse version.
+The regression check compares versions on the same data fingerprint only, so across a retrain (new
+data) it is recorded as skipped and the baseline gate is the one that refuses a worse version.
 Exit 0 published, 1 a gate refused it, 2 a usage or data error.
 """
 
@@ -27,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_cli.commands import COMMANDS
@@ -47,7 +63,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--log", metavar="SPEC", help="the service's event log: log:<folder> (RECSYS_LOG_DIR) or "
                                                  "log:redis://host:port[/db][?key=<stream>] (default: none, base only)")
     p.add_argument("--work", default="runs/retrain", metavar="DIR",
-                   help="checkpoints and the data snapshots the versions record (default runs/retrain)")
+                   help="the data snapshots and checkpoints the versions record, one WORK/data/<run> and "
+                        "WORK/checkpoints/<run> per run (default runs/retrain)")
     p.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="epoch cap of every stage (default: the trainers' own, with early stopping)")
     p.add_argument("--minutes", type=float, default=None,
@@ -58,13 +75,61 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--allow-below-baseline", action="store_true",
                    help="passed to `recsys export`: publish even below the trivial baselines")
     p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train every stage anew (default: each starts from the live version's checkpoints)")
     add_item2item_arg(p)
     p.set_defaults(func=run)
     p.description = (__doc__ or "").split("\n\n")[0]
 
 
-def snapshot(base_spec: str, log_spec: str | None, work: Path) -> str:
-    """Write base + log as tables under work/data/<stamp>/; returns the spec that reads them."""
+@dataclass(frozen=True)
+class LiveCheckpoints:
+    """The live version's checkpoint folders a warm start reads (None: the version has none)."""
+
+    version: str
+    upstream: str | None  # its ranking-fold retriever (the pre-ranker's recorded upstream, when not the served one)
+    prerank: str | None
+    rerank: str | None
+
+    def describe(self) -> str:
+        def part(stage: str, folder: str | None) -> str:
+            return f"{stage} <- {folder}" if folder else f"{stage} anew (the live version records none)"
+
+        return ", ".join((part("fold retriever", self.upstream), part("pre-ranker", self.prerank),
+                          part("re-ranker", self.rerank)))
+
+
+def live_checkpoints(root: Path) -> LiveCheckpoints | str:
+    """The live version's checkpoint folders (manifest `prerank.source` / `rerank.source`, and the
+    fold retriever the pre-ranker's checkpoint records as its upstream), or why there are none."""
+    from service.contract.layout import MANIFEST, ContractError
+    from service.contract.manifest import Manifest
+    from training.checkpoints import checkpoint_path, read_checkpoint
+    from training.publish.versions import read_current
+    from training.stages.prerank.folds import is_fold_set
+
+    live = read_current(root)
+    if live is None:
+        return f"{root} has no live version"
+    try:
+        m = Manifest.load(root / live / MANIFEST)
+    except (OSError, ContractError) as exc:
+        return f"the live version's manifest is unreadable ({str(exc).splitlines()[0]})"
+    upstream = None
+    if m.prerank.source:
+        try:
+            recorded = read_checkpoint(checkpoint_path(m.prerank.source, "prerank")).extra.get("retrieval") or {}
+        except (OSError, ValueError):  # the stage's own --warm-from says why in one line
+            recorded = {}
+        up = recorded.get("upstream")
+        # a K-fold set, or the served retriever itself (in-sample lists), is not one fold retriever
+        if isinstance(up, str) and up != m.retrieval.source and not is_fold_set(up):
+            upstream = up
+    return LiveCheckpoints(live, upstream, m.prerank.source, m.rerank.source if m.rerank is not None else None)
+
+
+def snapshot(base_spec: str, log_spec: str | None, folder: Path) -> str:
+    """Write base + log as tables in `folder`; returns the spec that reads them."""
     from training.data.convert import write_tables
     from training.data.sources import read, with_log
 
@@ -73,10 +138,15 @@ def snapshot(base_spec: str, log_spec: str | None, work: Path) -> str:
     raw = read(base_spec)
     if log_spec is not None:
         raw = with_log(raw, read(log_spec))
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    digest = hashlib.sha256(f"{base_spec}\0{log_spec}\0{len(raw.users)}\0{time.time_ns()}".encode()).hexdigest()[:8]
-    _files, spec = write_tables(raw, work / "data" / f"{stamp}-{digest}", SNAPSHOT_FORMAT)
+    _files, spec = write_tables(raw, folder, SNAPSHOT_FORMAT)
     return spec
+
+
+def run_name(base_spec: str, log_spec: str | None) -> str:
+    """<UTC stamp>-<8 hex>: one run's data snapshot and checkpoint folders."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    digest = hashlib.sha256(f"{base_spec}\0{log_spec}\0{time.time_ns()}".encode()).hexdigest()[:8]
+    return f"{stamp}-{digest}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,21 +169,35 @@ def run(args: argparse.Namespace) -> int:
         if not base or Path(base.partition(":")[2].split(",")[0]).is_relative_to(work / "data"):
             raise UsageError(f"--data is needed: the live version's data ({base!r}) is a retrain's snapshot "
                              "(base + log); give the base data")
-    spec = snapshot(base, args.log, work)
+    warm: LiveCheckpoints | str | None = None if args.from_scratch else live_checkpoints(root)
+    name = run_name(base, args.log)
+    spec = snapshot(base, args.log, work / "data" / name)
     print(f"data: {base} + {args.log or 'no log'} -> {spec}", flush=True)
+    if warm is None:
+        print("retrain: every stage trains anew (--from-scratch)", flush=True)
+    elif isinstance(warm, str):
+        print(f"retrain: every stage trains anew: {warm}", flush=True)
+    else:
+        print(f"retrain: warm start from the live version {warm.version}: {warm.describe()}", flush=True)
+
+    def warm_from(folder: str | None) -> list[str]:
+        return ["--warm-from", folder] if folder else []
+
+    up, ret, pre, rer = (work / "checkpoints" / name / stage for stage in ("upstream", "retrieval", "prerank", "rerank"))
+    src = warm if isinstance(warm, LiveCheckpoints) else LiveCheckpoints("", None, None, None)  # anew: none
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     minutes = [] if args.minutes is None else ["--max-minutes", str(args.minutes)]
-    ret = ["--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet", *epochs, *minutes]
-    fold = ["--retrieval", str(work / "retrieval"), "--upstream", str(work / "upstream")]
+    retrieval = ["--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet", *epochs, *minutes]
+    fold = ["--retrieval", str(ret), "--upstream", str(up)]
     steps = [
-        ["train", "retrieval", *ret, "--holdout", str(args.holdout), "--out", str(work / "upstream")],
-        ["train", "retrieval", *ret, "--init-from", str(work / "upstream"), "--out", str(work / "retrieval")],
+        ["train", "retrieval", *retrieval, "--holdout", str(args.holdout), *warm_from(src.upstream), "--out", str(up)],
+        ["train", "retrieval", *retrieval, "--init-from", str(up), "--out", str(ret)],
         ["train", "prerank", "--data", spec, "--model", "inttower", "--objective", "next-item", *fold,
-         "--out", str(work / "prerank"), *epochs],
-        ["train", "rerank", "--data", spec, *fold, "--prerank", str(work / "prerank"), "--out", str(work / "rerank"),
+         *warm_from(src.prerank), "--out", str(pre), *epochs],
+        ["train", "rerank", "--data", spec, *fold, "--prerank", str(pre), *warm_from(src.rerank), "--out", str(rer),
          *epochs],
-        ["export", "--data", spec, "--retrieval", str(work / "retrieval"), "--prerank", str(work / "prerank"),
-         "--rerank", str(work / "rerank"), "--out", str(root), "--max-regression", str(args.max_regression),
+        ["export", "--data", spec, "--retrieval", str(ret), "--prerank", str(pre), "--rerank", str(rer),
+         "--out", str(root), "--max-regression", str(args.max_regression),
          *(["--allow-below-baseline"] if args.allow_below_baseline else []),
          *(["--no-item2item"] if args.no_item2item else []), *(["--version", args.version] if args.version else [])],
     ]

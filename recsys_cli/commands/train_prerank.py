@@ -64,6 +64,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "the pair features (training/stages/prerank/lists.py)")
     p.add_argument("--no-retrieval-features", action="store_true",
                    help="next-item: without the cascade inputs (fused retrieval score, launcher, retriever vectors)")
+    p.add_argument("--warm-from", metavar="DIR",
+                   help="start the tower from a pre-rank checkpoint folder of another data set (`recsys retrain`: the "
+                        "live version's): each field's embedding rows copied by key (item, user, feature value), new "
+                        "ones initialised fresh (training/warm_start.py); the prior starts at the retrieval order as "
+                        "always. A checkpoint that does not fit is reported in one line and the tower starts anew")
     p.add_argument("--max-train-examples", type=int, default=None, help="next-item: subsample training")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
@@ -118,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     from training.eval.metrics import Scorer
     from training.eval.baselines import LastItem
     from training.data.splits import CTRSplit, LeaveOneOut
+    from service.contract.layout import PRERANK_FEATURES
+    from training.data.features import FeatureSpec
+    from training.warm_start import attempt, domain_keys, read_stage, warm_prerank
 
     quiet_onnx_exporter()  # this command exports its ONNX user tower
 
@@ -176,6 +184,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    keys = domain_keys(ds, data.spec)
+    warm = None
+    if args.warm_from:
+        warm, line = attempt("train prerank", args.warm_from, lambda: warm_prerank(
+            model, data.spec, keys, read_stage(args.warm_from, "prerank"),
+            FeatureSpec.load(Path(args.warm_from) / PRERANK_FEATURES)))
+        print(line, flush=True)
+
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -204,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         extra["retrieval"]["route_serving"] = data.route_serving  # the lists' route settings (Pipeline reads them)
     with timed("save", timings):
         pr.save_checkpoint(model, args.model, data.spec, out, ds.fingerprint, prior, objective=args.objective,
-                           train=pr.train_config_dict(cfg), retrieval=extra.get("retrieval"))
+                           train=pr.train_config_dict(cfg), retrieval=extra.get("retrieval"), keys=keys,
+                           warm_start=warm)
         if pr.has_heads(model):
             extra["artifacts"] = export_prerank(model, data.spec, data.catalog, out, prior,
                                                 route=data.route_serving if isinstance(data, NextItemData) else None)

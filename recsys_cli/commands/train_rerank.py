@@ -72,6 +72,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--dropout", type=float, default=h.dropout, help="dropout rate")
     p.add_argument("--seed", type=int, default=0, help="re-ranker init and shuffling (the impressions use --data-seed)")
     p.add_argument("--data-seed", type=int, default=d.seed, help="step sampling and the valid/test user split")
+    p.add_argument("--warm-from", metavar="DIR",
+                   help="start PRM, PRM-BASE and the MLP from a re-rank folder of another data set (`recsys retrain`: "
+                        "the live version's; training/warm_start.py); when one does not fit (another config, feature "
+                        "width), one line says so and all three start anew")
     p.add_argument("--no-export", action="store_true", help="skip rerank.onnx")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=run)
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     print(up.ds.describe())
     if not args.no_export:
         quiet_onnx_exporter()
-    r = train_rerank(up, args.out, imp_cfg, hp, train_cfg, export=not args.no_export, progress=progress)
+    r = train_rerank(up, args.out, imp_cfg, hp, train_cfg, export=not args.no_export, progress=progress,
+                     warm_from=args.warm_from, notice=lambda line: print(line, flush=True))
     timings.update(r.timings)
     desc = r.impressions
     print("impressions: " + ", ".join(f"{n} {desc[n]['lists']} lists ({desc[n]['with_click']} with a click)"

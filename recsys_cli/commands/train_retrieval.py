@@ -9,17 +9,20 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.hstu import HSTUConfig
 from models.mind import MINDConfig
 from models.sasrec import SASRecConfig
 from recsys_cli.commands.common import add_data_arg, add_plot_arg, plot_path
 from recsys_cli.errors import UsageError
 from training import distributed
-from training.checkpoints import load_retrieval
+from training.checkpoints import RetrievalModel, load_retrieval
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.stages.retrieval.encoders import ENCODERS, RetrievalConfig
+from training.stages.retrieval.encoders import ENCODERS, RetrievalConfig, build_model
 from training.report import result, table, timed, write_json
+from training.warm_start import attempt, read_stage, warm_retrieval
 from training.stages.retrieval.losses import SAMPLERS
 from training.stages.retrieval.train import (
     RetrievalTrainConfig,
@@ -76,7 +79,13 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--no-logq", action="store_true", help="no logQ correction of the sampled negatives")
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
-    p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint")
+    p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint of the same data")
+    p.add_argument(
+        "--warm-from", metavar="DIR",
+        help="start from a retrieval checkpoint of another data set (`recsys retrain`: the live version's): item "
+        "rows copied by external id, new items initialised fresh (training/warm_start.py); a checkpoint that does "
+        "not fit (another encoder, launcher count, dims) is reported in one line and training starts anew",
+    )
     p.add_argument(
         "--holdout", type=int, default=0, metavar="H",
         help="ranking fold: leave each user's last H training items out, so the pre-ranker and re-ranker "
@@ -145,7 +154,13 @@ def _run(args: argparse.Namespace) -> int:
         if distributed.world_size() > 1:
             raise UsageError("--folds trains in one process (not under torchrun)")
         return _run_folds(args, ds, model_cfg, train_cfg, timings)
-    source = None
+    if args.warm_from and (args.init_from or args.folds):
+        raise UsageError("--warm-from starts one retriever from another data set's checkpoint: not with "
+                         "--init-from or --folds")
+    source = resume = None
+    warm: dict[str, Any] | None = None
+    if args.warm_from:
+        resume, warm = _warm(args, ds, model_cfg, rank0)
     if args.init_from:
         try:
             source, _ = load_retrieval(args.init_from, ds, args.data)
@@ -154,7 +169,8 @@ def _run(args: argparse.Namespace) -> int:
     with timed("train", timings) if rank0 else nullcontext():
         try:
             res = train_retrieval(
-                split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty(), init_from=source
+                split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty(), init_from=source,
+                resume=resume,
             )
         except ValueError as exc:  # warm-start shape mismatch
             raise UsageError(str(exc)) from None
@@ -170,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = describe(res)
     extra = {
         "train_config": train_cfg.__dict__, "training": summary, "seconds": timings, "init_from": args.init_from,
-        "world_size": distributed.world_size(), "holdout": args.holdout,
+        "world_size": distributed.world_size(), "holdout": args.holdout, "warm_start": warm,
     }
     save_checkpoint(args.out, res.model, ds, args.data, {**extra, "metrics": metrics})
     if png is not None:
@@ -183,6 +199,19 @@ def _run(args: argparse.Namespace) -> int:
             result(name, args.data, metrics, fingerprint=ds.fingerprint, model_config=model_cfg.to_dict(), **extra),
         )
     return 0
+
+
+def _warm(args: argparse.Namespace, ds: Any, model_cfg: RetrievalConfig,
+          rank0: bool) -> tuple[RetrievalModel | None, dict[str, Any]]:
+    """--warm-from: a fresh model (drawn from --seed, as train_retrieval draws one) filled from the
+    checkpoint; (None, the record) when it does not fit, after one line saying so."""
+    torch.manual_seed(args.seed)
+    model = build_model(model_cfg)
+    record, line = attempt("train retrieval", args.warm_from, lambda: warm_retrieval(
+        model, read_stage(args.warm_from, "retrieval"), ds.item_ids.tolist()))
+    if rank0:
+        print(line, flush=True)
+    return (None if "skipped" in record else model), record
 
 
 def _run_folds(args: argparse.Namespace, ds: Any, model_cfg: RetrievalConfig, train_cfg: RetrievalTrainConfig,

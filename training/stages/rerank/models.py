@@ -46,14 +46,21 @@ def reranker_config(name: str, item_dim: int, pv_dim: int, max_len: int, hp: Rer
                      num_scores=num_scores, residual=residual)
 
 
-def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
-                 progress: bool = False, valid: ListData | None = None) -> TrainResult:
-    """Seeded init (train_cfg.seed), listwise training on the lists with a click, early stopping
-    on validation NDCG@10 of `valid` (default: the validation impressions)."""
+def new_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig) -> RerankModel:
+    """The fresh re-ranker `name` for these impressions' shapes, seeded (train_cfg.seed)."""
     cfg = reranker_config(name, imp.train.item_dim, imp.train.pv_dim, imp.config.list_len, hp, imp.train.num_scores,
                           residual=hp.residual)
     torch.manual_seed(train_cfg.seed)
-    model = cast(RerankModel, kind_of("rerank", name).build(cfg))
+    return cast(RerankModel, kind_of("rerank", name).build(cfg))
+
+
+def fit_reranker(name: str, imp: Impressions, hp: RerankerHParams, train_cfg: RerankTrainConfig,
+                 progress: bool = False, valid: ListData | None = None, model: RerankModel | None = None) -> TrainResult:
+    """Seeded init (new_reranker; or `model` as given, e.g. warm-started), listwise training on the
+    lists with a click, early stopping on validation NDCG@10 of `valid` (default: the validation
+    impressions)."""
+    if model is None:
+        model = new_reranker(name, imp, hp, train_cfg)
     # lists without a click add nothing to the listwise loss or to the list metrics (both skip
     # them): leaving them out changes no number and saves most of the compute
     return train_listwise(model, with_clicks(imp.train), train_cfg,

@@ -22,7 +22,7 @@ from models.cascade import PairPrior
 from models.prm import RerankModel
 from service.contract.layout import CHECKPOINT_SUFFIX, RERANK_ITEMS, RERANK_MANIFEST
 from service.contract.rerank_inputs import RerankServing
-from training.checkpoints import load_prerank, load_retrieval
+from training.checkpoints import load_prerank, load_retrieval, read_checkpoint
 from training.data.dataset import Dataset
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
@@ -36,6 +36,7 @@ from training.stages.rerank.sampling import ImpressionConfig
 from training.stages.rerank.train import RerankTrainConfig, evaluate_lists, score_lists, unchanged_scores
 from training.stages.rerank.upstream import Pipeline
 from training.stages.retrieval.train import model_scorer
+from training.warm_start import WarmStart, attempt, warm_rerank
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -105,10 +106,13 @@ class RerankRun:
 
 
 def train_rerank(up: Upstream, out_dir: str | Path, imp_cfg: ImpressionConfig, hp: rr.RerankerHParams,
-                 train_cfg: RerankTrainConfig, *, export: bool = True, progress: Progress | None = None) -> RerankRun:
+                 train_cfg: RerankTrainConfig, *, export: bool = True, progress: Progress | None = None,
+                 warm_from: str | Path | None = None, notice: Progress = log.info) -> RerankRun:
     """Impressions from `up.lists` (imp_cfg: see Upstream.impression_config), early stopping on the
     lists the service re-ranks for the leave-one-out validation users (their next item is the
-    label), each re-ranker saved; then the serving files and the eager end-to-end table of `up.served`."""
+    label), each re-ranker saved; then the serving files and the eager end-to-end table of `up.served`.
+    warm_from: a re-rank folder of another data set whose models start these (all three or none;
+    the one line saying which goes to `notice`)."""
     out = Path(out_dir)
     timings: dict[str, float] = {}
     with timed("impressions", timings):
@@ -121,9 +125,16 @@ def train_rerank(up: Upstream, out_dir: str | Path, imp_cfg: ImpressionConfig, h
     valid = {"before": evaluate_lists(unchanged_scores(imp.valid), imp.valid)}
     fits: dict[str, Any] = {}
     models: dict[str, RerankModel] = {}
+    starts: dict[str, RerankModel] = {}
+    warm: dict[str, Any] | None = None
+    if warm_from is not None:
+        warm, line = attempt("train rerank", warm_from, lambda: _warm_all(warm_from, imp, hp, train_cfg, starts))
+        notice(line)
+        if "skipped" in warm:
+            starts.clear()
     for name in rr.RERANKERS:
         with timed(f"train {name}", timings):
-            fit = rr.fit_reranker(name, imp, hp, train_cfg, valid=stop_on)
+            fit = rr.fit_reranker(name, imp, hp, train_cfg, valid=stop_on, model=starts.get(name))
         models[name] = fit.model
         results[name] = evaluate_lists(score_lists(fit.model, imp.test), imp.test)
         valid[name] = evaluate_lists(score_lists(fit.model, imp.valid), imp.valid)
@@ -132,7 +143,7 @@ def train_rerank(up: Upstream, out_dir: str | Path, imp_cfg: ImpressionConfig, h
             progress(f"{name}: best epoch {fit.best_epoch}, valid NDCG@10 {fit.best_valid_ndcg10:.4f}, "
                      f"test NDCG@10 {results[name]['NDCG@10']:.4f}")
         rr.save_reranker(out / f"{name}{CHECKPOINT_SUFFIX}", name, fit.model, imp.pv_stats, imp_cfg, up.ds.fingerprint,
-                         train=asdict(train_cfg))
+                         train=asdict(train_cfg), warm_start=warm)
     artifacts: dict[str, Any] = {}
     with timed("save", timings):
         save_serving_files(out, up, imp, models["prm"])
@@ -143,6 +154,17 @@ def train_rerank(up: Upstream, out_dir: str | Path, imp_cfg: ImpressionConfig, h
                                                progress=False)}
         e2e.update(end_to_end(up.served, up.loo, models, imp.pv_stats, imp_cfg, progress=progress))
     return RerankRun(imp_cfg, imp.describe(), results, valid, fits, e2e, artifacts, timings)
+
+
+def _warm_all(folder: str | Path, imp: Impressions, hp: rr.RerankerHParams, train_cfg: RerankTrainConfig,
+              starts: dict[str, RerankModel]) -> WarmStart:
+    """Each re-ranker's fresh model (as fit_reranker seeds it) started from folder/<name>.pt, into
+    `starts`; Incompatible (or a missing file) for any one stops them all."""
+    for name in rr.RERANKERS:
+        model = rr.new_reranker(name, imp, hp, train_cfg)
+        warm_rerank(model, read_checkpoint(Path(folder) / f"{name}{CHECKPOINT_SUFFIX}"))
+        starts[name] = model
+    return WarmStart()
 
 
 def save_serving_files(out: Path, up: Upstream, imp: Impressions, model: RerankModel) -> RerankServing:

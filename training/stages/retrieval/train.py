@@ -200,8 +200,11 @@ def train_retrieval(
     train_cfg: RetrievalTrainConfig,
     progress: bool = True,
     init_from: RetrievalModel | None = None,
+    resume: RetrievalModel | None = None,
 ) -> TrainResult:
-    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start).
+    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start: a model
+    of the same data set); `resume` is trained as given (its config is model_cfg; e.g. a fresh model
+    that training/warm_start.py filled from another data set's checkpoint).
 
     Inside a torchrun process group (training.distributed) the model is wrapped in DDP and each
     global batch of `batch_size` sequences is split across the ranks. Each rank's loss is its
@@ -212,7 +215,11 @@ def train_retrieval(
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     rng = np.random.default_rng(train_cfg.seed)  # the same batches and negatives on every rank
-    model = build_model(model_cfg)
+    if resume is not None and init_from is not None:
+        raise ValueError("give init_from or resume, not both")
+    if resume is not None and resume.config != model_cfg:
+        raise ValueError(f"resume: the model's config {resume.config} is not {model_cfg}")
+    model = resume if resume is not None else build_model(model_cfg)
     if init_from is not None:
         warm_start(model, init_from)
     net: nn.Module = model
