@@ -32,7 +32,7 @@ from recsys_cli.errors import UsageError
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
 from training.eval.baselines import BASELINES
-from training.stages.prerank.folds import RANKING_DATA, FoldMap, RankingData
+from training.stages.prerank.folds import RANKING_DATA, TAIL_HOLDOUT, FoldMap, RankingData
 from training.report import table, timed
 
 METRIC = "NDCG@10"  # what the verdict compares (the gates' metric)
@@ -45,7 +45,8 @@ FOLD_SHARE = 0.6  # of an explicit --minutes: each upstream run; the served (con
 # seed): in-sample lists served the best cut on both (0.1126 vs holdout 0.1083 and kfold 0.1097 NDCG@10
 # on ml-100k; 0.3036 vs 0.2952 and 0.2939 on synthetic) and were the only ones whose pre-ranker gained
 # over retrieval; they also train one retriever instead of two or K + 1
-DEFAULT_RANKING_DATA: RankingData = "in-sample"
+DEFAULT_RANKING_DATA: RankingData = "tail"
+HOLDOUT_DEFAULT = 6  # --ranking-data holdout: the upstream's H
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -66,11 +67,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="pre-rank and re-rank epoch cap (default: the trainers' own, with early stopping)")
     p.add_argument("--ranking-data", choices=RANKING_DATA, default=DEFAULT_RANKING_DATA,
                    help="where the rankers' training lists come from (training/stages/prerank/folds.py): in-sample "
-                        "(the served retriever's own lists), holdout (a retriever without each user's last --holdout "
-                        "training items; the served one continues it), kfold (--folds retrievers, each without one "
-                        "fold of the users; lists of every training position) (default: %(default)s)")
-    p.add_argument("--holdout", type=int, default=6,
-                   help="--ranking-data holdout: each user's last H training items the rankers learn on (default: 6)")
+                        "(the served retriever's own lists), tail (the served retriever never trains on each user's "
+                        "last --holdout training items; the rankers learn on those), holdout (a retriever without "
+                        "them; the served one continues it), kfold (--folds retrievers, each without one fold of the "
+                        "users; lists of every training position) (default: %(default)s)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help=f"--ranking-data tail / holdout: each user's last H training items the rankers learn on "
+                        f"(default: {TAIL_HOLDOUT} for tail, {HOLDOUT_DEFAULT} for holdout)")
     p.add_argument("--folds", type=int, default=3, metavar="K",
                    help="--ranking-data kfold: upstream retrievers, each trained without 1/K of the users (default: 3)")
     p.add_argument("--port", type=int, default=8000, help="port the demo server listens on")
@@ -113,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     # continued on everything; in-sample: the served retriever alone
     parts: list[tuple[str, str, LeaveOneOut]] = []
     fmap = None
+    holdout = args.holdout if args.holdout is not None else TAIL_HOLDOUT if scheme == "tail" else HOLDOUT_DEFAULT
+    if holdout < 1:
+        raise UsageError(f"--holdout must be >= 1, got {holdout}")
     if scheme == "holdout":
-        parts.append(("upstream", "ranking fold", LeaveOneOut(ds, holdout=args.holdout)))
+        parts.append(("upstream", "ranking fold", LeaveOneOut(ds, holdout=holdout)))
     elif scheme == "kfold":
         try:
             fmap = FoldMap.assign(ds, args.folds)
@@ -122,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--folds: {exc}") from None
         parts += [(f"fold-{k}", f"fold {k} of {args.folds}: without its users", fmap.split(ds, k))
                   for k in range(args.folds)]
-    parts.append(("retrieval", "all the data" if scheme == "in-sample" else "continued on all the data", split))
+    if scheme == "tail":
+        parts.append(("retrieval", f"all but each user's last {holdout} training items, the rankers' lists",
+                      LeaveOneOut(ds, holdout=holdout)))
+    else:
+        parts.append(("retrieval", "all the data" if scheme == "in-sample" else "continued on all the data", split))
     budgets = [budget_for(part, cfg.maxlen) for _, _, part in parts]
     if args.minutes is not None:  # an explicit override of the time ceiling (tests, a quick look)
         # the served retriever's lineage (its upstream, then its continuation) gets --minutes; each other
@@ -141,14 +151,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {len(res.history)} epochs, best {res.best_epoch} (valid {METRIC} "
               f"{max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f}), stopped: {res.stopped}")
         results[name] = res
-    upstream = [] if scheme == "in-sample" else ["--upstream", str(out / "upstream")]
+    upstream = ([] if scheme == "in-sample" else ["--upstream", str(out / ("retrieval" if scheme == "tail" else "upstream"))])
     if scheme == "holdout":
-        save_checkpoint(out / "upstream", results["upstream"].model, ds, args.data, {"holdout": args.holdout})
+        save_checkpoint(out / "upstream", results["upstream"].model, ds, args.data, {"holdout": holdout})
     elif fmap is not None:
         done = iter(results[f"fold-{k}"] for k in range(fmap.folds))
         train_fold_set(ds, args.data, out / "upstream", fmap, lambda k, part: next(done))
-    init_from = {"init_from": str(out / "upstream" / ("fold-0" if fmap is not None else ""))} if upstream else {}
-    save_checkpoint(out / "retrieval", results["retrieval"].model, ds, args.data, {**init_from, "ranking_data": scheme})
+    init_from = ({"init_from": str(out / "upstream" / ("fold-0" if fmap is not None else ""))}
+                 if scheme in ("holdout", "kfold") else {})
+    own = {"holdout": holdout} if scheme == "tail" else {}  # its own ranking fold: it is its own upstream
+    save_checkpoint(out / "retrieval", results["retrieval"].model, ds, args.data,
+                    {**init_from, **own, "ranking_data": scheme})
     models = {"retrieval": results["retrieval"].model}
     sasrec = f"sasrec(M={args.launchers}) alone"
     models_rows = {**baselines, sasrec: evaluate_model(models["retrieval"], split)}

@@ -39,6 +39,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--epochs", type=int, default=d.epochs, help="epoch cap (training stops earlier on --patience)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--prior-lr", type=float, default=d.prior_lr,
+                   help="the pair prior's refit with the towers frozen (a dozen weights and a small MLP over the "
+                        "pair features, fit on the training lists at once): Adam learning rate")
+    p.add_argument("--prior-steps", type=int, default=d.prior_steps,
+                   help="the pair prior's refit: steps at most, the best on validation kept (0: no refit)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without a validation gain before stopping")
     p.add_argument("--embed-dim", type=int, default=None, help="feature embedding width (default: the model's own)")
@@ -102,7 +107,9 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
         raise UsageError(f"--upstream: {exc}") from None
     if args.upstream is None and served_ckpt.extra.get("holdout"):
         raise UsageError(f"--retrieval {args.retrieval} was trained with --holdout {served_ckpt.extra['holdout']}: "
-                         "serve the retriever continued on all the data and pass this one as --upstream")
+                         "pass it as --upstream too (it serves and makes its own ranking lists: the demo's tail "
+                         "ranking data), or serve the retriever continued on all the data and pass this one as "
+                         "--upstream")
     if args.window is not None and args.window < 0:
         raise UsageError(f"--window must be >= 0, got {args.window}")
     if ups.ranking == "kfold":  # the training table and catalog are the served ones (the folds are aligned to it)
@@ -111,6 +118,7 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
                   file=sys.stderr)
         return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups,
                           pair=False)
+    args.ranking_data = ups.ranking  # what the lists are, for the report
     return Retrievers(served, ups.models[0], holdout=ups.holdout, window=args.window,
                       features=not args.no_retrieval_features, pair=not args.no_pair_features)
 
@@ -140,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             patience=args.patience, cir_weight=cir, temperature=args.temperature, candidates=args.candidates,
             random_negatives=args.random_negatives, hard_negatives=args.hard_negatives, seed=args.seed,
+            prior_lr=args.prior_lr, prior_steps=args.prior_steps,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -164,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                 extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval,
                                       "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
                                       "window": rets.holdout if args.window is None else args.window,
-                                      "cascade_inputs": rets.features}
+                                      "cascade_inputs": rets.features,
+                                      "ranking_data": getattr(args, "ranking_data", "kfold")}
                 if rets.fold_set is not None:
                     extra["retrieval"].update(rets.fold_set.describe(), window=args.window)
                 data = build_next_item_data(ds, loo, None, args.history_len, args.candidates,

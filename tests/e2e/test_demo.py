@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from service.artifacts import load_current
+from training.stages.prerank.folds import TAIL_HOLDOUT
 
 
 def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
@@ -19,6 +22,12 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "popularity" in proc.stdout and "sasrec(M=1) alone" in proc.stdout  # M = 1 by default
+    # the default ranking data: the served retriever is its own ranking fold (never trained on each
+    # user's last TAIL_HOLDOUT training items), and the rankers learn on those lists
+    ret = torch.load(tmp_path / "runs" / "retrieval" / "checkpoint.pt", weights_only=False)["extra"]
+    assert ret["ranking_data"] == "tail" and ret["holdout"] == TAIL_HOLDOUT and "init_from" not in ret
+    assert "pre-rank training examples" in proc.stdout and "(tail lists)" in proc.stdout
+    assert "pair prior refit (towers frozen" in proc.stdout
     version = load_current(art)
     assert version.manifest.to_dict()["item_count"] == 80
     # evaluate prints the served-cut table of the published version (test users), `*` on what is served

@@ -23,6 +23,14 @@ would be a rotation of it, and the vectors the rankers read as features would me
 Without a holdout (H = 0) the lists are in-sample: every training position, as before; the
 comparison of the two is in the issue-11 note.
 
+`tail` (the demo's default, `--ranking-data tail`): no second model. The served retriever itself
+is the holdout retriever, trained with H = TAIL_HOLDOUT and not continued, so its ranking-fold
+lists are out of sample for the very model that serves (same vectors, same score scale), at the
+price of never training on each user's last H training items (they are still read as history).
+The pre-ranker's pair prior is fit on those lists (training/stages/prerank/train.py refit_prior);
+fit on in-sample lists it learns the retriever's memorised scores and serves worse than the
+merged-retrieval order it starts from (issue 22's note: ml-100k and synthetic, test lists).
+
 K-fold over users (`recsys train retrieval --folds K`, the demo's `--ranking-data kfold`): the
 users are dealt into K folds (assign_folds, seeded); retriever k trains on every training
 position of the users outside fold k and on none of fold k's (FoldOut). A sequential encoder has
@@ -54,8 +62,9 @@ import numpy as np
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut
 
-RankingData = Literal["in-sample", "holdout", "kfold"]
-RANKING_DATA: tuple[RankingData, ...] = ("in-sample", "holdout", "kfold")
+RankingData = Literal["in-sample", "tail", "holdout", "kfold"]
+RANKING_DATA: tuple[RankingData, ...] = ("in-sample", "tail", "holdout", "kfold")
+TAIL_HOLDOUT = 2  # `tail`: the served retriever never trains on each user's last this many training items
 FOLD_MAP = "folds.json"  # beside the K fold retrievers: which fold each user is in
 RERANK_POSITIONS = 5  # R: the last R training positions of each user are the re-ranker's (K-fold)
 

@@ -94,8 +94,10 @@ def load_upstreams(path: str | Path, ds: Dataset, data_spec: str | None, served:
     if not is_fold_set(path):
         model, ckpt = load_retrieval(path, ds, data_spec)
         holdout = int(ckpt.extra.get("holdout") or 0)
-        return UpstreamSet([model], np.zeros(ds.num_users, dtype=np.int64), "holdout" if holdout else "in-sample",
-                           holdout, str(path), [frozenset()], [])
+        scheme: RankingData = ("tail" if holdout and ckpt.extra.get("ranking_data") == "tail"
+                               else "holdout" if holdout else "in-sample")
+        return UpstreamSet([model], np.zeros(ds.num_users, dtype=np.int64), scheme, holdout, str(path),
+                           [frozenset()], [])
     fmap = FoldMap.load(path, ds)
     target = served.item_embedding.weight.detach().numpy()[1:]  # (N, D)
     models: list[RetrievalModel] = []

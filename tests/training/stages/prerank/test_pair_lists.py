@@ -84,6 +84,33 @@ def test_the_training_route_never_counts_the_lists_targets() -> None:
     assert routes.tables.items[:, 0].sum() < list_routes(ds, LeaveOneOut(ds).train_mask).tables.items[:, 0].sum()
 
 
+def test_the_prior_refit_lifts_validation_and_never_ends_below_its_start() -> None:
+    """refit_prior on lists of an untrained retriever merged with the route (the route is the
+    signal, the random retrieval score noise): the refit prior moves off the merged order, its
+    validation NDCG@10 is what evaluate_next_item measures with it, above the start; with no
+    step allowed to improve (lr so large every step diverges) the start is kept, unchanged."""
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    torch.manual_seed(1)
+    sasrec = MultiLauncherSASRec(SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=1))
+    data = build_next_item_data(ds, loo, None, history_len=10, candidates=CANDIDATES, max_train_examples=400,
+                                retrievers=Retrievers(sasrec, sasrec))
+    tower = pr.build_model("inttower", data.spec, hidden=(16, 8), heads=2, head_dim=4, embed_dim=8)
+    cfg = pr.TrainConfig(prior_steps=60)
+    prior = retrieval_prior(data)
+    assert isinstance(prior, PairPrior)
+    got = pr.refit_prior(tower, prior, data, cfg)
+    assert got["valid_NDCG@10"] > got["start"] and got["step"] > 0
+    assert pr.evaluate_next_item(tower, data, "valid", prior)["NDCG@10"] == pytest.approx(got["valid_NDCG@10"], abs=1e-6)
+    fresh = retrieval_prior(data)
+    assert isinstance(fresh, PairPrior)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    kept = pr.refit_prior(tower, fresh, data, pr.TrainConfig(prior_steps=20, prior_lr=1e3))
+    if kept["step"] == 0:  # no step beat the start: the start itself is kept
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert kept["valid_NDCG@10"] >= kept["start"]
+
+
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
 def test_a_list_reads_tables_without_its_own_future(cut: int) -> None:
     """In-sample lists: inside without_future the route, the co-occurrence features and the
