@@ -27,7 +27,7 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     ret = torch.load(tmp_path / "runs" / "retrieval" / "checkpoint.pt", weights_only=False)["extra"]
     assert ret["ranking_data"] == "tail" and ret["holdout"] == TAIL_HOLDOUT and "init_from" not in ret
     assert "pre-rank training examples" in proc.stdout and "(tail lists)" in proc.stdout
-    assert "pair prior refit (towers frozen" in proc.stdout
+    assert "pair prior refit (towers frozen" in proc.stdout + proc.stderr  # the trainer's progress: stderr
     version = load_current(art)
     assert version.manifest.to_dict()["item_count"] == 80
     # evaluate prints the served-cut table of the published version (test users), `*` on what is served
