@@ -303,9 +303,14 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     n_hard = min(cfg.hard_negatives, C)
     history: list[dict[str, Any]] = []
     start_score = -math.inf
+    start_state: dict[str, Any] | None = None
+    start_lists = np.zeros(0)
     if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
-        start_metrics = evaluate_next_item(model, data, "valid", prior)
-        start_score = start_metrics["NDCG@10"]
+        start_scores = score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior,
+                                   lists=data.valid)
+        start_score = list_quality(start_scores, data.valid)["NDCG@10"]
+        start_lists = list_ndcg10(start_scores, data.valid)
+        start_state = copy.deepcopy(both.state_dict())
         history.append({"epoch": 0, "valid_NDCG@10": start_score, "prior": prior.serving()})
 
     def list_step(epoch: int, bar: Bar) -> StepResult:
@@ -383,10 +388,40 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     result = fit(both, cfg.epochs, cfg.patience, step, validate, start_score=start_score, progress=False,
                  on_epoch=record)
     out: dict[str, Any] = {"history": history, "best_valid_NDCG@10": result.best_score}
+    if start_state is not None:
+        # the best epoch replaces the retrieval order only when it beats it on validation by more than
+        # the paired standard error (the stage gate's rule): with few lists the best of several noisy
+        # epochs is above the start by chance as often as not, and served below it on the test users
+        trained = list_ndcg10(score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior,
+                                          lists=data.valid), data.valid)
+        gain, se = paired_gain(trained, start_lists)
+        out["kept_training"] = gain > se
+        if not gain > se:
+            both.load_state_dict(start_state)
+            both.eval()
+            out["best_valid_NDCG@10"] = start_score
+            if progress:
+                progress(f"pre-rank training: valid NDCG@10 {gain:+.4f} over the retrieval order, not above its "
+                         f"paired SE {se:.4f}: the retrieval order kept")
     if isinstance(prior, PairPrior) and cfg.prior_steps:
         out["prior_refit"] = refit_prior(model, prior, data, cfg, progress)
         out["best_valid_NDCG@10"] = out["prior_refit"]["valid_NDCG@10"]
     return out
+
+
+def list_ndcg10(scores: np.ndarray, lists: CandidateLists) -> np.ndarray:
+    """(B,) each list's NDCG@10 of its one target under `scores` (B, C) (0 when the target is not in
+    the list or ranks past 10; ties by position, as list_metrics)."""
+    s = np.where(lists.candidates > 0, scores, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :10]
+    hit = np.take_along_axis(lists.candidates, order, axis=1) == lists.targets[:, None]
+    return (hit / np.log2(np.arange(2, order.shape[1] + 2))).sum(axis=1)
+
+
+def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+    """mean(new - old) and its standard error over the same lists."""
+    d = np.asarray(new, np.float64) - np.asarray(old, np.float64)
+    return float(d.mean()) if d.size else 0.0, float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
 
 
 PRIOR_CHECK_EVERY = 10  # refit_prior: validation every this many steps
@@ -397,11 +432,12 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The pair prior alone refit on the training lists, the towers frozen: Adam at cfg.prior_lr
     over (up to PRIOR_BATCH of) the lists at once for up to cfg.prior_steps steps, validation
-    NDCG@10 every PRIOR_CHECK_EVERY steps, the best kept, the prior as it came in included (so
-    the refit never ends below it on validation). Trained jointly with the towers in small
+    NDCG@10 every PRIOR_CHECK_EVERY steps, the best kept when it beats the prior as it came in by
+    more than the paired standard error over the validation lists (else that prior is kept). Trained jointly with the towers in small
     batches the prior, a dozen weights and a small MLP, follows the towers' noise; on out-of-sample
     lists (a ranking fold) a fit of its own is what lifts the list above the merged-retrieval order
-    (issue 22). -> {"start", "valid_NDCG@10", "step"}: validation before and after, the step kept."""
+    (issue 22). -> {"start", "valid_NDCG@10", "step", "gain", "se"}: validation before and after,
+    the step kept (0: none), the best step's gain over the start and its paired SE."""
     assert data.train_lists is not None and data.valid.features is not None and data.valid.launchers is not None
     tl = data.train_lists
     catalog = data.train_catalog if data.train_catalog is not None else data.catalog
@@ -409,14 +445,16 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
     valid_tower = torch.from_numpy(score_lists(model, data.valid.user, data.valid.candidates, data.catalog))
     valid_feats, valid_launch = torch.from_numpy(data.valid.features), torch.from_numpy(data.valid.launchers.astype(np.int64))
 
-    def validate() -> float:
+    def validate() -> tuple[float, np.ndarray]:
         prior.eval()
         with torch.no_grad():
-            s = prior(valid_tower, valid_feats, valid_launch).numpy()
-        return list_quality(np.where(data.valid.candidates > 0, s, -np.inf), data.valid)["NDCG@10"]
+            s = np.where(data.valid.candidates > 0, prior(valid_tower, valid_feats, valid_launch).numpy(), -np.inf)
+        return list_quality(s, data.valid)["NDCG@10"], list_ndcg10(s, data.valid)
 
-    start = best = validate()
-    best_step, best_state = 0, copy.deepcopy(prior.state_dict())
+    start, start_lists = validate()
+    best, best_lists = start, start_lists
+    best_step, start_state = 0, copy.deepcopy(prior.state_dict())
+    best_state = start_state
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     E = tl.items.shape[0]
@@ -431,15 +469,18 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
         loss.backward()
         opt.step()
         if step % PRIOR_CHECK_EVERY == 0:
-            v = validate()
+            v, per_list = validate()
             if v > best:
-                best, best_step, best_state = v, step, copy.deepcopy(prior.state_dict())
+                best, best_lists, best_step, best_state = v, per_list, step, copy.deepcopy(prior.state_dict())
+    gain, se = paired_gain(best_lists, start_lists)
+    if not gain > se:  # not beyond noise (the stage gate's rule): the prior as it came in
+        best, best_step, best_state = start, 0, start_state
     prior.load_state_dict(best_state)
     prior.eval()
     if progress:
         progress(f"pair prior refit (towers frozen, {E} lists): valid NDCG@10 {start:.4f} -> {best:.4f} "
-                 f"(step {best_step} of {cfg.prior_steps})")
-    return {"start": start, "valid_NDCG@10": best, "step": best_step}
+                 f"(step {best_step} of {cfg.prior_steps}; the best step's gain {gain:+.4f}, paired SE {se:.4f})")
+    return {"start": start, "valid_NDCG@10": best, "step": best_step, "gain": gain, "se": se}
 
 
 # --- checkpoints ---
