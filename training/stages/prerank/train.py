@@ -36,7 +36,7 @@ from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES
 from training.checkpoints import Checkpoint, ModelKind, kind_of, save_checkpoint as save_payload, stage_kinds
 from training.data.splits import Split
 from training.data.features import EncodedFields, FeatureSpec
-from training.eval.metrics import auc, list_metrics, logloss
+from training.eval.metrics import KEEP_TRAINED_SE, auc, beats_start, list_metrics, logloss, ndcg_rows
 from training.stages.prerank.data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
 from training.trainer import Bar, EpochResult, StepResult, fit
 
@@ -389,20 +389,18 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
                  on_epoch=record)
     out: dict[str, Any] = {"history": history, "best_valid_NDCG@10": result.best_score}
     if start_state is not None:
-        # the best epoch replaces the retrieval order only when it beats it on validation by more than
-        # the paired standard error (the stage gate's rule): with few lists the best of several noisy
-        # epochs is above the start by chance as often as not, and served below it on the test users
+        # the best epoch replaces the retrieval order only beyond noise (metrics.beats_start)
         trained = list_ndcg10(score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior,
                                           lists=data.valid), data.valid)
-        gain, se = paired_gain(trained, start_lists)
-        out["kept_training"] = gain > se
-        if not gain > se:
+        keep, gain, se = beats_start(trained, start_lists)
+        out["kept_training"] = keep
+        if not keep:
             both.load_state_dict(start_state)
             both.eval()
             out["best_valid_NDCG@10"] = start_score
             if progress:
-                progress(f"pre-rank training: valid NDCG@10 {gain:+.4f} over the retrieval order, not above its "
-                         f"paired SE {se:.4f}: the retrieval order kept")
+                progress(f"pre-rank training: valid NDCG@10 {gain:+.4f} over the retrieval order, not above "
+                         f"{KEEP_TRAINED_SE:g} x its paired SE {se:.4f}: the retrieval order kept")
     if isinstance(prior, PairPrior) and cfg.prior_steps:
         out["prior_refit"] = refit_prior(model, prior, data, cfg, progress)
         out["best_valid_NDCG@10"] = out["prior_refit"]["valid_NDCG@10"]
@@ -410,18 +408,8 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
 
 
 def list_ndcg10(scores: np.ndarray, lists: CandidateLists) -> np.ndarray:
-    """(B,) each list's NDCG@10 of its one target under `scores` (B, C) (0 when the target is not in
-    the list or ranks past 10; ties by position, as list_metrics)."""
-    s = np.where(lists.candidates > 0, scores, -np.inf)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :10]
-    hit = np.take_along_axis(lists.candidates, order, axis=1) == lists.targets[:, None]
-    return (hit / np.log2(np.arange(2, order.shape[1] + 2))).sum(axis=1)
-
-
-def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
-    """mean(new - old) and its standard error over the same lists."""
-    d = np.asarray(new, np.float64) - np.asarray(old, np.float64)
-    return float(d.mean()) if d.size else 0.0, float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+    """(R,) NDCG@10 of each list holding its target under `scores` (B, C) (metrics.ndcg_rows)."""
+    return ndcg_rows(scores, lists.candidates == lists.targets[:, None], 10, lists.candidates > 0)
 
 
 PRIOR_CHECK_EVERY = 10  # refit_prior: validation every this many steps
@@ -432,8 +420,8 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The pair prior alone refit on the training lists, the towers frozen: Adam at cfg.prior_lr
     over (up to PRIOR_BATCH of) the lists at once for up to cfg.prior_steps steps, validation
-    NDCG@10 every PRIOR_CHECK_EVERY steps, the best kept when it beats the prior as it came in by
-    more than the paired standard error over the validation lists (else that prior is kept). Trained jointly with the towers in small
+    NDCG@10 every PRIOR_CHECK_EVERY steps, the best kept when it beats the prior as it came in
+    beyond noise (metrics.beats_start over the validation lists; else that prior is kept). Trained jointly with the towers in small
     batches the prior, a dozen weights and a small MLP, follows the towers' noise; on out-of-sample
     lists (a ranking fold) a fit of its own is what lifts the list above the merged-retrieval order
     (issue 22). -> {"start", "valid_NDCG@10", "step", "gain", "se"}: validation before and after,
@@ -472,8 +460,8 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
             v, per_list = validate()
             if v > best:
                 best, best_lists, best_step, best_state = v, per_list, step, copy.deepcopy(prior.state_dict())
-    gain, se = paired_gain(best_lists, start_lists)
-    if not gain > se:  # not beyond noise (the stage gate's rule): the prior as it came in
+    keep, gain, se = beats_start(best_lists, start_lists)
+    if not keep:  # not beyond noise: the prior as it came in
         best, best_step, best_state = start, 0, start_state
     prior.load_state_dict(best_state)
     prior.eval()

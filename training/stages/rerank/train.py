@@ -9,6 +9,8 @@ Slate accuracy = share of lists (with a positive) whose top-scored real entry is
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import math
 from collections.abc import Iterable
@@ -20,7 +22,7 @@ import torch
 
 from models.prm import PAD_LOGIT, RerankModel
 from training.trainer import Bar, EpochResult, StepResult, fit
-from training.eval.metrics import list_metrics
+from training.eval.metrics import KEEP_TRAINED_SE, beats_start, list_metrics, ndcg_rows
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +203,14 @@ def train_listwise(
     labels = torch.from_numpy(data.labels)
     history: list[EpochStats] = []
     start = -math.inf
+    start_state: dict[str, Any] | None = None
+    start_rows = np.zeros(0)
     if valid is not None and getattr(model.config, "residual", False):
         # a residual model starts at the order it is given: training has to beat that to be kept
-        start = evaluate_lists(score_lists(model, valid, cfg.eval_batch_size), valid, ks=(10,))["NDCG@10"]
+        given = score_lists(model, valid, cfg.eval_batch_size)
+        start = evaluate_lists(given, valid, ks=(10,))["NDCG@10"]
+        start_rows = ndcg_rows(given, valid.labels, 10, valid.mask)
+        start_state = copy.deepcopy(model.state_dict())
         log.info("epoch 0 (the given order) valid NDCG@10 %.4f", start)
 
     def train_step(epoch: int, bar: Bar) -> StepResult:
@@ -238,8 +245,18 @@ def train_listwise(
     result = fit(model, cfg.epochs, cfg.patience, train_step,
                  (lambda: validate(valid)) if valid is not None else None, start_score=start,
                  max_minutes=cfg.max_minutes, progress=progress, on_epoch=record)
-    return TrainResult(model=model, best_epoch=result.best_epoch, best_valid_ndcg10=result.best_score,
-                       history=history)
+    best_epoch, best_score = result.best_epoch, result.best_score
+    if start_state is not None and valid is not None and best_epoch > 0:
+        # the trained order replaces the given one only beyond noise (metrics.beats_start)
+        keep, gain, se = beats_start(ndcg_rows(score_lists(model, valid, cfg.eval_batch_size), valid.labels, 10,
+                                               valid.mask), start_rows)
+        if not keep:
+            model.load_state_dict(start_state)
+            model.eval()
+            log.info("best epoch %d: valid NDCG@10 %+.4f over the given order, not above %g x its paired SE %.4f: "
+                     "the given order kept", best_epoch, gain, KEEP_TRAINED_SE, se)
+            best_epoch, best_score = 0, start
+    return TrainResult(model=model, best_epoch=best_epoch, best_valid_ndcg10=best_score, history=history)
 
 
 # --- evaluation ---
