@@ -89,8 +89,9 @@ def _hidden(text: str | None) -> tuple[int, ...] | None:
     return sizes
 
 
-def retrievers(args: argparse.Namespace, ds: Any) -> Any:
-    """training.stages.prerank.data.Retrievers from --retrieval / --upstream, both checked against the data."""
+def retrievers(args: argparse.Namespace, ds: Any) -> tuple[Any, str]:
+    """(training.stages.prerank.data.Retrievers, the scheme of its lists: in-sample / tail / holdout / kfold) from
+    --retrieval / --upstream, both checked against the data."""
     from training.checkpoints import load_retrieval
     from training.stages.prerank.data import Retrievers
     from training.stages.prerank.upstreams import load_upstreams
@@ -117,10 +118,9 @@ def retrievers(args: argparse.Namespace, ds: Any) -> Any:
             print("train prerank: K-fold ranking data: without pair features (the plain retrieval prior)",
                   file=sys.stderr)
         return Retrievers(served, served, window=args.window, features=not args.no_retrieval_features, fold_set=ups,
-                          pair=False)
-    args.ranking_data = ups.ranking  # what the lists are, for the report
+                          pair=False), ups.ranking
     return Retrievers(served, ups.models[0], holdout=ups.holdout, window=args.window,
-                      features=not args.no_retrieval_features, pair=not args.no_pair_features)
+                      features=not args.no_retrieval_features, pair=not args.no_pair_features), ups.ranking
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,19 +169,19 @@ def run(args: argparse.Namespace) -> int:
         else:
             loo = LeaveOneOut(ds)
             if args.retrieval:
-                rets = retrievers(args, ds)
+                rets, ranking = retrievers(args, ds)
                 extra["retrieval"] = {"model": "sasrec", "checkpoint": args.retrieval,
                                       "upstream": args.upstream or args.retrieval, "holdout": rets.holdout,
                                       "window": rets.holdout if args.window is None else args.window,
                                       "cascade_inputs": rets.features,
-                                      "ranking_data": getattr(args, "ranking_data", "kfold")}
+                                      "ranking_data": ranking}
                 if rets.fold_set is not None:
                     extra["retrieval"].update(rets.fold_set.describe(), window=args.window)
                 data = build_next_item_data(ds, loo, None, args.history_len, args.candidates,
                                             args.max_train_examples, args.seed, retrievers=rets)
                 extra["retrieval"]["train_examples"] = int(data.train_targets.size)
                 print(f"pre-rank training examples: {data.train_targets.size} "
-                      f"({extra['retrieval'].get('ranking_data', 'holdout' if rets.holdout else 'in-sample')} lists)")
+                      f"({extra['retrieval']['ranking_data']} lists)")
             else:
                 if args.upstream or args.window is not None:
                     raise UsageError("--upstream and --window need --retrieval")

@@ -149,9 +149,9 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 # --- list metrics (re-ranking) ---
 
 
-def ndcg_rows(scores: np.ndarray, labels: np.ndarray, k: int = 10, mask: np.ndarray | None = None) -> np.ndarray:
-    """(R,) NDCG@k of each list that has a relevant entry (list_metrics' NDCG@k is their mean), in
-    row order: for paired comparisons of two orders of the same lists."""
+def _displayed(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lists with a relevant entry: (their labels in displayed order (R, L), in ideal order (R, L),
+    keep (B,) which lists those are); padding (mask False) never displays and is never relevant."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
     if mask is not None:
@@ -160,12 +160,22 @@ def ndcg_rows(scores: np.ndarray, labels: np.ndarray, k: int = 10, mask: np.ndar
     keep = labels.sum(axis=1) > 0
     scores, labels = scores[keep], labels[keep]
     ranked = np.take_along_axis(labels, np.argsort(-scores, axis=1, kind="stable"), axis=1)
-    ideal = -np.sort(-labels, axis=1)
-    kk = min(k, labels.shape[1])
+    return ranked, -np.sort(-labels, axis=1), keep
+
+
+def _ndcg(ranked: np.ndarray, ideal: np.ndarray, k: int) -> np.ndarray:
+    kk = min(k, ranked.shape[1])
     discount = 1.0 / np.log2(np.arange(kk) + 2.0)
     dcg = ((2.0 ** ranked[:, :kk] - 1.0) * discount).sum(axis=1)
     idcg = ((2.0 ** ideal[:, :kk] - 1.0) * discount).sum(axis=1)
     return dcg / idcg
+
+
+def ndcg_rows(scores: np.ndarray, labels: np.ndarray, k: int = 10, mask: np.ndarray | None = None) -> np.ndarray:
+    """(R,) NDCG@k of each list that has a relevant entry (list_metrics' NDCG@k is their mean), in
+    row order: for paired comparisons of two orders of the same lists."""
+    ranked, ideal, _ = _displayed(scores, labels, mask)
+    return _ndcg(ranked, ideal, k)
 
 
 def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
@@ -196,25 +206,13 @@ def list_metrics(
     Lists without any relevant entry carry no ranking signal and are left out of the means
     (their count is reported as `lists`).
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    if mask is not None:
-        scores = np.where(mask, scores, -np.inf)
-        labels = np.where(mask, labels, 0.0)
-    keep = labels.sum(axis=1) > 0
-    scores, labels = scores[keep], labels[keep]
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(labels, order, axis=1)  # labels in displayed order
-    ideal = -np.sort(-labels, axis=1)
-    L = labels.shape[1]
-    discount = 1.0 / np.log2(np.arange(L) + 2.0)
+    ranked, ideal, keep = _displayed(scores, labels, mask)  # labels in displayed order
+    L = ranked.shape[1]
     rel = ranked > 0
     out: dict[str, float] = {"lists": float(keep.sum())}
     for k in ks:
         kk = min(k, L)
-        dcg = ((2.0 ** ranked[:, :kk] - 1.0) * discount[:kk]).sum(axis=1)
-        idcg = ((2.0 ** ideal[:, :kk] - 1.0) * discount[:kk]).sum(axis=1)
-        out[f"NDCG@{k}"] = float((dcg / idcg).mean()) if keep.any() else 0.0
+        out[f"NDCG@{k}"] = float(_ndcg(ranked, ideal, k).mean()) if keep.any() else 0.0
         hits = np.cumsum(rel[:, :kk], axis=1)
         prec_at = hits / np.arange(1, kk + 1)
         n_rel = np.minimum(rel.sum(axis=1), k)

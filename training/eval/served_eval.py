@@ -48,7 +48,7 @@ from service.pipeline import Recommender
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split
 from training.eval.diversity import category_diversity, embedding_diversity
-from training.eval.metrics import ranking_metrics
+from training.eval.metrics import paired_gain, ranking_metrics
 from training.report import table
 
 KS = (10, 20, 50)
@@ -149,8 +149,7 @@ class ServedEval:
 
     def paired_se(self, cut: str, previous: str) -> float:
         """Standard error of mean(NDCG@10[cut] - NDCG@10[previous]) over the same users."""
-        d = self.ndcg[cut] - self.ndcg[previous]
-        return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+        return paired_gain(self.ndcg[cut], self.ndcg[previous])[1]
 
 
 def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None = None, split: Split = "test",
