@@ -305,9 +305,12 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     start_score = -math.inf
     start_state: dict[str, Any] | None = None
     start_lists = np.zeros(0)
+
+    def valid_scores() -> np.ndarray:
+        return score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior, lists=data.valid)
+
     if prior is not None:  # the starting point is the retrieval order: training must beat it to be kept
-        start_scores = score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior,
-                                   lists=data.valid)
+        start_scores = valid_scores()
         start_score = list_quality(start_scores, data.valid)["NDCG@10"]
         start_lists = list_ndcg10(start_scores, data.valid)
         start_state = copy.deepcopy(both.state_dict())
@@ -390,9 +393,7 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
     out: dict[str, Any] = {"history": history, "best_valid_NDCG@10": result.best_score}
     if start_state is not None:
         # the best epoch replaces the retrieval order only beyond noise (metrics.beats_start)
-        trained = list_ndcg10(score_lists(model, data.valid.user, data.valid.candidates, data.catalog, prior=prior,
-                                          lists=data.valid), data.valid)
-        keep, gain, se = beats_start(trained, start_lists)
+        keep, gain, se = beats_start(list_ndcg10(valid_scores(), data.valid), start_lists)
         out["kept_training"] = keep
         if not keep:
             both.load_state_dict(start_state)
