@@ -78,7 +78,9 @@ def test_serve_bad_artifacts_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_serve_several_workers_need_redis(artifacts_root: Path) -> None:  # noqa: F811
     env = {k: v for k, v in os.environ.items() if k != "RECSYS_REDIS_URL"}
     proc = subprocess.run(
-        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--workers", "2"],
+        # a free port: the port check comes first, and `make demo` may be serving on the default 8000
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root), "--workers", "2",
+         "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2 and "--workers > 1 needs --redis-url" in proc.stderr
