@@ -136,6 +136,15 @@ def without_future(routes: ListRoutes, seq: np.ndarray, cut: int) -> Iterator[No
             arr[idx] = old
 
 
+def _table_stops(routes: ListRoutes, ds: Dataset, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """(B,) the end of each list's user rows that `routes`' tables counted (at least the list's
+    history end): without_future takes rows[end : stop] out of the tables."""
+    ends = np.asarray(ends, np.int64)
+    if routes.counted_end is None:
+        return ends
+    return np.maximum(routes.counted_end[ds.users[np.asarray(starts, np.int64)]], ends)
+
+
 def with_settings(route: Item2ItemRoute, serving: Mapping[str, float] | None) -> Item2ItemRoute:
     """`route` with the request settings `serving` (recent, decay, candidates, beta; default DEFAULT_SERVING)."""
     s = {**DEFAULT_SERVING, **(serving or {})}
@@ -153,14 +162,16 @@ def tune_route_settings(model: RetrievalModel, routes: ListRoutes, ds: Dataset, 
     top = fused_top(model, pad_left(ds.items, np.asarray(starts), np.asarray(ends), None), candidates)
     hists = [ds.items[s:e].astype(np.int64) for s, e in zip(starts, ends)]
     banned = [np.unique(h) for h in hists]
+    stops = _table_stops(routes, ds, starts, ends)
 
     def measure(setting: Setting) -> float:
         route = with_settings(routes.route, setting)  # type: ignore[arg-type]
         gain = 0.0
         for j, h in enumerate(hists):
             real = top.items[j] > 0
-            m = merge_routes(top.items[j][real], top.scores[j][real], top.launchers[j][real], route, h, banned[j],
-                             top.users[j], table[1:])
+            with without_future(routes, ds.items[starts[j]:stops[j]], int(ends[j] - starts[j])):
+                m = merge_routes(top.items[j][real], top.scores[j][real], top.launchers[j][real], route, h,
+                                 banned[j], top.users[j], table[1:])
             hit = np.flatnonzero(m.items[:TOP] == targets[j])
             gain += 1.0 / np.log2(hit[0] + 2.0) if hit.size else 0.0
         return gain / max(len(hists), 1)
@@ -210,6 +221,7 @@ def make_lists(model: RetrievalModel, routes: ListRoutes, ds: Dataset, starts: n
     launchers = np.zeros((B, width), np.int64)
     feats = np.zeros((B, width, F), np.float32)
     users: list[np.ndarray] = []
+    stops = _table_stops(routes, ds, starts, ends)
     for c0 in range(0, B, chunk):
         sl = slice(c0, c0 + chunk)
         top = fused_top(model, pad_left(ds.items, starts[sl], ends[sl], None), candidates)
@@ -219,8 +231,7 @@ def make_lists(model: RetrievalModel, routes: ListRoutes, ds: Dataset, starts: n
             hist = ds.items[starts[b]:ends[b]].astype(np.int64)
             real = top.items[j] > 0
             cand, fused, launch = top.items[j][real], top.scores[j][real], top.launchers[j][real]
-            stop = ends[b] if routes.counted_end is None else max(int(routes.counted_end[ds.users[starts[b]]]), ends[b])
-            with without_future(routes, ds.items[starts[b]:stop], int(ends[b] - starts[b])):
+            with without_future(routes, ds.items[starts[b]:stops[b]], int(ends[b] - starts[b])):
                 if route is None:
                     m = Merged.faiss_only(cand, fused, launch)
                 else:
