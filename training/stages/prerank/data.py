@@ -172,6 +172,7 @@ class NextItemData:
     # the training lists merged with the route, with pair features (Retrievers.pair); rows whose
     # target is not in its list are left out (nothing to order)
     train_lists: MergedLists | None = None
+    train_list_users: np.ndarray | None = None  # (E,) the data set's user index of each training list
     # the route's request settings the lists were made with (tuned on the validation users as
     # publish does; publish then serves them: prerank.serving.pair_prior.route)
     route_serving: dict[str, float] | None = None
@@ -315,6 +316,7 @@ def build_next_item_data(
         train_table=up_table,
         train_catalog=spec.item.encode(i_up) if cascade else None,
         train_lists=train_lists,
+        train_list_users=ds.users[rows] if train_lists is not None else None,
         route_serving=route_serving,
     )
 
