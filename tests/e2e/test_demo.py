@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from service.artifacts import load_current
-from training.stages.prerank.folds import TAIL_HOLDOUT
+from training.data.sources import load
+from training.data.splits import LeaveOneOut
+from training.stages.prerank.folds import tail_holdout
 
 
 def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
@@ -23,9 +25,10 @@ def test_demo_publishes_a_servable_version(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "popularity" in proc.stdout and "sasrec(M=1) alone" in proc.stdout  # M = 1 by default
     # the default ranking data: the served retriever is its own ranking fold (never trained on each
-    # user's last TAIL_HOLDOUT training items), and the rankers learn on those lists
+    # user's last H training items, H from the data: tail_holdout), and the rankers learn on those lists
     ret = torch.load(tmp_path / "runs" / "retrieval" / "checkpoint.pt", weights_only=False)["extra"]
-    assert ret["ranking_data"] == "tail" and ret["holdout"] == TAIL_HOLDOUT and "init_from" not in ret
+    h = tail_holdout(LeaveOneOut(load("synthetic:users=200,items=80")))
+    assert ret["ranking_data"] == "tail" and ret["holdout"] == h and "init_from" not in ret
     assert "pre-rank training examples" in proc.stdout and "(tail lists)" in proc.stdout
     assert "pair prior refit (towers frozen" in proc.stdout + proc.stderr  # the trainer's progress: stderr
     version = load_current(art)

@@ -5,6 +5,7 @@ that trained on that user."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +208,16 @@ def test_a_fold_map_that_disagrees_with_a_checkpoint_is_refused(fold_set: Path, 
     served, _ = load_retrieval(fold_set / "ret", ds)
     with pytest.raises(CheckpointError, match="not fold"):
         load_upstreams(bad, ds, TINY, served)
+
+
+def test_the_tail_holdout_follows_the_users_and_their_lengths() -> None:
+    """tail_holdout: at least TAIL_HOLDOUT; enough positions for about TAIL_LISTS lists when few
+    users have long histories; never more than TAIL_SHARE of the median user's training length."""
+    from training.stages.prerank.folds import TAIL_HOLDOUT, TAIL_LISTS, TAIL_SHARE, tail_holdout
+
+    many_short = LeaveOneOut(load("synthetic:users=2000,items=100,seed=0"))
+    assert tail_holdout(many_short) == TAIL_HOLDOUT
+    few_long = LeaveOneOut(load("synthetic:users=100,items=200,mean_len=100,min_len=80,seed=0"))
+    n = few_long.full_train_lengths()
+    want = min(math.ceil(TAIL_LISTS / 100), math.floor(TAIL_SHARE * float(np.median(n))))
+    assert want > TAIL_HOLDOUT and tail_holdout(few_long) == want
