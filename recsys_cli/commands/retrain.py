@@ -32,8 +32,10 @@ continuing from the live version's checkpoints, and publish through the same gat
    baselines is refused, exit 1, CURRENT unchanged) and the regression check against the live
    version; a serving process picks the new CURRENT up on its next poll or POST /v1/admin/reload.
 
-The regression check compares versions on the same data fingerprint only, so across a retrain (new
-data) it is recorded as skipped and the baseline gate is the one that refuses a worse version.
+The regression check across a retrain (new data, so a new fingerprint) replays the live version and
+the new one through their served cuts on the new data's validation users (training/publish/gates.py
+live_on_new_data) and refuses the new one when it is worse by more than the paired SE; the manifest's
+checks.regression records live, new, users and paired SE.
 Exit 0 published, 1 a gate refused it, 2 a usage or data error.
 """
 

@@ -6,22 +6,28 @@ and --from-scratch runs the steps it always ran. The loop on a simulated world: 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import recsys_cli.main
 from recsys_cli.main import main as cli
 from service.contract.layout import MANIFEST, read_current
 from service.contract.manifest import Manifest
+from service.core.config import Settings
+from service.main import create_app
 from tests.training.test_warm_start import GONE, NEW_ITEMS, write_base, write_grown
 from training.checkpoints import read_checkpoint
+from training.publish.gates import LIVE_RULE
 
 RETRAIN = ["--epochs", "1", "--no-item2item", "--allow-below-baseline"]  # fast; tiny models serve below baselines
 
@@ -135,3 +141,88 @@ def test_from_scratch_runs_the_steps_without_warm_starts(loop: dict[str, Any], m
     assert stripped == scratch
     assert [s[:2] for s in scratch] == [["train", "retrieval"], ["train", "retrieval"], ["train", "prerank"],
                                         ["train", "rerank"], ["export", "--data"]]
+
+
+def run_both(argv: list[str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr): the gate's refusal is on stderr."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = int(cli(argv))
+    return code, out.getvalue()
+
+
+def write_more(grown: Path, folder: Path) -> str:
+    """The grown data with two more events of each new user (a later log): other data, the same catalog."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.reader((grown / "interactions.csv").open()))
+    t0 = max(int(r[2]) for r in rows[1:]) + 100
+    extra = [[f"nu{u}", str(6 + (u * 7 + k) % 30), str(t0 + 10 * k + u), "4"] for u in range(10) for k in range(2)]
+    with (folder / "interactions.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([*rows, *extra])
+    for name in ("items.csv", "users.csv"):
+        shutil.copy(grown / name, folder / name)
+    return f"csv:{folder}"
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Three retrains, each on newer data than the live version's: a weak first version (1 epoch), a
+    better one (30 epochs, warm), then a worse one (1 epoch from scratch), which the gate refuses."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("gated")
+    base, grown = write_base(root / "a"), write_grown(root / "a", root / "b")
+    more = write_more(root / "b", root / "c")
+    art, work = root / "artifacts", root / "work"
+    common = ["--artifacts", str(art), "--work", str(work), "--no-item2item", "--allow-below-baseline"]
+    code1, out1 = run_both(["retrain", *common, "--data", base, "--epochs", "1"])
+    weak = read_current(art)
+    code2, out2 = run_both(["retrain", *common, "--data", grown, "--epochs", "30"])
+    better = read_current(art)
+    code3, out3 = run_both(["retrain", *common, "--data", more, "--epochs", "1", "--from-scratch"])
+    assert code1 == 0 and weak is not None, out1
+    yield {"art": art, "work": work, "weak": weak, "better": better, "code2": code2, "out2": out2,
+           "code3": code3, "out3": out3, "more": more}
+
+
+def figures(verb: str, live: str) -> str:
+    """The gate's sentence on the live version, each figure a group: new, live, difference, SE, users."""
+    return (rf"new (0\.\d{{4}}) is {verb} the live version {re.escape(live)} \((0\.\d{{4}})\) by more than its "
+            r"paired SE: new - live = ([+-]0\.\d{4}), paired SE (0\.\d{4}) \((\d+) valid users\)")
+
+
+def test_a_retrain_better_than_the_live_version_on_the_new_data_passes_and_is_recorded(
+        gated: dict[str, Any]) -> None:
+    assert gated["code2"] == 0, gated["out2"]
+    art, weak, better = gated["art"], gated["weak"], gated["better"]
+    assert better != weak
+    manifest = Manifest.load(art / str(better) / MANIFEST)
+    reg = manifest.to_dict()["checks"]["regression"]
+    # the live (weak) version replayed on the stage gate's validation users of the grown data, beside the new one
+    assert manifest.serving is not None and manifest.serving.users == 69  # every user of the grown data but one
+    assert reg["live_version"] == weak and reg["result"] == "passed" and reg["rule"] == LIVE_RULE
+    assert reg["split"] == "valid" and reg["users"] == 69 and reg["paired_se"] > 0
+    assert reg["new"] - reg["live"] > reg["paired_se"]
+    assert reg["compared"] == ("served NDCG@10 on this version's data (new retrieval+prerank+rerank, "
+                               "live retrieval+prerank+rerank)")
+    m = re.search(figures("not worse than", weak), gated["out2"])
+    assert m is not None, gated["out2"]
+    assert [float(x) for x in m.groups()[:4]] == pytest.approx(
+        [reg["new"], reg["live"], reg["new"] - reg["live"], reg["paired_se"]], abs=6e-5)
+    # shown with the other gate rows: `recsys evaluate --artifacts` and GET /v1/version
+    code, out = run_both(["evaluate", "--artifacts", str(art), "--users", "5"])
+    assert code == 0 and f"regression check vs live {weak}: passed: served NDCG@10 on this version's data" in out
+    with TestClient(create_app(Settings(artifacts=art))) as c:  # type: ignore[call-arg]
+        body = c.get("/v1/version").json()
+    assert body["model_version"] == better and body["regression"] == pytest.approx(reg)
+
+
+def test_a_retrain_worse_than_the_live_version_on_the_new_data_is_refused(gated: dict[str, Any]) -> None:
+    out, better = gated["out3"], gated["better"]
+    assert gated["code3"] == 1, out
+    assert read_current(gated["art"]) == better  # CURRENT unchanged
+    m = re.search(r"check failed, CURRENT unchanged .*: worse than the live version: served NDCG@10 on this "
+                  r"version's data \(new retrieval\S*, live retrieval\S*\): "
+                  + figures("worse than", str(better)), out)
+    assert m is not None, out
+    new, live, diff, se = (float(x) for x in m.groups()[:4])
+    assert new < live and diff < -se and m.group(5) == "69"
