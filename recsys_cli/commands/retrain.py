@@ -2,32 +2,35 @@
 continuing from the live version's checkpoints, and publish through the same gate as `recsys export`
 (issue 25, "Retrain from the log").
 
-    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR] [--from-scratch]
+    recsys retrain --artifacts DIR --data SPEC --log log:<folder>|log:redis://... [--work DIR] [--holdout H] [--from-scratch]
 
 1. The data: `--data` (default: the live version's data spec, which must then not be an earlier
    retrain's snapshot) followed by every event of `--log` (training/data/sources.py with_log: new
    users and items get ids like any other, the log's rows after the base data's), written once as
    Parquet tables under WORK/data/<run>/ (the spec the new version records, so `recsys evaluate`
    and the next gate read back exactly the data it was trained on; keep WORK as long as the versions).
-2. The stages, each the CLI command a user would run, as `recsys demo` chains them, into
-   WORK/checkpoints/<run>/ (a folder per run: the live version's checkpoints, which its manifest
-   names as its sources, are never overwritten, even by a run the gate refuses): the retriever on
-   the ranking fold (`train retrieval --holdout`), continued on all the data (`--init-from`), the
-   next-item pre-ranker, the re-ranker.
-   Warm start (the default): the fold retriever, the pre-ranker and the re-ranker each start from
-   the live version's (`--warm-from`: its manifest's prerank / rerank `source`, and the fold
-   retriever its pre-ranker recorded as upstream; the served retriever continues from this run's
-   fold retriever as before). Item ids are internal to a data set, so every table indexed by one is
-   copied row by row through the external id: the retriever's item embedding, each pre-rank
-   field's embedding (items, users, feature values); rows of new items are initialised as a fresh
-   model initialises them, items gone from the data are dropped (training/warm_start.py). A stage
-   whose checkpoint does not fit (another encoder, launcher count, dims or feature set; missing;
-   written before the ids were recorded) trains anew, after one line saying why; a live version
-   without a fold retriever (its pre-ranker learned in-sample, or on K folds) has its fold
-   retriever trained anew. The fold retriever warm-starts from the live fold retriever, not the
-   served one: as the log only appends to each user's sequence, the events of the new ranking fold
-   (each user's last H training events) were never training events of that chain, so the rankers'
-   lists stay out of sample. `--from-scratch`: every stage anew.
+2. The stages, each the CLI command a user would run, in the ranking-data scheme `recsys demo` uses by
+   default (`tail`, training/stages/prerank/folds.py), into WORK/checkpoints/<run>/ (a folder per run:
+   the live version's checkpoints, which its manifest names as its sources, are never overwritten,
+   even by a run the gate refuses): the served retriever trained without each user's last --holdout
+   training items (`train retrieval --holdout`, TAIL_HOLDOUT by default), then the next-item
+   pre-ranker and the re-ranker on its own lists of those items (it is their `--upstream`; the two
+   commands are recsys_cli/commands/common.py ranker_steps, as the demo runs them).
+   Warm start (the default): the retriever, the pre-ranker and the re-ranker each start from the live
+   version's (`--warm-from`: its manifest's prerank / rerank `source`, and for the retriever the live
+   version's ranking-fold retriever: its served one when that was trained with a holdout (tail), or
+   the fold retriever its pre-ranker recorded as upstream (the older holdout + continued scheme)).
+   Item ids are internal to a data set, so every table indexed by one is copied row by row through
+   the external id: the retriever's item embedding, each pre-rank field's embedding (items, users,
+   feature values); rows of new items are initialised as a fresh model initialises them, items gone
+   from the data are dropped (training/warm_start.py). A stage whose checkpoint does not fit
+   (another encoder, launcher count, dims or feature set; missing; written before the ids were
+   recorded) trains anew, after one line saying why; a live version without a ranking-fold
+   retriever (its rankers learned in-sample, or on K folds) has its retriever trained anew. The
+   retriever warm-starts from a ranking-fold retriever only, never from one trained on every
+   training item: as the log only appends to each user's sequence, the events of the new ranking
+   fold (each user's last H training events) were never training events of that chain, so the
+   rankers' lists stay out of sample. `--from-scratch`: every stage anew.
 3. `recsys export` into --artifacts: the stage gate, the baseline gate (a version below the trivial
    baselines is refused, exit 1, CURRENT unchanged) and the regression check against the live
    version; a serving process picks the new CURRENT up on its next poll or POST /v1/admin/reload.
@@ -48,9 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_cli.commands import COMMANDS
+from recsys_cli.commands.common import ranker_steps
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
 from training.data.tables import Format
+from training.stages.prerank.folds import TAIL_HOLDOUT
 
 SNAPSHOT_FORMAT: Format = "parquet"
 
@@ -69,9 +74,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "WORK/checkpoints/<run> per run (default runs/retrain)")
     p.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="epoch cap of every stage (default: the trainers' own, with early stopping)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="retrieval time ceiling per run (the fold and the continued run each)")
-    p.add_argument("--holdout", type=int, default=6, help="ranking fold: each user's last H items (default 6)")
+    p.add_argument("--minutes", type=float, default=None, help="retrieval time ceiling")
+    p.add_argument("--holdout", type=int, default=TAIL_HOLDOUT,
+                   help="the ranking fold (`tail` ranking data, as `recsys demo`): the served retriever never "
+                        "trains on each user's last H training items, the rankers learn on them (default %(default)s)")
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
                    help=f"passed to `recsys export` (default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--allow-below-baseline", action="store_true",
@@ -89,7 +95,7 @@ class LiveCheckpoints:
     """The live version's checkpoint folders a warm start reads (None: the version has none)."""
 
     version: str
-    upstream: str | None  # its ranking-fold retriever (the pre-ranker's recorded upstream, when not the served one)
+    upstream: str | None  # its ranking-fold retriever: the pre-ranker's recorded upstream, when trained with a holdout
     prerank: str | None
     rerank: str | None
 
@@ -97,13 +103,15 @@ class LiveCheckpoints:
         def part(stage: str, folder: str | None) -> str:
             return f"{stage} <- {folder}" if folder else f"{stage} anew (the live version records none)"
 
-        return ", ".join((part("fold retriever", self.upstream), part("pre-ranker", self.prerank),
+        return ", ".join((part("retriever", self.upstream), part("pre-ranker", self.prerank),
                           part("re-ranker", self.rerank)))
 
 
 def live_checkpoints(root: Path) -> LiveCheckpoints | str:
     """The live version's checkpoint folders (manifest `prerank.source` / `rerank.source`, and the
-    fold retriever the pre-ranker's checkpoint records as its upstream), or why there are none."""
+    ranking-fold retriever the pre-ranker's checkpoint records as its upstream: the served retriever
+    itself under `tail`, a separate one under the older holdout scheme; none for in-sample or K-fold
+    lists), or why there are none."""
     from service.contract.layout import MANIFEST, ContractError
     from service.contract.manifest import Manifest
     from training.checkpoints import checkpoint_path, read_checkpoint
@@ -124,10 +132,20 @@ def live_checkpoints(root: Path) -> LiveCheckpoints | str:
         except (OSError, ValueError):  # the stage's own --warm-from says why in one line
             recorded = {}
         up = recorded.get("upstream")
-        # a K-fold set, or the served retriever itself (in-sample lists), is not one fold retriever
-        if isinstance(up, str) and up != m.retrieval.source and not is_fold_set(up):
+        # a K-fold set is not one fold retriever; the served retriever is one only with a holdout (tail)
+        if isinstance(up, str) and not is_fold_set(up) and (up != m.retrieval.source or trained_with_holdout(up)):
             upstream = up
     return LiveCheckpoints(live, upstream, m.prerank.source, m.rerank.source if m.rerank is not None else None)
+
+
+def trained_with_holdout(folder: str) -> bool:
+    """Whether the retriever checkpoint in `folder` never trained on each user's last training items."""
+    from training.checkpoints import checkpoint_path, read_checkpoint
+
+    try:
+        return bool(read_checkpoint(checkpoint_path(folder, "retrieval")).extra.get("holdout"))
+    except (OSError, ValueError):  # its --warm-from says why in one line
+        return False
 
 
 def snapshot(base_spec: str, log_spec: str | None, folder: Path) -> str:
@@ -161,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    if args.holdout < 1:
+        raise UsageError(f"--holdout must be >= 1, got {args.holdout}")
     root, work = Path(args.artifacts), Path(args.work)
     base = args.data
     if base is None:
@@ -181,23 +201,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"retrain: every stage trains anew: {warm}", flush=True)
     else:
         print(f"retrain: warm start from the live version {warm.version}: {warm.describe()}", flush=True)
-
-    def warm_from(folder: str | None) -> list[str]:
-        return ["--warm-from", folder] if folder else []
-
-    up, ret, pre, rer = (work / "checkpoints" / name / stage for stage in ("upstream", "retrieval", "prerank", "rerank"))
+    ret, pre, rer = (work / "checkpoints" / name / stage for stage in ("retrieval", "prerank", "rerank"))
     src = warm if isinstance(warm, LiveCheckpoints) else LiveCheckpoints("", None, None, None)  # anew: none
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     minutes = [] if args.minutes is None else ["--max-minutes", str(args.minutes)]
-    retrieval = ["--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet", *epochs, *minutes]
-    fold = ["--retrieval", str(ret), "--upstream", str(up)]
     steps = [
-        ["train", "retrieval", *retrieval, "--holdout", str(args.holdout), *warm_from(src.upstream), "--out", str(up)],
-        ["train", "retrieval", *retrieval, "--init-from", str(up), "--out", str(ret)],
-        ["train", "prerank", "--data", spec, "--model", "inttower", "--objective", "next-item", *fold,
-         *warm_from(src.prerank), "--out", str(pre), *epochs],
-        ["train", "rerank", "--data", spec, *fold, "--prerank", str(pre), *warm_from(src.rerank), "--out", str(rer),
-         *epochs],
+        # `tail` (recsys demo's default): the served retriever is its own ranking fold and the rankers' --upstream
+        ["train", "retrieval", "--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet",
+         *epochs, *minutes, "--holdout", str(args.holdout),
+         *(["--warm-from", src.upstream] if src.upstream else []), "--out", str(ret)],
+        *ranker_steps(spec, ret, ret, pre, rer, epochs, pair_features=not args.no_item2item,
+                      warm_prerank=src.prerank, warm_rerank=src.rerank),
         ["export", "--data", spec, "--retrieval", str(ret), "--prerank", str(pre), "--rerank", str(rer),
          "--out", str(root), "--max-regression", str(args.max_regression),
          *(["--allow-below-baseline"] if args.allow_below_baseline else []),

@@ -9,6 +9,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -26,8 +27,12 @@ from service.contract.manifest import Manifest
 from service.core.config import Settings
 from service.main import create_app
 from tests.training.test_warm_start import GONE, NEW_ITEMS, write_base, write_grown
+from recsys_cli.commands.common import ranker_steps
+from recsys_cli.commands.retrain import LiveCheckpoints, live_checkpoints
 from training.checkpoints import read_checkpoint
+from training.stages.prerank.folds import TAIL_HOLDOUT
 from training.publish.gates import LIVE_RULE
+from training.publish.versions import set_current
 
 RETRAIN = ["--epochs", "1", "--no-item2item", "--allow-below-baseline"]  # fast; tiny models serve below baselines
 
@@ -74,29 +79,31 @@ def test_retrain_warm_starts_every_stage_from_the_live_versions_checkpoints(loop
     second = read_current(loop["art"])
     assert second != loop["first"]
     m2 = Manifest.load(loop["art"] / str(second) / MANIFEST)
-    up1 = Path(str(m1.retrieval.source)).parent / "upstream"
-    assert (f"retrain: warm start from the live version {loop['first']}: fold retriever <- {up1}, "
+    up1 = str(m1.retrieval.source)  # `tail`: the served retriever is its own ranking fold
+    assert (f"retrain: warm start from the live version {loop['first']}: retriever <- {up1}, "
             f"pre-ranker <- {m1.prerank.source}, re-ranker <- {m1.rerank.source if m1.rerank else None}") in out
-    # the fold retriever: every item both data sets have copied by id, the new ones fresh, the gone one dropped
+    # the retriever: every item both data sets have copied by id, the new ones fresh, the gone one dropped
     assert (f"train retrieval: warm start from {up1}: 39 items rows copied by id, {len(NEW_ITEMS)} rows new to "
             "the table initialised fresh, 1 rows of the checkpoint's table dropped") in out
     assert re.search(rf"train prerank: warm start from {re.escape(str(m1.prerank.source))}: \d+ items rows copied", out)
     assert f"train rerank: warm start from {m1.rerank.source if m1.rerank else None}: every weight copied" in out
     # what each new checkpoint records
     run2 = Path(str(m2.retrieval.source)).parent
-    up = read_checkpoint(run2 / "upstream" / "checkpoint.pt").extra
-    assert up["warm_start"] == {"from": str(up1), "keys": "items", "copied": 39, "new": 5, "dropped": 1}
-    assert GONE not in up["item_ids"] and set(NEW_ITEMS) <= set(up["item_ids"])
-    assert read_checkpoint(run2 / "retrieval" / "checkpoint.pt").extra["init_from"] == str(run2 / "upstream")
+    ret = read_checkpoint(run2 / "retrieval" / "checkpoint.pt").extra
+    assert ret["warm_start"] == {"from": up1, "keys": "items", "copied": 39, "new": 5, "dropped": 1}
+    assert GONE not in ret["item_ids"] and set(NEW_ITEMS) <= set(ret["item_ids"])
+    assert ret["holdout"] == TAIL_HOLDOUT and ret["init_from"] is None and not (run2 / "upstream").exists()
     pre = read_checkpoint(run2 / "prerank" / "prerank.pt").extra
     assert pre["warm_start"]["from"] == m1.prerank.source and pre["warm_start"]["copied"] > 0
+    # the rankers learned on the served retriever's own lists of the held-out tail
+    assert pre["retrieval"]["upstream"] == str(run2 / "retrieval") and pre["retrieval"]["holdout"] == TAIL_HOLDOUT
     assert read_checkpoint(run2 / "rerank" / "prm.pt").extra["warm_start"]["from"] == str(m1.rerank.source if m1.rerank else None)
     # each run has its own checkpoint folders: the live version's were read, never overwritten
     assert run2 != loop["ckpt_root"] and digests(loop["ckpt_root"]) == loop["before"]
 
 
 def test_a_checkpoint_that_does_not_fit_falls_back_to_training_anew(loop: dict[str, Any], tmp_path: Path) -> None:
-    up1 = Path(str(loop["m1"].retrieval.source)).parent / "upstream"
+    up1 = Path(str(loop["m1"].retrieval.source))
     code, out = run(["train", "retrieval", "--data", loop["grown"], "--launchers", "2", "--warm-from", str(up1),
                      "--epochs", "1", "--quiet", "--out", str(tmp_path / "ret")])
     assert code == 0
@@ -137,10 +144,30 @@ def test_from_scratch_runs_the_steps_without_warm_starts(loop: dict[str, Any], m
     for s in warm:
         i = s.index("--warm-from") if "--warm-from" in s else None
         stripped.append(s if i is None else s[:i] + s[i + 2:])
-    assert sum("--warm-from" in s for s in warm) == 3  # fold retriever, pre-ranker, re-ranker
+    assert sum("--warm-from" in s for s in warm) == 3  # retriever, pre-ranker, re-ranker
     assert stripped == scratch
-    assert [s[:2] for s in scratch] == [["train", "retrieval"], ["train", "retrieval"], ["train", "prerank"],
-                                        ["train", "rerank"], ["export", "--data"]]
+    assert [s[:2] for s in scratch] == [["train", "retrieval"], ["train", "prerank"], ["train", "rerank"],
+                                        ["export", "--data"]]
+
+
+def test_retrain_uses_the_demos_tail_ranking_data(loop: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One retriever, trained with the tail holdout, serves and is the rankers' --upstream (as `recsys demo`
+    --ranking-data tail); the rankers' two commands are the demo's (ranker_steps)."""
+    _, steps_run = steps(loop, monkeypatch, "--from-scratch")
+    ret = str(loop["work"] / "checkpoints" / "RUN" / "retrieval")
+    retrieval, prerank, rerank, export = steps_run
+    assert retrieval[retrieval.index("--holdout") + 1] == str(TAIL_HOLDOUT) and "--init-from" not in retrieval
+    assert retrieval[retrieval.index("--out") + 1] == ret
+    for s in (prerank, rerank):
+        assert s[s.index("--retrieval") + 1] == ret and s[s.index("--upstream") + 1] == ret
+    assert "--no-pair-features" in prerank  # published without the item-to-item route (--no-item2item)
+    work = loop["work"] / "checkpoints" / "RUN"
+    assert [prerank, rerank] == ranker_steps(str(prerank[3]), work / "retrieval", work / "retrieval",
+                                             work / "prerank", work / "rerank", ["--epochs", "1"],
+                                             pair_features=False)
+    assert export[export.index("--retrieval") + 1] == ret
+    _, steps_run = steps(loop, monkeypatch, "--from-scratch", "--holdout", "3")
+    assert steps_run[0][steps_run[0].index("--holdout") + 1] == "3"
 
 
 def run_both(argv: list[str]) -> tuple[int, str]:
@@ -226,3 +253,32 @@ def test_a_retrain_worse_than_the_live_version_on_the_new_data_is_refused(gated:
     assert m is not None, out
     new, live, diff, se = (float(x) for x in m.groups()[:4])
     assert new < live and diff < -se and m.group(5) == "69"
+
+
+@pytest.mark.parametrize("scheme", ["tail", "holdout", "in-sample"])
+def test_the_retriever_warm_starts_only_from_the_live_versions_ranking_fold_retriever(
+        scheme: str, loop: dict[str, Any], tmp_path: Path) -> None:
+    """tail: the live served retriever (trained with the holdout); the older holdout scheme: the fold
+    retriever its pre-ranker recorded as upstream; in-sample lists: none (its retriever trained on the tail)."""
+    m1 = loop["m1"]
+    ret, pre, up = tmp_path / "ret", tmp_path / "pre", tmp_path / "up"
+    shutil.copytree(str(m1.retrieval.source), ret)
+    shutil.copytree(str(m1.prerank.source), pre)
+    upstream = up if scheme == "holdout" else ret
+
+    def rewrite(path: Path, change: Any) -> None:
+        payload = torch.load(path, weights_only=True)
+        change(payload["extra"])
+        torch.save(payload, path)
+
+    rewrite(ret / "checkpoint.pt", lambda e: e.update(holdout=TAIL_HOLDOUT if scheme == "tail" else 0))
+    rewrite(pre / "prerank.pt", lambda e: e["retrieval"].update(upstream=str(upstream)))
+    root = tmp_path / "artifacts"
+    (root / loop["first"]).mkdir(parents=True)
+    d = json.loads((loop["art"] / loop["first"] / MANIFEST).read_text())
+    d["retrieval"]["source"], d["prerank"]["source"] = str(ret), str(pre)
+    (root / loop["first"] / MANIFEST).write_text(json.dumps(d))
+    set_current(root, loop["first"])
+    live = live_checkpoints(root)
+    assert isinstance(live, LiveCheckpoints) and live.prerank == str(pre)
+    assert live.upstream == (None if scheme == "in-sample" else str(upstream))
