@@ -8,7 +8,7 @@ continuing from the live version's checkpoints, and publish through the same gat
    retrain's snapshot) followed by every event of `--log` (training/data/sources.py with_log: new
    users and items get ids like any other, the log's rows after the base data's), written once as
    Parquet tables under WORK/data/<run>/ (the spec the new version records, so `recsys evaluate`
-   and the next gate read back exactly the data it was trained on; keep WORK as long as the versions).
+   and the next gate read back exactly the data it was trained on; step 4 keeps it while a version names it).
 2. The stages, each the CLI command a user would run, in the ranking-data scheme `recsys demo` uses by
    default (`tail`, training/stages/prerank/folds.py), into WORK/checkpoints/<run>/ (a folder per run:
    the live version's checkpoints, which its manifest names as its sources, are never overwritten,
@@ -39,6 +39,13 @@ The regression check across a retrain (new data, so a new fingerprint) replays t
 the new one through their served cuts on the new data's validation users (training/publish/gates.py
 live_on_new_data) and refuses the new one when it is worse by more than the paired SE; the manifest's
 checks.regression records live, new, users and paired SE.
+4. Prune WORK (after a publish and after a gate's refusal, never after a failed step): the runs a version
+   still kept in --artifacts names (its data.spec and each stage's source: the live version and the
+   rollback targets; training/publish/versions.py decides which versions are kept) and the newest
+   --keep-runs stay, every other run's WORK/data/<run> and WORK/checkpoints/<run> is deleted. Only
+   run_name() folders are touched; a version whose manifest does not load prunes nothing. One WORK
+   belongs to one artifacts root (versions of another root that name it are not seen).
+
 Exit 0 published, 1 a gate refused it, 2 a usage or data error.
 """
 
@@ -46,6 +53,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +68,11 @@ from training.data.tables import Format
 from training.stages.prerank.folds import TAIL_HOLDOUT
 
 SNAPSHOT_FORMAT: Format = "parquet"
+RUN_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")  # run_name(): only such folders of WORK are ever pruned
+RUN_FOLDERS = ("data", "checkpoints")  # WORK/<folder>/<run>/
+# runs kept beyond those the kept versions name: the latest attempts (a refused run's checkpoints, to look
+# at why) without keeping every week's snapshot and checkpoints for ever
+DEFAULT_KEEP_RUNS = 3
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -83,6 +98,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--allow-below-baseline", action="store_true",
                    help="passed to `recsys export`: publish even below the trivial baselines")
     p.add_argument("--version", help="version name (default: UTC timestamp + short hash)")
+    p.add_argument("--keep-runs", type=int, default=DEFAULT_KEEP_RUNS, metavar="N",
+                   help="after the export (published or refused): delete WORK's run folders except the runs a "
+                        "version kept in --artifacts names and the newest N (default %(default)s)")
     p.add_argument("--from-scratch", action="store_true",
                    help="train every stage anew (default: each starts from the live version's checkpoints)")
     add_item2item_arg(p)
@@ -169,6 +187,52 @@ def run_name(base_spec: str, log_spec: str | None) -> str:
     return f"{stamp}-{digest}"
 
 
+def run_of(path: str | None, work: Path) -> str | None:
+    """The run whose folder holds `path` (a manifest's data spec or stage source), None for a path outside WORK."""
+    if not path:
+        return None
+    where = Path(path.partition(":")[2].split(",")[0] if ":" in path else path).resolve()
+    for folder in RUN_FOLDERS:
+        top = (work / folder).resolve()
+        if where.is_relative_to(top) and where != top:
+            return where.relative_to(top).parts[0]
+    return None
+
+
+def referenced_runs(root: Path, work: Path) -> set[str] | str:
+    """The runs a version kept in `root` names (data.spec, each stage's source), or why they cannot be
+    known (a version whose manifest does not load: then nothing is pruned)."""
+    from service.contract.layout import MANIFEST, ContractError
+    from service.contract.manifest import Manifest
+    from training.publish.versions import list_versions
+
+    runs: set[str] = set()
+    for name, _ in list_versions(root):
+        try:
+            m = Manifest.load(root / name / MANIFEST)
+        except (OSError, ContractError) as exc:
+            return f"version {name}'s manifest does not load ({str(exc).splitlines()[0]})"
+        paths = (m.data.spec, m.retrieval.source, m.prerank.source, m.rerank.source if m.rerank else None)
+        runs |= {r for r in (run_of(p, work) for p in paths) if r is not None}
+    return runs
+
+
+def prune_runs(root: Path, work: Path, keep: int) -> list[str]:
+    """Delete WORK/data/<run> and WORK/checkpoints/<run> of every run (a run_name() folder) that no
+    version kept in `root` names and that is not among the newest `keep`; returns the runs deleted."""
+    refs = referenced_runs(root, work)
+    if isinstance(refs, str):
+        print(f"retrain: no run pruned: {refs}", file=sys.stderr)
+        return []
+    runs = sorted({p.name for f in RUN_FOLDERS if (work / f).is_dir() for p in (work / f).iterdir()
+                   if p.is_dir() and RUN_RE.fullmatch(p.name)})  # oldest first: names start with a UTC stamp
+    doomed = [r for r in runs[: max(0, len(runs) - keep)] if r not in refs]
+    for r in doomed:
+        for f in RUN_FOLDERS:
+            shutil.rmtree(work / f / r, ignore_errors=True)
+    return doomed
+
+
 def run(args: argparse.Namespace) -> int:
     from recsys_cli.main import main as cli
     from service.contract.layout import MANIFEST
@@ -181,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.holdout < 1:
         raise UsageError(f"--holdout must be >= 1, got {args.holdout}")
+    if args.keep_runs < 0:
+        raise UsageError(f"--keep-runs must be >= 0, got {args.keep_runs}")
     root, work = Path(args.artifacts), Path(args.work)
     base = args.data
     if base is None:
@@ -220,6 +286,10 @@ def run(args: argparse.Namespace) -> int:
     for step in steps:
         print(f"\n$ recsys {' '.join(step)}", flush=True)
         code = int(cli(step))
-        if code:
-            return code
-    return 0
+        if code and not (step[0] == "export" and code == 1):
+            return code  # a failed step (not a gate's refusal): the run's folders are left as they are
+    # published (0) or refused by a gate (1): WORK back to the runs a kept version names + the newest
+    pruned = prune_runs(root, work, args.keep_runs)
+    print(f"retrain: pruned {len(pruned)} run(s) of {work}" + (f": {', '.join(pruned)}" if pruned else ""),
+          flush=True)
+    return code

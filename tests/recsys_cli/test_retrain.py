@@ -28,7 +28,7 @@ from service.core.config import Settings
 from service.main import create_app
 from tests.training.test_warm_start import GONE, NEW_ITEMS, write_base, write_grown
 from recsys_cli.commands.common import ranker_steps
-from recsys_cli.commands.retrain import LiveCheckpoints, live_checkpoints
+from recsys_cli.commands.retrain import LiveCheckpoints, live_checkpoints, prune_runs
 from training.checkpoints import read_checkpoint
 from training.stages.prerank.folds import TAIL_HOLDOUT
 from training.publish.gates import LIVE_RULE
@@ -205,7 +205,7 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     weak = read_current(art)
     code2, out2 = run_both(["retrain", *common, "--data", grown, "--epochs", "30"])
     better = read_current(art)
-    code3, out3 = run_both(["retrain", *common, "--data", more, "--epochs", "1", "--from-scratch"])
+    code3, out3 = run_both(["retrain", *common, "--data", more, "--epochs", "1", "--from-scratch", "--keep-runs", "0"])
     assert code1 == 0 and weak is not None, out1
     yield {"art": art, "work": work, "weak": weak, "better": better, "code2": code2, "out2": out2,
            "code3": code3, "out3": out3, "more": more}
@@ -253,6 +253,12 @@ def test_a_retrain_worse_than_the_live_version_on_the_new_data_is_refused(gated:
     assert m is not None, out
     new, live, diff, se = (float(x) for x in m.groups()[:4])
     assert new < live and diff < -se and m.group(5) == "69"
+    # --keep-runs 0 after the refusal: the refused run's folders are gone, the two versions' runs stay
+    work, art = gated["work"], gated["art"]
+    named = {Path(str(Manifest.load(art / v / MANIFEST).retrieval.source)).parent.name
+             for v in (gated["weak"], better)}
+    assert len(named) == 2 and "retrain: pruned 1 run(s)" in out
+    assert {p.name for p in (work / "checkpoints").iterdir()} == named == {p.name for p in (work / "data").iterdir()}
 
 
 @pytest.mark.parametrize("scheme", ["tail", "holdout", "in-sample"])
@@ -282,3 +288,62 @@ def test_the_retriever_warm_starts_only_from_the_live_versions_ranking_fold_retr
     live = live_checkpoints(root)
     assert isinstance(live, LiveCheckpoints) and live.prerank == str(pre)
     assert live.upstream == (None if scheme == "in-sample" else str(upstream))
+
+
+RUNS = [f"2026010{i}T000000-0000000{i}" for i in range(6)]  # run_name()s, oldest first
+
+
+def fake_work(loop: dict[str, Any], tmp_path: Path, refs: dict[str, tuple[str, str]]) -> tuple[Path, Path]:
+    """An artifacts root with one version per `refs` entry (name -> (run of its data, run of its
+    checkpoints)), the last one CURRENT, and a WORK with RUNS (data and checkpoints) plus a folder
+    that is no run."""
+    root, work = tmp_path / "artifacts", tmp_path / "work"
+    for r in RUNS:
+        for folder in ("data", "checkpoints"):
+            (work / folder / r).mkdir(parents=True)
+    (work / "checkpoints" / "mine").mkdir()
+    template = json.loads((loop["art"] / loop["first"] / MANIFEST).read_text())
+    for i, (name, (data_run, ckpt_run)) in enumerate(refs.items()):
+        d = json.loads(json.dumps(template))
+        d["version"], d["created_at"] = name, f"2026-01-0{i + 1}T00:00:00+00:00"
+        d["data"]["spec"] = f"parquet:{work / 'data' / data_run}"
+        for stage in ("retrieval", "prerank", "rerank"):
+            d[stage]["source"] = str(work / "checkpoints" / ckpt_run / stage)
+        (root / name).mkdir(parents=True)
+        (root / name / MANIFEST).write_text(json.dumps(d))
+        set_current(root, name)
+    return root, work
+
+
+def runs_left(work: Path) -> list[str]:
+    return sorted(p.name for p in (work / "checkpoints").iterdir())
+
+
+def test_prune_keeps_the_runs_kept_versions_name_and_the_newest(loop: dict[str, Any], tmp_path: Path) -> None:
+    # a rollback target trained on run 0's checkpoints with run 1's data, the live version on run 3
+    root, work = fake_work(loop, tmp_path, {"old": (RUNS[1], RUNS[0]), "live": (RUNS[3], RUNS[3])})
+    assert prune_runs(root, work, 2) == [RUNS[2]]  # runs 4 and 5: the newest two
+    assert runs_left(work) == [*RUNS[:2], *RUNS[3:], "mine"]
+    assert sorted(p.name for p in (work / "data").iterdir()) == [*RUNS[:2], *RUNS[3:]]
+    assert prune_runs(root, work, 0) == RUNS[4:]  # --keep-runs 0: only what a version names
+    # a version whose manifest does not load: its runs cannot be known, nothing is pruned
+    (root / "old" / MANIFEST).write_text(json.dumps({"version": "old", "created_at": "2026-01-01T00:00:00+00:00"}))
+    assert prune_runs(root, work, 0) == [] and runs_left(work) == [RUNS[0], RUNS[1], RUNS[3], "mine"]
+
+
+@pytest.mark.parametrize(("export_exit", "pruned"), [(0, True), (1, True), (2, False)])
+def test_retrain_prunes_work_after_a_publish_and_after_a_refusal(
+        export_exit: int, pruned: bool, loop: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, work = fake_work(loop, tmp_path, {"live": (RUNS[0], RUNS[0])})
+    monkeypatch.setattr(recsys_cli.main, "main", lambda argv: export_exit if argv[0] == "export" else 0)
+    code, out = run(["retrain", "--artifacts", str(root), "--data", loop["grown"], "--work", str(work), *RETRAIN,
+                     "--keep-runs", "2"])
+    assert code == export_exit
+    this = re.search(r"-> parquet:.*/data/([^/\s]+)", out)
+    assert this is not None and (work / "data" / this.group(1)).is_dir()  # the newest run: kept
+    left = sorted(p.name for p in (work / "data").iterdir())
+    if pruned:  # run 0: the live version's; run 5 and this run: the newest two
+        assert left == sorted([RUNS[0], RUNS[5], this.group(1)]) and runs_left(work) == [RUNS[0], RUNS[5], "mine"]
+        assert f"retrain: pruned 4 run(s) of {work}: {', '.join(RUNS[1:5])}" in out
+    else:  # a failed step: nothing pruned
+        assert left == sorted([*RUNS, this.group(1)]) and "pruned" not in out
