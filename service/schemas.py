@@ -260,3 +260,7 @@ class VersionOut(BaseModel):
                                           "validation users; the verdict is serving.baselines (best, "
                                           "served_minus_best, paired_se, beats, allowed_below); {} for a "
                                           "version published before the baseline gate")
+    regression: dict[str, object] | None = Field(
+        default=None, description="the publish gate against the version live before it (manifest "
+                                  "checks.regression): compared, live, new, users, result; across data sets "
+                                  "(a retrain) also split, paired_se and rule; None for a version without checks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from training.data.sources import SOURCES
@@ -59,3 +60,26 @@ def add_ranking_fold_args(p: argparse.ArgumentParser, window_help: str) -> None:
                         "--folds K` (each user's lists from the one that never trained on them); default: "
                         "--retrieval (in-sample lists)")
     p.add_argument("--window", type=int, default=None, metavar="H", help=window_help)
+
+
+def ranker_steps(data: str, retrieval: Path, upstream: Path | None, prerank: Path, rerank: Path,
+                 flags: Sequence[str] = (), *, pair_features: bool = True, warm_prerank: str | None = None,
+                 warm_rerank: str | None = None) -> list[list[str]]:
+    """The rankers' two training commands of a ranking-data scheme (training/stages/prerank/folds.py),
+    as `recsys demo` and `recsys retrain` run them: the next-item IntTower pre-ranker, then the PRM
+    re-ranker, both on the lists of `upstream` (None: the served retriever's own, in-sample; `tail`:
+    the served retriever itself, trained with its holdout) and each with `flags` (epochs, seed).
+    pair_features=False when the version is published without the item-to-item route (the pair
+    features read it); warm_*: `recsys retrain`'s --warm-from, the live version's checkpoints."""
+    up = [] if upstream is None else ["--upstream", str(upstream)]
+
+    def warm(folder: str | None) -> list[str]:
+        return ["--warm-from", folder] if folder else []
+
+    return [
+        ["train", "prerank", "--data", data, "--model", "inttower", "--objective", "next-item",
+         "--retrieval", str(retrieval), *up, *warm(warm_prerank), "--out", str(prerank), *flags,
+         *([] if pair_features else ["--no-pair-features"])],
+        ["train", "rerank", "--data", data, "--retrieval", str(retrieval), *up, "--prerank", str(prerank),
+         *warm(warm_rerank), "--out", str(rerank), *flags],
+    ]

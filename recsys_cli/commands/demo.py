@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_cli.commands import COMMANDS
-from recsys_cli.commands.common import add_data_arg
+from recsys_cli.commands.common import add_data_arg, ranker_steps
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
 from training.data.sources import load
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {len(res.history)} epochs, best {res.best_epoch} (valid {METRIC} "
               f"{max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f}), stopped: {res.stopped}")
         results[name] = res
-    upstream = ([] if scheme == "in-sample" else ["--upstream", str(out / ("retrieval" if scheme == "tail" else "upstream"))])
+    upstream = None if scheme == "in-sample" else out / ("retrieval" if scheme == "tail" else "upstream")
     if scheme == "holdout":
         save_checkpoint(out / "upstream", results["upstream"].model, ds, args.data, {"holdout": holdout})
     elif fmap is not None:
@@ -182,12 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if export_accepts(ALLOW_BELOW):  # the demo publishes regardless, and says below how it compares
         export.append(ALLOW_BELOW)
     steps = [
-        ["train", "prerank", "--data", args.data, "--model", "inttower", "--objective", "next-item",
-         "--retrieval", str(out / "retrieval"), *upstream, "--out", str(out / "prerank"), *epochs,
-         "--seed", str(args.seed),
-         *(["--no-pair-features"] if args.no_item2item else [])],  # pair features read the route
-        ["train", "rerank", "--data", args.data, "--retrieval", str(out / "retrieval"),
-         *upstream, "--prerank", str(out / "prerank"), "--out", str(out / "rerank"), *epochs, "--seed", str(args.seed)],
+        *ranker_steps(args.data, out / "retrieval", upstream, out / "prerank", out / "rerank",
+                      [*epochs, "--seed", str(args.seed)], pair_features=not args.no_item2item),
         export,
         ["evaluate", "--artifacts", args.artifacts, "--data", args.data, "--json", str(served_json)],
     ]

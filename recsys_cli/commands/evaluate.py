@@ -97,6 +97,7 @@ def run_served(args: argparse.Namespace) -> int:
     from service.pipeline import served_stages
     from training.eval import gate_baselines as gb
     from training.eval import served_eval as se
+    from training.publish.gates import regression_line
 
     if args.model is not None or args.keep_seen:
         raise UsageError("--model / --keep-seen evaluate a baseline; drop them with --artifacts")
@@ -138,6 +139,9 @@ def run_served(args: argparse.Namespace) -> int:
           "baselines on the same users")
     print(se.cut_table(ev.cuts, served=stages, baselines=bl.rows))
     print(verdict.line(ev.users, args.split))
+    checks = version.manifest.checks
+    if checks is not None:  # the publish gate's record against the version live before it
+        print(regression_line(checks.regression))
     print(se.candidate_line(ev.cuts))
     png = plot_path(args, f"served_cuts_{version.version}.png")
     if png is not None:
@@ -153,5 +157,6 @@ def run_served(args: argparse.Namespace) -> int:
                                "cuts": ev.cuts, "baselines": bl.rows,
                                "verdict": {"best": verdict.best, "served_minus_best": verdict.diff,
                                            "paired_se": verdict.paired_se, "beats": verdict.beats},
+                               "regression": checks.regression.to_dict() if checks is not None else None,
                                "seconds": timings})
     return 0

@@ -161,6 +161,8 @@ def _index_spec(args: argparse.Namespace) -> Any:
 
 def summary(m: Manifest) -> str:
     """A few lines on what a manifest holds."""
+    from training.publish.gates import regression_line
+
     d, idx, ret, dims, pre = m.data, m.index, m.retrieval, m.dims, m.prerank
     lines = [
         f"version {m.version} created {m.created_at}",
@@ -188,9 +190,7 @@ def summary(m: Manifest) -> str:
             lines.append(f"baselines NDCG@10 ({serving.users} {serving.split} users): {rows}; served - best "
                          f"({bl.best}) = {bl.served_minus_best or 0.0:+.4f}, paired SE {bl.paired_se or 0.0:.4f}: "
                          f"{verdict}")
-    reg = m.checks.regression if m.checks is not None else RegressionCheck()
-    lines.append(f"regression check ({reg.compared if reg.compared is not None else reg.metric} vs live "
-                 f"{reg.live_version}): {reg.result}")
+    lines.append(regression_line(m.checks.regression if m.checks is not None else RegressionCheck()))
     rr = m.rerank
     lines.append("rerank: none" if rr is None else
                  f"rerank: {rr.model} list_len {rr.serving.list_len if rr.serving else None}, onnx parity {rr.parity_max_abs_diff:.1e}")

@@ -85,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
     print(summary(m))
     print(f"catalog: {m.item_count} items ({c.trained_items} trained, {c.cold_start_items} cold start), "
           f"{c.added} added, {c.changed} changed, base {c.base}")
-    reg = m.checks.regression
-    if reg.new is not None:
-        print(f"gate: {reg.metric} {reg.new:.4f} vs live {reg.live:.4f} (max drop {reg.max_regression})")
     print(f"CURRENT: {res.previous} -> {m.version}")
     print(f"pruned: {', '.join(res.pruned) or 'none'}; pending updates cleared: {res.cleared}; "
           f"announced: {'no Redis' if res.notified is None else f'{res.notified} subscriber(s)'}")

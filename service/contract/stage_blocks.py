@@ -225,7 +225,9 @@ class Serving(Block):
 
 @dataclass(frozen=True)
 class RegressionCheck(Block):
-    """`checks.regression`: the offline-metric gate against the live version."""
+    """`checks.regression`: the offline-metric gate against the live version. Across data sets
+    (a retrain) both versions are replayed on this version's validation users: `split`, `users`,
+    the paired SE of mean(new - live) per-user NDCG@10 and the `rule` that refuses."""
 
     metric: str | None = None
     max_regression: float | None = None
@@ -235,6 +237,9 @@ class RegressionCheck(Block):
     live: float | None = optional()
     new: float | None = optional()
     users: int | None = optional()
+    split: str | None = optional()
+    paired_se: float | None = optional()
+    rule: str | None = optional()
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "checks.regression") -> RegressionCheck:

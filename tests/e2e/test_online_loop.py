@@ -36,8 +36,8 @@ def test_two_rounds_serve_log_retrain_publish_and_swap(tmp_path: Path) -> None:
     spec = Manifest.load(root / first.retrained / MANIFEST).data.spec
     # ... starting from round 0's checkpoints: every item's row copied by id (the catalog did not grow)
     runs = [Path(str(Manifest.load(root / v / MANIFEST).retrieval.source)).parent for v in (first.served, first.retrained)]
-    warm = read_checkpoint(runs[1] / "upstream" / "checkpoint.pt").extra["warm_start"]
-    assert warm == {"from": str(runs[0] / "upstream"), "keys": "items", "copied": 40, "new": 0, "dropped": 0}
+    warm = read_checkpoint(runs[1] / "retrieval" / "checkpoint.pt").extra["warm_start"]  # `tail`: one retriever
+    assert warm == {"from": str(runs[0] / "retrieval"), "keys": "items", "copied": 40, "new": 0, "dropped": 0}
     assert spec is not None
     logged = list(read_events(f"{tmp_path / 'log'}"))
     assert len(load(spec).items) == len(load(BASE).items) + len(logged[:first.logged_events])

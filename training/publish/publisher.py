@@ -69,11 +69,12 @@ class Publisher:
         The regression gate compares with `live` (read by a caller that holds the artifacts lock)
         on catalog NDCG@10 of `catalog`'s test users when the live version has no serving block
         (reindex); with catalog=None (export) it compares with CURRENT as the gate runs, on the
-        checkpoints' training NDCG@10 (training/gates.check_regression).
+        checkpoints' training NDCG@10 (training/gates.check_regression). A live version built on
+        other data (a retrain) is replayed on `src`'s validation users beside the new one, paired.
         """
         def regression(tmp: Path, manifest: Manifest) -> tuple[RegressionCheck, Manifest]:
             current = read_current(self.root) if catalog is None else live
-            return check_regression(self.root, current, tmp, manifest, self.max_regression, catalog)
+            return check_regression(self.root, current, tmp, manifest, self.max_regression, catalog, src)
 
         return publish_items(src, items, self.root, version, self.min_recall, self.index_spec, regression,
                              self.timings, self.gate)

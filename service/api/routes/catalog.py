@@ -36,4 +36,5 @@ def get_version(rec: RecommenderDep) -> VersionOut:
                       data=m.data.to_dict(), rerank=rec.v.rerank is not None, stages=list(rec.stages),
                       serving={k: v for k, v in serving.items() if k != "cuts"} if serving else None,
                       cuts=dict(m.serving.cuts) if m.serving is not None and serving else {},
-                      baselines=dict(baselines.rows) if baselines is not None else {})
+                      baselines=dict(baselines.rows) if baselines is not None else {},
+                      regression=m.checks.regression.to_dict() if m.checks is not None else None)
