@@ -83,9 +83,9 @@ def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | 
     if ups.ranking == "kfold":
         pipes = [Pipeline.from_models(ds, loo, m, prerank, spec, pre_ckpt) for m in ups.models]
         return Upstream(data_spec, ds, loo, served, served, str(upstream_dir), 0, FoldLists(pipes, ups.fold_of_user))
-    # the route and pair tables of the training lists: the whole training part as the service counts
-    # it, each list without its own target and what follows it (prerank/lists.py without_future)
-    lists = Pipeline.from_models(ds, loo, ups.models[0], prerank, spec, pre_ckpt)
+    # the route and pair tables of the training lists: the upstream's own rows (prerank/data.py ranking_tables_mask)
+    lists = Pipeline.from_models(ds, LeaveOneOut(ds, holdout=ups.holdout) if ups.holdout else loo, ups.models[0],
+                                 prerank, spec, pre_ckpt)
     return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), ups.holdout)
 
 
