@@ -13,7 +13,7 @@ continuing from the live version's checkpoints, and publish through the same gat
    default (`tail`, training/stages/prerank/folds.py), into WORK/checkpoints/<run>/ (a folder per run:
    the live version's checkpoints, which its manifest names as its sources, are never overwritten,
    even by a run the gate refuses): the served retriever trained without each user's last --holdout
-   training items (`train retrieval --holdout`, TAIL_HOLDOUT by default), then the next-item
+   training items (`train retrieval --holdout`, H from the data by default, tail_holdout as `recsys demo`), then the next-item
    pre-ranker and the re-ranker on its own lists of those items (it is their `--upstream`; the two
    commands are recsys_cli/commands/common.py ranker_steps, as the demo runs them).
    Warm start (the default): the retriever, the pre-ranker and the re-ranker each start from the live
@@ -64,8 +64,10 @@ from recsys_cli.commands import COMMANDS
 from recsys_cli.commands.common import ranker_steps
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
+from training.data.sources import load
+from training.data.splits import LeaveOneOut
 from training.data.tables import Format
-from training.stages.prerank.folds import TAIL_HOLDOUT
+from training.stages.prerank.folds import tail_holdout
 
 SNAPSHOT_FORMAT: Format = "parquet"
 RUN_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")  # run_name(): only such folders of WORK are ever pruned
@@ -90,9 +92,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="epoch cap of every stage (default: the trainers' own, with early stopping)")
     p.add_argument("--minutes", type=float, default=None, help="retrieval time ceiling")
-    p.add_argument("--holdout", type=int, default=TAIL_HOLDOUT,
+    p.add_argument("--holdout", type=int, default=None,
                    help="the ranking fold (`tail` ranking data, as `recsys demo`): the served retriever never "
-                        "trains on each user's last H training items, the rankers learn on them (default %(default)s)")
+                        "trains on each user's last H training items, the rankers learn on them (default: from "
+                        "the data, training/stages/prerank/folds.py tail_holdout, as `recsys demo`)")
     p.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION,
                    help=f"passed to `recsys export` (default {DEFAULT_MAX_REGRESSION})")
     p.add_argument("--allow-below-baseline", action="store_true",
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    if args.holdout < 1:
+    if args.holdout is not None and args.holdout < 1:
         raise UsageError(f"--holdout must be >= 1, got {args.holdout}")
     if args.keep_runs < 0:
         raise UsageError(f"--keep-runs must be >= 0, got {args.keep_runs}")
@@ -267,14 +270,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"retrain: every stage trains anew: {warm}", flush=True)
     else:
         print(f"retrain: warm start from the live version {warm.version}: {warm.describe()}", flush=True)
+    holdout = args.holdout if args.holdout is not None else tail_holdout(LeaveOneOut(load(spec)))
     ret, pre, rer = (work / "checkpoints" / name / stage for stage in ("retrieval", "prerank", "rerank"))
     src = warm if isinstance(warm, LiveCheckpoints) else LiveCheckpoints("", None, None, None)  # anew: none
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     minutes = [] if args.minutes is None else ["--max-minutes", str(args.minutes)]
     steps = [
         # `tail` (recsys demo's default): the served retriever is its own ranking fold and the rankers' --upstream
-        ["train", "retrieval", "--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--patience", "5", "--quiet",
-         *epochs, *minutes, "--holdout", str(args.holdout),
+        ["train", "retrieval", "--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--quiet",
+         *epochs, *minutes, "--holdout", str(holdout),
          *(["--warm-from", src.upstream] if src.upstream else []), "--out", str(ret)],
         *ranker_steps(spec, ret, ret, pre, rer, epochs, pair_features=not args.no_item2item,
                       warm_prerank=src.prerank, warm_rerank=src.rerank),
