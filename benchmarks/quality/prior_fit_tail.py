@@ -1,7 +1,7 @@
 """Which out-of-sample lists the pair prior should be fit on under the `tail` scheme (issue 22):
 the H tail lists per user, the validation lists, or both; judged on the test users' lists.
 
-    python benchmarks/quality/prior_fit_tail.py DATA TAIL_RETRIEVAL H [valid-route|tail-route]
+    python benchmarks/quality/prior_fit_tail.py DATA TAIL_RETRIEVAL H [tail-route] [holdout-tables] [prerank-window]
 
 TAIL_RETRIEVAL: the demo's tail retriever (`recsys demo --ranking-data tail --holdout H`, or
 `recsys train retrieval --holdout H`): it never trained on each user's last H training items, so
@@ -11,13 +11,17 @@ combiner of prior_fit_lists.py (merged score + linear + 16-unit MLP, full batch)
 valid" fits on the tail lists plus half of the validation users and scores the other half (both
 ways): an estimate of the validation gain that no fitted list has seen; "cross-fit tail" the same
 over the tail lists (halves by user). tail-route: the route's request settings tuned on the tail
-lists instead of the validation users (valid-route, the default, as the product did). An experiment, not the
+lists instead of the validation users (by default as the product does); holdout-tables: the tail
+lists read tables built without every user's last H training rows (by default: the whole training
+part, each list without its own future); prerank-window: only the pre-ranker's first ceil(H / 2) of
+the H positions (folds.py prerank_rows; by default all H). An experiment, not the
 product's code path. Results: benchmarks/quality/results/ranking_data_tail_issue22.txt.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from prior_fit_lists import fit, routes_for  # noqa: E402
 from training.checkpoints import load_retrieval  # noqa: E402
 from training.data.sources import load  # noqa: E402
 from training.data.splits import LeaveOneOut  # noqa: E402
+from training.stages.prerank.folds import prerank_rows  # noqa: E402
 from training.stages.prerank.lists import (  # noqa: E402
     MergedLists,
     list_routes,
@@ -72,7 +77,9 @@ def main() -> None:
     ends = ds.offsets[:-1] + loo.train_lengths()
     rows = np.sort(np.concatenate([ends - k for k in range(1, h + 1)]))
     rows = rows[rows > ds.offsets[ds.users[rows]]]
-    if len(sys.argv) > 4 and sys.argv[4] == "tail-route":
+    if "prerank-window" in sys.argv[4:]:  # only the pre-ranker's ceil(H / 2) positions (folds.py prerank_rows)
+        rows = prerank_rows(loo, h)
+    if "tail-route" in sys.argv[4:]:
         routes = list_routes(ds, loo.train_mask)
         assert routes.route is not None
         serving, _ = tune_route_settings(model, routes, ds, ds.offsets[ds.users[rows]], rows, ds.items[rows])
@@ -84,13 +91,20 @@ def main() -> None:
     starts = ds.offsets[loo.eval_users]
     valid = make_lists(model, routes, ds, starts, loo.history_end("valid"))
     test = make_lists(model, routes, ds, starts, loo.history_end("test"))
-    tail = make_lists(model, routes, ds, ds.offsets[ds.users[rows]], rows)
+    tail_routes = routes
+    if "holdout-tables" in sys.argv[4:]:  # the tail lists read tables without every user's last H training rows
+        tail_routes = list_routes(ds, LeaveOneOut(ds, holdout=h).train_mask)
+        assert tail_routes.route is not None and routes.route is not None
+        tail_routes.route = replace(tail_routes.route, recent=routes.route.recent, decay=routes.route.decay,
+                                    candidates=routes.route.candidates, beta=routes.route.beta)
+        print("tail lists: tables without every user's last H training rows", flush=True)
+    tail = make_lists(model, tail_routes, ds, ds.offsets[ds.users[rows]], rows)
     tail_t = ds.items[rows]
     print(f"H {h}: {rows.size} tail lists, {len(vt)} valid, {len(tt)} test")
     mv, mt = per_list(valid.merged, valid, vt), per_list(test.merged, test, tt)
     print(f"merged order: valid {mv.mean():.4f} test {mt.mean():.4f}")
     half = np.random.default_rng(0).permutation(len(vt)) % 2
-    for epochs in (50, 100, 200):
+    for epochs in (50, 200):
         for name, (lists, targets) in {"tail": (tail, tail_t), "valid": (valid, vt),
                                        "tail+valid": (cat(tail, valid), np.concatenate([tail_t, vt]))}.items():
             f = fit(lists, targets, epochs)

@@ -85,6 +85,30 @@ def test_the_training_route_never_counts_the_lists_targets() -> None:
     assert routes.tables.items[:, 0].sum() < list_routes(ds, LeaveOneOut(ds).train_mask).tables.items[:, 0].sum()
 
 
+def test_ranking_fold_lists_read_the_upstreams_own_tables() -> None:
+    """A ranking fold's training lists (tail: holdout H) read popularity counted over the rows the
+    upstream trained on, every user's last H training rows left out (ranking_tables_mask): so the
+    target's count holds none of the held-out rows, its own included."""
+    from service.contract.pair_features import feature_index
+    from training.stages.prerank.data import ranking_tables_mask
+
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    h = 3
+    assert (ranking_tables_mask(ds, h, loo) == LeaveOneOut(ds, holdout=h).train_mask).all()
+    assert (ranking_tables_mask(ds, 0, loo) == loo.train_mask).all()
+    torch.manual_seed(0)
+    sasrec = MultiLauncherSASRec(SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=1))
+    data = build_next_item_data(ds, loo, None, history_len=10, candidates=CANDIDATES,
+                                retrievers=Retrievers(sasrec, sasrec, holdout=h))
+    tl = data.train_lists
+    assert tl is not None
+    counted = np.bincount(ds.items[LeaveOneOut(ds, holdout=h).train_mask], minlength=ds.num_items + 1)
+    at = (tl.items == data.train_targets[:, None]).argmax(axis=1)
+    pop = tl.features[np.arange(at.size), at, feature_index("pop_all")]
+    np.testing.assert_allclose(pop, np.log1p(counted[data.train_targets]), rtol=1e-5)
+
+
 def test_the_prior_refit_lifts_held_out_lists_and_never_ends_below_its_start() -> None:
     """refit_prior on lists of an untrained retriever merged with the route (the route is the
     signal, the random retrieval score noise): cross-fitted over the lists' users, the refit moves
