@@ -51,6 +51,17 @@ def result(model: str, data: str, metrics: Mapping[str, float], **extra: Any) ->
     return {"model": model, "data": data, "metrics": dict(metrics), **extra}
 
 
+def finish_report(lines: Sequence[str], started: float, out: str | Path | None) -> None:
+    """A benchmark's last step: its lines and then "wall time N s" (since perf_counter() was
+    `started`), printed, and written to `out` when given (its folder made)."""
+    text = "\n".join([*lines, f"wall time {time.perf_counter() - started:.0f} s"]) + "\n"
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def save_benchmark(out: str | Path, text: str) -> None:
     """Write a benchmark's printed text, preceded by the command line that produced it."""
     path = Path(out)

@@ -60,6 +60,7 @@ from service.contract.manifest import Manifest  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.main import create_app  # noqa: E402
 from training.data.synthetic import SyntheticTruth, generate_world, parse_synthetic_spec  # noqa: E402
+from training.report import finish_report  # noqa: E402
 
 KEY = "bench-key"
 K = 10
@@ -280,12 +281,7 @@ def main() -> int:
             lines += report(label, a, b, runs, args.check_every, args.min_impressions)
             print("\n".join(lines[-(8 + 2 * args.repeats):]), flush=True)
         client.delete("/v1/admin/experiment", headers={"X-API-Key": KEY})
-    lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    finish_report(lines, t0, args.out)
     return 0
 
 

@@ -51,6 +51,7 @@ from service.contract.layout import read_current  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.main import create_app  # noqa: E402
 from training.data.synthetic import SyntheticTruth  # noqa: E402
+from training.report import finish_report  # noqa: E402
 
 KEY = "loop-key"
 
@@ -231,13 +232,8 @@ def main() -> int:
     lines += ["hit rate@10: impressions with a click / impressions; CTR@10: clicked slots / slots shown in the first 10 "
               "(GET /v1/online-metrics, 95% Wilson intervals); log: events in the durable log after the round; "
               "NDCG@10: recsys evaluate --artifacts on the retrained version's own data (base + log), served cut; "
-              "retrain s: wall time of that recsys retrain",
-              f"wall time {time.perf_counter() - t0:.0f} s"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+              "retrain s: wall time of that recsys retrain"]
+    finish_report(lines, t0, args.out)
     return 0
 
 

@@ -9,9 +9,6 @@ follows without waiting for its (30 s) poll.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +18,7 @@ import pytest
 
 from service.contract.layout import CURRENT, EXPERIMENT
 from service.experiments import Experiment, ExperimentConfig
-from service.notify import notify_version
-from tests.e2e.test_serve import wait_ready
-from tests.service.conftest import free_port
+from tests.e2e.test_serve import two_workers_on_redis
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 
 AB = {"name": "exp1", "mode": "ab", "seed": 5,
@@ -39,24 +34,8 @@ def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[str]:
     copy_version(root, root / "v1", "v2")
     (root / CURRENT).write_text("v1\n")
     (root / EXPERIMENT).write_text(json.dumps(AB))
-    port = free_port()
-    env = {**os.environ, "RECSYS_API_KEY": KEY, "RECSYS_RELOAD_POLL_S": "30"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
-         "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, base, 90)
-        deadline = time.monotonic() + 30
-        while notify_version(redis_url, "v1") < 2:  # both workers listen for notices
-            assert time.monotonic() < deadline, "workers never subscribed to the version channel"
-            time.sleep(0.1)
+    with two_workers_on_redis(root, redis_url, "v1", {"RECSYS_API_KEY": KEY, "RECSYS_RELOAD_POLL_S": "30"}) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=15)
 
 
 def test_live_server_serves_an_experiment_of_two_versions(live: str, catalog: list[str]) -> None:  # noqa: F811

@@ -9,9 +9,6 @@ keep answering with the old version.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,8 +19,7 @@ import httpx
 import pytest
 
 from service.notify import notify_version
-from tests.e2e.test_serve import wait_ready
-from tests.service.conftest import free_port
+from tests.e2e.test_serve import two_workers_on_redis
 from tests.service.test_api import artifacts_root, catalog, copy_version  # noqa: F401  (module fixtures)
 from training.publish.versions import set_current
 from service.contract.layout import ITEMS_NPY
@@ -35,25 +31,9 @@ def live(artifacts_root: Path, redis_url: str, tmp_path: Path) -> Iterator[tuple
     root.mkdir()
     copy_version(root, artifacts_root / "v1", "v1")
     set_current(root, "v1")
-    port = free_port()
-    env = {**os.environ, "RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}  # pub/sub must do the work
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
-         "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, base, 90)
-        deadline = time.monotonic() + 30
-        # both workers subscribed (each counts as one receiver)
-        while notify_version(redis_url, "v1") < 2:
-            assert time.monotonic() < deadline, "workers never subscribed to the version channel"
-            time.sleep(0.1)
+    # pub/sub must do the work (the poll is 30 s)
+    with two_workers_on_redis(root, redis_url, "v1", {"RECSYS_API_KEY": "", "RECSYS_RELOAD_POLL_S": "30"}) as base:
         yield base, root
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=15)
 
 
 def test_swap_under_load_drops_nothing(live: tuple[str, Path], redis_url: str, catalog: list[str]) -> None:  # noqa: F811

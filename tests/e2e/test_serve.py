@@ -7,12 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.notify import notify_version
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -31,6 +33,30 @@ def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> No
             pass
         time.sleep(0.2)
     pytest.fail(f"recsys serve did not become ready in {timeout_s} s")
+
+
+@contextmanager
+def two_workers_on_redis(root: Path, redis_url: str, live_version: str, env: Mapping[str, str]) -> Iterator[str]:
+    """`recsys serve` over root with 2 workers on redis_url and os.environ updated by env; yields
+    its base URL once it is ready and both workers are subscribed to the version channel (each
+    counts as one receiver of a notice of live_version); stops its process group after."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(root), "--redis-url", redis_url,
+         "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, 90)
+        deadline = time.monotonic() + 30
+        while notify_version(redis_url, live_version) < 2:
+            assert time.monotonic() < deadline, "workers never subscribed to the version channel"
+            time.sleep(0.1)
+        yield base
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=15)
 
 
 @pytest.fixture()

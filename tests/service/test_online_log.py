@@ -106,6 +106,28 @@ def test_impression_log_writes_in_the_background_and_counts_failures() -> None:
         lg.close()
 
 
+def test_impression_log_writes_what_arrives_within_the_linger_as_one_batch() -> None:
+    class _Batches(_ListSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[int] = []
+
+        def write(self, lines: Sequence[str]) -> None:
+            self.batches.append(len(lines))
+            super().write(lines)
+
+    sink = _Batches()
+    log = ImpressionLog(sink, linger_s=0.5)
+    for i in range(5):
+        assert log.record(f"r{i}", None, "v1", [("a", None, None)])
+    assert log.flush()
+    log.close()
+    assert sink.batches == [5]
+    assert [load_impression(line).request_id for line in sink.lines] == ["r0", "r1", "r2", "r3", "r4"]
+    with pytest.raises(ValueError, match="linger_s: must be >= 0, got -1"):
+        ImpressionLog(_ListSink(), linger_s=-1)
+
+
 def test_impression_sampling_keeps_about_the_rate() -> None:
     sink = _ListSink()
     log = ImpressionLog(sink, rate=0.25)
