@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from models.sasrec import SASRecConfig
     from recsys_cli.main import main as cli
     from training.eval.metrics import evaluate_retrieval
-    from training.stages.retrieval.budget import RetrievalBudget, budget_for
+    from training.stages.retrieval.budget import RetrievalBudget, budget_for, encoder_maxlen
     from training.stages.prerank.upstreams import train_fold_set
     from training.stages.retrieval.train import RetrievalTrainConfig, evaluate_model, save_checkpoint
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     with timed("evaluate baselines", timings):
         for name, cls in BASELINES.items():
             baselines[name] = evaluate_retrieval(cls(split, "test"), split, "test", progress=False)
-    cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers)
+    cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers, maxlen=encoder_maxlen(split))
     scheme = args.ranking_data
     # where the rankers' lists come from (training/stages/prerank/folds.py). holdout: an upstream retriever
     # without each user's last --holdout training items, the served one is it continued on everything;

@@ -270,7 +270,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"retrain: every stage trains anew: {warm}", flush=True)
     else:
         print(f"retrain: warm start from the live version {warm.version}: {warm.describe()}", flush=True)
-    holdout = args.holdout if args.holdout is not None else tail_holdout(LeaveOneOut(load(spec)))
+    from training.stages.retrieval.budget import encoder_maxlen  # imports torch: not at CLI start-up
+
+    split = LeaveOneOut(load(spec))
+    holdout = args.holdout if args.holdout is not None else tail_holdout(split)
     ret, pre, rer = (work / "checkpoints" / name / stage for stage in ("retrieval", "prerank", "rerank"))
     src = warm if isinstance(warm, LiveCheckpoints) else LiveCheckpoints("", None, None, None)  # anew: none
     epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
@@ -278,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     steps = [
         # `tail` (recsys demo's default): the served retriever is its own ranking fold and the rankers' --upstream
         ["train", "retrieval", "--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--quiet",
+         "--maxlen", str(encoder_maxlen(split)),
          *epochs, *minutes, "--holdout", str(holdout),
          *(["--warm-from", src.upstream] if src.upstream else []), "--out", str(ret)],
         *ranker_steps(spec, ret, ret, pre, rer, epochs, pair_features=not args.no_item2item,

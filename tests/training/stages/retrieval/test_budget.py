@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from training.data.sources import load
@@ -42,3 +43,16 @@ def test_bad_inputs_name_the_values() -> None:
         retrieval_budget(sequences=0, positions=10, num_items=5)
     with pytest.raises(ValueError, match="epochs >= 1 and minutes > 0, got 0, 1.0"):
         RetrievalBudget(0, 1.0)
+
+
+def test_the_encoder_reads_long_histories_up_to_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encoder_maxlen: the trainer's default on short histories, the 90th percentile of the users'
+    training lengths on long ones, never above the cap."""
+    from training.stages.retrieval.budget import MAXLEN_CAP, MAXLEN_FLOOR, encoder_maxlen
+
+    assert encoder_maxlen(LeaveOneOut(load("synthetic:users=300,items=100,seed=0"))) == MAXLEN_FLOOR
+    mid = LeaveOneOut(load("synthetic:users=100,items=300,mean_len=100,min_len=60,max_len=150,seed=0"))
+    want = int(np.ceil(np.quantile(mid.full_train_lengths(), 0.9)))
+    assert MAXLEN_FLOOR < want < MAXLEN_CAP and encoder_maxlen(mid) == want
+    monkeypatch.setattr(b, "MAXLEN_CAP", want - 10)
+    assert encoder_maxlen(mid) == want - 10
