@@ -30,6 +30,7 @@ from training.eval.metrics import evaluate_retrieval
 from training.report import timed
 from training.stages.rerank import models as rr
 from training.stages.rerank.end_to_end import E2E_KS, end_to_end
+from training.stages.prerank.data import ranking_split
 from training.stages.prerank.upstreams import load_upstreams
 from training.stages.rerank.impressions import FoldLists, Impressions, build_impressions, leave_one_out_lists
 from training.stages.rerank.sampling import ImpressionConfig
@@ -83,9 +84,8 @@ def open_upstream(data_spec: str, retrieval_dir: str | Path, prerank_dir: str | 
     if ups.ranking == "kfold":
         pipes = [Pipeline.from_models(ds, loo, m, prerank, spec, pre_ckpt) for m in ups.models]
         return Upstream(data_spec, ds, loo, served, served, str(upstream_dir), 0, FoldLists(pipes, ups.fold_of_user))
-    # the route and pair tables of the training lists: the upstream's own rows (prerank/data.py ranking_tables_mask)
-    lists = Pipeline.from_models(ds, LeaveOneOut(ds, holdout=ups.holdout) if ups.holdout else loo, ups.models[0],
-                                 prerank, spec, pre_ckpt)
+    # the route and pair tables of the training lists: the upstream's own rows (prerank/data.py ranking_split)
+    lists = Pipeline.from_models(ds, ranking_split(ds, ups.holdout, loo), ups.models[0], prerank, spec, pre_ckpt)
     return Upstream(data_spec, ds, loo, served, lists, str(upstream_dir), ups.holdout)
 
 
