@@ -9,6 +9,10 @@ from pathlib import Path
 
 from training.data.sources import SOURCES
 
+# The retriever's settings the demo and retrain train with (one home: both pass these)
+DEMO_DROPOUT = 0.2
+DEMO_LR = 2e-3
+
 
 def add_data_arg(parser: argparse.ArgumentParser, default: str | None = "synthetic") -> None:
     parser.add_argument(

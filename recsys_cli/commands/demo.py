@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_cli.commands import COMMANDS
-from recsys_cli.commands.common import add_data_arg, ranker_steps
+from recsys_cli.commands.common import DEMO_DROPOUT, DEMO_LR, add_data_arg, ranker_steps
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
 from training.data.sources import load
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     with timed("evaluate baselines", timings):
         for name, cls in BASELINES.items():
             baselines[name] = evaluate_retrieval(cls(split, "test"), split, "test", progress=False)
-    cfg = SASRecConfig(num_items=ds.num_items, dropout=0.2, num_launchers=args.launchers, maxlen=encoder_maxlen(split))
+    cfg = SASRecConfig(num_items=ds.num_items, dropout=DEMO_DROPOUT, num_launchers=args.launchers,
+                       maxlen=encoder_maxlen(split))
     scheme = args.ranking_data
     # where the rankers' lists come from (training/stages/prerank/folds.py). holdout: an upstream retriever
     # without each user's last --holdout training items, the served one is it continued on everything;
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     for (name, what, part), budget in zip(parts, budgets):
         # patience: the trainer's default (10); with 5, ml-100k's H = 6 retriever stopped at epoch 21
         # (validation NDCG@10 0.0993) while it reached 0.1023 by epoch 38 (issue 22's note)
-        tcfg = RetrievalTrainConfig(epochs=budget.epochs, lr=2e-3, max_minutes=budget.minutes, seed=args.seed)
+        tcfg = RetrievalTrainConfig(epochs=budget.epochs, lr=DEMO_LR, max_minutes=budget.minutes, seed=args.seed)
         print(f"train retrieval ({what}): {budget.describe()}, early stopping on validation {METRIC} "
               f"(patience {tcfg.patience})", flush=True)
         # only the served run warm-starts (a fold retriever must never start from one that saw its users)

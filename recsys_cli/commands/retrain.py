@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_cli.commands import COMMANDS
-from recsys_cli.commands.common import ranker_steps
+from recsys_cli.commands.common import DEMO_DROPOUT, DEMO_LR, ranker_steps
 from recsys_cli.commands.export import add_item2item_arg
 from recsys_cli.errors import UsageError
 from training.data.sources import load
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     minutes = [] if args.minutes is None else ["--max-minutes", str(args.minutes)]
     steps = [
         # `tail` (recsys demo's default): the served retriever is its own ranking fold and the rankers' --upstream
-        ["train", "retrieval", "--data", spec, "--dropout", "0.2", "--lr", "2e-3", "--quiet",
+        ["train", "retrieval", "--data", spec, "--dropout", str(DEMO_DROPOUT), "--lr", str(DEMO_LR), "--quiet",
          "--maxlen", str(encoder_maxlen(split)),
          *epochs, *minutes, "--holdout", str(holdout),
          *(["--warm-from", src.upstream] if src.upstream else []), "--out", str(ret)],

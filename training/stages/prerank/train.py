@@ -490,8 +490,8 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
     checks = cfg.prior_steps // PRIOR_CHECK_EVERY
     kept, gain, se, check = 0, 0.0, 0.0, float(start_lists.mean())
     if users.size >= PRIOR_FOLDS and checks:
-        fold_of = dict(zip(users.tolist(), np.random.default_rng(cfg.seed).permutation(users.size) % PRIOR_FOLDS))
-        fold = np.array([fold_of[u] for u in data.train_list_users.tolist()])
+        fold = (np.random.default_rng(cfg.seed).permutation(users.size) % PRIOR_FOLDS)[
+            np.searchsorted(users, data.train_list_users)]  # (E,) each list's user's fold
         held = np.zeros((checks, E))
         for k in range(PRIOR_FOLDS):
             inside = np.flatnonzero(fold == k)

@@ -10,7 +10,6 @@ Slate accuracy = share of lists (with a positive) whose top-scored real entry is
 from __future__ import annotations
 
 import copy
-
 import logging
 import math
 from collections.abc import Iterable
