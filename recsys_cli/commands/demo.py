@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         # patience: the trainer's default (10); with 5, ml-100k's H = 6 retriever stopped at epoch 21
         # (validation NDCG@10 0.0993) while it reached 0.1023 by epoch 38 (issue 22's note)
         tcfg = RetrievalTrainConfig(epochs=budget.epochs, lr=DEMO_LR, max_minutes=budget.minutes, seed=args.seed)
-        print(f"train retrieval ({what}): {budget.describe()}, early stopping on validation {METRIC} "
+        print(f"train retrieval ({what}): {budget.describe()}, early stopping on {METRIC} of the validation items"
+              f"{' and the held-out ones' if part.holdout else ''} "
               f"(patience {tcfg.patience})", flush=True)
         # only the served run warm-starts (a fold retriever must never start from one that saw its users)
         init = results.get("upstream", results.get("fold-0")) if name == "retrieval" else None

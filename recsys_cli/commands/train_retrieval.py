@@ -77,7 +77,7 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         "the batch's own targets (in-batch; needs --num-negatives 0) (default: uniform)",
     )
     p.add_argument("--no-logq", action="store_true", help="no logQ correction of the sampled negatives")
-    p.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
+    p.add_argument("--patience", type=int, default=10, help="early stopping on NDCG@10 of the validation items (and, with --holdout, the held-out ones)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint of the same data")
     p.add_argument(

@@ -83,6 +83,21 @@ class LeaveOneOut:
         ends = self.history_end(split)[sel]
         return pad_left(self.dataset.items, starts, ends, maxlen)
 
+    def holdout_rows(self) -> np.ndarray:
+        """(R,) data-set rows of the held-out training items (each user's last `holdout`), in order;
+        row r's history is the user's rows before it. Empty when holdout is 0."""
+        if self.holdout == 0:
+            return np.zeros(0, dtype=np.int64)
+        ds = self.dataset
+        pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
+        kept = LeaveOneOut.train_lengths(self)[ds.users]  # the holdout's own cut, whatever a subclass keeps
+        return np.flatnonzero(self.full_train_mask() & (pos >= kept))
+
+    def row_histories(self, rows: np.ndarray, maxlen: int | None = None) -> np.ndarray:
+        """Left-padded (B, L) history of each data-set row: the user's items before it."""
+        ds = self.dataset
+        return pad_left(ds.items, ds.offsets[ds.users[rows]], rows, maxlen)
+
     def train_sequences(self, maxlen: int | None = None, values: np.ndarray | None = None) -> np.ndarray:
         """(U, L) left-padded training sequences of every user (used for training loops); with
         `values` (E,), those per-interaction values (e.g. Dataset.weights) in the same layout."""

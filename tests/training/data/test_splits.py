@@ -69,3 +69,21 @@ def test_ctr_split_needs_ratings(tmp_path: Path) -> None:
     ds = load(csv(tmp_path, ["u1,a,1", "u1,b,2", "u1,c,3"]))
     with pytest.raises(DataError, match="needs ratings"):
         CTRSplit(ds)
+
+
+def test_holdout_rows_are_the_held_out_training_items_with_their_histories(tmp_path: Path) -> None:
+    # u1: a b c d e f g (7 items: training a..e, valid f, test g), u2: a b (training only)
+    rows = [f"u1,{x},{t}" for t, x in enumerate("abcdefg")] + ["u2,a,1", "u2,b,2"]
+    ds = load(csv(tmp_path, rows))
+    idx = {name: i for i, name in enumerate(ds.item_ids)}
+    assert LeaveOneOut(ds).holdout_rows().size == 0
+    loo = LeaveOneOut(ds, holdout=2)
+    rows_ = loo.holdout_rows()
+    # u1's last two training items d, e and u2's b (a user keeps one training item)
+    assert sorted(ds.item_ids[ds.items[rows_]].tolist()) == ["b", "d", "e"]
+    assert not loo.train_mask[rows_].any()
+    hist = loo.row_histories(rows_)
+    by_item = {str(ds.item_ids[ds.items[r]]): [x for x in h.tolist() if x] for r, h in zip(rows_, hist)}
+    assert by_item["d"] == [idx["a"], idx["b"], idx["c"]]
+    assert by_item["e"] == [idx["a"], idx["b"], idx["c"], idx["d"]]
+    assert by_item["b"] == [idx["a"]]

@@ -77,3 +77,31 @@ def test_list_metrics_ignores_padding_and_empty_lists() -> None:
     assert m["lists"] == 1
     assert m["P@1"] == 0.0
     assert m["NDCG@1"] == 0.0
+
+
+def test_stopping_ndcg10_reads_the_validation_item_and_the_held_out_items(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from training.data.sources import load
+    from training.data.splits import LeaveOneOut
+    from training.eval.metrics import evaluate_retrieval, stopping_ndcg10
+
+    # one user: a b c d e f g; training a..e, valid f, test g; H = 2 holds out d and e
+    f = tmp_path / "log.csv"
+    f.write_text("\n".join(f"u1,{x},{t}" for t, x in enumerate("abcdefg")) + "\n")
+    ds = load(f"csv:{f}")
+    idx = {name: i for i, name in enumerate(ds.item_ids)}
+    order = [idx[x] for x in "defgabc"]  # a fixed preference: d first, then e, f, g (seen ones removed)
+
+    def scorer(hist: np.ndarray) -> np.ndarray:
+        s = np.zeros((hist.shape[0], ds.num_items + 1), dtype=np.float32)
+        for rank, item in enumerate(order):
+            s[:, item] = 100.0 - rank
+        return s
+
+    plain = LeaveOneOut(ds)
+    assert stopping_ndcg10(scorer, plain) == evaluate_retrieval(scorer, plain, "valid", ks=(10,), progress=False)["NDCG@10"]
+    # valid f after history a..e: d, e seen -> f first (rank 0); held-out d after a..c: rank 0;
+    # held-out e after a..d: rank 0 -> all three at the top
+    assert stopping_ndcg10(scorer, LeaveOneOut(ds, holdout=2)) == pytest.approx(1.0)
+    order[:] = [idx[x] for x in "gfedabc"]  # now: valid f at rank 1 (g ahead), d at rank 3 (g f e), e at rank 2
+    expected = (1 / math.log2(3) + 1 / math.log2(5) + 1 / math.log2(4)) / 3
+    assert stopping_ndcg10(scorer, LeaveOneOut(ds, holdout=2)) == pytest.approx(expected)

@@ -42,7 +42,7 @@ from training.checkpoints import save_checkpoint as save_payload
 from training.stages.retrieval.encoders import RetrievalConfig, RetrievalModel, build_model, encoder_of, served_vectors
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split, pad_left
-from training.eval.metrics import KS, Scorer, evaluate_retrieval, mask_seen
+from training.eval.metrics import KS, Scorer, evaluate_retrieval, mask_seen, stopping_ndcg10
 from training.stages.retrieval.losses import SAMPLERS, NegativeSampler, Sampler, encoder_loss
 from training.trainer import Bar, EpochResult, StepResult, fit
 
@@ -270,8 +270,7 @@ def train_retrieval(
     def validate() -> float:  # rank 0 validates; rounded as recorded, so early stopping sees the recorded score
         if rank > 0:
             return -1.0
-        score = evaluate_retrieval(model_scorer(model), split, "valid", ks=(10,), progress=False)["NDCG@10"]
-        return round(score, 5)
+        return round(stopping_ndcg10(model_scorer(model), split), 5)
 
     def sync(score: float, out_of_time: bool) -> tuple[float, bool]:
         score, late = distributed.broadcast_from_rank0([score, float(out_of_time)])
