@@ -137,9 +137,9 @@ def stopping_ndcg10(scorer: Scorer, split: LeaveOneOut) -> float:
     """The score a retriever's early stopping reads: NDCG@10 over every target it did not train on
     short of the test item, i.e. each user's validation item and, for a split with a holdout, the
     held-out training items (split.holdout_rows). On ml-100k's H = 6 retriever that is 6,601 targets
-    instead of 943: replayed over one trajectory per seed (benchmarks/quality/stopping_signal.py), the
-    epoch it kept scored the test users 0.1123 / 0.1050+ / 0.1034 NDCG@10 (seeds 0-2) where the
-    validation item alone kept 0.1120 / 0.0934 / 0.1054, and 0.2708 vs 0.2671 on the synthetic default."""
+    instead of 943. The demo's SASRec alone on the test users, seeds 0-2: 0.1109 / 0.1050 / 0.1034
+    NDCG@10 with it, 0.1120 / 0.0934 / 0.1054 on the validation item alone (seed 1 stopped at epoch 46);
+    synthetic default 0.2709 vs 0.2671 (issue 22's note; benchmarks/quality/stopping_signal.py)."""
     ranks, _ = retrieval_ranks(scorer, split, "valid", (10,), progress=False)
     rows = split.holdout_rows()
     if rows.size:

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def test_list_metrics_ignores_padding_and_empty_lists() -> None:
     assert m["NDCG@1"] == 0.0
 
 
-def test_stopping_ndcg10_reads_the_validation_item_and_the_held_out_items(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_stopping_ndcg10_reads_the_validation_item_and_the_held_out_items(tmp_path: Path) -> None:
     from training.data.sources import load
     from training.data.splits import LeaveOneOut
     from training.eval.metrics import evaluate_retrieval, stopping_ndcg10

@@ -84,7 +84,7 @@ class EpochStats:
     seconds: float
     sequences_per_s: float
     launcher_entropy: float
-    valid_ndcg10: float
+    valid_ndcg10: float  # what early stopping read (stopping_ndcg10; the held-out items too under a holdout)
 
 
 @dataclass
@@ -202,7 +202,9 @@ def train_retrieval(
     init_from: RetrievalModel | None = None,
     resume: RetrievalModel | None = None,
 ) -> TrainResult:
-    """Train with early stopping on validation NDCG@10; `init_from` warm-starts (warm_start: a model
+    """Train with early stopping on NDCG@10 of the targets the model never trains on short of the test
+    item (training/eval/metrics.py stopping_ndcg10: the validation item, and the held-out training
+    items of a split with a holdout); `init_from` warm-starts (warm_start: a model
     of the same data set); `resume` is trained as given (its config is model_cfg; e.g. a fresh model
     that training/warm_start.py filled from another data set's checkpoint).
 
