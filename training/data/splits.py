@@ -38,8 +38,12 @@ class LeaveOneOut:
         self.eval_users = np.flatnonzero(lengths >= 3)
         if self.eval_users.size == 0:
             raise DataError(f"{ds.name}: no user has the 3 interactions leave-one-out needs")
-        pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]  # position within user
-        self.train_mask = pos < self.train_lengths()[ds.users]
+        self.train_mask = self.positions() < self.train_lengths()[ds.users]
+
+    def positions(self) -> np.ndarray:
+        """(E,) each data-set row's position within its user's sequence (0 = the user's first item)."""
+        ds = self.dataset
+        return np.arange(ds.num_interactions) - ds.offsets[ds.users]
 
     @property
     def num_items(self) -> int:
@@ -52,9 +56,7 @@ class LeaveOneOut:
 
     def full_train_mask(self) -> np.ndarray:
         """(E,) rows of the leave-one-out training part, the holdout included."""
-        ds = self.dataset
-        pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
-        return pos < self.full_train_lengths()[ds.users]
+        return self.positions() < self.full_train_lengths()[self.dataset.users]
 
     def train_lengths(self) -> np.ndarray:
         """(U,) length of each user's training sequence (without the last `holdout` items)."""
@@ -88,10 +90,8 @@ class LeaveOneOut:
         row r's history is the user's rows before it. Empty when holdout is 0."""
         if self.holdout == 0:
             return np.zeros(0, dtype=np.int64)
-        ds = self.dataset
-        pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
-        kept = LeaveOneOut.train_lengths(self)[ds.users]  # the holdout's own cut, whatever a subclass keeps
-        return np.flatnonzero(self.full_train_mask() & (pos >= kept))
+        kept = LeaveOneOut.train_lengths(self)[self.dataset.users]  # the holdout's own cut, whatever a subclass keeps
+        return np.flatnonzero(self.full_train_mask() & (self.positions() >= kept))
 
     def row_histories(self, rows: np.ndarray, maxlen: int | None = None) -> np.ndarray:
         """Left-padded (B, L) history of each data-set row: the user's items before it."""

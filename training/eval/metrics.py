@@ -62,6 +62,16 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
 
 
+def _scored(scorer: Scorer, hist: np.ndarray, remove_seen: bool = True) -> np.ndarray:
+    """(B, N + 1) float32 scores of B histories, padding at -inf and, with remove_seen, each history's items."""
+    scores = np.array(scorer(hist), dtype=np.float32, copy=True)
+    if remove_seen:
+        mask_seen(scores, hist)
+    else:
+        scores[:, 0] = -np.inf
+    return scores
+
+
 def retrieval_ranks(
     scorer: Scorer,
     split: LeaveOneOut,
@@ -89,11 +99,7 @@ def retrieval_ranks(
     for start in tqdm(chunks, desc=f"evaluate {which}", unit="batch", disable=not progress, leave=False):
         idx = sel[start : start + batch_size]
         hist = split.histories(which, idx)
-        scores = np.array(scorer(hist), dtype=np.float32, copy=True)
-        if remove_seen:
-            mask_seen(scores, hist)
-        else:
-            scores[:, 0] = -np.inf
+        scores = _scored(scorer, hist, remove_seen)
         ranks[start : start + idx.size] = target_ranks(scores, targets[start : start + idx.size])
         # torch.topk is ~10x faster than argpartition here; tie order is irrelevant for coverage
         best = torch.topk(torch.from_numpy(scores), min(kmax, scores.shape[1]), dim=1).indices.numpy()
@@ -127,9 +133,7 @@ def row_ranks(scorer: Scorer, split: LeaveOneOut, rows: np.ndarray, batch_size: 
     for start in range(0, rows.size, batch_size):
         idx = rows[start : start + batch_size]
         hist = split.row_histories(idx)
-        scores = np.array(scorer(hist), dtype=np.float32, copy=True)
-        mask_seen(scores, hist)
-        ranks[start : start + idx.size] = target_ranks(scores, items[idx])
+        ranks[start : start + idx.size] = target_ranks(_scored(scorer, hist), items[idx])
     return ranks
 
 

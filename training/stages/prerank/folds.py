@@ -102,7 +102,7 @@ def prerank_rows(loo: LeaveOneOut, holdout: int, kfold: bool = False) -> np.ndar
     before each user's re-rank window (kfold_rerank_window)."""
     ds = loo.dataset
     n = loo.full_train_lengths()  # (U,)
-    pos = np.arange(ds.num_interactions) - ds.offsets[ds.users]
+    pos = loo.positions()
     inside = loo.full_train_mask()
     if kfold:
         return np.flatnonzero(inside & (pos >= 1) & (pos < kfold_rerank_window(loo)[0][ds.users]))
