@@ -58,9 +58,11 @@ class EpochResult:
 @dataclass
 class FitResult:
     best_epoch: int  # the last epoch without an evaluator
-    best_score: float  # nan without an evaluator
+    best_score: float  # nan without an evaluator; the kept weights' score (the average's when kept)
     epochs: list[EpochResult]
     stopped: str  # "epochs", "early stop" or "max minutes"
+    averaged: list[int] = field(default_factory=list)  # the epochs whose average is kept (empty: best_epoch's)
+    averaged_score: float = math.nan  # that average's validation score, kept or not (nan: none tried)
 
 
 class _TqdmBar:
@@ -90,6 +92,7 @@ def fit(
     progress: bool = True,
     sync: Callable[[float, bool], tuple[float, bool]] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    average: int = 1,
 ) -> FitResult:
     """Run up to `epochs` epochs of `train_step(epoch, bar)` (model in train mode), each followed
     by `evaluate()` (higher is better); stop `patience` epochs past the best one or once
@@ -98,8 +101,10 @@ def fit(
     start_score: the weights as given (epoch 0), e.g. a residual model that must beat its input
     order. evaluate=None: every epoch runs and the last weights are kept. sync: under DDP, rank 0's
     (score, out of time) for every rank. on_epoch: the trainer's own history / log line.
+    average: with an evaluator, also try the uniform average of the `average` best epochs' weights
+    (training/early_stopping.py) and keep it when it validates strictly higher than the best epoch.
     """
-    stopper = EarlyStopping(model, patience, score=start_score)
+    stopper = EarlyStopping(model, patience, score=start_score, keep=average)
     budget = 60 * max_minutes if max_minutes else math.inf
     results: list[EpochResult] = []
     stopped = "epochs"
@@ -132,4 +137,23 @@ def fit(
     if evaluate is None:
         return FitResult(len(results), math.nan, results, stopped)
     stopper.restore()
-    return FitResult(stopper.best_epoch, stopper.best, results, stopped)
+    fitted = FitResult(stopper.best_epoch, stopper.best, results, stopped)
+    averaged = stopper.averaged()
+    if averaged is None:
+        return fitted
+    model.load_state_dict(averaged)
+    score = evaluate()
+    if sync is not None:
+        score, _ = sync(score, False)
+    model.eval()
+    fitted.averaged_score = score
+    epochs_kept = stopper.kept_epochs
+    if score > stopper.best:
+        fitted.averaged, fitted.best_score = epochs_kept, score
+        log.info("kept the average of epochs %s: validation %s %.4f (best epoch %d alone %.4f)",
+                 epochs_kept, metric, score, stopper.best_epoch, stopper.best)
+    else:
+        stopper.restore()
+        log.info("kept epoch %d (validation %s %.4f); the average of epochs %s scored %.4f",
+                 stopper.best_epoch, metric, stopper.best, epochs_kept, score)
+    return fitted

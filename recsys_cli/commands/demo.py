@@ -158,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
         # only the served run warm-starts (a fold retriever must never start from one that saw its users)
         init = results.get("upstream", results.get("fold-0")) if name == "retrieval" else None
         res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", None if init is None else init.model)
-        print(f"  {len(res.history)} epochs, best {res.best_epoch} (valid {METRIC} "
-              f"{max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f}), stopped: {res.stopped}")
+        print(f"  {res.summary()}", flush=True)
         results[name] = res
     upstream = None if scheme == "in-sample" else out / ("retrieval" if scheme == "tail" else "upstream")
     if scheme == "holdout":

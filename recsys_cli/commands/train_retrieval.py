@@ -78,6 +78,9 @@ def register(stages: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     )
     p.add_argument("--no-logq", action="store_true", help="no logQ correction of the sampled negatives")
     p.add_argument("--patience", type=int, default=10, help="early stopping on NDCG@10 of the validation items (and, with --holdout, the held-out ones)")
+    p.add_argument("--average-best", type=int, default=RetrievalTrainConfig.average, metavar="K",
+                   help="keep the average of the K best epochs' weights when it validates higher than the best "
+                        "epoch alone (1: the best epoch; default: %(default)s)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--init-from", metavar="DIR", help="warm-start from a trained retrieval checkpoint of the same data")
     p.add_argument(
@@ -144,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         train_cfg = RetrievalTrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             num_negatives=args.num_negatives, sampler=args.sampler, logq=not args.no_logq,
-            patience=args.patience, seed=args.seed, max_minutes=args.max_minutes,
+            patience=args.patience, average=args.average_best, seed=args.seed, max_minutes=args.max_minutes,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -228,8 +231,7 @@ def _run_folds(args: argparse.Namespace, ds: Any, model_cfg: RetrievalConfig, tr
     def train(k: int, split: LeaveOneOut) -> Any:
         with timed(f"train fold {k}", timings):
             res = train_retrieval(split, model_cfg, train_cfg, progress=not args.quiet and sys.stderr.isatty())
-        print(f"fold {k}/{args.folds}: {len(res.history)} epochs, best {res.best_epoch} "
-              f"(valid NDCG@10 {max((e.valid_ndcg10 for e in res.history), default=float('nan')):.4f})", flush=True)
+        print(f"fold {k}/{args.folds}: {res.summary()}", flush=True)
         return res
 
     results = train_fold_set(ds, args.data, args.out, fmap, train, {"train_config": train_cfg.__dict__,

@@ -59,6 +59,9 @@ class RetrievalTrainConfig:
     sampler: Sampler = "uniform"  # how the num_negatives shared negatives are drawn
     logq: bool = True  # subtract log(K q / c) from each sampled negative's logit
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    # the uniform average of the `average` best epochs' weights replaces the best epoch when it
+    # validates higher (training/trainer.fit; 1: the best epoch alone)
+    average: int = 5
     seed: int = 0
     max_minutes: float | None = None
 
@@ -75,6 +78,8 @@ class RetrievalTrainConfig:
             raise ValueError("in-batch negatives are the batch's targets: num_negatives must be 0 with sampler 'in-batch'")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.average < 1:
+            raise ValueError(f"average must be >= 1, got {self.average}")
 
 
 @dataclass
@@ -93,6 +98,18 @@ class TrainResult:
     best_epoch: int
     history: list[EpochStats] = field(default_factory=list)
     stopped: str = "epochs"  # why training ended: "epochs", "early stop" or "max minutes" (trainer.FitResult)
+    averaged: list[int] = field(default_factory=list)  # the epochs whose average was kept (empty: best_epoch's)
+    averaged_score: float = math.nan  # that average's validation score, kept or not (nan: none tried)
+
+    def summary(self) -> str:
+        """One line: epochs run, the kept weights and their validation NDCG@10, why training stopped."""
+        best = max((e.valid_ndcg10 for e in self.history), default=math.nan)
+        line = f"{len(self.history)} epochs, best {self.best_epoch} (valid NDCG@10 {best:.4f})"
+        if self.averaged:
+            line += f", kept the average of epochs {self.averaged} (valid {self.averaged_score:.4f})"
+        elif not math.isnan(self.averaged_score):
+            line += f", kept it (the average of the best epochs: valid {self.averaged_score:.4f})"
+        return f"{line}, stopped: {self.stopped}"
 
 
 def model_scorer(model: RetrievalModel, batch_size: int = 512) -> Scorer:
@@ -288,8 +305,10 @@ def train_retrieval(
                  r.epoch, stats.loss, stats.valid_ndcg10, entropy, r.train_seconds, stats.sequences_per_s)
 
     result = fit(model, train_cfg.epochs, train_cfg.patience, train_step, validate, start_score=-1.0,
-                 max_minutes=train_cfg.max_minutes, progress=progress and rank == 0, sync=sync, on_epoch=record)
-    return TrainResult(model=model, best_epoch=result.best_epoch, history=history, stopped=result.stopped)
+                 max_minutes=train_cfg.max_minutes, progress=progress and rank == 0, sync=sync, on_epoch=record,
+                 average=train_cfg.average)
+    return TrainResult(model=model, best_epoch=result.best_epoch, history=history, stopped=result.stopped,
+                       averaged=result.averaged, averaged_score=result.averaged_score)
 
 
 def evaluate_model(model: RetrievalModel, split: LeaveOneOut, which: Split = "test") -> dict[str, float]:
@@ -341,6 +360,8 @@ def describe(result: TrainResult) -> dict[str, Any]:
     secs = [e.seconds for e in h]
     return {
         "best_epoch": result.best_epoch,
+        "averaged_epochs": result.averaged,
+        "averaged_score": None if math.isnan(result.averaged_score) else result.averaged_score,
         "epochs_run": len(h),
         "seconds_per_epoch": round(float(np.mean(secs)), 3) if secs else math.nan,
         "sequences_per_s": round(float(np.mean([e.sequences_per_s for e in h])), 1) if h else math.nan,
