@@ -1,4 +1,5 @@
-"""training/trainer.fit: early stopping with the best weights, no evaluator, the time budget;
+"""training/trainer.fit: early stopping with the best weights, no evaluator, the time budget, the
+average of the best epochs (training/early_stopping.py keep / averaged);
 training/catalog_growth.unchanged_rows (which item heads reindex takes from the first pass)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from training.early_stopping import EarlyStopping
 from training.publish.item_side import unchanged_rows
 from training.trainer import Bar, StepResult, fit
 
@@ -42,6 +44,44 @@ def test_early_stopping_restores_the_best_epoch() -> None:
     assert seen == [1, 2, 3, 4] and [r.step.loss for r in res.epochs] == [1.0, 0.5, 1 / 3, 0.25]
     assert model.weight.item() == 2.0 and not model.training
     assert all(r.rows_per_s > 0 and r.seconds >= r.train_seconds for r in res.epochs)
+
+
+def test_the_average_of_the_best_epochs_is_kept_when_it_validates_higher() -> None:
+    model = _model()
+    # epochs 1-5 write weights 1-5 and score as listed; the 3 best are epochs 4, 2, 5 (weights 4, 2, 5:
+    # mean 11/3); the evaluator then sees the averaged weights and scores them 0.8 > 0.6
+    scores = iter([0.1, 0.5, 0.2, 0.6, 0.4, 0.8])
+    res = fit(model, 5, 5, _step(model), lambda: next(scores), progress=False, average=3)
+    assert res.averaged == [4, 2, 5] and (res.best_epoch, res.best_score, res.averaged_score) == (4, 0.8, 0.8)
+    assert model.weight.item() == pytest.approx(11 / 3) and not model.training
+
+
+def test_the_best_epoch_stays_when_the_average_validates_no_higher() -> None:
+    model = _model()
+    scores = iter([0.1, 0.5, 0.2, 0.6, 0.4, 0.6])  # the average ties the best epoch: not kept
+    res = fit(model, 5, 5, _step(model), lambda: next(scores), progress=False, average=3)
+    assert res.averaged == [] and (res.best_epoch, res.best_score, res.averaged_score) == (4, 0.6, 0.6)
+    assert model.weight.item() == 4.0
+
+
+def test_averaging_needs_two_scored_epochs_and_leaves_integer_tensors_alone() -> None:
+    model = _model()
+    res = fit(model, 1, 1, _step(model), lambda: 0.3, progress=False, average=5)  # one epoch: nothing to average
+    assert res.averaged == [] and math.isnan(res.averaged_score) and model.weight.item() == 1.0
+    net = nn.BatchNorm1d(1)  # num_batches_tracked is an integer buffer: taken from the best epoch
+    stopper = EarlyStopping(net, patience=5, keep=2)
+    for epoch, score in ((1, 0.2), (2, 0.4), (3, 0.1)):
+        with torch.no_grad():
+            net.weight.fill_(float(epoch))
+            tracked = net.num_batches_tracked
+            assert tracked is not None
+            tracked.fill_(epoch)
+        stopper.update(epoch, score)
+    avg = stopper.averaged()
+    assert avg is not None and stopper.kept_epochs == [2, 1]
+    assert avg["weight"].item() == 1.5 and avg["num_batches_tracked"].item() == 2
+    with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
+        EarlyStopping(net, patience=1, keep=0)
 
 
 def test_start_score_keeps_the_given_weights_when_no_epoch_beats_it() -> None:

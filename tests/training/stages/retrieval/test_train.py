@@ -141,20 +141,24 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=200,items=80",
          "--launchers", "2", "--launcher-init", "independent", "--epochs", "2", "--maxlen", "10", "--dim", "16",
-         "--out", str(out), "--json", str(js), "--threads", "1", "--quiet"],
+         "--average-best", "2", "--out", str(out), "--json", str(js), "--threads", "1", "--quiet"],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(js.read_text())
     assert payload["model"] == "ml-sasrec(M=2,independent)"
     assert {"HR@10", "NDCG@10", "HR@100", "Coverage@10", "LauncherEntropy"} <= set(payload["metrics"])
-    assert (out / "checkpoint.pt").is_file()
-    bad = subprocess.run(
-        [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
-         "--launchers", "-2", "--out", str(out)],
-        capture_output=True, text=True,
-    )
-    assert bad.returncode == 2 and "num_launchers must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+    training = load_retrieval(out, load("synthetic:users=200,items=80"))[1].extra["training"]
+    # the two epochs' average was validated: recorded whether or not it was kept
+    assert training["averaged_score"] is not None and training["averaged_epochs"] in ([], [1, 2], [2, 1])
+    for flags, message in ((["--launchers", "-2"], "num_launchers must be >= 0"),
+                           (["--average-best", "0"], "average must be >= 1, got 0")):
+        bad = subprocess.run(
+            [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
+             *flags, "--out", str(out)],
+            capture_output=True, text=True,
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_warm_start_copies_weights_and_spreads_launchers(small_run) -> None:
