@@ -221,7 +221,8 @@ def train_retrieval(
 ) -> TrainResult:
     """Train with early stopping on NDCG@10 of the targets the model never trains on short of the test
     item (training/eval/metrics.py stopping_ndcg10: the validation item, and the held-out training
-    items of a split with a holdout); `init_from` warm-starts (warm_start: a model
+    items of a split with a holdout), then keep the average of the `train_cfg.average` best epochs'
+    weights instead of the best epoch's when it scores higher there (trainer.fit); `init_from` warm-starts (warm_start: a model
     of the same data set); `resume` is trained as given (its config is model_cfg; e.g. a fresh model
     that training/warm_start.py filled from another data set's checkpoint).
 
