@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from service.core.config import Settings
+from tests.service.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: recsys, torchrun
@@ -165,6 +166,7 @@ def test_the_command_lines_cover_every_place_that_runs_one() -> None:
 def test_serve_as_compose_runs_it_fails_with_one_line_without_artifacts(tmp_path: Path) -> None:
     argv = _as_argv(_compose()["services"]["api"]["command"])
     argv[argv.index("--artifacts") + 1] = str(tmp_path)  # an empty artifact root
+    argv[argv.index("--port") + 1] = str(free_port())  # a server already on compose's port (a demo) is not this test's
     proc = subprocess.run([str(BIN / "recsys"), *argv[1:]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -203,7 +205,7 @@ def _without_train_extra(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_serve_runs_without_torch(tmp_path: Path) -> None:
-    proc = _without_train_extra(["serve", "--artifacts", str(tmp_path)])
+    proc = _without_train_extra(["serve", "--artifacts", str(tmp_path), "--port", str(free_port())])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("no CURRENT file (nothing published yet?)")
 
