@@ -47,8 +47,7 @@ class EarlyStopping:
             self.best, self.best_epoch, self._state = score, epoch, copy.deepcopy(self.model.state_dict())
             self._remember(epoch, score, self._state)
             return False
-        if self.keep > 1:
-            self._remember(epoch, score, None)
+        self._remember(epoch, score, None)
         return epoch - self.best_epoch >= self.patience
 
     def _remember(self, epoch: int, score: float, state: dict[str, torch.Tensor] | None) -> None:
