@@ -24,7 +24,8 @@ at publish: training/publish/route_tuning.py) and the pre-ranker's retrieval pri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,8 +71,14 @@ class Item2ItemRoute:
             raise ValueError(f"{NEIGHBOURS} holds ids outside 0..{num_items}")
         if not np.isfinite(sc).all():
             raise ValueError(f"{SCORES} holds non-finite values")
+        return cls(nb, sc).with_serving(serving)
+
+    def with_serving(self, serving: Mapping[str, float] | None) -> Item2ItemRoute:
+        """This table with the request settings `serving` (recent, decay, candidates, beta; a missing one:
+        DEFAULT_SERVING's)."""
         s = {**DEFAULT_SERVING, **(serving or {})}
-        return cls(nb, sc, int(s["recent"]), float(s["decay"]), int(s["candidates"]), float(s["beta"]))
+        return replace(self, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
+                       beta=float(s["beta"]))
 
     def score(self, history: np.ndarray, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """history (L,) internal ids, oldest first; banned ids dropped. -> every item the recent

@@ -35,7 +35,6 @@ from training.stages.prerank.lists import (  # noqa: E402
     list_routes,
     make_lists,
     tune_route_settings,
-    with_settings,
 )
 
 
@@ -89,7 +88,7 @@ def routes_for(model: RetrievalModel, ds: Dataset, loo: LeaveOneOut) -> ListRout
     serving, _ = tune_route_settings(model, routes, ds, ds.offsets[loo.eval_users], loo.history_end("valid"),
                                      loo.targets("valid"))
     assert routes.route is not None
-    routes.route = with_settings(routes.route, serving)
+    routes.route = routes.route.with_serving(serving)
     print("route settings", serving, flush=True)
     return routes
 

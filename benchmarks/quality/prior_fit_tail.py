@@ -41,7 +41,6 @@ from training.stages.prerank.lists import (  # noqa: E402
     list_routes,
     make_lists,
     tune_route_settings,
-    with_settings,
 )
 
 
@@ -83,7 +82,7 @@ def main() -> None:
         routes = list_routes(ds, loo.train_mask)
         assert routes.route is not None
         serving, _ = tune_route_settings(model, routes, ds, ds.offsets[ds.users[rows]], rows, ds.items[rows])
-        routes.route = with_settings(routes.route, serving)
+        routes.route = routes.route.with_serving(serving)
         print("route settings (tuned on the tail lists)", serving, flush=True)
     else:
         routes = routes_for(model, ds, loo)

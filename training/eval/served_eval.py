@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -44,6 +44,7 @@ from service.artifacts import LoadedVersion
 from service.contract.manifest import STAGES, Manifest
 from service.contract.stage_blocks import Baselines, Serving
 from service.core.config import Settings
+from service.item2item import Item2ItemRoute
 from service.pipeline import Recommender
 from training.data.dataset import DataError, Dataset
 from training.data.splits import LeaveOneOut, Split
@@ -141,6 +142,16 @@ def select_users(loo: LeaveOneOut, n: int | None, seed: int = 0) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class RouteFolds:
+    """The item-to-item route's settings cross-fitted over the replayed users: the i-th user is
+    served with routes[fold[i]], whose settings were chosen without fold[i]'s users
+    (training/publish/route_tuning.py cross_fit_route)."""
+
+    fold: np.ndarray  # (U,) int64 in [0, len(routes))
+    routes: list[Item2ItemRoute]
+
+
+@dataclass(frozen=True)
 class ServedEval:
     """Per cut ("retrieval", "prerank", "rerank"): the metrics, and each user's NDCG@10 (U,)
     (for paired comparisons between cuts)."""
@@ -158,48 +169,59 @@ class ServedEval:
 def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None = None, split: Split = "test",
                     users: np.ndarray | None = None, cuts: Sequence[tuple[str, ...]] | None = None,
                     retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N,
-                    progress: bool = True, item2item: bool = True, other_data: bool = False) -> ServedEval:
+                    progress: bool = True, item2item: bool = True, other_data: bool = False,
+                    routes: RouteFolds | None = None) -> ServedEval:
     """Replay leave-one-out users (positions into loo.eval_users; default all) through the
     served pipeline, once per cut (default: every cut the version has). DataError when `ds`
     is not the version's data set, unless other_data (the live version replayed on a newer data
     set, training/publish/gates.py: history items it does not know are skipped, as the service
     skips them, and a target it does not know is a miss). item2item=False serves without the
-    item-to-item route."""
+    item-to-item route. routes: the i-th selected user is served with routes.routes[routes.fold[i]]
+    in place of the version's route (the publish gate's cross-fitted settings)."""
     if not other_data:
         check_data(version, ds)
     loo = LeaveOneOut(ds) if loo is None else loo
     sel = np.arange(loo.eval_users.size) if users is None else np.asarray(users, np.int64)
-    recs = {c[-1]: Recommender(version, retrieval_k=retrieval_k, prerank_n=prerank_n, stages=c, item2item=item2item)
-            for c in (version_cuts(version) if cuts is None else cuts)}
+    names = [c[-1] for c in (version_cuts(version) if cuts is None else cuts)]
+    if routes is not None and routes.fold.shape != sel.shape:
+        raise ValueError(f"routes.fold has {routes.fold.size} users, {sel.size} are replayed")
+    groups = [(version, np.arange(sel.size))] if routes is None else [
+        (replace(version, item2item=r), np.flatnonzero(routes.fold == k)) for k, r in enumerate(routes.routes)]
     starts = ds.offsets[loo.eval_users[sel]]
     ends = loo.history_end(split)[sel]
     targets = [str(x) for x in ds.item_ids[loo.targets(split)[sel]].tolist()]
     ids = ds.item_ids.astype(str)
-    ranks = {name: np.full(sel.size, _MISS, np.int64) for name in recs}
-    ms = {name: np.empty(sel.size) for name in recs}
-    shown = {name: np.zeros(version.num_items + 1, bool) for name in recs}
-    top10 = {name: np.zeros((sel.size, COVERAGE_K), np.int64) for name in recs}  # (U, 10), 0 = padding
+    ranks = {name: np.full(sel.size, _MISS, np.int64) for name in names}
+    ms = {name: np.empty(sel.size) for name in names}
+    shown = {name: np.zeros(version.num_items + 1, bool) for name in names}
+    top10 = {name: np.zeros((sel.size, COVERAGE_K), np.int64) for name in names}  # (U, 10), 0 = padding
     faiss_only = Recommender(version, retrieval_k=retrieval_k, stages=STAGES[:1], item2item=False)
     in_cands = np.zeros((2, sel.size), bool)  # target in the merged / FAISS-only candidate set
-    failed = dict.fromkeys(recs, 0)
-    for u in tqdm(range(sel.size), desc=f"served eval ({split})", unit="user", disable=not progress, leave=False):
-        history = ids[ds.items[starts[u]:ends[u]]].tolist()
-        for name, rec in recs.items():
-            res = rec.recommend(history, k=TOP, explain=False)
-            got = [it.item_id for it in res.items]
-            if targets[u] in got:
-                ranks[name][u] = got.index(targets[u])
-            shown[name][[version.id_to_index[i] for i in got[:COVERAGE_K]]] = True
-            top10[name][u, : min(COVERAGE_K, len(got))] = [version.id_to_index[i] for i in got[:COVERAGE_K]]
-            ms[name][u] = res.timings_ms["total"]
-            failed[name] += "_failed" in res.served_by
-        target = version.id_to_index.get(targets[u], -1)
-        in_cands[:, u] = [target in rec.candidates(history) for rec in (next(iter(recs.values())), faiss_only)]
+    failed = dict.fromkeys(names, 0)
+    bar = tqdm(total=sel.size, desc=f"served eval ({split})", unit="user", disable=not progress, leave=False)
+    for served, group in groups:
+        recs = {name: Recommender(served, retrieval_k=retrieval_k, prerank_n=prerank_n,
+                                  stages=STAGES[: STAGES.index(name) + 1], item2item=item2item) for name in names}
+        for u in group.tolist():
+            history = ids[ds.items[starts[u]:ends[u]]].tolist()
+            for name, rec in recs.items():
+                res = rec.recommend(history, k=TOP, explain=False)
+                got = [it.item_id for it in res.items]
+                if targets[u] in got:
+                    ranks[name][u] = got.index(targets[u])
+                shown[name][[version.id_to_index[i] for i in got[:COVERAGE_K]]] = True
+                top10[name][u, : min(COVERAGE_K, len(got))] = [version.id_to_index[i] for i in got[:COVERAGE_K]]
+                ms[name][u] = res.timings_ms["total"]
+                failed[name] += "_failed" in res.served_by
+            target = version.id_to_index.get(targets[u], -1)
+            in_cands[:, u] = [target in rec.candidates(history) for rec in (next(iter(recs.values())), faiss_only)]
+            bar.update()
+    bar.close()
     vectors = np.vstack([np.zeros((1, version.items.shape[1]), np.float32), version.items])  # (N + 1, D)
     genre = next((name for name in version.item_features.multi if name.startswith("genre")), None)
     out: dict[str, dict[str, float]] = {}
     ndcg: dict[str, np.ndarray] = {}
-    for name in recs:
+    for name in names:
         m = ranking_metrics(ranks[name], KS)
         m.pop("MRR")  # over a top-50 list, not the full ranking: left out rather than misread
         m[f"Coverage@{COVERAGE_K}"] = float(shown[name][1:].sum() / version.num_items)
@@ -270,16 +292,20 @@ def _mean_diff(ev: ServedEval, cut: str, previous: str) -> float:
 
 def serving_block(ev: ServedEval, choice: StageChoice, tolerance: float | None, seed: int,
                   retrieval_k: int = RETRIEVAL_K, prerank_n: int = PRERANK_N,
-                  baselines: Baselines | None = None) -> Serving:
+                  baselines: Baselines | None = None, route_folds: int | None = None) -> Serving:
     """The manifest's `serving` block (`tolerance` recorded as None for the paired-SE rule and
-    for inf, which JSON cannot hold; `rule` says which)."""
+    for inf, which JSON cannot hold; `rule` says which). route_folds: the cuts were measured with
+    the item-to-item route's settings cross-fitted over that many folds of the users
+    (settings.route_folds; training/publish/route_tuning.py)."""
     names = list(ev.cuts)
     deltas = {b: {"vs": a, METRIC: ev.cuts[b][METRIC] - ev.cuts[a][METRIC], "paired_se": ev.paired_se(b, a)}
               for a, b in zip(names, names[1:])}
     rule = stage_rule(tolerance)
     return Serving(split=ev.split, users=ev.users, seed=seed, metric=METRIC,
                    tolerance=tolerance if rule == RULE_ABSOLUTE else None,
-                   settings={"retrieval_k": retrieval_k, "prerank_n": prerank_n}, cuts=ev.cuts, deltas=deltas,
+                   settings={"retrieval_k": retrieval_k, "prerank_n": prerank_n,
+                             **({} if route_folds is None else {"route_folds": route_folds})},
+                   cuts=ev.cuts, deltas=deltas,
                    stages=choice.stages, switched_off=choice.switched_off, reason=choice.reason, rule=rule,
                    baselines=baselines)
 

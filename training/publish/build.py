@@ -76,7 +76,7 @@ from training.stages.retrieval.encoders import served_vectors
 from training.publish.sources import Sources
 from training.publish.onnx.retrieval import PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
-from training.publish.route_tuning import tune_published
+from training.publish.route_tuning import cross_fit_published, tune_published
 from training.report import timed
 from training.eval.served_eval import ServingGate
 from training.publish.versions import PublishError, fsync_dir, fsync_tree, set_current, smoke
@@ -179,8 +179,12 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
                 with timed("route", timings):
                     manifest = tune_published(tmp, src, gate, manifest)
                 manifest.write(tmp / MANIFEST)
+            cross = None
+            if manifest.item2item is not None:  # the gate measures each user with settings chosen without it
+                with timed("route cross-fit", timings):
+                    cross, manifest = cross_fit_published(tmp, src, gate, manifest)
             with timed("served", timings):
-                manifest = manifest.with_(serving=serving_gate(tmp, src, gate))
+                manifest = manifest.with_(serving=serving_gate(tmp, src, gate, cross))
             entry, manifest = regression(tmp, manifest)
             manifest = manifest.with_(checks=Checks(min_recall=min_recall, regression=entry))
             manifest.write(tmp / MANIFEST)

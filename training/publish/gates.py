@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from training.data.splits import LeaveOneOut, Split
 from training.eval.metrics import mask_seen, paired_gain, ranking_metrics, target_ranks
 from training.eval.served_eval import STAGE_SE_FACTOR, ServingGate
 from training.publish.versions import PublishError
+
+if TYPE_CHECKING:
+    from training.publish.route_tuning import CrossFit
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,11 @@ Regression = Callable[[Path, Manifest], tuple[RegressionCheck, Manifest]]
 the live one beyond the tolerance."""
 
 
-def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
+def serving_gate(tmp: Path, src: Sources, gate: ServingGate, cross: CrossFit | None = None) -> Serving:
     """The manifest's `serving` block: load the temp version as the service does, replay up to
-    gate.users validation users through every served cut (training/eval/served_eval.py), switch
+    gate.users validation users through every served cut (training/eval/served_eval.py; with
+    `cross`, each user with the route's settings chosen without that user's fold,
+    training/publish/route_tuning.py cross_fit_route), switch
     off a stage whose cut is worse than the previous served cut (gate.rule), then replay the
     same users through the trivial baselines (training/eval/gate_baselines.py) and refuse the
     version when the served cut does not beat the best of them by more than the paired SE.
@@ -77,11 +82,13 @@ def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
     except ArtifactError as exc:
         raise PublishError(f"the new version does not load: {exc}") from None
     users = se.select_users(src.loo, gate.users, gate.seed)
-    ev = se.evaluate_served(version, src.ds, src.loo, "valid", users, progress=sys.stderr.isatty())
+    routes = None if cross is None or version.item2item is None else cross.route_folds(version.item2item)
+    ev = se.evaluate_served(version, src.ds, src.loo, "valid", users, progress=sys.stderr.isatty(), routes=routes)
     choice = se.choose_stages(ev, gate.tolerance)
     bl = gb.evaluate_baselines(version, src.ds, src.loo, "valid", users)
     verdict = gb.baseline_verdict(ev, bl, choice.stages[-1])
-    print(f"served cuts and baselines, {ev.users} validation users (* = served; stage rule {gate.rule}):\n"
+    folds = "" if routes is None else f"; route settings cross-fitted over {len(routes.routes)} folds"
+    print(f"served cuts and baselines, {ev.users} validation users (* = served; stage rule {gate.rule}{folds}):\n"
           f"{se.cut_table(ev.cuts, served=choice.stages, baselines=bl.rows)}\n{verdict.line(ev.users, ev.split)}",
           file=sys.stderr)
     banner = "!" * 78
@@ -101,7 +108,8 @@ def serving_gate(tmp: Path, src: Sources, gate: ServingGate) -> Serving:
         log.warning("baseline gate: %s published below baseline (%s)", version.version,
                     verdict.line(ev.users, ev.split))
     return se.serving_block(ev, choice, gate.tolerance, gate.seed,
-                            baselines=gb.baselines_block(bl, verdict, gate.allow_below_baseline))
+                            baselines=gb.baselines_block(bl, verdict, gate.allow_below_baseline),
+                            route_folds=None if routes is None else len(routes.routes))
 
 
 def served_comparison(old: Manifest, new: Manifest) -> tuple[str, float, float] | None:

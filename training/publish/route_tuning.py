@@ -24,6 +24,19 @@ fixed and move to the best, until no single setting improves on it (at most MAX_
 Typically 10 to 25 of the 84 settings are measured, each measured once; each costs one retrieval
 request per validation user, the encoder run once per user for the whole grid (its output does
 not depend on the route's settings).
+
+Cross-fitting for the stage gate (`cross_fit_route`): the gate replays the validation users the
+settings were chosen on (here, or by the pre-ranker's training, which chooses them the same way,
+training/stages/prerank/lists.py). On those users the merged retrieval cut is the best of the
+10 to 25 settings measured, so its NDCG@10 is biased upward against the later cuts it is
+compared with, and the gate can switch off a pre-ranker that helps on new users (issue 22:
+ml-100k seed 0, validation users prerank - retrieval -0.0054, paired SE 0.0045; test users
++0.0045). So the gate's users are dealt into GATE_FOLDS folds (folds.assign_folds, seeded with
+the gate's seed) and each fold's users are replayed with the settings the same search chooses on
+the other folds' users only: every cut is then measured on users its settings were not chosen
+on. The version still serves the settings chosen on all of them; the folds' settings are
+recorded in item2item.tuning.cross_fit. Cost: GATE_FOLDS - 1 searches' worth of requests (each
+fold's search replays (GATE_FOLDS - 1) / GATE_FOLDS of the users), the encoder shared.
 """
 
 from __future__ import annotations
@@ -43,9 +56,11 @@ from service.contract.manifest import STAGES, Manifest
 from service.pipeline import Recommender
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split
-from training.eval.served_eval import METRIC, RETRIEVAL_K, ServingGate, select_users
+from service.item2item import Item2ItemRoute
+from training.eval.served_eval import METRIC, RETRIEVAL_K, RouteFolds, ServingGate, select_users
 from training.publish.sources import Sources
 from training.publish.versions import PublishError
+from training.stages.prerank.folds import assign_folds
 from training.stages.retrieval.route_search import (  # noqa: F401  (GRID, ORDER, ... are this module's too)
     GRID,
     MAX_PASSES,
@@ -57,6 +72,11 @@ from training.stages.retrieval.route_search import (  # noqa: F401  (GRID, ORDER
     check_grid,
     coordinate_search,
 )
+
+# Folds of the gate's users for the cross-fitted settings (module doc). 5, as the pair prior's check
+# (training/stages/prerank/train.py PRIOR_FOLDS): each fold's settings are chosen on 4/5 of the users,
+# close to the search the version's own settings come from; with 2 each would see half of them.
+GATE_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -95,9 +115,10 @@ class _EncodeOnce:
 
 
 def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray,
-                          split: Split = "valid") -> Measure:
+                          split: Split = "valid", encoder: _EncodeOnce | None = None) -> Measure:
     """A Measure over the served retrieval cut: each call builds a Recommender on `version` with
-    the route's settings replaced and replays `users` (positions into loo.eval_users) on `split`."""
+    the route's settings replaced and replays `users` (positions into loo.eval_users) on `split`.
+    `encoder`: a cache of the version's encoder outputs to share between searches."""
     route = version.item2item
     if route is None:
         raise ValueError(f"version {version.version} has no item-to-item route to tune")
@@ -107,12 +128,12 @@ def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut,
     histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
     targets = ids[loo.targets(split)[users]].tolist()
 
-    encoder = cast(ort.InferenceSession, _EncodeOnce(version.retrieval))
+    session = cast(ort.InferenceSession, _EncodeOnce(version.retrieval) if encoder is None else encoder)
 
     def measure(s: Setting) -> float:
         tuned = replace(route, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
                         beta=float(s["beta"]))
-        rec = Recommender(replace(version, item2item=tuned, retrieval=encoder), retrieval_k=RETRIEVAL_K,
+        rec = Recommender(replace(version, item2item=tuned, retrieval=session), retrieval_k=RETRIEVAL_K,
                           stages=STAGES[:1])
         gain = 0.0
         for history, target in zip(histories, targets):
@@ -125,10 +146,11 @@ def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut,
 
 
 def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
-               grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid") -> RouteTuning:
+               grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid",
+               encoder: _EncodeOnce | None = None) -> RouteTuning:
     """Choose the route's request settings of `version` on `users` of `split` (see the module doc)."""
     t0 = time.perf_counter()
-    best, tried = coordinate_search(served_retrieval_ndcg(version, ds, loo, users, split), grid)
+    best, tried = coordinate_search(served_retrieval_ndcg(version, ds, loo, users, split, encoder), grid)
     serving = {name: (int(best[name]) if name in ("recent", "candidates") else float(best[name]))
                for name in ("recent", "decay", "candidates", "beta")}  # the key order of DEFAULT_SERVING
     return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER},
@@ -154,3 +176,60 @@ def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifes
           + " ".join(f"{k}={v}" for k, v in tuning.serving.items())
           + f", retrieval {METRIC} {best:.4f}" + ("" if off is None else f" (beta 0: {off:.4f})"), file=sys.stderr)
     return manifest.with_(item2item=replace(manifest.item2item, serving=tuning.serving, tuning=tuning.record()))
+
+
+@dataclass(frozen=True)
+class CrossFit:
+    """The route's settings cross-fitted over the gate's users (module doc): fold (U,) the fold of
+    each user (in the order of served_eval.select_users), settings[k] chosen without fold k's users."""
+
+    fold: np.ndarray
+    settings: list[Setting]
+    seed: int
+    seconds: float  # wall time of the searches
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's item2item.tuning.cross_fit."""
+        return {"folds": len(self.settings), "seed": self.seed, "users": int(self.fold.size),
+                "chosen": [dict(s) for s in self.settings], "seconds": round(self.seconds, 2)}
+
+    def route_folds(self, route: Item2ItemRoute) -> RouteFolds:
+        """What served_eval.evaluate_served replays: `route`'s table with each fold's settings."""
+        return RouteFolds(self.fold, [route.with_serving(s) for s in self.settings])
+
+
+def cross_fit_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
+                    folds: int = GATE_FOLDS, grid: Mapping[str, Sequence[float]] = GRID) -> CrossFit:
+    """Deal `users` (positions into loo.eval_users) into `folds` seeded folds and choose the route's
+    settings for each fold on the validation targets of the other folds' users (tune_route)."""
+    t0 = time.perf_counter()
+    fold = assign_folds(int(users.size), folds, seed)
+    encoder = _EncodeOnce(version.retrieval)
+    settings = [tune_route(version, ds, loo, users[fold != k], seed, grid, encoder=encoder).serving
+                for k in range(folds)]
+    return CrossFit(fold, settings, seed, time.perf_counter() - t0)
+
+
+def cross_fit_published(tmp: Path, src: Sources, gate: ServingGate,
+                        manifest: Manifest) -> tuple[CrossFit | None, Manifest]:
+    """The cross-fitted settings the stage gate replays the version `tmp` (its manifest written,
+    with an item2item block) with, and the manifest with their record in item2item.tuning.cross_fit;
+    (None, manifest unchanged) when the gate has fewer than 2 * GATE_FOLDS users (too few to
+    choose settings on the others: the gate replays the version's own settings, as recorded)."""
+    from service.artifacts import ArtifactError, load_version
+
+    assert manifest.item2item is not None  # called only for a version with the route
+    users = select_users(src.loo, gate.users, gate.seed)
+    if users.size < 2 * GATE_FOLDS:
+        return None, manifest
+    try:
+        version = load_version(tmp)
+    except ArtifactError as exc:
+        raise PublishError(f"the new version does not load: {exc}") from None
+    cross = cross_fit_route(version, src.ds, src.loo, users, gate.seed)
+    distinct = {tuple(sorted(s.items())) for s in cross.settings}
+    print(f"item-to-item route for the stage gate: {len(cross.settings)} folds of the {users.size} validation "
+          f"users, each replayed with the settings chosen on the others ({len(distinct)} distinct; "
+          f"{cross.seconds:.0f} s)", file=sys.stderr)
+    tuning = {**(manifest.item2item.tuning or {}), "cross_fit": cross.record()}
+    return cross, manifest.with_(item2item=replace(manifest.item2item, tuning=tuning))

@@ -18,7 +18,7 @@ from service.pipeline import Recommender
 from tests.training.publish.test_build import TINY, make_checkpoints, one_thread  # noqa: F401
 from training.data.sources import load
 from training.data.splits import LeaveOneOut
-from training.eval.served_eval import ServingGate, select_users
+from training.eval.served_eval import ServingGate, evaluate_served, select_users
 from training.publish import route_tuning as rt
 from training.publish.publisher import publish
 
@@ -93,9 +93,44 @@ def test_publish_chooses_the_route_over_an_untrained_encoder(published: Path) ->
     assert m.tuning["grid"]["beta"] == list(rt.GRID["beta"]) and m.tuning["chosen"] == m.serving
     assert (route.beta, route.recent, route.decay, route.candidates) == (
         m.serving["beta"], m.serving["recent"], m.serving["decay"], m.serving["candidates"])
-    # the stage gate ran after the tuning, with the chosen settings, on the same users
-    assert v.manifest.serving is not None
-    assert v.manifest.serving.cuts["retrieval"]["NDCG@10"] == pytest.approx(best)
+    # the stage gate ran after the tuning, on the same users, each fold's users with the settings
+    # chosen on the other folds' users (test_gate_replays_each_fold_with_settings_chosen_without_it)
+    assert v.manifest.serving is not None and v.manifest.serving.settings is not None
+    assert v.manifest.serving.users == GATE.users and v.manifest.serving.settings["route_folds"] == rt.GATE_FOLDS
+
+
+def test_gate_replays_each_fold_with_settings_chosen_without_it(published: Path) -> None:
+    v = load_version(published)
+    m = v.manifest
+    assert m.item2item is not None and m.item2item.tuning is not None and m.serving is not None
+    record = m.item2item.tuning["cross_fit"]
+    assert (record["folds"], record["users"], record["seed"]) == (rt.GATE_FOLDS, GATE.users, GATE.seed)
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    users = select_users(loo, GATE.users, GATE.seed)
+    fold = rt.assign_folds(users.size, rt.GATE_FOLDS, GATE.seed)
+    assert np.bincount(fold).tolist() == [GATE.users // rt.GATE_FOLDS] * rt.GATE_FOLDS
+    # (on this fixture the folds disagree, so the check below tells the folds' settings from the served ones)
+    assert len({tuple(sorted(c.items())) for c in record["chosen"]}) > 1
+    # fold 0's settings are what the search chooses on the other folds' users alone
+    assert record["chosen"][0] == rt.tune_route(v, ds, loo, users[fold != 0], GATE.seed).serving
+    # and the gate's retrieval cut is each fold replayed with its own settings, users weighted
+    per_fold = [rt.served_retrieval_ndcg(v, ds, loo, users[fold == k])(record["chosen"][k])
+                for k in range(rt.GATE_FOLDS)]
+    want = float(np.average(per_fold, weights=np.bincount(fold)))
+    assert m.serving.cuts["retrieval"]["NDCG@10"] == pytest.approx(want)
+    # while the version serves the settings chosen on all of them
+    assert m.item2item.tuning["chosen"] == m.item2item.serving
+
+
+def test_replayed_routes_must_match_the_users(published: Path) -> None:
+    v = load_version(published)
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    assert v.item2item is not None
+    cross = rt.CrossFit(np.zeros(5, np.int64), [dict(rt.START)], 0, 0.0)
+    with pytest.raises(ValueError, match="routes.fold has 5 users, 6 are replayed"):
+        evaluate_served(v, ds, loo, "valid", np.arange(6), progress=False, routes=cross.route_folds(v.item2item))
 
 
 def test_measure_replays_the_served_retrieval_cut(published: Path) -> None:
@@ -141,3 +176,11 @@ def test_no_item2item_publishes_no_route(ckpts: tuple[Path, Path, Path], tmp_pat
     assert "item2item: R=100 window=8 alpha=0.25; serving" in capsys.readouterr().out
     m = load_version(out / "routed").manifest.item2item
     assert m is not None and m.tuning is not None and m.tuning["users"] == 20
+    # 20 gate users: 5 folds of 4 for the gate; with fewer than 2 per fold the gate replays the
+    # version's own settings and says nothing of folds
+    assert m.tuning["cross_fit"]["folds"] == rt.GATE_FOLDS and m.tuning["cross_fit"]["users"] == 20
+    assert cli.main(["reindex", "--artifacts", str(out), "--version", "few", "--gate-users", "9",
+                     "--max-regression", "1", "--stage-tolerance", "inf", "--allow-below-baseline"]) == 0
+    few = load_version(out / "few").manifest
+    assert few.item2item is not None and few.item2item.tuning is not None and few.serving is not None
+    assert "cross_fit" not in few.item2item.tuning and "route_folds" not in (few.serving.settings or {})

@@ -42,7 +42,7 @@ from training.data.features import (
 from training.eval.metrics import Scorer, mask_seen
 from training.stages.prerank.folds import prerank_rows
 from training.stages.prerank.upstreams import UpstreamSet, by_fold
-from training.stages.prerank.lists import MergedLists, list_routes, make_lists, tune_route_settings, with_settings
+from training.stages.prerank.lists import MergedLists, list_routes, make_lists, tune_route_settings
 from training.stages.retrieval.item2item import Item2ItemConfig
 from training.stages.retrieval.train import FusedTop, fused_top
 
@@ -260,7 +260,7 @@ def build_next_item_data(
         if served_routes.route is not None:  # the route's settings as publish would choose them, then served as such
             route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
                                                    loo.history_end("valid"), loo.targets("valid"), candidates)
-            served_routes.route = with_settings(served_routes.route, route_serving)
+            served_routes.route = served_routes.route.with_serving(route_serving)
         up_routes = list_routes(ds, ranking_tables_mask(ds, cascade.holdout, loo), cascade.item2item, route_serving)
         train_lists = make_lists(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]], rows, candidates)
         found = (train_lists.items == ds.items[rows][:, None]).any(axis=1)

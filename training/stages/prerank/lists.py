@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def list_routes(ds: Dataset, train_mask: np.ndarray, item2item: Item2ItemConfig 
     if item2item is None:
         return ListRoutes(None, PairTables(pop, cats), counted_end, counts)
     nb, sc = build_table(items, users, ds.num_items, item2item)
-    return ListRoutes(with_settings(Item2ItemRoute(nb, sc), serving), PairTables(pop, cats, nb, sc), counted_end,
+    return ListRoutes(Item2ItemRoute(nb, sc).with_serving(serving), PairTables(pop, cats, nb, sc), counted_end,
                       counts, item2item)
 
 
@@ -145,19 +145,13 @@ def _table_stops(routes: ListRoutes, ds: Dataset, starts: np.ndarray, ends: np.n
     return np.maximum(routes.counted_end[ds.users[np.asarray(starts, np.int64)]], ends)
 
 
-def with_settings(route: Item2ItemRoute, serving: Mapping[str, float] | None) -> Item2ItemRoute:
-    """`route` with the request settings `serving` (recent, decay, candidates, beta; default DEFAULT_SERVING)."""
-    s = {**DEFAULT_SERVING, **(serving or {})}
-    return replace(route, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
-                   beta=float(s["beta"]))
-
-
 def tune_route_settings(model: RetrievalModel, routes: ListRoutes, ds: Dataset, starts: np.ndarray,
                         ends: np.ndarray, targets: np.ndarray, candidates: int = 200) -> tuple[Setting, list[dict[str, float]]]:
     """The route's request settings as publish chooses them (route_search.coordinate_search over
     NDCG@10 of the merged retrieval cut) for the histories ds.items[starts : ends] and their
     `targets`; the encoder runs once. -> (settings, every setting tried with its NDCG@10)."""
-    assert routes.route is not None
+    base = routes.route
+    assert base is not None
     table = model.item_embedding.weight.detach().numpy().astype(np.float32)
     top = fused_top(model, pad_left(ds.items, np.asarray(starts), np.asarray(ends), None), candidates)
     hists = [ds.items[s:e].astype(np.int64) for s, e in zip(starts, ends)]
@@ -165,7 +159,7 @@ def tune_route_settings(model: RetrievalModel, routes: ListRoutes, ds: Dataset, 
     stops = _table_stops(routes, ds, starts, ends)
 
     def measure(setting: Setting) -> float:
-        route = with_settings(routes.route, setting)  # type: ignore[arg-type]
+        route = base.with_serving(setting)
         gain = 0.0
         for j, h in enumerate(hists):
             real = top.items[j] > 0
