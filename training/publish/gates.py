@@ -177,11 +177,17 @@ def live_on_new_data(root: Path, live: str, tmp: Path, manifest: Manifest, src: 
                                     other_data=True).ndcg[old_cut[-1]]
     except (ArtifactError, OSError, KeyError, ValueError) + ORT_ERRORS as exc:
         return replace(entry, result=f"skipped: the live version does not replay on this data ({exc})")
+    from training.publish.route_tuning import CrossFit
+
     try:
-        after = se.evaluate_served(load_version(tmp), src.ds, src.loo, split, users, cuts=[new_cut],
-                                   progress=False).ndcg[new_cut[-1]]
+        version = load_version(tmp)
     except ArtifactError as exc:
         raise PublishError(f"the new version does not load: {exc}") from None
+    # the new version's route settings were chosen on these users: replayed cross-fitted, as its stage gate did
+    cross = CrossFit.recorded(manifest)
+    routes = None if cross is None or version.item2item is None else cross.route_folds(version.item2item)
+    after = se.evaluate_served(version, src.ds, src.loo, split, users, cuts=[new_cut], progress=False,
+                               routes=routes).ndcg[new_cut[-1]]
     gain, paired_se = paired_gain(after, before)
     entry = replace(entry, metric=REGRESSION_METRIC,
                     compared=f"served {REGRESSION_METRIC} on this version's data (new {'+'.join(new_cut)}, "

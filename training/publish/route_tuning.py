@@ -35,8 +35,8 @@ ml-100k seed 0, validation users prerank - retrieval -0.0054, paired SE 0.0045; 
 the gate's seed) and each fold's users are replayed with the settings the same search chooses on
 the other folds' users only: every cut is then measured on users its settings were not chosen
 on. The version still serves the settings chosen on all of them; the folds' settings are
-recorded in item2item.tuning.cross_fit. Cost: GATE_FOLDS - 1 searches' worth of requests (each
-fold's search replays (GATE_FOLDS - 1) / GATE_FOLDS of the users), the encoder shared.
+recorded in item2item.tuning.cross_fit. Cost: each distinct setting the folds' searches measure
+is replayed once over all the gate's users (UserGains), the encoder run once per user.
 """
 
 from __future__ import annotations
@@ -114,43 +114,59 @@ class _EncodeOnce:
         return self.seen[key]
 
 
+class UserGains:
+    """Each validation user's NDCG@10 on the served retrieval cut of `version` with the route's
+    settings replaced, each setting replayed once over all `users` (positions into
+    loo.eval_users) and kept: the cross-fit's searches measure mostly the same settings on
+    overlapping users, so each costs only the settings no earlier search measured."""
+
+    def __init__(self, version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray,
+                 split: Split = "valid") -> None:
+        if version.item2item is None:
+            raise ValueError(f"version {version.version} has no item-to-item route to tune")
+        self.version, self.route = version, version.item2item
+        starts = ds.offsets[loo.eval_users[users]]
+        ends = loo.history_end(split)[users]
+        ids = ds.item_ids.astype(str)
+        self.histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
+        self.targets = ids[loo.targets(split)[users]].tolist()
+        self.session = cast(ort.InferenceSession, _EncodeOnce(version.retrieval))
+        self.seen: dict[tuple[float, ...], np.ndarray] = {}
+
+    def __call__(self, s: Setting) -> np.ndarray:
+        """(U,) NDCG@10 of each user's target in the retrieval cut served with settings `s`."""
+        key = tuple(float(s[k]) for k in ORDER)
+        if key not in self.seen:
+            rec = Recommender(replace(self.version, item2item=self.route.with_serving(s), retrieval=self.session),
+                              retrieval_k=RETRIEVAL_K, stages=STAGES[:1])
+            gains = np.zeros(len(self.histories))
+            for u, (history, target) in enumerate(zip(self.histories, self.targets)):
+                got = [it.item_id for it in rec.recommend(history, k=TOP, explain=False).items]
+                if target in got:
+                    gains[u] = 1.0 / np.log2(got.index(target) + 2.0)
+            self.seen[key] = gains
+        return self.seen[key]
+
+    def measure(self, rows: np.ndarray | None = None) -> Measure:
+        """The Measure the search maximises: mean NDCG@10 over the users at `rows` (default all)."""
+        return lambda s: float(self(s)[slice(None) if rows is None else rows].mean()) if self.targets else 0.0
+
+
 def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray,
-                          split: Split = "valid", encoder: _EncodeOnce | None = None) -> Measure:
+                          split: Split = "valid") -> Measure:
     """A Measure over the served retrieval cut: each call builds a Recommender on `version` with
-    the route's settings replaced and replays `users` (positions into loo.eval_users) on `split`.
-    `encoder`: a cache of the version's encoder outputs to share between searches."""
-    route = version.item2item
-    if route is None:
-        raise ValueError(f"version {version.version} has no item-to-item route to tune")
-    starts = ds.offsets[loo.eval_users[users]]
-    ends = loo.history_end(split)[users]
-    ids = ds.item_ids.astype(str)
-    histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
-    targets = ids[loo.targets(split)[users]].tolist()
-
-    session = cast(ort.InferenceSession, _EncodeOnce(version.retrieval) if encoder is None else encoder)
-
-    def measure(s: Setting) -> float:
-        tuned = replace(route, recent=int(s["recent"]), decay=float(s["decay"]), candidates=int(s["candidates"]),
-                        beta=float(s["beta"]))
-        rec = Recommender(replace(version, item2item=tuned, retrieval=session), retrieval_k=RETRIEVAL_K,
-                          stages=STAGES[:1])
-        gain = 0.0
-        for history, target in zip(histories, targets):
-            got = [it.item_id for it in rec.recommend(history, k=TOP, explain=False).items]
-            if target in got:
-                gain += 1.0 / np.log2(got.index(target) + 2.0)
-        return gain / max(len(histories), 1)
-
-    return measure
+    the route's settings replaced and replays `users` (positions into loo.eval_users) on `split`."""
+    return UserGains(version, ds, loo, users, split).measure()
 
 
 def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
                grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid",
-               encoder: _EncodeOnce | None = None) -> RouteTuning:
-    """Choose the route's request settings of `version` on `users` of `split` (see the module doc)."""
+               gains: UserGains | None = None, rows: np.ndarray | None = None) -> RouteTuning:
+    """Choose the route's request settings of `version` on `users` of `split` (see the module doc);
+    with `gains` (over a larger set of users) on its users at `rows` instead, `users` being those."""
     t0 = time.perf_counter()
-    best, tried = coordinate_search(served_retrieval_ndcg(version, ds, loo, users, split, encoder), grid)
+    measure = (served_retrieval_ndcg(version, ds, loo, users, split) if gains is None else gains.measure(rows))
+    best, tried = coordinate_search(measure, grid)
     serving = {name: (int(best[name]) if name in ("recent", "candidates") else float(best[name]))
                for name in ("recent", "decay", "candidates", "beta")}  # the key order of DEFAULT_SERVING
     return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER},
@@ -193,6 +209,17 @@ class CrossFit:
         return {"folds": len(self.settings), "seed": self.seed, "users": int(self.fold.size),
                 "chosen": [dict(s) for s in self.settings], "seconds": round(self.seconds, 2)}
 
+    @classmethod
+    def recorded(cls, manifest: Manifest) -> CrossFit | None:
+        """The cross-fit a manifest's item2item.tuning.cross_fit records (None without one): the
+        folds dealt again from its users, folds and seed, as cross_fit_route dealt them."""
+        tuning = manifest.item2item.tuning if manifest.item2item is not None else None
+        record = (tuning or {}).get("cross_fit")
+        if record is None:
+            return None
+        fold = assign_folds(int(record["users"]), int(record["folds"]), int(record["seed"]))
+        return cls(fold, [dict(c) for c in record["chosen"]], int(record["seed"]), float(record["seconds"]))
+
     def route_folds(self, route: Item2ItemRoute) -> RouteFolds:
         """What served_eval.evaluate_served replays: `route`'s table with each fold's settings."""
         return RouteFolds(self.fold, [route.with_serving(s) for s in self.settings])
@@ -204,8 +231,8 @@ def cross_fit_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users
     settings for each fold on the validation targets of the other folds' users (tune_route)."""
     t0 = time.perf_counter()
     fold = assign_folds(int(users.size), folds, seed)
-    encoder = _EncodeOnce(version.retrieval)
-    settings = [tune_route(version, ds, loo, users[fold != k], seed, grid, encoder=encoder).serving
+    gains = UserGains(version, ds, loo, users)
+    settings = [tune_route(version, ds, loo, users[fold != k], seed, grid, gains=gains, rows=fold != k).serving
                 for k in range(folds)]
     return CrossFit(fold, settings, seed, time.perf_counter() - t0)
 
