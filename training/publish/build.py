@@ -170,19 +170,20 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
                 manifest = check_rerank(tmp, src.rerank, manifest)
             manifest.write(tmp / MANIFEST)  # the service loads the folder from its manifest
             pair = manifest.prerank.serving.pair_prior if manifest.prerank.serving is not None else None
+            cross = None
             if manifest.item2item is not None and pair is not None and pair.route:
-                # the settings the rankers' lists were made with (tuned then, on the same validation users)
+                # the settings the rankers' lists were made with (tuned then, on the ranking fold's lists;
+                # its prior starts from their beta, so the gate replays them as they are)
                 manifest = manifest.with_(item2item=replace(manifest.item2item, serving=dict(pair.route), tuning={
                     "from": "prerank.serving.pair_prior.route: the rankers' training lists were made with it"}))
                 manifest.write(tmp / MANIFEST)
             elif manifest.item2item is not None:  # the route's settings, before the gate measures with them
                 with timed("route", timings):
                     manifest = tune_published(tmp, src, gate, manifest)
-                manifest.write(tmp / MANIFEST)
-            cross = None
-            if manifest.item2item is not None:  # the gate measures each user with settings chosen without it
+                # chosen on the gate's users: the gate measures each user with settings chosen without it
                 with timed("route cross-fit", timings):
                     cross, manifest = cross_fit_published(tmp, src, gate, manifest)
+                manifest.write(tmp / MANIFEST)
             with timed("served", timings):
                 manifest = manifest.with_(serving=serving_gate(tmp, src, gate, cross))
             entry, manifest = regression(tmp, manifest)

@@ -257,11 +257,19 @@ def build_next_item_data(
             raise ValueError("K-fold ranking data with pair features is not built yet (each fold would need its "
                              "own route table): train the pre-ranker with --no-pair-features, or use in-sample / "
                              "holdout ranking data")
+        up_routes = list_routes(ds, ranking_tables_mask(ds, cascade.holdout, loo), cascade.item2item)
         if served_routes.route is not None:  # the route's settings as publish would choose them, then served as such
-            route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
-                                                   loo.history_end("valid"), loo.targets("valid"), candidates)
+            if cascade.holdout and up_routes.route is not None:
+                # on the ranking fold's lists: out of sample for the upstream and the tables, and not the
+                # validation users the publish gate judges the cuts on (lists.py module doc)
+                route_serving, _ = tune_route_settings(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]],
+                                                       rows, ds.items[rows], candidates)
+            else:  # in-sample lists would choose for the retriever's memorised scores
+                route_serving, _ = tune_route_settings(cascade.served, served_routes, ds, ds.offsets[loo.eval_users],
+                                                       loo.history_end("valid"), loo.targets("valid"), candidates)
             served_routes.route = served_routes.route.with_serving(route_serving)
-        up_routes = list_routes(ds, ranking_tables_mask(ds, cascade.holdout, loo), cascade.item2item, route_serving)
+            if up_routes.route is not None:
+                up_routes.route = up_routes.route.with_serving(route_serving)
         train_lists = make_lists(cascade.upstream, up_routes, ds, ds.offsets[ds.users[rows]], rows, candidates)
         found = (train_lists.items == ds.items[rows][:, None]).any(axis=1)
         if not found.any():

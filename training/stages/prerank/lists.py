@@ -11,8 +11,15 @@ a list's target (the ranking fold, folds.py; a K-fold calls it once per fold).
 
 The route's request settings: `tune_route_settings` chooses them as publish does (the same
 coordinate search, training/stages/retrieval/route_search.py) on the merged retrieval cut of the
-validation users; the pre-ranker records them (prerank.serving.pair_prior.route) and publish
-serves them instead of tuning again, so the rankers' lists are the served ones.
+ranking fold's lists (each user's last H training items, from the upstream retriever and tables
+that never held them: training/stages/prerank/data.py), or of the validation users for in-sample
+lists (H = 0: lists of items the retriever trained on would choose for its memorised scores). The
+pre-ranker records them (prerank.serving.pair_prior.route) and publish serves them instead of
+tuning again, so the rankers' lists are the served ones. Not on the validation users when there is
+a ranking fold: the publish gate compares the cuts on those users, and settings chosen on them
+make the retrieval cut look better there than on new users (ml-100k: a gate that switched off a
+pre-ranker the test users scored above retrieval); the pre-ranker's prior starts from the merged
+order with the chosen beta, so the gate cannot replay it with other settings either.
 """
 
 from __future__ import annotations

@@ -109,6 +109,46 @@ def test_ranking_fold_lists_read_the_upstreams_own_tables() -> None:
     np.testing.assert_allclose(pop, np.log1p(counted[data.train_targets]), rtol=1e-5)
 
 
+def test_a_ranking_fold_chooses_the_routes_settings_on_its_lists_not_the_validation_users(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The publish gate judges the cuts on the validation users, so with a ranking fold (holdout H)
+    the route's settings are chosen on the fold's lists (upstream, its own tables, the training
+    targets); in-sample lists (H = 0) still choose on the validation users."""
+    from training.stages.prerank import data as prd
+    from training.stages.prerank.folds import prerank_rows
+    from training.stages.prerank.lists import tune_route_settings
+
+    ds = load(TINY)
+    loo = LeaveOneOut(ds)
+    torch.manual_seed(0)
+    sasrec = MultiLauncherSASRec(SASRecConfig(num_items=ds.num_items, maxlen=20, dim=16, num_blocks=1, num_launchers=1))
+    calls: list[tuple] = []
+
+    def spy(model, routes, ds_, starts, ends, targets, candidates=200):  # type: ignore[no-untyped-def]
+        calls.append((routes, np.asarray(starts), np.asarray(ends), np.asarray(targets)))
+        return tune_route_settings(model, routes, ds_, starts, ends, targets, candidates)
+
+    monkeypatch.setattr(prd, "tune_route_settings", spy)
+    h = 3
+    data = build_next_item_data(ds, loo, None, history_len=10, candidates=CANDIDATES,
+                                retrievers=Retrievers(sasrec, sasrec, holdout=h))
+    (routes, starts, ends, targets), = calls
+    rows = prerank_rows(loo, h)
+    np.testing.assert_array_equal(ends, rows)  # each list's history ends at its training target
+    np.testing.assert_array_equal(targets, ds.items[rows])
+    np.testing.assert_array_equal(starts, ds.offsets[ds.users[rows]])
+    assert not np.isin(rows, loo.history_end("valid")).any()  # no validation target among them
+    assert routes.counted_end is not None  # the upstream's own tables: every user's last H rows left out
+    kept = LeaveOneOut(ds, holdout=h).train_mask
+    np.testing.assert_array_equal(routes.counted_end, ds.offsets[:-1] + np.bincount(ds.users[kept], minlength=ds.num_users))
+    assert data.route_serving is not None and data.train_lists is not None
+    calls.clear()
+    build_next_item_data(ds, loo, None, history_len=10, candidates=CANDIDATES, retrievers=Retrievers(sasrec, sasrec))
+    (_, _, ends, targets), = calls
+    np.testing.assert_array_equal(targets, loo.targets("valid"))
+    np.testing.assert_array_equal(ends, loo.history_end("valid"))
+
+
 def test_the_prior_refit_lifts_held_out_lists_and_never_ends_below_its_start() -> None:
     """refit_prior on lists of an untrained retriever merged with the route (the route is the
     signal, the random retrieval score noise): cross-fitted over the lists' users, the refit moves
