@@ -76,7 +76,7 @@ from training.stages.retrieval.encoders import served_vectors
 from training.publish.sources import Sources
 from training.publish.onnx.retrieval import PARITY_ATOL, export_retrieval, retrieval_parity
 from training.publish.gates import Regression, serving_gate
-from training.publish.route_tuning import cross_fit_published, tune_published
+from training.publish.route_tuning import tune_published
 from training.report import timed
 from training.eval.served_eval import ServingGate
 from training.publish.versions import PublishError, fsync_dir, fsync_tree, set_current, smoke
@@ -178,11 +178,8 @@ def publish_items(src: Sources, items: ItemSide, artifacts_root: str | Path, ver
                     "from": "prerank.serving.pair_prior.route: the rankers' training lists were made with it"}))
                 manifest.write(tmp / MANIFEST)
             elif manifest.item2item is not None:  # the route's settings, before the gate measures with them
-                with timed("route", timings):
-                    manifest = tune_published(tmp, src, gate, manifest)
-                # chosen on the gate's users: the gate measures each user with settings chosen without it
-                with timed("route cross-fit", timings):
-                    cross, manifest = cross_fit_published(tmp, src, gate, manifest)
+                with timed("route", timings):  # and, chosen on the gate's users, cross-fitted for the gate
+                    cross, manifest = tune_published(tmp, src, gate, manifest)
                 manifest.write(tmp / MANIFEST)
             with timed("served", timings):
                 manifest = manifest.with_(serving=serving_gate(tmp, src, gate, cross))

@@ -26,8 +26,9 @@ request per validation user, the encoder run once per user for the whole grid (i
 not depend on the route's settings).
 
 Cross-fitting for the stage gate (`cross_fit_route`): the gate replays the validation users the
-settings were chosen on (here, or by the pre-ranker's training, which chooses them the same way,
-training/stages/prerank/lists.py). On those users the merged retrieval cut is the best of the
+settings were chosen on here. (Settings the pre-ranker's lists were made with are served as they
+are: chosen on the ranking fold's lists, not on these users, training/stages/prerank/lists.py.)
+On those users the merged retrieval cut is the best of the
 10 to 25 settings measured, so its NDCG@10 is biased upward against the later cuts it is
 compared with, and the gate can switch off a pre-ranker that helps on new users (issue 22:
 ml-100k seed 0, validation users prerank - retrieval -0.0054, paired SE 0.0045; test users
@@ -173,27 +174,6 @@ def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.
                        time.perf_counter() - t0)
 
 
-def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifest) -> Manifest:
-    """`manifest` (already written in the temp version folder `tmp`, with an item2item block)
-    with the route's settings chosen on the stage gate's validation users (tune_route) and the
-    record in item2item.tuning. The chosen settings are printed on stderr."""
-    from service.artifacts import ArtifactError, load_version
-
-    assert manifest.item2item is not None  # called only for a version with the route
-    try:
-        version = load_version(tmp)
-    except ArtifactError as exc:
-        raise PublishError(f"the new version does not load: {exc}") from None
-    users = select_users(src.loo, gate.users, gate.seed)
-    tuning = tune_route(version, src.ds, src.loo, users, gate.seed)
-    best = next(t[METRIC] for t in tuning.tried if all(t[k] == v for k, v in tuning.serving.items()))
-    off = next((t[METRIC] for t in tuning.tried if t["beta"] == 0.0), None)
-    print(f"item-to-item route: {len(tuning.tried)} settings on {tuning.users} validation users; chosen "
-          + " ".join(f"{k}={v}" for k, v in tuning.serving.items())
-          + f", retrieval {METRIC} {best:.4f}" + ("" if off is None else f" (beta 0: {off:.4f})"), file=sys.stderr)
-    return manifest.with_(item2item=replace(manifest.item2item, serving=tuning.serving, tuning=tuning.record()))
-
-
 @dataclass(frozen=True)
 class CrossFit:
     """The route's settings cross-fitted over the gate's users (module doc): fold (U,) the fold of
@@ -226,37 +206,47 @@ class CrossFit:
 
 
 def cross_fit_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
-                    folds: int = GATE_FOLDS, grid: Mapping[str, Sequence[float]] = GRID) -> CrossFit:
+                    folds: int = GATE_FOLDS, grid: Mapping[str, Sequence[float]] = GRID,
+                    gains: UserGains | None = None) -> CrossFit:
     """Deal `users` (positions into loo.eval_users) into `folds` seeded folds and choose the route's
-    settings for each fold on the validation targets of the other folds' users (tune_route)."""
+    settings for each fold on the validation targets of the other folds' users (tune_route);
+    `gains`: the same users' UserGains, to share what an earlier search measured."""
     t0 = time.perf_counter()
     fold = assign_folds(int(users.size), folds, seed)
-    gains = UserGains(version, ds, loo, users)
+    gains = UserGains(version, ds, loo, users) if gains is None else gains
     settings = [tune_route(version, ds, loo, users[fold != k], seed, grid, gains=gains, rows=fold != k).serving
                 for k in range(folds)]
     return CrossFit(fold, settings, seed, time.perf_counter() - t0)
 
 
-def cross_fit_published(tmp: Path, src: Sources, gate: ServingGate,
-                        manifest: Manifest) -> tuple[CrossFit | None, Manifest]:
-    """The cross-fitted settings the stage gate replays the version `tmp` (its manifest written,
-    with an item2item block) with, and the manifest with their record in item2item.tuning.cross_fit;
-    (None, manifest unchanged) when the gate has fewer than 2 * GATE_FOLDS users (too few to
-    choose settings on the others: the gate replays the version's own settings, as recorded)."""
+def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifest) -> tuple[CrossFit | None, Manifest]:
+    """`manifest` (already written in the temp version folder `tmp`, with an item2item block) with
+    the route's settings chosen on the stage gate's validation users (tune_route) and the record in
+    item2item.tuning; and, for the gate, the settings cross-fitted over the same users
+    (cross_fit_route, recorded in item2item.tuning.cross_fit), None when the gate has fewer than
+    2 * GATE_FOLDS users (the gate then replays the chosen settings). Both are printed on stderr."""
     from service.artifacts import ArtifactError, load_version
 
     assert manifest.item2item is not None  # called only for a version with the route
-    users = select_users(src.loo, gate.users, gate.seed)
-    if users.size < 2 * GATE_FOLDS:
-        return None, manifest
     try:
         version = load_version(tmp)
     except ArtifactError as exc:
         raise PublishError(f"the new version does not load: {exc}") from None
-    cross = cross_fit_route(version, src.ds, src.loo, users, gate.seed)
-    distinct = {tuple(sorted(s.items())) for s in cross.settings}
-    print(f"item-to-item route for the stage gate: {len(cross.settings)} folds of the {users.size} validation "
-          f"users, each replayed with the settings chosen on the others ({len(distinct)} distinct; "
-          f"{cross.seconds:.0f} s)", file=sys.stderr)
-    tuning = {**(manifest.item2item.tuning or {}), "cross_fit": cross.record()}
-    return cross, manifest.with_(item2item=replace(manifest.item2item, tuning=tuning))
+    users = select_users(src.loo, gate.users, gate.seed)
+    gains = UserGains(version, src.ds, src.loo, users)
+    tuning = tune_route(version, src.ds, src.loo, users, gate.seed, gains=gains)
+    best = next(t[METRIC] for t in tuning.tried if all(t[k] == v for k, v in tuning.serving.items()))
+    off = next((t[METRIC] for t in tuning.tried if t["beta"] == 0.0), None)
+    print(f"item-to-item route: {len(tuning.tried)} settings on {tuning.users} validation users; chosen "
+          + " ".join(f"{k}={v}" for k, v in tuning.serving.items())
+          + f", retrieval {METRIC} {best:.4f}" + ("" if off is None else f" (beta 0: {off:.4f})"), file=sys.stderr)
+    record = tuning.record()
+    cross = None
+    if users.size >= 2 * GATE_FOLDS:
+        cross = cross_fit_route(version, src.ds, src.loo, users, gate.seed, gains=gains)
+        distinct = {tuple(sorted(c.items())) for c in cross.settings}
+        print(f"item-to-item route for the stage gate: {len(cross.settings)} folds of the {users.size} validation "
+              f"users, each replayed with the settings chosen on the others ({len(distinct)} distinct; "
+              f"{cross.seconds:.0f} s)", file=sys.stderr)
+        record["cross_fit"] = cross.record()
+    return cross, manifest.with_(item2item=replace(manifest.item2item, serving=tuning.serving, tuning=record))
