@@ -74,7 +74,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.prior_lr <= 0:
-            raise ValueError(f"lr and prior_lr must be > 0, got {self.lr}, {self.prior_lr}")
+            raise ValueError(f"lr (--lr) and prior_lr (--prior-lr) must be > 0, got {self.lr}, {self.prior_lr}")
         if self.min_steps < 1 or self.prior_steps < 0:
             raise ValueError(f"min_steps must be >= 1 and prior_steps >= 0, got {self.min_steps}, {self.prior_steps}")
         if self.cir_weight < 0:

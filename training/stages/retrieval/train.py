@@ -79,7 +79,7 @@ class RetrievalTrainConfig:
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.average < 1:
-            raise ValueError(f"average must be >= 1, got {self.average}")
+            raise ValueError(f"average (--average-best) must be >= 1, got {self.average}")
 
 
 @dataclass

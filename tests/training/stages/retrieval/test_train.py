@@ -152,7 +152,7 @@ def test_train_retrieval_cli(tmp_path: Path) -> None:
     # the two epochs' average was validated: recorded whether or not it was kept
     assert training["averaged_score"] is not None and training["averaged_epochs"] in ([], [1, 2], [2, 1])
     for flags, message in ((["--launchers", "-2"], "num_launchers must be >= 0"),
-                           (["--average-best", "0"], "average must be >= 1, got 0")):
+                           (["--average-best", "0"], "average (--average-best) must be >= 1, got 0")):
         bad = subprocess.run(
             [sys.executable, "-m", "recsys_cli", "train", "retrieval", "--data", "synthetic:users=50,items=20",
              *flags, "--out", str(out)],
