@@ -400,9 +400,10 @@ def train_next_item(model: nn.Module, data: NextItemData, cfg: TrainConfig,
             both.load_state_dict(start_state)
             both.eval()
             out["best_valid_NDCG@10"] = start_score
-            if progress:
-                progress(f"pre-rank training: valid NDCG@10 {gain:+.4f} over the retrieval order, not above "
-                         f"{KEEP_TRAINED_SE:g} x its paired SE {se:.4f}: the retrieval order kept")
+        if progress:
+            progress(f"pre-rank training: valid NDCG@10 {gain:+.4f} over the retrieval order, "
+                     + (f"above {KEEP_TRAINED_SE:g} x its paired SE {se:.4f}: the trained towers kept" if keep else
+                        f"not above {KEEP_TRAINED_SE:g} x its paired SE {se:.4f}: the retrieval order kept"))
     if isinstance(prior, PairPrior) and cfg.prior_steps:
         out["prior_refit"] = refit_prior(model, prior, data, cfg, progress)
         out["best_valid_NDCG@10"] = out["prior_refit"]["valid_NDCG@10"]
