@@ -121,6 +121,10 @@ def test_gate_replays_each_fold_with_settings_chosen_without_it(published: Path)
     assert m.serving.cuts["retrieval"]["NDCG@10"] == pytest.approx(want)
     # while the version serves the settings chosen on all of them
     assert m.item2item.tuning["chosen"] == m.item2item.serving
+    # read back from the manifest (the check against a live version on other data replays with it)
+    again = rt.CrossFit.recorded(m)
+    assert again is not None and again.settings == record["chosen"] and (again.fold == fold).all()
+    assert rt.CrossFit.recorded(m.with_(item2item=None)) is None
 
 
 def test_replayed_routes_must_match_the_users(published: Path) -> None:
