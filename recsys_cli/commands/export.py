@@ -4,7 +4,9 @@ Writes OUT/<version>/ (manifest.json, catalog.npz, retrieval.onnx, items.npy, in
 prerank_user.onnx, prerank_items.npy, prerank_features.json[, rerank.onnx, rerank_items.npy])
 through OUT/.tmp-<version>, then replaces OUT/CURRENT; see training/publish/build.py.
 With the item-to-item recall route by default (--no-item2item: without), its request settings
-chosen on validation users (training/publish/route_tuning.py). Then the stage gate replays
+those the pre-ranker's lists were made with (chosen on its ranking lists), or, for a pre-ranker
+without a pair prior, chosen here on validation users and replayed by the gate cross-fitted over
+folds of them (training/publish/route_tuning.py). Then the stage gate replays
 validation users through every served cut and switches off (or, with --require-all-stages,
 refuses) a stage that makes the served list worse, then
 refuses a served cut that does not beat the trivial baselines on the same users

@@ -29,8 +29,8 @@ version's checkpoints, through the same build / check / rename / flip steps as `
                 (training/stages/retrieval/item2item.py): the data set's training part plus --events, each
                 user's new events after their training items, so new transitions are served;
                 built unless --no-item2item (the live version's table settings, else the
-                defaults), its request settings chosen again on validation users
-                (training/publish/route_tuning.py).
+                defaults), its request settings those of the live pre-ranker's lists, or chosen
+                again on validation users for one without a pair prior (training/publish/route_tuning.py).
  5. publish     training/publisher.Publisher.publish: ONNX parity, index (kind by size unless
                 given) + recall against exact search, the stage gate on the served path (as
                 for export: validation users through every served cut, a stage that hurts

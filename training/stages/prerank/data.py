@@ -173,8 +173,9 @@ class NextItemData:
     # target is not in its list are left out (nothing to order)
     train_lists: MergedLists | None = None
     train_list_users: np.ndarray | None = None  # (E,) the data set's user index of each training list
-    # the route's request settings the lists were made with (tuned on the validation users as
-    # publish does; publish then serves them: prerank.serving.pair_prior.route)
+    # the route's request settings the lists were made with (tuned by publish's search on the ranking
+    # fold's lists, on the validation users for in-sample lists: lists.py; publish then serves them:
+    # prerank.serving.pair_prior.route)
     route_serving: dict[str, float] | None = None
 
     @property
