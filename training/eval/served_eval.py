@@ -141,6 +141,15 @@ def select_users(loo: LeaveOneOut, n: int | None, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
 
 
+def served_requests(ds: Dataset, loo: LeaveOneOut, users: np.ndarray, split: Split) -> tuple[list[list[str]], list[str]]:
+    """What the replay sends and expects per user (positions into loo.eval_users): the request
+    history, every interaction before the `split` target as external ids, and that target's id."""
+    ids = ds.item_ids.astype(str)
+    starts, ends = ds.offsets[loo.eval_users[users]], loo.history_end(split)[users]
+    histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
+    return histories, ids[loo.targets(split)[users]].tolist()
+
+
 @dataclass(frozen=True)
 class RouteFolds:
     """The item-to-item route's settings cross-fitted over the replayed users: the i-th user is
@@ -187,10 +196,7 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
         raise ValueError(f"routes.fold has {routes.fold.size} users, {sel.size} are replayed")
     groups = [(version, np.arange(sel.size))] if routes is None else [
         (replace(version, item2item=r), np.flatnonzero(routes.fold == k)) for k, r in enumerate(routes.routes)]
-    starts = ds.offsets[loo.eval_users[sel]]
-    ends = loo.history_end(split)[sel]
-    targets = [str(x) for x in ds.item_ids[loo.targets(split)[sel]].tolist()]
-    ids = ds.item_ids.astype(str)
+    histories, targets = served_requests(ds, loo, sel, split)
     ranks = {name: np.full(sel.size, _MISS, np.int64) for name in names}
     ms = {name: np.empty(sel.size) for name in names}
     shown = {name: np.zeros(version.num_items + 1, bool) for name in names}
@@ -203,7 +209,7 @@ def evaluate_served(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut | None
         recs = {name: Recommender(served, retrieval_k=retrieval_k, prerank_n=prerank_n,
                                   stages=STAGES[: STAGES.index(name) + 1], item2item=item2item) for name in names}
         for u in group.tolist():
-            history = ids[ds.items[starts[u]:ends[u]]].tolist()
+            history = histories[u]
             for name, rec in recs.items():
                 res = rec.recommend(history, k=TOP, explain=False)
                 got = [it.item_id for it in res.items]

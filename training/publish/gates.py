@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import numpy as np
 
@@ -31,10 +31,8 @@ from training.publish.sources import Sources
 from training.data.splits import LeaveOneOut, Split
 from training.eval.metrics import mask_seen, paired_gain, ranking_metrics, target_ranks
 from training.eval.served_eval import STAGE_SE_FACTOR, ServingGate
+from training.publish.route_tuning import CrossFit
 from training.publish.versions import PublishError
-
-if TYPE_CHECKING:
-    from training.publish.route_tuning import CrossFit
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +175,6 @@ def live_on_new_data(root: Path, live: str, tmp: Path, manifest: Manifest, src: 
                                     other_data=True).ndcg[old_cut[-1]]
     except (ArtifactError, OSError, KeyError, ValueError) + ORT_ERRORS as exc:
         return replace(entry, result=f"skipped: the live version does not replay on this data ({exc})")
-    from training.publish.route_tuning import CrossFit
-
     try:
         version = load_version(tmp)
     except ArtifactError as exc:

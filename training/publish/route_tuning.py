@@ -58,7 +58,7 @@ from service.pipeline import Recommender
 from training.data.dataset import Dataset
 from training.data.splits import LeaveOneOut, Split
 from service.item2item import Item2ItemRoute
-from training.eval.served_eval import METRIC, RETRIEVAL_K, RouteFolds, ServingGate, select_users
+from training.eval.served_eval import METRIC, RETRIEVAL_K, RouteFolds, ServingGate, select_users, served_requests
 from training.publish.sources import Sources
 from training.publish.versions import PublishError
 from training.stages.prerank.folds import assign_folds
@@ -126,11 +126,7 @@ class UserGains:
         if version.item2item is None:
             raise ValueError(f"version {version.version} has no item-to-item route to tune")
         self.version, self.route = version, version.item2item
-        starts = ds.offsets[loo.eval_users[users]]
-        ends = loo.history_end(split)[users]
-        ids = ds.item_ids.astype(str)
-        self.histories = [ids[ds.items[s:e]].tolist() for s, e in zip(starts, ends)]
-        self.targets = ids[loo.targets(split)[users]].tolist()
+        self.histories, self.targets = served_requests(ds, loo, users, split)
         self.session = cast(ort.InferenceSession, _EncodeOnce(version.retrieval))
         self.seen: dict[tuple[float, ...], np.ndarray] = {}
 
