@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_serve import wait_ready
+from tests.e2e.test_serve import stop_server, wait_ready
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -83,8 +83,7 @@ def server(artifacts_root: Path, tmp_path: Path) -> Iterator[tuple[str, subproce
         wait_ready(proc, base, 60)
         yield base, proc, log
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_server(proc, log)
 
 
 def _rss_mib(pid: int) -> float:

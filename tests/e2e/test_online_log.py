@@ -21,7 +21,7 @@ import redis
 
 from service.contract.online_log import load_impression
 from service.online_log import StreamReader, events_stream, impressions_stream, read_events
-from tests.e2e.test_serve import wait_ready
+from tests.e2e.test_serve import stop_server, wait_ready
 from tests.service.conftest import RedisServer, _require_binary, free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -44,16 +44,17 @@ def live(artifacts_root: Path) -> Iterator[Live]:  # noqa: F811
         port = free_port()
         env = {**os.environ, "RECSYS_API_KEY": KEY, "RECSYS_READ_KEY": "", "RECSYS_RELOAD_POLL_S": "0",
                "RECSYS_ATTRIBUTION_WINDOW_S": "600"}
-        proc = subprocess.Popen([sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root),
-                                 "--redis-url", rs.url, "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        log = Path(tmp) / "server.log"  # a file, not a pipe nobody reads: an info-level log would fill one
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "recsys_cli", "serve", "--artifacts", str(artifacts_root),
+                                     "--redis-url", rs.url, "--port", str(port)], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(proc, base, 60)
             yield Live(base, rs)
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_server(proc, log)
             rs.stop()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_serve import wait_ready
+from tests.e2e.test_serve import stop_server, wait_ready
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root  # noqa: F401  (module fixture)
 
@@ -43,8 +43,7 @@ def live(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
         wait_ready(proc, base, 60)
         yield base
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def test_openapi_defines_every_schema_it_references(live: str) -> None:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from service.notify import notify_version
+from service.supervisor import GRACE_S
 from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -33,6 +34,21 @@ def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> No
             pass
         time.sleep(0.2)
     pytest.fail(f"recsys serve did not become ready in {timeout_s} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """SIGTERM, then as long as the product gives a stopping worker (supervisor.GRACE_S). One still
+    running then is killed, and the test fails with the end of its output (`log`, else its stdout
+    pipe), which names what the shutdown was waiting for."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        out = log.read_bytes() if log is not None else proc.stdout.read() if proc.stdout else b""
+        pytest.fail(f"recsys serve did not stop within {GRACE_S:.0f} s of SIGTERM; the end of its output:\n"
+                    f"{out.decode(errors='replace')[-3000:]}")
 
 
 @contextmanager
@@ -73,8 +89,7 @@ def server(artifacts_root: Path, redis_url: str) -> Iterator[str]:  # noqa: F811
         wait_ready(proc, base, 60)
         yield base
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def test_served_process_events_change_next_recommendation(server: str, catalog: list[str]) -> None:  # noqa: F811
@@ -144,8 +159,7 @@ def test_serve_workers_have_their_own_sockets_and_a_dead_one_is_replaced(artifac
         for _ in range(20):  # new connections, hashed over both sockets: all answered
             assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(timeout=40)
+        stop_server(proc)
     assert proc.returncode == 0
     assert not worker_pids(proc.pid)
 
@@ -180,5 +194,4 @@ def test_serve_applies_the_connection_limits_in_every_worker(artifacts_root: Pat
                 assert s.recv(1) == b""  # closed by the server
         assert time.monotonic() - t0 < 2 + 2.0
     finally:
-        proc.terminate()
-        proc.wait(timeout=40)
+        stop_server(proc)

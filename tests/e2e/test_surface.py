@@ -28,7 +28,7 @@ import pytest
 
 from recsys_client import (AsyncRecsysClient, AuthError, Event, InvalidRequest, NotFound, Query, RecsysClient,
                            Unavailable)
-from tests.e2e.test_serve import wait_ready
+from tests.e2e.test_serve import stop_server, wait_ready
 from tests.service.conftest import RedisServer, _require_binary, free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
@@ -68,8 +68,7 @@ def live(artifacts_root: Path) -> Iterator[Live]:  # noqa: F811
                 wait_ready(proc, base, 60)
                 yield Live(base, redis, err, out)
             finally:
-                proc.terminate()
-                proc.wait(timeout=10)
+                stop_server(proc, err)
                 redis.stop()
 
 
