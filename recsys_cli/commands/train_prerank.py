@@ -44,8 +44,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "pair features, fit on the training lists at once): Adam learning rate")
     p.add_argument("--prior-steps", type=int, default=d.prior_steps,
                    help="the pair prior's refit: steps at most; cross-fitting over 5 folds of the training lists' "
-                        "users chooses the step count by the one-SE rule (the fewest within one paired SE of the "
-                        "best; none unless the best beats the incoming prior by more than one) (0: no refit)")
+                        "users chooses the step count, kept only when it beats the incoming prior by more than "
+                        "one paired SE (0: no refit)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without a validation gain before stopping")
     p.add_argument("--embed-dim", type=int, default=None, help="feature embedding width (default: the model's own)")

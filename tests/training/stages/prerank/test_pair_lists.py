@@ -166,8 +166,7 @@ def test_the_prior_refit_lifts_held_out_lists_and_never_ends_below_its_start() -
     assert isinstance(prior, PairPrior)
     got = pr.refit_prior(tower, prior, data, cfg)
     assert got["step"] > 0 and got["gain"] > pr.PRIOR_KEEP_SE * got["se"] > 0
-    # the steps kept are within one SE of the best, so above the start
-    assert got["check_start"] < got["check_start"] + got["gain"] - got["se"] <= got["check"] + 1e-12
+    assert got["check"] == pytest.approx(got["check_start"] + got["gain"])  # the best step count kept
     assert got["valid_NDCG@10"] > got["start"]
     assert pr.evaluate_next_item(tower, data, "valid", prior)["NDCG@10"] == pytest.approx(got["valid_NDCG@10"], abs=1e-6)
     fresh = retrieval_prior(data)
@@ -181,8 +180,8 @@ def test_the_prior_refit_lifts_held_out_lists_and_never_ends_below_its_start() -
         assert kept["gain"] > pr.PRIOR_KEEP_SE * kept["se"]
 
 
-def test_the_one_se_rule_keeps_the_fewest_steps_within_one_se_of_the_best() -> None:
-    """one_se_steps on per-list scores built by hand: each point of the path is the start plus its
+def test_the_refit_keeps_its_best_step_count_beyond_one_paired_se() -> None:
+    """refit_steps on per-list scores built by hand: each point of the path is the start plus its
     mean plus the same +-0.1 pattern, so every paired SE is 0.1 * std(pattern) / 10 ~ 0.01."""
     start = np.linspace(0.0, 1.0, 100)
     wiggle = 0.1 * np.where(np.arange(100) % 2 == 0, 1.0, -1.0)
@@ -191,14 +190,14 @@ def test_the_one_se_rule_keeps_the_fewest_steps_within_one_se_of_the_best() -> N
     def path(*means: float) -> np.ndarray:
         return np.stack([start + m + wiggle for m in means])
 
-    # best 0.05 (> 1 SE): the fewest steps within one SE of it is the second point (0.045 >= 0.05 - 0.01), not the best
-    i, gain, got_se = pr.one_se_steps(path(0.02, 0.045, 0.05, 0.049), start)
-    assert (i, gain, got_se) == (1, pytest.approx(0.05), pytest.approx(se))
-    # 1.5 SEs: kept (a 2-SE rule turned such refits down); the only point within one SE of the best is itself
-    assert pr.one_se_steps(path(0.001, 0.015), start)[0] == 1
-    # below one SE above the start, or below it: the start is kept
-    assert pr.one_se_steps(path(0.005, 0.008), start)[0] == -1
-    assert pr.one_se_steps(path(-0.03, -0.01), start)[0] == -1
+    # the best point, not an earlier one within one SE of it
+    i, gain, got_se = pr.refit_steps(path(0.02, 0.045, 0.05, 0.049), start)
+    assert (i, gain, got_se) == (2, pytest.approx(0.05), pytest.approx(se))
+    # 1.5 SEs: kept (a 2-SE margin turned such refits down)
+    assert pr.refit_steps(path(0.001, 0.015), start)[0] == 1
+    # not above one SE over the start, or below it: the start is kept
+    assert pr.refit_steps(path(0.005, 0.008), start)[0] == -1
+    assert pr.refit_steps(path(-0.03, -0.01), start)[0] == -1
 
 
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
