@@ -223,10 +223,10 @@ def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
 KEEP_TRAINED_SE = 2.0
 
 
-def beats_start(new: np.ndarray, start: np.ndarray) -> tuple[bool, float, float]:
-    """(keep, gain, se): whether per-list scores `new` beat `start` by more than KEEP_TRAINED_SE paired SEs."""
+def beats_start(new: np.ndarray, start: np.ndarray, margin: float = KEEP_TRAINED_SE) -> tuple[bool, float, float]:
+    """(keep, gain, se): whether per-list scores `new` beat `start` by more than `margin` paired SEs."""
     gain, se = paired_gain(new, start)
-    return gain > KEEP_TRAINED_SE * se, gain, se
+    return gain > margin * se, gain, se
 
 
 def list_metrics(

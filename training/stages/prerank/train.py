@@ -36,7 +36,7 @@ from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES
 from training.checkpoints import Checkpoint, ModelKind, kind_of, save_checkpoint as save_payload, stage_kinds
 from training.data.splits import Split
 from training.data.features import EncodedFields, FeatureSpec
-from training.eval.metrics import KEEP_TRAINED_SE, auc, beats_start, list_metrics, logloss, ndcg_rows, paired_gain
+from training.eval.metrics import KEEP_TRAINED_SE, auc, beats_start, list_metrics, logloss, ndcg_rows
 from training.stages.prerank.data import CandidateLists, CTRData, NextItemData, PairRows, fused_pair
 from training.stages.prerank.folds import assign_folds
 from training.trainer import Bar, EpochResult, StepResult, fit
@@ -439,8 +439,8 @@ def refit_steps(held: np.ndarray, start: np.ndarray) -> tuple[int, float, float]
     start (E,): the starting point's. -> (i, gain, se): the best point (-1: the start, when the best
     is not above it by more than PRIOR_KEEP_SE paired SEs), its gain over the start and the SE."""
     best = int(held.mean(axis=1).argmax())
-    gain, se = paired_gain(held[best], start)
-    return (best if gain > PRIOR_KEEP_SE * se else -1), gain, se
+    keep, gain, se = beats_start(held[best], start, PRIOR_KEEP_SE)
+    return (best if keep else -1), gain, se
 
 
 def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: TrainConfig,
