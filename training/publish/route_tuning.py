@@ -125,7 +125,7 @@ class UserGains:
                  split: Split = "valid") -> None:
         if version.item2item is None:
             raise ValueError(f"version {version.version} has no item-to-item route to tune")
-        self.version, self.route = version, version.item2item
+        self.version, self.route, self.split = version, version.item2item, split
         self.histories, self.targets = served_requests(ds, loo, users, split)
         self.session = cast(ort.InferenceSession, _EncodeOnce(version.retrieval))
         self.seen: dict[tuple[float, ...], np.ndarray] = {}
@@ -156,17 +156,16 @@ def served_retrieval_ndcg(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut,
     return UserGains(version, ds, loo, users, split).measure()
 
 
-def tune_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users: np.ndarray, seed: int,
-               grid: Mapping[str, Sequence[float]] = GRID, split: Split = "valid",
-               gains: UserGains | None = None, rows: np.ndarray | None = None) -> RouteTuning:
-    """Choose the route's request settings of `version` on `users` of `split` (see the module doc);
-    with `gains` (over a larger set of users) on its users at `rows` instead, `users` being those."""
+def tune_route(gains: UserGains, seed: int, grid: Mapping[str, Sequence[float]] = GRID,
+               rows: np.ndarray | None = None) -> RouteTuning:
+    """Choose the route's request settings of `gains`' version on its users (see the module doc),
+    or on those at `rows` only (a boolean mask or positions into them)."""
     t0 = time.perf_counter()
-    measure = (served_retrieval_ndcg(version, ds, loo, users, split) if gains is None else gains.measure(rows))
-    best, tried = coordinate_search(measure, grid)
+    best, tried = coordinate_search(gains.measure(rows), grid)
     serving = {name: (int(best[name]) if name in ("recent", "candidates") else float(best[name]))
                for name in ("recent", "decay", "candidates", "beta")}  # the key order of DEFAULT_SERVING
-    return RouteTuning(serving, tried, int(users.size), seed, split, {k: tuple(grid[k]) for k in ORDER},
+    users = len(gains.targets) if rows is None else int(np.arange(len(gains.targets))[rows].size)
+    return RouteTuning(serving, tried, users, seed, gains.split, {k: tuple(grid[k]) for k in ORDER},
                        time.perf_counter() - t0)
 
 
@@ -210,7 +209,7 @@ def cross_fit_route(version: LoadedVersion, ds: Dataset, loo: LeaveOneOut, users
     t0 = time.perf_counter()
     fold = assign_folds(int(users.size), folds, seed)
     gains = UserGains(version, ds, loo, users) if gains is None else gains
-    settings = [tune_route(version, ds, loo, users[fold != k], seed, grid, gains=gains, rows=fold != k).serving
+    settings = [tune_route(gains, seed, grid, rows=fold != k).serving
                 for k in range(folds)]
     return CrossFit(fold, settings, seed, time.perf_counter() - t0)
 
@@ -230,7 +229,7 @@ def tune_published(tmp: Path, src: Sources, gate: ServingGate, manifest: Manifes
         raise PublishError(f"the new version does not load: {exc}") from None
     users = select_users(src.loo, gate.users, gate.seed)
     gains = UserGains(version, src.ds, src.loo, users)
-    tuning = tune_route(version, src.ds, src.loo, users, gate.seed, gains=gains)
+    tuning = tune_route(gains, gate.seed)
     best = next(t[METRIC] for t in tuning.tried if all(t[k] == v for k, v in tuning.serving.items()))
     off = next((t[METRIC] for t in tuning.tried if t["beta"] == 0.0), None)
     print(f"item-to-item route: {len(tuning.tried)} settings on {tuning.users} validation users; chosen "

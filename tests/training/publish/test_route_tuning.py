@@ -113,7 +113,7 @@ def test_gate_replays_each_fold_with_settings_chosen_without_it(published: Path)
     # (on this fixture the folds disagree, so the check below tells the folds' settings from the served ones)
     assert len({tuple(sorted(c.items())) for c in record["chosen"]}) > 1
     # fold 0's settings are what the search chooses on the other folds' users alone
-    assert record["chosen"][0] == rt.tune_route(v, ds, loo, users[fold != 0], GATE.seed).serving
+    assert record["chosen"][0] == rt.tune_route(rt.UserGains(v, ds, loo, users[fold != 0]), GATE.seed).serving
     # and the gate's retrieval cut is each fold replayed with its own settings, users weighted
     per_fold = [rt.served_retrieval_ndcg(v, ds, loo, users[fold == k])(record["chosen"][k])
                 for k in range(rt.GATE_FOLDS)]
