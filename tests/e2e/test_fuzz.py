@@ -80,7 +80,7 @@ def server(artifacts_root: Path, tmp_path: Path) -> Iterator[tuple[str, subproce
              "--log-level", "warning"], env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, base, 60)
+        wait_ready(proc, base, 60, log)
         yield base, proc, log
     finally:
         stop_server(proc, log)

@@ -51,7 +51,7 @@ def live(artifacts_root: Path) -> Iterator[Live]:  # noqa: F811
                                     stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(proc, base, 60)
+            wait_ready(proc, base, 60, log)
             yield Live(base, rs)
         finally:
             stop_server(proc, log)

@@ -20,13 +20,13 @@ from tests.service.conftest import free_port
 from tests.service.test_api import artifacts_root, catalog  # noqa: F401  (module fixtures)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> None:
-    """Until GET /readyz answers 200; fails with the server's output if it exits first."""
+def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float, log: Path | None = None) -> None:
+    """Until GET /readyz answers 200; fails with the end of the server's output (`log`, else its
+    stdout pipe) if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            pytest.fail(f"recsys serve exited with {proc.returncode}: {out[-2000:]}")
+            pytest.fail(f"recsys serve exited with {proc.returncode}; the end of its output:\n{output_tail(proc, log)}")
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return
@@ -34,6 +34,12 @@ def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float) -> No
             pass
         time.sleep(0.2)
     pytest.fail(f"recsys serve did not become ready in {timeout_s} s")
+
+
+def output_tail(proc: subprocess.Popen[bytes], log: Path | None, chars: int = 3000) -> str:
+    """The last `chars` of a stopped server's output: the file `log`, else its stdout pipe ('' for neither)."""
+    out = log.read_bytes() if log is not None else proc.stdout.read() if proc.stdout else b""
+    return out.decode(errors="replace")[-chars:]
 
 
 def stop_server(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
@@ -46,9 +52,8 @@ def stop_server(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        out = log.read_bytes() if log is not None else proc.stdout.read() if proc.stdout else b""
         pytest.fail(f"recsys serve did not stop within {GRACE_S:.0f} s of SIGTERM; the end of its output:\n"
-                    f"{out.decode(errors='replace')[-3000:]}")
+                    f"{output_tail(proc, log)}")
 
 
 @contextmanager

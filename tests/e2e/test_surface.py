@@ -65,7 +65,7 @@ def live(artifacts_root: Path) -> Iterator[Live]:  # noqa: F811
                  redis.url, "--port", str(port), "--log-level", "info"], env=env, stdout=out_f, stderr=err_f)
             base = f"http://127.0.0.1:{port}"
             try:
-                wait_ready(proc, base, 60)
+                wait_ready(proc, base, 60, err)
                 yield Live(base, redis, err, out)
             finally:
                 stop_server(proc, err)
