@@ -3,7 +3,8 @@ one data-fingerprint rule (the checkpoints a version is built from: training/pub
 
 One format, whatever the stage (torch.save of a dict, read back with weights_only=True):
     {"kind": "<stage>/<model>", "config": model.config.to_dict(), "state_dict": ...,
-     "fingerprint": the data set's fingerprint, "extra": what the stage records beside the weights}
+     "fingerprint": the data set's fingerprint, "extra": what the stage records beside the weights,
+     with "environment": the library versions and thread count it was trained with}
 `kind` picks the REGISTRY entry (config class, model class) that rebuilds the model. Files written
 before this format (three key layouts) are converted when read (upgrade_layout), so trained folders
 keep exporting. Every load checks the data set (check_fingerprint): a checkpoint that records no
@@ -30,6 +31,7 @@ from models.two_tower import TwoTower, TwoTowerConfig
 from service.contract.layout import PRERANK_CHECKPOINT, PRERANK_FEATURES, RERANK_CHECKPOINT, RETRIEVAL_CHECKPOINT
 from training.data.dataset import DataError, Dataset
 from training.data.features import FeatureSpec
+from training.environment import ENVIRONMENT_KEY, environment
 
 Stage = Literal["retrieval", "prerank", "rerank"]
 RetrievalModel = Union[MultiLauncherSASRec, HSTU, MIND]
@@ -132,13 +134,14 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, kind: str, config: Any, state_dict: dict[str, torch.Tensor],
                     fingerprint: str, extra: dict[str, Any]) -> Path:
-    """Write one checkpoint (temp file + rename, so a reader never sees half a file)."""
+    """Write one checkpoint (temp file + rename, so a reader never sees half a file); `extra` gains
+    the environment it was trained in (training/environment.py)."""
     if kind not in REGISTRY:
         raise ValueError(f"unknown checkpoint kind {kind!r} (expected one of {sorted(REGISTRY)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"kind": kind, "config": config.to_dict(), "state_dict": state_dict, "fingerprint": fingerprint,
-               "extra": extra}
+               "extra": {**extra, ENVIRONMENT_KEY: environment()}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

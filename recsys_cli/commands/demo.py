@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from training.stages.retrieval.budget import RetrievalBudget, budget_for, encoder_maxlen
     from training.stages.prerank.upstreams import train_fold_set
     from training.stages.retrieval.train import RetrievalTrainConfig, evaluate_model, save_checkpoint
+    from training.environment import describe as describe_environment, environment
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     with timed("load", timings):
         ds = load(args.data)
     print(ds.describe())
+    print(describe_environment(environment()))
     split = LeaveOneOut(ds)
     baselines: dict[str, dict[str, float]] = {}
     with timed("evaluate baselines", timings):

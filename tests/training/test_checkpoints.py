@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from training.checkpoints import (
     upgrade_layout,
 )
 from training.data.dataset import DataError
+from training.environment import ENVIRONMENT_KEY
 from training.data.sources import load
 
 DATA = "synthetic:users=40,items=30,seed=0"
@@ -84,6 +86,9 @@ def test_one_format_round_trips_every_kind(key: str, tmp_path: Path, ds: Any) ->
                            {"metrics": {"NDCG@10": 0.1}})
     assert set(torch.load(path, weights_only=True)) == set(FORMAT_KEYS)  # the one layout on disk
     again, ckpt = load_checkpoint(tmp_path, kind.stage, ds)
+    env = ckpt.extra.pop(ENVIRONMENT_KEY)  # what it was trained with, beside what the stage recorded
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+    assert env["torch_threads"] == str(torch.get_num_threads())
     assert ckpt.kind is kind and ckpt.config == CONFIGS[key] and ckpt.extra == {"metrics": {"NDCG@10": 0.1}}
     assert same_weights(again, model) and not again.training
 
