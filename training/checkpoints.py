@@ -4,7 +4,7 @@ one data-fingerprint rule (the checkpoints a version is built from: training/pub
 One format, whatever the stage (torch.save of a dict, read back with weights_only=True):
     {"kind": "<stage>/<model>", "config": model.config.to_dict(), "state_dict": ...,
      "fingerprint": the data set's fingerprint, "extra": what the stage records beside the weights,
-     with "environment": the library versions and thread count it was trained with}
+     with "environment": the CPU, library versions and thread count it was trained with}
 `kind` picks the REGISTRY entry (config class, model class) that rebuilds the model. Files written
 before this format (three key layouts) are converted when read (upgrade_layout), so trained folders
 keep exporting. Every load checks the data set (check_fingerprint): a checkpoint that records no
