@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.eval.metrics import ndcg_rows  # noqa: E402
 from training.stages.prerank import train as T  # noqa: E402
 from training.stages.prerank.folds import assign_folds  # noqa: E402
 
@@ -51,13 +49,8 @@ def run(path: str) -> None:
     with open(path, "rb") as f:
         d = pickle.load(f)
     model, prior0, data, cfg = d["model"], d["prior"], d["data"], d["cfg"]
-    tl = data.train_lists
-    catalog = data.train_catalog if data.train_catalog is not None else data.catalog
-    tower = torch.from_numpy(T.score_lists(model, data.train_user, tl.items, catalog))
-    feats, launch = torch.from_numpy(tl.features), torch.from_numpy(tl.launchers)
-    E = tl.items.shape[0]
-    target = torch.from_numpy((tl.items == data.train_targets[:, None]).argmax(axis=1))
-    pad = torch.from_numpy(tl.items == 0)
+    lists = T.RefitLists.of(model, data)
+    E = len(lists)
     te = data.test
     te_tower = torch.from_numpy(T.score_lists(model, te.user, te.candidates, data.catalog))
     te_f, te_l = torch.from_numpy(te.features), torch.from_numpy(te.launchers.astype(np.int64))
@@ -67,35 +60,26 @@ def run(path: str) -> None:
             s = sum(p.eval()(te_tower, te_f, te_l) for p in ps) / len(ps)
         return T.list_quality(np.where(te.candidates > 0, s.numpy(), -np.inf), te)["NDCG@10_all"]
 
-    def lists_ndcg(p: Any, idx: np.ndarray) -> np.ndarray:
-        p.eval()
-        with torch.no_grad():
-            sc = p(tower[idx], feats[idx], launch[idx]).masked_fill(pad[idx], float("-inf")).numpy()
-        return ndcg_rows(sc, tl.items[idx] == data.train_targets[idx, None], 10, tl.items[idx] > 0)
+    def linear_part(p: Any) -> list[Any]:
+        return [p.tower_weight, p.weight, p.launcher_bias]
 
     def fit_on(rows: np.ndarray, steps: int, check: np.ndarray | None, lr: float, linear: bool) -> tuple[Any, list, list]:
-        p = copy.deepcopy(prior0)
-        params = [p.tower_weight, p.weight, p.launcher_bias] if linear else list(p.parameters())
-        opt = torch.optim.Adam(params, lr=lr)
-        rng = np.random.default_rng(cfg.seed)
+        """The product's fit_prior; with `check`, the per-list NDCG@10 of those lists and a copy of the fit at each check."""
         seen, states = [], []
-        for step in range(1, steps + 1):
-            idx = rng.choice(rows, T.PRIOR_BATCH, replace=False) if rows.size > T.PRIOR_BATCH else rows
-            p.train()
-            logits = p(tower[idx], feats[idx], launch[idx]).masked_fill(pad[idx], float("-inf"))
-            loss = F.cross_entropy(logits, target[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if check is not None and step % T.PRIOR_CHECK_EVERY == 0:
-                seen.append(lists_ndcg(p, check))
+
+        def every(p: Any) -> None:
+            if check is not None:
+                seen.append(lists.ndcg(p, check))
                 states.append(copy.deepcopy(p))
+
+        p = T.fit_prior(prior0, lists, rows, steps, lr, cfg.seed, cfg.weight_decay,
+                        trainable=linear_part if linear else None, every=every)
         return p, seen, states
 
     users = np.unique(data.train_list_users)
     fold = assign_folds(users.size, T.PRIOR_FOLDS, cfg.seed)[np.searchsorted(users, data.train_list_users)]
     everyone = np.arange(E)
-    start = lists_ndcg(prior0, everyone)
+    start = lists.ndcg(prior0, everyone)
     print(f"{E} lists of {users.size} users; incoming prior: held-out {start.mean():.4f}, test {test_ndcg([prior0]):.4f}")
     for name, lr, steps, linear in [("mlp lr1e-2", 1e-2, 200, False), ("linear lr1e-2", 1e-2, 200, True),
                                     ("mlp lr3e-3 x3", 3e-3, 600, False)]:

@@ -451,6 +451,65 @@ def refit_steps(held: np.ndarray, start: np.ndarray) -> tuple[int, float, float]
     return (best if keep else -1), gain, se
 
 
+@dataclass
+class RefitLists:
+    """The training lists as the pair prior's refit reads them: the frozen towers' scores (E, W),
+    the pair features (E, W, F), each list's launcher, its target's slot and its padding."""
+
+    tower: torch.Tensor
+    feats: torch.Tensor
+    launch: torch.Tensor
+    target: torch.Tensor
+    pad: torch.Tensor
+    hit: np.ndarray  # (E, W) the target's slot
+    real: np.ndarray  # (E, W) not padding
+
+    @classmethod
+    def of(cls, model: nn.Module, data: NextItemData) -> RefitLists:
+        assert data.train_lists is not None
+        tl = data.train_lists
+        catalog = data.train_catalog if data.train_catalog is not None else data.catalog
+        return cls(torch.from_numpy(score_lists(model, data.train_user, tl.items, catalog)),
+                   torch.from_numpy(tl.features), torch.from_numpy(tl.launchers),
+                   torch.from_numpy((tl.items == data.train_targets[:, None]).argmax(axis=1)),
+                   torch.from_numpy(tl.items == 0), tl.items == data.train_targets[:, None], tl.items > 0)
+
+    def __len__(self) -> int:
+        return int(self.tower.shape[0])
+
+    def logits(self, p: PairPrior, idx: np.ndarray) -> torch.Tensor:
+        return p(self.tower[idx], self.feats[idx], self.launch[idx]).masked_fill(self.pad[idx], float("-inf"))
+
+    def ndcg(self, p: PairPrior, idx: np.ndarray) -> np.ndarray:
+        """(len(idx),) NDCG@10 of lists `idx` ordered by `p` (eval mode, no grad)."""
+        p.eval()
+        with torch.no_grad():
+            sc = self.logits(p, idx).numpy()
+        return ndcg_rows(sc, self.hit[idx], 10, self.real[idx])
+
+
+def fit_prior(prior: PairPrior, lists: RefitLists, rows: np.ndarray, steps: int, lr: float, seed: int,
+              weight_decay: float = 0.0, trainable: Callable[[PairPrior], list[nn.Parameter]] | None = None,
+              every: Callable[[PairPrior], None] | None = None) -> PairPrior:
+    """A copy of `prior` fit on lists `rows` for `steps` steps of Adam at `lr`, (up to PRIOR_BATCH of)
+    the lists at once, drawn by `seed`; `trainable` picks its parameters (all by default); `every`
+    is called with the copy after every PRIOR_CHECK_EVERY steps. Returned in eval mode."""
+    p = copy.deepcopy(prior)
+    opt = torch.optim.Adam(trainable(p) if trainable else p.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    for step in range(1, steps + 1):
+        idx = rng.choice(rows, PRIOR_BATCH, replace=False) if rows.size > PRIOR_BATCH else rows
+        p.train()
+        loss = F.cross_entropy(lists.logits(p, idx), lists.target[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if every is not None and step % PRIOR_CHECK_EVERY == 0:
+            every(p)
+    p.eval()
+    return p
+
+
 def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: TrainConfig,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The pair prior alone refit on the training lists, the towers frozen: Adam at cfg.prior_lr
@@ -474,15 +533,10 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
     of the start and of the steps kept (the start's when none)."""
     assert data.train_lists is not None and data.valid.features is not None and data.valid.launchers is not None
     assert data.train_list_users is not None
-    tl = data.train_lists
-    catalog = data.train_catalog if data.train_catalog is not None else data.catalog
-    tower = torch.from_numpy(score_lists(model, data.train_user, tl.items, catalog))  # (E, W) frozen
-    feats, launch = torch.from_numpy(tl.features), torch.from_numpy(tl.launchers)
+    lists = RefitLists.of(model, data)
     valid_tower = torch.from_numpy(score_lists(model, data.valid.user, data.valid.candidates, data.catalog))
     valid_feats, valid_launch = torch.from_numpy(data.valid.features), torch.from_numpy(data.valid.launchers.astype(np.int64))
-    E = tl.items.shape[0]
-    target = torch.from_numpy((tl.items == data.train_targets[:, None]).argmax(axis=1))
-    pad = torch.from_numpy(tl.items == 0)
+    E = len(lists)
 
     def valid_ndcg(p: PairPrior) -> float:
         p.eval()
@@ -490,35 +544,15 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
             sc = np.where(data.valid.candidates > 0, p(valid_tower, valid_feats, valid_launch).numpy(), -np.inf)
         return list_quality(sc, data.valid)["NDCG@10"]
 
-    def lists_ndcg(p: PairPrior, idx: np.ndarray) -> np.ndarray:
-        p.eval()
-        with torch.no_grad():
-            sc = p(tower[idx], feats[idx], launch[idx]).masked_fill(pad[idx], float("-inf")).numpy()
-        return ndcg_rows(sc, tl.items[idx] == data.train_targets[idx, None], 10, tl.items[idx] > 0)
-
-    def fit_on(rows: np.ndarray, steps: int, check: np.ndarray | None) -> tuple[PairPrior, list[np.ndarray]]:
-        """A copy of the incoming prior fit on lists `rows` for `steps` steps; the per-list NDCG@10
-        of lists `check` every PRIOR_CHECK_EVERY steps."""
-        p = copy.deepcopy(prior)
-        opt = torch.optim.Adam(p.parameters(), lr=cfg.prior_lr, weight_decay=cfg.weight_decay)
-        rng = np.random.default_rng(cfg.seed)
+    def fit_on(rows: np.ndarray, steps: int, check: np.ndarray | None = None) -> tuple[PairPrior, list[np.ndarray]]:
+        """fit_prior at cfg's rate and seed; the per-list NDCG@10 of lists `check` at each check."""
         seen: list[np.ndarray] = []
-        for step in range(1, steps + 1):
-            idx = rng.choice(rows, PRIOR_BATCH, replace=False) if rows.size > PRIOR_BATCH else rows
-            p.train()
-            logits = p(tower[idx], feats[idx], launch[idx]).masked_fill(pad[idx], float("-inf"))
-            loss = F.cross_entropy(logits, target[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if check is not None and step % PRIOR_CHECK_EVERY == 0:
-                seen.append(lists_ndcg(p, check))
-        p.eval()
-        return p, seen
+        every = None if check is None else (lambda p: seen.append(lists.ndcg(p, check)))
+        return fit_prior(prior, lists, rows, steps, cfg.prior_lr, cfg.seed, cfg.weight_decay, every=every), seen
 
     valid_start = valid_ndcg(prior)
     everyone = np.arange(E)
-    start_lists = lists_ndcg(prior, everyone)
+    start_lists = lists.ndcg(prior, everyone)
     users = np.unique(data.train_list_users)
     checks = cfg.prior_steps // PRIOR_CHECK_EVERY
     kept, gain, se, check = 0, 0.0, 0.0, float(start_lists.mean())
@@ -534,7 +568,7 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
         if chosen >= 0:
             check = float(held[chosen].mean())
             kept = (chosen + 1) * PRIOR_CHECK_EVERY
-            fitted, _ = fit_on(everyone, kept, None)
+            fitted, _ = fit_on(everyone, kept)
             prior.load_state_dict(fitted.state_dict())
     prior.eval()
     valid_after = valid_ndcg(prior)
