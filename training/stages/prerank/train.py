@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from models.cascade import PairPrior, PairPriorConfig, RetrievalPrior, RetrievalPriorConfig
 from models.dcnv2 import DCNv2
@@ -544,17 +545,27 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
             sc = np.where(data.valid.candidates > 0, p(valid_tower, valid_feats, valid_launch).numpy(), -np.inf)
         return list_quality(sc, data.valid)["NDCG@10"]
 
+    users = np.unique(data.train_list_users)
+    checks = cfg.prior_steps // PRIOR_CHECK_EVERY
+    # up to (PRIOR_FOLDS + 1) x cfg.prior_steps steps of up to PRIOR_BATCH lists: minutes on a large set
+    check_steps = PRIOR_FOLDS * checks * PRIOR_CHECK_EVERY
+    bar = tqdm(total=check_steps, desc="pair prior refit", unit="step",
+               disable=progress is None, leave=False)
+
     def fit_on(rows: np.ndarray, steps: int, check: np.ndarray | None = None) -> tuple[PairPrior, list[np.ndarray]]:
         """fit_prior at cfg's rate and seed; the per-list NDCG@10 of lists `check` at each check."""
         seen: list[np.ndarray] = []
-        every = None if check is None else (lambda p: seen.append(lists.ndcg(p, check)))
+
+        def every(p: PairPrior) -> None:
+            bar.update(PRIOR_CHECK_EVERY)
+            if check is not None:
+                seen.append(lists.ndcg(p, check))
+
         return fit_prior(prior, lists, rows, steps, cfg.prior_lr, cfg.seed, cfg.weight_decay, every=every), seen
 
     valid_start = valid_ndcg(prior)
     everyone = np.arange(E)
     start_lists = lists.ndcg(prior, everyone)
-    users = np.unique(data.train_list_users)
-    checks = cfg.prior_steps // PRIOR_CHECK_EVERY
     kept, gain, se, check = 0, 0.0, 0.0, float(start_lists.mean())
     if users.size >= PRIOR_FOLDS and checks:
         fold = assign_folds(users.size, PRIOR_FOLDS, cfg.seed)[
@@ -568,8 +579,10 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
         if chosen >= 0:
             check = float(held[chosen].mean())
             kept = (chosen + 1) * PRIOR_CHECK_EVERY
+            bar.total = check_steps + kept
             fitted, _ = fit_on(everyone, kept)
             prior.load_state_dict(fitted.state_dict())
+    bar.close()
     prior.eval()
     valid_after = valid_ndcg(prior)
     if progress:
