@@ -102,7 +102,14 @@ class PairPrior(nn.Module):
 
     def forward(self, tower_score: torch.Tensor, feats: torch.Tensor, launcher: torch.Tensor) -> torch.Tensor:
         """tower_score (...), feats (..., F) raw, launcher (...) int64 in [0, M) -> (...) scores."""
-        z = (feats - self.mean) / self.std
+        return self.score_standardized(tower_score, self.standardize(feats), launcher)
+
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        """z: raw pair features (..., F) on the training lists' scale."""
+        return (feats - self.mean) / self.std
+
+    def score_standardized(self, tower_score: torch.Tensor, z: torch.Tensor, launcher: torch.Tensor) -> torch.Tensor:
+        """forward on features already standardized (a refit's many steps over the same lists read z once)."""
         s = self.tower_weight * tower_score + z @ self.weight + self.launcher_bias[launcher]
         if self.hidden is not None:
             s = s + torch.relu(self.hidden(z)) @ self.out_weight

@@ -49,7 +49,7 @@ def run(path: str) -> None:
     with open(path, "rb") as f:
         d = pickle.load(f)
     model, prior0, data, cfg = d["model"], d["prior"], d["data"], d["cfg"]
-    lists = T.RefitLists.of(model, data)
+    lists = T.RefitLists.of(model, data, prior0)
     E = len(lists)
     te = data.test
     te_tower = torch.from_numpy(T.score_lists(model, te.user, te.candidates, data.catalog))

@@ -455,10 +455,11 @@ def refit_steps(held: np.ndarray, start: np.ndarray) -> tuple[int, float, float]
 @dataclass
 class RefitLists:
     """The training lists as the pair prior's refit reads them: the frozen towers' scores (E, W),
-    the pair features (E, W, F), each list's launcher, its target's slot and its padding."""
+    the pair features standardized by the prior being refit (E, W, F; its copies share its
+    scale), each list's launcher, its target's slot and its padding."""
 
     tower: torch.Tensor
-    feats: torch.Tensor
+    z: torch.Tensor
     launch: torch.Tensor
     target: torch.Tensor
     pad: torch.Tensor
@@ -466,12 +467,14 @@ class RefitLists:
     real: np.ndarray  # (E, W) not padding
 
     @classmethod
-    def of(cls, model: nn.Module, data: NextItemData) -> RefitLists:
+    def of(cls, model: nn.Module, data: NextItemData, prior: PairPrior) -> RefitLists:
         assert data.train_lists is not None
         tl = data.train_lists
         catalog = data.train_catalog if data.train_catalog is not None else data.catalog
-        return cls(torch.from_numpy(score_lists(model, data.train_user, tl.items, catalog)),
-                   torch.from_numpy(tl.features), torch.from_numpy(tl.launchers),
+        with torch.no_grad():
+            z = prior.standardize(torch.from_numpy(tl.features))
+        return cls(torch.from_numpy(score_lists(model, data.train_user, tl.items, catalog)), z,
+                   torch.from_numpy(tl.launchers),
                    torch.from_numpy((tl.items == data.train_targets[:, None]).argmax(axis=1)),
                    torch.from_numpy(tl.items == 0), tl.items == data.train_targets[:, None], tl.items > 0)
 
@@ -479,7 +482,8 @@ class RefitLists:
         return int(self.tower.shape[0])
 
     def logits(self, p: PairPrior, idx: np.ndarray) -> torch.Tensor:
-        return p(self.tower[idx], self.feats[idx], self.launch[idx]).masked_fill(self.pad[idx], float("-inf"))
+        return p.score_standardized(self.tower[idx], self.z[idx], self.launch[idx]).masked_fill(self.pad[idx],
+                                                                                              float("-inf"))
 
     def ndcg(self, p: PairPrior, idx: np.ndarray) -> np.ndarray:
         """(len(idx),) NDCG@10 of lists `idx` ordered by `p` (eval mode, no grad)."""
@@ -534,7 +538,7 @@ def refit_prior(model: nn.Module, prior: PairPrior, data: NextItemData, cfg: Tra
     of the start and of the steps kept (the start's when none)."""
     assert data.train_lists is not None and data.valid.features is not None and data.valid.launchers is not None
     assert data.train_list_users is not None
-    lists = RefitLists.of(model, data)
+    lists = RefitLists.of(model, data, prior)
     valid_tower = torch.from_numpy(score_lists(model, data.valid.user, data.valid.candidates, data.catalog))
     valid_feats, valid_launch = torch.from_numpy(data.valid.features), torch.from_numpy(data.valid.launchers.astype(np.int64))
     E = len(lists)
