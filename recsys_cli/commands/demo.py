@@ -161,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         init = results.get("upstream", results.get("fold-0")) if name == "retrieval" else None
         res = _train(part, cfg, tcfg, timings, f"train retrieval ({what})", None if init is None else init.model)
         print(f"  {res.summary()}", flush=True)
+        note = ceiling_note(res.stopped, res.best_epoch, len(res.history))
+        if note:
+            print(f"  {note}", flush=True)
         results[name] = res
     upstream = None if scheme == "in-sample" else out / ("retrieval" if scheme == "tail" else "upstream")
     if scheme == "holdout":
@@ -266,6 +269,16 @@ def final_report(baselines: Mapping[str, Mapping[str, float]], sasrec: str, sasr
              "recsys evaluate --artifacts (the served pipeline, top 50)",
              verdict(rows, served_label, list(base), gate, paired if isinstance(paired, Mapping) else None)]
     return "\n".join(lines)
+
+
+def ceiling_note(stopped: str, best_epoch: int, epochs: int) -> str | None:
+    """One line when the retriever's ceiling, not early stopping, ended its training (validation had
+    not stopped improving); None when early stopping did. `stopped`: trainer.FitResult.stopped."""
+    if stopped == "early stop":
+        return None
+    ceiling = "epoch" if stopped == "epochs" else "time"
+    return (f"its {ceiling} ceiling ended it before validation stopped improving (best epoch {best_epoch} of "
+            f"{epochs}): `--minutes M` trains up to 100 epochs under M minutes, a better retriever if there is time")
 
 
 def verdict(rows: Mapping[str, Mapping[str, float]], served: str, baselines: Sequence[str],

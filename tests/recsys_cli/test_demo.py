@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsys_cli.commands.demo import ALLOW_BELOW, export_accepts, final_report, verdict
+from recsys_cli.commands.demo import ALLOW_BELOW, ceiling_note, export_accepts, final_report, verdict
 
 BASE = {"popularity": {"HR@10": 0.08, "NDCG@10": 0.040}, "last-item": {"HR@10": 0.15, "NDCG@10": 0.0800}}
 SASREC = {"HR@10": 0.12, "NDCG@10": 0.0650}
@@ -72,3 +72,12 @@ def test_export_flag_is_read_from_the_parser() -> None:
 def test_baselines_of_another_shape_fall_back_to_the_demos_own() -> None:
     text = final_report(BASE, "sasrec(M=1) alone", SASREC, served(0.0712, {"popularity": {"se": 0.01}}))
     assert "popularity, last-item: the demo" in text and "does not beat last-item" in text
+
+
+def test_a_retriever_ended_by_its_ceiling_says_so_and_how_to_train_longer() -> None:
+    assert ceiling_note("early stop", 42, 52) is None
+    line = ceiling_note("epochs", 15, 15)
+    assert line is not None and line.startswith("its epoch ceiling ended it") and "best epoch 15 of 15" in line
+    assert "--minutes M" in line
+    minutes = ceiling_note("max minutes", 30, 31)
+    assert minutes is not None and minutes.startswith("its time ceiling")
