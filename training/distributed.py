@@ -74,6 +74,11 @@ def process_group(threads: int | None = None) -> Iterator[Launch]:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         yield launch
+        # leave together: a CI run saw rank 1 abort at exit ("terminate called without an active
+        # exception", SIGABRT) while rank 0 was still evaluating; a gloo rank torn down while its
+        # peer's pairs are live can end that way (pytorch/pytorch#28126). Not reached on an error,
+        # so a failing rank never waits here
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
