@@ -272,12 +272,13 @@ def final_report(baselines: Mapping[str, Mapping[str, float]], sasrec: str, sasr
 
 
 def ceiling_note(stopped: str, best_epoch: int, epochs: int) -> str | None:
-    """One line when the retriever's ceiling, not early stopping, ended its training (validation had
-    not stopped improving); None when early stopping did. `stopped`: trainer.FitResult.stopped."""
+    """One line when the retriever's ceiling, not early stopping, ended its training (validation had not
+    gone `patience` epochs without a better score); None when early stopping did. `stopped`:
+    trainer.FitResult.stopped."""
     if stopped == "early stop":
         return None
     ceiling = "epoch" if stopped == "epochs" else "time"
-    return (f"its {ceiling} ceiling ended it before validation stopped improving (best epoch {best_epoch} of "
+    return (f"its {ceiling} ceiling ended it before early stopping did (best epoch {best_epoch} of "
             f"{epochs}): `--minutes M` trains up to 100 epochs under M minutes, a better retriever if there is time")
 
 

@@ -77,7 +77,7 @@ def test_baselines_of_another_shape_fall_back_to_the_demos_own() -> None:
 def test_a_retriever_ended_by_its_ceiling_says_so_and_how_to_train_longer() -> None:
     assert ceiling_note("early stop", 42, 52) is None
     line = ceiling_note("epochs", 15, 15)
-    assert line is not None and line.startswith("its epoch ceiling ended it") and "best epoch 15 of 15" in line
+    assert line is not None and line.startswith("its epoch ceiling ended it before early stopping did") and "best epoch 15 of 15" in line
     assert "--minutes M" in line
     minutes = ceiling_note("max minutes", 30, 31)
     assert minutes is not None and minutes.startswith("its time ceiling")
