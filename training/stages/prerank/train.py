@@ -456,7 +456,7 @@ def refit_steps(held: np.ndarray, start: np.ndarray) -> tuple[int, float, float]
 class RefitLists:
     """The training lists as the pair prior's refit reads them: the frozen towers' scores (E, W),
     the pair features standardized by the prior being refit (E, W, F; its copies share its
-    scale), each list's launcher, its target's slot and its padding."""
+    scale), each list's launcher, its target's slot (index and mask) and its padding (item 0)."""
 
     tower: torch.Tensor
     z: torch.Tensor
@@ -464,7 +464,6 @@ class RefitLists:
     target: torch.Tensor
     pad: torch.Tensor
     hit: np.ndarray  # (E, W) the target's slot
-    real: np.ndarray  # (E, W) not padding
 
     @classmethod
     def of(cls, model: nn.Module, data: NextItemData, prior: PairPrior) -> RefitLists:
@@ -476,7 +475,7 @@ class RefitLists:
         return cls(torch.from_numpy(score_lists(model, data.train_user, tl.items, catalog)), z,
                    torch.from_numpy(tl.launchers),
                    torch.from_numpy((tl.items == data.train_targets[:, None]).argmax(axis=1)),
-                   torch.from_numpy(tl.items == 0), tl.items == data.train_targets[:, None], tl.items > 0)
+                   torch.from_numpy(tl.items == 0), tl.items == data.train_targets[:, None])
 
     def __len__(self) -> int:
         return int(self.tower.shape[0])
@@ -490,7 +489,7 @@ class RefitLists:
         p.eval()
         with torch.no_grad():
             sc = self.logits(p, idx).numpy()
-        return ndcg_rows(sc, self.hit[idx], 10, self.real[idx])
+        return ndcg_rows(sc, self.hit[idx], 10, ~self.pad[idx].numpy())
 
 
 def fit_prior(prior: PairPrior, lists: RefitLists, rows: np.ndarray, steps: int, lr: float, seed: int,
